@@ -1,0 +1,80 @@
+"""The learner: composition root of the cloud side.
+
+    gateway (gRPC, asyncio; ingest -> Redis buffer; policy feed <- store)
+    trainer (sampler <- Redis; algorithm; publisher -> policy store + Redis pointer)
+
+They are separate processes (the GIL: ingest must not stall behind a training
+step) and meet only in Redis and the policy store directory. ``run_learner``
+starts both as child processes and stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    """A child process of ours, with its log file."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs; killing it", self.name, timeout_s)
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def spawn(name: str, args: list[str], log_dir: Path, env: dict | None = None) -> Child:
+    """Run ``fleet <args>`` as a child in its own session (Ctrl-C reaches only us)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    fh = open(log_path, "ab")
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=full_env)
+    fh.close()
+    return Child(name=name, proc=proc, log_path=log_path)
+
+
+def gateway_args(listen: str, redis_url: str, policy_dir: str, metrics_port: int = 0) -> list[str]:
+    return ["gateway", "--listen", listen, "--redis-url", redis_url, "--policy-dir", policy_dir,
+            "--metrics-port", str(metrics_port)]
+
+
+def run_learner(listen: str, redis_url: str, policy_dir: str, trainer_args: list[str], log_dir: Path,
+                stop: threading.Event, gateway_metrics_port: int = 0) -> int:
+    """Gateway and trainer as children until ``stop``; returns the first non-zero exit code."""
+    gateway = spawn("gateway", gateway_args(listen, redis_url, policy_dir, gateway_metrics_port), log_dir)
+    trainer = spawn("trainer", ["trainer", "--redis-url", redis_url, "--policy-dir", policy_dir, *trainer_args],
+                    log_dir)
+    log.info("learner: gateway pid %d, trainer pid %d, logs in %s", gateway.proc.pid, trainer.proc.pid, log_dir)
+    while not stop.wait(1.0):
+        for child in (gateway, trainer):
+            if child.proc.poll() is not None:
+                log.error("%s exited with %s; see %s", child.name, child.proc.returncode, child.log_path)
+                stop.set()
+    codes = [trainer.terminate(), gateway.terminate()]
+    return next((c for c in codes if c), 0)

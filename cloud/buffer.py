@@ -1,0 +1,197 @@
+"""The persistent experience buffer in Redis (AOF on): layout and the one atomic write.
+
+Layout (every per-robot key carries the hash tag ``{r:<robot_id>}``, so that all
+keys one write touches live in one Redis Cluster slot and the write stays a
+single atomic Lua script; the same code runs on a single Redis):
+
+==================================  ======  ===================================================
+key                                 type    holds
+==================================  ======  ===================================================
+fleet:robots                        HASH    robot_id -> JSON registration (embodiment, schema, tasks)
+fleet:{r:R}:seq                     STRING  last durable step sequence number of robot R
+fleet:{r:R}:ep:E                    LIST    the steps of episode E, in order (``fleet.v1.Step`` bytes)
+fleet:{r:R}:catalog                 HASH    E -> JSON {task, len, source, eval, ended, success, version}
+fleet:{r:R}:labeled                 LIST    "E|index|task" for every step usable as a supervised label
+                                            (operator-driven steps and offline demonstrations);
+                                            append-only, so samplers mirror it incrementally
+fleet:{r:R}:events                  STREAM  one entry per finished episode (capped)
+fleet:{r:R}:stats                   HASH    counters: steps, intervention_steps, episodes, successes...
+fleet:{r:R}:status                  HASH    last heartbeat (policy version, spool backlog, ...)
+fleet:policy:latest                 STRING  newest published policy version (see cloud/policy_store.py)
+==================================  ======  ===================================================
+
+Exactly-once: a chunk carries steps with contiguous sequence numbers. The script
+compares them with ``fleet:{r:R}:seq``: steps at or below it are duplicates (acked,
+not stored again), a chunk starting after ``seq + 1`` is a gap (refused unless the
+edge declares that its spool dropped those steps), the rest is appended and
+``seq`` advanced in the same atomic step. State lives in Redis only, so this holds
+across gateway restarts and any number of gateway replicas.
+
+Durability: the gateway acks after the script returned. With ``appendfsync
+always`` Redis fsyncs the AOF before replying, so an acked step survives a
+power loss; with ``everysec`` (default) an acked step survives a crash of the
+Redis process (the write is in the OS page cache) but up to one second of acked
+steps can be lost if the whole machine loses power.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from fleet.errors import SequenceGap
+from fleet.types import EpisodeSummary
+
+ROBOTS_KEY = "fleet:robots"
+POLICY_LATEST_KEY = "fleet:policy:latest"
+POLICY_CHANNEL = "fleet:policy:published"
+EVENTS_MAXLEN = 10000
+SOURCE_ONLINE = "online"
+SOURCE_OFFLINE = "offline"
+
+
+def robot_prefix(robot_id: str) -> str:
+    return f"fleet:{{r:{robot_id}}}"
+
+
+@dataclass(frozen=True)
+class RobotKeys:
+    robot_id: str
+
+    @property
+    def prefix(self) -> str:
+        return robot_prefix(self.robot_id)
+
+    @property
+    def seq(self) -> str:
+        return f"{self.prefix}:seq"
+
+    def episode(self, episode_id: str) -> str:
+        return f"{self.prefix}:ep:{episode_id}"
+
+    @property
+    def catalog(self) -> str:
+        return f"{self.prefix}:catalog"
+
+    @property
+    def labeled(self) -> str:
+        return f"{self.prefix}:labeled"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}:stats"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}:status"
+
+
+# KEYS: 1 seq, 2 episode list, 3 catalog, 4 labeled, 5 events, 6 stats
+# ARGV: 1 first_seq, 2 n, 3 gap_declared, 4 episode_id, 5 task, 6 source, 7 evaluation,
+#       8 ends_episode, 9 success, 10 policy_version, 11 now_s, 12 label flags ("0"/"1" per step),
+#       13 intervention flags, 14 episode summary JSON (or ""), 15 payload bytes, 16.. step blobs
+WRITE_CHUNK_LUA = r"""
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local first = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local final = first + n - 1
+if final <= last then
+  return {0, last, n}
+end
+if first > last + 1 and ARGV[3] ~= '1' then
+  return {-1, last, 0}
+end
+local skip = 0
+if first <= last then skip = last - first + 1 end
+local blobs = {}
+local ninter = 0
+local eplen = redis.call('LLEN', KEYS[2])
+local labeled = {}
+for i = skip + 1, n do
+  blobs[#blobs + 1] = ARGV[15 + i]
+  if string.sub(ARGV[13], i, i) == '1' then ninter = ninter + 1 end
+  if string.sub(ARGV[12], i, i) == '1' then
+    labeled[#labeled + 1] = ARGV[4] .. '|' .. tostring(eplen + #blobs - 1) .. '|' .. ARGV[5]
+  end
+end
+local len = redis.call('RPUSH', KEYS[2], unpack(blobs))
+if #labeled > 0 then redis.call('RPUSH', KEYS[4], unpack(labeled)) end
+redis.call('SET', KEYS[1], final)
+local entry = {task = ARGV[5], len = len, source = ARGV[6], eval = (ARGV[7] == '1'),
+               ended = (ARGV[8] == '1'), success = (ARGV[9] == '1'), version = tonumber(ARGV[10]),
+               updated_s = tonumber(ARGV[11])}
+redis.call('HSET', KEYS[3], ARGV[4], cjson.encode(entry))
+redis.call('HINCRBY', KEYS[6], 'steps', n - skip)
+redis.call('HINCRBY', KEYS[6], 'intervention_steps', ninter)
+redis.call('HINCRBY', KEYS[6], 'chunks', 1)
+redis.call('HINCRBY', KEYS[6], 'bytes', tonumber(ARGV[15]))
+if ARGV[3] == '1' and first > last + 1 then
+  redis.call('HINCRBY', KEYS[6], 'dropped_steps', first - last - 1)
+end
+if ARGV[8] == '1' then
+  redis.call('HINCRBY', KEYS[6], 'episodes', 1)
+  if ARGV[9] == '1' then redis.call('HINCRBY', KEYS[6], 'successes', 1) end
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', '10000', '*', 'episode', ARGV[4], 'task', ARGV[5],
+             'summary', ARGV[14], 'ts', ARGV[11])
+end
+return {1, final, skip}
+"""
+
+
+@dataclass(frozen=True)
+class ChunkWrite:
+    """Everything the atomic write needs, already encoded."""
+
+    robot_id: str
+    episode_id: str
+    task: str
+    first_seq: int
+    step_blobs: list[bytes]
+    interventions: list[bool]
+    labels: list[bool]
+    gap_declared: bool = False
+    evaluation: bool = False
+    episode_end: EpisodeSummary | None = None
+    policy_version: int = 0
+    source: str = SOURCE_ONLINE
+
+    def keys_and_args(self, now_s: float) -> tuple[list[str], list]:
+        k = RobotKeys(self.robot_id)
+        end = self.episode_end
+        summary = "" if end is None else json.dumps({
+            "success": end.success, "num_steps": end.num_steps, "intervention_steps": end.intervention_steps,
+            "interventions": end.interventions, "evaluation": end.evaluation, "policy_version": end.policy_version,
+            "robot_id": self.robot_id, "task": self.task, "ts": now_s})
+        keys = [k.seq, k.episode(self.episode_id), k.catalog, k.labeled, k.events, k.stats]
+        args = [
+            self.first_seq, len(self.step_blobs), int(self.gap_declared), self.episode_id, self.task, self.source,
+            int(self.evaluation), int(end is not None), int(bool(end and end.success)), self.policy_version,
+            f"{now_s:.3f}", "".join("1" if x else "0" for x in self.labels),
+            "".join("1" if x else "0" for x in self.interventions), summary,
+            sum(len(b) for b in self.step_blobs), *self.step_blobs,
+        ]
+        return keys, args
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    stored_steps: int
+    duplicate_steps: int
+    acked_seq: int
+
+
+def interpret(result: list, write: ChunkWrite) -> WriteResult:
+    """Turn the script's reply into a WriteResult or a SequenceGap."""
+    status, acked, extra = (int(x) for x in result)
+    n = len(write.step_blobs)
+    if status == -1:
+        raise SequenceGap(
+            f"robot {write.robot_id!r}: chunk starts at seq {write.first_seq} but the last stored seq is {acked}; "
+            f"resend from seq {acked + 1} (or declare a spool drop with gap_declared)", last_acked_seq=acked)
+    if status == 0:
+        return WriteResult(stored_steps=0, duplicate_steps=n, acked_seq=acked)
+    return WriteResult(stored_steps=n - extra, duplicate_steps=extra, acked_seq=acked)

@@ -1,0 +1,220 @@
+"""``fleet demo``: the whole system on one machine, with an embedded default.
+
+Starts a private redis-server (AOF in the run directory), seeds scripted
+demonstrations, starts the gateway and the trainer (behaviour cloning on the
+demos publishes v1: weak but not random), then N simulated robots in real time
+with a simulated operator (HG-DAgger). Shows live progress, and at the end
+writes ``summary.json`` and ``learning_curve.png`` to the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import redis as redis_lib
+
+from cloud.app import Child, gateway_args, spawn
+from cloud.buffer import SOURCE_ONLINE, RobotKeys
+from cloud.offline import seed_scripted_demos
+from cloud.status import fleet_status
+from fleet.config import DEFAULT_TASKS, _require
+from fleet.redis_server import free_port, start_redis
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo: private Redis, learner and a simulated fleet on this machine."""
+
+    robots: int = 4
+    """Number of simulated robots."""
+    duration_s: float = 600.0
+    """How long the fleet runs, seconds (after set-up)."""
+    run_dir: str = ""
+    """Run directory (default: runs/demo-<time>)."""
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    """MetaWorld tasks (language instructions or env names)."""
+    control_hz: float = 20.0
+    """Robot control rate (real time)."""
+    max_episode_steps: int = 120
+    """Episode length limit, steps."""
+    demos_per_task: int = 3
+    """Scripted demonstrations per task used to seed the policy."""
+    seed_bc_steps: int = 300
+    """Behaviour-cloning steps on the demos before v1."""
+    publish_every_steps: int = 100
+    """Trainer publishes a version every this many optimizer steps."""
+    batch_size: int = 64
+    """Trainer batch size."""
+    eval_every: int = 2
+    """Every Nth episode of each robot runs without the operator (measures autonomous success)."""
+    progress_interval_s: float = 10.0
+    """Seconds between progress lines."""
+    seed: int = 0
+    """Base seed (robot i uses seed + i)."""
+
+    def __post_init__(self) -> None:
+        _require(self.robots >= 1, f"robots ({self.robots}) must be >= 1")
+        _require(self.duration_s > 0, f"duration ({self.duration_s}) must be > 0 seconds")
+        _require(self.control_hz > 0, f"control_hz ({self.control_hz}) must be > 0")
+
+
+class EpisodeLog:
+    """Reads every robot's episode-end events from Redis incrementally."""
+
+    def __init__(self, redis):
+        self.redis = redis
+        self._last: dict[str, bytes] = {}
+        self.episodes: list[dict] = []
+
+    def poll(self, robot_ids: list[str]) -> None:
+        for rid in robot_ids:
+            start = b"(" + self._last[rid] if rid in self._last else b"-"
+            for entry_id, fields in self.redis.xrange(RobotKeys(rid).events, min=start, max="+"):
+                self._last[rid] = entry_id
+                summary = json.loads(fields[b"summary"])
+                self.episodes.append(summary)
+
+
+def _rates(episodes: list[dict], t0: float, t1: float) -> tuple[float, float, int, int]:
+    """(autonomous success rate on eval episodes, intervention rate on operator episodes, n_eval, n_op)."""
+    ev = [e for e in episodes if e["evaluation"] and t0 <= e["ts"] < t1]
+    op = [e for e in episodes if not e["evaluation"] and t0 <= e["ts"] < t1]
+    succ = float(np.mean([e["success"] for e in ev])) if ev else float("nan")
+    steps = sum(e["num_steps"] for e in op)
+    inter = sum(e["intervention_steps"] for e in op) / steps if steps else float("nan")
+    return succ, inter, len(ev), len(op)
+
+
+def curves(episodes: list[dict], start: float, end: float, bins: int = 10) -> dict:
+    edges = np.linspace(start, end, bins + 1)
+    out = {"t_s": [], "success_rate": [], "intervention_rate": [], "eval_episodes": [], "episodes": []}
+    for a, b in zip(edges[:-1], edges[1:]):
+        s, i, n_ev, n_op = _rates(episodes, a, b)
+        out["t_s"].append(float((a + b) / 2 - start))
+        out["success_rate"].append(s)
+        out["intervention_rate"].append(i)
+        out["eval_episodes"].append(n_ev)
+        out["episodes"].append(n_ev + n_op)
+    return out
+
+
+def plot(curve: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    t = np.asarray(curve["t_s"]) / 60.0
+    ax.plot(t, curve["success_rate"], "o-", label="autonomous success (eval episodes)")
+    ax.plot(t, curve["intervention_rate"], "s-", label="intervention rate (share of steps)")
+    ax.set_xlabel("wall-clock time (min)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
+    """Run the demo; returns the summary (also written to ``run_dir/summary.json``)."""
+    run_dir = Path(cfg.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logs = run_dir / "logs"
+    echo(f"run directory: {run_dir}")
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    redis_proc = start_redis(run_dir / "redis")
+    children: list[Child] = []
+    client = redis_lib.Redis.from_url(redis_proc.url)
+    try:
+        echo(f"redis-server on port {redis_proc.port} (AOF in {redis_proc.data_dir})")
+        from edge.robots.metaworld import MetaWorldRobot
+
+        tasks = MetaWorldRobot(tasks=cfg.tasks).tasks
+        seeded = seed_scripted_demos(redis_proc.url, tasks, cfg.demos_per_task, cfg.max_episode_steps, cfg.seed)
+        echo(f"seeded {seeded['episodes']} scripted demonstrations ({seeded['steps']} steps)")
+        port = free_port()
+        policy_dir = str(run_dir / "policies")
+        children.append(spawn("gateway", gateway_args(f"127.0.0.1:{port}", redis_proc.url, policy_dir), logs))
+        children.append(spawn("trainer", [
+            "trainer", "--redis-url", redis_proc.url, "--policy-dir", policy_dir, "--tasks", ",".join(tasks),
+            "--seed-bc-steps", str(cfg.seed_bc_steps), "--publish-every-steps", str(cfg.publish_every_steps),
+            "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed)], logs))
+        robot_ids = [f"robot-{i}" for i in range(cfg.robots)]
+        for i, rid in enumerate(robot_ids):
+            children.append(spawn(rid, [
+                "edge", "--robot-id", rid, "--gateway", f"127.0.0.1:{port}", "--tasks", ",".join(tasks),
+                "--state-dir", str(run_dir / "edge" / rid), "--control-hz", str(cfg.control_hz),
+                "--max-episode-steps", str(cfg.max_episode_steps), "--eval-every", str(cfg.eval_every),
+                "--seed", str(cfg.seed + i), "--operator-config.seed", str(cfg.seed + 100 + i)], logs))
+        echo(f"gateway on 127.0.0.1:{port}; trainer and {cfg.robots} robots starting (logs in {logs})")
+
+        # The clock starts when the first robot acts (v1 published and swapped in).
+        events = EpisodeLog(client)
+        while not stop.is_set():
+            if any(c.proc.poll() is not None for c in children):
+                dead = [c for c in children if c.proc.poll() is not None]
+                raise RuntimeError(f"{dead[0].name} exited with {dead[0].proc.returncode}; see {dead[0].log_path}")
+            status = fleet_status(client)
+            if any(r["steps_stored"] for r in status["robots"] if r["source"] == SOURCE_ONLINE):
+                break
+            stop.wait(0.5)
+        start = time.time()
+        echo(f"fleet running for {cfg.duration_s:.0f}s; Ctrl-C stops early")
+        while not stop.wait(min(cfg.progress_interval_s, max(0.1, start + cfg.duration_s - time.time()))):
+            events.poll(robot_ids)
+            now = time.time()
+            dead = [c for c in children if c.proc.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited with {dead[0].proc.returncode}; see {dead[0].log_path}")
+            status = fleet_status(client)
+            online = [r for r in status["robots"] if r["source"] == SOURCE_ONLINE]
+            s, i, n, _ = _rates(events.episodes, now - 120, now)
+            versions = " ".join(f"{r['robot_id'][6:]}:v{r['policy_version']}" for r in online)
+            steps = sum(r["steps_stored"] for r in online)
+            rate = sum(r["steps_per_s"] for r in online)
+            echo(f"[{now - start:5.0f}s] latest v{status['latest_policy_version']} | robots {versions} | "
+                 f"success(2min) {s:.2f} (n={n}) | interventions {i:.2f} | {rate:.0f} steps/s | "
+                 f"{steps} steps stored | trainer step {status['trainer'].get('step', 0)}")
+            if now - start >= cfg.duration_s:
+                break
+        end = time.time()
+        events.poll(robot_ids)
+        status = fleet_status(client)
+    finally:
+        for child in reversed(children):  # robots first, then trainer, then gateway
+            child.terminate()
+        client.close()
+        redis_proc.stop()
+
+    duration = end - start
+    quarter = duration / 4
+    s0, i0, n0, _ = _rates(events.episodes, start, start + quarter)
+    s1, i1, n1, _ = _rates(events.episodes, end - quarter, end + 60)
+    curve = curves(events.episodes, start, end)
+    online = [r for r in status["robots"] if r["source"] == SOURCE_ONLINE]
+    summary = {
+        "success_rate_start": s0, "success_rate_end": s1,
+        "intervention_rate_start": i0, "intervention_rate_end": i1,
+        "eval_episodes_start": n0, "eval_episodes_end": n1,
+        "policy_versions_published": status["latest_policy_version"],
+        "steps_ingested": sum(r["steps_stored"] for r in online),
+        "episodes": len(events.episodes),
+        "robots": cfg.robots, "duration_s": duration, "tasks": list(tasks),
+        "final_versions": {r["robot_id"]: r["policy_version"] for r in online},
+        "curve": curve, "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(curve, run_dir / "learning_curve.png",
+         f"{cfg.robots} robots, {len(tasks)} MetaWorld tasks, HG-DAgger")
+    return summary

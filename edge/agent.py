@@ -1,0 +1,193 @@
+"""The edge agent: composition root of one robot.
+
+Built in data-flow order, stopped in reverse:
+
+    robot -> control loop (fixed Hz; policy from the PolicySlot; operator) -> spool (disk)
+          -> streamer (gRPC, acks) ...... gateway ...... updater -> PolicySlot (hot-swap between episodes)
+
+The loop only touches the robot, the PolicySlot and the spool; the network
+threads never block it. On start the agent acts with the last good policy on
+local disk (checksums verified) if there is one, else waits for the first
+version from the cloud.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge.client import FleetClient
+from edge.hotswap import PolicySlot
+from edge.loop import ControlLoop, LoopConfig
+from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
+from edge.robots.base import make_robot
+from edge.spool import Spool
+from edge.streamer import Streamer
+from edge.updater import LastGood, Updater
+from fleet import PROTOCOL_VERSION, __version__, metrics
+from fleet.config import DEFAULT_TASKS, _require
+from fleet.policies.base import NullPolicy
+from fleet.types import EpisodeSummary, RobotInfo
+from fleet.weights import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """One robot's edge agent."""
+
+    robot_id: str = "robot-0"
+    """Unique id of this robot in the fleet."""
+    gateway: str = "127.0.0.1:50051"
+    """host:port of the cloud gateway (or its load balancer)."""
+    backend: str = "metaworld"
+    """Robot backend: metaworld (simulation)."""
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    """Tasks this robot does (language instructions, or MetaWorld env names)."""
+    state_dir: str = "runs/default/edge/robot-0"
+    """Where the spool and the last good policy live on the robot's disk."""
+    spool_max_bytes: int = 256 * 1024 * 1024
+    """Spool bound; when full, oldest non-intervention steps are dropped first."""
+    control_hz: float = 20.0
+    """Control rate, ticks per second (held in real time)."""
+    max_episode_steps: int = 150
+    """Steps after which an episode ends unsuccessfully."""
+    eval_every: int = 3
+    """Every Nth episode runs without the operator to measure autonomous success (0 = never)."""
+    operator: bool = True
+    """Run the simulated human operator (HG-DAgger interventions)."""
+    operator_config: OperatorConfig = field(default_factory=OperatorConfig)
+    """Gating rule of the simulated operator."""
+    seed: int = 0
+    """Seed for initial states, task order and operator noise."""
+    duration_s: float = 0.0
+    """Stop after this many seconds (0 = run until SIGINT/SIGTERM)."""
+    first_policy_timeout_s: float = 600.0
+    """How long to wait for a first policy when none is on local disk."""
+    heartbeat_interval_s: float = 2.0
+    """Seconds between heartbeats to the gateway."""
+    metrics_port: int = 0
+    """Port for Prometheus /metrics (0 = off)."""
+    torch_threads: int = 1
+    """torch.set_num_threads for policy inference."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.robot_id), "robot_id must not be empty")
+        _require(":" in self.gateway, f"gateway must be host:port, got {self.gateway!r}")
+        _require(self.backend in ("metaworld",), f"backend must be metaworld, got {self.backend!r}")
+        _require(self.spool_max_bytes > 0, f"spool_max_bytes ({self.spool_max_bytes}) must be > 0")
+        _require(self.duration_s >= 0, f"duration_s ({self.duration_s}) must be >= 0")
+
+
+def build_fleet_policy(manifest: Manifest, tensors):
+    from fleet.policies import FleetPolicy
+
+    return FleetPolicy.from_manifest(manifest.config, tensors, version=manifest.version)
+
+
+class EdgeAgent:
+    def __init__(self, cfg: EdgeConfig):
+        from fleet.policies import set_torch_threads
+
+        set_torch_threads(cfg.torch_threads)
+        self.cfg = cfg
+        state = Path(cfg.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        self.robot = make_robot(cfg.backend, tasks=cfg.tasks, seed=cfg.seed, max_episode_steps=cfg.max_episode_steps)
+        self.info = RobotInfo(robot_id=cfg.robot_id, embodiment=self.robot.embodiment, schema=self.robot.schema,
+                              tasks=tuple(self.robot.tasks), protocol_version=PROTOCOL_VERSION,
+                              software_version=__version__)
+        self.spool = Spool(state / "spool.db", self.robot.schema, max_bytes=cfg.spool_max_bytes)
+        self.client = FleetClient(cfg.gateway)
+        self.streamer = Streamer(self.info, self.spool, self.client)
+        self.last_good = LastGood(state / "policy")
+        self.slot = PolicySlot(self._initial_policy())
+        self.updater = Updater(cfg.robot_id, self.client, self.slot, build_fleet_policy, self.last_good,
+                               self.robot.schema, probe_task=self.robot.tasks[0],
+                               have_version=self.slot.current.version)
+        operator = SimulatedOperator(cfg.operator_config) if cfg.operator else NoOperator()
+        self.loop = ControlLoop(cfg.robot_id, self.robot, self.slot, operator, self.spool,
+                                LoopConfig(control_hz=cfg.control_hz, max_episode_steps=cfg.max_episode_steps,
+                                           eval_every=cfg.eval_every, seed=cfg.seed),
+                                on_episode_end=self._on_episode_end)
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._last_counts = (0, 0, 0)
+
+    def _initial_policy(self):
+        loaded = self.last_good.load()
+        if loaded is None:
+            return NullPolicy(self.robot.schema.action.shape, self.robot.schema.action.dtype)
+        manifest, tensors = loaded
+        log.info("robot %s: starting from last good policy v%d on disk", self.cfg.robot_id, manifest.version)
+        return build_fleet_policy(manifest, tensors)
+
+    def _on_episode_end(self, summary: EpisodeSummary, task: str) -> None:
+        outcome = "success" if summary.success else "failure"
+        if summary.evaluation:
+            outcome = f"eval_{outcome}"
+        metrics.EDGE_EPISODES.labels(robot=self.cfg.robot_id, task=task, outcome=outcome).inc()
+        metrics.EDGE_STEPS.labels(robot=self.cfg.robot_id, task=task).inc(summary.num_steps)
+        metrics.EDGE_INTERVENTION_STEPS.labels(robot=self.cfg.robot_id, task=task).inc(summary.intervention_steps)
+        metrics.EDGE_INTERVENTIONS.labels(robot=self.cfg.robot_id, task=task).inc(summary.interventions)
+        metrics.EDGE_POLICY_VERSION.labels(robot=self.cfg.robot_id).set(self.slot.current.version)
+
+    def _heartbeat_loop(self) -> None:
+        last_steps, last_t = 0, time.monotonic()
+        while not self._stop.wait(self.cfg.heartbeat_interval_s):
+            stats = self.loop.stats()
+            now = time.monotonic()
+            rate = (stats.steps - last_steps) / max(now - last_t, 1e-6)
+            last_steps, last_t = stats.steps, now
+            steps, nbytes = self.spool.backlog()
+            metrics.EDGE_SPOOL_STEPS.labels(robot=self.cfg.robot_id).set(steps)
+            metrics.EDGE_SPOOL_BYTES.labels(robot=self.cfg.robot_id).set(nbytes)
+            metrics.EDGE_POLICY_VERSION.labels(robot=self.cfg.robot_id).set(self.slot.current.version)
+            try:
+                self.client.heartbeat(self.cfg.robot_id, self.slot.current.version, steps, nbytes, "running",
+                                      stats.current_task, rate,
+                                      stats.intervention_steps / max(stats.steps, 1))
+            except Exception as exc:  # the cloud may be down; the robot carries on
+                log.debug("heartbeat failed: %s", exc)
+
+    def start(self) -> None:
+        """Connect the robot, start the network threads, get a policy, start the loop."""
+        self.robot.connect()
+        self.streamer.start()
+        self.updater.start()
+        self._heartbeat.start()
+        if self.slot.current.version == 0:
+            log.info("robot %s: waiting for a first policy from %s", self.cfg.robot_id, self.cfg.gateway)
+            deadline = time.monotonic() + self.cfg.first_policy_timeout_s
+            while not self.updater.wait_version(1, timeout_s=0.5):
+                if self._stop.is_set():
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no policy from {self.cfg.gateway} within {self.cfg.first_policy_timeout_s}s")
+            self.slot.swap_if_pending()
+        self.loop.start()
+        log.info("robot %s: control loop running at %.0f Hz with policy v%d", self.cfg.robot_id,
+                 self.cfg.control_hz, self.slot.current.version)
+
+    def stop(self, drain_timeout_s: float = 5.0) -> None:
+        """Reverse build order: loop, then wait (bounded) for acks, then network, then robot."""
+        self._stop.set()
+        self.loop.stop()
+        seq = self.spool.last_seq()
+        if seq and self.streamer.connected.is_set():
+            self.streamer.wait_acked(seq, drain_timeout_s)
+        self.updater.stop()
+        self.streamer.stop()
+        self.robot.disconnect()
+        self.client.close()
+        self.spool.close()
+
+    def run(self, stop: threading.Event) -> None:
+        """Start, run until ``stop`` is set or ``duration_s`` passed, then stop."""
+        self.start()
+        stop.wait(self.cfg.duration_s or None)
+        self.stop()

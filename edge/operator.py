@@ -1,0 +1,224 @@
+"""Intervention sources: who may take control away from the policy.
+
+:class:`SimulatedOperator` stands in for the human of HG-DAgger (Kelly et al.,
+2019): it watches the robot, takes over when the policy goes wrong, drives for a
+segment, and hands control back. Its "judgement" is a MetaWorld scripted expert.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import warnings
+from dataclasses import dataclass
+
+import metaworld.policies
+import numpy as np
+
+from edge.robots.base import Observation
+from edge.robots.metaworld import env_name_for
+from fleet.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+EXPERTS: dict[str, str] = {
+    "reach-v3": "SawyerReachV3Policy",
+    "push-v3": "SawyerPushV3Policy",
+    "pick-place-v3": "SawyerPickPlaceV3Policy",
+    "door-open-v3": "SawyerDoorOpenV3Policy",
+    "drawer-open-v3": "SawyerDrawerOpenV3Policy",
+    "drawer-close-v3": "SawyerDrawerCloseV3Policy",
+    "button-press-topdown-v3": "SawyerButtonPressTopdownV3Policy",
+    "peg-insert-side-v3": "SawyerPegInsertionSideV3Policy",
+    "window-open-v3": "SawyerWindowOpenV3Policy",
+    "window-close-v3": "SawyerWindowCloseV3Policy",
+}
+"""MetaWorld env name -> scripted expert class in ``metaworld.policies``."""
+
+
+class Operator(abc.ABC):
+    """Decides, each control tick, whether a human (or stand-in) overrides the policy."""
+
+    @abc.abstractmethod
+    def reset(self, task: str) -> None:
+        """Start of an episode of ``task``: clear per-episode state."""
+
+    @abc.abstractmethod
+    def decide(self, observation: Observation, policy_action: np.ndarray) -> np.ndarray | None:
+        """None: the policy keeps control. An array: the operator's action, executed instead."""
+
+    @property
+    @abc.abstractmethod
+    def is_intervening(self) -> bool:
+        """Whether the operator holds control right now."""
+
+
+class NoOperator(Operator):
+    """Never intervenes (evaluation episodes, autonomous deployment)."""
+
+    def reset(self, task: str) -> None:
+        """Nothing to clear."""
+
+    def decide(self, observation: Observation, policy_action: np.ndarray) -> np.ndarray | None:
+        """Always leaves control to the policy."""
+        return None
+
+    @property
+    def is_intervening(self) -> bool:
+        """Always False."""
+        return False
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """When the simulated operator takes over and how long it drives."""
+
+    divergence_threshold: float = 0.8
+    """L2 distance between the policy's and the expert's (clipped) actions that counts as divergent."""
+    divergence_steps: int = 3
+    """Consecutive divergent steps that trigger a take-over."""
+    stall_steps: int = 30
+    """Take over after this many steps without reward progress (agreeing steps do not count)."""
+    stall_min_improvement: float = 0.05
+    """Reward gain over the best so far that counts as progress."""
+    agree_threshold: float = 0.1
+    """Policy actions this close (L2) to the expert's count as agreeing: the operator would do the
+    same, so such steps never count toward a stall (MetaWorld's experts themselves plateau)."""
+    segment_steps: int = 25
+    """Steps the operator drives per take-over before handing control back."""
+    noise_std: float = 0.0
+    """Std of Gaussian noise added to the operator's action (humans are imperfect)."""
+    seed: int = 0
+    """Seed of the noise generator."""
+
+    def __post_init__(self) -> None:
+        if not self.divergence_threshold > 0:
+            raise ConfigError(f"divergence_threshold ({self.divergence_threshold}) must be > 0")
+        if self.divergence_steps < 1:
+            raise ConfigError(f"divergence_steps ({self.divergence_steps}) must be >= 1")
+        if self.stall_steps < 1:
+            raise ConfigError(f"stall_steps ({self.stall_steps}) must be >= 1")
+        if not self.stall_min_improvement >= 0:
+            raise ConfigError(f"stall_min_improvement ({self.stall_min_improvement}) must be >= 0")
+        if not 0 <= self.agree_threshold < self.divergence_threshold:
+            raise ConfigError(
+                f"agree_threshold ({self.agree_threshold}) must be in [0, divergence_threshold "
+                f"({self.divergence_threshold}))"
+            )
+        if self.segment_steps < 1:
+            raise ConfigError(f"segment_steps ({self.segment_steps}) must be >= 1")
+        if not self.noise_std >= 0:
+            raise ConfigError(f"noise_std ({self.noise_std}) must be >= 0")
+
+
+class SimulatedOperator(Operator):
+    """HG-DAgger gating with a MetaWorld scripted expert as the human.
+
+    Robot in control: take over when the policy's action is more than
+    ``divergence_threshold`` from the expert's for ``divergence_steps`` consecutive
+    steps, or when reward has not improved by ``stall_min_improvement`` over
+    ``stall_steps`` (non-agreeing) steps. Operator in control: drive with the expert's
+    action (plus noise) for ``segment_steps`` steps, then hand back.
+    """
+
+    def __init__(self, config: OperatorConfig | None = None):
+        self.config = config if config is not None else OperatorConfig()
+        self._rng = np.random.default_rng(self.config.seed)
+        self._experts: dict[str, metaworld.policies.policy.Policy] = {}
+        self._expert: metaworld.policies.policy.Policy | None = None
+        self.interventions = 0
+        """Take-overs in the current episode."""
+        self.intervention_steps = 0
+        """Steps the operator drove in the current episode."""
+        self.last_expert_action: np.ndarray | None = None
+        """The expert's (clipped) action at the last ``decide``."""
+        self._intervening = False
+        self._segment_left = 0
+        self._divergent = 0
+        self._stall = 0
+        self._best_reward = -np.inf
+
+    @property
+    def is_intervening(self) -> bool:
+        """Whether the operator holds control right now."""
+        return self._intervening
+
+    def reset(self, task: str) -> None:
+        """Pick the expert for ``task`` (instruction or env name) and clear the counters."""
+        env_name = env_name_for(task)
+        if env_name not in EXPERTS:
+            raise ConfigError(f"no scripted expert for task {task!r}")
+        if env_name not in self._experts:
+            self._experts[env_name] = getattr(metaworld.policies, EXPERTS[env_name])()
+        self._expert = self._experts[env_name]
+        self.interventions = 0
+        self.intervention_steps = 0
+        self.last_expert_action = None
+        self._intervening = False
+        self._segment_left = 0
+        self._divergent = 0
+        self._restart_stall_window()
+
+    def expert_action(self, observation: Observation) -> np.ndarray:
+        """The expert's action for ``observation``, clipped to [-1, 1] (float32)."""
+        if self._expert is None:
+            raise RuntimeError("call reset(task) before decide()")
+        state = np.asarray(observation.features["state"], dtype=np.float64)
+        with warnings.catch_warnings():
+            # Experts use gains > 1 and warn that the env clips; we clip ourselves.
+            warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
+            action = self._expert.get_action(state)
+        return np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0).astype(np.float32)
+
+    def decide(self, observation: Observation, policy_action: np.ndarray) -> np.ndarray | None:
+        """Apply the gating rule; return the operator's action while it drives, else None."""
+        cfg = self.config
+        expert = self.expert_action(observation)
+        self.last_expert_action = expert
+        if self._intervening:
+            if self._segment_left > 0:
+                return self._drive(expert)
+            self._hand_back(observation.reward)
+            return None
+
+        policy = np.clip(np.asarray(policy_action, dtype=np.float64), -1.0, 1.0)
+        distance = float(np.linalg.norm(policy - expert))
+        self._divergent = self._divergent + 1 if distance > cfg.divergence_threshold else 0
+        if observation.reward > self._best_reward + cfg.stall_min_improvement:
+            self._best_reward = observation.reward
+            self._stall = 0
+        elif distance > cfg.agree_threshold:
+            self._stall += 1
+
+        if self._divergent >= cfg.divergence_steps:
+            reason = f"policy diverged from expert for {self._divergent} steps (last distance {distance:.2f})"
+        elif self._stall >= cfg.stall_steps:
+            reason = f"no reward progress for {self._stall} steps (best {self._best_reward:.2f})"
+        else:
+            return None
+        self._take_over(reason)
+        return self._drive(expert)
+
+    def _take_over(self, reason: str) -> None:
+        log.debug("operator takes over: %s", reason)
+        self.interventions += 1
+        self._intervening = True
+        self._segment_left = self.config.segment_steps
+
+    def _hand_back(self, reward: float) -> None:
+        log.debug("operator hands back after %d steps", self.config.segment_steps)
+        self._intervening = False
+        self._divergent = 0
+        self._restart_stall_window(reward)
+
+    def _drive(self, expert: np.ndarray) -> np.ndarray:
+        self._segment_left -= 1
+        self.intervention_steps += 1
+        if self.config.noise_std > 0:
+            noisy = expert + self._rng.normal(0.0, self.config.noise_std, size=expert.shape)
+            return np.clip(noisy, -1.0, 1.0).astype(np.float32)
+        return expert.copy()
+
+    def _restart_stall_window(self, reward: float = -np.inf) -> None:
+        self._best_reward = reward
+        self._stall = 0

@@ -1,0 +1,109 @@
+"""Domain types shared by edge and cloud. Generated ``*_pb2`` objects never leave
+``fleet/convert.py``; everything else speaks these dataclasses and numpy arrays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# numpy dtype names allowed on the wire ("bfloat16" travels as raw 16-bit patterns).
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64", "bool")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One named observation or action feature."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    is_image: bool = False
+    allow_nonfinite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"FeatureSpec {self.name!r}: dtype {self.dtype!r} is not one of {DTYPES}")
+        if any(int(d) < 0 for d in self.shape):
+            raise ValueError(f"FeatureSpec {self.name!r}: shape {self.shape} has a negative dimension")
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+
+@dataclass(frozen=True)
+class Schema:
+    """What a robot observes (``observation``) and how it is commanded (``action``)."""
+
+    observation: tuple[FeatureSpec, ...]
+    action: FeatureSpec
+
+    def observation_spec(self, name: str) -> FeatureSpec | None:
+        for spec in self.observation:
+            if spec.name == name:
+                return spec
+        return None
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """A camera frame as PNG/JPEG bytes plus its decoded size."""
+
+    encoding: str
+    height: int
+    width: int
+    channels: int
+    data: bytes
+
+
+@dataclass
+class Step:
+    """One control step as recorded on the robot."""
+
+    seq: int
+    index: int
+    observation: dict[str, np.ndarray]
+    policy_action: np.ndarray
+    action: np.ndarray
+    is_intervention: bool
+    reward: float
+    success: bool
+    done: bool
+    policy_version: int
+    timestamp_s: float
+    images: dict[str, EncodedImage] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EpisodeSummary:
+    """Outcome of an episode; sent with its last chunk."""
+
+    success: bool
+    num_steps: int
+    intervention_steps: int
+    interventions: int
+    evaluation: bool
+    policy_version: int
+
+
+@dataclass
+class Chunk:
+    """Consecutive steps of one episode of one robot."""
+
+    robot_id: str
+    episode_id: str
+    task: str
+    steps: list[Step]
+    gap_declared: bool = False
+    episode_end: EpisodeSummary | None = None
+    evaluation: bool = False
+
+
+@dataclass(frozen=True)
+class RobotInfo:
+    """What a robot says about itself when it registers."""
+
+    robot_id: str
+    embodiment: str
+    schema: Schema
+    tasks: tuple[str, ...]
+    protocol_version: str
+    software_version: str = ""

@@ -1,0 +1,116 @@
+"""Gateway over real gRPC on loopback and a real redis-server: acks after Redis,
+exactly-once on resend, precise status codes for bad input."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from cloud.buffer import RobotKeys
+from edge.client import FleetClient
+from fleet import PROTOCOL_VERSION
+from fleet.convert import chunk_to_pb, decode_step
+from fleet.types import Chunk, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
+
+SCHEMA = Schema((FeatureSpec("state", "float32", (6,)),), FeatureSpec("action", "float32", (2,)))
+TASK = "reach the goal"
+
+
+def info(robot_id="r1", protocol=PROTOCOL_VERSION):
+    return RobotInfo(robot_id, "test-arm", SCHEMA, (TASK,), protocol)
+
+
+def steps(first_seq, n, obs_dim=6, last_done=False):
+    out = []
+    for i in range(n):
+        out.append(Step(seq=first_seq + i, index=first_seq + i - 1,
+                        observation={"state": np.full(obs_dim, first_seq + i, np.float32)},
+                        policy_action=np.zeros(2, np.float32), action=np.ones(2, np.float32),
+                        is_intervention=i % 2 == 0, reward=0.0, success=False,
+                        done=last_done and i == n - 1, policy_version=1, timestamp_s=1.0))
+    return out
+
+
+def send(client, *chunks):
+    call = client.stream_experience(iter([chunk_to_pb(c, SCHEMA) for c in chunks]))
+    return [a for a in call]
+
+
+@pytest.fixture
+def client(gateway):
+    c = FleetClient(gateway.target)
+    yield c
+    c.close()
+
+
+def test_ack_only_after_redis_and_exactly_once(client, redis_client):
+    assert client.register(info()).last_acked_seq == 0
+    acks = send(client, Chunk("r1", "e1", TASK, steps(1, 5)))
+    assert [a.acked_seq for a in acks] == [5]
+    stored = redis_client.lrange(RobotKeys("r1").episode("e1"), 0, -1)
+    assert [decode_step(b).seq for b in stored] == [1, 2, 3, 4, 5]
+    # Resend overlapping and full duplicates (what a reconnecting edge does): nothing stored twice.
+    acks = send(client, Chunk("r1", "e1", TASK, steps(1, 5)), Chunk("r1", "e1", TASK, steps(4, 4)))
+    assert [(a.acked_seq, a.duplicate_steps) for a in acks] == [(5, 5), (7, 2)]
+    assert redis_client.llen(RobotKeys("r1").episode("e1")) == 7
+    assert client.register(info()).last_acked_seq == 7
+    # Labeled positions are the intervention steps.
+    labeled = [x.decode() for x in redis_client.lrange(RobotKeys("r1").labeled, 0, -1)]
+    assert labeled == [f"e1|{i}|{TASK}" for i in (0, 2, 4, 5)]
+
+
+def test_episode_end_is_recorded(client, redis_client):
+    client.register(info())
+    summary = EpisodeSummary(True, 3, 2, 1, False, 1)
+    send(client, Chunk("r1", "e9", TASK, steps(1, 3, last_done=True), episode_end=summary))
+    stats = redis_client.hgetall(RobotKeys("r1").stats)
+    assert int(stats[b"episodes"]) == 1 and int(stats[b"successes"]) == 1 and int(stats[b"steps"]) == 3
+    assert len(redis_client.xrange(RobotKeys("r1").events)) == 1
+
+
+def _status(client, chunk):
+    with pytest.raises(grpc.RpcError) as err:
+        send(client, chunk)
+    return err.value
+
+
+def test_bad_input_gets_precise_status_and_writes_nothing(client, redis_client):
+    client.register(info())
+    send(client, Chunk("r1", "e1", TASK, steps(1, 2)))
+    before = redis_client.llen(RobotKeys("r1").episode("e1"))
+
+    err = _status(client, Chunk("nobody", "e1", TASK, steps(3, 1)))
+    assert err.code() == grpc.StatusCode.NOT_FOUND and "has not registered" in err.details()
+
+    err = _status(client, Chunk("r1", "e1", TASK, steps(3, 1, obs_dim=7)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "shape [7] != registered [6]" in err.details()
+
+    bad = steps(3, 2)
+    bad[1].observation["state"][0] = np.nan
+    err = _status(client, Chunk("r1", "e1", TASK, bad))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN or Inf" in err.details()
+
+    err = _status(client, Chunk("r1", "e1", TASK, steps(10, 1)))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "resend from seq 3" in err.details()
+    assert dict(err.trailing_metadata())["fleet-last-acked-seq"] == "2"
+
+    err = _status(client, Chunk("r1", "e1", "juggle", steps(3, 1)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "not among the tasks" in err.details()
+
+    assert redis_client.llen(RobotKeys("r1").episode("e1")) == before
+    assert client.register(info()).last_acked_seq == 2
+
+
+def test_register_refuses_other_protocol(client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.register(info(protocol="fleet.v0/9"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_declared_gap_is_accepted_and_counted(client, redis_client):
+    client.register(info())
+    send(client, Chunk("r1", "e1", TASK, steps(1, 2)))
+    acks = send(client, Chunk("r1", "e1", TASK, steps(6, 1), gap_declared=True))
+    assert acks[0].acked_seq == 6
+    assert int(redis_client.hget(RobotKeys("r1").stats, "dropped_steps")) == 3

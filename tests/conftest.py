@@ -1,0 +1,60 @@
+"""Shared fixtures: a real redis-server per test (free port, own dir, AOF on) and an
+in-process gateway on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import pytest
+import redis as redis_lib
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MUJOCO_GL", "osmesa")
+
+
+@pytest.fixture
+def redis_proc(tmp_path):
+    from fleet.redis_server import start_redis
+
+    proc = start_redis(tmp_path / "redis")
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture
+def redis_client(redis_proc):
+    client = redis_lib.Redis.from_url(redis_proc.url)
+    yield client
+    client.close()
+
+
+class GatewayThread:
+    """A real grpc.aio gateway on its own event loop in a background thread."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        from cloud.gateway.server import start_gateway
+
+        self.gw = asyncio.run_coroutine_threadsafe(start_gateway(cfg), self.loop).result(30)
+        self.port = self.gw.port
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.gw.stop(0.5), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def gateway(redis_proc, tmp_path):
+    from fleet.config import GatewayConfig
+
+    gw = GatewayThread(GatewayConfig(listen="127.0.0.1:0", redis_url=redis_proc.url,
+                                     policy_dir=str(tmp_path / "policies")))
+    yield gw
+    gw.stop()
