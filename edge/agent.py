@@ -154,8 +154,11 @@ class EdgeAgent:
             except Exception as exc:  # the cloud may be down; the robot carries on
                 log.debug("heartbeat failed: %s", exc)
 
-    def start(self) -> None:
-        """Connect the robot, start the network threads, get a policy, start the loop."""
+    def start(self, stop: threading.Event | None = None) -> None:
+        """Connect the robot, start the network threads, get a policy, start the loop.
+
+        ``stop`` (e.g. set by SIGTERM) interrupts the wait for a first policy."""
+        stop = stop or self._stop
         self.robot.connect()
         self.streamer.start()
         self.updater.start()
@@ -164,7 +167,7 @@ class EdgeAgent:
             log.info("robot %s: waiting for a first policy from %s", self.cfg.robot_id, self.cfg.gateway)
             deadline = time.monotonic() + self.cfg.first_policy_timeout_s
             while not self.updater.wait_version(1, timeout_s=0.5):
-                if self._stop.is_set():
+                if stop.is_set():
                     return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no policy from {self.cfg.gateway} within {self.cfg.first_policy_timeout_s}s")
@@ -176,7 +179,8 @@ class EdgeAgent:
     def stop(self, drain_timeout_s: float = 5.0) -> None:
         """Reverse build order: loop, then wait (bounded) for acks, then network, then robot."""
         self._stop.set()
-        self.loop.stop()
+        if self.loop.running:
+            self.loop.stop()
         seq = self.spool.last_seq()
         if seq and self.streamer.connected.is_set():
             self.streamer.wait_acked(seq, drain_timeout_s)
@@ -188,6 +192,8 @@ class EdgeAgent:
 
     def run(self, stop: threading.Event) -> None:
         """Start, run until ``stop`` is set or ``duration_s`` passed, then stop."""
-        self.start()
-        stop.wait(self.cfg.duration_s or None)
-        self.stop()
+        try:
+            self.start(stop)
+            stop.wait(self.cfg.duration_s or None)
+        finally:
+            self.stop()

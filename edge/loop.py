@@ -310,7 +310,9 @@ class ControlLoop:
         with self._cond:
             self._stats.bad_actions += 1
         if self.slot.rollback(f"policy v{policy.version} produced a bad action ({bad})"):
-            log.warning("policy v%d produced a bad action; rolled back to v%d", policy.version, self.slot.current.version)
+            log.warning(
+                "policy v%d produced a bad action; rolled back to v%d", policy.version, self.slot.current.version
+            )
         elif not ep.warned_bad_action:
             log.warning(
                 "policy v%d produced a bad action (%s) and there is nothing to roll back to; "

@@ -7,11 +7,12 @@ import asyncio
 import os
 import threading
 
+import hypothesis  # noqa: F401  (import before any test starts threads: CPython 3.11.7's ast.parse is
+# not thread-safe (gh-106905), and pytest rewrites hypothesis' plugin modules with ast when first imported)
 import pytest
 import redis as redis_lib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MUJOCO_GL", "osmesa")
 
 
 @pytest.fixture

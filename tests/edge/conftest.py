@@ -63,10 +63,10 @@ def expert_action(task: str, state: np.ndarray) -> np.ndarray:
 
 
 class ScriptedPolicy:
-    """An ActingPolicy that acts as the expert, zeros, or NaN (``mode``)."""
+    """An ActingPolicy that acts as the expert, zeros, NaN, or raises (``mode``)."""
 
     def __init__(self, mode: str = "expert", version: int = 1):
-        assert mode in ("expert", "zero", "nan")
+        assert mode in ("expert", "zero", "nan", "raise")
         self.mode = mode
         self.version = version
         self.resets = 0
@@ -83,6 +83,8 @@ class ScriptedPolicy:
             return expert_action(task, observation["state"])
         if self.mode == "nan":
             return np.full(4, np.nan, dtype=np.float32)
+        if self.mode == "raise":
+            raise RuntimeError("broken policy")
         return np.zeros(4, dtype=np.float32)
 
 

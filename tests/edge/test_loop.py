@@ -13,7 +13,9 @@ from edge.loop import ControlLoop, LoopConfig
 from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
 from fleet.errors import ConfigError
 
+
 def make_loop(robot, policy, sink, operator=None, on_episode_end=None, **config) -> ControlLoop:
+    """A loop for robot "r1"; ``config`` are LoopConfig fields (realtime=False unless given)."""
     config.setdefault("realtime", False)
     return ControlLoop(
         "r1",
@@ -39,8 +41,13 @@ def test_steps_are_recorded_with_correct_fields(make_robot_connected, make_polic
     robot.reset = reset  # type: ignore[method-assign]
     sink = make_sink()
     ended = []
-    loop = make_loop(robot, make_policy("zero", version=3), sink, on_episode_end=lambda s, t: ended.append((s, t)),
-                     max_episode_steps=20)  # fmt: skip
+    loop = make_loop(
+        robot,
+        make_policy("zero", version=3),
+        sink,
+        on_episode_end=lambda summary, task: ended.append((summary, task)),
+        max_episode_steps=20,
+    )
     summaries = [loop.run_episode(), loop.run_episode()]
 
     episodes = sink.episodes()
@@ -104,8 +111,9 @@ def test_interventions_are_flagged(make_robot_connected, make_policy, make_sink)
 def test_eval_episodes_have_no_interventions(make_robot_connected, make_policy, make_sink) -> None:
     robot = make_robot_connected(("button-press-topdown-v3", "drawer-close-v3"))
     sink = make_sink()
-    loop = make_loop(robot, make_policy("zero"), sink, operator=SimulatedOperator(), eval_every=2,
-                     max_episode_steps=25)  # fmt: skip
+    loop = make_loop(
+        robot, make_policy("zero"), sink, operator=SimulatedOperator(), eval_every=2, max_episode_steps=25
+    )
     for _ in range(4):
         loop.run_episode()
     episodes = sink.episodes()
@@ -188,9 +196,10 @@ def test_loop_holds_the_control_rate(make_robot_connected, make_policy, make_sin
     assert stats.steps == 25
 
 
-def test_nan_policy_is_rolled_back(make_robot_connected, make_policy, make_sink) -> None:
+@pytest.mark.parametrize("bad_mode", ["nan", "raise"])
+def test_bad_policy_is_rolled_back(make_robot_connected, make_policy, make_sink, bad_mode: str) -> None:
     robot = make_robot_connected(("reach-v3",))
-    good, bad = make_policy("expert", version=1), make_policy("nan", version=2)
+    good, bad = make_policy("expert", version=1), make_policy(bad_mode, version=2)
     sink = make_sink()
     loop = make_loop(robot, good, sink, max_episode_steps=150)
     loop.slot.offer(bad)

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
-from edge.robots.metaworld import MetaWorldRobot
+from edge.operator import EXPERTS, NoOperator, OperatorConfig, SimulatedOperator
+from edge.robots.metaworld import INSTRUCTIONS, MetaWorldRobot
 from fleet.errors import ConfigError
 
 ZERO = np.zeros(4, dtype=np.float32)
@@ -118,6 +118,10 @@ def test_no_operator_never_intervenes(make_robot_connected) -> None:
     operator = NoOperator()
     assert not any(drive(robot, operator, "button-press-topdown-v3", lambda s: ZERO, steps=20))
     assert not operator.is_intervening
+
+
+def test_every_mt10_task_has_an_expert() -> None:
+    assert set(EXPERTS) == set(INSTRUCTIONS)
 
 
 def test_unknown_task_and_decide_before_reset() -> None:
