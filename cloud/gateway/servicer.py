@@ -11,6 +11,7 @@ import grpc
 from cloud.buffer import RobotKeys
 from cloud.gateway.interceptors import map_errors
 from cloud.gateway.policy_feed import PolicyFeed
+from cloud.gateway.policy_servicer import PolicyServicerMixin
 from cloud.ingest import Ingest
 from fleet import metrics
 from fleet.convert import chunk_from_pb, robot_info_from_pb
@@ -25,7 +26,7 @@ def _count_rejection(code: grpc.StatusCode) -> None:
     metrics.GATEWAY_REJECTED.labels(code=code.name).inc()
 
 
-class FleetServicer(pb_grpc.FleetServiceServicer):
+class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
     def __init__(self, ingest: Ingest, feed: PolicyFeed, redis, watch_timeout_s: float = 15.0):
         self._ingest = ingest
         self._feed = feed
@@ -60,20 +61,6 @@ class FleetServicer(pb_grpc.FleetServiceServicer):
                 yield pb.Ack(acked_seq=result.acked_seq, duplicate_steps=result.duplicate_steps)
         finally:
             metrics.GATEWAY_STREAMS.dec()
-
-    @map_errors(_count_rejection)
-    async def WatchPolicy(self, request: pb.WatchPolicyRequest, context):
-        have = request.have_version
-        while not context.done():
-            latest = await self._feed.wait_newer(have, self._watch_timeout_s)
-            if latest <= have:
-                continue
-            messages = await self._feed.messages(latest)
-            for msg in messages:
-                yield msg
-            metrics.GATEWAY_POLICY_BYTES.labels(kind="full").inc(sum(len(m.piece.data) for m in messages))
-            log.info("sent policy v%d to %s (had v%d)", latest, request.robot_id or "?", have)
-            have = latest
 
     @map_errors(_count_rejection)
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
