@@ -48,6 +48,7 @@ class PolicyFeed:
         self._locks: dict[int, asyncio.Lock] = {}
         self._poll_s = poll_s
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     @property
     def latest(self) -> int:
@@ -58,12 +59,11 @@ class PolicyFeed:
         self._task = asyncio.create_task(self._listen())
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # redis-py's pubsub can swallow a cancellation mid-read; the flag ends the loop then.
+            await asyncio.wait([self._task], timeout=self._poll_s + 1.0)
 
     async def _refresh(self) -> None:
         value = int(await self._redis.get(POLICY_LATEST_KEY) or 0)
@@ -73,19 +73,24 @@ class PolicyFeed:
                 self._cond.notify_all()
 
     async def _listen(self) -> None:
-        while True:
+        while not self._stopping:
+            pubsub = self._redis.pubsub()
             try:
-                pubsub = self._redis.pubsub()
                 await pubsub.subscribe(POLICY_CHANNEL)
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._poll_s)
+                while not self._stopping:
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._poll_s)
                     await self._refresh()  # on a message, and every poll_s in case one was missed
-                    del msg
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis restarts: resubscribe after a pause
-                log.warning("policy feed lost Redis (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+                if not self._stopping:
+                    log.warning("policy feed lost Redis (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
+            finally:
+                try:
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)
+                except (Exception, asyncio.CancelledError):
+                    pass
 
     async def wait_newer(self, have: int, timeout_s: float) -> int:
         """Return the latest version once it is newer than ``have``, or the current one on timeout."""
