@@ -59,17 +59,21 @@ def spawn(name: str, args: list[str], log_dir: Path, env: dict | None = None) ->
     return Child(name=name, proc=proc, log_path=log_path)
 
 
-def gateway_args(listen: str, redis_url: str, policy_dir: str, metrics_port: int = 0) -> list[str]:
+def gateway_args(listen: str, redis_url: str, policy_dir: str, metrics_port: int = 0,
+                 embodiment: str = "") -> list[str]:
     return ["gateway", "--listen", listen, "--redis-url", redis_url, "--policy-dir", policy_dir,
-            "--metrics-port", str(metrics_port)]
+            "--metrics-port", str(metrics_port), *(["--embodiment", embodiment] if embodiment else [])]
 
 
 def run_learner(listen: str, redis_url: str, policy_dir: str, trainer_args: list[str], log_dir: Path,
-                stop: threading.Event, gateway_metrics_port: int = 0) -> int:
-    """Gateway and trainer as children until ``stop``; returns the first non-zero exit code."""
-    gateway = spawn("gateway", gateway_args(listen, redis_url, policy_dir, gateway_metrics_port), log_dir)
-    trainer = spawn("trainer", ["trainer", "--redis-url", redis_url, "--policy-dir", policy_dir, *trainer_args],
-                    log_dir)
+                stop: threading.Event, gateway_metrics_port: int = 0, embodiment: str = "") -> int:
+    """Gateway and trainer as children until ``stop``; returns the first non-zero exit code.
+
+    ``embodiment``: both serve/train that embodiment's policy line (one learner per embodiment)."""
+    gateway = spawn("gateway", gateway_args(listen, redis_url, policy_dir, gateway_metrics_port, embodiment), log_dir)
+    line = ["--embodiment", embodiment] if embodiment else []
+    trainer = spawn("trainer", ["trainer", "--redis-url", redis_url, "--policy-dir", policy_dir, *line,
+                                *trainer_args], log_dir)
     log.info("learner: gateway pid %d, trainer pid %d, logs in %s", gateway.proc.pid, trainer.proc.pid, log_dir)
     while not stop.wait(1.0):
         for child in (gateway, trainer):

@@ -9,6 +9,8 @@ key                                 type    holds
 ==================================  ======  ===================================================
 fleet:robots                        HASH    robot_id -> JSON registration (embodiment, schema, tasks)
 fleet:{r:R}:seq                     STRING  last durable step sequence number of robot R
+fleet:{r:R}:registered              STRING  time R last registered; chunks of a robot without it are
+                                            refused (NOT_FOUND: Redis was wiped, register again)
 fleet:{r:R}:ep:E                    LIST    the steps of episode E, in order (``fleet.v1.Step`` bytes)
 fleet:{r:R}:catalog                 HASH    E -> JSON {task, len, source, eval, ended, success, version}
 fleet:{r:R}:labeled                 LIST    "E|index|task" for every step usable as a supervised label
@@ -18,6 +20,7 @@ fleet:{r:R}:events                  STREAM  one entry per finished episode (capp
 fleet:{r:R}:stats                   HASH    counters: steps, intervention_steps, episodes, successes...
 fleet:{r:R}:status                  HASH    last heartbeat (policy version, spool backlog, ...)
 fleet:policy:latest                 STRING  newest published policy version (see cloud/policy_store.py)
+fleet:policy:{E}:latest             STRING  the same for the policy line of embodiment E (``--embodiment``)
 ==================================  ======  ===================================================
 
 Exactly-once: a chunk carries steps with contiguous sequence numbers. The script
@@ -27,11 +30,32 @@ edge declares that its spool dropped those steps), the rest is appended and
 ``seq`` advanced in the same atomic step. State lives in Redis only, so this holds
 across gateway restarts and any number of gateway replicas.
 
-Durability: the gateway acks after the script returned. With ``appendfsync
-always`` Redis fsyncs the AOF before replying, so an acked step survives a
-power loss; with ``everysec`` (default) an acked step survives a crash of the
-Redis process (the write is in the OS page cache) but up to one second of acked
-steps can be lost if the whole machine loses power.
+A robot without its ``registered`` key (Redis was wiped or restored without it) gets
+NOT_FOUND, registers again and declares the gap. A chunk refused at ``maxmemory``
+left nothing behind: Redis checks memory before a script's first write.
+
+Durability, i.e. what an ack means: the gateway acks a chunk only after this script
+returned, and Redis replies only after the write is in its append-only file buffer.
+
+* ``appendfsync always``: Redis write()s *and* fsyncs the AOF before it replies. An
+  acked step survives a crash or SIGKILL of Redis or of the gateway, and a power loss
+  or kernel crash of the Redis machine.
+* ``appendfsync everysec`` (the default of ``fleet.redis_server.start_redis``): Redis
+  write()s the AOF to the kernel before it replies and fsyncs once a second in the
+  background. An acked step survives a crash or SIGKILL of the Redis process (the
+  kernel holds the bytes and writes them out), but a power loss or kernel crash loses
+  up to ~1 s of acked steps. One exception even for a process crash: when the disk
+  is so slow that a background fsync is still running, Redis postpones its write()
+  for up to 2 s while still replying ("Asynchronous AOF fsync is taking too long" in
+  its log); a SIGKILL in that window loses those acked steps.
+* Lost acked steps are gone for good (the edge deleted them from its spool on the
+  ack): the robot's next chunk meets a sequence gap, which the edge then declares, and
+  the gateway counts them in ``stats.dropped_steps``.
+
+Configure it where Redis starts: ``start_redis(appendfsync=...)``, ``fleet demo
+--redis-appendfsync always``, or ``appendfsync always`` in an external Redis's
+redis.conf (``CONFIG SET appendfsync always`` at runtime). ``always`` costs one
+fsync per write; docs/experience-path.md has numbers.
 """
 
 from __future__ import annotations
@@ -39,12 +63,30 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from fleet.errors import SequenceGap
+from fleet.errors import SequenceGap, UnknownRobot
 from fleet.types import EpisodeSummary
 
 ROBOTS_KEY = "fleet:robots"
 POLICY_LATEST_KEY = "fleet:policy:latest"
 POLICY_CHANNEL = "fleet:policy:published"
+POLICY_COUNTER_KEY = "fleet:policy:counter"
+
+
+@dataclass(frozen=True)
+class PolicyKeys:
+    """Redis keys of one policy line: the shared one, or one embodiment's (one trainer each)."""
+
+    latest: str
+    channel: str
+    counter: str
+
+
+def policy_keys(embodiment: str = "") -> PolicyKeys:
+    """Keys of the policy line of ``embodiment`` ("" = the shared line every robot follows by default)."""
+    if not embodiment:
+        return PolicyKeys(POLICY_LATEST_KEY, POLICY_CHANNEL, POLICY_COUNTER_KEY)
+    prefix = f"fleet:policy:{{{embodiment}}}"
+    return PolicyKeys(f"{prefix}:latest", f"{prefix}:published", f"{prefix}:counter")
 EVENTS_MAXLEN = 10000
 SOURCE_ONLINE = "online"
 SOURCE_OFFLINE = "offline"
@@ -65,6 +107,10 @@ class RobotKeys:
     @property
     def seq(self) -> str:
         return f"{self.prefix}:seq"
+
+    @property
+    def registered(self) -> str:
+        return f"{self.prefix}:registered"
 
     def episode(self, episode_id: str) -> str:
         return f"{self.prefix}:ep:{episode_id}"
@@ -90,11 +136,14 @@ class RobotKeys:
         return f"{self.prefix}:status"
 
 
-# KEYS: 1 seq, 2 episode list, 3 catalog, 4 labeled, 5 events, 6 stats
+# KEYS: 1 seq, 2 episode list, 3 catalog, 4 labeled, 5 events, 6 stats, 7 registered
 # ARGV: 1 first_seq, 2 n, 3 gap_declared, 4 episode_id, 5 task, 6 source, 7 evaluation,
 #       8 ends_episode, 9 success, 10 policy_version, 11 now_s, 12 label flags ("0"/"1" per step),
 #       13 intervention flags, 14 episode summary JSON (or ""), 15 payload bytes, 16.. step blobs
 WRITE_CHUNK_LUA = r"""
+if redis.call('EXISTS', KEYS[7]) == 0 then
+  return {-2, 0, 0}
+end
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local first = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
@@ -166,7 +215,7 @@ class ChunkWrite:
             "success": end.success, "num_steps": end.num_steps, "intervention_steps": end.intervention_steps,
             "interventions": end.interventions, "evaluation": end.evaluation, "policy_version": end.policy_version,
             "robot_id": self.robot_id, "task": self.task, "ts": now_s})
-        keys = [k.seq, k.episode(self.episode_id), k.catalog, k.labeled, k.events, k.stats]
+        keys = [k.seq, k.episode(self.episode_id), k.catalog, k.labeled, k.events, k.stats, k.registered]
         args = [
             self.first_seq, len(self.step_blobs), int(self.gap_declared), self.episode_id, self.task, self.source,
             int(self.evaluation), int(end is not None), int(bool(end and end.success)), self.policy_version,
@@ -188,6 +237,9 @@ def interpret(result: list, write: ChunkWrite) -> WriteResult:
     """Turn the script's reply into a WriteResult or a SequenceGap."""
     status, acked, extra = (int(x) for x in result)
     n = len(write.step_blobs)
+    if status == -2:
+        raise UnknownRobot(f"robot {write.robot_id!r} is not registered in the buffer (was Redis wiped?); "
+                           f"call Register again")
     if status == -1:
         raise SequenceGap(
             f"robot {write.robot_id!r}: chunk starts at seq {write.first_seq} but the last stored seq is {acked}; "

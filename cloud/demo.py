@@ -23,7 +23,7 @@ from cloud.app import Child, gateway_args, spawn
 from cloud.buffer import SOURCE_ONLINE, RobotKeys
 from cloud.offline import seed_scripted_demos
 from cloud.status import fleet_status
-from fleet.config import DEFAULT_TASKS, _require
+from fleet.config import ALGORITHM_NAMES, DEFAULT_TASKS, _require
 from fleet.redis_server import free_port, start_redis
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class DemoConfig:
     """Scripted demonstrations per task used to seed the policy."""
     seed_bc_steps: int = 300
     """Behaviour-cloning steps on the demos before v1."""
+    algorithm: str = "hg_dagger"
+    """Learning algorithm of the trainer: hg_dagger or recap (see docs/algorithms.md)."""
     publish_every_steps: int = 100
     """Trainer publishes a version every this many optimizer steps."""
     batch_size: int = 64
@@ -59,11 +61,17 @@ class DemoConfig:
     """Seconds between progress lines."""
     seed: int = 0
     """Base seed (robot i uses seed + i)."""
+    redis_appendfsync: str = "everysec"
+    """Redis AOF fsync: everysec (acked steps survive a Redis crash, ~1 s lost on power loss) or always."""
 
     def __post_init__(self) -> None:
         _require(self.robots >= 1, f"robots ({self.robots}) must be >= 1")
         _require(self.duration_s > 0, f"duration ({self.duration_s}) must be > 0 seconds")
         _require(self.control_hz > 0, f"control_hz ({self.control_hz}) must be > 0")
+        _require(self.algorithm in ALGORITHM_NAMES,
+                 f"algorithm must be one of {ALGORITHM_NAMES}, got {self.algorithm!r}")
+        _require(self.redis_appendfsync in ("everysec", "always"),
+                 f"redis_appendfsync must be everysec or always, got {self.redis_appendfsync!r}")
 
 
 class EpisodeLog:
@@ -126,6 +134,17 @@ def plot(curve: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _json_safe(value):
+    """NaN (no episodes in a window) becomes null, so summary.json is strict JSON."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
     """Run the demo; returns the summary (also written to ``run_dir/summary.json``)."""
     run_dir = Path(cfg.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
@@ -133,7 +152,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
     logs = run_dir / "logs"
     echo(f"run directory: {run_dir}")
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    redis_proc = start_redis(run_dir / "redis")
+    redis_proc = start_redis(run_dir / "redis", appendfsync=cfg.redis_appendfsync)
     children: list[Child] = []
     client = redis_lib.Redis.from_url(redis_proc.url)
     try:
@@ -149,7 +168,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
         children.append(spawn("trainer", [
             "trainer", "--redis-url", redis_proc.url, "--policy-dir", policy_dir, "--tasks", ",".join(tasks),
             "--seed-bc-steps", str(cfg.seed_bc_steps), "--publish-every-steps", str(cfg.publish_every_steps),
-            "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed)], logs))
+            "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), "--algorithm", cfg.algorithm], logs))
         robot_ids = [f"robot-{i}" for i in range(cfg.robots)]
         for i, rid in enumerate(robot_ids):
             children.append(spawn(rid, [
@@ -170,6 +189,9 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
                 break
             stop.wait(0.5)
         start = time.time()
+        end = start
+        events.poll(robot_ids)
+        status = fleet_status(client)
         echo(f"fleet running for {cfg.duration_s:.0f}s; Ctrl-C stops early")
         while not stop.wait(min(cfg.progress_interval_s, max(0.1, start + cfg.duration_s - time.time()))):
             events.poll(robot_ids)
@@ -214,7 +236,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
         "final_versions": {r["robot_id"]: r["policy_version"] for r in online},
         "curve": curve, "run_dir": str(run_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False))
     plot(curve, run_dir / "learning_curve.png",
-         f"{cfg.robots} robots, {len(tasks)} MetaWorld tasks, HG-DAgger")
+         f"{cfg.robots} robots, {len(tasks)} MetaWorld tasks, {cfg.algorithm}")
     return summary

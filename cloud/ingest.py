@@ -1,13 +1,26 @@
 """Validate experience chunks against their robot's registered schema and write
-them to the buffer exactly once. Callable and testable without gRPC."""
+them to the buffer exactly once. Callable and testable without gRPC.
+
+Redis failures become fleet errors the gateway maps to precise statuses: Redis
+at ``maxmemory`` (noeviction) -> Overloaded (RESOURCE_EXHAUSTED + retry hint);
+Redis unreachable or loading -> BackendUnavailable (UNAVAILABLE + retry hint).
+Either way nothing was acked, and the script is atomic (Redis checks maxmemory
+before the script's first write, so a refused chunk left no partial write), so
+the edge simply resends later.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
+import redis.exceptions as redis_errors
 
 from cloud.buffer import (
     ROBOTS_KEY,
@@ -18,11 +31,18 @@ from cloud.buffer import (
     WriteResult,
     interpret,
 )
-from fleet import PROTOCOL_VERSION
+from fleet import PROTOCOL_VERSION, metrics
 from fleet.codec import decode_image
 from fleet.convert import schema_from_dict, schema_to_dict
-from fleet.errors import IncompatiblePeer, InvalidInput, SchemaMismatch, UnknownRobot
-from fleet.types import Chunk, RobotInfo, Schema, Step
+from fleet.errors import (
+    BackendUnavailable,
+    IncompatiblePeer,
+    InvalidInput,
+    Overloaded,
+    SchemaMismatch,
+    UnknownRobot,
+)
+from fleet.types import Chunk, EncodedImage, EpisodeSummary, RobotInfo, Schema, Step
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +64,7 @@ def validate_step(step: Step, schema: Schema, where: str) -> None:
             if (img.height, img.width, img.channels) != spec.shape:
                 raise SchemaMismatch(f"{where}: image {spec.name!r} is {(img.height, img.width, img.channels)}, "
                                      f"registered {spec.shape}")
-            decode_image(img, f"{where} image {spec.name!r}")
+            check_image(img, f"{where} image {spec.name!r}")
             continue
         _check_array(step.observation[spec.name], spec.dtype, spec.shape, spec.allow_nonfinite,
                      f"{where} observation {spec.name!r}")
@@ -53,6 +73,21 @@ def validate_step(step: Step, schema: Schema, where: str) -> None:
     _check_array(step.policy_action, act.dtype, act.shape, True, f"{where} policy_action")
     if not np.isfinite(step.reward):
         raise InvalidInput(f"{where}: reward is {step.reward}")
+
+
+def check_image(img: EncodedImage, what: str) -> None:
+    """The bytes decode to the declared size. The header's size is compared first, before anything is
+    decoded: a few kilobytes of PNG can claim gigapixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(img.data)) as opened:
+            width, height = opened.size
+    except Exception as exc:  # Pillow raises several unrelated types (DecompressionBombError among them)
+        raise InvalidInput(f"{what}: cannot read the {img.encoding} header ({len(img.data)} bytes): {exc}") from None
+    if (width, height) != (img.width, img.height):
+        raise InvalidInput(f"{what}: the bytes hold a {width}x{height} image, declared {img.width}x{img.height}")
+    decode_image(img, what)
 
 
 def _check_array(arr: np.ndarray, dtype: str, shape: tuple[int, ...], allow_nonfinite: bool, what: str) -> None:
@@ -68,11 +103,27 @@ def _check_array(arr: np.ndarray, dtype: str, shape: tuple[int, ...], allow_nonf
 class Ingest:
     """Registration and chunk writes over an asyncio Redis client (redis.asyncio.Redis)."""
 
-    def __init__(self, redis, source: str = SOURCE_ONLINE):
+    def __init__(self, redis, source: str = SOURCE_ONLINE, retry_after_s: float = 1.0,
+                 redis_full_retry_after_s: float = 10.0):
         self._redis = redis
         self._source = source
+        self._retry_after_s = retry_after_s
+        self._redis_full_retry_after_s = redis_full_retry_after_s
         self._script = redis.register_script(WRITE_CHUNK_LUA)
         self._robots: dict[str, RobotInfo] = {}
+
+    @contextlib.contextmanager
+    def redis_errors(self, what: str) -> Iterator[None]:
+        """Redis failures -> Overloaded (maxmemory) or BackendUnavailable (down, loading, timeout)."""
+        try:
+            yield
+        except redis_errors.OutOfMemoryError as exc:
+            metrics.GATEWAY_BACKPRESSURE.labels(reason="redis_full", outcome="refused").inc()
+            raise Overloaded(f"{what}: Redis is full (maxmemory with noeviction: {exc}); nothing was stored, "
+                             f"retry later", retry_after_s=self._redis_full_retry_after_s) from None
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ReadOnlyError) as exc:
+            raise BackendUnavailable(f"{what}: Redis unavailable ({type(exc).__name__}: {exc}); nothing was "
+                                     f"stored, retry later", retry_after_s=self._retry_after_s) from None
 
     async def register(self, info: RobotInfo) -> int:
         """Store the robot's registration; returns its last durable sequence number."""
@@ -87,21 +138,33 @@ class Ingest:
                   "tasks": list(info.tasks), "protocol_version": info.protocol_version,
                   "software_version": info.software_version, "registered_s": time.time(),
                   "source": self._source}
-        await self._redis.hset(ROBOTS_KEY, info.robot_id, json.dumps(record))
-        self._robots[info.robot_id] = info
-        return await self.last_acked_seq(info.robot_id)
+        with self.redis_errors(f"register robot {info.robot_id!r}"):
+            await self._redis.hset(ROBOTS_KEY, info.robot_id, json.dumps(record))
+            await self._redis.set(RobotKeys(info.robot_id).registered, f"{record['registered_s']:.3f}")
+            self._robots[info.robot_id] = info
+            return await self.last_acked_seq(info.robot_id)
 
     async def last_acked_seq(self, robot_id: str) -> int:
-        value = await self._redis.get(RobotKeys(robot_id).seq)
+        with self.redis_errors(f"robot {robot_id!r}"):
+            value = await self._redis.get(RobotKeys(robot_id).seq)
         return int(value or 0)
+
+    def cached(self, robot_id: str) -> RobotInfo | None:
+        """The registration this gateway already holds (no Redis call), if any."""
+        return self._robots.get(robot_id)
 
     async def robot(self, robot_id: str) -> RobotInfo:
         """The registration of a robot (cached; any replica can serve any robot)."""
         info = self._robots.get(robot_id)
         if info is not None:
             return info
-        raw = await self._redis.hget(ROBOTS_KEY, robot_id)
+        return await self._load_robot(robot_id)
+
+    async def _load_robot(self, robot_id: str) -> RobotInfo:
+        with self.redis_errors(f"robot {robot_id!r}"):
+            raw = await self._redis.hget(ROBOTS_KEY, robot_id)
         if raw is None:
+            self._robots.pop(robot_id, None)
             raise UnknownRobot(f"robot {robot_id!r} has not registered; call Register first")
         data = json.loads(raw)
         info = RobotInfo(robot_id=robot_id, embodiment=data["embodiment"], schema=schema_from_dict(data["schema"]),
@@ -111,35 +174,81 @@ class Ingest:
         return info
 
     async def validate(self, chunk: Chunk) -> RobotInfo:
+        """Raise InvalidInput (with ``step_seq`` when one step is to blame) or UnknownRobot.
+
+        A chunk refused against a cached registration is checked again against the one in Redis: the robot
+        may have registered again (new schema or tasks) through another replica."""
         info = await self.robot(chunk.robot_id)
-        if len(chunk.steps) > MAX_STEPS_PER_CHUNK:
-            raise InvalidInput(f"chunk has {len(chunk.steps)} steps; at most {MAX_STEPS_PER_CHUNK} per chunk")
-        if chunk.task not in info.tasks:
-            raise InvalidInput(f"task {chunk.task!r} is not among the tasks robot {chunk.robot_id!r} registered")
-        first = chunk.steps[0].seq
-        if first < 1:
-            raise InvalidInput("step sequence numbers start at 1")
-        for i, step in enumerate(chunk.steps):
-            if step.seq != first + i:
-                raise InvalidInput(f"chunk steps must have contiguous seqs: step {i} has seq {step.seq}, "
-                                   f"expected {first + i}")
-            validate_step(step, info.schema, f"robot {chunk.robot_id!r} step seq={step.seq}")
-            if step.done and i != len(chunk.steps) - 1:
-                raise InvalidInput(f"step seq={step.seq} is done but is not the chunk's last step")
-        if chunk.episode_end is not None and not chunk.steps[-1].done:
-            raise InvalidInput("chunk has an episode_end but its last step is not done")
+        try:
+            check_chunk(chunk, info)
+        except InvalidInput:
+            fresh = await self._load_robot(chunk.robot_id)
+            if fresh == info:
+                raise
+            check_chunk(chunk, fresh)
+            info = fresh
         return info
 
     async def write(self, chunk: Chunk, raw_steps: list[bytes]) -> WriteResult:
         """Validate then atomically append; returns once Redis has replied (ack-safe)."""
         await self.validate(chunk)
+        return await self.store(ChunkHead.of(chunk), raw_steps)
+
+    async def store(self, head: ChunkHead, raw_steps: list[bytes]) -> WriteResult:
+        """Atomically append a chunk already validated (``write``, or the gateway's fast check)."""
         offline = self._source != SOURCE_ONLINE
         write = ChunkWrite(
-            robot_id=chunk.robot_id, episode_id=chunk.episode_id, task=chunk.task, first_seq=chunk.steps[0].seq,
-            step_blobs=raw_steps, interventions=[s.is_intervention for s in chunk.steps],
-            labels=[offline or s.is_intervention for s in chunk.steps], gap_declared=chunk.gap_declared,
-            evaluation=chunk.evaluation, episode_end=chunk.episode_end,
-            policy_version=chunk.steps[-1].policy_version, source=self._source)
+            robot_id=head.robot_id, episode_id=head.episode_id, task=head.task, first_seq=head.first_seq,
+            step_blobs=raw_steps, interventions=list(head.interventions),
+            labels=[offline or x for x in head.interventions], gap_declared=head.gap_declared,
+            evaluation=head.evaluation, episode_end=head.episode_end, policy_version=head.policy_version,
+            source=self._source)
         keys, args = write.keys_and_args(time.time())
-        result = await self._script(keys=keys, args=args)
+        with self.redis_errors(f"robot {head.robot_id!r} chunk at seq {write.first_seq}"):
+            result = await self._script(keys=keys, args=args)
         return interpret(result, write)
+
+
+@dataclass(frozen=True)
+class ChunkHead:
+    """What the atomic write needs of a chunk besides its steps' bytes."""
+
+    robot_id: str
+    episode_id: str
+    task: str
+    first_seq: int
+    interventions: tuple[bool, ...]
+    gap_declared: bool
+    evaluation: bool
+    episode_end: EpisodeSummary | None
+    policy_version: int
+
+    @classmethod
+    def of(cls, chunk: Chunk) -> ChunkHead:
+        return cls(chunk.robot_id, chunk.episode_id, chunk.task, chunk.steps[0].seq,
+                   tuple(s.is_intervention for s in chunk.steps), chunk.gap_declared, chunk.evaluation,
+                   chunk.episode_end, chunk.steps[-1].policy_version)
+
+
+def check_chunk(chunk: Chunk, info: RobotInfo) -> None:
+    """Raise InvalidInput if ``chunk`` does not fit ``info`` (tasks, schema, seqs, finite values)."""
+    if len(chunk.steps) > MAX_STEPS_PER_CHUNK:
+        raise InvalidInput(f"chunk has {len(chunk.steps)} steps; at most {MAX_STEPS_PER_CHUNK} per chunk")
+    if chunk.task not in info.tasks:
+        raise InvalidInput(f"task {chunk.task!r} is not among the tasks robot {chunk.robot_id!r} registered")
+    first = chunk.steps[0].seq
+    if first < 1:
+        raise InvalidInput("step sequence numbers start at 1")
+    for i, step in enumerate(chunk.steps):
+        if step.seq != first + i:
+            raise InvalidInput(f"chunk steps must have contiguous seqs: step {i} has seq {step.seq}, "
+                               f"expected {first + i}")
+        try:
+            validate_step(step, info.schema, f"robot {chunk.robot_id!r} step seq={step.seq}")
+            if step.done and i != len(chunk.steps) - 1:
+                raise InvalidInput(f"step seq={step.seq} is done but is not the chunk's last step")
+        except InvalidInput as exc:
+            exc.step_seq = step.seq
+            raise
+    if chunk.episode_end is not None and not chunk.steps[-1].done:
+        raise InvalidInput("chunk has an episode_end but its last step is not done")

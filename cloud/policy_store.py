@@ -5,12 +5,15 @@ dtype/shape/sha256, which tensors are trainable, the policy's LeRobot config) an
 ``model.safetensors``. A version is written into a temp directory, fsynced, and
 renamed into place, so a reader never sees half a version. The newest version
 number lives in Redis (``fleet:policy:latest``) so every gateway replica sees it;
-version numbers come from a Redis counter and the directory, whichever is
-higher, so they stay monotonic across learner restarts.
+version numbers come from a Redis counter, the directory and the newest version
+a trainer checkpoint recorded (``ensure_above``), whichever is highest, so they
+stay monotonic across learner restarts: a restarted learner never reuses a
+number that edges already hold with other weights.
 
-The directory is the default backend (local disk or a shared volume); an object
-store implements the same four methods (``put``, ``manifest``, ``payload``,
-``versions``).
+Where versions live is a :class:`PolicyBackend`: :class:`DirectoryBackend` (local
+disk or a shared volume) by default; an object store implements the same five
+methods (``put``, ``manifest``, ``payload``, ``tensors``, ``versions``), writing the
+manifest last so that a version is visible only once complete.
 """
 
 from __future__ import annotations
@@ -20,17 +23,18 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cloud.buffer import POLICY_CHANNEL, POLICY_LATEST_KEY
-from fleet.weights import Manifest, build_manifest, tensor_bytes
+from cloud.buffer import POLICY_COUNTER_KEY, policy_keys
+from fleet.weights import Manifest, build_manifest, read_safetensors_raw
 
 log = logging.getLogger(__name__)
 
-VERSION_COUNTER_KEY = "fleet:policy:counter"
+VERSION_COUNTER_KEY = POLICY_COUNTER_KEY
 _SET_IF_GREATER = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]); return 1 end
@@ -46,16 +50,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class PolicyStore:
-    """Directory-backed versions; ``redis`` is a sync redis.Redis (None = directory only)."""
+@runtime_checkable
+class PolicyBackend(Protocol):
+    """Storage of complete versions. Missing versions raise KeyError."""
 
-    def __init__(self, root: str | os.PathLike, redis=None):
+    def put(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def manifest(self, version: int) -> Manifest: ...
+
+    def payload(self, version: int) -> dict[str, memoryview]:
+        """Each tensor's raw bytes (what the manifest's sha256 covers)."""
+
+    def tensors(self, version: int) -> dict[str, torch.Tensor]: ...
+
+    def versions(self) -> list[int]: ...
+
+
+class DirectoryBackend:
+    """``root/v00000042/{manifest.json,model.safetensors}``, each version renamed into place complete."""
+
+    def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._redis = redis
 
     def _dir(self, version: int) -> Path:
         return self.root / f"v{version:08d}"
+
+    def _file(self, version: int, name: str) -> Path:
+        path = self._dir(version) / name
+        if not path.exists():
+            raise KeyError(f"policy version {version} is not in {self.root}")
+        return path
 
     def versions(self) -> list[int]:
         out = []
@@ -66,30 +91,6 @@ class PolicyStore:
                 except ValueError:
                     continue
         return sorted(out)
-
-    def next_version(self) -> int:
-        local = max(self.versions(), default=0)
-        if self._redis is None:
-            return local + 1
-        counter = int(self._redis.incr(VERSION_COUNTER_KEY))
-        latest = int(self._redis.get(POLICY_LATEST_KEY) or 0)
-        version = max(counter, local + 1, latest + 1)
-        if version > counter:
-            self._redis.set(VERSION_COUNTER_KEY, version)
-        return version
-
-    def publish(self, tensors: dict[str, torch.Tensor], config: dict, trainable: set[str] | None = None,
-                parent_version: int | None = None) -> Manifest:
-        """Write a new version atomically and point Redis at it."""
-        version = self.next_version()
-        parent = parent_version if parent_version is not None else self.latest_version()
-        manifest, _ = build_manifest(version, parent, tensors, config, trainable, created_s=time.time())
-        self.put(manifest, tensors)
-        if self._redis is not None:
-            self._redis.eval(_SET_IF_GREATER, 1, POLICY_LATEST_KEY, version)
-            self._redis.publish(POLICY_CHANNEL, str(version))
-        log.info("published policy v%d (%.1f MB)", version, manifest.total_bytes / 1e6)
-        return manifest
 
     def put(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
         final = self._dir(manifest.version)
@@ -108,21 +109,95 @@ class PolicyStore:
         os.rename(tmp, final)
         _fsync_dir(self.root)
 
-    def latest_version(self) -> int:
-        if self._redis is not None:
-            return int(self._redis.get(POLICY_LATEST_KEY) or 0)
-        return max(self.versions(), default=0)
-
     def manifest(self, version: int) -> Manifest:
-        return Manifest.from_json((self._dir(version) / "manifest.json").read_text())
+        return Manifest.from_json(self._file(version, "manifest.json").read_text())
 
     def tensors(self, version: int) -> dict[str, torch.Tensor]:
         out = {}
-        with safe_open(str(self._dir(version) / "model.safetensors"), framework="pt") as f:
+        with safe_open(str(self._file(version, "model.safetensors")), framework="pt") as f:
             for name in f.keys():
                 out[name] = f.get_tensor(name)
         return out
 
-    def payload(self, version: int) -> dict[str, bytes]:
+    def payload(self, version: int) -> dict[str, memoryview]:
+        return read_safetensors_raw(self._file(version, "model.safetensors"))
+
+
+class PolicyStore:
+    """Versions in a backend (a directory path means DirectoryBackend) plus the pointer in Redis;
+    ``redis`` is a sync redis.Redis (None = backend only). ``embodiment`` names the policy line
+    (its own Redis pointer, counter and channel; "" = the shared line)."""
+
+    def __init__(self, root: str | os.PathLike | PolicyBackend, redis=None, embodiment: str = ""):
+        self.backend: PolicyBackend = root if isinstance(root, PolicyBackend) else DirectoryBackend(root)
+        self.root = getattr(self.backend, "root", None)
+        self._redis = redis
+        self.keys = policy_keys(embodiment)
+        self._floor = 0
+
+    def versions(self) -> list[int]:
+        return self.backend.versions()
+
+    def ensure_above(self, version: int) -> None:
+        """Make every later version number greater than ``version`` (e.g. one a checkpoint recorded)."""
+        self._floor = max(self._floor, int(version))
+        if self._redis is not None:
+            self._redis.eval(_SET_IF_GREATER, 1, self.keys.counter, int(version))
+
+    def next_version(self) -> int:
+        local = max(self.versions(), default=0)
+        if self._redis is None:
+            return max(local, self._floor) + 1
+        counter = int(self._redis.incr(self.keys.counter))
+        latest = int(self._redis.get(self.keys.latest) or 0)
+        version = max(counter, local + 1, latest + 1, self._floor + 1)
+        if version > counter:
+            self._redis.set(self.keys.counter, version)
+        return version
+
+    def publish(self, tensors: dict[str, torch.Tensor], config: dict, trainable: set[str] | None = None,
+                parent_version: int | None = None, full_every_versions: int = 0) -> Manifest:
+        """Write a new version atomically and point Redis at it.
+
+        ``full_every_versions`` (N > 0): a version at least N after its parent's keyframe is a new keyframe,
+        i.e. edges get it without element deltas (see Manifest.keyframe_version); 0 = never.
+        """
+        version = self.next_version()
+        parent = parent_version if parent_version is not None else self.latest_version()
+        manifest, _ = build_manifest(version, parent, tensors, config, trainable, created_s=time.time(),
+                                     keyframe_version=self._keyframe(version, parent, full_every_versions))
+        self.put(manifest, tensors)
+        if self._redis is not None:
+            self._redis.eval(_SET_IF_GREATER, 1, self.keys.latest, version)
+            self._redis.publish(self.keys.channel, str(version))
+        log.info("published policy v%d (%.1f MB)", version, manifest.total_bytes / 1e6)
+        return manifest
+
+    def _keyframe(self, version: int, parent: int, full_every_versions: int) -> int:
+        if full_every_versions < 0:
+            raise ValueError(f"full_every_versions ({full_every_versions}) must be >= 0")
+        try:
+            parent_keyframe = self.backend.manifest(parent).keyframe_version if parent else 0
+        except KeyError:
+            parent_keyframe = 0
+        if not parent_keyframe or (full_every_versions and version - parent_keyframe >= full_every_versions):
+            return version
+        return parent_keyframe
+
+    def put(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
+        self.backend.put(manifest, tensors)
+
+    def latest_version(self) -> int:
+        if self._redis is not None:
+            return int(self._redis.get(self.keys.latest) or 0)
+        return max(self.versions(), default=0)
+
+    def manifest(self, version: int) -> Manifest:
+        return self.backend.manifest(version)
+
+    def tensors(self, version: int) -> dict[str, torch.Tensor]:
+        return self.backend.tensors(version)
+
+    def payload(self, version: int) -> dict[str, memoryview]:
         """Raw bytes of each tensor, as the manifest's checksums cover them."""
-        return {name: tensor_bytes(t) for name, t in self.tensors(version).items()}
+        return self.backend.payload(version)

@@ -1,151 +1,220 @@
-"""Draw training batches from the Redis buffer.
+"""Draw training batches from the Redis buffer (SOP's sampler).
 
-The sampler mirrors the buffer's append-only per-robot ``labeled`` lists
-incrementally (each refresh reads only what is new), samples positions locally
-(equal weight per task; within a task a fixed online share once online data
-exists), and fetches the step windows ``[t, t+H)`` with one pipelined LRANGE per
-sample. A background thread keeps a few batches ready so the trainer never
-waits on Redis.
+The index (:class:`~cloud.buffer_index.BufferIndex`) mirrors what the buffer
+holds that the algorithm's :class:`~cloud.buffer_index.DataSpec` trains on.
+
+Sampling (SOP): every task with data gets equal weight; within a task, a sample
+is online with probability ``p_on`` and offline otherwise. ``p_on`` is fixed, or
+adaptive: p_on = exp(a*l_on) / (exp(a*l_on) + exp(l_off)) over the mean
+per-sample training losses of the last ``window_steps`` updates on that task's
+online and offline samples, clipped to [min, max] (SOP: a > 1, [0.2, 0.8]).
+
+Windows ``[t, t+H)`` come from an :class:`~cloud.episode_cache.EpisodeCache`:
+decoded steps kept in RAM (bounded, FIFO), fetched from Redis with pipelined
+LRANGEs on first use; Redis stays the source of truth. A background thread
+(:class:`Prefetcher`) keeps a few batches ready so the trainer never waits.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import queue
 import threading
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections import defaultdict, deque
+from dataclasses import dataclass
 
 import numpy as np
 
-from cloud.buffer import ROBOTS_KEY, SOURCE_OFFLINE, SOURCE_ONLINE, RobotKeys
-from fleet.convert import decode_step, schema_from_dict
-from fleet.types import Schema
+from cloud.buffer import SOURCE_OFFLINE, SOURCE_ONLINE
+from cloud.buffer_index import BufferIndex, DataSpec, LabeledIndex, Position, Segment
+from cloud.episode_cache import EpisodeCache
+from fleet.errors import ConfigError
+
+__all__ = ["BufferIndex", "DataSpec", "LabeledIndex", "Position", "Prefetcher", "Sampler", "SamplerConfig",
+           "Segment"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Position:
-    robot_id: str
-    episode_id: str
-    index: int
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How batches are mixed from online and offline data."""
 
+    adaptive: bool = True
+    """SOP's adaptive online share from recent losses (False: the fixed online_fraction)."""
+    alpha: float = 2.0
+    """Temperature a > 1 on the online loss in p_on = exp(a*l_on) / (exp(a*l_on) + exp(l_off))."""
+    window_steps: int = 200
+    """Updates over which the mean online/offline losses are taken (SOP: 200)."""
+    min_online_fraction: float = 0.2
+    """Lower clip of the adaptive online share (SOP: 0.2)."""
+    max_online_fraction: float = 0.8
+    """Upper clip of the adaptive online share (SOP: 0.8)."""
+    prefetch_depth: int = 4
+    """Batches kept ready by the background loader."""
+    cache_bytes: int = 1 << 30
+    """RAM for decoded episodes (FIFO); Redis stays the source of truth."""
 
-@dataclass
-class LabeledIndex:
-    """Local mirror of every robot's labeled positions, by (task, source)."""
-
-    positions: dict[tuple[str, str], list[Position]] = field(default_factory=lambda: defaultdict(list))
-    _seen: dict[str, int] = field(default_factory=dict)
-    robots: dict[str, dict] = field(default_factory=dict)
-
-    def refresh(self, redis) -> int:
-        """Pull new entries; returns how many were added."""
-        for rid, raw in redis.hgetall(ROBOTS_KEY).items():
-            rid = rid.decode() if isinstance(rid, bytes) else rid
-            self.robots[rid] = json.loads(raw)
-        pipe = redis.pipeline(transaction=False)
-        order = list(self.robots)
-        for rid in order:
-            pipe.lrange(RobotKeys(rid).labeled, self._seen.get(rid, 0), -1)
-        added = 0
-        for rid, entries in zip(order, pipe.execute()):
-            source = self.robots[rid].get("source", SOURCE_ONLINE)
-            for raw in entries:
-                eid, idx, task = raw.decode().split("|", 2)
-                self.positions[(task, source)].append(Position(rid, eid, int(idx)))
-            self._seen[rid] = self._seen.get(rid, 0) + len(entries)
-            added += len(entries)
-        return added
-
-    def count(self, source: str | None = None) -> int:
-        return sum(len(v) for (t, s), v in self.positions.items() if source is None or s == source)
-
-    def tasks(self) -> list[str]:
-        return sorted({t for (t, _), v in self.positions.items() if v})
-
-    def schema(self) -> Schema | None:
-        for info in self.robots.values():
-            return schema_from_dict(info["schema"])
-        return None
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"sampler.alpha ({self.alpha!r}) must be a positive number (SOP uses a > 1)")
+        if self.window_steps < 1:
+            raise ConfigError(f"sampler.window_steps ({self.window_steps}) must be >= 1")
+        if not 0.0 <= self.min_online_fraction <= self.max_online_fraction <= 1.0:
+            raise ConfigError(f"sampler online share clip [{self.min_online_fraction}, {self.max_online_fraction}] "
+                              "must satisfy 0 <= min <= max <= 1")
+        if self.prefetch_depth < 1:
+            raise ConfigError(f"sampler.prefetch_depth ({self.prefetch_depth}) must be >= 1")
+        if self.cache_bytes < 0:
+            raise ConfigError(f"sampler.cache_bytes ({self.cache_bytes}) must be >= 0")
 
 
 class Sampler:
-    """Batches of windows: ``obs/<name>`` (B, ...), ``task_index`` (B,), ``action`` (B, H, A),
-    ``action_is_pad`` (B, H), ``is_online`` (B,)."""
+    """Batches of windows: ``obs/<name>`` (B, ...), ``task_index``, ``action`` (B, H, A), ``action_is_pad``
+    (B, H), ``is_online``, ``is_intervention`` (step t), ``t``, ``episode_len`` (0: unfinished), ``success``,
+    ``task_max_len`` (all (B,)); with lookahead also ``next/<name>`` and ``has_next``."""
 
     def __init__(self, redis, tasks: tuple[str, ...], horizon: int, batch_size: int, online_fraction: float,
-                 seed: int = 0):
+                 seed: int = 0, spec: DataSpec | None = None, config: SamplerConfig | None = None,
+                 embodiment: str = ""):
         self._redis = redis
         self.tasks = tuple(tasks)
         self.horizon = horizon
         self.batch_size = batch_size
         self.online_fraction = online_fraction
-        self.index = LabeledIndex()
+        self.spec = spec or DataSpec()
+        self.config = config or SamplerConfig()
+        self.index = BufferIndex(self.spec, embodiment=embodiment)
+        self.cache = EpisodeCache(redis, self.config.cache_bytes)
         self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._losses: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=self.config.window_steps))
 
     def refresh(self) -> int:
-        return self.index.refresh(self._redis)
+        with self._lock:
+            return self.index.refresh(self._redis)
 
-    def _pick(self, n: int) -> list[tuple[Position, str, str]]:
-        tasks = self.index.tasks()
+    def state_dict(self) -> dict:
+        """The sampling RNG and the loss windows (the index is rebuilt from Redis)."""
+        with self._lock:
+            return {"rng": self._rng.bit_generator.state,
+                    "losses": {f"{source}|{task}": list(v) for (task, source), v in self._losses.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._lock:
+            self._rng.bit_generator.state = state["rng"]
+            self._losses.clear()
+            for key, values in state["losses"].items():
+                source, task = key.split("|", 1)
+                self._losses[(task, source)].extend(float(v) for v in values)
+
+    # --- SOP's adaptive online share -----------------------------------------------------------------------
+    def observe_losses(self, batch: dict[str, np.ndarray], sample_losses: np.ndarray | None) -> None:
+        """Record one update's per-sample losses by (task, online/offline)."""
+        if sample_losses is None:
+            return
+        losses = np.asarray(sample_losses, dtype=np.float64)
+        with self._lock:
+            for ti in np.unique(batch["task_index"]):
+                if not 0 <= ti < len(self.tasks):
+                    continue
+                for online in (True, False):
+                    mask = (batch["task_index"] == ti) & (batch["is_online"] == online)
+                    if mask.any():
+                        key = (self.tasks[ti], SOURCE_ONLINE if online else SOURCE_OFFLINE)
+                        self._losses[key].append(float(losses[mask].mean()))
+
+    def online_share(self, task: str) -> float:
+        """Probability that a sample of ``task`` is online (when both kinds of data exist)."""
+        cfg = self.config
+        on, off = self._losses.get((task, SOURCE_ONLINE)), self._losses.get((task, SOURCE_OFFLINE))
+        if not cfg.adaptive or not on or not off:
+            return self.online_fraction
+        l_on, l_off = float(np.mean(on)), float(np.mean(off))
+        p = 1.0 / (1.0 + math.exp(l_off - cfg.alpha * l_on))  # = e^(a l_on) / (e^(a l_on) + e^(l_off))
+        return min(max(p, cfg.min_online_fraction), cfg.max_online_fraction)
+
+    # --- sampling ------------------------------------------------------------------------------------------
+    def _pick(self, n: int, only_source: str | None) -> list[tuple[Segment, int, str, str]]:
+        pools = self.index.pools
+        tasks = [t for t in self.index.tasks() if only_source is None or len(pools.get((t, only_source)) or ())]
         if not tasks:
-            raise LookupError("the buffer holds no labeled steps yet")
+            raise LookupError(f"the buffer holds no usable {only_source or ''} steps yet".replace("  ", " "))
+        counts = np.bincount(self._rng.integers(len(tasks), size=n), minlength=len(tasks))
         out = []
-        for _ in range(n):
-            task = tasks[self._rng.integers(len(tasks))]
-            online = self.index.positions.get((task, SOURCE_ONLINE)) or []
-            offline = self.index.positions.get((task, SOURCE_OFFLINE)) or []
-            use_online = bool(online) and (not offline or self._rng.random() < self.online_fraction)
-            pool, source = (online, SOURCE_ONLINE) if use_online else (offline, SOURCE_OFFLINE)
-            out.append((pool[self._rng.integers(len(pool))], task, source))
-        return out
+        for task, k in zip(tasks, counts):
+            online, offline = pools.get((task, SOURCE_ONLINE)), pools.get((task, SOURCE_OFFLINE))
+            if only_source is not None:
+                n_online = k if only_source == SOURCE_ONLINE else 0
+            elif not online or not offline:
+                n_online = k if online else 0
+            else:
+                n_online = int(self._rng.binomial(k, self.online_share(task)))
+            for source, m in ((SOURCE_ONLINE, n_online), (SOURCE_OFFLINE, k - n_online)):
+                if m:
+                    out.extend((seg, t, task, source) for seg, t in pools[(task, source)].sample(self._rng, int(m)))
+        order = self._rng.permutation(len(out))
+        return [out[i] for i in order]
 
     def sample(self, only_source: str | None = None) -> dict[str, np.ndarray]:
         """One batch. ``only_source`` restricts to online or offline data (e.g. seed BC on demos)."""
-        if only_source is not None:
-            picks = []
-            pools = [(t, self.index.positions[(t, only_source)]) for t in self.index.tasks()
-                     if self.index.positions.get((t, only_source))]
-            if not pools:
-                raise LookupError(f"the buffer holds no {only_source} labeled steps yet")
-            for _ in range(self.batch_size):
-                task, pool = pools[self._rng.integers(len(pools))]
-                picks.append((pool[self._rng.integers(len(pool))], task, only_source))
-        else:
-            picks = self._pick(self.batch_size)
-        pipe = self._redis.pipeline(transaction=False)
-        for pos, _, _ in picks:
-            pipe.lrange(RobotKeys(pos.robot_id).episode(pos.episode_id), pos.index, pos.index + self.horizon - 1)
-        windows = pipe.execute()
-        return self._collate(picks, windows)
+        with self._lock:
+            picks = self._pick(self.batch_size, only_source)
+        look, finished = self.spec.lookahead_steps, self.index.finished
+        need = []
+        for seg, t, _, _ in picks:
+            last = t + max(self.horizon - 1, look)
+            length = finished.get((seg.robot_id, seg.episode_id))
+            need.append((seg.robot_id, seg.episode_id, t, min(last, length - 1) if length else last))
+        episodes = self.cache.fetch(need)
+        return self._collate(picks, episodes)
 
-    def _collate(self, picks, windows) -> dict[str, np.ndarray]:
-        B, H = len(picks), self.horizon
-        obs: dict[str, list[np.ndarray]] = defaultdict(list)
-        actions = None
+    def _collate(self, picks, episodes) -> dict[str, np.ndarray]:
+        B, H, look = len(picks), self.horizon, self.spec.lookahead_steps
+        first = episodes[0]
+        actions = np.zeros((B, H, first.action.shape[1]), dtype=np.float32)
         pad = np.ones((B, H), dtype=bool)
-        task_index = np.full((B,), -1, dtype=np.int64)
-        is_online = np.zeros((B,), dtype=bool)
-        for b, ((pos, task, source), blobs) in enumerate(zip(picks, windows)):
-            steps = [decode_step(x) for x in blobs]
-            for name, value in steps[0].observation.items():
-                obs[name].append(value)
-            if actions is None:
-                actions = np.zeros((B, H, steps[0].action.shape[0]), dtype=np.float32)
-            for h, step in enumerate(steps):
-                # Online windows are labels only while the operator drove; offline demos are all labels.
-                if source == SOURCE_OFFLINE or step.is_intervention:
-                    actions[b, h] = step.action
-                    pad[b, h] = False
-                else:
-                    break
-            task_index[b] = self.tasks.index(task) if task in self.tasks else -1
-            is_online[b] = source == SOURCE_ONLINE
-        batch = {f"obs/{k}": np.stack(v).astype(np.float32) for k, v in obs.items()}
-        batch.update(action=actions, action_is_pad=pad, task_index=task_index, is_online=is_online)
+        low = {name: np.empty((B,) + v.shape[1:], np.float32) for name, v in first.low_dim.items()}
+        nxt = {name: np.empty_like(v) for name, v in low.items()} if look else {}
+        images: dict[str, list[np.ndarray]] = defaultdict(list)
+        next_images: dict[str, list[np.ndarray]] = defaultdict(list)
+        has_next = np.zeros((B,), dtype=bool)
+        meta = {k: np.zeros((B,), dtype=np.int64) for k in ("task_index", "t", "episode_len", "task_max_len")}
+        flags = {k: np.zeros((B,), dtype=bool) for k in ("is_online", "is_intervention", "success")}
+        task_ids = {task: i for i, task in enumerate(self.tasks)}
+        for b, ((seg, t, task, source), ep) in enumerate(zip(picks, episodes)):
+            lt = t - ep.offset  # index into the decoded steps
+            window = ep.action[lt:lt + H]
+            if not seg.labels_all:  # labels only while the operator drove
+                driven = ep.intervention[lt:lt + H]
+                if not driven.all():
+                    window = window[:int(np.argmin(driven))]
+            actions[b, :len(window)] = window
+            pad[b, :len(window)] = False
+            for name, values in ep.low_dim.items():
+                low[name][b] = values[lt]
+            for name, frame in ep.images_at(lt).items():
+                images[name].append(frame)
+            if look:
+                ln = min(lt + look, ep.length - 1)
+                has_next[b] = t + look < (seg.episode_len or ep.end)
+                for name, values in ep.low_dim.items():
+                    nxt[name][b] = values[ln]
+                for name, frame in ep.images_at(ln).items():
+                    next_images[name].append(frame)
+            meta["task_index"][b] = task_ids.get(task, -1)
+            meta["t"][b], meta["episode_len"][b] = t, seg.episode_len
+            meta["task_max_len"][b] = self.index.task_max_len.get(task, seg.episode_len)
+            flags["is_online"][b] = source == SOURCE_ONLINE
+            flags["is_intervention"][b] = ep.intervention[lt]
+            flags["success"][b] = seg.success
+        batch = {f"obs/{k}": v for k, v in low.items()}
+        batch.update({f"obs/{k}": np.stack(v) for k, v in images.items()})
+        if look:
+            batch.update({f"next/{k}": v for k, v in nxt.items()}, has_next=has_next)
+            batch.update({f"next/{k}": np.stack(v) for k, v in next_images.items()})
+        batch.update(action=actions, action_is_pad=pad, **meta, **flags)
         return batch
 
 

@@ -1,31 +1,50 @@
-"""The trainer process: sample from Redis, update the policy, publish versions.
+"""The trainer process: sample from Redis, update the policy, publish versions, checkpoint.
 
 It meets the gateway only in Redis (the buffer, the version pointer) and the
-policy store directory. Start-up: resume the newest published version if there
-is one; otherwise build the policy from the robots' registered schema,
-normalise with statistics of the offline data, behaviour-clone on it for
-``seed_bc_steps`` and publish version 1, so robots start weak but not random.
+policy store directory. Start-up takes the first of:
+
+1. the newest complete checkpoint in ``checkpoint_dir`` (unless ``fresh``):
+   weights, optimizer, step counters, sampler and RNG states, version counter;
+2. the newest published version: its weights, with a new optimizer;
+3. a new policy built from the robots' registered schema, normalised with
+   statistics of the offline data, behaviour-cloned on it for ``seed_bc_steps``
+   and published, so robots start weak but not random.
+
+The sampler's index is not checkpointed: it is rebuilt from Redis on start, so
+a restarted trainer trains on everything stored, including what robots sent
+while it was down. Checkpoints are written every ``checkpoint_every_steps`` /
+``checkpoint_every_s`` and when stopped (``stop`` set, e.g. by SIGTERM: the
+current optimizer step finishes, then the checkpoint is written).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
-import redis as redis_lib
+from redis.exceptions import RedisError
 
-from cloud.algorithms.base import ALGORITHMS
+from cloud import fleet_metrics
+from cloud.algorithms.base import algorithm_class
 from cloud.buffer import SOURCE_OFFLINE, RobotKeys
+from cloud.distributed import Distributed
+from cloud.checkpoints import Checkpoint, CheckpointDir, CheckpointSchedule, capture_rng, restore_rng
 from cloud.policy_store import PolicyStore
+from cloud.rate_limiter import SampleToInsertRatio
 from cloud.publisher import Publisher
 from cloud.sampler import LabeledIndex, Prefetcher, Sampler
 from fleet import metrics
-from fleet.config import TrainerConfig
+from cloud.trainer_config import TrainerConfig
 from fleet.convert import decode_step
+from fleet.errors import ConfigError
 from fleet.policies import FleetPolicy, NormStats, build_policy, set_torch_threads
+from fleet.redis_client import connect
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +57,14 @@ class TrainerState:
     version: int = 0
     samples: int = 0
     last_loss: float = float("nan")
+
+
+def checkpoint_dir_for(cfg: TrainerConfig) -> Path:
+    """``cfg.checkpoint_dir``, or ``<policy_dir>-checkpoints`` (one per policy line, e.g. per embodiment)."""
+    if cfg.checkpoint_dir:
+        return Path(cfg.checkpoint_dir)
+    policy_dir = Path(cfg.policy_dir)
+    return policy_dir.with_name(f"{policy_dir.name}-checkpoints")
 
 
 def offline_stats(redis, index: LabeledIndex, max_steps: int = 20000) -> NormStats | None:
@@ -61,21 +88,35 @@ def offline_stats(redis, index: LabeledIndex, max_steps: int = 20000) -> NormSta
 
 
 class Trainer:
-    def __init__(self, cfg: TrainerConfig, stop: threading.Event | None = None):
+    def __init__(self, cfg: TrainerConfig, stop: threading.Event | None = None, fresh: bool = False):
         self.cfg = cfg
         self.stop = stop or threading.Event()
-        self.redis = redis_lib.Redis.from_url(cfg.redis_url, socket_timeout=30)
-        self.store = PolicyStore(cfg.policy_dir, self.redis)
-        self.publisher = Publisher(self.store, cfg.publish_every_steps, cfg.publish_every_s)
+        self.dist = Distributed.from_env(cfg.distributed_strategy)  # torchrun: DDP/FSDP; otherwise a no-op
+        self.dist.start(cfg.policy.device)
+        self.stop = self.dist.local_stop(self.stop)  # ranks > 0 stop when rank 0 does
+        self.fresh = fresh
+        self.redis = connect(cfg.redis_url, socket_timeout=30)  # redis:// or redis+cluster://
+        self.store = PolicyStore(cfg.policy_dir, self.redis, embodiment=cfg.embodiment)
+        self.publisher = Publisher(self.store, cfg.publish_every_steps, cfg.publish_every_s,
+                                   cfg.publish_full_every_versions)
+        self.checkpoints = CheckpointDir(checkpoint_dir_for(cfg), cfg.keep_checkpoints)
+        self.schedule = CheckpointSchedule(cfg.checkpoint_every_steps, cfg.checkpoint_every_s)
         self.state = TrainerState()
         self.policy: FleetPolicy | None = None
         self.algorithm = None
         self.sampler: Sampler | None = None
+        self.rate_limiter = SampleToInsertRatio.from_config(cfg.rate_limit)
+        """Holds the update-to-data ratio in the online phase (None: no limit)."""
+        self.resumed_from = ""
+        """Where this run started: a checkpoint directory, "published vN" or "new policy"."""
+        self.resumed_step = 0
+        self._status_due = True
+        self._started_s = time.time()
 
     # --- start-up -------------------------------------------------------------------
 
     def _wait_for_data(self) -> LabeledIndex:
-        index = LabeledIndex()
+        index = LabeledIndex(embodiment=self.cfg.embodiment)
         while not self.stop.is_set():
             index.refresh(self.redis)
             if index.robots and index.count() >= self.cfg.min_labeled_steps:
@@ -85,53 +126,156 @@ class Trainer:
         raise InterruptedError("stopped while waiting for data")
 
     def _init_policy(self) -> None:
-        latest = self.store.latest_version()
+        latest = 0 if self.fresh else self.store.latest_version()
         if latest:
             manifest = self.store.manifest(latest)
             self.policy = FleetPolicy.from_manifest(manifest.config, self.store.tensors(latest), version=latest)
-            log.info("resuming from published policy v%d", latest)
+            log.info("no checkpoint in %s: resuming the weights of published v%d (new optimizer)",
+                     self.checkpoints.root, latest)
             self.state.version = latest
+            self.resumed_from = f"published v{latest}"
             return
         index = self._wait_for_data()
         schema = index.schema()
         stats = offline_stats(self.redis, index)
-        self.policy = build_policy(self.cfg.policy, schema, self.cfg.tasks, stats=stats, seed=self.cfg.seed)
+        policy_cfg = algorithm_class(self.cfg.algorithm).policy_config(self.cfg.policy, self.cfg)
+        self.policy = build_policy(policy_cfg, schema, self.cfg.tasks, stats=stats, seed=self.cfg.seed)
+        self.resumed_from = "new policy"
         log.info("built a new %s policy for %d tasks (%s)", self.cfg.policy.type, len(self.cfg.tasks),
                  "normalised on offline data" if stats else "no offline data for normalisation")
 
     def setup(self) -> None:
         set_torch_threads(self.cfg.torch_threads)
-        self._init_policy()
-        self.algorithm = ALGORITHMS[self.cfg.algorithm](self.policy)
+        if self.fresh and self.dist.checkpoints_here:  # one rank moves them; every rank starts fresh
+            self.checkpoints.set_aside()
+        checkpoint = None if self.fresh else self.checkpoints.latest()
+        if checkpoint is not None:
+            version = int(checkpoint.state["trainer"]["version"])
+            self.policy = FleetPolicy.from_manifest(checkpoint.policy_config, checkpoint.policy_tensors, version)
+        else:
+            self._init_policy()
+        self.dist.wrap(self.policy)  # before the optimizer exists: FSDP replaces the parameters
+        self.algorithm = algorithm_class(self.cfg.algorithm).from_config(self.policy, self.cfg)
         self.sampler = Sampler(self.redis, tuple(self.policy.tasks), self.policy.config.chunk_size,
-                               self.cfg.batch_size, self.cfg.online_fraction, seed=self.cfg.seed)
+                               self.cfg.batch_size, self.cfg.online_fraction, seed=self.cfg.seed + self.dist.rank,
+                               spec=self.algorithm.data, config=self.cfg.sampler, embodiment=self.cfg.embodiment)
+        metrics.init_trainer(self.sampler.tasks)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    # --- checkpoints ----------------------------------------------------------------
+
+    def _checkpoint_state(self) -> dict:
+        return {
+            "trainer": asdict(self.state),
+            "publisher": self.publisher.state_dict(),
+            "algorithm": {"name": self.cfg.algorithm, "state": self.algorithm.state_dict()},
+            "embodiment": self.cfg.embodiment,
+            "sampler": self.sampler.state_dict(),
+            "rng": capture_rng(),
+            # The version counter: later versions must be above every number edges may hold.
+            "max_version": max(self.state.version, self._latest_published()),
+        }
+
+    def _latest_published(self) -> int:
+        try:
+            return self.store.latest_version()
+        except RedisError as exc:  # a checkpoint on the way out must not depend on Redis
+            log.warning("cannot read the latest policy version from Redis (%s); the checkpoint records v%d",
+                        exc, self.state.version)
+            return self.state.version
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.checkpoints_here:  # rank 0 holds the same weights and optimizer state
+            self.schedule.mark(self.state.step)
+            return None
+        t0 = time.perf_counter()
+        path = self.checkpoints.save(self.state.step, self.policy.manifest_config(), self.policy.tensors(),
+                                     self._checkpoint_state())
+        metrics.TRAINER_CHECKPOINT.observe(time.perf_counter() - t0)
+        metrics.TRAINER_LAST_CHECKPOINT.set(time.time())
+        self.schedule.mark(self.state.step)
+        return path
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.state
+        if state.get("embodiment", "") != self.cfg.embodiment:
+            raise ConfigError(f"checkpoint {checkpoint.path} belongs to embodiment {state.get('embodiment', '')!r}, "
+                              f"not {self.cfg.embodiment!r}: give each policy line its own --checkpoint-dir")
+        if state["algorithm"]["name"] != self.cfg.algorithm:
+            raise ConfigError(f"checkpoint {checkpoint.path} was trained with algorithm "
+                              f"{state['algorithm']['name']!r}, not {self.cfg.algorithm!r}; pass --fresh to start over")
+        policy_cfg = algorithm_class(self.cfg.algorithm).policy_config(self.cfg.policy, self.cfg)
+        wanted = {"policy_config": asdict(policy_cfg), "tasks": list(self.cfg.tasks)}
+        have = {k: checkpoint.policy_config.get(k) for k in wanted}
+        for part in (wanted, have):
+            (part["policy_config"] or {}).pop("device", None)
+        if wanted != have:
+            log.warning("checkpoint %s has another policy config or task list than this trainer's options; "
+                        "resuming the checkpoint's (pass --fresh to start over with the new ones)", checkpoint.path)
+        self.algorithm.load_state_dict(state["algorithm"]["state"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.publisher.load_state_dict(state["publisher"])
+        self.state = TrainerState(**state["trainer"])
+        self.store.ensure_above(int(state["max_version"]))
+        restore_rng(state["rng"])
+        self.schedule.mark(self.state.step)
+        self.resumed_from, self.resumed_step = str(checkpoint.path), checkpoint.step
+        metrics.TRAINER_LAST_CHECKPOINT.set(checkpoint.path.stat().st_mtime)
+        log.info("resumed from checkpoint %s: step %d, policy v%d", checkpoint.path, self.state.step,
+                 self.state.version)
+
+    def _after_step(self) -> None:
+        if self.schedule.due(self.state.step):
+            self.save_checkpoint()
 
     # --- main loop ------------------------------------------------------------------
 
     def _update(self, batch) -> dict[str, float]:
-        stats = self.algorithm.update(batch)
+        t0 = time.perf_counter()
+        result = self.algorithm.update(batch)
+        stats = result.stats
+        self.sampler.observe_losses(batch, result.sample_losses)
+        if self.rate_limiter is not None:
+            self.rate_limiter.sample(len(batch["task_index"]))
         self.state.step += 1
         self.state.samples += len(batch["task_index"])
         self.state.last_loss = stats.get("loss/bc", float("nan"))
-        metrics.TRAINER_STEPS.inc()
-        metrics.TRAINER_SAMPLES.inc(len(batch["task_index"]))
-        for key, value in stats.items():
-            if key.startswith("loss/"):
-                metrics.TRAINER_LOSS.labels(term=key[5:]).set(value)
+        metrics.record_update(batch, self.sampler.tasks, stats, result.sample_losses, time.perf_counter() - t0)
         return stats
 
+    def _next_batch(self, prefetch: Prefetcher) -> dict[str, np.ndarray] | None:
+        """The next batch, or None once ``stop`` is set (so a stop never waits on a slow sample)."""
+        batch = None
+        while batch is None and not self.stop.is_set():
+            try:
+                batch = prefetch.get(timeout_s=0.5)
+            except queue.Empty:
+                continue
+        return None if self.dist.stop_agreed(batch is None) else batch  # torchrun: rank 0 decides
+
     def _publish(self) -> None:
-        manifest = self.publisher.publish(self.policy, self.state.step)
+        with self.dist.full_policy(self.policy) as policy:  # FSDP: every rank gathers here
+            if not self.dist.is_main:  # only rank 0 publishes; the others keep its schedule
+                self.publisher.load_state_dict({"last_step": self.state.step})
+                self.state.version = self.state.version or 1
+                return
+            manifest = self.publisher.publish(policy, self.state.step)
         self.state.version = manifest.version
         log.info("step %d: published v%d (loss %.4f)", self.state.step, manifest.version, self.state.last_loss)
 
     def _write_status(self, samples_per_s: float) -> None:
+        if not self.dist.is_main:
+            return
         self.redis.hset(TRAINER_STATUS_KEY, mapping={
             "step": self.state.step, "version": self.state.version, "loss": self.state.last_loss,
-            "samples_per_s": samples_per_s, "updated_s": time.time()})
+            "samples_per_s": samples_per_s, "updated_s": time.time(), "pid": os.getpid(),
+            "resumed_from": self.resumed_from, "resumed_step": self.resumed_step, "started_s": self._started_s,
+            "checkpoint_step": self.schedule.last_step,
+            "labeled_steps": self.sampler.index.count()})
 
     def seed_bc(self) -> None:
-        """Behaviour cloning on offline demonstrations, then publish the first version."""
+        """Behaviour cloning on offline demonstrations up to step ``seed_bc_steps``, then publish."""
         if self.state.version or not self.cfg.seed_bc_steps:
             return
         self.sampler.refresh()
@@ -140,24 +284,29 @@ class Trainer:
             return
         prefetch = Prefetcher(self.sampler, only_source=SOURCE_OFFLINE)
         try:
-            for _ in range(self.cfg.seed_bc_steps):
-                if self.stop.is_set():
+            while self.state.step < self.cfg.seed_bc_steps:
+                batch = self._next_batch(prefetch)
+                if batch is None:
                     return
-                self._update(prefetch.get())
+                self._update(batch)
+                if self._status_due:
+                    self._write_status(0.0)
+                    self._status_due = False
+                self._after_step()
         finally:
             prefetch.close()
         self._publish()
 
-    def run(self) -> TrainerState:
-        """Train until stopped or ``max_steps``; returns the final state."""
-        self.setup()
-        self.seed_bc()
-        if self.stop.is_set():
-            return self.state
-        if not self.state.version:
-            self._publish()  # robots need something to act with
+    def _inserted_steps(self) -> int:
+        """Refresh the sampler's index; the online steps stored so far (the rate limiter's inserts)."""
         self.sampler.refresh()
-        prefetch = Prefetcher(self.sampler)
+        return self.sampler.index.online_steps
+
+    def _train(self) -> None:
+        self.sampler.refresh()
+        if self.rate_limiter is not None:
+            self.rate_limiter.set_inserted(self.sampler.index.online_steps)
+        prefetch = Prefetcher(self.sampler, self.cfg.sampler.prefetch_depth)
         last_refresh = last_status = time.monotonic()
         window_samples, window_start = 0, time.monotonic()
         try:
@@ -167,18 +316,47 @@ class Trainer:
                 now = time.monotonic()
                 if now - last_refresh > self.cfg.refresh_interval_s:
                     self.sampler.refresh()
-                    for source in ("online", "offline"):
-                        metrics.TRAINER_BUFFER_LABELED.labels(source=source).set(self.sampler.index.count(source))
+                    metrics.record_sampler({key: len(pool) for key, pool in self.sampler.index.pools.items()},
+                                           {task: self.sampler.online_share(task) for task in self.sampler.tasks})
                     last_refresh = now
-                batch = prefetch.get()
+                if self.rate_limiter is not None and not self.rate_limiter.wait(
+                        self.cfg.batch_size, self._inserted_steps, self.stop, self.cfg.refresh_interval_s):
+                    break
+                batch = self._next_batch(prefetch)
+                if batch is None:
+                    break
                 self._update(batch)
                 window_samples += len(batch["task_index"])
                 if self.publisher.due(self.state.step):
                     self._publish()
-                if now - last_status > 1.0:
+                if self._status_due or now - last_status > 1.0:
                     self._write_status(window_samples / max(now - window_start, 1e-6))
                     window_samples, window_start, last_status = 0, now, now
+                    self._status_due = False
+                self._after_step()
         finally:
             prefetch.close()
+
+    def run(self) -> TrainerState:
+        """Train until stopped or ``max_steps``, then checkpoint; returns the final state.
+
+        A crash (an exception) writes no checkpoint: the next start resumes from the last one."""
+        if self.dist.is_main:  # the fleet-level series (cloud/fleet_metrics.py) on this process's /metrics
+            fleet_metrics.install(self.cfg.redis_url)
+        if self.policy is None:
+            self.setup()
+        self.seed_bc()
+        if not self.stop.is_set():
+            if not self.state.version:
+                self._publish()  # robots need something to act with
+            self._train()
+        if self.state.step > self.schedule.last_step:
+            self.save_checkpoint()
+        try:
+            self._write_status(0.0)
+        except RedisError as exc:
+            log.warning("cannot write the final trainer status to Redis: %s", exc)
         log.info("trainer stopped at step %d (v%d)", self.state.step, self.state.version)
+        self.dist.close()
+        fleet_metrics.uninstall()
         return self.state

@@ -13,6 +13,7 @@ version from the cloud.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -21,19 +22,26 @@ from pathlib import Path
 
 from edge.client import FleetClient
 from edge.hotswap import PolicySlot
+from edge.images import ImageEncodingSink
 from edge.loop import ControlLoop, LoopConfig
 from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
 from edge.robots.base import make_robot
 from edge.spool import Spool
 from edge.streamer import Streamer
 from edge.updater import LastGood, Updater
+from edge.watchdog import Watchdog, notify
 from fleet import PROTOCOL_VERSION, __version__, metrics
-from fleet.config import DEFAULT_TASKS, _require
+from fleet.config import DEFAULT_TASKS, ClientSecurity, _require
+from fleet.errors import ConfigError
 from fleet.policies.base import NullPolicy
 from fleet.types import EpisodeSummary, RobotInfo
 from fleet.weights import Manifest
 
 log = logging.getLogger(__name__)
+
+BACKENDS = ("metaworld", "lerobot", "ros2")
+BACKEND_SECTIONS = ("lerobot", "ros2")
+"""Config-file sections handed to a backend as they are (not flattened into --options)."""
 
 
 @dataclass(frozen=True)
@@ -45,13 +53,21 @@ class EdgeConfig:
     gateway: str = "127.0.0.1:50051"
     """host:port of the cloud gateway (or its load balancer)."""
     backend: str = "metaworld"
-    """Robot backend: metaworld (simulation)."""
+    """Robot backend: metaworld (simulation), lerobot (a LeRobot robot + teleoperator), ros2 (rclpy node)."""
+    lerobot: dict = field(default_factory=dict)
+    """backend=lerobot: {"robot": {"type": "so101_follower", ...}, "teleop": {...}, ...} (docs/robots.md)."""
+    ros2: dict = field(default_factory=dict)
+    """backend=ros2: topics, joint names, cameras, action message type (docs/robots.md)."""
+    image_encoding: str = "jpeg"
+    """How camera frames travel and are stored: jpeg (small, lossy) or png (lossless)."""
     tasks: tuple[str, ...] = DEFAULT_TASKS
     """Tasks this robot does (language instructions, or MetaWorld env names)."""
     state_dir: str = "runs/default/edge/robot-0"
     """Where the spool and the last good policy live on the robot's disk."""
     spool_max_bytes: int = 256 * 1024 * 1024
     """Spool bound; when full, oldest non-intervention steps are dropped first."""
+    spool_synchronous: str = "NORMAL"
+    """Spool durability: NORMAL survives a crash of the edge process (kill -9), FULL also a power loss."""
     control_hz: float = 20.0
     """Control rate, ticks per second (held in real time)."""
     max_episode_steps: int = 150
@@ -59,7 +75,7 @@ class EdgeConfig:
     eval_every: int = 3
     """Every Nth episode runs without the operator to measure autonomous success (0 = never)."""
     operator: bool = True
-    """Run the simulated human operator (HG-DAgger interventions)."""
+    """Interventions on: the simulated operator (metaworld) or the teleoperator / intervention topic."""
     operator_config: OperatorConfig = field(default_factory=OperatorConfig)
     """Gating rule of the simulated operator."""
     seed: int = 0
@@ -74,13 +90,36 @@ class EdgeConfig:
     """Port for Prometheus /metrics (0 = off)."""
     torch_threads: int = 1
     """torch.set_num_threads for policy inference."""
+    security: ClientSecurity = field(default_factory=ClientSecurity)
+    """TLS/mutual TLS files and the robot's token file (see docs/deploy.md)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.robot_id), "robot_id must not be empty")
         _require(":" in self.gateway, f"gateway must be host:port, got {self.gateway!r}")
-        _require(self.backend in ("metaworld",), f"backend must be metaworld, got {self.backend!r}")
+        _require(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("lerobot", "ros2"):
+            section = getattr(self, name)
+            if isinstance(section, str):  # given on the command line as JSON
+                try:
+                    object.__setattr__(self, name, json.loads(section) if section else {})
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{name} must be a JSON object, got {section!r}: {e}") from None
+            _require(isinstance(getattr(self, name), dict), f"{name} must be a JSON object, got {section!r}")
+        _require(self.backend != "lerobot" or "robot" in self.lerobot,
+                 'backend=lerobot needs a "lerobot" section with a "robot" config (docs/robots.md)')
+        _require(self.image_encoding in ("jpeg", "png"),
+                 f"image_encoding must be jpeg or png, got {self.image_encoding!r}")
         _require(self.spool_max_bytes > 0, f"spool_max_bytes ({self.spool_max_bytes}) must be > 0")
+        _require(self.spool_synchronous in ("NORMAL", "FULL"),
+                 f"spool_synchronous must be NORMAL or FULL, got {self.spool_synchronous!r}")
         _require(self.duration_s >= 0, f"duration_s ({self.duration_s}) must be >= 0")
+
+
+def _robot_args(cfg: EdgeConfig) -> dict:
+    """Constructor arguments of the configured backend."""
+    if cfg.backend == "metaworld":
+        return {"tasks": cfg.tasks, "seed": cfg.seed, "max_episode_steps": cfg.max_episode_steps}
+    return {"tasks": cfg.tasks, "config": getattr(cfg, cfg.backend)}
 
 
 def build_fleet_policy(manifest: Manifest, tensors):
@@ -97,26 +136,43 @@ class EdgeAgent:
         self.cfg = cfg
         state = Path(cfg.state_dir)
         state.mkdir(parents=True, exist_ok=True)
-        self.robot = make_robot(cfg.backend, tasks=cfg.tasks, seed=cfg.seed, max_episode_steps=cfg.max_episode_steps)
+        self.robot = make_robot(cfg.backend, **_robot_args(cfg))
         self.info = RobotInfo(robot_id=cfg.robot_id, embodiment=self.robot.embodiment, schema=self.robot.schema,
                               tasks=tuple(self.robot.tasks), protocol_version=PROTOCOL_VERSION,
                               software_version=__version__)
-        self.spool = Spool(state / "spool.db", self.robot.schema, max_bytes=cfg.spool_max_bytes)
-        self.client = FleetClient(cfg.gateway)
+        self.spool = Spool(state / "spool.db", self.robot.schema, max_bytes=cfg.spool_max_bytes,
+                           synchronous=cfg.spool_synchronous)
+        self.client = FleetClient(cfg.gateway, security=cfg.security)
         self.streamer = Streamer(self.info, self.spool, self.client)
         self.last_good = LastGood(state / "policy")
         self.slot = PolicySlot(self._initial_policy())
         self.updater = Updater(cfg.robot_id, self.client, self.slot, build_fleet_policy, self.last_good,
                                self.robot.schema, probe_task=self.robot.tasks[0],
                                have_version=self.slot.current.version)
-        operator = SimulatedOperator(cfg.operator_config) if cfg.operator else NoOperator()
-        self.loop = ControlLoop(cfg.robot_id, self.robot, self.slot, operator, self.spool,
+        if not cfg.operator:
+            operator = NoOperator()
+        elif cfg.backend == "metaworld":
+            operator = SimulatedOperator(cfg.operator_config)
+        else:  # the robot's own intervention source: a teleoperator or an intervention topic
+            operator = self.robot.make_operator()
+        sink = ImageEncodingSink(self.spool, self.robot.schema, cfg.image_encoding)
+        self.loop = ControlLoop(cfg.robot_id, self.robot, self.slot, operator, sink,
                                 LoopConfig(control_hz=cfg.control_hz, max_episode_steps=cfg.max_episode_steps,
                                            eval_every=cfg.eval_every, seed=cfg.seed),
                                 on_episode_end=self._on_episode_end)
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._last_counts = (0, 0, 0)
+        self.watchdog = Watchdog(self._healthy)
+        self._watchdog_steps = -1
+
+    def _healthy(self) -> bool:
+        """For the systemd watchdog: the control loop, once started, is alive and still stepping."""
+        if not self.loop.running:
+            return self.slot.current.version == 0 and not self._stop.is_set()  # still waiting for a policy
+        steps = self.loop.stats().steps
+        progressed, self._watchdog_steps = steps != self._watchdog_steps, steps
+        return progressed
 
     def _initial_policy(self):
         loaded = self.last_good.load()
@@ -131,13 +187,11 @@ class EdgeAgent:
         if summary.evaluation:
             outcome = f"eval_{outcome}"
         metrics.EDGE_EPISODES.labels(robot=self.cfg.robot_id, task=task, outcome=outcome).inc()
-        metrics.EDGE_STEPS.labels(robot=self.cfg.robot_id, task=task).inc(summary.num_steps)
-        metrics.EDGE_INTERVENTION_STEPS.labels(robot=self.cfg.robot_id, task=task).inc(summary.intervention_steps)
-        metrics.EDGE_INTERVENTIONS.labels(robot=self.cfg.robot_id, task=task).inc(summary.interventions)
         metrics.EDGE_POLICY_VERSION.labels(robot=self.cfg.robot_id).set(self.slot.current.version)
 
     def _heartbeat_loop(self) -> None:
         last_steps, last_t = 0, time.monotonic()
+        dropped_seen = self.spool.dropped_steps
         while not self._stop.wait(self.cfg.heartbeat_interval_s):
             stats = self.loop.stats()
             now = time.monotonic()
@@ -147,6 +201,9 @@ class EdgeAgent:
             metrics.EDGE_SPOOL_STEPS.labels(robot=self.cfg.robot_id).set(steps)
             metrics.EDGE_SPOOL_BYTES.labels(robot=self.cfg.robot_id).set(nbytes)
             metrics.EDGE_POLICY_VERSION.labels(robot=self.cfg.robot_id).set(self.slot.current.version)
+            dropped = self.spool.dropped_steps
+            metrics.EDGE_SPOOL_DROPPED.labels(robot=self.cfg.robot_id).inc(max(dropped - dropped_seen, 0))
+            dropped_seen = dropped
             try:
                 self.client.heartbeat(self.cfg.robot_id, self.slot.current.version, steps, nbytes, "running",
                                       stats.current_task, rate,
@@ -163,6 +220,9 @@ class EdgeAgent:
         self.streamer.start()
         self.updater.start()
         self._heartbeat.start()
+        notify("READY=1\nSTATUS=connecting; waiting for a policy" if self.slot.current.version == 0
+               else "READY=1")
+        self.watchdog.start()
         if self.slot.current.version == 0:
             log.info("robot %s: waiting for a first policy from %s", self.cfg.robot_id, self.cfg.gateway)
             deadline = time.monotonic() + self.cfg.first_policy_timeout_s
@@ -173,12 +233,15 @@ class EdgeAgent:
                     raise TimeoutError(f"no policy from {self.cfg.gateway} within {self.cfg.first_policy_timeout_s}s")
             self.slot.swap_if_pending()
         self.loop.start()
+        notify(f"STATUS=control loop running with policy v{self.slot.current.version}")
         log.info("robot %s: control loop running at %.0f Hz with policy v%d", self.cfg.robot_id,
                  self.cfg.control_hz, self.slot.current.version)
 
     def stop(self, drain_timeout_s: float = 5.0) -> None:
         """Reverse build order: loop, then wait (bounded) for acks, then network, then robot."""
         self._stop.set()
+        notify("STOPPING=1")
+        self.watchdog.stop()
         if self.loop.running:
             self.loop.stop()
         seq = self.spool.last_seq()

@@ -6,10 +6,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
+from fleet.config import ClientSecurity
 from fleet.convert import robot_info_to_pb
+from fleet.tokens import read_token_file
 from fleet.types import RobotInfo
 from fleet.v1 import fleet_pb2 as pb
 from fleet.v1 import fleet_pb2_grpc as pb_grpc
@@ -56,17 +59,67 @@ class PolicyTrailerEvent:
     sha256: str
 
 
+def _channel(target: str, security: ClientSecurity) -> grpc.Channel:
+    """TLS (mutual TLS with cert_file) when ``ca_file`` is set, else plaintext."""
+    if not security.ca_file:
+        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(security.ca_file).read_bytes(),
+        private_key=Path(security.key_file).read_bytes() if security.key_file else None,
+        certificate_chain=Path(security.cert_file).read_bytes() if security.cert_file else None)
+    options = list(CHANNEL_OPTIONS)
+    if security.server_name:
+        options.append(("grpc.ssl_target_name_override", security.server_name))
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _tag(field: str) -> bytes:
+    return _varint(pb.Chunk.DESCRIPTOR.fields_by_name[field].number << 3 | 2)  # wire type 2: length-delimited
+
+
+_STEPS_TAG, _END_TAG = _tag("steps"), _tag("episode_end")
+
+
+def encode_chunk(robot_id: str, episode_id: str, task: str, step_blobs: list[bytes], evaluation: bool,
+                 gap_declared: bool, end_blob: bytes | None) -> bytes:
+    """``fleet.v1.Chunk`` wire bytes around already-encoded steps, without parsing them: protobuf fields may
+    come in any order, so the header fields are followed by one length-delimited ``steps`` field per step."""
+    parts = [pb.Chunk(robot_id=robot_id, episode_id=episode_id, task=task, evaluation=evaluation,
+                      gap_declared=gap_declared).SerializeToString()]
+    for blob in step_blobs:
+        parts += (_STEPS_TAG, _varint(len(blob)), blob)
+    if end_blob is not None:
+        parts += (_END_TAG, _varint(len(end_blob)), end_blob)
+    return b"".join(parts)
+
+
 class FleetClient:
     """One channel to one gateway target (a load-balanced address for several replicas)."""
 
-    def __init__(self, target: str, rpc_timeout_s: float = 10.0):
+    def __init__(self, target: str, rpc_timeout_s: float = 10.0, security: ClientSecurity | None = None):
         self.target = target
         self.rpc_timeout_s = rpc_timeout_s
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        security = security or ClientSecurity()
+        self._channel = _channel(target, security)
         self._stub = pb_grpc.FleetServiceStub(self._channel)
+        self._stream_bytes = self._channel.stream_stream(  # chunks go out as encode_chunk made them
+            "/fleet.v1.FleetService/StreamExperience", request_serializer=None,
+            response_deserializer=pb.Ack.FromString)
+        token = read_token_file(security.token_file) if security.token_file else ""
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def register(self, info: RobotInfo) -> Registration:
-        resp = self._stub.Register(robot_info_to_pb(info), timeout=self.rpc_timeout_s, wait_for_ready=False)
+        resp = self._stub.Register(robot_info_to_pb(info), timeout=self.rpc_timeout_s, wait_for_ready=False,
+                                   metadata=self._metadata)
         return Registration(resp.last_acked_seq, resp.latest_policy_version, resp.gateway_id)
 
     def heartbeat(self, robot_id: str, policy_version: int, spool_steps: int, spool_bytes: int, state: str,
@@ -74,16 +127,22 @@ class FleetClient:
         resp = self._stub.Heartbeat(pb.HeartbeatRequest(
             robot_id=robot_id, policy_version=policy_version, spool_steps=spool_steps, spool_bytes=spool_bytes,
             state=state, task=task, steps_per_s=steps_per_s, intervention_rate=intervention_rate),
-            timeout=self.rpc_timeout_s)
+            timeout=self.rpc_timeout_s, metadata=self._metadata)
         return resp.latest_policy_version
 
     def stream_experience(self, requests: Iterator[pb.Chunk]):
         """Open the bidi stream; returns the call (iterate it for acks; ``cancel()`` to end)."""
-        return self._stub.StreamExperience(requests)
+        return self._stub.StreamExperience(requests, metadata=self._metadata)
 
-    def watch_policy(self, robot_id: str, have_version: int):
+    def stream_chunks(self, requests: Iterator[bytes]):
+        """``stream_experience`` for chunks already encoded with ``encode_chunk``."""
+        return self._stream_bytes(requests, metadata=self._metadata)
+
+    def watch_policy(self, robot_id: str, have_version: int, want_full: bool = False, rejected_version: int = 0):
         """Server stream of policy events; the returned call can be cancelled."""
-        return self._stub.WatchPolicy(pb.WatchPolicyRequest(robot_id=robot_id, have_version=have_version))
+        return self._stub.WatchPolicy(pb.WatchPolicyRequest(robot_id=robot_id, have_version=have_version,
+                                                            want_full=want_full, rejected_version=rejected_version),
+                                      metadata=self._metadata)
 
     @staticmethod
     def policy_event(msg: pb.PolicyUpdate):

@@ -3,13 +3,16 @@
 The updater thread builds and validates a new policy off the control thread and
 ``offer``s it; the control loop calls ``swap_if_pending`` at an episode boundary,
 which swaps one reference and keeps the previous policy for ``rollback``
-(MLServer's "load the new model before unloading the old one").
+(MLServer's "load the new model before unloading the old one"). Rollback
+listeners (the updater) hear which version was rolled back, so that it is
+refused and no longer kept as the last good policy on disk.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from fleet.policies.base import ActingPolicy
 
@@ -24,7 +27,12 @@ class PolicySlot:
         self._current = initial
         self._pending: ActingPolicy | None = None
         self._previous: ActingPolicy | None = None
+        self._rollback_listeners: list[Callable[[int], None]] = []
         self.swapped = threading.Event()  # set after every swap; tests wait on it
+
+    def add_rollback_listener(self, listener: Callable[[int], None]) -> None:
+        """``listener(bad_version)`` runs on the rolling-back (control) thread after a rollback: keep it quick."""
+        self._rollback_listeners.append(listener)
 
     @property
     def current(self) -> ActingPolicy:
@@ -63,4 +71,9 @@ class PolicySlot:
             bad, self._current, self._previous = self._current, self._previous, None
         log.warning("rolled back policy v%d -> v%d: %s", bad.version, self._current.version, reason)
         self._current.reset()
+        for listener in self._rollback_listeners:
+            try:
+                listener(bad.version)
+            except Exception:  # noqa: BLE001 - a listener must not break the control loop
+                log.exception("rollback listener failed")
         return True

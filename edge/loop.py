@@ -27,6 +27,7 @@ import numpy as np
 from edge.hotswap import PolicySlot
 from edge.operator import NoOperator, Operator
 from edge.robots.base import Observation, Robot
+from fleet import metrics
 from fleet.errors import ConfigError
 from fleet.policies.base import ActingPolicy
 from fleet.types import EpisodeSummary, Step
@@ -160,6 +161,8 @@ class ControlLoop:
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._stats = LoopStats(recent=deque(maxlen=config.recent_episodes))
+        self._metrics = metrics.EdgeSeries(robot_id, robot.tasks)
+        metrics.EDGE_CONTROL_TARGET.labels(robot=robot_id).set(config.control_hz if config.realtime else 0)
         self._episode_number = 0  # episodes started, for eval_every and round robin
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -300,7 +303,9 @@ class ControlLoop:
     def _policy_action(self, policy: ActingPolicy, obs: Observation, ep: _Episode) -> np.ndarray:
         """The policy's action; on NaN/Inf, a wrong shape or an exception: roll back and return zeros."""
         try:
+            t0 = time.perf_counter()
             action = np.array(policy.select_action(obs.features, ep.task), dtype=self._action_dtype)
+            self._metrics.inference(time.perf_counter() - t0)
             bad = "" if action.shape == self._action_shape and np.all(np.isfinite(action)) else repr(action)
         except Exception as e:  # noqa: BLE001 - a broken policy must not stop the robot's loop
             log.exception("policy v%d failed in select_action", policy.version)
@@ -309,6 +314,7 @@ class ControlLoop:
             return action
         with self._cond:
             self._stats.bad_actions += 1
+        self._metrics.bad_action()
         if self.slot.rollback(f"policy v{policy.version} produced a bad action ({bad})"):
             log.warning(
                 "policy v%d produced a bad action; rolled back to v%d", policy.version, self.slot.current.version
@@ -371,6 +377,7 @@ class ControlLoop:
             s.interventions += int(ep.took_over)
             s.last_tick_jitter_s = jitter_s
             s.max_tick_jitter_s = max(s.max_tick_jitter_s, jitter_s)
+        self._metrics.step(ep.task, ep.was_intervening, ep.took_over, jitter_s if self.config.realtime else None)
 
     def _next_deadline(self, deadline: float) -> float:
         """The next tick's deadline on the fixed grid; skip (and count) deadlines already missed."""
@@ -380,4 +387,5 @@ class ControlLoop:
             deadline += math.ceil((now - deadline) / self._period_s) * self._period_s
             with self._cond:
                 self._stats.tick_overruns += 1
+            self._metrics.overrun()
         return deadline

@@ -1,16 +1,22 @@
 """The on-disk spool: every recorded step is durable on the robot before it is sent.
 
 SQLite in WAL mode, one row per step keyed by its per-robot sequence number
-(``AUTOINCREMENT``, so a number is never reused, even after rows are deleted).
-``synchronous=NORMAL`` (default) survives a crash or kill -9 of the edge process;
-``FULL`` also survives power loss at the price of an fsync per step.
+(``AUTOINCREMENT``, so a number is never reused, even after rows are deleted or
+the process is killed). ``synchronous="NORMAL"`` (default) survives a crash or
+kill -9 of the edge process (a committed row is in the OS page cache);
+``"FULL"`` also survives power loss at the price of an fsync per step.
 
 Acked rows are deleted. The spool is bounded by ``max_bytes``: when a new step
 would exceed it, the oldest *non-intervention* steps are dropped first (operator
 corrections are the scarcest data), then the oldest of any kind; the control
-loop is never blocked. Dropped steps are counted, and the gap they leave in the
-sequence is declared to the gateway (``gap_declared``) so it is not mistaken for
-lost data.
+loop is never blocked (a disk error drops the step, counted, rather than
+raising into the loop). Dropped steps are counted, and the gap they leave in
+the sequence is declared to the gateway (``gap_declared``) so it is not taken
+for lost data.
+
+Steps the gateway refuses as invalid (INVALID_ARGUMENT, or NOT_FOUND again and
+again) are *quarantined*: moved to their own table, kept for inspection (up to
+``quarantine_max_bytes``, newest kept), counted, and never resent.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +33,7 @@ from fleet.types import EpisodeSummary, Schema, Step
 
 log = logging.getLogger(__name__)
 
+_COLUMNS = "seq, episode_id, task, evaluation, intervention, blob, end_blob, nbytes"
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS steps (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -36,6 +44,19 @@ CREATE TABLE IF NOT EXISTS steps (
     blob BLOB NOT NULL,
     end_blob BLOB,
     nbytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    seq INTEGER PRIMARY KEY,
+    episode_id TEXT NOT NULL,
+    task TEXT NOT NULL,
+    evaluation INTEGER NOT NULL,
+    intervention INTEGER NOT NULL,
+    blob BLOB NOT NULL,
+    end_blob BLOB,
+    nbytes INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined_s REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -53,94 +74,130 @@ class SpoolBatch:
     step_blobs: list[bytes]
     end_blob: bytes | None
 
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.step_blobs) + len(self.end_blob or b"")
+
+
+@dataclass(frozen=True)
+class QuarantinedStep:
+    seq: int
+    episode_id: str
+    code: str
+    reason: str
+    blob: bytes
+
 
 class Spool:
     """Durable FIFO of encoded steps. ``record`` from the control thread; the rest from the streamer."""
 
     def __init__(self, path: str | Path, schema: Schema | None = None, max_bytes: int = 512 * 1024 * 1024,
-                 synchronous: str = "NORMAL"):
+                 synchronous: str = "NORMAL", quarantine_max_bytes: int = 64 * 1024 * 1024):
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
         if max_bytes <= 0:
             raise ValueError(f"spool max_bytes ({max_bytes}) must be > 0")
+        if quarantine_max_bytes < 0:
+            raise ValueError(f"spool quarantine_max_bytes ({quarantine_max_bytes}) must be >= 0")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._schema = schema
         self.max_bytes = max_bytes
+        self.quarantine_max_bytes = quarantine_max_bytes
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)  # notified on record and ack
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(_SCHEMA_SQL)
-        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM steps").fetchone()
-        self._steps, self._bytes = int(row[0]), int(row[1])
+        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0), COALESCE(MAX(seq), 0) FROM steps").fetchone()
+        self._steps, self._bytes, self._max_seq = int(row[0]), int(row[1]), int(row[2])
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='steps'").fetchone()
+        self._next_seq = max(int(row[0]) if row else 0, self._max_seq) + 1
         self.dropped_steps = self._meta("dropped_steps")
+        self.quarantined_steps = self._meta("quarantined_steps")
+        self._disk_errors = 0
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return int(row[0]) if row else 0
 
+    def _set_meta_locked(self, key: str, value: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
     # --- control thread -------------------------------------------------------------
 
     def record(self, episode_id: str, task: str, evaluation: bool, step: Step,
                episode_end: EpisodeSummary | None) -> int:
-        """Append a step durably; returns the sequence number it was given (StepSink)."""
+        """Append a step durably; returns its sequence number (0 if a disk error dropped it) (StepSink)."""
         end_blob = encode_summary(episode_end) if episode_end is not None else None
         with self._lock:
-            cur = self._db.execute("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name='steps'), 0)")
-            step.seq = int(cur.fetchone()[0]) + 1
+            step.seq = self._next_seq
             blob = encode_step(step, self._schema)
             nbytes = len(blob) + (len(end_blob) if end_blob else 0)
-            if self._bytes + nbytes > self.max_bytes:
-                self._drop_locked(self._bytes + nbytes - self.max_bytes)
-            self._db.execute(
-                "INSERT INTO steps (seq, episode_id, task, evaluation, intervention, blob, end_blob, nbytes) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (step.seq, episode_id, task, int(evaluation), int(step.is_intervention), blob, end_blob, nbytes))
+            try:
+                if self._bytes + nbytes > self.max_bytes:
+                    self._drop_locked(self._bytes + nbytes - self.max_bytes)
+                self._db.execute(
+                    f"INSERT INTO steps ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (step.seq, episode_id, task, int(evaluation), int(step.is_intervention), blob, end_blob, nbytes))
+            except sqlite3.Error as exc:  # disk full or failing: drop this step, keep the robot running
+                self._disk_errors += 1
+                self.dropped_steps += 1
+                if self._disk_errors in (1, 10, 100) or self._disk_errors % 1000 == 0:
+                    log.error("spool %s: cannot store step (%s); %d steps lost to disk errors so far",
+                              self.path, exc, self._disk_errors)
+                step.seq = 0
+                return 0
+            self._next_seq += 1
+            self._max_seq = step.seq
             self._steps += 1
             self._bytes += nbytes
             self.changed.notify_all()
             return step.seq
 
     def _drop_locked(self, need_bytes: int) -> None:
-        """Free at least ``need_bytes`` (plus 10% headroom): non-intervention steps first."""
-        target = need_bytes + self.max_bytes // 10
+        """Free at least ``need_bytes`` (plus 1% headroom): oldest non-intervention steps first."""
+        target = need_bytes + self.max_bytes // 100
         freed = dropped = 0
-        for only_autonomous in (True, False):
-            where = "WHERE intervention = 0" if only_autonomous else ""
-            rows = self._db.execute(f"SELECT seq, nbytes FROM steps {where} ORDER BY seq").fetchall()
-            victims = []
-            for seq, nbytes in rows:
+        for where in ("intervention = 0", "1 = 1"):
+            last = None
+            for seq, nbytes in self._db.execute(f"SELECT seq, nbytes FROM steps WHERE {where} ORDER BY seq"):
                 if freed >= target:
                     break
-                victims.append((seq,))
-                freed += nbytes
-            if victims:
-                self._db.executemany("DELETE FROM steps WHERE seq = ?", victims)
-                dropped += len(victims)
+                last, freed, dropped = seq, freed + nbytes, dropped + 1
+            if last is not None:
+                self._db.execute(f"DELETE FROM steps WHERE {where} AND seq <= ?", (last,))
             if freed >= target:
                 break
         self._steps -= dropped
         self._bytes -= freed
+        self._max_seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM steps").fetchone()[0]
         self.dropped_steps += dropped
-        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dropped_steps', ?)",
-                         (self.dropped_steps,))
-        log.warning("spool full (%d bytes max): dropped %d steps", self.max_bytes, dropped)
+        self._set_meta_locked("dropped_steps", self.dropped_steps)
+        log.warning("spool full (%d bytes max): dropped %d oldest steps (%d dropped in total)", self.max_bytes,
+                    dropped, self.dropped_steps)
 
     # --- streamer thread -------------------------------------------------------------
 
     def ensure_after(self, seq: int) -> None:
         """Make the next assigned seq greater than ``seq`` (a spool recreated after disk loss)."""
         with self._lock:
+            if self._next_seq > seq:
+                return
             cur = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='steps'").fetchone()
             if cur is None:
                 self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('steps', ?)", (seq,))
-            elif int(cur[0]) < seq:
+            else:
                 self._db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name='steps'", (seq,))
+            self._next_seq = seq + 1
+            log.warning("spool %s: sequence numbers continue after %d (the cloud has more than this spool)",
+                        self.path, seq)
 
     def read_after(self, seq: int, max_steps: int = 64, max_bytes: int = 4 * 1024 * 1024) -> SpoolBatch | None:
-        """The next consecutive run of one episode's steps with seq > ``seq`` (None if none)."""
+        """The next consecutive run of one episode's steps with seq > ``seq`` (None if none).
+
+        The batch holds at least one step, and more only while it stays within ``max_bytes``."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, episode_id, task, evaluation, blob, end_blob, nbytes FROM steps WHERE seq > ? "
@@ -171,6 +228,52 @@ class Spool:
                 self._bytes -= int(row[1])
             self.changed.notify_all()
 
+    def quarantine(self, first_seq: int, last_seq: int, code: str, reason: str) -> int:
+        """Move steps ``first_seq..last_seq`` out of the send queue into the quarantine; returns how many."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM steps WHERE seq BETWEEN ? AND ?",
+                                       (first_seq, last_seq)).fetchone()
+                moved, nbytes = int(row[0]), int(row[1])
+                self._db.execute(
+                    f"INSERT OR REPLACE INTO quarantine ({_COLUMNS}, code, reason, quarantined_s) "
+                    f"SELECT {_COLUMNS}, ?, ?, ? FROM steps WHERE seq BETWEEN ? AND ?",
+                    (code, reason[:2000], time.time(), first_seq, last_seq))
+                self._db.execute("DELETE FROM steps WHERE seq BETWEEN ? AND ?", (first_seq, last_seq))
+                self.quarantined_steps += moved
+                self._set_meta_locked("quarantined_steps", self.quarantined_steps)
+                self._trim_quarantine_locked()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._steps -= moved
+            self._bytes -= nbytes
+            self._max_seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM steps").fetchone()[0]
+            self.changed.notify_all()
+        log.error("spool %s: quarantined %d steps (seq %d..%d) refused with %s: %s", self.path, moved, first_seq,
+                  last_seq, code, reason)
+        return moved
+
+    def _trim_quarantine_locked(self) -> None:
+        total = self._db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM quarantine").fetchone()[0]
+        if total <= self.quarantine_max_bytes:
+            return
+        cut, freed = None, 0
+        for seq, nbytes in self._db.execute("SELECT seq, nbytes FROM quarantine ORDER BY seq"):
+            if total - freed <= self.quarantine_max_bytes:
+                break
+            cut, freed = seq, freed + nbytes
+        if cut is not None:
+            self._db.execute("DELETE FROM quarantine WHERE seq <= ?", (cut,))
+
+    def quarantined(self) -> list[QuarantinedStep]:
+        """The steps kept in quarantine, oldest first (for inspection)."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, episode_id, code, reason, blob FROM quarantine ORDER BY seq").fetchall()
+        return [QuarantinedStep(int(r[0]), r[1], r[2], r[3], bytes(r[4])) for r in rows]
+
     def backlog(self) -> tuple[int, int]:
         """(steps, bytes) not yet acked."""
         return self._steps, self._bytes
@@ -178,16 +281,17 @@ class Spool:
     def wait_for_data_after(self, seq: int, timeout_s: float) -> bool:
         """Block until a step with seq > ``seq`` exists (or timeout)."""
         with self._lock:
-            return self.changed.wait_for(lambda: self._last_seq_locked() > seq, timeout_s)
+            return self.changed.wait_for(lambda: self._steps > 0 and self._max_seq > seq, timeout_s)
 
     def last_seq(self) -> int:
         """Highest sequence number still in the spool (0 if empty)."""
         with self._lock:
-            return self._last_seq_locked()
+            return self._max_seq if self._steps else 0
 
-    def _last_seq_locked(self) -> int:
-        row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM steps").fetchone()
-        return int(row[0])
+    def assigned_seq(self) -> int:
+        """Highest sequence number ever given to a step by this spool (0 if none)."""
+        with self._lock:
+            return self._next_seq - 1
 
     def close(self) -> None:
         with self._lock:

@@ -1,11 +1,30 @@
 """Send spooled steps to the gateway and delete them once acked.
 
-One thread. Per connection: Register (deadline) tells the last seq the cloud has
-durably; the spool drops everything up to it and sending resumes after it. A
-window of unacked chunks keeps the link busy. Any error -> exponential backoff
-with full jitter, reconnect, resume from the last ack: a resent chunk is
-recognised by the gateway and not stored twice. The control loop never waits
-on any of this: it only appends to the spool.
+One thread. A *session* is Register (deadline; says which seq the cloud has
+durably, so the spool drops everything up to it) followed by one bidi stream
+that sends chunks after that seq, with a window of unacked chunks in flight.
+Acks are cumulative. When the stream ends, the status decides what happens:
+
+==================  ====================================================================
+status              what the edge does
+==================  ====================================================================
+INVALID_ARGUMENT    the first unacked chunk is poisoned: its rows (only the step named in
+                    ``fleet-bad-step-seq`` when the gateway names one) go to the spool's
+                    quarantine, never resent; sending resumes at once, declaring the gap
+NOT_FOUND           re-register at once (the cloud forgot the robot, e.g. Redis was
+                    wiped); the same chunk refused this way ``not_found_quarantine`` times
+                    in a row is quarantined
+FAILED_PRECONDITION a sequence gap: resume right after ``fleet-last-acked-seq``
+RESOURCE_EXHAUSTED  wait ``fleet-retry-after-s`` (plus jitter); without that hint the
+                    message was too large: halve the chunk size (a single step that is
+                    still too large is quarantined)
+anything else       exponential backoff with full jitter, re-register, resume
+==================  ====================================================================
+
+Resending after a reconnect is safe: the gateway recognises steps it already
+stored and acks them without a second copy. A stream with chunks in flight and
+no ack for ``ack_timeout_s`` is cancelled and reopened (a stalled gateway).
+The control loop never waits on any of this: it only appends to the spool.
 """
 
 from __future__ import annotations
@@ -14,16 +33,19 @@ import logging
 import random
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 
 import grpc
 
-from edge.client import FleetClient
+from edge.client import FleetClient, encode_chunk
 from edge.spool import Spool
 from fleet import metrics
-from fleet.convert import chunk_message
 from fleet.types import RobotInfo
 
 log = logging.getLogger(__name__)
+
+MIN_CHUNK_BYTES = 16 * 1024
 
 
 class Backoff:
@@ -43,15 +65,52 @@ class Backoff:
         self._attempt = 0
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """One chunk in flight."""
+
+    first_seq: int
+    last_seq: int
+    sent_s: float
+
+
+def _metadata(exc: grpc.RpcError) -> dict[str, str]:
+    try:
+        return {k: v for k, v in (exc.trailing_metadata() or ()) if isinstance(v, str)}
+    except Exception:  # a locally generated error may carry none
+        return {}
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 class Streamer:
+    """Streams one robot's spool to the gateway (see the module docstring for the error policy)."""
+
     def __init__(self, info: RobotInfo, spool: Spool, client: FleetClient, window_chunks: int = 8,
-                 max_chunk_steps: int = 64, flush_interval_s: float = 0.2):
+                 max_chunk_steps: int = 256, flush_interval_s: float = 0.2, max_chunk_bytes: int = 4 * 1024 * 1024,
+                 ack_timeout_s: float = 60.0, not_found_quarantine: int = 3, backoff: Backoff | None = None):
         self.info = info
         self.spool = spool
         self.client = client
         self.window_chunks = window_chunks
         self.max_chunk_steps = max_chunk_steps
         self.flush_interval_s = flush_interval_s
+        self.max_chunk_bytes = max_chunk_bytes
+        self.ack_timeout_s = ack_timeout_s
+        self.not_found_quarantine = not_found_quarantine
+        self._backoff = backoff or Backoff()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._state_lock = threading.Condition()
@@ -59,7 +118,16 @@ class Streamer:
         self.connected = threading.Event()
         self.last_ack_s = 0.0
         self.registration = None
+        self.sessions = 0
+        """Streams opened so far (reconnects + 1)."""
         self._call = None
+        self._inflight: deque[_Sent] = deque()
+        self._inflight_lock = threading.Condition()
+        self._chunk_bytes = max_chunk_bytes
+        self._resume_after: int | None = None  # set: skip Register and resume after this seq
+        self._not_found: tuple[int, int] = (0, 0)  # (first seq of the refused chunk, times in a row)
+        self._in_stream = False  # the current session got past Register
+        self._last_ack_mono = 0.0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"streamer-{self.info.robot_id}", daemon=True)
@@ -72,6 +140,8 @@ class Streamer:
             call.cancel()
         with self.spool.changed:
             self.spool.changed.notify_all()
+        with self._inflight_lock:
+            self._inflight_lock.notify_all()
         if self._thread:
             self._thread.join(timeout_s)
 
@@ -80,89 +150,181 @@ class Streamer:
         with self._state_lock:
             return self._state_lock.wait_for(lambda: self.acked_seq >= seq, timeout_s)
 
+    # --- the session loop -----------------------------------------------------------
+
     def _run(self) -> None:
-        backoff = Backoff()
         robot = self.info.robot_id
         while not self._stop.is_set():
             try:
-                self._session(backoff)
+                self._session()
+                delay = self._backoff.next_delay()  # the gateway closed the stream cleanly (shutting down)
             except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                if not self._stop.is_set():
-                    log.warning("robot %s: experience stream ended (%s: %s)", robot, code,
-                                exc.details() if hasattr(exc, "details") else exc)
+                if self._stop.is_set():
+                    break
+                delay = self._after_error(exc)
             except Exception:  # keep the robot's data flowing whatever happened; log loudly
                 log.exception("robot %s: streamer error", robot)
+                delay = self._backoff.next_delay()
             self.connected.clear()
             metrics.EDGE_CONNECTED.labels(robot=robot).set(0)
-            if self._stop.wait(backoff.next_delay()):
+            if self._stop.wait(delay):
                 break
 
-    def _session(self, backoff: Backoff) -> None:
+    def _after_error(self, exc: grpc.RpcError) -> float:
+        """Act on a failed session; returns how long to wait before the next one."""
         robot = self.info.robot_id
-        reg = self.client.register(self.info)
-        self.registration = reg
-        self.spool.ensure_after(reg.last_acked_seq)
-        self.spool.ack(reg.last_acked_seq)
-        self._set_acked(reg.last_acked_seq)
-        sent = reg.last_acked_seq
-        inflight: list[int] = []  # last seq of each unacked chunk
-        lock = threading.Condition()
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        md = _metadata(exc)
+        metrics.EDGE_STREAM_ERRORS.labels(robot=robot, code=code.name).inc()
+        with self._inflight_lock:
+            culprit = self._inflight[0] if self._inflight else None
+            self._inflight.clear()
+        in_stream, self._in_stream = self._in_stream, False
+        if code == grpc.StatusCode.INVALID_ARGUMENT and culprit is not None:
+            bad = _int(md.get("fleet-bad-step-seq"))
+            first, last = (bad, bad) if bad is not None and culprit.first_seq <= bad <= culprit.last_seq \
+                else (culprit.first_seq, culprit.last_seq)
+            self._quarantine(first, last, code, details)
+            self._resume_after = self.acked_seq
+            return 0.0
+        if code == grpc.StatusCode.NOT_FOUND:
+            if culprit is not None:
+                seq, times = self._not_found
+                times = times + 1 if seq == culprit.first_seq else 1
+                self._not_found = (culprit.first_seq, times)
+                if times >= self.not_found_quarantine:
+                    self._quarantine(culprit.first_seq, culprit.last_seq, code, details)
+                    self._not_found = (0, 0)
+            log.warning("robot %s: gateway does not know this robot (%s); registering again", robot, details)
+            self._resume_after = None
+            return 0.0 if self._not_found[1] <= 1 else self._backoff.next_delay()
+        if code == grpc.StatusCode.FAILED_PRECONDITION and in_stream and "fleet-last-acked-seq" in md:
+            last = _int(md["fleet-last-acked-seq"]) or 0
+            log.warning("robot %s: gateway has steps up to seq %d only (%s); resuming after it", robot, last, details)
+            self._resume_after = last
+            return 0.0
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            retry_s = _float(md.get("fleet-retry-after-s"))
+            if retry_s is not None:
+                log.info("robot %s: gateway busy (%s); retrying in %.1fs", robot, details, retry_s)
+                self._resume_after = self.acked_seq if in_stream else None
+                return retry_s * random.uniform(1.0, 1.5)
+            if culprit is not None:  # no hint: grpc's message size limit
+                if culprit.first_seq == culprit.last_seq:
+                    self._quarantine(culprit.first_seq, culprit.last_seq, code, details)
+                else:
+                    self._chunk_bytes = max(MIN_CHUNK_BYTES, self._chunk_bytes // 2)
+                    log.warning("robot %s: chunk too large for the gateway (%s); chunks now <= %d bytes", robot,
+                                details, self._chunk_bytes)
+                self._resume_after = self.acked_seq
+                return 0.0
+        self._resume_after = None
+        delay = self._backoff.next_delay()
+        log.warning("robot %s: experience stream ended (%s: %s); reconnecting in %.2fs", robot, code.name,
+                    details, delay)
+        return delay
+
+    def _quarantine(self, first: int, last: int, code: grpc.StatusCode, details: str) -> None:
+        moved = self.spool.quarantine(first, last, code.name, details)
+        metrics.EDGE_SPOOL_QUARANTINED.labels(robot=self.info.robot_id).inc(moved)
+
+    # --- one session ------------------------------------------------------------------
+
+    def _session(self) -> None:
+        robot = self.info.robot_id
+        self._in_stream = False
+        if self._resume_after is None:
+            reg = self.client.register(self.info)
+            self.registration = reg
+            start = reg.last_acked_seq
+            self.spool.ensure_after(start)
+        else:
+            start, self._resume_after = self._resume_after, None
+        self.spool.ack(start)
+        self._set_acked(start)
+        self.sessions += 1
         broken = threading.Event()
-
-        def requests():
-            nonlocal sent
-            while not self._stop.is_set() and not broken.is_set():
-                with lock:
-                    if not lock.wait_for(lambda: len(inflight) < self.window_chunks or broken.is_set()
-                                         or self._stop.is_set(), timeout=1.0):
-                        continue
-                if broken.is_set() or self._stop.is_set():
-                    return
-                if not self.spool.wait_for_data_after(sent, timeout_s=1.0):
-                    continue
-                batch = self.spool.read_after(sent, max_steps=self.max_chunk_steps)
-                if batch is None:
-                    continue
-                if batch.end_blob is None and len(batch.step_blobs) < self.max_chunk_steps:
-                    # Let a few more steps accumulate: fewer, larger chunks.
-                    if self._stop.wait(self.flush_interval_s):
-                        return
-                    batch = self.spool.read_after(sent, max_steps=self.max_chunk_steps) or batch
-                msg = chunk_message(robot, batch.episode_id, batch.task, batch.step_blobs, batch.evaluation,
-                                    gap_declared=batch.first_seq > sent + 1, end_blob=batch.end_blob)
-                with lock:
-                    inflight.append(batch.last_seq)
-                sent = batch.last_seq
-                yield msg
-
-        call = self.client.stream_experience(requests())
+        call = self.client.stream_chunks(self._requests(start, broken))
         self._call = call
+        self._in_stream = True
         self.connected.set()
         metrics.EDGE_CONNECTED.labels(robot=robot).set(1)
-        log.info("robot %s: streaming to %s from seq %d", robot, reg.gateway_id, sent + 1)
+        log.info("robot %s: streaming to %s from seq %d", robot, self.client.target, start + 1)
         try:
             for ack in call:
-                backoff.reset()
+                self._backoff.reset()
                 self.spool.ack(ack.acked_seq)
                 self._set_acked(ack.acked_seq)
-                with lock:
-                    while inflight and inflight[0] <= ack.acked_seq:
-                        inflight.pop(0)
-                    lock.notify_all()
-                steps, nbytes = self.spool.backlog()
-                metrics.EDGE_SPOOL_STEPS.labels(robot=robot).set(steps)
-                metrics.EDGE_SPOOL_BYTES.labels(robot=robot).set(nbytes)
+                with self._inflight_lock:
+                    while self._inflight and self._inflight[0].last_seq <= ack.acked_seq:
+                        self._inflight.popleft()
+                    self._inflight_lock.notify_all()
+                self._not_found = (0, 0)
+                self._update_gauges()
         finally:
             broken.set()
-            with lock:
-                lock.notify_all()
+            with self._inflight_lock:
+                self._inflight_lock.notify_all()
             self._call = None
+
+    def _requests(self, start: int, broken: threading.Event):
+        """Chunks after ``start`` for the stream (runs on a gRPC thread)."""
+        sent = start
+        robot = self.info.robot_id
+        while not self._stop.is_set() and not broken.is_set():
+            with self._inflight_lock:
+                self._inflight_lock.wait_for(lambda: len(self._inflight) < self.window_chunks or broken.is_set()
+                                             or self._stop.is_set() or self._stalled(), timeout=1.0)
+                stalled = self._stalled()
+                full = len(self._inflight) >= self.window_chunks
+            if broken.is_set() or self._stop.is_set():
+                return
+            if stalled:
+                log.warning("robot %s: no ack for %.0fs with chunks in flight; reconnecting", robot,
+                            self.ack_timeout_s)
+                call = self._call
+                if call is not None:
+                    call.cancel()
+                return
+            if full or not self.spool.wait_for_data_after(sent, timeout_s=1.0):
+                continue
+            batch = self.spool.read_after(sent, max_steps=self.max_chunk_steps, max_bytes=self._chunk_bytes)
+            if batch is None:  # rows after ``sent`` vanished (quarantined/dropped): look again shortly
+                self._stop.wait(0.05)
+                continue
+            if (batch.end_blob is None and len(batch.step_blobs) < self.max_chunk_steps
+                    and batch.nbytes < self._chunk_bytes // 2):
+                # Let a few more steps accumulate: fewer, larger chunks.
+                if self._stop.wait(self.flush_interval_s):
+                    return
+                batch = self.spool.read_after(sent, max_steps=self.max_chunk_steps,
+                                              max_bytes=self._chunk_bytes) or batch
+            msg = encode_chunk(robot, batch.episode_id, batch.task, batch.step_blobs, batch.evaluation,
+                               gap_declared=batch.first_seq > sent + 1, end_blob=batch.end_blob)
+            with self._inflight_lock:
+                self._inflight.append(_Sent(batch.first_seq, batch.last_seq, time.monotonic()))
+            sent = batch.last_seq
+            yield msg
+
+    def _stalled(self) -> bool:
+        """Chunks in flight and no ack for ``ack_timeout_s`` (call with ``_inflight_lock`` held)."""
+        if not self._inflight:
+            return False
+        since = max(self._inflight[0].sent_s, self._last_ack_mono)
+        return time.monotonic() - since > self.ack_timeout_s
 
     def _set_acked(self, seq: int) -> None:
         with self._state_lock:
             if seq > self.acked_seq:
                 self.acked_seq = seq
             self.last_ack_s = time.time()
+            self._last_ack_mono = time.monotonic()
             self._state_lock.notify_all()
         metrics.EDGE_LAST_ACK.labels(robot=self.info.robot_id).set(self.last_ack_s)
+
+    def _update_gauges(self) -> None:
+        robot = self.info.robot_id
+        steps, nbytes = self.spool.backlog()
+        metrics.EDGE_SPOOL_STEPS.labels(robot=robot).set(steps)
+        metrics.EDGE_SPOOL_BYTES.labels(robot=robot).set(nbytes)

@@ -1,13 +1,22 @@
 """Receive new policy versions in the background, verify them, hand them to hot-swap.
 
-The updater watches the gateway for versions newer than the one it has,
-assembles each transfer in memory, checks every tensor's sha256 and the total,
-builds the policy off the control thread, checks it produces finite actions,
-stores it on local disk as the *last good* policy (atomically) and offers it to
-the PolicySlot, which swaps it in at the next episode boundary. A corrupt or
-truncated transfer is rejected; the old policy keeps running and the watch is
-retried. On restart with the cloud down, the edge starts from the last good
-policy on disk after verifying its checksums.
+The updater watches the gateway for versions newer than the one it holds,
+telling it that version so that the gateway can send a delta: only the tensors
+that changed (frozen ones never travel again), each raw or as an element delta
+(``fleet.delta``) against the bytes this edge holds. It assembles the transfer
+in memory, applies deltas to its own copy of the previous version, checks every
+tensor's sha256 and the total against the new manifest, builds the policy off
+the control thread, checks it produces finite actions, offers it to the
+PolicySlot (swapped in at the next episode boundary) and stores it on local disk
+as the *last good* policy (atomically; the one before is kept until the new one
+has acted without a rollback).
+
+A corrupt or truncated transfer is rejected, the old policy keeps running and
+the watch is retried (a failed delta is retried as a full transfer). A version
+that fails to build, acts with NaN, or is rolled back by the control loop is
+refused: the gateway is told and sends only newer versions. On restart with the
+cloud down, the edge starts from the last good policy on disk after verifying
+its checksums.
 """
 
 from __future__ import annotations
@@ -16,64 +25,133 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from edge.client import FleetClient, PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent
 from edge.hotswap import PolicySlot
 from edge.streamer import Backoff
-from fleet.errors import IntegrityError
+from fleet import delta, metrics
+from fleet.errors import IntegrityError, PolicyUnusable
 from fleet.types import Schema
-from fleet.weights import Manifest, tensor_bytes, verify
+from fleet.weights import TORCH_DTYPES, Manifest, read_safetensors_raw, verify
 
 log = logging.getLogger(__name__)
 
 PolicyBuilder = Callable[[Manifest, dict[str, torch.Tensor]], object]
 
 
-class Assembler:
-    """Collects one transfer (header, pieces, trailer) and verifies it."""
+@dataclass(frozen=True)
+class Held:
+    """A verified version this edge has: its manifest and each tensor's raw bytes (never mutated)."""
 
-    def __init__(self, header: PolicyHeaderEvent):
-        if header.base_version != 0:
-            raise IntegrityError(f"delta transfers (base v{header.base_version}) are not supported by this edge")
+    manifest: Manifest
+    payload: dict[str, bytearray]
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """One accepted transfer."""
+
+    version: int
+    base_version: int
+    """0 = full transfer."""
+    payload_bytes: int
+    """Tensor data bytes received (encoded)."""
+    full_bytes: int
+    seconds: float
+    """Header received -> tensors verified."""
+
+
+class Assembler:
+    """Collects one transfer (header, pieces, trailer), applies deltas to ``held``, verifies the result."""
+
+    def __init__(self, header: PolicyHeaderEvent, held: Held | None):
         self.manifest = Manifest.from_json(header.manifest_json)
         if self.manifest.version != header.version:
             raise IntegrityError(f"header says v{header.version} but its manifest says v{self.manifest.version}")
-        self._sizes = {t.name: t.nbytes for t in self.manifest.tensors}
-        self._buffers = {name: bytearray(size) for name, size in self._sizes.items()}
-        self._received = {name: 0 for name in self._sizes}
+        self.base_version = header.base_version
+        if self.base_version and (held is None or held.manifest.version != self.base_version):
+            raise IntegrityError(f"delta against v{self.base_version}, but this edge holds "
+                                 f"{'nothing' if held is None else f'v{held.manifest.version}'}")
+        self._held = held if self.base_version else None
+        self._entries = {t.name: t for t in self.manifest.tensors}
+        self._raw: dict[str, bytearray] = {}
+        self._raw_received: dict[str, int] = {}
+        self._encoded: dict[str, tuple[str, bytearray]] = {}
+        self.payload_bytes = 0
 
     def add(self, piece: PolicyPieceEvent) -> None:
-        size = self._sizes.get(piece.name)
-        if size is None:
+        entry = self._entries.get(piece.name)
+        if entry is None:
             raise IntegrityError(f"piece for unknown tensor {piece.name!r}")
-        end = piece.offset + len(piece.data)
-        if end > size:
-            raise IntegrityError(f"piece of {piece.name!r} ends at byte {end}, beyond its {size} bytes")
-        self._buffers[piece.name][piece.offset:end] = piece.data
-        self._received[piece.name] += len(piece.data)
+        if piece.encoding == delta.RAW:
+            if piece.name in self._encoded:
+                raise IntegrityError(f"tensor {piece.name!r} arrives both raw and {self._encoded[piece.name][0]}")
+            end = piece.offset + len(piece.data)
+            if end > entry.nbytes:
+                raise IntegrityError(f"piece of {piece.name!r} ends at byte {end}, beyond its {entry.nbytes} bytes")
+            buf = self._raw.get(piece.name)
+            if buf is None:
+                buf = self._raw[piece.name] = bytearray(entry.nbytes)
+            buf[piece.offset:end] = piece.data
+            self._raw_received[piece.name] = self._raw_received.get(piece.name, 0) + len(piece.data)
+        else:
+            if not self.base_version:
+                raise IntegrityError(f"{piece.encoding!r} piece of {piece.name!r} in a full transfer")
+            if piece.name in self._raw:
+                raise IntegrityError(f"tensor {piece.name!r} arrives both raw and {piece.encoding}")
+            encoding, buf = self._encoded.setdefault(piece.name, (piece.encoding, bytearray()))
+            if encoding != piece.encoding or piece.offset != len(buf):
+                raise IntegrityError(f"piece of {piece.name!r} out of order ({piece.encoding} at byte "
+                                     f"{piece.offset}, expected {encoding} at {len(buf)})")
+            buf += piece.data
+        self.payload_bytes += len(piece.data)
 
-    def finish(self, trailer: PolicyTrailerEvent) -> dict[str, torch.Tensor]:
+    def finish(self, trailer: PolicyTrailerEvent) -> tuple[Held, dict[str, torch.Tensor]]:
+        """The new version, verified; IntegrityError if anything is missing, corrupt or does not apply."""
         if trailer.sha256 != self.manifest.total_sha256:
             raise IntegrityError("trailer checksum differs from the manifest's")
-        short = [n for n, got in self._received.items() if got != self._sizes[n]]
-        if short:
-            raise IntegrityError(f"transfer truncated: {len(short)} tensors incomplete (e.g. {short[0]!r})")
-        return verify(self.manifest, self._buffers)
+        kept = {t.name: t for t in self._held.manifest.tensors} if self._held else {}
+        payload: dict[str, bytearray] = {}
+        reused = set()
+        for entry in self.manifest.tensors:
+            name = entry.name
+            if name in self._raw:
+                if self._raw_received[name] != entry.nbytes:
+                    raise IntegrityError(f"transfer truncated: tensor {name!r} has {self._raw_received[name]} of "
+                                         f"{entry.nbytes} bytes")
+                payload[name] = self._raw[name]
+            elif name in self._encoded:
+                encoding, data = self._encoded[name]
+                payload[name] = delta.decode(self._held.payload.get(name), encoding, data,
+                                             TORCH_DTYPES[entry.dtype].itemsize, entry.nbytes)
+            elif name in kept and (kept[name].sha256, kept[name].dtype, kept[name].shape) == (
+                    entry.sha256, entry.dtype, entry.shape):
+                payload[name] = self._held.payload[name]  # unchanged: verified when it arrived
+                reused.add(name)
+            else:
+                raise IntegrityError(f"transfer truncated: tensor {name!r} missing")
+        tensors = verify(self.manifest, payload, frozenset(reused))
+        return Held(self.manifest, payload), tensors
 
 
 class LastGood:
-    """The last good policy on local disk: manifest.json + model.safetensors, swapped atomically."""
+    """The last good policy on local disk: manifest.json + model.safetensors, swapped atomically.
+
+    The previous one stays in ``<dir>.prev`` so that a version rolled back after the swap can be reverted.
+    """
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
+        self.prev = self.dir.with_name(self.dir.name + ".prev")
 
     def save(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
         self.dir.parent.mkdir(parents=True, exist_ok=True)
@@ -85,39 +163,67 @@ class LastGood:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        old = self.dir.with_name(self.dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(self.prev, ignore_errors=True)
         if self.dir.exists():
-            os.rename(self.dir, old)
+            os.rename(self.dir, self.prev)
         os.rename(tmp, self.dir)
-        shutil.rmtree(old, ignore_errors=True)
 
-    def load(self) -> tuple[Manifest, dict[str, torch.Tensor]] | None:
-        """Verified (manifest, tensors), or None if absent or corrupt (with a warning)."""
+    def version(self) -> int:
+        """Version of the saved policy (0 = none or unreadable)."""
+        try:
+            return Manifest.from_json((self.dir / "manifest.json").read_text()).version
+        except (OSError, IntegrityError):
+            return 0
+
+    def revert(self, bad_version: int) -> bool:
+        """If the saved policy is ``bad_version``, put the previous one back. Returns True if it did."""
+        if self.version() != bad_version or not (self.prev / "manifest.json").exists():
+            return False
+        bad = self.dir.with_name(self.dir.name + ".bad")
+        shutil.rmtree(bad, ignore_errors=True)
+        os.rename(self.dir, bad)
+        os.rename(self.prev, self.dir)
+        shutil.rmtree(bad, ignore_errors=True)
+        return True
+
+    def load_held(self) -> Held | None:
+        """The saved version with its raw bytes, verified; None if absent or corrupt (with a warning)."""
         manifest_path = self.dir / "manifest.json"
         if not manifest_path.exists():
             return None
         try:
             manifest = Manifest.from_json(manifest_path.read_text())
-            with safe_open(str(self.dir / "model.safetensors"), framework="pt") as f:
-                payload = {name: tensor_bytes(f.get_tensor(name)) for name in f.keys()}
-            return manifest, verify(manifest, payload)
+            payload = {name: bytearray(view) for name, view in
+                       read_safetensors_raw(self.dir / "model.safetensors").items()}
+            verify(manifest, payload)
+            return Held(manifest, payload)
         except (IntegrityError, OSError, ValueError) as exc:
             log.warning("last good policy in %s is unusable (%s); ignoring it", self.dir, exc)
             return None
 
+    def load(self) -> tuple[Manifest, dict[str, torch.Tensor]] | None:
+        """Verified (manifest, tensors), or None if absent or corrupt (with a warning)."""
+        held = self.load_held()
+        if held is None:
+            return None
+        return held.manifest, verify(held.manifest, held.payload, frozenset(held.payload))
+
 
 def check_finite(policy, schema: Schema, task: str) -> None:
-    """Run one inference on a zero observation; raise IntegrityError on NaN/Inf."""
-    obs = {f.name: np.zeros(f.shape, dtype=np.float32) for f in schema.observation if not f.is_image}
-    action = policy.select_action(obs, task)
-    policy.reset()
+    """Run one inference on a zero observation (images included); raise PolicyUnusable on NaN/Inf."""
+    obs = {f.name: np.zeros(f.shape, dtype=np.uint8 if f.is_image else np.float32) for f in schema.observation}
+    try:
+        action = policy.select_action(obs, task)
+        policy.reset()
+    except Exception as exc:  # noqa: BLE001 - a policy that cannot act is refused, whatever it raised
+        raise PolicyUnusable(f"policy v{policy.version} fails to act: {type(exc).__name__}: {exc}",
+                             policy.version) from exc
     if not np.isfinite(np.asarray(action)).all():
-        raise IntegrityError(f"policy v{policy.version} produces non-finite actions")
+        raise PolicyUnusable(f"policy v{policy.version} produces non-finite actions", policy.version)
 
 
 class Updater:
-    """Background thread: watch -> assemble -> verify -> build -> check -> save -> offer."""
+    """Background thread: watch -> assemble -> verify -> build -> check -> offer -> save."""
 
     def __init__(self, robot_id: str, client: FleetClient, slot: PolicySlot, build: PolicyBuilder,
                  last_good: LastGood, schema: Schema, probe_task: str, have_version: int = 0):
@@ -130,10 +236,18 @@ class Updater:
         self.probe_task = probe_task
         self.have_version = have_version
         self.rejected = 0
+        """Transfers or versions refused so far."""
+        self.refused_version = 0
+        """Newest version refused as unusable (the gateway is told; it sends only newer ones)."""
+        self.last_transfer: TransferStats | None = None
         self.received = threading.Condition()
+        self._held: Held | None = None
+        self._want_full = False
+        self._rolled_back: list[int] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._call = None
+        slot.add_rollback_listener(self._on_rollback)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"updater-{self.robot_id}", daemon=True)
@@ -141,42 +255,92 @@ class Updater:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
-        if self._call is not None:
-            self._call.cancel()
+        call = self._call
+        if call is not None:
+            call.cancel()
         if self._thread:
             self._thread.join(timeout_s)
 
+    @property
+    def held(self) -> Held | None:
+        """The newest verified version this edge has (the base of the next delta)."""
+        return self._held
+
     def wait_version(self, version: int, timeout_s: float) -> bool:
+        return self.wait(lambda u: u.have_version >= version, timeout_s)
+
+    def wait(self, predicate: Callable[[Updater], bool], timeout_s: float) -> bool:
+        """Block until ``predicate(self)`` holds (checked after every accepted or refused transfer)."""
         with self.received:
-            return self.received.wait_for(lambda: self.have_version >= version, timeout_s)
+            return self.received.wait_for(lambda: predicate(self), timeout_s)
+
+    def _rejected_one(self, reason: str) -> None:
+        metrics.EDGE_POLICY_REJECTED.labels(robot=self.robot_id, reason=reason).inc()
+        with self.received:
+            self.rejected += 1
+            self.received.notify_all()
+
+    def _on_rollback(self, bad_version: int) -> None:
+        """Control thread: note it and end the watch; the updater thread does the rest."""
+        self._rolled_back.append(bad_version)
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    def _refuse(self, version: int, reason: str) -> None:
+        log.warning("robot %s: refusing policy v%d: %s", self.robot_id, version, reason)
+        self.refused_version = max(self.refused_version, version)
+        if self.last_good.revert(version):
+            log.info("robot %s: last good policy on disk reverted from v%d", self.robot_id, version)
+        self._rejected_one("unusable")
+
+    def _load_held(self) -> None:
+        if self.have_version:
+            held = self.last_good.load_held()
+            if held is not None and held.manifest.version == self.have_version:
+                self._held = held
+            else:  # nothing to apply a delta to
+                self._want_full = True
 
     def _run(self) -> None:
+        self._load_held()
         backoff = Backoff()
         while not self._stop.is_set():
+            while self._rolled_back:
+                self._refuse(self._rolled_back.pop(0), "rolled back by the control loop")
             try:
                 self._watch(backoff)
             except grpc.RpcError as exc:
-                if not self._stop.is_set():
+                if not self._stop.is_set() and not self._rolled_back:
                     log.info("robot %s: policy watch ended (%s)", self.robot_id,
                              exc.code() if hasattr(exc, "code") else exc)
             except IntegrityError as exc:
-                self.rejected += 1
+                self._want_full = True  # if our base is what is wrong, a full transfer fixes it
                 log.warning("robot %s: rejected policy transfer: %s (keeping v%d)", self.robot_id, exc,
                             self.slot.current.version)
+                self._rejected_one("corrupt")
+            except PolicyUnusable as exc:
+                self._refuse(exc.version, str(exc))
             except Exception:
                 log.exception("robot %s: updater error", self.robot_id)
+            if self._rolled_back:
+                continue  # tell the gateway right away
             if self._stop.wait(backoff.next_delay()):
                 break
 
     def _watch(self, backoff: Backoff) -> None:
-        call = self.client.watch_policy(self.robot_id, self.have_version)
+        call = self.client.watch_policy(self.robot_id, self.have_version, want_full=self._want_full,
+                                        rejected_version=self.refused_version)
         self._call = call
+        if self._stop.is_set() or self._rolled_back:  # raced with stop() / a rollback
+            call.cancel()
         assembler: Assembler | None = None
+        started = 0.0
         try:
             for msg in call:
                 event = FleetClient.policy_event(msg)
                 if isinstance(event, PolicyHeaderEvent):
-                    assembler = Assembler(event)
+                    assembler, started = Assembler(event, self._held), time.perf_counter()
                 elif isinstance(event, PolicyPieceEvent):
                     if assembler is None:
                         raise IntegrityError("policy piece before its header")
@@ -184,19 +348,36 @@ class Updater:
                 elif isinstance(event, PolicyTrailerEvent):
                     if assembler is None:
                         raise IntegrityError("policy trailer before its header")
-                    tensors = assembler.finish(event)
-                    self._accept(assembler.manifest, tensors)
+                    held, tensors = assembler.finish(event)
+                    stats = TransferStats(held.manifest.version, assembler.base_version, assembler.payload_bytes,
+                                          held.manifest.total_bytes, time.perf_counter() - started)
                     assembler = None
+                    self._accept(held, tensors, stats)
                     backoff.reset()
+            if assembler is not None:
+                raise IntegrityError(f"stream ended in the middle of v{assembler.manifest.version}")
         finally:
             self._call = None
 
-    def _accept(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
-        policy = self.build(manifest, tensors)
+    def _accept(self, held: Held, tensors: dict[str, torch.Tensor], stats: TransferStats) -> None:
+        manifest = held.manifest
+        try:
+            policy = self.build(manifest, tensors)
+        except Exception as exc:  # noqa: BLE001 - whatever a broken version raises, refuse that version
+            raise PolicyUnusable(f"policy v{manifest.version} does not load: {type(exc).__name__}: {exc}",
+                                 manifest.version) from exc
         check_finite(policy, self.schema, self.probe_task)
-        self.last_good.save(manifest, tensors)
-        self.slot.offer(policy)
+        self.slot.offer(policy)  # swap-ready now; the disk copy follows
+        kind = "delta" if stats.base_version else "full"
+        metrics.EDGE_POLICY_BYTES.labels(robot=self.robot_id, kind=kind).inc(stats.payload_bytes)
+        log.info("robot %s: policy v%d verified and ready to swap (%s from v%d, %.1f of %.1f MB, %.2fs)",
+                 self.robot_id, manifest.version, kind, stats.base_version, stats.payload_bytes / 1e6,
+                 stats.full_bytes / 1e6, stats.seconds)
+        try:
+            self.last_good.save(manifest, tensors)
+        except OSError as exc:  # the new policy still runs; only a restart would start from an older one
+            log.warning("robot %s: could not save policy v%d to disk: %s", self.robot_id, manifest.version, exc)
         with self.received:
-            self.have_version = manifest.version
+            self._held, self.have_version, self._want_full = held, manifest.version, False
+            self.last_transfer = stats
             self.received.notify_all()
-        log.info("robot %s: policy v%d verified and ready to swap", self.robot_id, manifest.version)

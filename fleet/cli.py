@@ -5,8 +5,12 @@
     fleet gateway   the gRPC gateway alone (run several replicas behind a load balancer)
     fleet trainer   the trainer alone
     fleet edge      one robot's edge agent
+    fleet sim-fleet N simulated robots (full edge agents) on threads of one process
     fleet status    the fleet as seen from Redis
     fleet seed      write scripted MetaWorld demonstrations into the buffer as offline data
+    fleet export    buffer episodes as a LeRobotDataset v3 or an MCAP rosbag2
+    fleet import    a LeRobotDataset on local disk into the buffer as offline data
+    fleet certs     a development CA, gateway/robot certificates, robot tokens, revocation
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -39,7 +44,7 @@ def _stop_on_signals() -> threading.Event:
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
 def _cmd_gateway(args, values) -> int:
@@ -55,18 +60,35 @@ def _cmd_gateway(args, values) -> int:
     return 0
 
 
+def _exit_if_stop_hangs(stop: threading.Event, done: threading.Event, timeout_s: float) -> None:
+    """Once ``stop`` is set, exit 1 if ``done`` is not set within ``timeout_s`` (a bound for Kubernetes)."""
+
+    def watch() -> None:
+        stop.wait()
+        if not done.wait(timeout_s):
+            logging.getLogger("fleet").error("shutdown took longer than %.0fs; exiting now", timeout_s)
+            os._exit(1)
+
+    threading.Thread(target=watch, name="shutdown-watchdog", daemon=True).start()
+
+
 def _cmd_trainer(args, values) -> int:
     from cloud.trainer import Trainer
     from fleet import metrics
     from fleet.config import TrainerConfig, build_config
 
     cfg = build_config(TrainerConfig, values)
-    metrics.serve(cfg.metrics_port)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # torchrun: one /metrics port per rank on a node
+    metrics.serve(cfg.metrics_port + local_rank if cfg.metrics_port else 0)
     stop = _stop_on_signals()
+    done = threading.Event()
+    _exit_if_stop_hangs(stop, done, cfg.shutdown_timeout_s)
     try:
-        Trainer(cfg, stop).run()
+        Trainer(cfg, stop, fresh=args.fresh).run()
     except InterruptedError:
         pass
+    finally:
+        done.set()
     return 0
 
 
@@ -78,22 +100,33 @@ def _cmd_learner(args, values) -> int:
     stop = _stop_on_signals()
     passthrough = [a for a in args.trainer_args if a != "--"]
     return run_learner(args.listen, args.redis_url, args.policy_dir, passthrough, Path(args.log_dir), stop,
-                       args.gateway_metrics_port)
+                       args.gateway_metrics_port, args.embodiment)
 
 
 def _cmd_edge(args, values) -> int:
-    from edge.agent import EdgeAgent, EdgeConfig
+    from edge.agent import BACKEND_SECTIONS, EdgeAgent, EdgeConfig
     from fleet import metrics
     from fleet.config import build_config
 
     if args.config:
         with open(args.config) as fh:
             from_file = json.load(fh)
-        values = {**_flatten(from_file), **values}
+        sections = {k: from_file.pop(k) for k in BACKEND_SECTIONS if k in from_file}  # backends decode these
+        values = {**_flatten(from_file), **sections, **values}
     cfg = build_config(EdgeConfig, values)
     metrics.serve(cfg.metrics_port)
     stop = _stop_on_signals()
     EdgeAgent(cfg).run(stop)
+    return 0
+
+
+def _cmd_sim_fleet(args, values) -> int:
+    from edge.sim_fleet import SimFleet, SimFleetConfig
+    from fleet.config import build_config
+
+    cfg = build_config(SimFleetConfig, values)
+    stop = _stop_on_signals()
+    SimFleet(cfg).run(stop)
     return 0
 
 
@@ -111,20 +144,20 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 def _cmd_status(args, values) -> int:
     import redis
 
-    from cloud.status import fleet_status, format_table
+    from cloud.status import run_status
+    from fleet.redis_client import connect
 
-    client = redis.Redis.from_url(args.redis_url, socket_connect_timeout=5)
-    while True:
-        status = fleet_status(client)
-        if args.json:
-            print(json.dumps(status["robots"]))
-        else:
-            if args.watch:
-                print("\033[2J\033[H", end="")
-            print(format_table(status))
-        if not args.watch:
-            return 0
-        time.sleep(args.interval)
+    if args.interval <= 0 or args.window_s <= 0:
+        raise ConfigError(f"--interval ({args.interval}) and --window-s ({args.window_s}) must be > 0")
+    client = connect(args.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    stop = _stop_on_signals() if args.watch else threading.Event()
+    try:
+        run_status(client, args.json, args.watch, args.interval, args.window_s, stop,
+                   lambda text: print(text, flush=True))
+    except redis.RedisError as exc:
+        print(f"fleet status: cannot read Redis at {args.redis_url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_seed(args, values) -> int:
@@ -136,6 +169,64 @@ def _cmd_seed(args, values) -> int:
     return 0
 
 
+def _cmd_export(args, values) -> int:
+    from cloud.export import ExportFilter, parse_time
+    from fleet.redis_client import connect
+
+    flt = ExportFilter(tasks=tuple(args.task), robots=tuple(args.robot), embodiment=args.embodiment,
+                       since_s=parse_time(args.since) if args.since else None,
+                       until_s=parse_time(args.until) if args.until else None,
+                       min_version=args.min_version, max_version=args.max_version,
+                       include_unfinished=args.include_unfinished, include_eval=not args.no_eval)
+    client = connect(args.redis_url, socket_connect_timeout=5)
+    if args.format == "lerobot":
+        from cloud.export.lerobot import export_lerobot
+
+        result = export_lerobot(client, args.out, flt, fps=args.fps, video=args.video)
+    else:
+        from cloud.export.rosbag2 import export_rosbag2
+
+        result = export_rosbag2(client, args.out, flt)
+    print(json.dumps({"path": result.path, "episodes": result.episodes, "steps": result.steps}))
+    return 0
+
+
+def _cmd_import(args, values) -> int:
+    from cloud.offline_lerobot import import_lerobot_dataset
+
+    result = import_lerobot_dataset(args.redis_url, args.path, robot_id=args.robot_id, embodiment=args.embodiment,
+                                    max_episodes=args.max_episodes)
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_certs(args, values) -> int:
+    from fleet import certs
+
+    try:
+        if args.action == "init":
+            made = certs.init_pki(args.dir, tuple(h for h in args.hosts.split(",") if h),
+                                  tuple(r for r in args.robots.split(",") if r), args.token_ttl_s)
+        elif args.action == "robot":
+            made = [certs.add_robot(args.dir, args.robot_id, args.token_ttl_s)]
+        else:
+            from cloud.gateway.auth import revoke
+            from fleet.redis_client import connect
+
+            newly = revoke(connect(args.redis_url), args.token_id)
+            print(json.dumps({"revoked": args.token_id, "already_revoked": not newly}))
+            return 0
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    print(json.dumps({"dir": args.dir, "robots": {c.robot_id: {"dir": str(c.directory), "token_id": c.token_id}
+                                                  for c in made}}))
+    return 0
+
+
+def _fmt(x) -> str:
+    return "  n/a" if x is None or x != x else f"{x:.2f}"
+
+
 def _cmd_demo(args, values) -> int:
     from cloud.demo import DemoConfig, run_demo
     from fleet.config import build_config
@@ -145,8 +236,9 @@ def _cmd_demo(args, values) -> int:
     summary = run_demo(cfg, stop)
     print()
     print("                      start    end")
-    print(f"autonomous success    {summary['success_rate_start']:.2f}     {summary['success_rate_end']:.2f}")
-    print(f"intervention rate     {summary['intervention_rate_start']:.2f}     {summary['intervention_rate_end']:.2f}")
+    print(f"autonomous success    {_fmt(summary['success_rate_start'])}     {_fmt(summary['success_rate_end'])}")
+    print(f"intervention rate     {_fmt(summary['intervention_rate_start'])}     "
+          f"{_fmt(summary['intervention_rate_end'])}")
     print(f"policy versions published: {summary['policy_versions_published']}; "
           f"steps ingested: {summary['steps_ingested']}; episodes: {summary['episodes']}")
     print(f"summary: {summary['run_dir']}/summary.json")
@@ -154,30 +246,41 @@ def _cmd_demo(args, values) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from fleet.config import DEFAULT_TASKS, GatewayConfig, TrainerConfig, add_dataclass_args
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI. With ``command``, only that subcommand's options are built in full:
+    each config class imports what its process needs (torch, LeRobot, MetaWorld), and a
+    gateway or ``fleet status`` should not pay for the trainer's imports."""
+    from fleet.config import DEFAULT_TASKS, GatewayConfig, add_dataclass_args
+
+    def wants(name: str) -> bool:
+        return command is None or command == name
 
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from cloud.demo import DemoConfig
+    p = sub.add_parser("demo", help="run the whole system on this machine and show the policy improving")
+    if wants("demo"):
+        from cloud.demo import DemoConfig
 
-    p = sub.add_parser("demo", help="run the whole system on this machine and show the policy improving",
-                       description=DemoConfig.__doc__ + " Writes summary.json and learning_curve.png to the run "
-                       "directory.")
-    add_dataclass_args(p, DemoConfig, renames={"duration_s": "duration"})
+        p.description = DemoConfig.__doc__ + " Writes summary.json and learning_curve.png to the run directory."
+        add_dataclass_args(p, DemoConfig, renames={"duration_s": "duration"})
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("learner", help="the cloud side: gateway + trainer as two processes",
                        description="Start the gateway and the trainer as child processes sharing Redis and "
-                       "the policy store. Trainer options go after '--' (see `fleet trainer --help`).")
+                       "the policy store. Trainer options go after '--' (see `fleet trainer --help`). The "
+                       "trainer checkpoints into <policy-dir>-checkpoints and resumes from "
+                       "the newest complete checkpoint by itself when restarted ('-- --fresh' starts over); the "
+                       "buffer lives in Redis. See docs/learner-recovery.md.")
     p.add_argument("--listen", default="[::]:50051", help="gateway host:port (default: [::]:50051)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer (AOF on)")
     p.add_argument("--policy-dir", default="runs/learner/policies", help="policy store directory")
     p.add_argument("--log-dir", default="runs/learner/logs", help="where the children's logs go")
     p.add_argument("--gateway-metrics-port", type=int, default=0, help="gateway /metrics port (0 = off)")
+    p.add_argument("--embodiment", default="", help="serve and train only this embodiment's policy line (run one "
+                   "learner, with its own --listen and --policy-dir, per embodiment; docs/robots.md)")
     p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="options passed to `fleet trainer`")
     p.set_defaults(func=_cmd_learner)
 
@@ -187,22 +290,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_gateway)
 
     p = sub.add_parser("trainer", help="the trainer: sample from Redis, train, publish versions",
-                       description=TrainerConfig.__doc__)
-    add_dataclass_args(p, TrainerConfig)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    if wants("trainer"):
+        from cloud.checkpoints import RESUME_HELP
+        from cloud.trainer_config import TrainerConfig
+
+        p.description = f"{TrainerConfig.__doc__}\n\n{RESUME_HELP}"
+        p.add_argument("--fresh", action="store_true",
+                       help="set existing checkpoints aside and start from a new policy (version numbers keep rising)")
+        add_dataclass_args(p, TrainerConfig)
     p.set_defaults(func=_cmd_trainer)
 
-    from edge.agent import EdgeConfig
+    p = sub.add_parser("edge", help="one robot's edge agent")
+    if wants("edge"):
+        from edge.agent import EdgeConfig
 
-    p = sub.add_parser("edge", help="one robot's edge agent", description=EdgeConfig.__doc__)
-    p.add_argument("--config", help="JSON file with EdgeConfig fields; command-line options override it")
-    add_dataclass_args(p, EdgeConfig)
+        p.description = EdgeConfig.__doc__
+        p.add_argument("--config", help="JSON file with EdgeConfig fields; command-line options override it")
+        add_dataclass_args(p, EdgeConfig)
     p.set_defaults(func=_cmd_edge)
 
-    p = sub.add_parser("status", help="a table of the fleet's robots, read from Redis")
+    p = sub.add_parser("sim-fleet", help="N simulated robots (full edge agents) on threads of one process")
+    if wants("sim-fleet"):
+        from edge.sim_fleet import SimFleetConfig
+
+        p.description = SimFleetConfig.__doc__
+        add_dataclass_args(p, SimFleetConfig)
+    p.set_defaults(func=_cmd_sim_fleet)
+
+    p = sub.add_parser("status", help="a table of the fleet's robots, read from Redis",
+                       description="Robots (id, embodiment, task, connected, policy version and lag, steps/s, "
+                       "intervention rate, spool backlog) and, per task over the last --window-s seconds, "
+                       "autonomous success, intervention ratio, human effort and Return on Human Effort. "
+                       "Offline-data sources (seeded demonstrations) are left out.")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer")
     p.add_argument("--json", action="store_true", help="print a JSON list of robots")
     p.add_argument("--watch", action="store_true", help="refresh until interrupted")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
+    p.add_argument("--window-s", type=float, default=600.0, help="window of the per-task summary, seconds")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("seed", help="write scripted MetaWorld demonstrations into the buffer")
@@ -212,11 +337,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-episode-steps", type=int, default=150, help="episode length limit")
     p.add_argument("--seed", type=int, default=0, help="seed for initial states")
     p.set_defaults(func=_cmd_seed)
+
+    p = sub.add_parser("export", help="buffer episodes as a LeRobotDataset v3 or an MCAP rosbag2",
+                       description="Write episodes from the Redis buffer in the formats the field uses "
+                       "(docs/robots.md). Filters combine with AND; repeat --task/--robot for several.")
+    p.add_argument("--format", required=True, choices=("lerobot", "rosbag2"), help="output format")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer")
+    p.add_argument("--task", action="append", default=[], help="only this task (repeatable)")
+    p.add_argument("--robot", action="append", default=[], help="only this robot id (repeatable)")
+    p.add_argument("--embodiment", default="", help="only robots of this embodiment")
+    p.add_argument("--since", default="", help="episodes started at/after: Unix seconds or ISO 8601 (UTC)")
+    p.add_argument("--until", default="", help="episodes started before: Unix seconds or ISO 8601 (UTC)")
+    p.add_argument("--min-version", type=int, default=None, help="only episodes run by policy version >= N")
+    p.add_argument("--max-version", type=int, default=None, help="only episodes run by policy version <= N")
+    p.add_argument("--include-unfinished", action="store_true", help="also episodes still being recorded")
+    p.add_argument("--no-eval", action="store_true", help="leave out evaluation episodes")
+    p.add_argument("--fps", type=int, default=None, help="lerobot: frame rate (default: measured)")
+    p.add_argument("--video", action="store_true", help="lerobot: store camera frames as AV1 video, not images")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import", help="a LeRobotDataset on local disk into the buffer as offline data",
+                       description="Read a LeRobotDataset v3 from a local directory (no hub) and write its episodes "
+                       "into the buffer as offline demonstrations for the learner (docs/robots.md).")
+    p.add_argument("--format", default="lerobot", choices=("lerobot",), help="input format")
+    p.add_argument("--path", required=True, help="dataset root (the directory holding meta/info.json)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer")
+    p.add_argument("--robot-id", default="", help="offline robot id to file it under (default: offline-<dir name>)")
+    p.add_argument("--embodiment", default="", help="embodiment (default: lerobot-<robot_type>, as the edge names it)")
+    p.add_argument("--max-episodes", type=int, default=0, help="import at most this many episodes (0 = all)")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("certs", help="development CA, certificates and robot tokens; token revocation",
+                       description="Credentials for TLS, mutual TLS and robot tokens (see docs/deploy.md).")
+    certs_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = certs_sub.add_parser("init", help="new CA, gateway certificate, token key and robot credentials in DIR")
+    c.add_argument("dir", help="output directory (must not hold a CA yet)")
+    c.add_argument("--hosts", default="localhost,127.0.0.1", help="gateway DNS names/IPs, comma-separated")
+    c.add_argument("--robots", default="", help="robot ids to issue credentials for, comma-separated")
+    c.add_argument("--token-ttl-s", type=float, default=0.0, help="token lifetime, seconds (0 = until revoked)")
+    c = certs_sub.add_parser("robot", help="issue a certificate and a token for one more robot from DIR's CA")
+    c.add_argument("dir", help="directory made by `fleet certs init`")
+    c.add_argument("--robot-id", required=True, help="the robot's id (its certificate's common name)")
+    c.add_argument("--token-ttl-s", type=float, default=0.0, help="token lifetime, seconds (0 = until revoked)")
+    c = certs_sub.add_parser("revoke", help="revoke a robot token id on every gateway (a Redis set)")
+    c.add_argument("--token-id", required=True, help="the token id printed when the token was issued")
+    c.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
+    p.set_defaults(func=_cmd_certs)
     return parser
 
 
+def _command_of(argv: list[str]) -> str:
+    """The subcommand named in ``argv`` ("" if none: then no subcommand is built in full)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     values = {k: v for k, v in vars(args).items() if "." in k or k not in

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from fleet.errors import ConfigError
-from fleet.policies.lerobot_adapter import PolicyConfig
 
+ALGORITHM_NAMES = ("hg_dagger", "recap")
 DEFAULT_TASKS = ("reach the goal", "press the button from the top", "close the drawer")
 
 
@@ -49,6 +49,59 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class GatewaySecurity:
+    """TLS, mutual TLS, robot tokens and per-robot limits on the gateway (see docs/deploy.md)."""
+
+    tls_cert_file: str = ""
+    """PEM certificate chain the gateway presents (TLS on when set, with tls_key_file)."""
+    tls_key_file: str = ""
+    """PEM private key of tls_cert_file."""
+    client_ca_file: str = ""
+    """PEM CA bundle robot certificates must chain to; when set, mutual TLS is required."""
+    token_key_file: str = ""
+    """Hex secret that signs robot tokens (`fleet certs`); when set, every call needs a valid token."""
+    revocation_refresh_s: float = 5.0
+    """How often the set of revoked token ids is re-read from Redis, seconds."""
+    robot_max_streams: int = 2
+    """Experience streams one robot may hold open at once on one gateway (0 = unlimited)."""
+    robot_max_steps_per_s: float = 0.0
+    """Steps per second accepted from one robot before its stream is slowed down (0 = unlimited)."""
+    robot_max_bytes_per_s: float = 0.0
+    """Step bytes per second accepted from one robot before its stream is slowed down (0 = unlimited)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.tls_cert_file) == bool(self.tls_key_file),
+                 f"tls_cert_file ({self.tls_cert_file!r}) and tls_key_file ({self.tls_key_file!r}) go together")
+        _require(not self.client_ca_file or bool(self.tls_cert_file),
+                 f"client_ca_file ({self.client_ca_file!r}) needs tls_cert_file: mutual TLS is TLS first")
+        _require(self.revocation_refresh_s > 0, f"revocation_refresh_s ({self.revocation_refresh_s}) must be > 0")
+        _require(self.robot_max_streams >= 0, f"robot_max_streams ({self.robot_max_streams}) must be >= 0")
+        _require(self.robot_max_steps_per_s >= 0, f"robot_max_steps_per_s ({self.robot_max_steps_per_s}) must be >= 0")
+        _require(self.robot_max_bytes_per_s >= 0, f"robot_max_bytes_per_s ({self.robot_max_bytes_per_s}) must be >= 0")
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a robot proves who it is to the gateway (all empty = plaintext, no token: development only)."""
+
+    ca_file: str = ""
+    """PEM CA bundle that verifies the gateway's certificate (TLS on when set)."""
+    cert_file: str = ""
+    """PEM certificate of this robot (mutual TLS), with key_file."""
+    key_file: str = ""
+    """PEM private key of cert_file."""
+    token_file: str = ""
+    """File holding this robot's token (e.g. a systemd credential); sent on every call."""
+    server_name: str = ""
+    """Expected name in the gateway's certificate when it differs from the gateway host."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.cert_file) == bool(self.key_file),
+                 f"cert_file ({self.cert_file!r}) and key_file ({self.key_file!r}) go together")
+        _require(not self.cert_file or bool(self.ca_file), "cert_file needs ca_file: mutual TLS is TLS first")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """The gateway: gRPC in front of the Redis buffer and the policy store."""
 
@@ -58,6 +111,8 @@ class GatewayConfig:
     """Redis holding the buffer (AOF on)."""
     policy_dir: str = "runs/default/policies"
     """Policy store directory (shared with the trainer: local disk or a shared volume)."""
+    embodiment: str = ""
+    """Serve the policy line of this embodiment (its trainer's --embodiment); "" = the shared line."""
     metrics_port: int = 0
     """Port for Prometheus /metrics (0 = off)."""
     max_message_bytes: int = 16 * 1024 * 1024
@@ -68,57 +123,37 @@ class GatewayConfig:
     """Socket timeout for Redis calls."""
     shutdown_grace_s: float = 5.0
     """On SIGTERM, in-flight RPCs get this long to finish."""
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    """Chunk bytes held in flight (received, not yet acked) over all robots; more waits, then RESOURCE_EXHAUSTED."""
+    robot_max_inflight_bytes: int = 32 * 1024 * 1024
+    """Chunk bytes held in flight for one robot (over all its streams)."""
+    max_experience_streams: int = 2048
+    """Experience streams open at once on this gateway; more get RESOURCE_EXHAUSTED (bounds memory)."""
+    inflight_wait_s: float = 5.0
+    """How long a chunk waits for in-flight room (the sender is slowed meanwhile) before RESOURCE_EXHAUSTED."""
+    retry_after_s: float = 1.0
+    """Retry hint (trailing metadata fleet-retry-after-s) sent with RESOURCE_EXHAUSTED and UNAVAILABLE."""
+    redis_full_retry_after_s: float = 10.0
+    """Retry hint when Redis refuses writes at maxmemory (noeviction): nothing is dropped, robots spool meanwhile."""
+    health_listen: str = ""
+    """Extra plaintext host:port serving only grpc.health.v1 (for kubelet probes when TLS is on; "" = off)."""
+    security: GatewaySecurity = field(default_factory=GatewaySecurity)
+    """TLS, mutual TLS, robot tokens and per-robot limits."""
 
     def __post_init__(self) -> None:
         _require(":" in self.listen, f"listen must be host:port, got {self.listen!r}")
         _require(self.max_message_bytes >= 1 << 20, f"max_message_bytes ({self.max_message_bytes}) must be >= 1 MiB")
         _require(self.max_connection_age_s > 0, f"max_connection_age_s ({self.max_connection_age_s}) must be > 0")
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """The trainer: samples from Redis, trains, publishes versions."""
-
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis holding the buffer."""
-    policy_dir: str = "runs/default/policies"
-    """Policy store directory (the gateway serves from it)."""
-    algorithm: str = "hg_dagger"
-    """Learning algorithm (hg_dagger)."""
-    tasks: tuple[str, ...] = DEFAULT_TASKS
-    """Language instructions the shared policy is conditioned on (fixed at the policy's creation)."""
-    batch_size: int = 64
-    """Samples per optimizer step."""
-    online_fraction: float = 0.5
-    """Share of each batch drawn from online intervention data once there is some (rest: offline demos)."""
-    publish_every_steps: int = 100
-    """Publish a new policy version every this many optimizer steps."""
-    publish_every_s: float = 0.0
-    """Also publish when this many seconds passed since the last version (0 = by steps only)."""
-    refresh_interval_s: float = 1.0
-    """How often the sampler pulls newly arrived steps from Redis, seconds."""
-    seed_bc_steps: int = 300
-    """Behaviour-cloning steps on offline data before the first version is published (0 = none)."""
-    min_labeled_steps: int = 32
-    """Do not train before the buffer holds this many labeled steps."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps (0 = run until stopped)."""
-    metrics_port: int = 0
-    """Port for Prometheus /metrics (0 = off)."""
-    torch_threads: int = 1
-    """torch.set_num_threads for the trainer."""
-    seed: int = 0
-    """Seed for the policy's initial weights and the sampler."""
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    """The LeRobot policy to train (type and size)."""
-
-    def __post_init__(self) -> None:
-        _require(self.algorithm in ("hg_dagger",), f"algorithm must be hg_dagger, got {self.algorithm!r}")
-        _require(self.batch_size > 0, f"batch_size ({self.batch_size}) must be > 0")
-        _require(0.0 <= self.online_fraction <= 1.0, f"online_fraction ({self.online_fraction}) must be in [0, 1]")
-        _require(self.publish_every_steps > 0, f"publish_every_steps ({self.publish_every_steps}) must be > 0")
-        _require(len(self.tasks) > 0, "tasks must not be empty")
-        _require(self.torch_threads > 0, f"torch_threads ({self.torch_threads}) must be > 0")
+        _require(0 < self.robot_max_inflight_bytes <= self.max_inflight_bytes,
+                 f"robot_max_inflight_bytes ({self.robot_max_inflight_bytes}) must be in (0, max_inflight_bytes "
+                 f"({self.max_inflight_bytes})]")
+        _require(self.max_experience_streams > 0, f"max_experience_streams ({self.max_experience_streams}) must be > 0")
+        _require(self.inflight_wait_s >= 0, f"inflight_wait_s ({self.inflight_wait_s}) must be >= 0")
+        _require(self.retry_after_s > 0, f"retry_after_s ({self.retry_after_s}) must be > 0")
+        _require(self.redis_full_retry_after_s > 0,
+                 f"redis_full_retry_after_s ({self.redis_full_retry_after_s}) must be > 0")
+        _require(not self.health_listen or ":" in self.health_listen,
+                 f"health_listen must be host:port or empty, got {self.health_listen!r}")
 
 
 def _parse_value(text: str, annotation: typing.Any):
@@ -182,4 +217,15 @@ def build_config(cls: type, values: dict[str, typing.Any], prefix: str = ""):
         raise ConfigError(f"{cls.__name__}: {exc}") from None
 
 
-__all__ = ["GatewayConfig", "TrainerConfig", "add_dataclass_args", "build_config", "field", "DEFAULT_TASKS"]
+def __getattr__(name: str):
+    """``TrainerConfig`` lives with the trainer (it embeds the algorithms' and LeRobot's
+    configs, which import torch); importing it from here still works, lazily, so that
+    processes which never train (gateway, status) stay light."""
+    if name == "TrainerConfig":
+        from cloud.trainer_config import TrainerConfig
+
+        return TrainerConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ClientSecurity", "GatewayConfig", "GatewaySecurity", "TrainerConfig", "add_dataclass_args", "build_config", "field", "DEFAULT_TASKS"]

@@ -18,6 +18,8 @@ class InvalidInput(FleetError):
     """Malformed or inconsistent data from a peer (bad dtype/shape, NaN, truncated image...)."""
 
     grpc_code = "INVALID_ARGUMENT"
+    step_seq: int | None = None
+    """Sequence number of the one step to blame, when there is one (sent as trailing metadata)."""
 
 
 class SchemaMismatch(InvalidInput):
@@ -56,13 +58,45 @@ class Overloaded(FleetError):
         self.retry_after_s = retry_after_s
 
 
+class BackendUnavailable(FleetError):
+    """A backend the gateway needs (Redis) did not answer; nothing was acked, retry after ``retry_after_s``."""
+
+    grpc_code = "UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class IntegrityError(FleetError):
     """A transfer whose checksum does not match (corrupt or truncated)."""
 
     grpc_code = "DATA_LOSS"
 
 
+class PolicyUnusable(FleetError):
+    """A verified policy version that fails to load or acts with NaN/Inf: the edge refuses that version."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, version: int):
+        super().__init__(message)
+        self.version = version
+
+
 class ConfigError(FleetError, ValueError):
     """A configuration value that cannot work; the message names the field and value."""
 
     grpc_code = "INVALID_ARGUMENT"
+
+
+class Unauthenticated(FleetError):
+    """No credentials, or credentials that do not verify (bad/expired/revoked token)."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(FleetError):
+    """Valid credentials that do not allow this call (e.g. a robot acting as another robot)."""
+
+    grpc_code = "PERMISSION_DENIED"

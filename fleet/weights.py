@@ -4,13 +4,20 @@ Shared by the publisher (cloud), the gateway (serves the bytes) and the edge
 updater (assembles and verifies them). Tensors are only ever rebuilt with
 ``torch.frombuffer`` from bytes whose sha256 matched the manifest, or loaded
 from safetensors: never ``torch.load``/pickle.
+
+The manifest's ``total_sha256`` covers every tensor's name, dtype, shape and
+sha256 in manifest order, so a receiver that kept some tensors from the version
+it already had (a delta) checks the whole version without re-hashing those.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -44,6 +51,9 @@ class Manifest:
     total_sha256: str
     config: dict = field(default_factory=dict)
     created_s: float = 0.0
+    keyframe_version: int = 0
+    """Newest full version at or before this one: deltas to this version are made only from bases at or
+    after it (periodic full versions bound the chain of deltas an edge applies); 0 = any base."""
 
     @property
     def total_bytes(self) -> int:
@@ -63,7 +73,8 @@ class Manifest:
                                         trainable=bool(t.get("trainable", True))) for t in data["tensors"])
             return Manifest(version=int(data["version"]), parent_version=int(data["parent_version"]),
                             tensors=tensors, total_sha256=data["total_sha256"], config=data.get("config", {}),
-                            created_s=float(data.get("created_s", 0.0)))
+                            created_s=float(data.get("created_s", 0.0)),
+                            keyframe_version=int(data.get("keyframe_version", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"malformed policy manifest: {exc}") from None
 
@@ -77,34 +88,47 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Rebuild a tensor from raw bytes (copied, writable)."""
+    """Rebuild a tensor from raw bytes: shares memory with a ``bytearray`` (never mutate it afterwards), copies
+    anything read-only once."""
     tdtype = TORCH_DTYPES[dtype]
     if len(data) == 0:
         return torch.empty(shape, dtype=tdtype)
-    return torch.frombuffer(bytearray(data), dtype=tdtype).reshape(shape).clone()
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    return torch.frombuffer(buf, dtype=tdtype).reshape(shape)
+
+
+def total_digest(entries: Iterable[TensorEntry]) -> str:
+    """sha256 over every tensor's name, dtype, shape and sha256, in order."""
+    total = hashlib.sha256()
+    for e in entries:
+        total.update(f"{e.name}\t{e.dtype}\t{list(e.shape)}\t{e.sha256}\n".encode())
+    return total.hexdigest()
 
 
 def build_manifest(version: int, parent_version: int, tensors: dict[str, torch.Tensor], config: dict,
-                   trainable: set[str] | None, created_s: float) -> tuple[Manifest, dict[str, bytes]]:
+                   trainable: set[str] | None, created_s: float,
+                   keyframe_version: int = 0) -> tuple[Manifest, dict[str, bytes]]:
     """Manifest plus the raw bytes of each tensor, in sorted name order."""
     entries, payload = [], {}
-    total = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name]
         data = tensor_bytes(t)
         payload[name] = data
-        total.update(data)
         entries.append(TensorEntry(name=name, dtype=DTYPE_NAMES[t.dtype], shape=tuple(t.shape), nbytes=len(data),
                                    sha256=hashlib.sha256(data).hexdigest(),
                                    trainable=True if trainable is None else name in trainable))
     manifest = Manifest(version=version, parent_version=parent_version, tensors=tuple(entries),
-                        total_sha256=total.hexdigest(), config=config, created_s=created_s)
+                        total_sha256=total_digest(entries), config=config, created_s=created_s,
+                        keyframe_version=keyframe_version)
     return manifest, payload
 
 
-def verify(manifest: Manifest, payload: dict[str, bytes | bytearray]) -> dict[str, torch.Tensor]:
-    """Check every tensor's sha256 and the total; return the tensors or raise IntegrityError."""
-    total = hashlib.sha256()
+def verify(manifest: Manifest, payload: Mapping[str, bytes | bytearray | memoryview],
+           verified: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Check every tensor's size and sha256 (except names in ``verified``: bytes the caller already checked
+    against this same sha256) and the total; return the tensors or raise IntegrityError."""
+    if total_digest(manifest.tensors) != manifest.total_sha256:
+        raise IntegrityError(f"policy v{manifest.version}: total sha256 does not match its tensor list")
     out = {}
     for entry in manifest.tensors:
         data = payload.get(entry.name)
@@ -113,12 +137,38 @@ def verify(manifest: Manifest, payload: dict[str, bytes | bytearray]) -> dict[st
         if len(data) != entry.nbytes:
             raise IntegrityError(f"policy v{manifest.version}: tensor {entry.name!r} has {len(data)} bytes, "
                                  f"manifest says {entry.nbytes} (truncated transfer?)")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry.sha256:
-            raise IntegrityError(f"policy v{manifest.version}: tensor {entry.name!r} sha256 {digest[:12]} != "
-                                 f"manifest {entry.sha256[:12]} (corrupt transfer)")
-        total.update(data)
+        if entry.name not in verified:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != entry.sha256:
+                raise IntegrityError(f"policy v{manifest.version}: tensor {entry.name!r} sha256 {digest[:12]} != "
+                                     f"manifest {entry.sha256[:12]} (corrupt transfer)")
         out[entry.name] = tensor_from_bytes(data, entry.dtype, entry.shape)
-    if total.hexdigest() != manifest.total_sha256:
-        raise IntegrityError(f"policy v{manifest.version}: total sha256 mismatch")
+    return out
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16", "I8": "int8",
+                       "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
+
+
+def read_safetensors_raw(path: str | Path) -> dict[str, memoryview]:
+    """Each tensor's raw bytes in a safetensors file, as views into one read of the file (no torch)."""
+    data = Path(path).read_bytes()
+    if len(data) < 8:
+        raise IntegrityError(f"{path}: too short for a safetensors file ({len(data)} bytes)")
+    (header_len,) = struct.unpack_from("<Q", data)
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except ValueError as exc:
+        raise IntegrityError(f"{path}: malformed safetensors header: {exc}") from None
+    body = memoryview(data)[8 + header_len:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise IntegrityError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        start, end = info["data_offsets"]
+        if not 0 <= start <= end <= len(body):
+            raise IntegrityError(f"{path}: tensor {name!r} lies outside the file ({start}..{end})")
+        out[name] = body[start:end]
     return out

@@ -1,54 +1,146 @@
-"""Gateway side of policy distribution: know the newest version, encode each version once.
+"""Gateway side of policy distribution: know the newest version, encode each transfer once.
 
 One subscriber per gateway listens on Redis pub/sub for new versions (and
 re-reads the pointer periodically, in case a message was missed); every
-``WatchPolicy`` stream waits on one asyncio.Condition. A version's wire messages
-are built once, on first request, and shared by every robot that fetches it.
+``WatchPolicy`` stream waits on one asyncio.Condition.
+
+A transfer is the stream of ``PolicyUpdate`` messages that takes an edge from
+the version it holds (its base; 0 = none) to a target version: header, tensor
+pieces of at most ``piece_bytes``, trailer. Each is built once, on first request
+(or ahead of it: the delta from a new version's parent is built as soon as the
+version appears), and kept as serialized bytes that every robot fetching it
+shares; the gRPC handler sends them without re-serializing.
+
+What a delta carries, per tensor of the target manifest:
+
+* nothing, when the base manifest has the same sha256 (frozen tensors such as a
+  VLM backbone, and anything the update did not touch);
+* an element delta (``fleet.delta``) against the base's bytes, when the base is
+  at or after the target's keyframe (periodic full versions bound the chain);
+* the raw bytes otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 
-from cloud.buffer import POLICY_CHANNEL, POLICY_LATEST_KEY
 from cloud.policy_store import PolicyStore
+from fleet import delta, metrics
 from fleet.v1 import fleet_pb2 as pb
+from fleet.weights import TORCH_DTYPES, Manifest
 
 log = logging.getLogger(__name__)
 
 PIECE_BYTES = 1 << 20  # well under the 4 MiB default gRPC message limit
+CACHE_BYTES = 4 << 30
 
 
-def encode_version(store: PolicyStore, version: int) -> list[pb.PolicyUpdate]:
-    """Header, pieces of at most PIECE_BYTES, trailer: a full transfer of ``version``."""
-    manifest = store.manifest(version)
+@dataclass(frozen=True)
+class Transfer:
+    """The serialized messages that take an edge from ``base_version`` (0 = nothing) to ``version``."""
+
+    version: int
+    base_version: int
+    messages: tuple[bytes, ...]
+    payload_bytes: int
+    """Tensor data bytes in the pieces."""
+    full_bytes: int
+    """What the tensors take raw (a full transfer's payload)."""
+    tensors_sent: int
+    wire_bytes: int
+    """Serialized bytes of all messages."""
+
+    @property
+    def kind(self) -> str:
+        return "delta" if self.base_version else "full"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _piece(name: str, offset: int, data: memoryview, encoding: str) -> bytes:
+    """A serialized ``PolicyUpdate{piece}``, copying ``data`` once.
+
+    Serialized protobuf messages concatenate by merging, so the fields made with
+    the generated class are followed by ``piece { data = 3 }`` written by hand.
+    """
+    head = pb.PolicyUpdate(piece=pb.TensorPiece(name=name, offset=offset, encoding=encoding)).SerializeToString()
+    data_field = b"\x1a" + _varint(len(data))  # TensorPiece.data: field 3, length-delimited
+    piece_field = b"\x12" + _varint(len(data_field) + len(data))  # PolicyUpdate.piece: field 2
+    return b"".join((head, piece_field, data_field, data))
+
+
+def encode_transfer(store: PolicyStore, version: int, base_version: int = 0,
+                    piece_bytes: int = PIECE_BYTES) -> Transfer:
+    """Build the transfer ``base_version`` -> ``version`` (a full one if the base is 0 or unknown)."""
+    target = store.manifest(version)
+    base: Manifest | None = None
+    if base_version:
+        try:
+            base = store.manifest(base_version)
+        except KeyError:
+            log.info("base v%d is not in the store: sending v%d in full", base_version, version)
+            base_version = 0
     payload = store.payload(version)
-    msgs = [pb.PolicyUpdate(header=pb.PolicyHeader(version=version, base_version=0,
-                                                   manifest_json=manifest.to_json(),
-                                                   payload_bytes=manifest.total_bytes))]
-    for entry in manifest.tensors:
-        data = payload[entry.name]
-        for offset in range(0, max(len(data), 1), PIECE_BYTES):
-            msgs.append(pb.PolicyUpdate(piece=pb.TensorPiece(name=entry.name, offset=offset,
-                                                             data=data[offset:offset + PIECE_BYTES], encoding="raw")))
-    msgs.append(pb.PolicyUpdate(trailer=pb.PolicyTrailer(sha256=manifest.total_sha256)))
-    return msgs
+    old = {e.name: e for e in base.tensors} if base else {}
+    element_deltas = base is not None and base_version >= target.keyframe_version
+    base_payload = None
+    pieces: list[bytes] = []
+    payload_bytes = sent = 0
+    for entry in target.tensors:
+        prev = old.get(entry.name)
+        same_layout = prev is not None and (prev.dtype, prev.shape) == (entry.dtype, entry.shape)
+        if same_layout and prev.sha256 == entry.sha256:
+            continue  # the edge has these bytes already
+        data, encoding = memoryview(payload[entry.name]), delta.RAW
+        if element_deltas and same_layout:
+            if base_payload is None:
+                base_payload = store.payload(base_version)
+            encoded = delta.encode(base_payload[entry.name], data, TORCH_DTYPES[entry.dtype].itemsize)
+            data, encoding = memoryview(encoded.data), encoded.encoding
+        for offset in range(0, max(len(data), 1), piece_bytes):
+            pieces.append(_piece(entry.name, offset, data[offset:offset + piece_bytes], encoding))
+        payload_bytes += len(data)
+        sent += 1
+    header = pb.PolicyUpdate(header=pb.PolicyHeader(version=version, base_version=base_version,
+                                                    manifest_json=target.to_json(), payload_bytes=payload_bytes))
+    trailer = pb.PolicyUpdate(trailer=pb.PolicyTrailer(sha256=target.total_sha256))
+    messages = (header.SerializeToString(), *pieces, trailer.SerializeToString())
+    return Transfer(version=version, base_version=base_version, messages=messages, payload_bytes=payload_bytes,
+                    full_bytes=target.total_bytes, tensors_sent=sent, wire_bytes=sum(len(m) for m in messages))
 
 
 class PolicyFeed:
-    def __init__(self, redis, store: PolicyStore, cache_versions: int = 4, poll_s: float = 2.0):
+    """The newest version (from Redis) and a byte-bounded cache of encoded transfers."""
+
+    def __init__(self, redis, store: PolicyStore, cache_bytes: int = CACHE_BYTES, poll_s: float = 2.0,
+                 piece_bytes: int = PIECE_BYTES):
+        if piece_bytes < 1024:
+            raise ValueError(f"piece_bytes ({piece_bytes}) must be >= 1024")
         self._redis = redis
         self._store = store
         self._latest = 0
         self._cond = asyncio.Condition()
-        self._cache: OrderedDict[int, list[pb.PolicyUpdate]] = OrderedDict()
-        self._cache_versions = cache_versions
-        self._locks: dict[int, asyncio.Lock] = {}
+        self._cache: OrderedDict[tuple[int, int], Transfer] = OrderedDict()
+        self._cache_bytes = cache_bytes
+        self._piece_bytes = piece_bytes
+        self._locks: dict[tuple[int, int], asyncio.Lock] = {}
         self._poll_s = poll_s
         self._task: asyncio.Task | None = None
+        self._prewarm: set[asyncio.Task] = set()
         self._stopping = False
+        self.encodings: Counter[tuple[int, int]] = Counter()
+        """How often each (base, version) transfer was encoded: once, however many robots fetch it."""
 
     @property
     def latest(self) -> int:
@@ -60,23 +152,40 @@ class PolicyFeed:
 
     async def stop(self) -> None:
         self._stopping = True
+        for task in [self._task, *self._prewarm]:
+            if task:
+                task.cancel()
         if self._task:
-            self._task.cancel()
             # redis-py's pubsub can swallow a cancellation mid-read; the flag ends the loop then.
             await asyncio.wait([self._task], timeout=self._poll_s + 1.0)
 
     async def _refresh(self) -> None:
-        value = int(await self._redis.get(POLICY_LATEST_KEY) or 0)
+        value = int(await self._redis.get(self._store.keys.latest) or 0)
         if value > self._latest:
             async with self._cond:
                 self._latest = value
                 self._cond.notify_all()
+            if not self._stopping:
+                task = asyncio.create_task(self._encode_ahead(value))
+                self._prewarm.add(task)
+                task.add_done_callback(self._prewarm.discard)
+
+    async def _encode_ahead(self, version: int) -> None:
+        """Most edges hold the previous version: build that delta before they ask."""
+        try:
+            manifest = await asyncio.to_thread(self._store.manifest, version)
+            if manifest.parent_version:
+                await self.transfer(version, manifest.parent_version)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a miss here only means the first robot waits for the encoding
+            log.warning("could not encode v%d ahead of requests: %s", version, exc)
 
     async def _listen(self) -> None:
         while not self._stopping:
             pubsub = self._redis.pubsub()
             try:
-                await pubsub.subscribe(POLICY_CHANNEL)
+                await pubsub.subscribe(self._store.keys.channel)
                 while not self._stopping:
                     await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._poll_s)
                     await self._refresh()  # on a message, and every poll_s in case one was missed
@@ -101,16 +210,36 @@ class PolicyFeed:
                 pass
             return self._latest
 
-    async def messages(self, version: int) -> list[pb.PolicyUpdate]:
-        cached = self._cache.get(version)
+    async def transfer_for(self, version: int, have: int, want_full: bool) -> Transfer:
+        """The transfer for an edge that holds ``have``: a delta from it, or full if asked or impossible."""
+        base = 0 if want_full or have <= 0 or have >= version else have
+        return await self.transfer(version, base)
+
+    async def transfer(self, version: int, base_version: int = 0) -> Transfer:
+        key = (base_version, version)
+        cached = self._cache.get(key)
         if cached is not None:
-            self._cache.move_to_end(version)
+            self._cache.move_to_end(key)
             return cached
-        lock = self._locks.setdefault(version, asyncio.Lock())
+        lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:  # encode once even if many robots ask at the same moment
-            if version not in self._cache:
-                self._cache[version] = await asyncio.to_thread(encode_version, self._store, version)
-                while len(self._cache) > self._cache_versions:
-                    self._cache.popitem(last=False)
-            self._locks.pop(version, None)
-            return self._cache[version]
+            if key not in self._cache:
+                t0 = time.perf_counter()
+                transfer = await asyncio.to_thread(encode_transfer, self._store, version, base_version,
+                                                   self._piece_bytes)
+                metrics.GATEWAY_POLICY_ENCODE.labels(kind=transfer.kind).observe(time.perf_counter() - t0)
+                self.encodings[key] += 1
+                log.info("encoded v%d from v%d: %s, %d tensors, %.1f of %.1f MB in %.2fs", version, base_version,
+                         transfer.kind, transfer.tensors_sent, transfer.payload_bytes / 1e6,
+                         transfer.full_bytes / 1e6, time.perf_counter() - t0)
+                self._cache[key] = transfer
+                self._evict()
+            self._locks.pop(key, None)
+            return self._cache[key]
+
+    def _evict(self) -> None:
+        """Drop least recently used transfers beyond the byte budget (never the newest one)."""
+        total = sum(t.wire_bytes for t in self._cache.values())
+        while total > self._cache_bytes and len(self._cache) > 1:
+            _, dropped = self._cache.popitem(last=False)
+            total -= dropped.wire_bytes

@@ -14,12 +14,17 @@ from dataclasses import dataclass
 import grpc
 import redis.asyncio as aioredis
 
+from cloud.gateway.auth import build_interceptor, server_credentials
+from cloud.gateway.backpressure import InflightLimiter
+from cloud.gateway.health import GatewayHealth
+from cloud.gateway.interceptors import MalformedRequests
 from cloud.gateway.policy_feed import PolicyFeed
+from cloud.gateway.policy_servicer import add_fleet_service
 from cloud.gateway.servicer import FleetServicer
 from cloud.ingest import Ingest
 from cloud.policy_store import PolicyStore
 from fleet.config import GatewayConfig
-from fleet.v1 import fleet_pb2_grpc as pb_grpc
+from fleet.redis_client import connect, connect_async
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +49,59 @@ class RunningGateway:
     port: int
     feed: PolicyFeed
     redis: aioredis.Redis
+    health: GatewayHealth | None = None
+    health_server: grpc.aio.Server | None = None
+    health_server_port: int = 0
+    revoked: object | None = None
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self.health is not None:
+            await self.health.stop()  # NOT_SERVING first: load balancers stop sending new streams
         await self.server.stop(grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        if self.revoked is not None:
+            await self.revoked.stop()
         await self.feed.stop()
         await self.redis.aclose()
 
 
 async def start_gateway(cfg: GatewayConfig) -> RunningGateway:
     """Build the parts in data-flow order and start serving; returns the bound port."""
-    redis = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=cfg.redis_timeout_s,
-                                    socket_connect_timeout=cfg.redis_timeout_s, health_check_interval=10)
-    ingest = Ingest(redis)
-    import redis as sync_redis
-
-    store = PolicyStore(cfg.policy_dir, sync_redis.Redis.from_url(cfg.redis_url))
+    redis = connect_async(cfg.redis_url, socket_timeout=cfg.redis_timeout_s,
+                          socket_connect_timeout=cfg.redis_timeout_s, health_check_interval=10)
+    ingest = Ingest(redis, retry_after_s=cfg.retry_after_s, redis_full_retry_after_s=cfg.redis_full_retry_after_s)
+    store = PolicyStore(cfg.policy_dir, connect(cfg.redis_url), embodiment=cfg.embodiment)
     feed = PolicyFeed(redis, store)
     await feed.start()
-    servicer = FleetServicer(ingest, feed, redis)
-    server = grpc.aio.server(options=server_options(cfg))
-    pb_grpc.add_FleetServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(cfg.listen)
+    limiter = InflightLimiter(cfg.max_inflight_bytes, cfg.robot_max_inflight_bytes, cfg.max_experience_streams,
+                              cfg.inflight_wait_s, cfg.retry_after_s)
+    servicer = FleetServicer(ingest, feed, redis, limiter=limiter)
+    interceptor, revoked = build_interceptor(cfg.security, redis)
+    if revoked is not None:
+        await revoked.start()
+    server = grpc.aio.server(options=server_options(cfg), interceptors=[MalformedRequests(), interceptor])
+    add_fleet_service(servicer, server)  # WatchPolicy sends pre-serialized transfers
+    health = GatewayHealth(redis)
+    health.add_to(server)
+    creds = server_credentials(cfg.security)
+    port = server.add_secure_port(cfg.listen, creds) if creds else server.add_insecure_port(cfg.listen)
     if port == 0:
         raise OSError(f"gateway could not bind {cfg.listen}")
+    health_server, health_port = None, 0
+    if cfg.health_listen:  # plaintext, health only: kubelet gRPC probes speak no TLS
+        health_server = grpc.aio.server()
+        health.add_to(health_server)
+        health_port = health_server.add_insecure_port(cfg.health_listen)
+        if health_port == 0:
+            raise OSError(f"gateway could not bind health_listen {cfg.health_listen}")
+        await health_server.start()
+    await health.start()
     await server.start()
-    log.info("gateway %s listening on port %d (redis %s)", servicer.gateway_id, port, cfg.redis_url)
-    return RunningGateway(server=server, port=port, feed=feed, redis=redis)
+    log.info("gateway %s listening on port %d (%s; redis %s)", servicer.gateway_id, port,
+             "mutual TLS" if cfg.security.client_ca_file else "TLS" if creds else "plaintext", cfg.redis_url)
+    return RunningGateway(server=server, port=port, feed=feed, redis=redis, health=health,
+                          health_server=health_server, health_server_port=health_port, revoked=revoked)
 
 
 async def serve_forever(cfg: GatewayConfig, ready=None) -> None:

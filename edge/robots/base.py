@@ -89,6 +89,8 @@ ROBOTS: dict[str, type[Robot]] = {}
 # module adds its line here.
 _BUILTIN_MODULES: dict[str, str] = {
     "metaworld": "edge.robots.metaworld",
+    "lerobot": "edge.robots.lerobot",
+    "ros2": "edge.robots.ros2.robot",
 }
 
 R = TypeVar("R", bound=type[Robot])

@@ -1,20 +1,26 @@
-"""LeRobot policies (ACT, Diffusion) behind the fleet's :class:`ActingPolicy`.
+"""LeRobot policies (ACT, Diffusion, SmolVLA) behind the fleet's :class:`ActingPolicy`.
 
 The robot schema's non-image observation features are flattened and concatenated,
-in schema order, into ``observation.state``. The task (language instruction) is a
-one-hot task embedding over ``FleetPolicy.tasks`` given as
-``observation.environment_state``. LeRobot 0.4 keeps normalization outside the
-policy, so mean/std normalization lives here and travels with the weights as
-``fleet_norm.*`` tensors. Weights move as safetensors; no pickle anywhere.
+in schema order, into ``observation.state``; camera images (when the policy uses
+them) become ``observation.images.<name>`` (C, H, W) floats in [0, 1]. The task
+reaches language policies (SmolVLA) as text, and the others as a one-hot task
+embedding in ``observation.environment_state``. An advantage-conditioned policy
+(RECAP) also gets the improvement indicator: the text "Advantage: positive" /
+"Advantage: negative" after the task, or two extra environment-state inputs;
+no indicator (dropped out) is plain text / zeros. LeRobot 0.4 keeps
+normalization outside the policy, so mean/std normalization lives here and
+travels with the weights as ``fleet_norm.*`` tensors. Weights move as
+safetensors; no pickle anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,176 +29,83 @@ import numpy as np
 import torch
 from draccus.utils import DraccusException
 from lerobot.configs.policies import PreTrainedConfig
-from lerobot.configs.types import FeatureType, PolicyFeature
-from lerobot.policies.act.configuration_act import ACTConfig
-from lerobot.policies.act.modeling_act import ACTPolicy
-from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
-from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
 from lerobot.policies.pretrained import PreTrainedPolicy
 from safetensors.torch import load_file, save_file
 
 from fleet.errors import ConfigError, InvalidInput
+from fleet.policies.losses import SAMPLE_LOSSES
+from fleet.policies.norm import MIN_STD, NORM_NAMES, NORM_PREFIX, NormStats
+from fleet.policies.policy_config import (
+    ACTION,
+    OBS_ENV_STATE,
+    OBS_IMAGE_PREFIX,
+    OBS_STATE,
+    SUPPORTED_POLICY_TYPES,
+    PolicyConfig,
+    input_features,
+    lerobot_config,
+)
 from fleet.types import FeatureSpec, Schema
 
 logger = logging.getLogger(__name__)
 
-OBS_STATE = "observation.state"
-OBS_ENV_STATE = "observation.environment_state"
-ACTION = "action"
-NORM_PREFIX = "fleet_norm."
-NORM_NAMES = ("state_mean", "state_std", "action_mean", "action_std")
-MIN_STD = 1e-2
-SUPPORTED_POLICY_TYPES = ("act", "diffusion")
-_POLICY_CLASSES: dict[str, type[PreTrainedPolicy]] = {"act": ACTPolicy, "diffusion": DiffusionPolicy}
-# Diffusion: actions are mean/std normalized (not min/max), so clip denoised samples at +-3 std.
-_DIFFUSION_CLIP_RANGE = 3.0
+__all__ = ["SUPPORTED_POLICY_TYPES", "FleetPolicy", "NormStats", "PolicyConfig", "build_policy",
+           "set_torch_threads", "INDICATOR_NONE", "INDICATOR_NEGATIVE", "INDICATOR_POSITIVE"]
+
+INDICATOR_NONE, INDICATOR_NEGATIVE, INDICATOR_POSITIVE = -1, 0, 1
+"""Values of a batch's ``indicator`` (B,): dropped out, "Advantage: negative", "Advantage: positive"."""
+_INDICATOR_TEXT = {INDICATOR_NEGATIVE: "Advantage: negative", INDICATOR_POSITIVE: "Advantage: positive"}
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+# Config fields that depend on the machine, not the policy: not compared when a manifest is decoded.
+_LOCAL_FIELDS = ("device", "vlm_model_name", "load_vlm_weights")
 
 
-@dataclass(frozen=True)
-class PolicyConfig:
-    """Which LeRobot policy to train and how big it is."""
-
-    type: str = "act"
-    """LeRobot policy type, one of SUPPORTED_POLICY_TYPES."""
-    chunk_size: int = 10
-    """Actions predicted per inference (Diffusion: horizon, rounded up to a multiple of 4)."""
-    n_action_steps: int = 5
-    """Actions of each chunk executed before querying the model again."""
-    dim_model: int = 128
-    """ACT transformer width; Diffusion U-Net down_dims are (dim_model // 2, dim_model)."""
-    n_heads: int = 4
-    """ACT attention heads (ignored by Diffusion)."""
-    dim_feedforward: int = 512
-    """ACT feed-forward width (ignored by Diffusion)."""
-    n_encoder_layers: int = 2
-    """ACT encoder layers (ignored by Diffusion)."""
-    n_decoder_layers: int = 1
-    """ACT decoder layers (ignored by Diffusion)."""
-    use_vae: bool = False
-    """ACT: train the CVAE latent (off: plain L1 behaviour cloning)."""
-    lr: float = 3e-4
-    """AdamW learning rate."""
-    weight_decay: float = 1e-4
-    """AdamW weight decay."""
-    grad_clip_norm: float = 10.0
-    """Max global gradient norm (see FleetPolicy.clip_grad_norm_)."""
-    device: str = "cpu"
-    """Torch device for the model ("cpu", "cuda", "cuda:0", "mps")."""
-
-    def __post_init__(self) -> None:
-        if self.type not in SUPPORTED_POLICY_TYPES:
-            raise ConfigError(f"policy.type {self.type!r} is not supported; use one of {SUPPORTED_POLICY_TYPES}")
-        for name in ("chunk_size", "n_action_steps", "dim_model", "n_heads", "dim_feedforward",
-                     "n_encoder_layers", "n_decoder_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"policy.{name} ({value!r}) must be a positive integer")
-        if self.n_action_steps > self.chunk_size:
-            raise ConfigError(
-                f"policy.n_action_steps ({self.n_action_steps}) must be <= chunk_size ({self.chunk_size})")
-        if self.type == "act" and self.dim_model % self.n_heads:
-            raise ConfigError(f"policy.dim_model ({self.dim_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.type == "diffusion" and self.dim_model % 16:
-            raise ConfigError(f"policy.dim_model ({self.dim_model}) must be a multiple of 16 for diffusion")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"policy.lr ({self.lr!r}) must be a positive number")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"policy.weight_decay ({self.weight_decay!r}) must be >= 0")
-        if not (math.isfinite(self.grad_clip_norm) and self.grad_clip_norm > 0):
-            raise ConfigError(f"policy.grad_clip_norm ({self.grad_clip_norm!r}) must be a positive number")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError) as e:
-            raise ConfigError(f"policy.device ({self.device!r}) is not a torch device: {e}") from None
+def _policy_class(policy_type: str) -> type[PreTrainedPolicy]:
+    if policy_type == "act":
+        from lerobot.policies.act.modeling_act import ACTPolicy
+        return ACTPolicy
+    if policy_type == "diffusion":
+        from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+        return DiffusionPolicy
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+    return SmolVLAPolicy
 
 
-def _as_vector(name: str, value: np.ndarray | Sequence[float]) -> np.ndarray:
-    array = np.asarray(value, dtype=np.float32)
-    if array.ndim != 1 or not np.all(np.isfinite(array)):
-        raise InvalidInput(f"NormStats.{name} must be a finite 1-D vector, got shape {array.shape}")
-    return array
-
-
-@dataclass(frozen=True)
-class NormStats:
-    """Per-dimension mean/std of ``observation.state`` and ``action`` (float32)."""
-
-    state_mean: np.ndarray
-    state_std: np.ndarray
-    action_mean: np.ndarray
-    action_std: np.ndarray
-
-    def __post_init__(self) -> None:
-        for name in NORM_NAMES:
-            object.__setattr__(self, name, _as_vector(name, getattr(self, name)))
-        if self.state_mean.shape != self.state_std.shape or self.action_mean.shape != self.action_std.shape:
-            raise InvalidInput("NormStats: mean and std shapes differ")
-
-    @classmethod
-    def from_data(cls, states: np.ndarray, actions: np.ndarray) -> NormStats:
-        """Stats of flat states (N, D) and actions (N, A)."""
-        states, actions = np.asarray(states, np.float64), np.asarray(actions, np.float64)
-        if states.ndim != 2 or actions.ndim != 2 or len(states) == 0 or len(actions) == 0:
-            raise InvalidInput(f"NormStats.from_data wants non-empty (N, D) and (N, A); got "
-                               f"{states.shape} and {actions.shape}")
-        return cls(states.mean(0), states.std(0), actions.mean(0), actions.std(0))
-
-    @classmethod
-    def identity(cls, state_dim: int, action_dim: int) -> NormStats:
-        """Mean 0, std 1."""
-        return cls(np.zeros(state_dim), np.ones(state_dim), np.zeros(action_dim), np.ones(action_dim))
-
-
-def _state_features(schema: Schema, tasks: Sequence[str]) -> tuple[FeatureSpec, ...]:
-    """Non-image observation features; checks what every policy type needs."""
-    features = tuple(spec for spec in schema.observation if not spec.is_image)
-    if not features or sum(math.prod(s.shape) for s in features) == 0:
+def _features(schema: Schema, tasks: Sequence[str], config: PolicyConfig
+              ) -> tuple[tuple[FeatureSpec, ...], tuple[FeatureSpec, ...]]:
+    """(state features, image features used by the policy); checks what every policy type needs."""
+    states = tuple(spec for spec in schema.observation if not spec.is_image)
+    images = tuple(spec for spec in schema.observation if spec.is_image) if config.uses_images else ()
+    if not states or sum(math.prod(s.shape) for s in states) == 0:
         raise ConfigError("schema has no non-image observation features to build observation.state from")
+    for spec in images:
+        if len(spec.shape) != 3 or spec.shape[2] not in (1, 3) or spec.dtype != "uint8":
+            raise ConfigError(f"image feature {spec.name!r} must be uint8 (H, W, 1|3), got {spec.dtype} {spec.shape}")
     if len(schema.action.shape) != 1 or schema.action.shape[0] == 0:
         raise ConfigError(f"action feature {schema.action.name!r} must be a non-empty vector, "
                           f"got shape {schema.action.shape}")
     if not tasks or len(set(tasks)) != len(tasks):
         raise ConfigError(f"tasks ({list(tasks)!r}) must be a non-empty list of distinct instructions")
-    return features
+    return states, images
 
 
-def _lerobot_config(config: PolicyConfig, state_dim: int, n_tasks: int, action_dim: int) -> PreTrainedConfig:
-    inputs = {OBS_STATE: PolicyFeature(type=FeatureType.STATE, shape=(state_dim,)),
-              OBS_ENV_STATE: PolicyFeature(type=FeatureType.ENV, shape=(n_tasks,))}
-    outputs = {ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(action_dim,))}
-    common: dict[str, Any] = dict(input_features=inputs, output_features=outputs, device=config.device,
-                                  n_action_steps=config.n_action_steps, optimizer_lr=config.lr,
-                                  optimizer_weight_decay=config.weight_decay)
-    try:
-        if config.type == "act":
-            return ACTConfig(**common, chunk_size=config.chunk_size, dim_model=config.dim_model,
-                             n_heads=config.n_heads, dim_feedforward=config.dim_feedforward,
-                             n_encoder_layers=config.n_encoder_layers, n_decoder_layers=config.n_decoder_layers,
-                             use_vae=config.use_vae, pretrained_backbone_weights=None)
-        down_dims = (config.dim_model // 2, config.dim_model)
-        factor = 2 ** len(down_dims)
-        return DiffusionConfig(**common, n_obs_steps=1, horizon=math.ceil(config.chunk_size / factor) * factor,
-                               down_dims=down_dims, clip_sample_range=_DIFFUSION_CLIP_RANGE,
-                               do_mask_loss_for_padding=True, drop_n_last_frames=0)
-    except (ValueError, NotImplementedError) as e:
-        raise ConfigError(f"LeRobot rejected policy config {config}: {e}") from e
-
-
-def _new_model(lerobot_config: PreTrainedConfig, seed: int) -> PreTrainedPolicy:
+def _new_model(config: PreTrainedConfig, seed: int) -> PreTrainedPolicy:
     """Seeded init that leaves the global torch RNG as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _POLICY_CLASSES[lerobot_config.type](lerobot_config)
+        return _policy_class(config.type)(config)
 
 
 def _decode_lerobot_config(encoded: Mapping[str, Any]) -> PreTrainedConfig:
-    """Decode with draccus and check that it encodes back to the same dict (device aside)."""
+    """Decode with draccus and check that it encodes back to the same dict (machine-local fields aside)."""
     try:
         decoded = draccus.decode(PreTrainedConfig, dict(encoded))
     except (DraccusException, ValueError, TypeError) as e:
         raise ConfigError(f"manifest lerobot_config does not decode: {e}") from e
     again = draccus.encode(decoded)
-    if {k: v for k, v in again.items() if k != "device"} != {k: v for k, v in encoded.items() if k != "device"}:
+    if ({k: v for k, v in again.items() if k not in _LOCAL_FIELDS}
+            != {k: v for k, v in encoded.items() if k not in _LOCAL_FIELDS}):
         raise ConfigError(f"manifest lerobot_config of type {encoded.get('type')!r} does not round-trip "
                           "through this LeRobot version")
     return decoded
@@ -224,12 +137,14 @@ class FleetPolicy:
         self.config = config
         self.schema = schema
         self.tasks: tuple[str, ...] = tuple(tasks)
-        self.state_features = _state_features(schema, self.tasks)
+        self.state_features, self.image_features = _features(schema, self.tasks, config)
         self.action_feature = schema.action
         self.state_dim = sum(math.prod(s.shape) for s in self.state_features)
         self.action_dim = schema.action.shape[0]
         lr_cfg = model.config
-        expected = {OBS_STATE: (self.state_dim,), OBS_ENV_STATE: (len(self.tasks),)}
+        images = {s.name: s.shape for s in self.image_features}
+        expected = {k: tuple(f.shape) for k, f in
+                    input_features(config, self.state_dim, len(self.tasks), images).items()}
         got = {k: tuple(f.shape) for k, f in lr_cfg.input_features.items()}
         if got != expected or tuple(lr_cfg.output_features[ACTION].shape) != (self.action_dim,):
             raise ConfigError(f"LeRobot features {got} do not match schema/tasks {expected}")
@@ -245,9 +160,21 @@ class FleetPolicy:
         self._norm = {name: torch.from_numpy(getattr(stats, name).copy()).to(self.device) for name in NORM_NAMES}
         for name in ("state_std", "action_std"):
             self._norm[name].clamp_(min=MIN_STD)
+        self._image_mean = torch.tensor(_IMAGENET_MEAN, device=self.device).view(3, 1, 1)
+        self._image_std = torch.tensor(_IMAGENET_STD, device=self.device).view(3, 1, 1)
         self._task_index = {task: i for i, task in enumerate(self.tasks)}
         self._warned_tasks: set[str] = set()
         self._lock = threading.RLock()
+        if config.freeze_backbone:
+            self._freeze_backbone()
+
+    def _freeze_backbone(self) -> None:
+        """ACT/Diffusion: the ResNet image encoder (SmolVLA freezes its VLM through its own config)."""
+        backbone = {"act": lambda m: getattr(m.model, "backbone", None),
+                    "diffusion": lambda m: getattr(m.diffusion, "rgb_encoder", None)}.get(self.config.type)
+        module = backbone(self.model) if backbone else None
+        for p in module.parameters() if module is not None else ():
+            p.requires_grad_(False)
 
     # ----- batches -----------------------------------------------------------------
     def _flat_state(self, get: Callable[[str], Any], lead: tuple[int, ...]) -> np.ndarray:
@@ -262,6 +189,28 @@ class FleetPolicy:
             parts.append(array.reshape(lead + (-1,)).astype(np.float32))
         return np.concatenate(parts, axis=-1)
 
+    def normalized_state(self, get: Callable[[str], Any], lead: tuple[int, ...]) -> torch.Tensor:
+        """Flat, mean/std-normalized ``observation.state`` on the policy's device."""
+        state = self._to_device(self._flat_state(get, lead))
+        return (state - self._norm["state_mean"]) / self._norm["state_std"]
+
+    def _images(self, get: Callable[[str], Any], lead: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        out = {}
+        for spec in self.image_features:
+            try:
+                array = np.asarray(get(spec.name))
+            except KeyError:
+                raise InvalidInput(f"camera image {spec.name!r} is missing") from None
+            if array.shape != lead + spec.shape or array.dtype != np.uint8:
+                raise InvalidInput(f"image {spec.name!r} is {array.dtype} {array.shape}, want uint8 {lead + spec.shape}")
+            image = self._to_device(array).movedim(-1, -3).float() / 255.0
+            if image.shape[-3] == 1:  # grayscale: every encoder here takes RGB
+                image = image.expand(*image.shape[:-3], 3, *image.shape[-2:])
+            if self.config.type != "smolvla":  # ResNet encoders expect ImageNet-normalized input
+                image = (image - self._image_mean) / self._image_std
+            out[OBS_IMAGE_PREFIX + spec.name] = image
+        return out
+
     def _one_hot(self, task_index: np.ndarray) -> torch.Tensor:
         index = np.asarray(task_index, dtype=np.int64)
         if index.ndim != 1 or np.any(index < -1) or np.any(index >= len(self.tasks)):
@@ -271,11 +220,42 @@ class FleetPolicy:
         one_hot[np.nonzero(known)[0], index[known]] = 1.0
         return torch.from_numpy(one_hot).to(self.device)
 
+    def _indicator(self, indicator: np.ndarray | None, n: int) -> np.ndarray:
+        if indicator is None:
+            return np.full((n,), INDICATOR_NONE, dtype=np.int64)
+        indicator = np.asarray(indicator, dtype=np.int64)
+        if indicator.shape != (n,) or not np.isin(indicator, (-1, 0, 1)).all():
+            raise InvalidInput(f"indicator must be (B={n},) with values in -1/0/1, got {indicator!r}")
+        return indicator
+
+    def _task_inputs(self, task_index: np.ndarray, indicator: np.ndarray | None) -> dict[str, torch.Tensor]:
+        """One-hot task (+ indicator inputs), or SmolVLA language tokens with the indicator as text."""
+        task = self._one_hot(task_index)
+        n = task.shape[0]
+        conditioned = self.config.conditioning == "advantage"
+        indicator = self._indicator(indicator if conditioned else None, n)
+        if self.config.uses_language:
+            from fleet.policies.smolvla import tokenizer_of
+
+            prompts = []
+            for i, ind in zip(np.asarray(task_index), indicator):
+                text = self.tasks[i] if i >= 0 else ""
+                prompts.append(f"{text}\n{_INDICATOR_TEXT[ind]}\n" if ind >= 0 else f"{text}\n")
+            tokens = tokenizer_of(self.model)(prompts, padding="longest", padding_side="right", truncation=True,
+                                              max_length=self.model.config.tokenizer_max_length, return_tensors="pt")
+            return {"observation.language.tokens": tokens["input_ids"].to(self.device),
+                    "observation.language.attention_mask": tokens["attention_mask"].to(self.device, torch.bool)}
+        if conditioned:
+            extra = np.stack([indicator == INDICATOR_POSITIVE, indicator == INDICATOR_NEGATIVE], axis=1)
+            task = torch.cat([task, torch.from_numpy(extra.astype(np.float32)).to(self.device)], dim=1)
+        return {OBS_ENV_STATE: task}
+
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def train_batch_to_torch(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Sampler batch (``obs/<name>``, ``task_index``, ``action``, ``action_is_pad``) -> LeRobot batch."""
+        """Sampler batch (``obs/<name>``, ``task_index``, ``action``, ``action_is_pad``, optional ``indicator``)
+        -> LeRobot batch."""
         action = np.asarray(batch["action"], dtype=np.float32)
         is_pad = np.asarray(batch["action_is_pad"], dtype=bool)
         n, h = action.shape[:2] if action.ndim == 3 else (0, 0)
@@ -285,55 +265,76 @@ class FleetPolicy:
         if self.horizon > h:  # diffusion horizon rounded up: repeat the last action, marked as padding
             action = np.concatenate([action, np.repeat(action[:, -1:], self.horizon - h, axis=1)], axis=1)
             is_pad = np.concatenate([is_pad, np.ones((n, self.horizon - h), dtype=bool)], axis=1)
-        state = self._to_device(self._flat_state(lambda name: batch[f"obs/{name}"], (n,)))
-        state = (state - self._norm["state_mean"]) / self._norm["state_std"]
-        task = self._one_hot(batch["task_index"])
-        if task.shape[0] != n:
-            raise InvalidInput(f"task_index has {task.shape[0]} rows, action has {n}")
-        if self.config.type == "diffusion":  # (B, n_obs_steps=1, D)
-            state, task = state.unsqueeze(1), task.unsqueeze(1)
-        action_t = (self._to_device(action) - self._norm["action_mean"]) / self._norm["action_std"]
-        return {OBS_STATE: state, OBS_ENV_STATE: task, ACTION: action_t, "action_is_pad": self._to_device(is_pad)}
+        get = lambda name: batch[f"obs/{name}"]  # noqa: E731
+        task_index = np.asarray(batch["task_index"])
+        if task_index.shape != (n,):
+            raise InvalidInput(f"task_index has shape {task_index.shape}, action has {n} rows")
+        out = {OBS_STATE: self.normalized_state(get, (n,)), **self._images(get, (n,)),
+               **self._task_inputs(task_index, batch.get("indicator"))}
+        if self.config.type == "diffusion":  # (B, n_obs_steps=1, ...)
+            out = {k: v.unsqueeze(1) for k, v in out.items()}
+        out[ACTION] = (self._to_device(action) - self._norm["action_mean"]) / self._norm["action_std"]
+        out["action_is_pad"] = self._to_device(is_pad)
+        return out
 
     # ----- training -----------------------------------------------------------------
-    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """LeRobot ``forward`` in train mode; returns the loss and ``loss/*`` metrics."""
+    def sample_losses(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The policy's training loss per sample, (B,), in train mode (see fleet/policies/losses.py)."""
         self.model.train()
-        loss, info = self.model.forward(dict(batch))
-        metrics = {"loss/bc": float(loss.detach())}
-        metrics.update({f"loss/{k}": float(v) for k, v in (info or {}).items()})
-        return loss, metrics
+        return SAMPLE_LOSSES[self.config.type](self.model, batch).float()
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean of :meth:`sample_losses`; returns the loss and ``loss/*`` metrics."""
+        loss = self.sample_losses(batch).mean()
+        return loss, {"loss/bc": float(loss.detach())}
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """bf16 autocast around forward passes when ``precision`` is bf16 (AMP; no grad scaler needed)."""
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                            enabled=self.config.precision == "bf16"):
+            yield
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        return torch.optim.AdamW(self.trainable_parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def clip_grad_norm_(self) -> float:
         """Clip gradients to ``config.grad_clip_norm``; returns the norm before clipping."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip_norm))
+        return float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.grad_clip_norm))
 
     # ----- acting -------------------------------------------------------------------
-    def _task_one_hot(self, task: str) -> torch.Tensor:
+    def _task_id(self, task: str) -> int:
         index = self._task_index.get(task, -1)
         if index < 0 and task not in self._warned_tasks:
             self._warned_tasks.add(task)
-            logger.warning("unknown task %r (policy knows %d tasks); using an all-zeros task embedding",
-                           task, len(self.tasks))
-        return self._one_hot(np.array([index]))
+            logger.warning("unknown task %r (policy knows %d tasks); using an empty task input", task, len(self.tasks))
+        return index
 
     def select_action(self, observation: Mapping[str, np.ndarray], task: str) -> np.ndarray:
-        """Next action (A,) float32 from LeRobot's action queue; refills it with a new chunk when empty."""
+        """Next action (A,) float32 from LeRobot's action queue; refills it with a new chunk when empty.
+
+        An advantage-conditioned policy acts with "Advantage: positive"; with ``cfg_beta`` > 1 it runs the
+        conditioned and the unconditioned rows together and returns u + beta * (c - u) (classifier-free
+        guidance on the action chunk)."""
         with self._lock, torch.no_grad():
-            state = self._to_device(self._flat_state(observation.__getitem__, ())[None])
-            state = (state - self._norm["state_mean"]) / self._norm["state_std"]
-            batch = {OBS_STATE: state, OBS_ENV_STATE: self._task_one_hot(task)}
+            guided = self.config.conditioning == "advantage" and self.config.cfg_beta != 1.0
+            indicator = [INDICATOR_POSITIVE, INDICATOR_NONE] if guided else [INDICATOR_POSITIVE]
+            n = len(indicator)
+            single = {name: np.repeat(np.asarray(v)[None], n, axis=0) for name, v in observation.items()}
+            batch = {OBS_STATE: self.normalized_state(single.__getitem__, (n,)),
+                     **self._images(single.__getitem__, (n,)),
+                     **self._task_inputs(np.full((n,), self._task_id(task)), np.array(indicator))}
             was_training = self.model.training
             try:
                 action = self.model.select_action(batch)
             finally:
                 self.model.train(was_training)
+            if guided:
+                action = action[1:] + self.config.cfg_beta * (action[:1] - action[1:])
             action = action * self._norm["action_std"] + self._norm["action_mean"]
             return action[0].to("cpu", torch.float32).numpy()
 
@@ -381,7 +382,8 @@ class FleetPolicy:
         """Hot update in place from a policy with the same architecture, schema and tasks."""
         mine, theirs = self.manifest_config(), other.manifest_config()
         for part in (mine, theirs):
-            part["lerobot_config"].pop("device", None)
+            for key in _LOCAL_FIELDS:
+                part["lerobot_config"].pop(key, None)
             part["policy_config"].pop("device", None)
         if mine != theirs:
             raise ConfigError("copy_weights_from: the other policy has another config, schema or task list")
@@ -401,14 +403,18 @@ class FleetPolicy:
         if device is not None:
             policy_config = replace(policy_config, device=device)
             lerobot_dict["device"] = device
-        lerobot_config = _decode_lerobot_config(lerobot_dict)
-        if lerobot_config.type != policy_config.type:
-            raise ConfigError(f"lerobot_config type {lerobot_config.type!r} != policy.type {policy_config.type!r}")
+        if policy_config.type == "smolvla":  # this machine's backbone directory; weights come from tensors
+            from fleet.policies.smolvla import resolve_vlm_path
+
+            lerobot_dict.update(vlm_model_name=str(resolve_vlm_path(policy_config.vlm_path)), load_vlm_weights=False)
+        lerobot = _decode_lerobot_config(lerobot_dict)
+        if lerobot.type != policy_config.type:
+            raise ConfigError(f"lerobot_config type {lerobot.type!r} != policy.type {policy_config.type!r}")
         try:
             stats = NormStats(*(tensors[NORM_PREFIX + n].cpu().numpy() for n in NORM_NAMES))
         except KeyError as e:
             raise InvalidInput(f"policy tensors lack normalization stats {e}") from None
-        model = _new_model(lerobot_config, seed=0)  # weights are overwritten below
+        model = _new_model(lerobot, seed=0)  # weights are overwritten below
         policy = cls(policy_config, model, schema, tasks, stats, version)
         policy.load_tensors(tensors, version)
         return policy
@@ -427,10 +433,10 @@ class FleetPolicy:
 def build_policy(config: PolicyConfig, schema: Schema, tasks: Sequence[str], stats: NormStats | None = None,
                  seed: int = 0) -> FleetPolicy:
     """A freshly initialized policy (seeded, without touching the global RNG); version 0."""
-    features = _state_features(schema, tasks)
-    state_dim, action_dim = sum(math.prod(s.shape) for s in features), schema.action.shape[0]
-    lerobot_config = _lerobot_config(config, state_dim, len(tasks), action_dim)
-    model = _new_model(lerobot_config, seed)
+    states, images = _features(schema, tasks, config)
+    state_dim, action_dim = sum(math.prod(s.shape) for s in states), schema.action.shape[0]
+    features = input_features(config, state_dim, len(tasks), {s.name: s.shape for s in images})
+    model = _new_model(lerobot_config(config, features, action_dim), seed)
     if stats is None:
         stats = NormStats.identity(state_dim, action_dim)
     return FleetPolicy(config, model, schema, tasks, stats)

@@ -189,12 +189,16 @@ class Ack(_message.Message):
     def __init__(self, acked_seq: _Optional[int] = ..., duplicate_steps: _Optional[int] = ...) -> None: ...
 
 class WatchPolicyRequest(_message.Message):
-    __slots__ = ("robot_id", "have_version")
+    __slots__ = ("robot_id", "have_version", "want_full", "rejected_version")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WANT_FULL_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     have_version: int
-    def __init__(self, robot_id: _Optional[str] = ..., have_version: _Optional[int] = ...) -> None: ...
+    want_full: bool
+    rejected_version: int
+    def __init__(self, robot_id: _Optional[str] = ..., have_version: _Optional[int] = ..., want_full: _Optional[bool] = ..., rejected_version: _Optional[int] = ...) -> None: ...
 
 class PolicyHeader(_message.Message):
     __slots__ = ("version", "base_version", "manifest_json", "payload_bytes")

@@ -199,7 +199,7 @@ def test_diffusion_state_only() -> None:
 
 
 def test_config_errors() -> None:
-    with pytest.raises(ConfigError, match=r"'pi0'.*\('act', 'diffusion'\)"):
+    with pytest.raises(ConfigError, match=r"'pi0'.*hub.*\('act', 'diffusion', 'smolvla'\)"):
         PolicyConfig(type="pi0")
     with pytest.raises(ConfigError, match="n_action_steps"):
         PolicyConfig(chunk_size=4, n_action_steps=5)

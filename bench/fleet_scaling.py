@@ -1,0 +1,177 @@
+"""Fleet-scaling study: how much faster does a fleet reach 80% success than one robot?
+
+For every fleet size and seed, one run under the same wall-clock budget: the
+real system (``fleet gateway``, ``fleet trainer`` with HG-DAgger, ``fleet
+sim-fleet`` with N MetaWorld robots in real time and the simulated operator),
+starting from the same weak behaviour-cloned policy. After each run, the
+versions it published are evaluated on held-out initial states with the
+operator off. Writes a JSON with every number and a PNG, and prints a table.
+
+    python bench/fleet_scaling.py --quick --json quick.json --plot quick.png   # ~10 min, 2 CPU cores
+    python bench/fleet_scaling.py --device cuda --json full.json --plot full.png  # MT10, GPU machine
+
+See docs/fleet-scaling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.scaling.config import FULL, QUICK, StudyConfig  # noqa: E402
+
+log = logging.getLogger("fleet_scaling")
+
+
+def _targets(result: dict) -> dict:
+    """The issue's targets, each True/False, or None where this study cannot tell."""
+
+    def at_least(n: str, goal: float):
+        if n not in result["speedup_to_0_8"]:
+            return None
+        value, bounds = result["speedup_to_0_8"][n], result["speedup_bounds"][n]
+        if value is not None:
+            return value >= goal
+        if bounds["lower"] is not None and bounds["lower"] >= goal:
+            return True
+        if bounds["upper"] is not None and bounds["upper"] < goal:
+            return False
+        return None
+
+    finals = [f["mean"] for f in result["final_success"].values() if f["mean"] is not None]
+    return {"speedup_4_robots_ge_3_5": at_least("4", 3.5), "speedup_8_robots_ge_6": at_least("8", 6.0),
+            "human_effort_falls_in_every_run": all(e["falls_in_every_run"] for e in result["human_effort"].values()),
+            "final_success_ge_0_95": (max(finals) >= 0.95) if finals else None}
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    """Train the start policy, run every (seed, fleet size), evaluate, aggregate."""
+    from bench.scaling.analysis import aggregate, summarize_run, versions_to_evaluate
+    from bench.scaling.evaluate import EvalSpec, evaluate_versions
+    from bench.scaling.machine import hardware
+    from bench.scaling.run import run_fleet, train_start_policy
+
+    began = time.time()
+    hw = hardware()
+    out = Path(cfg.out_dir).resolve()
+    spec = EvalSpec(tasks=tuple(cfg.tasks), episodes_per_task=cfg.eval_episodes_per_task,
+                    max_episode_steps=cfg.max_episode_steps, seed=cfg.eval_seed, device=cfg.device)
+    start_dir = train_start_policy(cfg, out / "start")
+    start_eval = evaluate_versions(start_dir, [1], spec)[1]
+    log.info("start policy: held-out success %s", {t: round(s, 2) for t, s in start_eval.items()})
+    summaries = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for seed in cfg.seeds:
+        for n in cfg.fleet_sizes:
+            run_dir = out / f"runs-{stamp}" / f"n{n}-seed{seed}"
+            run = run_fleet(cfg, n, seed, start_dir, run_dir)
+            wanted = versions_to_evaluate(run, cfg) - {1}
+            evaluating = time.monotonic()
+            evals = evaluate_versions(run_dir / "policies", sorted(wanted), spec, cfg.eval_workers)
+            log.info("evaluated %d versions in %.0fs", len(wanted), time.monotonic() - evaluating)
+            evals[1] = start_eval
+            summary = summarize_run(run, evals, cfg)
+            summary["run_dir"] = str(run_dir)
+            summaries.append(summary)
+            log.info("%d robots seed %d: final success %.2f, time to %.0f%%: %s, %d episodes, %d intervention "
+                     "steps, learner %.1f steps/s", n, seed, summary["final_success"], 100 * cfg.success_threshold,
+                     summary["time_to_threshold_s"], summary["episodes"], summary["intervention_steps"],
+                     summary["learner"]["trainer_steps_per_s"])
+    result = {"fleet_sizes": list(cfg.fleet_sizes), "seeds": list(cfg.seeds),
+              "success_threshold": cfg.success_threshold, "config": asdict(cfg),
+              "start_policy": {"success": sum(start_eval.values()) / len(start_eval), "per_task": start_eval},
+              **aggregate(summaries, cfg), "runs": summaries}
+    hw["load_average_1m_end"] = hardware()["load_average_1m"]
+    result["hardware"] = hw
+    result["targets"] = _targets(result)
+    result["wall_time_s"] = time.time() - began
+    return result
+
+
+def _fmt(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(result: dict) -> str:
+    """The per-fleet-size table (markdown)."""
+    head = ("| robots | time to 0.8 (s) | speed-up | final success | interv. steps/episode (first → last bin) "
+            "| ROHE (succ./1000 interv. steps) | learner steps/s | samples per fresh label | robots real-time "
+            "| bottleneck |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for n in map(str, result["fleet_sizes"]):
+        t = result["time_to_0_8_s"][n]
+        time_s = _fmt(t["mean_s"], ".0f") if t["mean_s"] is not None else f"> {t['lower_bound_s']:.0f} ({t['reached']})"
+        if t["mean_s"] is not None and t["std_s"] and len(result["seeds"]) > 1:
+            time_s += f" ± {t['std_s']:.0f}"
+        sp, b = result["speedup_to_0_8"][n], result["speedup_bounds"][n]
+        speed = (_fmt(sp) + "x" if sp is not None else f">= {b['lower']:.2f}x" if b["lower"] is not None
+                 else f"<= {b['upper']:.2f}x" if b["upper"] is not None else "-")
+        f = result["final_success"][n]
+        final = _fmt(f["mean"]) + (f" ± {f['std']:.2f}" if len(result["seeds"]) > 1 else "")
+        eff = [x for x in result["human_effort"][n]["intervention_steps_per_episode"] if x is not None]
+        effort = f"{eff[0]:.1f} → {eff[-1]:.1f}" if eff else "-"
+        rohe = result["rohe"][n]["mean"]
+        learner = result["learner"][n]
+        lines.append(f"| {n} | {time_s} | {speed} | {final} | {effort} | {_fmt(rohe * 1000 if rohe else None, '.1f')}"
+                     f" | {_fmt(learner['trainer_steps_per_s'], '.1f')} | "
+                     f"{_fmt(learner['samples_per_fresh_labeled_step'], '.1f')} | "
+                     f"{_fmt(learner['robot_realtime_ratio'])} | {', '.join(sorted(set(learner['bottleneck'])))} |")
+    return "\n".join(lines)
+
+
+def _csv(kind):
+    return lambda s: tuple(kind(x) for x in s.split(",") if x.strip())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the ~10 minute preset for 2 CPU cores (default: full)")
+    p.add_argument("--json", type=Path, help="where to write the JSON (default: <out-dir>/fleet_scaling.json)")
+    p.add_argument("--plot", type=Path, help="where to write the PNG (default: <out-dir>/fleet_scaling.png)")
+    p.add_argument("--fleet-sizes", type=_csv(int), help="comma-separated fleet sizes, e.g. 1,2,4,8")
+    p.add_argument("--seeds", type=_csv(int), help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--tasks", type=_csv(str), help="comma-separated MetaWorld tasks (env names or instructions)")
+    for name, kind in (("budget_s", float), ("control_hz", float), ("max_episode_steps", int),
+                       ("demos_per_task", int), ("seed_bc_steps", int), ("batch_size", int),
+                       ("publish_every_steps", int), ("eval_episodes_per_task", int), ("eval_points", int),
+                       ("eval_workers", int), ("effort_bins", int), ("device", str), ("out_dir", str)):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
+                       help=f"override the preset's {name} (see bench/scaling/config.py)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("edge.loop").setLevel(logging.WARNING)  # one line per evaluation episode otherwise
+    base = QUICK if args.quick else FULL
+    cfg = base.with_overrides(**{k: v for k, v in vars(args).items() if k in StudyConfig.__dataclass_fields__})
+    json_path = args.json or Path(cfg.out_dir) / "fleet_scaling.json"
+    plot_path = args.plot or Path(cfg.out_dir) / "fleet_scaling.png"
+    result = run_study(cfg)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1))
+    from bench.scaling.plot import plot_study
+
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plot_study(result, plot_path)
+    print(table(result))
+    print(f"start policy success {result['start_policy']['success']:.2f}; targets: {result['targets']}")
+    print(f"hardware: {result['hardware']['cpu_cores']} cores ({result['hardware']['cpu_model']}), "
+          f"GPU: {result['hardware']['gpu'] or 'none'}; wall time {result['wall_time_s']:.0f} s")
+    print(f"json: {json_path}\nplot: {plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Ingest throughput with durable acks, beside the limit measured in the same run.
+
+    path     16 simulated edge streams (one process: a real Spool + Streamer per robot, spools
+             filled beforehand) -> one `fleet gateway` process (grpc.aio, validation incl. JPEG
+             decode, atomic Lua write) -> a private redis-server (AOF, appendfsync everysec by
+             default); a step counts once its ack came back (acks follow Redis' reply)
+    limit    the same step bytes written by raw redis-py from one process: one RPUSH per chunk of
+             64 steps, 16 chunks per pipeline (also shown: one RPUSH per step, 1024 per pipeline)
+    record   per-step cost of Spool.record on the edge (encode + SQLite WAL insert) while a streamer
+             sends and acks concurrently: p50/p99/max
+
+Two step kinds: low-dim (MetaWorld-like: 39 float32 state, 4 float32 actions) and the same plus one
+128x128 JPEG camera frame.
+
+    python bench/ingest.py --quick --json bench/results/ingest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge.client import FleetClient  # noqa: E402
+from edge.spool import Spool  # noqa: E402
+from edge.streamer import Backoff, Streamer  # noqa: E402
+from fleet import PROTOCOL_VERSION  # noqa: E402
+from fleet.codec import encode_image  # noqa: E402
+from fleet.convert import encode_step  # noqa: E402
+from fleet.redis_server import free_port, start_redis  # noqa: E402
+from fleet.types import EncodedImage, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step  # noqa: E402
+
+TASK = "reach the goal"
+EPISODE_STEPS = 200
+CHUNK_STEPS = 256
+LOWDIM = Schema((FeatureSpec("state", "float32", (39,)),), FeatureSpec("action", "float32", (4,)))
+JPEG = Schema((FeatureSpec("state", "float32", (39,)), FeatureSpec("cam", "uint8", (128, 128, 3), is_image=True)),
+              FeatureSpec("action", "float32", (4,)))
+SCHEMAS = {"lowdim": LOWDIM, "jpeg": JPEG}
+
+
+def frame(t: int, rng: np.random.Generator) -> EncodedImage:
+    """A synthetic 128x128 camera frame (gradient, a moving square, sensor noise) as JPEG q90."""
+    y, x = np.mgrid[0:128, 0:128]
+    img = np.stack([x * 2, y * 2, np.full_like(x, 90)], axis=-1).astype(np.float64)
+    cy, cx = 64 + int(30 * np.sin(t / 20)), 64 + int(30 * np.cos(t / 25))
+    img[cy - 12:cy + 12, cx - 12:cx + 12] = (220, 60, 40)
+    img += rng.normal(0, 4, img.shape)
+    return encode_image(np.clip(img, 0, 255).astype(np.uint8), "jpeg", quality=90)
+
+
+def make_step(kind: str, t: int, rng: np.random.Generator, frames: list[EncodedImage]) -> Step:
+    return Step(seq=0, index=t % EPISODE_STEPS, observation={"state": rng.standard_normal(39).astype(np.float32)},
+                policy_action=rng.uniform(-1, 1, 4).astype(np.float32),
+                action=rng.uniform(-1, 1, 4).astype(np.float32), is_intervention=t % 5 == 0, reward=0.0,
+                success=False, done=t % EPISODE_STEPS == EPISODE_STEPS - 1, policy_version=1, timestamp_s=time.time(),
+                images={"cam": frames[t % len(frames)]} if kind == "jpeg" else {})
+
+
+def fill(spool: Spool, kind: str, n: int, seed: int, frames: list[EncodedImage]) -> None:
+    rng = np.random.default_rng(seed)
+    for t in range(n):
+        step = make_step(kind, t, rng, frames)
+        end = EpisodeSummary(False, EPISODE_STEPS, 0, 0, False, 1) if step.done else None
+        spool.record(f"ep{seed}-{t // EPISODE_STEPS}", TASK, False, step, end)
+
+
+# --- the edge side (a child process) ---------------------------------------------------------
+
+
+def edge_worker(args) -> None:
+    """Fill one spool per robot, say READY, wait for GO, stream them all, print the result as JSON."""
+    kind, state = args.kind, Path(args.state_dir)
+    frames = [frame(t, np.random.default_rng(t)) for t in range(32)] if kind == "jpeg" else []
+    robots = []
+    for i in range(args.robots):
+        rid = f"{kind}-{i}"
+        spool = Spool(state / f"{rid}.db", SCHEMAS[kind])
+        fill(spool, kind, args.steps, i, frames)
+        client = FleetClient(args.target, rpc_timeout_s=30.0)
+        info = RobotInfo(rid, "bench-arm", SCHEMAS[kind], (TASK,), PROTOCOL_VERSION)
+        robots.append((spool, client, Streamer(info, spool, client, backoff=Backoff(0.05, 1.0))))
+    total_bytes = sum(r[0].backlog()[1] for r in robots)
+    print("READY", flush=True)
+    sys.stdin.readline()
+    t0 = time.perf_counter()
+    for _, _, streamer in robots:
+        streamer.start()
+    for spool, _, streamer in robots:
+        assert streamer.wait_acked(args.steps, timeout_s=600), f"not all acked: {streamer.acked_seq}"
+    elapsed = time.perf_counter() - t0
+    for spool, client, streamer in robots:
+        streamer.stop()
+        client.close()
+        spool.close()
+    print(json.dumps({"steps": args.robots * args.steps, "bytes": total_bytes, "elapsed_s": elapsed}), flush=True)
+
+
+def run_path(kind: str, target: str, robots: int, steps: int, state_dir: Path) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, "--edge-worker", "--kind", kind, "--target", target,
+                             "--robots", str(robots), "--steps", str(steps), "--state-dir", str(state_dir)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "READY", "edge worker failed while filling its spools"
+    proc.stdin.write("GO\n")
+    proc.stdin.flush()
+    result = json.loads(proc.stdout.readline())
+    proc.wait(60)
+    return result
+
+
+# --- the limit: raw redis-py from one process ---------------------------------------------
+
+
+def blobs_for(kind: str, n: int) -> list[bytes]:
+    rng = np.random.default_rng(123)
+    frames = [frame(t, np.random.default_rng(t)) for t in range(32)] if kind == "jpeg" else []
+    schema = SCHEMAS[kind]
+    out = []
+    for t in range(n):
+        step = make_step(kind, t, rng, frames)
+        step.seq = t + 1
+        out.append(encode_step(step, schema))
+    return out
+
+
+def raw_limit(redis_url: str, blobs: list[bytes], robots: int, per_step: bool) -> dict:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    chunks = [blobs[i:i + CHUNK_STEPS] for i in range(0, len(blobs), CHUNK_STEPS)]
+    per_pipeline = 1024 if per_step else robots
+    t0 = time.perf_counter()
+    sent = 0
+    for r in range(robots):
+        key = f"bench:raw:{per_step}:{r}"
+        pipe = client.pipeline(transaction=False)
+        queued = 0
+        for chunk in chunks:
+            if per_step:
+                for blob in chunk:
+                    pipe.rpush(key, blob)
+                    queued += 1
+            else:
+                pipe.rpush(key, *chunk)
+                queued += 1
+            if queued >= per_pipeline:
+                pipe.execute()
+                queued = 0
+            sent += len(chunk)
+        if queued:
+            pipe.execute()
+    elapsed = time.perf_counter() - t0
+    client.delete(*[f"bench:raw:{per_step}:{r}" for r in range(robots)])
+    client.close()
+    nbytes = sum(len(b) for b in blobs) * robots
+    return {"steps": sent, "bytes": nbytes, "elapsed_s": elapsed}
+
+
+# --- edge record cost ----------------------------------------------------------------------
+
+
+def record_cost(kind: str, target: str, n: int, state_dir: Path) -> dict:
+    """Spool.record latency at ~1 kHz while a streamer sends and acks the same spool."""
+    frames = [frame(t, np.random.default_rng(t)) for t in range(32)] if kind == "jpeg" else []
+    spool = Spool(state_dir / f"record-{kind}.db", SCHEMAS[kind])
+    client = FleetClient(target)
+    streamer = Streamer(RobotInfo(f"record-{kind}", "bench-arm", SCHEMAS[kind], (TASK,), PROTOCOL_VERSION), spool,
+                        client)
+    streamer.start()
+    rng = np.random.default_rng(0)
+    times = []
+    for t in range(n):
+        step = make_step(kind, t, rng, frames)
+        end = EpisodeSummary(False, EPISODE_STEPS, 0, 0, False, 1) if step.done else None
+        t0 = time.perf_counter()
+        spool.record(f"rec-{t // EPISODE_STEPS}", TASK, False, step, end)
+        times.append(time.perf_counter() - t0)
+        time.sleep(0.001)
+    acked = streamer.wait_acked(n, timeout_s=60)
+    streamer.stop()
+    client.close()
+    spool.close()
+    ms = np.array(times) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "max_ms": float(ms.max()), "steps": n, "all_acked": bool(acked)}
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+def start_gateway(redis_url: str, policy_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    import grpc
+
+    port = free_port()
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "gateway", "--listen", f"127.0.0.1:{port}",
+                             "--redis-url", redis_url, "--policy-dir", str(policy_dir)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=str(Path(__file__).resolve().parents[1]))
+    log.close()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=180)
+    channel.close()
+    return proc, f"127.0.0.1:{port}"
+
+
+def rates(result: dict) -> tuple[float, float]:
+    return result["steps"] / result["elapsed_s"], result["bytes"] / result["elapsed_s"] / 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps (about a minute)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--robots", type=int, default=16, help="concurrent edge streams")
+    parser.add_argument("--appendfsync", default="everysec", choices=["everysec", "always"],
+                        help="Redis AOF fsync policy")
+    parser.add_argument("--edge-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--kind", help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--state-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.edge_worker:
+        edge_worker(args)
+        return 0
+
+    steps = {"lowdim": 1500 if args.quick else 6000, "jpeg": 200 if args.quick else 800}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    redis_proc = start_redis(tmp / "redis", appendfsync=args.appendfsync)
+    gateway, target = start_gateway(redis_proc.url, tmp / "policies", tmp / "gateway.log")
+    results: dict = {"robots": args.robots, "appendfsync": args.appendfsync, "cpus": os.cpu_count(),
+                     "machine": platform.processor() or platform.machine(), "kinds": {}}
+    try:
+        for kind, n in steps.items():
+            path = run_path(kind, target, args.robots, n, tmp / f"edge-{kind}")
+            blobs = blobs_for(kind, n)
+            limit = raw_limit(redis_proc.url, blobs, args.robots, per_step=False)
+            naive = raw_limit(redis_proc.url, blobs, args.robots, per_step=True)
+            record = record_cost(kind, target, 3000 if kind == "lowdim" else 600, tmp / "record")
+            (p_steps, p_mb), (l_steps, l_mb), (n_steps, _) = rates(path), rates(limit), rates(naive)
+            results["kinds"][kind] = {
+                "steps_per_s": p_steps, "mb_per_s": p_mb, "limit_steps_per_s": l_steps, "limit_mb_per_s": l_mb,
+                "ratio": p_steps / l_steps, "limit_per_step_rpush_steps_per_s": n_steps,
+                "ratio_vs_per_step_rpush": p_steps / n_steps, "bytes_per_step": path["bytes"] / path["steps"],
+                "steps": path["steps"], "edge_record_p50_ms": record["p50_ms"],
+                "edge_record_p99_ms": record["p99_ms"], "edge_record_max_ms": record["max_ms"]}
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        try:
+            gateway.wait(30)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+        redis_proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    low = results["kinds"]["lowdim"]
+    results.update({k: low[k] for k in ("steps_per_s", "limit_steps_per_s", "ratio", "mb_per_s",
+                                        "edge_record_p50_ms", "edge_record_p99_ms")})
+    print(f"\ningest with durable acks: {args.robots} edge streams -> gateway -> redis (appendfsync "
+          f"{args.appendfsync}), {os.cpu_count()} CPUs")
+    print(f"{'kind':8} {'B/step':>7} {'steps/s':>9} {'MB/s':>7} {'limit steps/s':>14} {'limit MB/s':>10} "
+          f"{'ratio':>6} {'vs RPUSH/step':>13} {'record p50':>10} {'p99 ms':>7}")
+    for kind, r in results["kinds"].items():
+        print(f"{kind:8} {r['bytes_per_step']:7.0f} {r['steps_per_s']:9.0f} {r['mb_per_s']:7.1f} "
+              f"{r['limit_steps_per_s']:14.0f} {r['limit_mb_per_s']:10.1f} {r['ratio']:6.2f} "
+              f"{r['ratio_vs_per_step_rpush']:13.2f} {r['edge_record_p50_ms']:10.3f} {r['edge_record_p99_ms']:7.3f}")
+    print("targets: ratio >= 0.5 (low-dim), edge record p99 <= 1 ms (low-dim)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""From run records and evaluations to the study's numbers.
+
+success(t) of a run is the held-out success of the newest version published
+by time t (t = 0: the start policy). Time to threshold is the first point of
+the evaluated grid where success(t) >= threshold; a run that never gets there
+is censored at the budget, so its fleet size gets a lower bound instead of a
+time, and speed-ups get bounds instead of values. Human effort is the
+operator's intervention steps per episode; Return on Human Effort (ROHE,
+Fleet-DAgger) is successful episodes per intervention step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from bench.scaling.config import StudyConfig
+
+SAMPLES_PER_LABEL_DATA_BOUND = 4.0
+"""A learner that draws at least this many samples per freshly labelled step has compute to spare:
+the data (the robots and the operator) is the bottleneck. Below it, labels arrive faster than it uses them."""
+
+
+def grid(cfg: StudyConfig) -> list[float]:
+    """Times (s) at which success(t) is evaluated: 0 and ``eval_points`` even steps up to the budget."""
+    return [cfg.budget_s * k / cfg.eval_points for k in range(cfg.eval_points + 1)]
+
+
+def version_at(run: dict, t_s: float) -> int:
+    """The newest version published by ``t_s`` (the start policy, v1, at or before 0)."""
+    published = [v["version"] for v in run["versions"] if v["t_s"] <= t_s or v["version"] == 1]
+    return max(published)
+
+
+def versions_to_evaluate(run: dict, cfg: StudyConfig) -> set[int]:
+    return {version_at(run, t) for t in grid(cfg)}
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(xs)) if xs else None
+
+
+def _std(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.std(xs)) if xs else None
+
+
+def _delta(end: dict, start: dict, key: str) -> float | None:
+    if end.get(key) is None or start.get(key) is None:
+        return None
+    return end[key] - start[key]
+
+
+def time_to(curve_t: Sequence[float], curve_s: Sequence[float], threshold: float) -> float | None:
+    """First time the curve reaches ``threshold`` (None: never within the curve)."""
+    return next((t for t, s in zip(curve_t, curve_s) if s >= threshold), None)
+
+
+def effort_bins(episodes: list[dict], budget_s: float, bins: int) -> dict:
+    """Per time bin: episodes, intervention steps per episode, intervention share of steps, ROHE."""
+    edges = np.linspace(0.0, budget_s, bins + 1)
+    out: dict[str, list] = {"t_s": [], "episodes": [], "intervention_steps_per_episode": [],
+                            "intervention_share": [], "success_rate": [], "rohe": []}
+    for a, b in zip(edges[:-1], edges[1:]):
+        eps = [e for e in episodes if a <= e["t_s"] < b or (b == budget_s and e["t_s"] == b)]
+        steps = sum(e["num_steps"] for e in eps)
+        inter = sum(e["intervention_steps"] for e in eps)
+        wins = sum(bool(e["success"]) for e in eps)
+        out["t_s"].append(float((a + b) / 2))
+        out["episodes"].append(len(eps))
+        out["intervention_steps_per_episode"].append(inter / len(eps) if eps else None)
+        out["intervention_share"].append(inter / steps if steps else None)
+        out["success_rate"].append(wins / len(eps) if eps else None)
+        out["rohe"].append(wins / inter if inter else None)
+    return out
+
+
+def _effort_slope_per_min(episodes: list[dict]) -> float | None:
+    """Least-squares slope of intervention steps per episode against time, steps per minute."""
+    if len(episodes) < 3:
+        return None
+    t = np.array([e["t_s"] for e in episodes]) / 60.0
+    y = np.array([e["intervention_steps"] for e in episodes], dtype=float)
+    if np.ptp(t) == 0:
+        return None
+    return float(np.polyfit(t, y, 1)[0])
+
+
+def learner_usage(run: dict, cfg: StudyConfig) -> dict:
+    """Learner throughput and CPU, fresh labels, the robots' real-time ratio, the machine's load."""
+    start, end = run["start"], run["end"]
+    wall = max(end["t_s"] - start["t_s"], 1e-9)
+    steps = end["trainer_step"] - start["trainer_step"]
+    labels = end["intervention_steps_stored"] - start["intervention_steps_stored"]
+    stored = end["steps_stored"] - start["steps_stored"]
+    samples = steps * cfg.batch_size
+    cpu = {name: (_delta(end, start, f"{name}_cpu_s") or 0.0) / wall for name in ("trainer", "fleet", "gateway")}
+    busy, total = _delta(end, start, "machine_busy_cpu_s"), _delta(end, start, "machine_total_cpu_s")
+    machine_busy = busy / wall if busy is not None else None
+    cores = total / wall if total is not None else None
+    per_label = samples / labels if labels else None
+    starved = (cpu["trainer"] < 0.7 * cfg.trainer_torch_threads and machine_busy is not None and cores is not None
+               and machine_busy >= 0.9 * cores)
+    if starved:
+        bottleneck = "learner (CPU-starved)"
+    elif per_label is not None and per_label < SAMPLES_PER_LABEL_DATA_BOUND:
+        bottleneck = "learner"
+    else:
+        bottleneck = "data"
+    return {
+        "trainer_steps": steps, "trainer_steps_per_s": steps / wall, "trainer_samples_per_s": samples / wall,
+        "fresh_labeled_steps": labels, "samples_per_fresh_labeled_step": per_label,
+        "trainer_cpu_cores": cpu["trainer"], "robots_cpu_cores": cpu["fleet"], "gateway_cpu_cores": cpu["gateway"],
+        "machine_busy_cores": machine_busy, "machine_cores": cores,
+        "other_load_cores": (machine_busy - sum(cpu.values())) if machine_busy is not None else None,
+        "robot_steps_stored": stored,
+        "robot_realtime_ratio": stored / (run["fleet_size"] * cfg.control_hz * wall),
+        "bottleneck": bottleneck,
+    }
+
+
+def summarize_run(run: dict, evals: dict[int, dict[str, float]], cfg: StudyConfig) -> dict:
+    """One run's curve, time to threshold, final success, human effort, ROHE and learner usage."""
+    ts = grid(cfg)
+    versions = [version_at(run, t) for t in ts]
+    success = [float(np.mean(list(evals[v].values()))) for v in versions]
+    episodes = [e for e in run["episodes"] if 0.0 <= e["t_s"] <= cfg.budget_s]
+    inter = sum(e["intervention_steps"] for e in episodes)
+    wins = sum(bool(e["success"]) for e in episodes)
+    bins = effort_bins(episodes, cfg.budget_s, cfg.effort_bins)
+    filled = [x for x in bins["intervention_steps_per_episode"] if x is not None]
+    slope = _effort_slope_per_min(episodes)
+    return {
+        "fleet_size": run["fleet_size"], "seed": run["seed"], "setup_s": run["setup_s"],
+        "curve": {"t_s": ts, "version": versions, "success": success},
+        "time_to_threshold_s": time_to(ts, success, cfg.success_threshold),
+        "final_version": versions[-1], "final_success": success[-1], "final_success_per_task": evals[versions[-1]],
+        "versions_published": max(v["version"] for v in run["versions"]),
+        "episodes": len(episodes), "successes": wins, "intervention_steps": inter,
+        "rohe": wins / inter if inter else None,
+        "human_effort": {**bins, "slope_steps_per_episode_per_min": slope,
+                         "falls": (slope is not None and slope < 0) and (len(filled) < 2 or filled[-1] <= filled[0])},
+        "learner": learner_usage(run, cfg),
+    }
+
+
+def _speedup(t1: dict, tn: dict) -> tuple[float | None, float | None, float | None]:
+    """(speed-up, lower bound, upper bound) of fleet n over 1 robot from their time-to-threshold entries."""
+    if t1["mean_s"] is not None and tn["mean_s"] is not None:
+        value = t1["mean_s"] / tn["mean_s"]
+        return value, value, value
+    if tn["mean_s"] is not None:  # 1 robot censored: it needed at least its lower bound
+        return None, t1["lower_bound_s"] / tn["mean_s"], None
+    if t1["mean_s"] is not None:  # fleet n censored
+        return None, None, t1["mean_s"] / tn["lower_bound_s"]
+    return None, None, None
+
+
+def aggregate(summaries: list[dict], cfg: StudyConfig) -> dict:
+    """Per fleet size over seeds: the fields of the study's JSON (keys are fleet sizes as strings)."""
+    sizes = sorted({s["fleet_size"] for s in summaries})
+    by = {n: [s for s in summaries if s["fleet_size"] == n] for n in sizes}
+    curves, t_to, final, effort, rohe, learner = {}, {}, {}, {}, {}, {}
+    for n, runs in by.items():
+        key = str(n)
+        stack = np.array([r["curve"]["success"] for r in runs])
+        curves[key] = {"t_s": runs[0]["curve"]["t_s"], "mean": stack.mean(0).tolist(), "std": stack.std(0).tolist(),
+                       "per_seed": stack.tolist()}
+        times = [r["time_to_threshold_s"] for r in runs]
+        reached = [t for t in times if t is not None]
+        t_to[key] = {"per_seed_s": times, "reached": f"{len(reached)}/{len(times)}",
+                     "mean_s": float(np.mean(reached)) if len(reached) == len(times) else None,
+                     "std_s": float(np.std(reached)) if len(reached) == len(times) else None,
+                     "lower_bound_s": float(np.mean([t if t is not None else cfg.budget_s for t in times]))}
+        tasks = runs[0]["final_success_per_task"]
+        final[key] = {"mean": _mean(r["final_success"] for r in runs), "std": _std(r["final_success"] for r in runs),
+                      "per_seed": [r["final_success"] for r in runs],
+                      "per_task": {t: _mean(r["final_success_per_task"][t] for r in runs) for t in tasks}}
+        per_ep = np.array([[x if x is not None else np.nan for x in r["human_effort"]["intervention_steps_per_episode"]]
+                           for r in runs], dtype=float)
+        effort[key] = {
+            "t_s": runs[0]["human_effort"]["t_s"],
+            "intervention_steps_per_episode": [None if np.all(np.isnan(c)) else float(np.nanmean(c)) for c in per_ep.T],
+            "intervention_steps_total": [r["intervention_steps"] for r in runs],
+            "episodes_total": [r["episodes"] for r in runs],
+            "slope_steps_per_episode_per_min": [r["human_effort"]["slope_steps_per_episode_per_min"] for r in runs],
+            "falls_in_every_run": all(r["human_effort"]["falls"] for r in runs),
+        }
+        rohe[key] = {"mean": _mean(r["rohe"] for r in runs), "std": _std(r["rohe"] for r in runs),
+                     "per_seed": [r["rohe"] for r in runs]}
+        learner[key] = {k: _mean(r["learner"][k] for r in runs) for k in runs[0]["learner"] if k != "bottleneck"}
+        learner[key]["bottleneck"] = [r["learner"]["bottleneck"] for r in runs]
+    speedup, bounds = {}, {}
+    for n in sizes:
+        if 1 not in by:
+            speedup[str(n)], bounds[str(n)] = None, {"lower": None, "upper": None}
+            continue
+        value, lower, upper = _speedup(t_to["1"], t_to[str(n)])
+        speedup[str(n)], bounds[str(n)] = value, {"lower": lower, "upper": upper}
+    return {"success_curves": curves, "time_to_0_8_s": t_to, "speedup_to_0_8": speedup,
+            "speedup_bounds": bounds, "final_success": final, "human_effort": effort, "rohe": rohe,
+            "learner": learner}

@@ -1,0 +1,113 @@
+"""The fleet-scaling study's configuration and its two presets (quick, full)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from fleet.errors import ConfigError
+
+MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
+        "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3")
+"""The ten MetaWorld MT10 tasks."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """One scaling study: every fleet size x every seed, each run under the same wall-clock budget."""
+
+    fleet_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    """Fleet sizes (robots) to run."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds; each fleet size runs once per seed (robots' initial states, operator noise, sampler)."""
+    budget_s: float = 3600.0
+    """Wall-clock budget of every run, seconds, from the moment all robots and the learner are running."""
+    tasks: tuple[str, ...] = MT10
+    """MetaWorld tasks of the one shared multi-task policy."""
+    control_hz: float = 20.0
+    """Robot control rate (held in real time, like a real robot)."""
+    max_episode_steps: int = 150
+    """Episode length limit, steps."""
+    demos_per_task: int = 3
+    """Scripted demonstrations per task: the offline data of the start policy and of every run."""
+    demo_seed: int = 0
+    """Seed of the demonstrations' initial states (the same offline data for every run)."""
+    seed_bc_steps: int = 300
+    """Behaviour-cloning steps of the start policy (trained once, shared by every run)."""
+    batch_size: int = 64
+    """Trainer batch size."""
+    publish_every_steps: int = 50
+    """The trainer publishes a version every this many optimizer steps."""
+    trainer_torch_threads: int = 1
+    """torch threads of the trainer."""
+    device: str = "cpu"
+    """Trainer's torch device (cuda on a GPU machine)."""
+    policy_args: tuple[str, ...] = ()
+    """Extra `fleet trainer` options for the policy (e.g. --policy.dim-model 64), used for the start policy."""
+    edge_args: tuple[str, ...] = ()
+    """Extra `fleet sim-fleet` options for every robot (e.g. --edge.operator-config.stall-steps 20)."""
+    eval_episodes_per_task: int = 10
+    """Held-out evaluation episodes per task for every evaluated version."""
+    eval_points: int = 12
+    """Points on each run's success curve (the newest version at each is evaluated), besides t = 0."""
+    eval_seed: int = 12345
+    """Seed of the held-out evaluation episodes (the same for every version)."""
+    eval_workers: int = 1
+    """Processes evaluating versions in parallel (after each run, never during one)."""
+    effort_bins: int = 6
+    """Time bins of the human-effort and ROHE curves."""
+    success_threshold: float = 0.8
+    """Success rate whose first crossing times a run (SOP: 80%)."""
+    startup_timeout_s: float = 300.0
+    """How long a run may take to get its robots and learner running."""
+    out_dir: str = "runs/fleet-scaling"
+    """Where runs, policies and logs go."""
+
+    def __post_init__(self) -> None:
+        if not self.fleet_sizes or any(n < 1 for n in self.fleet_sizes):
+            raise ConfigError(f"fleet_sizes ({self.fleet_sizes}) must be non-empty and each >= 1")
+        if not self.seeds:
+            raise ConfigError("seeds must not be empty")
+        if not self.budget_s > 0:
+            raise ConfigError(f"budget_s ({self.budget_s}) must be > 0")
+        if not self.tasks:
+            raise ConfigError("tasks must not be empty")
+        for name in ("max_episode_steps", "demos_per_task", "seed_bc_steps", "batch_size", "publish_every_steps",
+                     "trainer_torch_threads", "eval_episodes_per_task", "eval_points", "eval_workers",
+                     "effort_bins"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if not self.control_hz > 0:
+            raise ConfigError(f"control_hz ({self.control_hz}) must be > 0")
+        if not 0 < self.success_threshold <= 1:
+            raise ConfigError(f"success_threshold ({self.success_threshold}) must be in (0, 1]")
+
+    def with_overrides(self, **changes) -> StudyConfig:
+        """A copy with the given (non-None) fields replaced."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+SMALL_POLICY = ("--policy.dim-model", "64", "--policy.dim-feedforward", "256", "--policy.n-heads", "4",
+                "--policy.n-encoder-layers", "1", "--policy.lr", "1e-3")
+"""A small ACT for a 2-core CPU: the learner and the robots share the two cores."""
+
+STRICT_OPERATOR = ("--edge.operator-config.divergence-threshold", "0.5", "--edge.operator-config.stall-steps", "15")
+"""An operator who steps in earlier than the default: a weak policy that creeps toward the goal without
+diverging much or stalling for long fails without ever producing a label under the default gating."""
+
+QUICK = StudyConfig(
+    fleet_sizes=(1, 2, 4), seeds=(0,), budget_s=100.0, tasks=("reach-v3", "drawer-close-v3"),
+    control_hz=20.0, max_episode_steps=100, demos_per_task=3, seed_bc_steps=150, batch_size=32,
+    publish_every_steps=25, policy_args=SMALL_POLICY, edge_args=STRICT_OPERATOR, eval_episodes_per_task=10, eval_points=10,
+    effort_bins=5, out_dir="runs/fleet-scaling-quick",
+)
+"""About 10 minutes on 2 CPU cores: 2 tasks, 1/2/4 robots, one seed, 100 s per run."""
+
+FULL = StudyConfig(
+    fleet_sizes=(1, 2, 4, 8), seeds=(0, 1, 2), budget_s=3600.0, tasks=MT10, control_hz=20.0,
+    max_episode_steps=150, demos_per_task=5, seed_bc_steps=500, batch_size=256, publish_every_steps=50,
+    device="cuda", edge_args=STRICT_OPERATOR, eval_episodes_per_task=20, eval_points=24, eval_workers=8, effort_bins=12,
+    out_dir="runs/fleet-scaling-full",
+)
+"""A GPU machine: MT10, 1/2/4/8 robots, 3 seeds, one hour per run (12 runs: about 13 hours)."""
+
+PRESETS: dict[str, StudyConfig] = {"quick": QUICK, "full": FULL}

@@ -1,0 +1,226 @@
+"""What the buffer holds that an algorithm trains on, mirrored incrementally from Redis.
+
+Each refresh reads only the new entries of every robot's append-only ``labeled``
+list and episode-end ``events`` stream (plus, once per robot, its catalog, in
+case the capped stream lost old entries). What is usable is chosen by the
+algorithm's :class:`DataSpec`: operator-labelled steps (HG-DAgger), the robot's
+own successful episodes, every finished episode (RECAP), offline demos.
+Usable steps are kept as runs (:class:`Segment`) in per-(task, source) pools.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cloud.buffer import ROBOTS_KEY, SOURCE_OFFLINE, SOURCE_ONLINE, RobotKeys
+from fleet.convert import schema_from_dict
+from fleet.types import Schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which stored steps an algorithm trains on (declared by the algorithm)."""
+
+    interventions: bool = True
+    """Online steps the operator drove (targets: the operator's actions, while it drove)."""
+    successes: bool = False
+    """Every step of the robots' own successful autonomous episodes."""
+    episodes: bool = False
+    """Every step of every finished online episode, with its outcome (RECAP)."""
+    offline: bool = True
+    """Offline demonstrations."""
+    lookahead_steps: int = 0
+    """Also return the observation ``lookahead_steps`` after t (``next/<name>``, ``has_next``)."""
+
+
+@dataclass
+class Position:
+    robot_id: str
+    episode_id: str
+    index: int
+
+
+@dataclass
+class Segment:
+    """A run of consecutive usable steps of one episode."""
+
+    robot_id: str
+    episode_id: str
+    start: int
+    length: int
+    labels_all: bool
+    """Every step is a target (False: targets end where the operator handed back)."""
+    episode_len: int = 0
+    """Steps of the finished episode (0: not finished yet)."""
+    success: bool = False
+
+
+class Pool:
+    """Segments sampled uniformly over their steps."""
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+        self._cum: np.ndarray | None = None
+
+    def add(self, seg: Segment) -> None:
+        last = self.segments[-1] if self.segments else None
+        if (last is not None and not seg.labels_all and last.episode_id == seg.episode_id
+                and last.robot_id == seg.robot_id and last.start + last.length == seg.start):
+            last.length += seg.length  # an intervention run continued in a later chunk
+        else:
+            self.segments.append(seg)
+        self._cum = None
+
+    def __len__(self) -> int:
+        return int(self.cum[-1]) if self.segments else 0
+
+    @property
+    def cum(self) -> np.ndarray:
+        if self._cum is None:
+            self._cum = np.cumsum([s.length for s in self.segments])
+        return self._cum
+
+    def sample(self, rng: np.random.Generator, n: int) -> list[tuple[Segment, int]]:
+        """``n`` (segment, step index) pairs, uniform over the pool's steps."""
+        cum = self.cum
+        u = rng.integers(cum[-1], size=n)
+        seg_index = np.searchsorted(cum, u, side="right")
+        offsets = u - np.where(seg_index > 0, cum[seg_index - 1], 0)
+        return [(self.segments[i], self.segments[i].start + int(o)) for i, o in zip(seg_index, offsets)]
+
+
+@dataclass
+class BufferIndex:
+    """Local mirror of what the buffer holds that ``spec`` trains on, by (task, source)."""
+
+    spec: DataSpec = field(default_factory=DataSpec)
+    pools: dict[tuple[str, str], Pool] = field(default_factory=lambda: defaultdict(Pool))
+    robots: dict[str, dict] = field(default_factory=dict)
+    online_steps: int = 0
+    """Steps the online robots have stored (the rate limiter's inserts)."""
+    task_max_len: dict[str, int] = field(default_factory=dict)
+    """Longest finished episode seen per task (RECAP's return normalisation)."""
+    embodiment: str = ""
+    """Only robots registered with this embodiment ("" = all robots that share the first one's schema)."""
+    _skipped: set[str] = field(default_factory=set)
+    finished: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Length of every finished episode, by (robot_id, episode_id)."""
+    _seen_labeled: dict[str, int] = field(default_factory=dict)
+    _last_event: dict[str, bytes] = field(default_factory=dict)
+    _episodes: set[tuple[str, str]] = field(default_factory=set)
+
+    def refresh(self, redis) -> int:
+        """Pull new entries; returns how many usable steps were added."""
+        registered = {(k.decode() if isinstance(k, bytes) else k): json.loads(v)
+                      for k, v in redis.hgetall(ROBOTS_KEY).items()}
+        for rid, reg in sorted(registered.items(), key=lambda kv: kv[1].get("registered_s", 0.0)):
+            if rid in self._skipped:
+                continue
+            if rid in self.robots:
+                self.robots[rid] = reg
+                continue
+            if self.embodiment and reg.get("embodiment") != self.embodiment:
+                self._skipped.add(rid)  # another embodiment's trainer learns from it
+                continue
+            first = next(iter(self.robots.values()), None)
+            if first is not None and reg["schema"] != first["schema"]:
+                self._skipped.add(rid)
+                log.warning("robot %s (embodiment %r) has another schema than %r: not training on it; run a "
+                            "trainer per embodiment (--embodiment)", rid, reg.get("embodiment"),
+                            first.get("embodiment"))
+                continue
+            self.robots[rid] = reg
+        order = list(self.robots)
+        new = [rid for rid in order if rid not in self._last_event]
+        pipe = redis.pipeline(transaction=False)
+        for rid in order:
+            keys = RobotKeys(rid)
+            pipe.lrange(keys.labeled, self._seen_labeled.get(rid, 0), -1)
+            last = self._last_event.get(rid)
+            pipe.xrange(keys.events, min=b"(" + last if last else "-", max="+")
+            pipe.hget(keys.stats, "steps")
+        for rid in new:  # first sight: the catalog too, in case the capped stream lost old episodes
+            pipe.hgetall(RobotKeys(rid).catalog)
+        replies = pipe.execute()
+        catalogs = dict(zip(new, replies[3 * len(order):]))
+        added, online_steps = 0, 0
+        for i, rid in enumerate(order):
+            labeled, events, steps = replies[3 * i:3 * i + 3]
+            catalog = catalogs.get(rid)
+            source = self.robots[rid].get("source", SOURCE_ONLINE)
+            self._seen_labeled[rid] = self._seen_labeled.get(rid, 0) + len(labeled)
+            if source == SOURCE_ONLINE:
+                online_steps += int(steps or 0)
+            added += self._add_labeled(rid, source, labeled)
+            ended = []
+            if isinstance(catalog, dict):
+                for eid, raw in catalog.items():
+                    entry = json.loads(raw)
+                    if entry.get("ended"):
+                        ended.append((eid.decode(), entry["task"], int(entry["len"]), bool(entry["success"]),
+                                      bool(entry["eval"])))
+            for entry_id, fields in events:
+                self._last_event[rid] = entry_id
+                summary = json.loads(fields[b"summary"] or b"{}")
+                ended.append((fields[b"episode"].decode(), fields[b"task"].decode(), int(summary.get("num_steps", 0)),
+                              bool(summary.get("success")), bool(summary.get("evaluation"))))
+            self._last_event.setdefault(rid, b"0-0")
+            added += sum(self._add_episode(rid, source, *e) for e in ended)
+        self.online_steps = online_steps
+        return added
+
+    def _add_labeled(self, rid: str, source: str, entries: list[bytes]) -> int:
+        use = self.spec.offline and not self.spec.episodes if source == SOURCE_OFFLINE else self.spec.interventions
+        if not use:
+            return 0
+        for raw in entries:
+            eid, idx, task = raw.decode().split("|", 2)
+            self.pools[(task, source)].add(Segment(rid, eid, int(idx), 1, labels_all=source == SOURCE_OFFLINE))
+        return len(entries)
+
+    def _add_episode(self, rid: str, source: str, eid: str, task: str, length: int, success: bool,
+                     evaluation: bool) -> int:
+        if (rid, eid) in self._episodes or length <= 0:
+            return 0
+        self._episodes.add((rid, eid))
+        self.finished[(rid, eid)] = length
+        self.task_max_len[task] = max(self.task_max_len.get(task, 0), length)
+        if evaluation:  # evaluation episodes measure the policy; they do not train it
+            return 0
+        if source == SOURCE_OFFLINE:
+            use = self.spec.offline and self.spec.episodes
+        else:
+            use = self.spec.episodes or (self.spec.successes and success)
+        if not use:
+            return 0
+        self.pools[(task, source)].add(Segment(rid, eid, 0, length, labels_all=True, episode_len=length,
+                                               success=success))
+        return length
+
+    def count(self, source: str | None = None) -> int:
+        return sum(len(p) for (t, s), p in self.pools.items() if source is None or s == source)
+
+    def tasks(self) -> list[str]:
+        return sorted({t for (t, _), p in self.pools.items() if len(p)})
+
+    @property
+    def positions(self) -> dict[tuple[str, str], list[Position]]:
+        """Every usable step as a Position, by (task, source) (for statistics; not for sampling)."""
+        return {key: [Position(s.robot_id, s.episode_id, s.start + k) for s in pool.segments for k in range(s.length)]
+                for key, pool in self.pools.items()}
+
+    def schema(self) -> Schema | None:
+        for info in self.robots.values():
+            return schema_from_dict(info["schema"])
+        return None
+
+
+LabeledIndex = BufferIndex
+"""The index's name before it held more than labeled steps."""

@@ -1,0 +1,353 @@
+"""Who may call the gateway, as whom, and how much: TLS, mutual TLS, robot tokens, limits.
+
+Every call to ``fleet.v1.FleetService`` goes through :class:`AuthInterceptor`:
+
+1. *Authenticate* (``UNAUTHENTICATED`` on failure). With a token key configured,
+   the ``authorization: Bearer <token>`` metadata must verify (``fleet/tokens.py``)
+   and its id must not be in the revoked set. With mutual TLS the TLS handshake
+   already refused any client without a certificate from the fleet CA; the
+   certificate's common name is the robot id.
+2. *Authorize* (``PERMISSION_DENIED``): token and certificate must name the same
+   robot, and every request message (each chunk of a stream) must carry that
+   robot id: a robot registers, heartbeats, writes and watches only as itself.
+3. *Limit* (per robot, per gateway): at most ``robot_max_streams`` experience
+   streams at once (``RESOURCE_EXHAUSTED`` beyond), and steps or bytes per second
+   above the configured rates slow the stream down (backpressure through gRPC
+   flow control, nothing dropped).
+
+Revocation: ``fleet certs revoke`` adds a token id to the Redis set
+``fleet:auth:revoked``; every gateway re-reads it every ``revocation_refresh_s``
+and checks it on each call and on each message of open streams, so a revoked
+robot is cut off within that interval on every replica.
+
+The health service (``grpc.health.v1``) is left open: probes carry no token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from cloud.gateway.interceptors import abort
+from fleet import metrics
+from fleet.config import GatewaySecurity
+from fleet.errors import FleetError, Overloaded, PermissionDenied, Unauthenticated
+from fleet.tokens import TokenError, load_key, verify
+
+log = logging.getLogger(__name__)
+
+REVOKED_KEY = "fleet:auth:revoked"
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def _count_rejection(code: grpc.StatusCode) -> None:
+    metrics.GATEWAY_REJECTED.labels(code=code.name).inc()
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+
+class _CertFiles:
+    """The gateway's certificate files, re-read when they change (cert-manager rotates them)."""
+
+    def __init__(self, sec: GatewaySecurity):
+        self._paths = [Path(p) for p in (sec.tls_key_file, sec.tls_cert_file, sec.client_ca_file) if p]
+        self._sec = sec
+        self._stamp = self._mtimes()
+
+    def _mtimes(self) -> tuple[float, ...]:
+        return tuple(p.stat().st_mtime_ns for p in self._paths)
+
+    def config(self) -> grpc.ServerCertificateConfiguration:
+        sec = self._sec
+        key, chain = Path(sec.tls_key_file).read_bytes(), Path(sec.tls_cert_file).read_bytes()
+        ca = Path(sec.client_ca_file).read_bytes() if sec.client_ca_file else None
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca)
+
+    def fetch_if_changed(self) -> grpc.ServerCertificateConfiguration | None:
+        try:
+            stamp = self._mtimes()
+            if stamp == self._stamp:
+                return None
+            config = self.config()
+        except OSError as exc:  # mid-rotation: keep serving the old certificate
+            log.warning("could not reload TLS files (%s); keeping the current certificate", exc)
+            return None
+        self._stamp = stamp
+        log.info("reloaded the gateway's TLS certificate")
+        return config
+
+
+def server_credentials(sec: GatewaySecurity) -> grpc.ServerCredentials | None:
+    """TLS (or mutual TLS with ``client_ca_file``) credentials, or None for plaintext."""
+    if not sec.tls_cert_file:
+        return None
+    files = _CertFiles(sec)
+    return grpc.dynamic_ssl_server_credentials(files.config(), files.fetch_if_changed,
+                                               require_client_authentication=bool(sec.client_ca_file))
+
+
+# --- revocation ---------------------------------------------------------------------------
+
+
+class RevokedTokens:
+    """Local copy of the revoked token ids, refreshed from Redis in the background."""
+
+    def __init__(self, redis, refresh_s: float):
+        self._redis = redis
+        self._refresh_s = refresh_s
+        self._ids: frozenset[str] = frozenset()
+        self._task: asyncio.Task | None = None
+
+    def __contains__(self, token_id: str) -> bool:
+        return token_id in self._ids
+
+    async def refresh(self) -> None:
+        raw = await self._redis.smembers(REVOKED_KEY)
+        self._ids = frozenset(x.decode() if isinstance(x, bytes) else x for x in raw)
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # Redis away: keep the last known set
+                log.warning("could not refresh revoked tokens: %s", exc)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def revoke(redis, token_id: str) -> bool:
+    """Revoke a token id (sync client); returns False if it was already revoked."""
+    if not token_id:
+        raise ValueError("token_id must not be empty")
+    return bool(redis.sadd(REVOKED_KEY, token_id))
+
+
+# --- limits -------------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """``rate_per_s`` units per second with one second of burst; ``reserve`` says how long to wait."""
+
+    def __init__(self, rate_per_s: float):
+        self.rate_per_s = rate_per_s
+        self._level = rate_per_s
+        self._t = time.monotonic()
+
+    def reserve(self, n: float) -> float:
+        now = time.monotonic()
+        self._level = min(self.rate_per_s, self._level + (now - self._t) * self.rate_per_s) - n
+        self._t = now
+        return max(0.0, -self._level / self.rate_per_s)
+
+
+class RobotLimits:
+    """Per-robot stream count and step/byte rates on this gateway."""
+
+    def __init__(self, max_streams: int = 0, max_steps_per_s: float = 0.0, max_bytes_per_s: float = 0.0):
+        self.max_streams = max_streams
+        self._rates = {"steps": max_steps_per_s, "bytes": max_bytes_per_s}
+        self._streams: dict[str, int] = defaultdict(int)
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self.counts_bytes = bool(max_bytes_per_s)
+
+    def open_stream(self, robot_id: str) -> None:
+        if self.max_streams and self._streams[robot_id] >= self.max_streams:
+            raise Overloaded(f"robot {robot_id!r} already has {self._streams[robot_id]} experience streams open "
+                             f"(limit {self.max_streams})", retry_after_s=5.0)
+        self._streams[robot_id] += 1
+
+    def close_stream(self, robot_id: str) -> None:
+        self._streams[robot_id] -= 1
+        if self._streams[robot_id] <= 0:
+            del self._streams[robot_id]
+
+    def delay_s(self, robot_id: str, steps: int, nbytes: int) -> float:
+        """How long to hold this chunk so the robot stays within its rates."""
+        wait = 0.0
+        for kind, amount in (("steps", steps), ("bytes", nbytes)):
+            rate = self._rates[kind]
+            if rate:
+                bucket = self._buckets.setdefault((robot_id, kind), TokenBucket(rate))
+                wait = max(wait, bucket.reserve(amount))
+        return wait
+
+
+# --- authentication -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity:
+    robot_id: str
+    token_id: str = ""
+
+
+class Authenticator:
+    """Turns a call's metadata and TLS peer into an Identity (None when auth is off)."""
+
+    def __init__(self, token_key: bytes | None, mutual_tls: bool, revoked: RevokedTokens | None):
+        self._key = token_key
+        self._mutual_tls = mutual_tls
+        self._revoked = revoked
+
+    @property
+    def enabled(self) -> bool:
+        return self._key is not None or self._mutual_tls
+
+    def identify(self, metadata, auth_context: dict) -> Identity | None:
+        if not self.enabled:
+            return None
+        cert_name = None
+        if self._mutual_tls:
+            names = auth_context.get("x509_common_name") or []
+            if not names:
+                raise Unauthenticated("no verified client certificate")
+            cert_name = names[0].decode() if isinstance(names[0], bytes) else names[0]
+        if self._key is None:
+            return Identity(robot_id=cert_name or "")
+        token = _bearer(metadata)
+        try:
+            claims = verify(self._key, token)
+        except TokenError as exc:
+            raise Unauthenticated(str(exc)) from None
+        self.check_revoked(claims.token_id)
+        if cert_name is not None and cert_name != claims.robot_id:
+            raise PermissionDenied(f"token for robot {claims.robot_id!r} presented with the certificate of "
+                                   f"{cert_name!r}")
+        return Identity(robot_id=claims.robot_id, token_id=claims.token_id)
+
+    def check_revoked(self, token_id: str) -> None:
+        if token_id and self._revoked is not None and token_id in self._revoked:
+            raise Unauthenticated(f"token {token_id!r} has been revoked")
+
+
+def _bearer(metadata) -> str:
+    for key, value in metadata or ():
+        if key == "authorization":
+            scheme, _, token = (value.decode() if isinstance(value, bytes) else value).partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+            return token.strip()
+    raise Unauthenticated("no token: send 'authorization: Bearer <token>' metadata")
+
+
+def authorize(identity: Identity | None, robot_id: str) -> None:
+    """The caller may act only as the robot it authenticated as."""
+    if identity is not None and robot_id != identity.robot_id:
+        raise PermissionDenied(f"authenticated as robot {identity.robot_id!r}, not as {robot_id!r}")
+
+
+# --- the interceptor ----------------------------------------------------------------------
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticate, authorize and limit every FleetService call (see the module docstring)."""
+
+    def __init__(self, authenticator: Authenticator, limits: RobotLimits):
+        self.authenticator = authenticator
+        self.limits = limits
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
+            return handler
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream_stream(handler.stream_stream), handler.request_deserializer,
+                handler.response_serializer)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._unary_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+        if handler.request_streaming:
+            raise NotImplementedError(f"{handler_call_details.method}: client streaming is not wrapped")
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+
+    def _identify(self, context) -> Identity | None:
+        return self.authenticator.identify(context.invocation_metadata(), context.auth_context())
+
+    def _unary_unary(self, behavior):
+        async def wrapped(request, context):
+            try:
+                authorize(self._identify(context), request.robot_id)
+            except FleetError as exc:
+                await abort(context, exc, _count_rejection)
+            return await behavior(request, context)
+        return wrapped
+
+    def _unary_stream(self, behavior):
+        async def wrapped(request, context):
+            try:
+                identity = self._identify(context)
+                if request.robot_id:  # WatchPolicy may leave it empty: then it watches as its identity
+                    authorize(identity, request.robot_id)
+            except FleetError as exc:
+                await abort(context, exc, _count_rejection)
+            async for response in behavior(request, context):
+                yield response
+        return wrapped
+
+    def _stream_stream(self, behavior):
+        async def wrapped(request_iterator, context):
+            try:
+                identity = self._identify(context)
+                opened = identity.robot_id if identity is not None else None
+                if opened is not None:
+                    self.limits.open_stream(opened)
+            except FleetError as exc:
+                await abort(context, exc, _count_rejection)
+            try:
+                async for response in behavior(self._checked(request_iterator, identity), context):
+                    yield response
+            finally:
+                if opened is not None:
+                    self.limits.close_stream(opened)
+        return wrapped
+
+    async def _checked(self, request_iterator, identity: Identity | None):
+        """Each message: same robot as the identity, token not revoked meanwhile, within the rates.
+
+        Errors raised here surface in the servicer's ``async for`` and are mapped there."""
+        async for msg in request_iterator:
+            authorize(identity, msg.robot_id)
+            if identity is not None:
+                self.authenticator.check_revoked(identity.token_id)
+            nbytes = msg.ByteSize() if self.limits.counts_bytes else 0
+            delay = self.limits.delay_s(msg.robot_id, len(msg.steps), nbytes)
+            if delay > 0:
+                log.debug("robot %s over its rate: holding its stream %.3fs", msg.robot_id, delay)
+                await asyncio.sleep(delay)  # backpressure: the robot's window fills, its spool holds the rest
+            yield msg
+
+
+def build_interceptor(sec: GatewaySecurity, redis) -> tuple[AuthInterceptor, RevokedTokens | None]:
+    """The interceptor for a GatewayConfig's security section (start the RevokedTokens it returns)."""
+    key = load_key(sec.token_key_file) if sec.token_key_file else None
+    revoked = RevokedTokens(redis, sec.revocation_refresh_s) if key is not None else None
+    mutual = bool(sec.client_ca_file)
+    if key is None and not mutual:
+        log.warning("gateway runs without robot authentication (no token key, no client CA): development only")
+    elif key is not None and not sec.tls_cert_file:
+        log.warning("robot tokens without TLS travel in clear text: set tls_cert_file/tls_key_file")
+    interceptor = AuthInterceptor(Authenticator(key, mutual, revoked),
+                                  RobotLimits(sec.robot_max_streams, sec.robot_max_steps_per_s,
+                                              sec.robot_max_bytes_per_s))
+    return interceptor, revoked
+
+
+__all__ = ["AuthInterceptor", "Authenticator", "Identity", "REVOKED_KEY", "RevokedTokens", "RobotLimits",
+           "authorize", "build_interceptor", "revoke", "server_credentials"]

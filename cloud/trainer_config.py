@@ -1,0 +1,103 @@
+"""The trainer's configuration (one typed config per process; see fleet/config.py for the
+conventions: a one-line docstring under each field becomes its ``--help``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cloud.algorithms.hg_dagger import HGDAggerConfig
+from cloud.algorithms.recap import RecapConfig
+from cloud.rate_limiter import RateLimiterConfig
+from cloud.sampler import SamplerConfig
+from fleet.config import ALGORITHM_NAMES, DEFAULT_TASKS, _require
+from fleet.policies.lerobot_adapter import PolicyConfig
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The trainer: samples from Redis, trains, publishes versions."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis holding the buffer."""
+    policy_dir: str = "runs/default/policies"
+    """Policy store directory (the gateway serves from it)."""
+    embodiment: str = ""
+    """Train only on robots registered with this embodiment and publish its own policy line (one trainer,
+    gateway and policy_dir per embodiment); "" = every robot (they must share one schema)."""
+    algorithm: str = "hg_dagger"
+    """Learning algorithm: hg_dagger or recap (see docs/algorithms.md)."""
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    """Language instructions the shared policy is conditioned on (fixed at the policy's creation)."""
+    batch_size: int = 64
+    """Samples per optimizer step."""
+    online_fraction: float = 0.5
+    """Share of each task's samples drawn from online data (rest: offline demos); with the adaptive
+    sampler, the share until both kinds have losses."""
+    grad_accumulation_steps: int = 1
+    """Batches whose gradients are accumulated into one optimizer step."""
+    publish_every_steps: int = 100
+    """Publish a new policy version every this many optimizer steps."""
+    publish_every_s: float = 0.0
+    """Also publish when this many seconds passed since the last version (0 = by steps only)."""
+    publish_full_every_versions: int = 20
+    """Every Nth version is a keyframe edges get without element deltas: bounds their delta chains (0 = never)."""
+    refresh_interval_s: float = 1.0
+    """How often the sampler pulls newly arrived steps from Redis, seconds."""
+    seed_bc_steps: int = 300
+    """Behaviour-cloning steps on offline data before the first version is published (0 = none)."""
+    min_labeled_steps: int = 32
+    """Do not train before the buffer holds this many labeled steps."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run until stopped)."""
+    metrics_port: int = 0
+    """Port for Prometheus /metrics (0 = off)."""
+    torch_threads: int = 1
+    """torch.set_num_threads for the trainer."""
+    seed: int = 0
+    """Seed for the policy's initial weights and the sampler."""
+    checkpoint_dir: str = ""
+    """Where training checkpoints live ("" = '<policy_dir>-checkpoints', one per policy line)."""
+    checkpoint_every_steps: int = 500
+    """Checkpoint every this many optimizer steps (0 = not by steps)."""
+    checkpoint_every_s: float = 300.0
+    """Also checkpoint when this many seconds passed since the last checkpoint (0 = not by time)."""
+    keep_checkpoints: int = 3
+    """How many complete checkpoints to keep (oldest deleted first)."""
+    shutdown_timeout_s: float = 25.0
+    """On SIGTERM, checkpoint and exit within this many seconds, else exit 1 (keep it below Kubernetes'
+    terminationGracePeriodSeconds, 30 by default)."""
+    distributed_strategy: str = "ddp"
+    """Under torchrun: ddp (weights replicated) or fsdp (sharded, for VLAs); see cloud/distributed.py."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The LeRobot policy to train (type and size)."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """SOP's sampler: per-task balance and the adaptive online/offline share."""
+    rate_limit: RateLimiterConfig = field(default_factory=RateLimiterConfig)
+    """Update-to-data ratio (Reverb SampleToInsertRatio)."""
+    hg_dagger: HGDAggerConfig = field(default_factory=HGDAggerConfig)
+    """HG-DAgger hyper-parameters."""
+    recap: RecapConfig = field(default_factory=RecapConfig)
+    """RECAP hyper-parameters."""
+
+    def __post_init__(self) -> None:
+        _require(self.algorithm in ALGORITHM_NAMES,
+                 f"algorithm must be one of {ALGORITHM_NAMES}, got {self.algorithm!r}")
+        _require(self.grad_accumulation_steps >= 1,
+                 f"grad_accumulation_steps ({self.grad_accumulation_steps}) must be >= 1")
+        _require(self.batch_size > 0, f"batch_size ({self.batch_size}) must be > 0")
+        _require(0.0 <= self.online_fraction <= 1.0, f"online_fraction ({self.online_fraction}) must be in [0, 1]")
+        _require(self.publish_every_steps > 0, f"publish_every_steps ({self.publish_every_steps}) must be > 0")
+        _require(self.publish_full_every_versions >= 0,
+                 f"publish_full_every_versions ({self.publish_full_every_versions}) must be >= 0")
+        _require(len(self.tasks) > 0, "tasks must not be empty")
+        _require(self.torch_threads > 0, f"torch_threads ({self.torch_threads}) must be > 0")
+        _require(self.checkpoint_every_steps >= 0,
+                 f"checkpoint_every_steps ({self.checkpoint_every_steps}) must be >= 0")
+        _require(self.checkpoint_every_s >= 0, f"checkpoint_every_s ({self.checkpoint_every_s}) must be >= 0")
+        _require(self.keep_checkpoints >= 1, f"keep_checkpoints ({self.keep_checkpoints}) must be >= 1")
+        _require(self.shutdown_timeout_s > 0, f"shutdown_timeout_s ({self.shutdown_timeout_s}) must be > 0")
+        _require(self.distributed_strategy in ("ddp", "fsdp"),
+                 f"distributed_strategy must be ddp or fsdp, got {self.distributed_strategy!r}")
+        _require(self.distributed_strategy != "fsdp" or not self.publish_every_s,
+                 f"publish_every_s ({self.publish_every_s}) must be 0 with fsdp: every rank gathers the weights "
+                 "at the same publishing steps")

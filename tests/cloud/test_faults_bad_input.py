@@ -1,0 +1,301 @@
+"""Every kind of bad input gets a precise gRPC status naming the problem, and leaves Redis exactly
+as it was (a DUMP of every key of the robot before and after); other robots' streams carry on.
+Also the gateway's backpressure: in-flight bounds, stream cap and a Redis at maxmemory answer
+RESOURCE_EXHAUSTED with a retry hint, and acked data stays."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from cloud.buffer import ROBOTS_KEY, RobotKeys
+from edge.client import FleetClient
+from fleet import PROTOCOL_VERSION
+from fleet.codec import encode_image
+from fleet.config import GatewayConfig
+from fleet.convert import chunk_to_pb
+from fleet.types import Chunk, EncodedImage, FeatureSpec, RobotInfo, Schema, Step
+from fleet.v1 import fleet_pb2 as pb
+from tests.conftest import GatewayThread
+
+TASK = "reach the goal"
+SCHEMA = Schema((FeatureSpec("state", "float32", (6,)), FeatureSpec("cam", "uint8", (16, 16, 3), is_image=True)),
+                FeatureSpec("action", "float32", (2,)))
+IMAGE = encode_image(np.full((16, 16, 3), 7, np.uint8), "jpeg")
+pytestmark = pytest.mark.timeout(60)
+
+
+def steps(first_seq: int, n: int, dim: int = 6, dtype=np.float32, image: EncodedImage = IMAGE) -> list[Step]:
+    return [Step(seq=first_seq + i, index=first_seq + i - 1, observation={"state": np.full(dim, i, dtype)},
+                 policy_action=np.zeros(2, np.float32), action=np.ones(2, np.float32), is_intervention=False,
+                 reward=0.0, success=False, done=False, policy_version=1, timestamp_s=1.0, images={"cam": image})
+            for i in range(n)]
+
+
+def chunk(first_seq: int, n: int = 2, robot: str = "r1", **kwargs) -> pb.Chunk:
+    return chunk_to_pb(Chunk(robot, "e1", TASK, steps(first_seq, n, **kwargs)))
+
+
+def snapshot(redis_client, robot_id: str) -> dict[bytes, bytes]:
+    """Every key of the robot, DUMPed (type, value and encoding), plus its registration."""
+    keys = sorted(redis_client.scan_iter(match=f"{RobotKeys(robot_id).prefix}:*"))
+    dump = {k: redis_client.dump(k) for k in keys if not k.endswith(b":status")}
+    dump[b"registration"] = redis_client.hget(ROBOTS_KEY, robot_id)
+    return dump
+
+
+def refused(call_fn) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        call_fn()
+    return err.value
+
+
+@pytest.fixture
+def gw(redis_proc, tmp_path):
+    gateway = GatewayThread(GatewayConfig(listen="127.0.0.1:0", redis_url=redis_proc.url,
+                                          policy_dir=str(tmp_path / "policies"), max_message_bytes=1 << 20,
+                                          robot_max_inflight_bytes=1 << 20, max_inflight_bytes=2 << 20,
+                                          max_experience_streams=8, inflight_wait_s=0.3, retry_after_s=0.7,
+                                          redis_full_retry_after_s=3.0))
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def client(gw):
+    c = FleetClient(gw.target, rpc_timeout_s=5.0)
+    for rid in ("r1", "r2"):
+        c.register(RobotInfo(rid, "test-arm", SCHEMA, (TASK,), PROTOCOL_VERSION))
+    yield c
+    c.close()
+
+
+def send(client: FleetClient, *chunks: pb.Chunk) -> list[tuple[int, int]]:
+    return [(a.acked_seq, a.duplicate_steps) for a in client.stream_experience(iter(chunks))]
+
+
+def _with_bad_image(data: bytes, encoding: str = "jpeg") -> pb.Chunk:
+    return chunk(3, image=EncodedImage(encoding, 16, 16, 3, data))
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid 16x16 PNG whose header (IHDR, CRC fixed up) claims another size: a decompression bomb's shape."""
+    data = bytearray(encode_image(np.zeros((16, 16, 3), np.uint8), "png").data)
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def _with_bad_tensor() -> pb.Chunk:
+    msg = chunk(3)
+    msg.steps[1].observation["state"].data = msg.steps[1].observation["state"].data[:-4]
+    return msg
+
+
+def _gapped_seqs() -> pb.Chunk:
+    msg = chunk(3, n=3)
+    msg.steps[2].seq = 9
+    return msg
+
+
+def _nonfinite(where: str, value: float) -> pb.Chunk:
+    out = steps(3, 2)
+    if where == "obs":
+        out[1].observation["state"][0] = value
+    elif where == "action":
+        out[1].action[1] = value
+    else:
+        out[1].reward = value
+    return chunk_to_pb(Chunk("r1", "e1", TASK, out))
+
+
+BAD_CHUNKS = {
+    # name: (message, code, words in the details, the step named in fleet-bad-step-seq)
+    "unknown robot": (lambda: chunk(3, robot="nobody"), grpc.StatusCode.NOT_FOUND, "'nobody' has not registered", None),
+    "dtype": (lambda: chunk(3, dtype=np.float64), grpc.StatusCode.INVALID_ARGUMENT, "dtype float64 != registered float32", 3),
+    "shape": (lambda: chunk(3, dim=7), grpc.StatusCode.INVALID_ARGUMENT, "shape [7] != registered [6]", 3),
+    "NaN observation": (lambda: _nonfinite("obs", np.nan), grpc.StatusCode.INVALID_ARGUMENT, "contains NaN or Inf", 4),
+    "Inf action": (lambda: _nonfinite("action", np.inf), grpc.StatusCode.INVALID_ARGUMENT, "action: contains NaN or Inf", 4),
+    "NaN reward": (lambda: _nonfinite("reward", np.nan), grpc.StatusCode.INVALID_ARGUMENT, "reward is nan", 4),
+    "truncated image": (lambda: _with_bad_image(IMAGE.data[:-40]), grpc.StatusCode.INVALID_ARGUMENT,
+                        "image 'cam': cannot", 3),
+    "image not what it says": (lambda: _with_bad_image(encode_image(np.zeros((16, 16, 3), np.uint8), "png").data),
+                               grpc.StatusCode.INVALID_ARGUMENT, "declared jpeg but the bytes are png", 3),
+    "image larger than declared": (lambda: _with_bad_image(encode_image(np.zeros((64, 64, 3), np.uint8), "jpeg").data),
+                                   grpc.StatusCode.INVALID_ARGUMENT, "the bytes hold a 64x64 image, declared 16x16", 3),
+    "decompression bomb": (lambda: _with_bad_image(_png_claiming(100_000, 100_000), "png"),
+                           grpc.StatusCode.INVALID_ARGUMENT, "cannot read the png header", 3),
+    "truncated tensor": (_with_bad_tensor, grpc.StatusCode.INVALID_ARGUMENT, "20 bytes do not match dtype float32", 4),
+    "seq gap": (lambda: chunk(10), grpc.StatusCode.FAILED_PRECONDITION, "resend from seq 3", None),
+    "non-contiguous seqs": (_gapped_seqs, grpc.StatusCode.INVALID_ARGUMENT, "must have contiguous seqs", None),
+    "unregistered task": (lambda: chunk_to_pb(Chunk("r1", "e1", "juggle", steps(3, 1))), grpc.StatusCode.INVALID_ARGUMENT,
+                          "'juggle' is not among the tasks", None),
+    "no steps": (lambda: pb.Chunk(robot_id="r1", episode_id="e1", task=TASK), grpc.StatusCode.INVALID_ARGUMENT,
+                 "chunk without steps", None),
+}
+
+
+def test_each_bad_chunk_gets_its_status_and_leaves_redis_unchanged(client, redis_client):
+    assert send(client, chunk(1)) == [(2, 0)]
+    for name, (make, code, words, bad_seq) in BAD_CHUNKS.items():
+        before = snapshot(redis_client, "r1")
+        err = refused(lambda: send(client, make()))
+        assert err.code() == code, (name, err.code(), err.details())
+        assert words in err.details(), (name, err.details())
+        md = dict(err.trailing_metadata() or ())
+        assert md.get("fleet-bad-step-seq") == (str(bad_seq) if bad_seq else None), (name, md)
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            assert md["fleet-last-acked-seq"] == "2"
+        assert snapshot(redis_client, "r1") == before, f"{name}: Redis changed"
+    assert list(redis_client.scan_iter(match=f"{RobotKeys('nobody').prefix}:*")) == []
+
+
+def test_oversize_message_is_resource_exhausted(client, redis_client):
+    big = Schema((FeatureSpec("state", "float32", (100_000,)), SCHEMA.observation[1]), SCHEMA.action)
+    client.register(RobotInfo("big", "test-arm", big, (TASK,), PROTOCOL_VERSION))
+    assert send(client, chunk(1, n=2, dim=100_000, robot="big")) == [(2, 0)]  # 800 KB: fits in 1 MiB
+    before = snapshot(redis_client, "big")
+    err = refused(lambda: send(client, chunk(3, n=3, dim=100_000, robot="big")))  # 1.2 MB
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in err.details() and "1048576" in err.details()
+    assert snapshot(redis_client, "big") == before
+
+
+def test_a_replayed_chunk_is_acked_without_writing_anything(client, redis_client):
+    assert send(client, chunk(1, n=4)) == [(4, 0)]
+    before = snapshot(redis_client, "r1")
+    assert send(client, chunk(1, n=4), chunk(2, n=2)) == [(4, 4), (4, 2)]
+    assert snapshot(redis_client, "r1") == before
+
+
+def test_malformed_protobuf_is_invalid_argument_on_every_method(gw, client, redis_client):
+    send(client, chunk(1))
+    before = snapshot(redis_client, "r1")
+    channel = grpc.insecure_channel(gw.target)
+    try:
+        stream = channel.stream_stream("/fleet.v1.FleetService/StreamExperience")  # bytes in, bytes out
+        good = chunk(3).SerializeToString()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream(iter([good, b"\xff\xff\xff\xff garbage"]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "StreamExperience: request is not a valid protobuf message (12 bytes)" in err.value.details()
+        for method in ("Register", "Heartbeat"):
+            unary = channel.unary_unary(f"/fleet.v1.FleetService/{method}")
+            with pytest.raises(grpc.RpcError) as err:
+                unary(b"\x0a\xff\xff", timeout=10)  # a length that runs past the end
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert f"{method}: request is not a valid protobuf message" in err.value.details()
+    finally:
+        channel.close()
+    after = snapshot(redis_client, "r1")
+    assert int(redis_client.get(RobotKeys("r1").seq)) == 4  # the good chunk before the garbage was acked
+    assert after != before and len(redis_client.lrange(RobotKeys("r1").episode("e1"), 0, -1)) == 4
+
+
+def test_bad_robot_does_not_disturb_another_robots_stream(client, redis_client):
+    """r2 streams chunk after chunk on one stream while r1's bad chunks are refused on theirs."""
+    acks: list[tuple[int, int]] = []
+    go = threading.Event()
+
+    def r2_chunks():
+        for i in range(10):
+            yield chunk(1 + 2 * i, robot="r2")
+            if i == 0:
+                go.set()
+
+    def r2_stream():
+        acks.extend(send(client, *r2_chunks()))
+
+    t = threading.Thread(target=r2_stream)
+    t.start()
+    assert go.wait(10)
+    for make, *_ in list(BAD_CHUNKS.values())[:6]:
+        refused(lambda make=make: send(client, make()))
+    t.join(20)
+    assert [a for a, _ in acks] == list(range(2, 21, 2))
+
+
+def test_two_robots_on_one_stream_is_refused(client, redis_client):
+    before = snapshot(redis_client, "r2")
+    err = refused(lambda: send(client, chunk(1), chunk(1, robot="r2")))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "one stream carries one robot" in err.details()
+    assert snapshot(redis_client, "r2") == before
+
+
+# --- backpressure -------------------------------------------------------------------------
+
+
+def _pause_writes(redis_client, seconds: float) -> None:
+    redis_client.execute_command("CLIENT", "PAUSE", int(seconds * 1000), "WRITE")
+
+
+def _inflight_bytes() -> float:
+    return REGISTRY.get_sample_value("fleet_gateway_inflight_bytes") or 0.0
+
+
+def _idle_after(first: pb.Chunk, gate: threading.Event):
+    yield first
+    gate.wait()
+
+
+def test_inflight_bound_per_robot_slows_then_refuses_with_retry_hint(client, redis_client):
+    """A robot with a stream stuck on a slow Redis, reconnecting: its second stream's chunk waits for room,
+    then gets RESOURCE_EXHAUSTED + fleet-retry-after-s; the first chunk is acked once Redis is back."""
+    big = Schema((FeatureSpec("state", "float32", (2200,)), SCHEMA.observation[1]), SCHEMA.action)
+    client.register(RobotInfo("r1", "test-arm", big, (TASK,), PROTOCOL_VERSION))
+    send(client, chunk(1, dim=2200))
+    first: list = []
+    _pause_writes(redis_client, 1.5)
+    # ~0.56 MB each: two exceed the robot's 1 MiB in-flight bound.
+    t = threading.Thread(target=lambda: first.extend(send(client, chunk(3, n=60, dim=2200))))
+    t.start()
+    deadline = time.monotonic() + 10
+    while _inflight_bytes() < 500_000:  # the first chunk is held at the gateway, its write paused
+        assert time.monotonic() < deadline, "the first chunk never reached the gateway"
+        time.sleep(0.01)
+    err = refused(lambda: send(client, chunk(3, n=60, dim=2200)))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "in flight for robot 'r1' (limit 1048576)" in err.details()
+    assert dict(err.trailing_metadata())["fleet-retry-after-s"] == "0.700"
+    t.join(20)
+    assert first == [(62, 0)]
+
+
+def test_stream_cap_refuses_more_streams(gw, client, redis_client):
+    calls, gates = [], []
+    try:
+        for _ in range(8):  # eight open streams, each with one chunk acked and then idle
+            gate = threading.Event()
+            gates.append(gate)
+            call = client.stream_experience(_idle_after(chunk(1), gate))
+            calls.append(call)
+            assert next(call).acked_seq == 2
+        err = refused(lambda: send(client, chunk(1)))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_experience_streams 8" in err.details()
+    finally:
+        for gate, call in zip(gates, calls):
+            gate.set()
+            call.cancel()
+
+
+def test_redis_at_maxmemory_refuses_with_retry_hint_and_keeps_acked_data(client, redis_client):
+    assert send(client, chunk(1, n=10)) == [(10, 0)]
+    before = snapshot(redis_client, "r1")
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    redis_client.config_set("maxmemory", 1)  # already above: every write is refused
+    try:
+        err = refused(lambda: send(client, chunk(11, n=5)))
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "Redis is full (maxmemory with noeviction" in err.details()
+    assert dict(err.trailing_metadata())["fleet-retry-after-s"] == "3.000"
+    assert snapshot(redis_client, "r1") == before
+    assert send(client, chunk(11, n=5)) == [(15, 0)]

@@ -1,0 +1,312 @@
+"""Policy distribution end to end with real parts: a LeRobot policy with a frozen part published into the
+store (Redis pointer), the grpc.aio gateway encoding transfers once, edge updaters assembling, applying
+deltas, verifying and offering to the hot-swap slot. A gRPC proxy corrupts or truncates a transfer in flight."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from cloud.gateway.policy_feed import encode_transfer
+from cloud.policy_store import PolicyStore
+from cloud.publisher import Publisher
+from edge.client import FleetClient
+from edge.hotswap import PolicySlot
+from edge.updater import LastGood, Updater
+from fleet import delta
+from fleet.policies import FleetPolicy, PolicyConfig, build_policy
+from fleet.policies.base import NullPolicy
+from fleet.types import FeatureSpec, Schema
+from fleet.v1 import fleet_pb2 as pb
+
+SCHEMA = Schema((FeatureSpec("state", "float32", (6,)),), FeatureSpec("action", "float32", (3,)))
+TASKS = ("reach the goal",)
+SMALL = PolicyConfig(chunk_size=4, n_action_steps=4, dim_model=32, n_heads=2, dim_feedforward=64,
+                     n_encoder_layers=1, n_decoder_layers=1)
+
+
+def act_with_frozen_encoder() -> FleetPolicy:
+    """A real LeRobot ACT policy whose transformer encoder is frozen (not trainable)."""
+    policy = build_policy(SMALL, SCHEMA, TASKS, seed=0)
+    for p in policy.model.model.encoder.parameters():
+        p.requires_grad_(False)
+    return policy
+
+
+def update(policy: FleetPolicy, seed: int, changed_fraction: float = 0.3) -> None:
+    """An optimizer-like step: small moves of some trainable weights (frozen ones never change)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            mask = torch.rand(p.shape, generator=gen) < changed_fraction
+            p.add_(mask * torch.randn(p.shape, generator=gen) * 1e-3)
+
+
+def build(manifest, tensors) -> FleetPolicy:
+    return FleetPolicy.from_manifest(manifest.config, tensors, version=manifest.version)
+
+
+def make_updater(robot_id: str, target: str, tmp_path: Path, have_version: int = 0, store: PolicyStore | None = None,
+                 initial=None) -> Updater:
+    last_good = LastGood(tmp_path / robot_id / "policy")
+    if have_version:  # this edge already has that version on disk (e.g. it ran it before a restart)
+        last_good.save(store.manifest(have_version), store.tensors(have_version))
+    slot = PolicySlot(initial or NullPolicy(SCHEMA.action.shape))
+    return Updater(robot_id, FleetClient(target), slot, build, last_good, SCHEMA, TASKS[0],
+                   have_version=have_version)
+
+
+def assert_holds(updater: Updater, store: PolicyStore, version: int) -> None:
+    """Bit-identical to the store: the raw bytes the edge holds and the weights of the policy it offered."""
+    assert updater.have_version == version and updater.held.manifest.version == version
+    expected = store.payload(version)
+    assert set(updater.held.payload) == set(expected)
+    for name, data in expected.items():
+        assert bytes(updater.held.payload[name]) == bytes(data), name
+    policy = updater.slot.current if updater.slot.current.version == version else None
+    if policy is None:
+        assert updater.slot.swap_if_pending() and updater.slot.current.version == version
+        policy = updater.slot.current
+    for name, t in store.tensors(version).items():
+        assert torch.equal(policy.tensors()[name], t), name
+
+
+def pieces(transfer) -> list[pb.TensorPiece]:
+    return [m.piece for m in map(pb.PolicyUpdate.FromString, transfer.messages) if m.WhichOneof("part") == "piece"]
+
+
+def test_deltas_carry_only_changed_trainable_tensors_and_keyframes_go_raw(tmp_path: Path) -> None:
+    store = PolicyStore(tmp_path / "store")
+    publisher = Publisher(store, every_steps=1, full_every_versions=3)
+    policy = act_with_frozen_encoder()
+    frozen = {n for n in policy.tensors() if n not in policy.trainable_names()}
+    assert any(".encoder." in n for n in frozen)
+    for step in range(1, 5):
+        update(policy, seed=step)
+        publisher.publish(policy, step)
+    manifests = [store.manifest(v) for v in store.versions()]
+    assert [m.keyframe_version for m in manifests] == [1, 1, 1, 4]
+    assert [m.parent_version for m in manifests] == [0, 1, 2, 3]
+    assert {t.name for t in manifests[-1].tensors if not t.trainable} == frozen
+
+    full = encode_transfer(store, 3)
+    assert full.kind == "full" and full.payload_bytes == full.full_bytes
+    assert {p.encoding for p in pieces(full)} == {delta.RAW}
+    delta_2_3 = encode_transfer(store, 3, base_version=2)
+    sent = {p.name for p in pieces(delta_2_3)}
+    assert sent and not sent & frozen
+    assert {p.encoding for p in pieces(delta_2_3)} <= {delta.DIFF, delta.SPARSE}
+    assert delta_2_3.payload_bytes < 0.5 * sum(t.nbytes for t in manifests[2].tensors if t.trainable)
+    to_keyframe = encode_transfer(store, 4, base_version=3)  # v4 starts a new keyframe: raw, frozen still skipped
+    assert {p.encoding for p in pieces(to_keyframe)} == {delta.RAW} and not {p.name for p in pieces(to_keyframe)} & frozen
+    assert all(len(p.data) <= 1 << 20 for p in pieces(full))
+    assert encode_transfer(store, 4, base_version=99).kind == "full"  # unknown base: full
+
+
+@pytest.mark.timeout(90)
+def test_round_trip_through_deltas_and_through_full_transfer(gateway, redis_client, tmp_path: Path) -> None:
+    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
+    publisher = Publisher(store, every_steps=1, full_every_versions=0)
+    policy = act_with_frozen_encoder()
+    follower = make_updater("follower", gateway.target, tmp_path)
+    follower.start()
+    try:
+        for step in range(1, 5):
+            update(policy, seed=step)
+            version = publisher.publish(policy, step).version
+            assert follower.wait_version(version, timeout_s=30)
+            assert follower.last_transfer.base_version == (0 if step == 1 else version - 1)
+        assert follower.last_transfer.payload_bytes < 0.5 * follower.last_transfer.full_bytes
+        late = make_updater("late", gateway.target, tmp_path)
+        late.start()
+        try:
+            assert late.wait_version(version, timeout_s=30)
+            assert late.last_transfer.base_version == 0 and late.last_transfer.payload_bytes == store.manifest(
+                version).total_bytes
+            assert_holds(late, store, version)
+        finally:
+            late.stop()
+        assert_holds(follower, store, version)
+        status = redis_client.hgetall("fleet:{r:follower}:status")
+        assert int(status[b"policy_delivered_version"]) == version
+        assert follower.rejected == 0
+    finally:
+        follower.stop()
+
+
+class TamperingProxy:
+    """A gRPC proxy for WatchPolicy that, while armed, corrupts (or cuts off) the next transfer's first piece."""
+
+    def __init__(self, upstream: str, mode: str):
+        self.mode = mode
+        self.armed = threading.Event()
+        self.tampered = threading.Event()
+        self._channel = grpc.insecure_channel(upstream)
+        self._watch = self._channel.unary_stream("/fleet.v1.FleetService/WatchPolicy")  # raw bytes both ways
+        handler = grpc.method_handlers_generic_handler(
+            "fleet.v1.FleetService", {"WatchPolicy": grpc.unary_stream_rpc_method_handler(self._relay)})
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def _relay(self, request: bytes, context):
+        call = self._watch(request)
+        context.add_callback(call.cancel)
+        try:
+            yield from self._tamper(call)
+        except grpc.RpcError:  # the edge or the gateway went away: end this relay quietly
+            return
+
+    def _tamper(self, call):
+        for raw in call:
+            msg = pb.PolicyUpdate.FromString(raw)
+            if self.armed.is_set() and msg.WhichOneof("part") == "piece":
+                self.armed.clear()
+                self.tampered.set()
+                if self.mode == "truncate":
+                    return  # the stream ends cleanly in the middle of the transfer
+                data = bytearray(msg.piece.data)
+                data[len(data) // 2] ^= 0x5A
+                msg.piece.data = bytes(data)
+                raw = msg.SerializeToString()
+            yield raw
+
+    def stop(self) -> None:
+        self.server.stop(0)
+        self._channel.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["corrupt", "truncate"])
+def test_tampered_transfer_is_rejected_old_policy_kept_and_retried(gateway, redis_client, tmp_path: Path,
+                                                                   mode: str) -> None:
+    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
+    publisher = Publisher(store, every_steps=1)
+    policy = act_with_frozen_encoder()
+    proxy = TamperingProxy(gateway.target, mode)
+    edge = make_updater("edge", proxy.target, tmp_path)
+    edge.start()
+    try:
+        update(policy, seed=1)
+        assert edge.wait_version(publisher.publish(policy, 1).version, timeout_s=30)
+        assert edge.slot.swap_if_pending() and edge.slot.current.version == 1
+        proxy.armed.set()
+        update(policy, seed=2)
+        v2 = publisher.publish(policy, 2).version
+        assert edge.wait(lambda u: u.rejected >= 1, timeout_s=30)
+        assert proxy.tampered.is_set()
+        # the broken delta never reached the slot: v1 keeps acting, nothing pending
+        assert edge.slot.current.version == 1 and edge.slot.pending_version in (None, v2)
+        assert edge.wait_version(v2, timeout_s=30)  # retried, as a full transfer
+        assert edge.last_transfer.base_version == 0
+        assert edge.rejected == 1
+        assert_holds(edge, store, v2)
+        assert LastGood(tmp_path / "edge" / "policy").version() == v2
+    finally:
+        edge.stop()
+        proxy.stop()
+
+
+@pytest.mark.timeout(90)
+def test_edges_at_different_versions_get_their_own_transfer_concurrently(gateway, redis_client,
+                                                                          tmp_path: Path) -> None:
+    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
+    publisher = Publisher(store, every_steps=1, full_every_versions=0)
+    policy = act_with_frozen_encoder()
+    for step in range(1, 4):
+        update(policy, seed=step)
+        publisher.publish(policy, step)
+    bases = {"r0": 0, "r1": 1, "r2": 2, "r1b": 1}
+    edges = {rid: make_updater(rid, gateway.target, tmp_path, have, store) for rid, have in bases.items()}
+    update(policy, seed=4)
+    latest = publisher.publish(policy, 4).version
+    feed = gateway.gw.feed
+    for edge in edges.values():
+        edge.start()
+    try:
+        for rid, edge in edges.items():
+            assert edge.wait_version(latest, timeout_s=60), rid
+            assert edge.last_transfer.base_version == bases[rid], rid
+            assert_holds(edge, store, latest)
+        received = {rid: e.last_transfer.payload_bytes for rid, e in edges.items()}
+        assert received["r0"] == store.manifest(latest).total_bytes
+        assert received["r2"] < received["r1"] < received["r0"]
+        assert received["r1"] == received["r1b"]
+        # each transfer encoded once: full, v1->v4 (shared by r1 and r1b), v2->v4, and v3->v4 built ahead
+        assert {key for key in feed.encodings if key[1] == latest} == {(0, 4), (1, 4), (2, 4), (3, 4)}
+        assert set(feed.encodings.values()) == {1}
+    finally:
+        for edge in edges.values():
+            edge.stop()
+
+
+@pytest.mark.timeout(90)
+def test_unusable_version_is_refused_reported_and_skipped(gateway, redis_client, tmp_path: Path) -> None:
+    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
+    publisher = Publisher(store, every_steps=1)
+    policy = act_with_frozen_encoder()
+    edge = make_updater("edge", gateway.target, tmp_path)
+    edge.start()
+    try:
+        assert edge.wait_version(publisher.publish(policy, 1).version, timeout_s=30)
+        assert edge.slot.swap_if_pending()
+        with torch.no_grad():
+            policy.model.model.action_head.bias.fill_(float("nan"))
+        bad = publisher.publish(policy, 2).version
+        assert edge.wait(lambda u: u.refused_version == bad, timeout_s=30)
+        assert edge.have_version == 1 and edge.slot.current.version == 1 and edge.slot.pending_version is None
+        with torch.no_grad():
+            policy.model.model.action_head.bias.zero_()
+        good = publisher.publish(policy, 3).version
+        assert edge.wait_version(good, timeout_s=30)
+        assert edge.last_transfer.base_version == 1  # the delta is against what the edge holds, not the refused one
+        assert_holds(edge, store, good)
+        status = redis_client.hgetall("fleet:{r:edge}:status")
+        assert int(status[b"policy_refused_version"]) == bad
+        assert int(status[b"policy_delivered_version"]) == good
+        # the control loop rolls the new one back (e.g. NaN actions on real inputs): refused, disk reverted
+        edge.slot.rollback("NaN actions")
+        assert edge.wait(lambda u: u.refused_version == good, timeout_s=30)
+        assert LastGood(tmp_path / "edge" / "policy").version() == 1
+    finally:
+        edge.stop()
+
+
+@pytest.mark.timeout(120)
+def test_smolvla_publish_stream_verify_swap(gateway, redis_client, tmp_path: Path) -> None:
+    """SmolVLA (LeRobot) on a tiny local SmolVLM2 config (random weights, no hub) with its VLM frozen."""
+    schema = Schema((FeatureSpec("state", "float32", (4,)), FeatureSpec("top", "uint8", (32, 32, 3), True)),
+                    FeatureSpec("action", "float32", (4,)))
+    vla = build_policy(PolicyConfig(type="smolvla", chunk_size=4, n_action_steps=4, freeze_backbone=True),
+                       schema, TASKS, seed=0)
+    frozen = {n for n in vla.tensors() if n not in vla.trainable_names()}
+    assert any("vlm" in n for n in frozen)
+    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
+    publisher = Publisher(store, every_steps=1)
+    slot = PolicySlot(NullPolicy(schema.action.shape))
+    edge = Updater("vla", FleetClient(gateway.target), slot, build, LastGood(tmp_path / "vla"), schema, TASKS[0])
+    edge.start()
+    try:
+        v1 = publisher.publish(vla, 1).version
+        assert edge.wait_version(v1, timeout_s=60)
+        assert slot.swap_if_pending() and slot.current.version == v1
+        obs = {"state": np.zeros(4, np.float32), "top": np.zeros((32, 32, 3), np.uint8)}
+        assert np.isfinite(slot.current.select_action(obs, TASKS[0])).all()
+        update(vla, seed=5, changed_fraction=0.05)
+        v2 = publisher.publish(vla, 2).version
+        assert edge.wait_version(v2, timeout_s=60)
+        stats = edge.last_transfer
+        frozen_bytes = sum(t.nbytes for t in store.manifest(v2).tensors if not t.trainable)
+        assert stats.base_version == v1 and stats.payload_bytes < 0.2 * (stats.full_bytes - frozen_bytes)
+        for name, t in store.tensors(v2).items():
+            assert bytes(edge.held.payload[name]) == t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        assert slot.swap_if_pending() and slot.current.version == v2
+    finally:
+        edge.stop()

@@ -1,0 +1,193 @@
+"""Learner crash recovery with real processes: `python -m fleet.cli trainer` children against a real
+redis-server, SIGKILLed mid-training and mid-checkpoint, and SIGTERMed (the restarted one, to keep
+the number of process starts, ~10 s each, down)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud.buffer import ROBOTS_KEY, RobotKeys
+from cloud.checkpoints import TEST_PAUSE_ENV, CheckpointDir
+from cloud.offline import seed_scripted_demos
+from cloud.policy_store import PolicyStore
+from cloud.trainer import TRAINER_STATUS_KEY, Trainer
+from edge.client import FleetClient
+from edge.robots.metaworld import SCHEMA
+from fleet import PROTOCOL_VERSION
+from fleet.cli import build_parser
+from fleet.config import TrainerConfig, build_config
+from fleet.convert import chunk_to_pb, decode_step
+from fleet.types import Chunk, EpisodeSummary, RobotInfo, Step
+
+TASKS = ("reach the goal", "press the button from the top")
+
+
+def trainer_args(redis_url: str, policy_dir: str, checkpoint_dir: Path, *extra: str) -> list[str]:
+    return ["trainer", "--redis-url", redis_url, "--policy-dir", policy_dir, "--checkpoint-dir", str(checkpoint_dir),
+            "--tasks", ",".join(TASKS), "--policy.dim-model", "32", "--policy.n-heads", "2",
+            "--policy.dim-feedforward", "64", "--policy.chunk-size", "5", "--policy.n-action-steps", "5",
+            "--policy.n-encoder-layers", "1", "--policy.n-decoder-layers", "1", "--batch-size", "16",
+            "--seed-bc-steps", "10", "--publish-every-steps", "10", "--min-labeled-steps", "8",
+            "--refresh-interval-s", "0.2", "--checkpoint-every-s", "0", *extra]
+
+
+def start_trainer(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "fleet.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+
+
+def wait_for(cond, what: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 120.0) -> None:
+    """Poll another process's effects (Redis, files): there is no in-process event to wait on."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited with {proc.returncode} while waiting for {what}:\n"
+                                 f"{log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def status(redis_client) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in redis_client.hgetall(TRAINER_STATUS_KEY).items()}
+
+
+def adam_step_counts(tree) -> set[int]:
+    """The per-parameter step counts of every Adam(W) state in a checkpoint's algorithm state."""
+    found: set[int] = set()
+    if isinstance(tree, dict):
+        if "exp_avg" in tree and "step" in tree:
+            found.add(int(tree["step"]))
+        for value in tree.values():
+            found |= adam_step_counts(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            found |= adam_step_counts(value)
+    return found
+
+
+def stream_operator_steps(target: str, robot_id: str, n: int) -> int:
+    """A robot sends ``n`` operator-driven steps through the gateway; returns the acked seq."""
+    rng = np.random.default_rng(1)
+    client = FleetClient(target)
+    try:
+        client.register(RobotInfo(robot_id, "metaworld-sawyer", SCHEMA, TASKS, PROTOCOL_VERSION))
+        steps = [Step(seq=i + 1, index=i, observation={"state": rng.normal(size=39).astype(np.float32)},
+                      policy_action=np.zeros(4, np.float32), action=rng.uniform(-1, 1, 4).astype(np.float32),
+                      is_intervention=True, reward=0.0, success=False, done=i == n - 1, policy_version=1,
+                      timestamp_s=time.time()) for i in range(n)]
+        chunk = Chunk(robot_id, f"{robot_id}-e1", TASKS[0], steps, episode_end=EpisodeSummary(False, n, n, 1, False, 1))
+        acks = list(client.stream_experience(iter([chunk_to_pb(chunk, SCHEMA)])))
+    finally:
+        client.close()
+    return acks[-1].acked_seq
+
+
+def labeled_in_redis(redis_client) -> int:
+    return sum(redis_client.llen(RobotKeys(rid.decode()).labeled) for rid in redis_client.hkeys(ROBOTS_KEY))
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_restart_resumes_then_sigterm_checkpoints(redis_proc, redis_client, gateway, tmp_path):
+    seed_scripted_demos(redis_proc.url, TASKS, episodes_per_task=1, max_episode_steps=40)
+    policy_dir = gateway.cfg.policy_dir
+    checkpoints = CheckpointDir(tmp_path / "ckpt", keep=3)
+    args = trainer_args(redis_proc.url, policy_dir, checkpoints.root, "--checkpoint-every-steps", "20")
+    log1, log2 = tmp_path / "trainer1.log", tmp_path / "trainer2.log"
+
+    first = start_trainer(args, log1)
+    try:
+        wait_for(lambda: len(checkpoints.steps()) >= 2 and int(status(redis_client).get("step", 0)) >=
+                 checkpoints.steps()[-1] + 5, "two checkpoints and training past them", first, log1)
+    finally:
+        first.kill()  # SIGKILL: no chance to checkpoint
+        first.wait(30)
+    resume_step = checkpoints.steps()[-1]
+    versions_before = PolicyStore(policy_dir).versions()
+    assert versions_before
+
+    # While the trainer is down a robot streams operator-labelled steps: the gateway acks them.
+    acked = stream_operator_steps(gateway.target, "r-online", n=30)
+    assert acked == 30
+
+    second = start_trainer(args, log2)
+    try:
+        wait_for(lambda: status(redis_client).get("pid") == str(second.pid)
+                 and int(status(redis_client)["step"]) > resume_step, "a step after the restart", second, log2)
+        now = status(redis_client)
+        assert int(now["resumed_step"]) == resume_step
+        assert now["resumed_from"].endswith(f"step-{resume_step:08d}")
+        # The index was rebuilt from Redis: it holds what arrived while the trainer was down.
+        assert int(now["labeled_steps"]) == labeled_in_redis(redis_client) >= acked
+
+        # The optimizer carried on from the checkpoint: Adam's step counts continue from the saved ones.
+        wait_for(lambda: checkpoints.steps()[-1] > resume_step, "a checkpoint after the restart", second, log2)
+        later = checkpoints.load(checkpoints.root / f"step-{checkpoints.steps()[-1]:08d}")
+        assert adam_step_counts(later.state["algorithm"]) == {later.step}
+
+        # Published versions keep rising: every version of the restarted trainer is above all earlier ones.
+        wait_for(lambda: max(PolicyStore(policy_dir).versions()) > max(versions_before), "a new version",
+                 second, log2)
+        new_versions = sorted(set(PolicyStore(policy_dir).versions()) - set(versions_before))
+        assert new_versions[0] > max(versions_before)
+
+        # SIGTERM: the step in progress finishes, a checkpoint of the last step is written, exit code 0.
+        t0 = time.monotonic()
+        second.send_signal(signal.SIGTERM)
+        rc = second.wait(60)
+        exit_s = time.monotonic() - t0
+    finally:
+        second.kill()
+        second.wait(30)
+    assert rc == 0, log2.read_text()[-3000:]
+    assert exit_s < TrainerConfig().shutdown_timeout_s
+    final_step = int(status(redis_client)["step"])
+    assert checkpoints.steps()[-1] == final_step
+    assert checkpoints.load(checkpoints.root / f"step-{final_step:08d}").state["trainer"]["step"] == final_step
+
+    # No acked step is missing from the buffer (nor stored twice).
+    for rid in ("r-online", "demos-metaworld"):
+        keys = RobotKeys(rid)
+        last = int(redis_client.get(keys.seq))
+        seqs = [decode_step(b).seq for eid in redis_client.hkeys(keys.catalog)
+                for b in redis_client.lrange(keys.episode(eid.decode()), 0, -1)]
+        assert sorted(seqs) == list(range(1, last + 1)), rid
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_during_checkpoint_write_uses_the_previous_one(redis_proc, tmp_path, caplog):
+    seed_scripted_demos(redis_proc.url, TASKS, episodes_per_task=1, max_episode_steps=40)
+    checkpoints = CheckpointDir(tmp_path / "ckpt", keep=3)
+    args = trainer_args(redis_proc.url, str(tmp_path / "policies"), checkpoints.root,
+                        "--checkpoint-every-steps", "15")
+    marker, log = tmp_path / "paused", tmp_path / "trainer.log"
+    proc = start_trainer(args, log, env={TEST_PAUSE_ENV: f"2:{marker}"})  # the 2nd save stops half-way
+    try:
+        wait_for(marker.exists, "the second checkpoint to be half-written", proc, log)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    half = list(checkpoints.root.glob(".tmp-step-00000030-*"))
+    assert len(half) == 1 and (half[0] / "model.safetensors").exists() and not (half[0] / "DONE").exists()
+    assert checkpoints.steps() == [15]
+
+    # Restart (in this process, with the same options): the half-written one is ignored, step 15 is used.
+    cfg = build_config(TrainerConfig, vars(build_parser().parse_args(args)))
+    trainer = Trainer(cfg)
+    with caplog.at_level(logging.WARNING, logger="cloud.checkpoints"):
+        trainer.setup()
+    assert str(half[0]) in caplog.text and not half[0].exists()
+    assert trainer.state.step == 15 and trainer.resumed_from.endswith("step-00000015")
+    saved = checkpoints.load(checkpoints.root / "step-00000015")
+    restored = trainer.algorithm.state_dict()
+    assert adam_step_counts(restored) == adam_step_counts(saved.state["algorithm"]["state"]) == {15}

@@ -1,0 +1,151 @@
+"""The on-disk spool: seqs, restart after kill, bounded size with its drop policy, quarantine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from edge.spool import Spool
+from fleet.convert import decode_step
+from fleet.types import EpisodeSummary, FeatureSpec, Schema, Step
+
+SCHEMA = Schema((FeatureSpec("state", "float32", (8,)),), FeatureSpec("action", "float32", (2,)))
+
+
+def step(i: int, intervention: bool = False) -> Step:
+    return Step(seq=0, index=i, observation={"state": np.full(8, i, np.float32)},
+                policy_action=np.zeros(2, np.float32), action=np.ones(2, np.float32), is_intervention=intervention,
+                reward=0.0, success=False, done=False, policy_version=1, timestamp_s=1.0)
+
+
+def test_seqs_are_consecutive_and_survive_reopen_after_ack(tmp_path):
+    spool = Spool(tmp_path / "s.db", SCHEMA)
+    seqs = [spool.record("e1", "t", False, step(i), None) for i in range(5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    spool.ack(5)
+    assert spool.backlog() == (0, 0) and spool.last_seq() == 0
+    spool.close()
+    again = Spool(tmp_path / "s.db", SCHEMA)
+    assert again.record("e2", "t", False, step(0), None) == 6  # never reused, even with everything acked
+    assert again.assigned_seq() == 6
+
+
+def test_read_after_splits_by_episode_end_and_bytes(tmp_path):
+    spool = Spool(tmp_path / "s.db", SCHEMA)
+    for i in range(3):
+        spool.record("e1", "t", False, step(i), EpisodeSummary(False, 3, 0, 0, False, 1) if i == 2 else None)
+    for i in range(4):
+        spool.record("e2", "t", True, step(i), None)
+    first = spool.read_after(0)
+    assert (first.episode_id, first.first_seq, first.last_seq, first.end_blob is not None) == ("e1", 1, 3, True)
+    second = spool.read_after(3)
+    assert (second.episode_id, second.first_seq, second.last_seq, second.evaluation) == ("e2", 4, 7, True)
+    one_blob = len(second.step_blobs[0])
+    small = spool.read_after(3, max_bytes=2 * one_blob + 30)
+    assert small.last_seq - small.first_seq + 1 == 2
+    tiny = spool.read_after(3, max_bytes=1)  # never empty: one step even if it is larger than the bound
+    assert tiny.first_seq == tiny.last_seq == 4
+    assert [decode_step(b).seq for b in second.step_blobs] == [4, 5, 6, 7]
+
+
+def test_full_spool_drops_oldest_autonomous_steps_first(tmp_path):
+    probe = Spool(tmp_path / "probe.db", SCHEMA)
+    probe.record("e", "t", False, step(25, intervention=True), None)  # the largest row of this test
+    row_bytes = probe.backlog()[1]
+    spool = Spool(tmp_path / "s.db", SCHEMA, max_bytes=row_bytes * 20)
+    for i in range(20):
+        spool.record("e1", "t", False, step(i, intervention=i % 4 == 0), None)
+    assert spool.dropped_steps == 0
+    for i in range(10):
+        spool.record("e1", "t", False, step(20 + i), None)
+    steps, nbytes = spool.backlog()
+    assert nbytes <= row_bytes * 20 and spool.dropped_steps == 30 - steps
+    kept = []
+    seq = 0
+    while (batch := spool.read_after(seq, max_steps=100)) is not None:
+        kept += [decode_step(b) for b in batch.step_blobs]
+        seq = batch.last_seq
+    kept_seqs = {s.seq for s in kept}
+    # Every intervention step survived; the autonomous ones dropped are the oldest.
+    assert {1, 5, 9, 13, 17} <= kept_seqs
+    dropped = set(range(1, 31)) - kept_seqs
+    assert dropped and max(dropped) < min(kept_seqs - {1, 5, 9, 13, 17})
+    # The drop count is durable.
+    spool.close()
+    assert Spool(tmp_path / "s.db", SCHEMA).dropped_steps == 30 - steps
+
+
+def test_quarantine_moves_rows_aside_and_is_bounded(tmp_path):
+    spool = Spool(tmp_path / "s.db", SCHEMA, quarantine_max_bytes=10_000)
+    for i in range(6):
+        spool.record("e1", "t", False, step(i), None)
+    assert spool.quarantine(2, 3, "INVALID_ARGUMENT", "observation 'state' contains NaN") == 2
+    assert spool.backlog()[0] == 4 and spool.quarantined_steps == 2
+    batch = spool.read_after(0)
+    assert (batch.first_seq, batch.last_seq) == (1, 1)  # a run stops at the hole
+    assert spool.read_after(1).first_seq == 4
+    held = spool.quarantined()
+    assert [(q.seq, q.code) for q in held] == [(2, "INVALID_ARGUMENT"), (3, "INVALID_ARGUMENT")]
+    assert decode_step(held[0].blob).index == 1 and "NaN" in held[0].reason
+    spool.close()
+    reopened = Spool(tmp_path / "s.db", SCHEMA, quarantine_max_bytes=0)
+    assert reopened.quarantined_steps == 2 and reopened.backlog()[0] == 4
+    reopened.quarantine(4, 4, "NOT_FOUND", "x")
+    assert reopened.quarantined() == []  # over its bound: the oldest quarantined rows go
+    assert reopened.quarantined_steps == 3
+
+
+def test_ensure_after_moves_seqs_past_the_cloud(tmp_path):
+    spool = Spool(tmp_path / "s.db", SCHEMA)
+    spool.ensure_after(100)
+    assert spool.record("e1", "t", False, step(0), None) == 101
+    spool.ensure_after(50)
+    assert spool.record("e1", "t", False, step(1), None) == 102
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="synchronous must be NORMAL or FULL, got 'OFF'"):
+        Spool(tmp_path / "s.db", synchronous="OFF")
+    with pytest.raises(ValueError, match=r"max_bytes \(0\) must be > 0"):
+        Spool(tmp_path / "s.db", max_bytes=0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_every_recorded_step_survives_kill_9(tmp_path, synchronous):
+    """A child records steps and prints each seq once ``record`` returned; SIGKILL; all are on disk."""
+    code = textwrap.dedent(f"""
+        import sys, numpy as np
+        from edge.spool import Spool
+        from fleet.types import Step
+        spool = Spool({str(tmp_path / 's.db')!r}, synchronous={synchronous!r})
+        i = 0
+        while True:
+            s = Step(0, i, {{"state": np.zeros(8, np.float32)}}, np.zeros(2, np.float32), np.zeros(2, np.float32),
+                     False, 0.0, False, False, 1, 1.0)
+            print(spool.record("e", "t", False, s, None), flush=True)
+            i += 1
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    printed = []
+    for line in child.stdout:
+        printed.append(int(line))
+        if len(printed) == 300:
+            child.kill()
+            break
+    child.wait(10)
+    spool = Spool(tmp_path / "s.db")
+    on_disk = set()
+    seq = 0
+    while (batch := spool.read_after(seq, max_steps=1000)) is not None:
+        on_disk.update(range(batch.first_seq, batch.last_seq + 1))
+        seq = batch.last_seq
+    assert printed == list(range(1, 301))
+    assert set(printed) <= on_disk  # what record() returned for is durable; more may be
+    assert spool.record("e", "t", False, step(0), None) == max(on_disk) + 1

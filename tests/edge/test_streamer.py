@@ -1,0 +1,191 @@
+"""The streamer's error policy against a real gateway and redis-server: poisoned steps are
+quarantined (not resent forever), NOT_FOUND re-registers, a gap resumes after the
+trailing-metadata seq, RESOURCE_EXHAUSTED honours the retry hint, oversize chunks shrink."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cloud.buffer import RobotKeys
+from edge.client import FleetClient
+from edge.spool import Spool
+from edge.streamer import Backoff, Streamer
+from fleet import PROTOCOL_VERSION
+from fleet.convert import decode_step
+from fleet.types import EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
+
+TASK = "reach the goal"
+pytestmark = pytest.mark.timeout(60)
+
+
+def schema(dim: int = 6) -> Schema:
+    return Schema((FeatureSpec("state", "float32", (dim,)),), FeatureSpec("action", "float32", (2,)))
+
+
+def make_step(i: int, dim: int = 6, value: float | None = None) -> Step:
+    return Step(seq=0, index=i, observation={"state": np.full(dim, i if value is None else value, np.float32)},
+                policy_action=np.zeros(2, np.float32), action=np.ones(2, np.float32), is_intervention=i % 3 == 0,
+                reward=0.0, success=False, done=False, policy_version=1, timestamp_s=1.0)
+
+
+class Edge:
+    """A Spool + Streamer + FleetClient for one robot (what EdgeAgent wires, without the robot)."""
+
+    def __init__(self, tmp_path, target: str, robot_id: str = "r1", dim: int = 6, **streamer_kwargs):
+        self.schema = schema(dim)
+        self.dim = dim
+        self.info = RobotInfo(robot_id, "test-arm", self.schema, (TASK,), PROTOCOL_VERSION)
+        self.spool = Spool(tmp_path / f"{robot_id}.db", self.schema)
+        self.client = FleetClient(target, rpc_timeout_s=5.0)
+        streamer_kwargs.setdefault("flush_interval_s", 0.01)
+        streamer_kwargs.setdefault("backoff", Backoff(base_s=0.05, max_s=0.5, seed=0))
+        self.streamer = Streamer(self.info, self.spool, self.client, **streamer_kwargs)
+        self.recorded: list[int] = []
+
+    def record(self, n: int, episode: str = "e1", value: float | None = None, end: bool = False) -> list[int]:
+        seqs = []
+        for i in range(n):
+            summary = EpisodeSummary(False, n, 0, 0, False, 1) if end and i == n - 1 else None
+            st = make_step(len(self.recorded), self.dim, value)
+            st.done = summary is not None
+            seqs.append(self.spool.record(episode, TASK, False, st, summary))
+        self.recorded += seqs
+        return seqs
+
+    def close(self) -> None:
+        self.streamer.stop()
+        self.client.close()
+        self.spool.close()
+
+
+@pytest.fixture
+def make_edge(tmp_path, gateway):
+    edges = []
+
+    def make(**kwargs) -> Edge:
+        edge = Edge(tmp_path, gateway.target, **kwargs)
+        edges.append(edge)
+        return edge
+
+    yield make
+    for edge in edges:
+        edge.close()
+
+
+def stored_seqs(redis_client, robot_id: str) -> list[int]:
+    keys = RobotKeys(robot_id)
+    out = []
+    for eid in redis_client.hkeys(keys.catalog):
+        out += [decode_step(b).seq for b in redis_client.lrange(keys.episode(eid.decode()), 0, -1)]
+    return sorted(out)
+
+
+def test_poisoned_step_is_quarantined_and_everything_else_delivered(make_edge, redis_client):
+    edge = make_edge()
+    edge.record(5)
+    bad = edge.record(1, value=float("nan"))[0]  # the robot recorded NaN where its schema forbids it
+    edge.record(5)
+    edge.streamer.start()
+    assert edge.streamer.wait_acked(edge.recorded[-1], timeout_s=20)
+    assert stored_seqs(redis_client, "r1") == [s for s in edge.recorded if s != bad]
+    held = edge.spool.quarantined()
+    assert [q.seq for q in held] == [bad] and held[0].code == "INVALID_ARGUMENT" and "NaN" in held[0].reason
+    assert int(redis_client.hget(RobotKeys("r1").stats, "dropped_steps")) == 1  # the declared gap
+    assert edge.spool.backlog() == (0, 0)
+
+
+def test_chunk_level_rejection_quarantines_the_whole_chunk(make_edge, redis_client):
+    edge = make_edge()
+    edge.record(3)
+    for i in range(4):  # a task the robot never registered: every step of the chunk is to blame
+        edge.spool.record("e2", "juggle", False, make_step(10 + i), None)
+    edge.record(3, episode="e3")
+    last = edge.spool.assigned_seq()
+    edge.streamer.start()
+    assert edge.streamer.wait_acked(last, timeout_s=20)
+    assert [q.seq for q in edge.spool.quarantined()] == [4, 5, 6, 7]
+    assert stored_seqs(redis_client, "r1") == [1, 2, 3, 8, 9, 10]
+
+
+def test_not_found_after_redis_wipe_registers_again(make_edge, redis_client):
+    edge = make_edge()
+    edge.record(4)
+    edge.streamer.start()
+    assert edge.streamer.wait_acked(4, timeout_s=20)
+    sessions = edge.streamer.sessions
+    redis_client.flushall()  # the cloud lost everything, including the robot's registration
+    edge.record(3, episode="e2")
+    assert edge.streamer.wait_acked(7, timeout_s=20)
+    assert redis_client.hexists("fleet:robots", "r1"), "the robot did not register again"
+    assert stored_seqs(redis_client, "r1") == [5, 6, 7]
+    assert edge.streamer.sessions > sessions and edge.spool.quarantined() == []
+
+
+def test_gap_resumes_after_the_trailing_metadata_seq(make_edge, redis_client):
+    edge = make_edge()
+    edge.record(10)
+    edge.streamer.start()
+    assert edge.streamer.wait_acked(10, timeout_s=20)
+    redis_client.set(RobotKeys("r1").seq, 6)  # Redis lost acked steps 7..10 (e.g. a power loss with everysec)
+    edge.record(3, episode="e2")
+    assert edge.streamer.wait_acked(13, timeout_s=20)
+    assert int(redis_client.get(RobotKeys("r1").seq)) == 13
+    assert int(redis_client.hget(RobotKeys("r1").stats, "dropped_steps")) == 4
+
+
+@pytest.fixture
+def full_redis_gateway(redis_proc, tmp_path):
+    from fleet.config import GatewayConfig
+    from tests.conftest import GatewayThread
+
+    gw = GatewayThread(GatewayConfig(listen="127.0.0.1:0", redis_url=redis_proc.url,
+                                     policy_dir=str(tmp_path / "policies"), redis_full_retry_after_s=0.4))
+    yield gw
+    gw.stop()
+
+
+def test_redis_at_maxmemory_slows_the_robot_down_and_loses_nothing(full_redis_gateway, redis_client, tmp_path):
+    edge = Edge(tmp_path, full_redis_gateway.target, dim=2000)
+    try:
+        edge.record(20)
+        edge.streamer.start()
+        assert edge.streamer.wait_acked(20, timeout_s=20)
+        used = int(redis_client.info("memory")["used_memory"])
+        redis_client.config_set("maxmemory-policy", "noeviction")
+        redis_client.config_set("maxmemory", used + 50_000)
+        edge.record(200, episode="e2")  # ~1.6 MB: far more than fits
+        assert not edge.streamer.wait_acked(220, timeout_s=2.0)
+        sessions = edge.streamer.sessions
+        assert sessions <= 2 + 2.0 / 0.4, f"{sessions} sessions in 2s: the retry hint was not honoured"
+        redis_client.config_set("maxmemory", 0)
+        assert edge.streamer.wait_acked(220, timeout_s=20)
+        assert stored_seqs(redis_client, "r1") == list(range(1, 221))
+    finally:
+        edge.close()
+
+
+def test_oversize_chunks_shrink_and_a_step_too_large_is_quarantined(redis_proc, redis_client, tmp_path):
+    from fleet.config import GatewayConfig
+    from tests.conftest import GatewayThread
+
+    gw = GatewayThread(GatewayConfig(listen="127.0.0.1:0", redis_url=redis_proc.url,
+                                     policy_dir=str(tmp_path / "policies"), max_message_bytes=1 << 20))
+    fits = Edge(tmp_path, gw.target, robot_id="fits", dim=100_000)  # 400 KB steps: two per message at most
+    huge = Edge(tmp_path, gw.target, robot_id="huge", dim=300_000)  # 1.2 MB steps: never fit
+    try:
+        fits.record(6, end=True)
+        huge.record(2)
+        fits.streamer.start()
+        huge.streamer.start()
+        assert fits.streamer.wait_acked(6, timeout_s=30)
+        assert stored_seqs(redis_client, "fits") == list(range(1, 7))
+        with huge.spool.changed:
+            assert huge.spool.changed.wait_for(lambda: huge.spool.backlog()[0] == 0, timeout=20)
+        held = huge.spool.quarantined()
+        assert [q.seq for q in held] == [1, 2] and all(q.code == "RESOURCE_EXHAUSTED" for q in held)
+        assert "larger than max" in held[0].reason
+    finally:
+        fits.close()
+        huge.close()
+        gw.stop()

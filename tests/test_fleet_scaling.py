@@ -1,0 +1,130 @@
+"""The fleet-scaling study (bench/fleet_scaling.py): its arithmetic, ``fleet sim-fleet``'s
+configuration, and the whole machinery in a reduced configuration (2 tasks, 1 and 2 robots,
+a budget of seconds) producing its JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.scaling.analysis import _speedup, aggregate, effort_bins, summarize_run, time_to, version_at
+from bench.scaling.config import QUICK, StudyConfig
+from edge.sim_fleet import OPERATOR_SEED_OFFSET, SimFleetConfig
+from fleet.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- arithmetic ------------------------------------------------------------------------------
+
+
+def _run(fleet_size: int, versions: list[tuple[int, float]], episodes: list[tuple[float, int, bool]],
+         trainer_steps: int = 100, labels: int = 50) -> dict:
+    start = {"t_s": 0.0, "trainer_step": 0, "intervention_steps_stored": 0, "steps_stored": 0}
+    end = {"t_s": 100.0, "trainer_step": trainer_steps, "intervention_steps_stored": labels,
+           "steps_stored": 2000 * fleet_size}
+    return {"fleet_size": fleet_size, "seed": 0, "setup_s": 1.0, "start": start, "end": end,
+            "versions": [{"version": v, "t_s": t} for v, t in versions],
+            "episodes": [{"t_s": t, "num_steps": 100, "intervention_steps": i, "success": s} for t, i, s in episodes]}
+
+
+def test_version_at_is_the_newest_published_by_then_and_v1_at_the_start():
+    run = _run(1, [(1, -3.0), (2, 10.0), (3, 20.0)], [])
+    assert [version_at(run, t) for t in (0.0, 9.9, 10.0, 25.0)] == [1, 1, 2, 3]
+
+
+def test_time_to_threshold_is_the_first_crossing_or_none():
+    assert time_to([0, 10, 20, 30], [0.1, 0.85, 0.7, 0.9], 0.8) == 10
+    assert time_to([0, 10], [0.1, 0.79], 0.8) is None
+
+
+def test_speedup_is_a_ratio_or_honest_bounds_when_a_run_never_reached_the_threshold():
+    known = {"mean_s": 100.0, "lower_bound_s": 100.0}
+    censored = {"mean_s": None, "lower_bound_s": 300.0}
+    assert _speedup(known, {"mean_s": 25.0, "lower_bound_s": 25.0}) == (4.0, 4.0, 4.0)
+    assert _speedup(censored, {"mean_s": 50.0, "lower_bound_s": 50.0}) == (None, 6.0, None)  # at least 6x
+    assert _speedup(known, censored) == (None, None, 100.0 / 300.0)  # at most 1/3x
+    assert _speedup(censored, censored) == (None, None, None)
+
+
+def test_effort_bins_count_interventions_and_rohe_per_bin():
+    eps = [{"t_s": 5.0, "num_steps": 100, "intervention_steps": 40, "success": False},
+           {"t_s": 6.0, "num_steps": 100, "intervention_steps": 20, "success": True},
+           {"t_s": 15.0, "num_steps": 50, "intervention_steps": 0, "success": True}]
+    bins = effort_bins(eps, 20.0, 2)
+    assert bins["episodes"] == [2, 1]
+    assert bins["intervention_steps_per_episode"] == [30.0, 0.0]
+    assert bins["intervention_share"] == [0.3, 0.0]
+    assert bins["rohe"] == [1 / 60, None]
+
+
+def test_aggregate_gives_every_fleet_size_its_numbers():
+    cfg = StudyConfig(fleet_sizes=(1, 2), seeds=(0,), budget_s=100.0, tasks=("reach-v3",), eval_points=4,
+                      effort_bins=2, batch_size=10)
+    evals = {1: {"reach the goal": 0.2}, 2: {"reach the goal": 0.5}, 3: {"reach the goal": 0.9}}
+    slow = _run(1, [(1, -1.0), (2, 30.0), (3, 80.0)], [(10.0, 50, False), (60.0, 30, True), (90.0, 10, True)])
+    fast = _run(2, [(1, -1.0), (2, 10.0), (3, 40.0)], [(10.0, 50, False), (20.0, 40, True), (90.0, 5, True)],
+                labels=500)
+    summaries = [summarize_run(slow, evals, cfg), summarize_run(fast, evals, cfg)]
+    assert summaries[0]["time_to_threshold_s"] == 100.0 and summaries[1]["time_to_threshold_s"] == 50.0
+    assert summaries[0]["human_effort"]["falls"] and summaries[1]["rohe"] == 2 / 95
+    assert summaries[0]["learner"]["samples_per_fresh_labeled_step"] == 100 * 10 / 50
+    result = aggregate(summaries, cfg)
+    assert result["speedup_to_0_8"] == {"1": 1.0, "2": 2.0}
+    assert result["final_success"]["2"]["per_task"] == {"reach the goal": 0.9}
+    assert result["human_effort"]["1"]["falls_in_every_run"] is True
+
+
+def test_study_config_rejects_bad_values_naming_them():
+    with pytest.raises(ConfigError, match=r"fleet_sizes \(\(0, 2\)\)"):
+        StudyConfig(fleet_sizes=(0, 2))
+    with pytest.raises(ConfigError, match=r"budget_s \(-1"):
+        QUICK.with_overrides(budget_s=-1.0)
+
+
+# --- fleet sim-fleet --------------------------------------------------------------------------
+
+
+def test_sim_fleet_derives_each_robots_id_state_dir_and_seeds(tmp_path):
+    cfg = SimFleetConfig(robots=3, first_index=2, state_root=str(tmp_path), seed=1000)
+    robots = cfg.robot_configs()
+    assert [r.robot_id for r in robots] == ["robot-2", "robot-3", "robot-4"]
+    assert [r.seed for r in robots] == [1002, 1003, 1004]
+    assert [r.operator_config.seed for r in robots] == [1000 + OPERATOR_SEED_OFFSET + i for i in (2, 3, 4)]
+    assert robots[1].state_dir == str(tmp_path / "robot-3")
+    with pytest.raises(ConfigError, match=r"robots \(0\) must be >= 1"):
+        SimFleetConfig(robots=0)
+
+
+# --- the machinery, reduced -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_reduced_study_runs_and_writes_json_and_png(tmp_path):
+    out_json, out_png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fleet_scaling.py"), "--quick", "--fleet-sizes", "1,2", "--seeds", "0",
+         "--tasks", "reach-v3,drawer-close-v3", "--budget-s", "10", "--seed-bc-steps", "10", "--demos-per-task", "1",
+         "--max-episode-steps", "30", "--control-hz", "20", "--eval-episodes-per-task", "1", "--eval-points", "2",
+         "--effort-bins", "2", "--out-dir", str(tmp_path / "study"), "--json", str(out_json), "--plot", str(out_png)],
+        cwd=ROOT, capture_output=True, text=True, timeout=290)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(out_json.read_text())
+    for key in ("fleet_sizes", "speedup_to_0_8", "final_success", "human_effort", "rohe", "hardware",
+                "time_to_0_8_s", "success_curves", "learner", "targets"):
+        assert key in result, key
+    assert result["fleet_sizes"] == [1, 2]
+    assert set(result["speedup_to_0_8"]) == set(result["final_success"]) == {"1", "2"}
+    assert result["hardware"]["cpu_cores"] >= 1
+    for run in result["runs"]:
+        assert 0.0 <= run["final_success"] <= 1.0
+        assert run["episodes"] >= 1  # the robots ran real episodes within the budget
+        assert run["learner"]["robot_steps_stored"] > 0
+        assert run["curve"]["version"][0] == 1  # every run starts from the shared start policy
+    assert "| 2 |" in proc.stdout  # the table
+    png = out_png.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20000
