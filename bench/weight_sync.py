@@ -106,21 +106,25 @@ def _gateway_main(cfg, conn) -> None:
 
 def _edge_main(target: str, robot_id: str, after: int, versions: int, results) -> None:
     """Watch for full versions newer than ``after``; report when each of ``versions`` was verified (swap-ready)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from edge.client import FleetClient, PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent
     from edge.updater import Assembler
 
     client = FleetClient(target)
+    hasher = ThreadPoolExecutor(max_workers=1)
     held, done = None, 0
-    for msg in client.watch_policy(robot_id, after, want_full=True):
-        event = FleetClient.policy_event(msg)
+    for event in client.watch_policy(robot_id, after, want_full=True):
         if isinstance(event, PolicyHeaderEvent):
-            assembler = Assembler(event, held)
+            assembler, header_s, header_cpu_s = Assembler(event, held, hasher), time.time(), _cpu_s()
         elif isinstance(event, PolicyPieceEvent):
             assembler.add(event)
         elif isinstance(event, PolicyTrailerEvent):
+            trailer_s = time.time()
             held, _ = assembler.finish(event)
             results.put({"robot": robot_id, "version": held.manifest.version, "ready_s": time.time(),
-                         "payload_bytes": assembler.payload_bytes, "cpu_s": _cpu_s()})
+                         "header_s": header_s, "trailer_s": trailer_s,
+                         "payload_bytes": assembler.payload_bytes, "cpu_s": _cpu_s() - header_cpu_s})
             done += 1
             if done == versions:
                 break
@@ -140,7 +144,8 @@ class Fleet:
         self.redis_proc = start_redis(workdir / "redis")
         self.redis = redis.Redis.from_url(self.redis_proc.url)
         self.store = PolicyStore(workdir / "policies", self.redis)
-        cfg = GatewayConfig(listen="127.0.0.1:0", redis_url=self.redis_proc.url, policy_dir=str(workdir / "policies"))
+        cfg = GatewayConfig(listen="127.0.0.1:0", redis_url=self.redis_proc.url, policy_dir=str(workdir / "policies"),
+                            policy_cache_bytes=1 << 30)  # one 0.9 GB version at a time: the machine has 24 GB
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.gateway = ctx.Process(target=_gateway_main, args=(cfg, child))
@@ -172,6 +177,11 @@ class Fleet:
         gateway_cpu_s = _cpu_s(self.gateway.pid) - cpu0
         ready = max(r["ready_s"] for r in reports)
         sent = sum(r["payload_bytes"] for r in reports)
+        first = min(reports, key=lambda r: r["ready_s"])
+        log.info("push to %d edges: header after %.3f s, trailer after %.3f s, verified after %.3f s (first edge); "
+                 "CPU s: gateway %.3f, edges %s", edges, first["header_s"] - t_published,
+                 first["trailer_s"] - t_published, first["ready_s"] - t_published, _cpu_s(self.gateway.pid) - cpu0,
+                 [round(r["cpu_s"], 3) for r in reports])
         return {"version": manifest.version, "store_publish_s": t_published - t_publish,
                 "push_s": ready - t_published, "publish_to_ready_s": ready - t_publish,
                 "bytes_per_edge": manifest.total_bytes, "gateway_cpu_s": gateway_cpu_s,
@@ -232,8 +242,55 @@ def lerobot_push(tensors: dict[str, torch.Tensor]) -> dict:
 
 # --- delta size of realistic updates ----------------------------------------------------
 
-def delta_sizes(steps: int, lrs: tuple[float, ...], quick: bool, workdir: Path) -> list[dict]:
-    """Train K BC steps between two published versions; delta bytes / full bytes of the bf16 version."""
+SMOLVLM2_500M = {"text_config": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                                     num_attention_heads=15, num_key_value_heads=5, head_dim=64, vocab_size=49280,
+                                     tie_word_embeddings=False),
+                 "vision_config": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                       num_attention_heads=12, image_size=512, patch_size=16),
+                 "scale_factor": 4}
+"""SmolVLM2-500M's architecture (the backbone of the 450M SmolVLA), written over the tiny local backbone's
+files: no download; weights are random."""
+
+
+def smolvla_450m(workdir: Path, device: str = "meta"):
+    """LeRobot SmolVLA with its default settings (16 VLM layers, frozen VLM, expert 0.75 wide) on the
+    SmolVLM2-500M architecture; on the meta device it only counts parameters."""
+    import shutil
+
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    from fleet.policies.smolvla import ensure_tiny_vlm
+
+    vlm = workdir / "smolvlm2-500m-arch"
+    if not vlm.exists():
+        shutil.copytree(ensure_tiny_vlm(), vlm)
+        config = json.loads((vlm / "config.json").read_text())
+        for key, value in SMOLVLM2_500M.items():
+            config[key] = {**config[key], **value} if isinstance(value, dict) else value
+        (vlm / "config.json").write_text(json.dumps(config))
+    cfg = SmolVLAConfig(vlm_model_name=str(vlm), load_vlm_weights=False, device="cpu",
+                        input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,)),
+                                        "observation.images.top": PolicyFeature(FeatureType.VISUAL, (3, 512, 512))},
+                        output_features={"action": PolicyFeature(FeatureType.ACTION, (6,))})
+    with torch.device(device):
+        return SmolVLAPolicy(cfg)
+
+
+def _bc_batch(rng, expert: np.ndarray, batch: int, chunk: int, image: bool) -> dict:
+    """Operator-labelled samples (HG-DAgger trains on these by behaviour cloning)."""
+    states = rng.normal(size=(batch, expert.shape[0])).astype(np.float32)
+    actions = np.tanh(states @ expert).astype(np.float32)
+    out = {"obs/state": states, "task_index": np.zeros(batch, np.int64),
+           "action": np.repeat(actions[:, None], chunk, axis=1), "action_is_pad": np.zeros((batch, chunk), bool)}
+    if image:
+        out["obs/top"] = rng.integers(0, 255, (batch, 32, 32, 3), dtype=np.uint8)
+    return out
+
+
+def delta_sizes(steps: int, warmup: int, lrs: tuple[float, ...], quick: bool, workdir: Path) -> list[dict]:
+    """Train ``warmup`` steps, publish, train ``steps`` more, publish: delta bytes / full bytes (bf16)."""
     from cloud.gateway.policy_feed import encode_transfer
     from cloud.policy_store import PolicyStore
     from fleet.policies import PolicyConfig, build_policy
@@ -241,66 +298,88 @@ def delta_sizes(steps: int, lrs: tuple[float, ...], quick: bool, workdir: Path) 
 
     rows = []
     state_dim, action_dim, batch = 39, 4, 16
-    setups = [("act", PolicyConfig(chunk_size=10, n_action_steps=10, dim_model=256 if quick else 512, n_heads=8,
-                                   dim_feedforward=1024 if quick else 3200, n_encoder_layers=4, n_decoder_layers=1)),
-              ("smolvla-tiny", PolicyConfig(type="smolvla", chunk_size=10, n_action_steps=10, freeze_backbone=True))]
+    setups = [("act", "fp32-master"), ("act", "bf16-weights"), ("smolvla-tiny", "fp32-master")]
+    configs = {"act": PolicyConfig(chunk_size=10, n_action_steps=10, dim_model=256 if quick else 512, n_heads=8,
+                                   dim_feedforward=1024 if quick else 3200, n_encoder_layers=4, n_decoder_layers=1),
+               "smolvla-tiny": PolicyConfig(type="smolvla", chunk_size=10, n_action_steps=10, freeze_backbone=True)}
     rng = np.random.default_rng(0)
     expert = rng.normal(size=(state_dim, action_dim)) / np.sqrt(state_dim)
-    for name, cfg in setups:
-        images = cfg.type == "smolvla"
+    for name, precision in setups:
+        cfg = configs[name]
+        image = cfg.type == "smolvla"
         schema = Schema((FeatureSpec("state", "float32", (state_dim,)),
-                         *((FeatureSpec("top", "uint8", (32, 32, 3), True),) if images else ())),
+                         *((FeatureSpec("top", "uint8", (32, 32, 3), True),) if image else ())),
                         FeatureSpec("action", "float32", (action_dim,)))
-        for precision in ("bf16-weights", "fp32-master"):
-            for lr in lrs:
-                policy = build_policy(cfg, schema, ("reach the goal",), seed=0)
-                if precision == "bf16-weights":
-                    policy.model.to(torch.bfloat16)
-                opt = torch.optim.AdamW(policy.trainable_parameters(), lr=lr, weight_decay=1e-4)
-                store = PolicyStore(workdir / f"delta-{name}-{precision}-{lr}")
+        for lr in lrs:
+            policy = build_policy(cfg, schema, ("reach the goal",), seed=0)
+            if precision == "bf16-weights":
+                policy.model.to(torch.bfloat16)
+            opt = torch.optim.AdamW(policy.trainable_parameters(), lr=lr, weight_decay=1e-4)
+            store = PolicyStore(workdir / f"delta-{name}-{precision}-{lr}")
 
-                def publish(version_of) -> int:
-                    tensors = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in policy.tensors().items()}
-                    return store.publish(tensors, {}, policy.trainable_names(), parent_version=version_of).version
-
-                base = publish(0)
-                for _ in range(steps):
-                    states = rng.normal(size=(batch, state_dim)).astype(np.float32)
-                    actions = np.tanh(states @ expert).astype(np.float32)
-                    sample = {"obs/state": states, "task_index": np.zeros(batch, np.int64),
-                              "action": np.repeat(actions[:, None], cfg.chunk_size, axis=1),
-                              "action_is_pad": np.zeros((batch, cfg.chunk_size), bool)}
-                    if images:
-                        sample["obs/top"] = rng.integers(0, 255, (batch, 32, 32, 3), dtype=np.uint8)
+            def train(n: int) -> None:
+                for _ in range(n):
                     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 compute, as on a GPU learner
-                        loss, _ = policy.compute_loss(policy.train_batch_to_torch(sample))
+                        loss, _ = policy.compute_loss(policy.train_batch_to_torch(
+                            _bc_batch(rng, expert, batch, cfg.chunk_size, image)))
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-                target = publish(base)
-                transfer = encode_transfer(store, target, base)
-                manifest = store.manifest(target)
-                trainable = sum(t.nbytes for t in manifest.tensors if t.trainable)
-                rows.append({"policy": name, "precision": precision, "lr": lr, "steps": steps,
-                             "params": sum(t.nbytes for t in manifest.tensors) // 2,
-                             "trainable_fraction": round(trainable / manifest.total_bytes, 4),
-                             "delta_bytes": transfer.payload_bytes, "full_bytes": transfer.full_bytes,
-                             "delta_fraction": round(transfer.payload_bytes / transfer.full_bytes, 4)})
-                log.info("delta %s", rows[-1])
+
+            def publish(parent: int) -> int:
+                tensors = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in policy.tensors().items()}
+                return store.publish(tensors, {}, policy.trainable_names(), parent_version=parent).version
+
+            train(warmup)
+            base = publish(0)
+            train(steps)
+            target = publish(base)
+            transfer = encode_transfer(store, target, base)
+            manifest = store.manifest(target)
+            trainable = sum(t.nbytes for t in manifest.tensors if t.trainable)
+            rows.append({"policy": name, "precision": precision, "lr": lr, "steps": steps, "warmup_steps": warmup,
+                         "params": sum(t.nbytes for t in manifest.tensors) // 2,
+                         "trainable_fraction": round(trainable / manifest.total_bytes, 4),
+                         "delta_bytes": transfer.payload_bytes, "full_bytes": transfer.full_bytes,
+                         "delta_fraction": round(transfer.payload_bytes / transfer.full_bytes, 4)})
+            log.info("delta %s", rows[-1])
     return rows
+
+
+def smolvla_projection(rows: list[dict], workdir: Path) -> dict:
+    """SmolVLA-450M ships only its trainable part (frozen VLM skipped): trainable share x the measured delta
+    fraction of a fully trainable policy (ACT, fp32 master weights, bf16 published) at each learning rate."""
+    model = smolvla_450m(workdir)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    share = trainable / total
+    act = {r["lr"]: r["delta_fraction"] for r in rows if (r["policy"], r["precision"]) == ("act", "fp32-master")}
+    return {"params": total, "trainable_params": trainable, "trainable_fraction": round(share, 4),
+            "delta_fraction_by_lr": {str(lr): round(share * f, 4) for lr, f in act.items()}}
 
 
 # --- main ------------------------------------------------------------------------
 
+def pushed_state_dict(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """What the pushes move: SmolVLA-450M's state dict (random bf16 weights) or synthetic matrices."""
+    if args.params or args.quick:
+        return make_state_dict(args.params or 50_000_000), "synthetic 4096x1024 bf16 matrices"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = smolvla_450m(workdir, device="cpu")
+    tensors = {k: (v.bfloat16() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    return tensors, "LeRobot SmolVLA on the SmolVLM2-500M architecture, random weights, bf16"
+
+
 def run(args: argparse.Namespace) -> dict:
-    params = args.params or (50_000_000 if args.quick else 450_000_000)
-    tensors = make_state_dict(params)
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    out: dict = {"quick": args.quick, "params": params, "bytes": nbytes, "dtype": "bfloat16",
-                 "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-                 "piece_bytes": 1 << 20}
     with tempfile.TemporaryDirectory(prefix="weight_sync-") as tmp:
         workdir = Path(tmp)
+        tensors, what = pushed_state_dict(args, workdir)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        out: dict = {"quick": args.quick, "params": sum(t.numel() for t in tensors.values()), "state_dict": what,
+                     "tensors": len(tensors), "bytes": nbytes, "dtype": "bfloat16",
+                     "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                     "piece_bytes": 1 << 20}
         raw_s = min(raw_copy(nbytes) for _ in range(2))
         out.update(raw_copy_s=raw_s, raw_copy_gbps=nbytes / raw_s / GB)
         fleet = Fleet(workdir, out["piece_bytes"])
@@ -323,11 +402,13 @@ def run(args: argparse.Namespace) -> dict:
                    lerobot_gbps=nbytes / lerobot["push_s"] / GB)
         out["ratio_to_raw"] = out["ratio_vs_raw"] = out["full_push_gbps"] / out["raw_copy_gbps"]
         if not args.skip_delta:
-            rows = delta_sizes(args.delta_steps, (1e-5, 1e-4), args.quick, workdir)
+            rows = delta_sizes(args.delta_steps, args.warmup_steps, (1e-5, 1e-4), args.quick, workdir)
             out["delta_runs"] = rows
             headline = next(r for r in rows if (r["policy"], r["precision"], r["lr"]) == ("act", "fp32-master", 1e-4))
             out["delta_fraction"] = out["delta_ratio"] = headline["delta_fraction"]
-            out["delta_headline"] = "ACT, all weights trainable, fp32 master weights published as bf16, lr 1e-4"
+            out["delta_headline"] = ("ACT (every weight trainable), fp32 master weights with bf16 compute, published "
+                                     f"as bf16, lr 1e-4, {args.delta_steps} steps between versions")
+            out["smolvla_450m_projection"] = smolvla_projection(rows, workdir)
     out["targets"] = {"full_push_under_1s": out["full_push_s"] < 1.0, "ratio_to_raw_ge_0_5": out["ratio_to_raw"] >= 0.5,
                       "fanout_le_1_5x": out.get("fanout_ratio", 0) <= 1.5 if "fanout_ratio" in out else None,
                       "delta_le_5pct": out["delta_fraction"] <= 0.05 if "delta_fraction" in out else None}
@@ -349,19 +430,26 @@ def table(out: dict) -> str:
                                               f"gateway {out['gateway_cpu_s_per_gb']:.2f} CPU s/GB"))
     for r in out.get("delta_runs", []):
         rows.append((f"delta {r['policy']} {r['precision']} lr {r['lr']:g}",
-                     f"{r['delta_fraction'] * 100:.2f}% of full ({r['steps']} steps, "
+                     f"{r['delta_fraction'] * 100:.2f}% of full ({r['params'] / 1e6:.1f}M params, {r['steps']} steps, "
                      f"{r['trainable_fraction'] * 100:.0f}% trainable)"))
+    if "smolvla_450m_projection" in out:
+        proj = out["smolvla_450m_projection"]
+        rows.append(("delta SmolVLA-450M (projected)",
+                     ", ".join(f"lr {lr}: {f * 100:.2f}%" for lr, f in proj["delta_fraction_by_lr"].items())
+                     + f" ({proj['trainable_fraction'] * 100:.0f}% trainable)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="50M parameters instead of 450M; smaller delta policy")
-    p.add_argument("--params", type=int, default=0, help="override the number of bf16 parameters")
+    p.add_argument("--quick", action="store_true",
+                   help="50M synthetic parameters instead of SmolVLA-450M; smaller delta policy")
+    p.add_argument("--params", type=int, default=0, help="push this many synthetic bf16 parameters instead")
     p.add_argument("--edges", type=int, default=8, help="edges in the fan-out run (1 = skip it)")
     p.add_argument("--repeats", type=int, default=2, help="single-edge pushes (the best one counts)")
     p.add_argument("--delta-steps", type=int, default=25, help="optimizer steps between two versions")
+    p.add_argument("--warmup-steps", type=int, default=20, help="optimizer steps before the first of them")
     p.add_argument("--skip-delta", action="store_true", help="skip the delta-size runs")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)

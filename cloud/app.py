@@ -47,6 +47,18 @@ class Child:
             self.proc.wait()
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the parent dies (Linux), so a killed demo or
+    learner never leaves orphans behind. A no-op where prctl is unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def spawn(name: str, args: list[str], log_dir: Path, env: dict | None = None) -> Child:
     """Run ``fleet <args>`` as a child in its own session (Ctrl-C reaches only us)."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +66,7 @@ def spawn(name: str, args: list[str], log_dir: Path, env: dict | None = None) ->
     fh = open(log_path, "ab")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=full_env)
+                            start_new_session=True, env=full_env, preexec_fn=_die_with_parent)
     fh.close()
     return Child(name=name, proc=proc, log_path=log_path)
 

@@ -28,6 +28,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 5_000),
+    # Policy downloads: let the gateway run 16 MiB ahead instead of auto-tuning from 64 KiB (~1.4x the
+    # throughput and ~1/3 less CPU per GB for a Python client, bench/weight_sync.py).
+    ("grpc.http2.initial_window_size", 16 * 1024 * 1024),
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 
@@ -50,7 +54,7 @@ class PolicyHeaderEvent:
 class PolicyPieceEvent:
     name: str
     offset: int
-    data: bytes
+    data: bytes | memoryview
     encoding: str
 
 
@@ -73,7 +77,7 @@ def _channel(target: str, security: ClientSecurity) -> grpc.Channel:
     return grpc.secure_channel(target, creds, options=options)
 
 
-def _varint(n: int) -> bytes:
+def _varint_bytes(n: int) -> bytes:
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -83,7 +87,7 @@ def _varint(n: int) -> bytes:
 
 
 def _tag(field: str) -> bytes:
-    return _varint(pb.Chunk.DESCRIPTOR.fields_by_name[field].number << 3 | 2)  # wire type 2: length-delimited
+    return _varint_bytes(pb.Chunk.DESCRIPTOR.fields_by_name[field].number << 3 | 2)  # wire type 2: length-delimited
 
 
 _STEPS_TAG, _END_TAG = _tag("steps"), _tag("episode_end")
@@ -96,10 +100,50 @@ def encode_chunk(robot_id: str, episode_id: str, task: str, step_blobs: list[byt
     parts = [pb.Chunk(robot_id=robot_id, episode_id=episode_id, task=task, evaluation=evaluation,
                       gap_declared=gap_declared).SerializeToString()]
     for blob in step_blobs:
-        parts += (_STEPS_TAG, _varint(len(blob)), blob)
+        parts += (_STEPS_TAG, _varint_bytes(len(blob)), blob)
     if end_blob is not None:
-        parts += (_END_TAG, _varint(len(end_blob)), end_blob)
+        parts += (_END_TAG, _varint_bytes(len(end_blob)), end_blob)
     return b"".join(parts)
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def policy_event_from_wire(raw: bytes):
+    """A serialized PolicyUpdate as an event; a piece's data is a view into ``raw`` (no copy of ~1 MiB).
+
+    Pieces are read field by field (repeated fields merge, as protobuf does); headers and trailers go
+    through the generated class."""
+    buf = memoryview(raw)
+    piece = {"name": "", "offset": 0, "data": b"", "encoding": ""}
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        if key != 0x12:  # not PolicyUpdate.piece (field 2, length-delimited): header or trailer
+            return FleetClient.policy_event(pb.PolicyUpdate.FromString(raw))
+        length, pos = _varint(buf, pos)
+        end = pos + length
+        while pos < end:
+            key, pos = _varint(buf, pos)
+            if key == 0x10:  # offset (field 2, varint)
+                piece["offset"], pos = _varint(buf, pos)
+                continue
+            if key & 7 != 2 or key >> 3 not in (1, 3, 4):
+                raise ValueError(f"unexpected field key {key} in a TensorPiece")
+            size, pos = _varint(buf, pos)
+            value = buf[pos:pos + size]
+            field = {1: "name", 3: "data", 4: "encoding"}[key >> 3]
+            piece[field] = value if field == "data" else str(value, "utf-8")
+            pos += size
+    return PolicyPieceEvent(piece["name"], piece["offset"], piece["data"], piece["encoding"] or "raw")
 
 
 class FleetClient:
@@ -114,6 +158,9 @@ class FleetClient:
         self._stream_bytes = self._channel.stream_stream(  # chunks go out as encode_chunk made them
             "/fleet.v1.FleetService/StreamExperience", request_serializer=None,
             response_deserializer=pb.Ack.FromString)
+        self._watch_events = self._channel.unary_stream(  # policy events straight from the received bytes
+            "/fleet.v1.FleetService/WatchPolicy", request_serializer=pb.WatchPolicyRequest.SerializeToString,
+            response_deserializer=policy_event_from_wire)
         token = read_token_file(security.token_file) if security.token_file else ""
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -139,10 +186,11 @@ class FleetClient:
         return self._stream_bytes(requests, metadata=self._metadata)
 
     def watch_policy(self, robot_id: str, have_version: int, want_full: bool = False, rejected_version: int = 0):
-        """Server stream of policy events; the returned call can be cancelled."""
-        return self._stub.WatchPolicy(pb.WatchPolicyRequest(robot_id=robot_id, have_version=have_version,
-                                                            want_full=want_full, rejected_version=rejected_version),
-                                      metadata=self._metadata)
+        """Server stream of policy events (PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent); the
+        returned call can be cancelled."""
+        return self._watch_events(pb.WatchPolicyRequest(robot_id=robot_id, have_version=have_version,
+                                                        want_full=want_full, rejected_version=rejected_version),
+                                  metadata=self._metadata)
 
     @staticmethod
     def policy_event(msg: pb.PolicyUpdate):

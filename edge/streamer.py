@@ -18,7 +18,8 @@ FAILED_PRECONDITION a sequence gap: resume right after ``fleet-last-acked-seq``
 RESOURCE_EXHAUSTED  wait ``fleet-retry-after-s`` (plus jitter); without that hint the
                     message was too large: halve the chunk size (a single step that is
                     still too large is quarantined)
-anything else       exponential backoff with full jitter, re-register, resume
+anything else       exponential backoff with full jitter (at least ``fleet-retry-after-s``
+                    when the gateway sent one), re-register, resume
 ==================  ====================================================================
 
 Resending after a reconnect is safe: the gateway recognises steps it already
@@ -34,7 +35,7 @@ import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -57,7 +58,7 @@ class Backoff:
         self._rng = random.Random(seed)
 
     def next_delay(self) -> float:
-        delay = self._rng.uniform(0, min(self.max_s, self.base_s * (2 ** self._attempt)))
+        delay = self._rng.uniform(0, min(self.max_s, self.base_s * 2.0 ** min(self._attempt, 60)))
         self._attempt += 1
         return delay
 
@@ -72,6 +73,15 @@ class _Sent:
     first_seq: int
     last_seq: int
     sent_s: float
+
+
+@dataclass
+class _Session:
+    """One stream: its chunks in flight, whether it ended, the call."""
+
+    inflight: deque[_Sent] = field(default_factory=deque)
+    broken: threading.Event = field(default_factory=threading.Event)
+    call: object | None = None
 
 
 def _metadata(exc: grpc.RpcError) -> dict[str, str]:
@@ -161,7 +171,11 @@ class Streamer:
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     break
-                delay = self._after_error(exc)
+                try:
+                    delay = self._after_error(exc)
+                except Exception:  # this thread must never die: the robot's data would stop flowing
+                    log.exception("robot %s: streamer error while handling %s", robot, exc)
+                    delay = self._backoff.next_delay()
             except Exception:  # keep the robot's data flowing whatever happened; log loudly
                 log.exception("robot %s: streamer error", robot)
                 delay = self._backoff.next_delay()
@@ -221,6 +235,9 @@ class Streamer:
                 return 0.0
         self._resume_after = None
         delay = self._backoff.next_delay()
+        hint_s = _float(md.get("fleet-retry-after-s"))  # e.g. UNAVAILABLE while the gateway's Redis is down
+        if hint_s is not None:
+            delay = max(delay, hint_s * random.uniform(1.0, 1.5))
         log.warning("robot %s: experience stream ended (%s: %s); reconnecting in %.2fs", robot, code.name,
                     details, delay)
         return delay
@@ -244,48 +261,49 @@ class Streamer:
         self.spool.ack(start)
         self._set_acked(start)
         self.sessions += 1
-        broken = threading.Event()
-        call = self.client.stream_chunks(self._requests(start, broken))
-        self._call = call
+        session = _Session()
+        with self._inflight_lock:
+            self._inflight = session.inflight
+        session.call = self._call = self.client.stream_chunks(self._requests(start, session))
         self._in_stream = True
         self.connected.set()
         metrics.EDGE_CONNECTED.labels(robot=robot).set(1)
         log.info("robot %s: streaming to %s from seq %d", robot, self.client.target, start + 1)
         try:
-            for ack in call:
+            for ack in session.call:
                 self._backoff.reset()
                 self.spool.ack(ack.acked_seq)
                 self._set_acked(ack.acked_seq)
                 with self._inflight_lock:
-                    while self._inflight and self._inflight[0].last_seq <= ack.acked_seq:
-                        self._inflight.popleft()
+                    while session.inflight and session.inflight[0].last_seq <= ack.acked_seq:
+                        session.inflight.popleft()
                     self._inflight_lock.notify_all()
                 self._not_found = (0, 0)
                 self._update_gauges()
         finally:
-            broken.set()
+            session.broken.set()
             with self._inflight_lock:
                 self._inflight_lock.notify_all()
             self._call = None
 
-    def _requests(self, start: int, broken: threading.Event):
-        """Chunks after ``start`` for the stream (runs on a gRPC thread)."""
+    def _requests(self, start: int, session: _Session):
+        """Chunks after ``start`` for one stream (runs on a gRPC thread; ends with its session)."""
         sent = start
         robot = self.info.robot_id
+        inflight, broken = session.inflight, session.broken
         while not self._stop.is_set() and not broken.is_set():
             with self._inflight_lock:
-                self._inflight_lock.wait_for(lambda: len(self._inflight) < self.window_chunks or broken.is_set()
-                                             or self._stop.is_set() or self._stalled(), timeout=1.0)
-                stalled = self._stalled()
-                full = len(self._inflight) >= self.window_chunks
+                self._inflight_lock.wait_for(lambda: len(inflight) < self.window_chunks or broken.is_set()
+                                             or self._stop.is_set() or self._stalled(inflight), timeout=1.0)
+                stalled = self._stalled(inflight)
+                full = len(inflight) >= self.window_chunks
             if broken.is_set() or self._stop.is_set():
                 return
             if stalled:
                 log.warning("robot %s: no ack for %.0fs with chunks in flight; reconnecting", robot,
                             self.ack_timeout_s)
-                call = self._call
-                if call is not None:
-                    call.cancel()
+                if session.call is not None:
+                    session.call.cancel()
                 return
             if full or not self.spool.wait_for_data_after(sent, timeout_s=1.0):
                 continue
@@ -303,15 +321,17 @@ class Streamer:
             msg = encode_chunk(robot, batch.episode_id, batch.task, batch.step_blobs, batch.evaluation,
                                gap_declared=batch.first_seq > sent + 1, end_blob=batch.end_blob)
             with self._inflight_lock:
-                self._inflight.append(_Sent(batch.first_seq, batch.last_seq, time.monotonic()))
+                if broken.is_set():
+                    return
+                inflight.append(_Sent(batch.first_seq, batch.last_seq, time.monotonic()))
             sent = batch.last_seq
             yield msg
 
-    def _stalled(self) -> bool:
+    def _stalled(self, inflight: deque[_Sent]) -> bool:
         """Chunks in flight and no ack for ``ack_timeout_s`` (call with ``_inflight_lock`` held)."""
-        if not self._inflight:
+        if not inflight:
             return False
-        since = max(self._inflight[0].sent_s, self._last_ack_mono)
+        since = max(inflight[0].sent_s, self._last_ack_mono)
         return time.monotonic() - since > self.ack_timeout_s
 
     def _set_acked(self, seq: int) -> None:

@@ -21,12 +21,14 @@ its checksums.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,9 +73,12 @@ class TransferStats:
 
 
 class Assembler:
-    """Collects one transfer (header, pieces, trailer), applies deltas to ``held``, verifies the result."""
+    """Collects one transfer (header, pieces, trailer), applies deltas to ``held``, verifies the result.
 
-    def __init__(self, header: PolicyHeaderEvent, held: Held | None):
+    With a ``hasher`` (one worker thread), each raw tensor is hashed as soon as its last piece is in, while
+    the next ones still arrive."""
+
+    def __init__(self, header: PolicyHeaderEvent, held: Held | None, hasher: Executor | None = None):
         self.manifest = Manifest.from_json(header.manifest_json)
         if self.manifest.version != header.version:
             raise IntegrityError(f"header says v{header.version} but its manifest says v{self.manifest.version}")
@@ -86,6 +91,8 @@ class Assembler:
         self._raw: dict[str, bytearray] = {}
         self._raw_received: dict[str, int] = {}
         self._encoded: dict[str, tuple[str, bytearray]] = {}
+        self._digests: dict[str, Future] = {}
+        self._hasher = hasher
         self.payload_bytes = 0
 
     def add(self, piece: PolicyPieceEvent) -> None:
@@ -101,8 +108,13 @@ class Assembler:
             buf = self._raw.get(piece.name)
             if buf is None:
                 buf = self._raw[piece.name] = bytearray(entry.nbytes)
+            received = self._raw_received.get(piece.name, 0) + len(piece.data)
+            if received > entry.nbytes:
+                raise IntegrityError(f"tensor {piece.name!r} receives more than its {entry.nbytes} bytes")
             buf[piece.offset:end] = piece.data
-            self._raw_received[piece.name] = self._raw_received.get(piece.name, 0) + len(piece.data)
+            self._raw_received[piece.name] = received
+            if received == entry.nbytes and self._hasher is not None:
+                self._digests[piece.name] = self._hasher.submit(lambda b=buf: hashlib.sha256(b).hexdigest())
         else:
             if not self.base_version:
                 raise IntegrityError(f"{piece.encoding!r} piece of {piece.name!r} in a full transfer")
@@ -121,7 +133,10 @@ class Assembler:
             raise IntegrityError("trailer checksum differs from the manifest's")
         kept = {t.name: t for t in self._held.manifest.tensors} if self._held else {}
         payload: dict[str, bytearray] = {}
-        reused = set()
+        verified = set()  # names whose bytes already matched this manifest's sha256
+        for name, digest in self._digests.items():  # raw tensors hashed while the transfer went on
+            if digest.result() == self._entries[name].sha256:
+                verified.add(name)  # (a mismatch is left to verify(), which raises naming the tensor)
         for entry in self.manifest.tensors:
             name = entry.name
             if name in self._raw:
@@ -136,10 +151,10 @@ class Assembler:
             elif name in kept and (kept[name].sha256, kept[name].dtype, kept[name].shape) == (
                     entry.sha256, entry.dtype, entry.shape):
                 payload[name] = self._held.payload[name]  # unchanged: verified when it arrived
-                reused.add(name)
+                verified.add(name)
             else:
                 raise IntegrityError(f"transfer truncated: tensor {name!r} missing")
-        tensors = verify(self.manifest, payload, frozenset(reused))
+        tensors = verify(self.manifest, payload, frozenset(verified))
         return Held(self.manifest, payload), tensors
 
 
@@ -247,9 +262,11 @@ class Updater:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._call = None
+        self._hasher: ThreadPoolExecutor | None = None
         slot.add_rollback_listener(self._on_rollback)
 
     def start(self) -> None:
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sha256-{self.robot_id}")
         self._thread = threading.Thread(target=self._run, name=f"updater-{self.robot_id}", daemon=True)
         self._thread.start()
 
@@ -260,6 +277,8 @@ class Updater:
             call.cancel()
         if self._thread:
             self._thread.join(timeout_s)
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=False)
 
     @property
     def held(self) -> Held | None:
@@ -337,10 +356,9 @@ class Updater:
         assembler: Assembler | None = None
         started = 0.0
         try:
-            for msg in call:
-                event = FleetClient.policy_event(msg)
+            for event in call:
                 if isinstance(event, PolicyHeaderEvent):
-                    assembler, started = Assembler(event, self._held), time.perf_counter()
+                    assembler, started = Assembler(event, self._held, self._hasher), time.perf_counter()
                 elif isinstance(event, PolicyPieceEvent):
                     if assembler is None:
                         raise IntegrityError("policy piece before its header")

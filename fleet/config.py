@@ -137,6 +137,8 @@ class GatewayConfig:
     """Retry hint when Redis refuses writes at maxmemory (noeviction): nothing is dropped, robots spool meanwhile."""
     health_listen: str = ""
     """Extra plaintext host:port serving only grpc.health.v1 (for kubelet probes when TLS is on; "" = off)."""
+    policy_cache_bytes: int = 4 * 1024**3
+    """Encoded policy transfers (full and delta) kept for robots, bytes (the newest is kept whatever its size)."""
     security: GatewaySecurity = field(default_factory=GatewaySecurity)
     """TLS, mutual TLS, robot tokens and per-robot limits."""
 
@@ -148,6 +150,7 @@ class GatewayConfig:
                  f"robot_max_inflight_bytes ({self.robot_max_inflight_bytes}) must be in (0, max_inflight_bytes "
                  f"({self.max_inflight_bytes})]")
         _require(self.max_experience_streams > 0, f"max_experience_streams ({self.max_experience_streams}) must be > 0")
+        _require(self.policy_cache_bytes >= 0, f"policy_cache_bytes ({self.policy_cache_bytes}) must be >= 0")
         _require(self.inflight_wait_s >= 0, f"inflight_wait_s ({self.inflight_wait_s}) must be >= 0")
         _require(self.retry_after_s > 0, f"retry_after_s ({self.retry_after_s}) must be > 0")
         _require(self.redis_full_retry_after_s > 0,

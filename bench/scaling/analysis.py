@@ -135,6 +135,7 @@ def summarize_run(run: dict, evals: dict[int, dict[str, float]], cfg: StudyConfi
     slope = _effort_slope_per_min(episodes)
     return {
         "fleet_size": run["fleet_size"], "seed": run["seed"], "setup_s": run["setup_s"],
+        "all_robots_running_s": run.get("all_robots_running_s"), "steps_before_t0": run["start"]["steps_stored"],
         "curve": {"t_s": ts, "version": versions, "success": success},
         "time_to_threshold_s": time_to(ts, success, cfg.success_threshold),
         "final_version": versions[-1], "final_success": success[-1], "final_success_per_task": evals[versions[-1]],

@@ -40,14 +40,12 @@ def plot_study(result: dict, path: Path) -> None:
     ax.plot(list(SOP_SPEEDUP), list(SOP_SPEEDUP.values()), "s--", color="tab:red", label="SOP (1 run each)")
     for n in sizes:
         value, b = result["speedup_to_0_8"][n], result["speedup_bounds"][n]
-        if value is not None:
-            ax.plot(int(n), value, "o", color="tab:blue", ms=8)
-        elif b["lower"] is not None:
-            ax.annotate("", xy=(int(n), b["lower"] * 1.25), xytext=(int(n), b["lower"]),
-                        arrowprops={"arrowstyle": "->", "color": "tab:blue"})
-            ax.plot(int(n), b["lower"], "^", color="tab:blue", ms=8)
-        elif b["upper"] is not None:
-            ax.plot(int(n), b["upper"], "v", color="tab:blue", ms=8)
+        for y, marker, text in ((value, "o", ""), (None if value is not None else b["lower"], "^", ">= "),
+                                (None if value is not None else b["upper"], "v", "<= ")):
+            if y is not None:
+                ax.plot(int(n), y, marker, color="tab:blue", ms=8)
+                ax.annotate(f"{text}{y:.2f}x", (int(n), y), textcoords="offset points", xytext=(6, -4), fontsize=8)
+                break
     ax.plot([], [], "o", color="tab:blue", label="this study (▲ lower bound, ▼ upper bound)")
     ax.set(xlabel="robots", ylabel=f"speed-up to {threshold:.0%} success vs 1 robot", xticks=ns,
            title=f"time-to-{threshold:.0%} speed-up")

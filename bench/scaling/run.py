@@ -5,10 +5,11 @@ the shared start policy installed as version 1, then ``fleet gateway``,
 ``fleet trainer`` (HG-DAgger, resuming v1) and ``fleet sim-fleet`` (N robots in
 real time with the simulated operator) as processes, started together. The
 trainer's rate limiter holds its first update until the robots have stored a
-step, so no run trains ahead on demonstrations alone. The clock starts when
-every robot has stored steps and the learner has stepped (what happened before
-is recorded in the run's ``start`` sample). At the end of the budget the
-processes are stopped and the run's record is read back: the
+step, so no run trains ahead on demonstrations alone. The clock starts at the
+learner's first update, so every run has exactly v1 at t = 0; robots that come
+up later lose that time (``all_robots_running_s``: conservative for large
+fleets), and steps stored before t = 0 are in the ``start`` sample. At the end
+of the budget the processes are stopped and the run's record is read back: the
 versions with their publication times, every episode's outcome and human
 effort, and a timeline of the learner (steps, CPU) and of the machine.
 """
@@ -133,6 +134,7 @@ class _Watch:
             "trainer_step": int(float(trainer.get("step", 0) or 0)),
             "trainer_version": int(float(trainer.get("version", 0) or 0)),
             "trainer_samples_per_s": float(trainer.get("samples_per_s", 0) or 0),
+            "robots_running": sum(r["steps_stored"] > 0 for r in online),
             "steps_stored": sum(r["steps_stored"] for r in online),
             "intervention_steps_stored": sum(r["intervention_steps_stored"] for r in online),
             "robot_steps_per_s": [r["steps_per_s"] for r in online],
@@ -152,17 +154,16 @@ def _check_alive(children: dict[str, Child]) -> None:
             raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}\n{tail}")
 
 
-def _wait_running(cfg: StudyConfig, redis, children: dict[str, Child], robots: int) -> None:
-    """Until every robot has stored steps and the learner has stepped (or the start-up timeout)."""
+def _wait_learning(cfg: StudyConfig, redis, children: dict[str, Child]) -> float:
+    """Until the learner's first update (it waits for the first robot's data); returns its time (unix s)."""
     deadline = time.monotonic() + cfg.startup_timeout_s
     while time.monotonic() < deadline:
         _check_alive(children)
-        status = fleet_status(redis)
-        running = [r for r in status["robots"] if r["source"] == SOURCE_ONLINE and r["steps_stored"] > 0]
-        if len(running) >= robots and int(status["trainer"].get("step", 0) or 0) > 0:
-            return
+        trainer = _dec(redis.hgetall(TRAINER_STATUS_KEY))
+        if int(float(trainer.get("step", 0) or 0)) > 0:
+            return min(float(trainer.get("updated_s", time.time())), time.time())
         time.sleep(0.25)  # polling Redis written by other processes: there is no event to wait on
-    raise TimeoutError(f"{robots} robots and the learner were not running within {cfg.startup_timeout_s:.0f}s")
+    raise TimeoutError(f"the robots and the learner were not running within {cfg.startup_timeout_s:.0f}s")
 
 
 def _stop_all(children: dict[str, Child], timeout_s: float = 30.0) -> None:
@@ -219,11 +220,10 @@ def run_fleet(cfg: StudyConfig, robots: int, seed: int, start_dir: Path, run_dir
             "--edge.gateway", f"127.0.0.1:{port}", "--edge.tasks", ",".join(instructions(cfg.tasks)),
             "--edge.control-hz", str(cfg.control_hz), "--edge.max-episode-steps", str(cfg.max_episode_steps),
             "--edge.eval-every", "0", *cfg.edge_args], logs)
-        _wait_running(cfg, client, children, robots)
-        t0 = time.time()
+        t0 = _wait_learning(cfg, client, children)
         watch = _Watch(client, children, t0)
         start = watch.sample()
-        log.info("run %d robots seed %d: running (set-up %.0fs); budget %.0fs", robots, seed, t0 - setup_start,
+        log.info("run %d robots seed %d: learning (set-up %.0fs); budget %.0fs", robots, seed, t0 - setup_start,
                  cfg.budget_s)
         while time.time() < t0 + cfg.budget_s:
             time.sleep(max(0.0, min(POLL_S, t0 + cfg.budget_s - time.time())))  # a fixed sampling clock
@@ -243,6 +243,7 @@ def run_fleet(cfg: StudyConfig, robots: int, seed: int, start_dir: Path, run_dir
     record = {
         "fleet_size": robots, "seed": seed, "run_dir": str(run_dir), "budget_s": cfg.budget_s,
         "setup_s": t0 - setup_start, "t0_unix_s": t0, "start": start, "end": end,
+        "all_robots_running_s": next((r["t_s"] for r in watch.samples if r["robots_running"] >= robots), None),
         "trainer_status_end": trainer_status,
         "versions": versions, "episodes": episodes, "timeline": watch.samples,
     }

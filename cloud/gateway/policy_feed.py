@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from cloud.policy_store import PolicyStore
 from fleet import delta, metrics
@@ -39,24 +39,67 @@ PIECE_BYTES = 1 << 20  # well under the 4 MiB default gRPC message limit
 CACHE_BYTES = 4 << 30
 
 
-@dataclass(frozen=True)
 class Transfer:
-    """The serialized messages that take an edge from ``base_version`` (0 = nothing) to ``version``."""
+    """The serialized messages that take an edge from ``base_version`` (0 = nothing) to ``version``.
 
-    version: int
-    base_version: int
-    messages: tuple[bytes, ...]
-    payload_bytes: int
-    """Tensor data bytes in the pieces."""
-    full_bytes: int
-    """What the tensors take raw (a full transfer's payload)."""
-    tensors_sent: int
-    wire_bytes: int
-    """Serialized bytes of all messages."""
+    One encoder thread appends to ``messages`` while robots already send the first ones (``stream``);
+    the list only grows. ``base_version`` becomes 0 if the base turned out to be unknown.
+    """
+
+    def __init__(self, version: int, base_version: int):
+        self.version = version
+        self.base_version = base_version
+        self.messages: list[bytes] = []
+        self.payload_bytes = 0
+        """Tensor data bytes in the pieces."""
+        self.full_bytes = 0
+        """What the tensors take raw (a full transfer's payload)."""
+        self.tensors_sent = 0
+        self.wire_bytes = 0
+        """Serialized bytes of the messages so far."""
+        self.done = False
+        self.error: BaseException | None = None
+        self._waiters: list[asyncio.Future] = []
 
     @property
     def kind(self) -> str:
         return "delta" if self.base_version else "full"
+
+    def fill(self, messages: Iterator[bytes], wake: Callable[[], None] = lambda: None) -> None:
+        """Encoder side: append every message (calling ``wake`` after each), then mark done or failed."""
+        try:
+            for message in messages:
+                self.messages.append(message)
+                self.wire_bytes += len(message)
+                wake()
+            self.done = True
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            wake()
+
+    def wake_readers(self) -> None:
+        """Event-loop side (``loop.call_soon_threadsafe``): resume every reader waiting for more."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """Every message, as soon as the encoder has it."""
+        sent = 0
+        while True:
+            while sent < len(self.messages):
+                yield self.messages[sent]
+                sent += 1
+            if self.error is not None:
+                raise self.error
+            if self.done:
+                return
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
 
 
 def _varint(value: int) -> bytes:
@@ -80,23 +123,25 @@ def _piece(name: str, offset: int, data: memoryview, encoding: str) -> bytes:
     return b"".join((head, piece_field, data_field, data))
 
 
-def encode_transfer(store: PolicyStore, version: int, base_version: int = 0,
-                    piece_bytes: int = PIECE_BYTES) -> Transfer:
-    """Build the transfer ``base_version`` -> ``version`` (a full one if the base is 0 or unknown)."""
-    target = store.manifest(version)
+def iter_transfer(store: PolicyStore, transfer: Transfer, piece_bytes: int = PIECE_BYTES) -> Iterator[bytes]:
+    """The messages of ``transfer`` (header, pieces, trailer); sets its sizes before the header.
+
+    A full transfer's pieces are cut from the stored bytes as they go out; a delta's tensors are encoded
+    first (the header announces the payload size).
+    """
+    target = store.manifest(transfer.version)
     base: Manifest | None = None
-    if base_version:
+    if transfer.base_version:
         try:
-            base = store.manifest(base_version)
+            base = store.manifest(transfer.base_version)
         except KeyError:
-            log.info("base v%d is not in the store: sending v%d in full", base_version, version)
-            base_version = 0
-    payload = store.payload(version)
+            log.info("base v%d is not in the store: sending v%d in full", transfer.base_version, transfer.version)
+            transfer.base_version = 0
+    payload = store.payload(transfer.version)
     old = {e.name: e for e in base.tensors} if base else {}
-    element_deltas = base is not None and base_version >= target.keyframe_version
+    element_deltas = base is not None and transfer.base_version >= target.keyframe_version
     base_payload = None
-    pieces: list[bytes] = []
-    payload_bytes = sent = 0
+    plan: list[tuple[str, memoryview, str]] = []
     for entry in target.tensors:
         prev = old.get(entry.name)
         same_layout = prev is not None and (prev.dtype, prev.shape) == (entry.dtype, entry.shape)
@@ -105,19 +150,28 @@ def encode_transfer(store: PolicyStore, version: int, base_version: int = 0,
         data, encoding = memoryview(payload[entry.name]), delta.RAW
         if element_deltas and same_layout:
             if base_payload is None:
-                base_payload = store.payload(base_version)
+                base_payload = store.payload(transfer.base_version)
             encoded = delta.encode(base_payload[entry.name], data, TORCH_DTYPES[entry.dtype].itemsize)
             data, encoding = memoryview(encoded.data), encoded.encoding
+        plan.append((entry.name, data, encoding))
+    transfer.payload_bytes = sum(len(data) for _, data, _ in plan)
+    transfer.full_bytes = target.total_bytes
+    transfer.tensors_sent = len(plan)
+    yield pb.PolicyUpdate(header=pb.PolicyHeader(
+        version=transfer.version, base_version=transfer.base_version, manifest_json=target.to_json(),
+        payload_bytes=transfer.payload_bytes)).SerializeToString()
+    for name, data, encoding in plan:
         for offset in range(0, max(len(data), 1), piece_bytes):
-            pieces.append(_piece(entry.name, offset, data[offset:offset + piece_bytes], encoding))
-        payload_bytes += len(data)
-        sent += 1
-    header = pb.PolicyUpdate(header=pb.PolicyHeader(version=version, base_version=base_version,
-                                                    manifest_json=target.to_json(), payload_bytes=payload_bytes))
-    trailer = pb.PolicyUpdate(trailer=pb.PolicyTrailer(sha256=target.total_sha256))
-    messages = (header.SerializeToString(), *pieces, trailer.SerializeToString())
-    return Transfer(version=version, base_version=base_version, messages=messages, payload_bytes=payload_bytes,
-                    full_bytes=target.total_bytes, tensors_sent=sent, wire_bytes=sum(len(m) for m in messages))
+            yield _piece(name, offset, data[offset:offset + piece_bytes], encoding)
+    yield pb.PolicyUpdate(trailer=pb.PolicyTrailer(sha256=target.total_sha256)).SerializeToString()
+
+
+def encode_transfer(store: PolicyStore, version: int, base_version: int = 0,
+                    piece_bytes: int = PIECE_BYTES) -> Transfer:
+    """The whole transfer ``base_version`` -> ``version``, encoded now (a full one if the base is 0 or unknown)."""
+    transfer = Transfer(version, base_version)
+    transfer.fill(iter_transfer(store, transfer, piece_bytes))
+    return transfer
 
 
 class PolicyFeed:
@@ -134,10 +188,10 @@ class PolicyFeed:
         self._cache: OrderedDict[tuple[int, int], Transfer] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._piece_bytes = piece_bytes
-        self._locks: dict[tuple[int, int], asyncio.Lock] = {}
         self._poll_s = poll_s
         self._task: asyncio.Task | None = None
         self._prewarm: set[asyncio.Task] = set()
+        self._encoders: set[asyncio.Task] = set()
         self._stopping = False
         self.encodings: Counter[tuple[int, int]] = Counter()
         """How often each (base, version) transfer was encoded: once, however many robots fetch it."""
@@ -155,6 +209,8 @@ class PolicyFeed:
         for task in [self._task, *self._prewarm]:
             if task:
                 task.cancel()
+        if self._encoders:  # encoder threads cannot be cancelled; let them finish
+            await asyncio.wait(self._encoders, timeout=30.0)
         if self._task:
             # redis-py's pubsub can swallow a cancellation mid-read; the flag ends the loop then.
             await asyncio.wait([self._task], timeout=self._poll_s + 1.0)
@@ -175,7 +231,7 @@ class PolicyFeed:
         try:
             manifest = await asyncio.to_thread(self._store.manifest, version)
             if manifest.parent_version:
-                await self.transfer(version, manifest.parent_version)
+                self.transfer(version, manifest.parent_version)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a miss here only means the first robot waits for the encoding
@@ -210,32 +266,42 @@ class PolicyFeed:
                 pass
             return self._latest
 
-    async def transfer_for(self, version: int, have: int, want_full: bool) -> Transfer:
+    def transfer_for(self, version: int, have: int, want_full: bool) -> Transfer:
         """The transfer for an edge that holds ``have``: a delta from it, or full if asked or impossible."""
         base = 0 if want_full or have <= 0 or have >= version else have
-        return await self.transfer(version, base)
+        return self.transfer(version, base)
 
-    async def transfer(self, version: int, base_version: int = 0) -> Transfer:
+    def transfer(self, version: int, base_version: int = 0) -> Transfer:
+        """The transfer ``base_version`` -> ``version``: cached, or started now (encoded once in a thread;
+        robots stream it while it is being encoded)."""
         key = (base_version, version)
         cached = self._cache.get(key)
-        if cached is not None:
+        if cached is not None and cached.error is None:
             self._cache.move_to_end(key)
             return cached
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:  # encode once even if many robots ask at the same moment
-            if key not in self._cache:
-                t0 = time.perf_counter()
-                transfer = await asyncio.to_thread(encode_transfer, self._store, version, base_version,
-                                                   self._piece_bytes)
-                metrics.GATEWAY_POLICY_ENCODE.labels(kind=transfer.kind).observe(time.perf_counter() - t0)
-                self.encodings[key] += 1
-                log.info("encoded v%d from v%d: %s, %d tensors, %.1f of %.1f MB in %.2fs", version, base_version,
-                         transfer.kind, transfer.tensors_sent, transfer.payload_bytes / 1e6,
-                         transfer.full_bytes / 1e6, time.perf_counter() - t0)
-                self._cache[key] = transfer
-                self._evict()
-            self._locks.pop(key, None)
-            return self._cache[key]
+        transfer = Transfer(version, base_version)
+        self._cache[key] = transfer
+        self.encodings[key] += 1
+        task = asyncio.create_task(self._encode(transfer))
+        self._encoders.add(task)
+        task.add_done_callback(self._encoders.discard)
+        return transfer
+
+    async def _encode(self, transfer: Transfer) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        messages = iter_transfer(self._store, transfer, self._piece_bytes)
+        try:
+            await asyncio.to_thread(transfer.fill, messages, lambda: loop.call_soon_threadsafe(transfer.wake_readers))
+        except Exception as exc:  # the readers get the error; the next request encodes again
+            log.warning("could not encode v%d from v%d: %s", transfer.version, transfer.base_version, exc)
+            return
+        seconds = time.perf_counter() - t0
+        metrics.GATEWAY_POLICY_ENCODE.labels(kind=transfer.kind).observe(seconds)
+        log.info("encoded v%d from v%d: %s, %d tensors, %.1f of %.1f MB in %.2fs", transfer.version,
+                 transfer.base_version, transfer.kind, transfer.tensors_sent, transfer.payload_bytes / 1e6,
+                 transfer.full_bytes / 1e6, seconds)
+        self._evict()
 
     def _evict(self) -> None:
         """Drop least recently used transfers beyond the byte budget (never the newest one)."""

@@ -98,8 +98,8 @@ class PolicyServicerMixin:
                     continue
                 if robot:
                     metrics.GATEWAY_POLICY_LAG.labels(robot=robot).set(latest - have)
-                transfer = await self._feed.transfer_for(latest, have, want_full)
-                for msg in transfer.messages:
+                transfer = self._feed.transfer_for(latest, have, want_full)
+                async for msg in transfer.stream():
                     yield msg
                 metrics.GATEWAY_POLICY_BYTES.labels(kind=transfer.kind).inc(transfer.payload_bytes)
                 log.info("sent policy v%d to %s (%s from v%d: %.1f of %.1f MB)", latest, robot or "?", transfer.kind,

@@ -72,7 +72,7 @@ async def start_gateway(cfg: GatewayConfig) -> RunningGateway:
                           socket_connect_timeout=cfg.redis_timeout_s, health_check_interval=10)
     ingest = Ingest(redis, retry_after_s=cfg.retry_after_s, redis_full_retry_after_s=cfg.redis_full_retry_after_s)
     store = PolicyStore(cfg.policy_dir, connect(cfg.redis_url), embodiment=cfg.embodiment)
-    feed = PolicyFeed(redis, store)
+    feed = PolicyFeed(redis, store, cache_bytes=cfg.policy_cache_bytes)
     await feed.start()
     limiter = InflightLimiter(cfg.max_inflight_bytes, cfg.robot_max_inflight_bytes, cfg.max_experience_streams,
                               cfg.inflight_wait_s, cfg.retry_after_s)

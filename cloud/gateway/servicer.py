@@ -73,17 +73,36 @@ class WireCheck:
         first = steps[0].seq
         fits, action, n_obs, n_images = self._fits, self.action, len(self.obs), len(self.images)
         finite: dict[str, list[bytes]] = {spec[0]: [] for spec in (*self.obs, action) if spec[4] is not None}
+        # The common case inline (one float observation, a float action): this loop runs once per step.
+        single = self.obs[0] if n_obs == 1 and self.obs[0][4] is not None and action[4] is not None else None
+        obs_out, act_out = (finite[single[0]], finite[action[0]]) if single else (None, None)
         for i, step in enumerate(steps):
             if (step.seq != first + i or first < 1 or (step.done and i != n - 1) or not math.isfinite(step.reward)
-                    or not step.HasField("action") or not fits(step.action, action, finite)
-                    or (step.HasField("policy_action") and not fits(step.policy_action, action))):
+                    or not step.HasField("action")):
                 return False
+            if step.HasField("policy_action"):
+                t = step.policy_action
+                if t.dtype != action[1] or len(t.data) != action[3] or t.shape != action[2]:
+                    return False
             obs = step.observation
             if len(obs) != n_obs or len(step.images) != n_images:
                 return False
-            for spec in self.obs:
-                if not fits(obs.get(spec[0]), spec, finite):
+            if single is not None:
+                t, a = obs.get(single[0]), step.action
+                if t is None:
                     return False
+                data, adata = t.data, a.data
+                if (t.dtype != single[1] or len(data) != single[3] or t.shape != single[2] or a.dtype != action[1]
+                        or len(adata) != action[3] or a.shape != action[2]):
+                    return False
+                obs_out.append(data)
+                act_out.append(adata)
+            else:
+                if not fits(step.action, action, finite):
+                    return False
+                for spec in self.obs:
+                    if not fits(obs.get(spec[0]), spec, finite):
+                        return False
             for name, shape in self.images:
                 img = step.images.get(name)
                 if img is None or (img.height, img.width, img.channels) != shape:

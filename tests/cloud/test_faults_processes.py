@@ -393,7 +393,7 @@ def _spawn_edge(robot_id: str, target: str, state_dir: Path) -> subprocess.Popen
     log = open(state_dir.parent / f"{robot_id}.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleet.cli", "edge", "--robot-id", robot_id, "--gateway", target, "--tasks", TASK,
-         "--state-dir", str(state_dir), "--control-hz", "100", "--max-episode-steps", "100", "--eval-every", "0",
+         "--state-dir", str(state_dir), "--control-hz", "100", "--max-episode-steps", "400", "--eval-every", "0",
          "--operator", "false", "--heartbeat-interval-s", "0.5"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log.close()
@@ -410,12 +410,14 @@ def test_edge_killed_mid_episode_and_restarted(cloud, fresh_proxy, tmp_path):
 
     proc = _spawn_edge(rid, fresh_proxy.target, state_dir)
     try:
-        wait_until(lambda: acked() >= 150 or proc.poll() is not None, 90, "the edge to stream 150 steps")
+        wait_until(lambda: acked() >= 120 or proc.poll() is not None, 90, "the edge to stream 120 steps")
         assert proc.poll() is None, (tmp_path / f"{rid}.log").read_text()[-3000:]
-        os.killpg(proc.pid, signal.SIGKILL)  # mid-episode: episodes are 100 steps, we are in the 2nd
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-episode: the first episode runs 400 steps (4 s)
         proc.wait(10)
-        killed_at = Spool(state_dir / "spool.db").assigned_seq()
-        assert killed_at >= 150
+        spool = Spool(state_dir / "spool.db")
+        killed_at = spool.assigned_seq()
+        spool.close()
+        assert 120 <= killed_at < 400, f"killed at seq {killed_at}: not inside the first episode"
         proc = _spawn_edge(rid, fresh_proxy.target, state_dir)  # same state dir: resumes from its spool
         wait_until(lambda: acked() >= killed_at + 50 or proc.poll() is not None, 90,
                    "the restarted edge to deliver its spool and new steps")
@@ -440,7 +442,8 @@ def test_edge_killed_mid_episode_and_restarted(cloud, fresh_proxy, tmp_path):
     assert recorded_n > killed_at
     catalog = {k.decode(): json.loads(v) for k, v in cloud.client.hgetall(RobotKeys(rid).catalog).items()}
     killed = next(e for e, steps in episodes.items() if any(s.seq == killed_at for s in steps))
-    assert not catalog[killed]["ended"] and 0 < catalog[killed]["len"] < 100, "the kill did not cut an episode"
+    assert not catalog[killed]["ended"] and catalog[killed]["len"] == killed_at, \
+        f"the kill did not cut an episode: seq {killed_at} in {killed} {catalog[killed]}; {catalog}"
     assert killed_at + 1 in [s.seq for steps in episodes.values() for s in steps if s.index == 0], \
         "the restarted edge did not start a new episode"
     for eid, steps in episodes.items():

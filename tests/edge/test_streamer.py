@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from cloud.buffer import RobotKeys
-from edge.client import FleetClient
+from edge.client import FleetClient, encode_chunk
 from edge.spool import Spool
 from edge.streamer import Backoff, Streamer
 from fleet import PROTOCOL_VERSION
-from fleet.convert import decode_step
+from fleet.convert import chunk_message, decode_step, encode_step, encode_summary
 from fleet.types import EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
+from fleet.v1 import fleet_pb2 as pb
 
 TASK = "reach the goal"
 pytestmark = pytest.mark.timeout(60)
@@ -189,3 +190,12 @@ def test_oversize_chunks_shrink_and_a_step_too_large_is_quarantined(redis_proc, 
         fits.close()
         huge.close()
         gw.stop()
+
+
+@pytest.mark.parametrize("with_end", [False, True])
+def test_encode_chunk_is_the_protobuf_chunk(with_end):
+    """The streamer splices step bytes into a chunk without parsing them: same message as building it."""
+    blobs = [encode_step(make_step(i, dim=300)) for i in range(3)]  # > 127 bytes: multi-byte lengths
+    end = encode_summary(EpisodeSummary(True, 3, 1, 1, False, 2)) if with_end else None
+    raw = encode_chunk("r1", "e1", TASK, blobs, True, True, end)
+    assert pb.Chunk.FromString(raw) == chunk_message("r1", "e1", TASK, blobs, True, True, end)

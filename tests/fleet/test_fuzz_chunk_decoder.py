@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,13 +30,17 @@ TASK = "reach the goal"
 SCHEMA = Schema((FeatureSpec("state", "float32", (3,)), FeatureSpec("cam", "uint8", (4, 4, 3), is_image=True)),
                 FeatureSpec("action", "float32", (2,)))
 INFO = RobotInfo("r1", "test-arm", SCHEMA, (TASK,), PROTOCOL_VERSION)
+# A second schema takes the fast path's general branch (several observation features, one allowing NaN).
+SCHEMA2 = Schema((*SCHEMA.observation, FeatureSpec("gripper", "float32", (1,), allow_nonfinite=True)), SCHEMA.action)
+INFO2 = RobotInfo("r1", "test-arm", SCHEMA2, (TASK,), PROTOCOL_VERSION)
 IMAGE = encode_image(np.arange(48, dtype=np.uint8).reshape(4, 4, 3), "png")
 # ~3500 inputs in all; the structured ones cost the most to generate (about 80 draws each).
 FUZZ = dict(deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
-def valid_chunk(n: int = 2) -> pb.Chunk:
-    steps = [Step(seq=1 + i, index=i, observation={"state": np.arange(3, dtype=np.float32) + i},
+def valid_chunk(n: int = 2, info: RobotInfo = INFO) -> pb.Chunk:
+    extra = {"gripper": np.array([np.nan], np.float32)} if info is INFO2 else {}
+    steps = [Step(seq=1 + i, index=i, observation={"state": np.arange(3, dtype=np.float32) + i, **extra},
                   policy_action=np.zeros(2, np.float32), action=np.ones(2, np.float32), is_intervention=i == 0,
                   reward=0.5, success=False, done=False, policy_version=1, timestamp_s=1.0, images={"cam": IMAGE})
              for i in range(n)]
@@ -45,23 +50,23 @@ def valid_chunk(n: int = 2) -> pb.Chunk:
 VALID = valid_chunk().SerializeToString()
 
 
-WIRE_CHECK = WireCheck(INFO)
+WIRE_CHECKS = {INFO: WireCheck(INFO), INFO2: WireCheck(INFO2)}
 
 
-def gateway_decode(data: bytes) -> Chunk | None:
+def gateway_decode(data: bytes, info: RobotInfo = INFO) -> Chunk | None:
     """What the gateway does with received bytes; None when it refuses them with INVALID_ARGUMENT."""
     try:
         msg = pb.Chunk.FromString(data)
     except DecodeError:
         return None
-    return gateway_check(msg)
+    return gateway_check(msg, info)
 
 
-def gateway_check(msg: pb.Chunk) -> Chunk | None:
-    certified = WIRE_CHECK.certifies(msg)
+def gateway_check(msg: pb.Chunk, info: RobotInfo = INFO) -> Chunk | None:
+    certified = WIRE_CHECKS[info].certifies(msg)
     try:
         chunk = chunk_from_pb(msg)
-        check_chunk(chunk, INFO)
+        check_chunk(chunk, info)
     except InvalidInput as exc:
         assert str(exc), "an error without a message"
         assert not certified, f"the fast path certified a chunk the full path refuses: {exc}"
@@ -69,7 +74,7 @@ def gateway_check(msg: pb.Chunk) -> Chunk | None:
     return chunk
 
 
-def assert_fits_schema(chunk: Chunk) -> None:
+def assert_fits_schema(chunk: Chunk, info: RobotInfo = INFO) -> None:
     assert chunk.robot_id and chunk.episode_id and chunk.task == TASK and chunk.steps
     first = chunk.steps[0].seq
     for i, step in enumerate(chunk.steps):
@@ -77,7 +82,8 @@ def assert_fits_schema(chunk: Chunk) -> None:
         state = step.observation["state"]
         assert state.dtype == np.float32 and state.shape == (3,) and np.isfinite(state).all()
         assert step.action.dtype == np.float32 and step.action.shape == (2,) and np.isfinite(step.action).all()
-        assert set(step.observation) == {"state"} and set(step.images) == {"cam"}
+        assert set(step.observation) == {f.name for f in info.schema.observation if not f.is_image}
+        assert set(step.images) == {"cam"}
         img = step.images["cam"]
         assert (img.height, img.width, img.channels) == (4, 4, 3)
         assert math.isfinite(step.reward)
@@ -87,7 +93,8 @@ def test_the_valid_chunk_passes_both_paths():
     chunk = gateway_decode(VALID)
     assert chunk is not None
     assert_fits_schema(chunk)
-    assert WIRE_CHECK.certifies(pb.Chunk.FromString(VALID))
+    assert WIRE_CHECKS[INFO].certifies(pb.Chunk.FromString(VALID))
+    assert WIRE_CHECKS[INFO2].certifies(valid_chunk(3, INFO2))
 
 
 @settings(max_examples=2000, **FUZZ)
@@ -179,19 +186,20 @@ NEAR_VALID = st.tuples(st.integers(1, 3), st.lists(st.tuples(st.sampled_from(sor
 accepted: list[int] = []
 
 
-@settings(max_examples=800, **FUZZ)
-@given(NEAR_VALID)
-def test_near_valid_chunks(case):
+@pytest.mark.parametrize("info", [INFO, INFO2], ids=["one-feature", "two-features"])
+@settings(max_examples=500, **FUZZ)
+@given(case=NEAR_VALID)
+def test_near_valid_chunks(info, case):
     """Valid chunks with up to two targeted edits: each check of both paths is hit on its own."""
     n, edits = case
-    msg = valid_chunk(n)
+    msg = valid_chunk(n, info)
     for name, i, x, v in edits:
         if msg.steps:
             EDITS[name](msg, i, x, v)
-    chunk = gateway_check(msg)
+    chunk = gateway_check(msg, info)
     if chunk is not None:
-        assert_fits_schema(chunk)
+        assert_fits_schema(chunk, info)
         accepted.append(len(edits))
     # The same message through the wire bytes gives the same verdict.
-    again = gateway_decode(msg.SerializeToString())
+    again = gateway_decode(msg.SerializeToString(), info)
     assert (again is None) == (chunk is None)
