@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -102,7 +101,7 @@ def edge_worker(args) -> None:
     t0, cpu0 = time.perf_counter(), time.process_time()
     for _, _, streamer in robots:
         streamer.start()
-    for spool, _, streamer in robots:
+    for _, _, streamer in robots:
         assert streamer.wait_acked(args.steps, timeout_s=600), f"not all acked: {streamer.acked_seq}"
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     for spool, client, streamer in robots:
@@ -273,7 +272,8 @@ def main() -> int:
                 "ratio": p_steps / l_steps, "limit_per_step_rpush_steps_per_s": n_steps,
                 "ratio_vs_per_step_rpush": p_steps / n_steps, "bytes_per_step": path["bytes"] / path["steps"],
                 "steps": path["steps"], "elapsed_s": path["elapsed_s"],
-                **{f"{k}_cpu_us_per_step": path[f"{k}_cpu_s"] / path["steps"] * 1e6 for k in ("edge", "gateway", "redis")},
+                **{f"{k}_cpu_us_per_step": path[f"{k}_cpu_s"] / path["steps"] * 1e6
+                   for k in ("edge", "gateway", "redis")},
                 "limit_cpu_s": limit["client_cpu_s"], "edge_record_p50_ms": record["p50_ms"],
                 "edge_record_p99_ms": record["p99_ms"], "edge_record_max_ms": record["max_ms"]}
     finally:

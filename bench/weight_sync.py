@@ -289,8 +289,11 @@ def _bc_batch(rng, expert: np.ndarray, batch: int, chunk: int, image: bool) -> d
     return out
 
 
-def delta_sizes(steps: int, warmup: int, lrs: tuple[float, ...], quick: bool, workdir: Path) -> list[dict]:
-    """Train ``warmup`` steps, publish, train ``steps`` more, publish: delta bytes / full bytes (bf16)."""
+def delta_sizes(steps: int, warmup: int, lrs: tuple[float, ...], quick: bool, workdir: Path,
+                vla_device: str = "") -> list[dict]:
+    """Train ``warmup`` steps, publish, train ``steps`` more, publish: delta bytes / full bytes (bf16).
+
+    ``vla_device`` (e.g. "cuda"): also SmolVLA-450M itself (frozen VLM; ~100 s per step on 2 CPU cores)."""
     from cloud.gateway.policy_feed import encode_transfer
     from cloud.policy_store import PolicyStore
     from fleet.policies import PolicyConfig, build_policy
@@ -302,6 +305,12 @@ def delta_sizes(steps: int, warmup: int, lrs: tuple[float, ...], quick: bool, wo
     configs = {"act": PolicyConfig(chunk_size=10, n_action_steps=10, dim_model=256 if quick else 512, n_heads=8,
                                    dim_feedforward=1024 if quick else 3200, n_encoder_layers=4, n_decoder_layers=1),
                "smolvla-tiny": PolicyConfig(type="smolvla", chunk_size=10, n_action_steps=10, freeze_backbone=True)}
+    if vla_device:
+        smolvla_450m(workdir)  # writes the backbone directory
+        configs["smolvla-450m"] = PolicyConfig(type="smolvla", chunk_size=10, n_action_steps=10, freeze_backbone=True,
+                                               vlm_path=str(workdir / "smolvlm2-500m-arch"), vlm_layers=16,
+                                               device=vla_device)
+        setups.append(("smolvla-450m", "fp32-master"))
     rng = np.random.default_rng(0)
     expert = rng.normal(size=(state_dim, action_dim)) / np.sqrt(state_dim)
     for name, precision in setups:
@@ -319,7 +328,7 @@ def delta_sizes(steps: int, warmup: int, lrs: tuple[float, ...], quick: bool, wo
 
             def train(n: int) -> None:
                 for _ in range(n):
-                    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 compute, as on a GPU learner
+                    with torch.autocast(policy.device.type, dtype=torch.bfloat16):  # bf16 compute (AMP)
                         loss, _ = policy.compute_loss(policy.train_batch_to_torch(
                             _bc_batch(rng, expert, batch, cfg.chunk_size, image)))
                     opt.zero_grad()
@@ -402,7 +411,7 @@ def run(args: argparse.Namespace) -> dict:
                    lerobot_gbps=nbytes / lerobot["push_s"] / GB)
         out["ratio_to_raw"] = out["ratio_vs_raw"] = out["full_push_gbps"] / out["raw_copy_gbps"]
         if not args.skip_delta:
-            rows = delta_sizes(args.delta_steps, args.warmup_steps, (1e-5, 1e-4), args.quick, workdir)
+            rows = delta_sizes(args.delta_steps, args.warmup_steps, (1e-5, 1e-4), args.quick, workdir, args.vla_delta)
             out["delta_runs"] = rows
             headline = next(r for r in rows if (r["policy"], r["precision"], r["lr"]) == ("act", "fp32-master", 1e-4))
             out["delta_fraction"] = out["delta_ratio"] = headline["delta_fraction"]
@@ -451,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta-steps", type=int, default=25, help="optimizer steps between two versions")
     p.add_argument("--warmup-steps", type=int, default=20, help="optimizer steps before the first of them")
     p.add_argument("--skip-delta", action="store_true", help="skip the delta-size runs")
+    p.add_argument("--vla-delta", default="", metavar="DEVICE",
+                   help="also train SmolVLA-450M itself on DEVICE (cuda; ~100 s per step on 2 CPU cores)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -220,8 +220,11 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
         redis_proc.stop()
 
     duration = end - start
+    # "Start" is the first 10% of the run (at least 60 s, at most a quarter): the policy
+    # improves within minutes, so a wider window would hide where it started.
     quarter = duration / 4
-    s0, i0, n0, _ = _rates(events.episodes, start, start + quarter)
+    first = min(max(60.0, duration / 10), quarter)
+    s0, i0, n0, _ = _rates(events.episodes, start, start + first)
     s1, i1, n1, _ = _rates(events.episodes, end - quarter, end + 60)
     curve = curves(events.episodes, start, end)
     online = [r for r in status["robots"] if r["source"] == SOURCE_ONLINE]

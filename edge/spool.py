@@ -271,7 +271,8 @@ class Spool:
     def quarantined(self) -> list[QuarantinedStep]:
         """The steps kept in quarantine, oldest first (for inspection)."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, episode_id, code, reason, blob FROM quarantine ORDER BY seq").fetchall()
+            rows = self._db.execute(
+                "SELECT seq, episode_id, code, reason, blob FROM quarantine ORDER BY seq").fetchall()
         return [QuarantinedStep(int(r[0]), r[1], r[2], r[3], bytes(r[4])) for r in rows]
 
     def backlog(self) -> tuple[int, int]:

@@ -376,6 +376,7 @@ class Updater:
                 raise IntegrityError(f"stream ended in the middle of v{assembler.manifest.version}")
         finally:
             self._call = None
+            call.cancel()  # after an error mid-stream, tell the gateway (no-op once the stream ended)
 
     def _accept(self, held: Held, tensors: dict[str, torch.Tensor], stats: TransferStats) -> None:
         manifest = held.manifest

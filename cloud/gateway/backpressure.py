@@ -75,7 +75,7 @@ class InflightLimiter:
                 async with self._room:
                     await asyncio.wait_for(self._room.wait_for(lambda: not self._blocked_by(robot_id, nbytes)),
                                            self.wait_s)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 metrics.GATEWAY_BACKPRESSURE.labels(reason=reason, outcome="refused").inc()
                 limit = self.robot_max_bytes if reason == "robot_bytes" else self.max_bytes
                 held = self._robot_bytes.get(robot_id, 0) if reason == "robot_bytes" else self.total_bytes

@@ -6,10 +6,11 @@ re-reads the pointer periodically, in case a message was missed); every
 
 A transfer is the stream of ``PolicyUpdate`` messages that takes an edge from
 the version it holds (its base; 0 = none) to a target version: header, tensor
-pieces of at most ``piece_bytes``, trailer. Each is built once, on first request
-(or ahead of it: the delta from a new version's parent is built as soon as the
-version appears), and kept as serialized bytes that every robot fetching it
-shares; the gRPC handler sends them without re-serializing.
+pieces of at most ``piece_bytes``, trailer. Each is encoded once, in a thread, on
+first request (or ahead of it: the delta from a new version's parent as soon as
+the version appears); robots stream the first messages while the rest is being
+encoded. The serialized bytes are shared by every robot fetching the transfer
+and kept in a byte-bounded LRU cache; the gRPC handler sends them as they are.
 
 What a delta carries, per tensor of the target manifest:
 

@@ -28,8 +28,8 @@ from fleet import metrics
 from fleet.codec import dtype_to_pb, numpy_dtype
 from fleet.convert import chunk_from_pb, image_from_pb, robot_info_from_pb, step_from_pb, summary_from_pb
 from fleet.errors import FleetError, InvalidInput
-from fleet.v1 import fleet_pb2 as pb
 from fleet.types import Chunk, FeatureSpec, RobotInfo
+from fleet.v1 import fleet_pb2 as pb
 from fleet.v1 import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)

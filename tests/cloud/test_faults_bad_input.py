@@ -5,6 +5,7 @@ RESOURCE_EXHAUSTED with a retry hint, and acked data stays."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import threading
 import time
@@ -118,11 +119,14 @@ def _nonfinite(where: str, value: float) -> pb.Chunk:
 
 BAD_CHUNKS = {
     # name: (message, code, words in the details, the step named in fleet-bad-step-seq)
-    "unknown robot": (lambda: chunk(3, robot="nobody"), grpc.StatusCode.NOT_FOUND, "'nobody' has not registered", None),
-    "dtype": (lambda: chunk(3, dtype=np.float64), grpc.StatusCode.INVALID_ARGUMENT, "dtype float64 != registered float32", 3),
+    "unknown robot": (lambda: chunk(3, robot="nobody"), grpc.StatusCode.NOT_FOUND, "'nobody' has not registered",
+                      None),
+    "dtype": (lambda: chunk(3, dtype=np.float64), grpc.StatusCode.INVALID_ARGUMENT,
+              "dtype float64 != registered float32", 3),
     "shape": (lambda: chunk(3, dim=7), grpc.StatusCode.INVALID_ARGUMENT, "shape [7] != registered [6]", 3),
     "NaN observation": (lambda: _nonfinite("obs", np.nan), grpc.StatusCode.INVALID_ARGUMENT, "contains NaN or Inf", 4),
-    "Inf action": (lambda: _nonfinite("action", np.inf), grpc.StatusCode.INVALID_ARGUMENT, "action: contains NaN or Inf", 4),
+    "Inf action": (lambda: _nonfinite("action", np.inf), grpc.StatusCode.INVALID_ARGUMENT,
+                   "action: contains NaN or Inf", 4),
     "NaN reward": (lambda: _nonfinite("reward", np.nan), grpc.StatusCode.INVALID_ARGUMENT, "reward is nan", 4),
     "truncated image": (lambda: _with_bad_image(IMAGE.data[:-40]), grpc.StatusCode.INVALID_ARGUMENT,
                         "image 'cam': cannot read the jpeg bytes", 3),
@@ -137,8 +141,8 @@ BAD_CHUNKS = {
     "truncated tensor": (_with_bad_tensor, grpc.StatusCode.INVALID_ARGUMENT, "20 bytes do not match dtype float32", 4),
     "seq gap": (lambda: chunk(10), grpc.StatusCode.FAILED_PRECONDITION, "resend from seq 3", None),
     "non-contiguous seqs": (_gapped_seqs, grpc.StatusCode.INVALID_ARGUMENT, "must have contiguous seqs", None),
-    "unregistered task": (lambda: chunk_to_pb(Chunk("r1", "e1", "juggle", steps(3, 1))), grpc.StatusCode.INVALID_ARGUMENT,
-                          "'juggle' is not among the tasks", None),
+    "unregistered task": (lambda: chunk_to_pb(Chunk("r1", "e1", "juggle", steps(3, 1))),
+                          grpc.StatusCode.INVALID_ARGUMENT, "'juggle' is not among the tasks", None),
     "no steps": (lambda: pb.Chunk(robot_id="r1", episode_id="e1", task=TASK), grpc.StatusCode.INVALID_ARGUMENT,
                  "chunk without steps", None),
 }
@@ -148,7 +152,7 @@ def test_each_bad_chunk_gets_its_status_and_leaves_redis_unchanged(client, redis
     assert send(client, chunk(1)) == [(2, 0)]
     for name, (make, code, words, bad_seq) in BAD_CHUNKS.items():
         before = snapshot(redis_client, "r1")
-        err = refused(lambda: send(client, make()))
+        err = refused(lambda make=make: send(client, make()))
         assert err.code() == code, (name, err.code(), err.details())
         assert words in err.details(), (name, err.details())
         md = dict(err.trailing_metadata() or ())
@@ -262,7 +266,9 @@ def test_inflight_bound_per_robot_slows_then_refuses_with_retry_hint(client, red
     while _inflight_bytes() < 500_000:  # the first chunk is held at the gateway, its write paused
         assert time.monotonic() < deadline, "the first chunk never reached the gateway"
         time.sleep(0.01)
+    t0 = time.monotonic()
     err = refused(lambda: send(client, chunk(3, n=60, dim=2200)))
+    assert time.monotonic() - t0 >= 0.3, "refused without first holding the sender for inflight_wait_s"
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "in flight for robot 'r1' (limit 1048576)" in err.details()
     assert dict(err.trailing_metadata())["fleet-retry-after-s"] == "0.700"
@@ -301,3 +307,42 @@ def test_redis_at_maxmemory_refuses_with_retry_hint_and_keeps_acked_data(client,
     assert dict(err.trailing_metadata())["fleet-retry-after-s"] == "3.000"
     assert snapshot(redis_client, "r1") == before
     assert send(client, chunk(11, n=5)) == [(15, 0)]
+
+
+def test_limiter_holds_a_chunk_until_room_frees_then_lets_it_through():
+    """The slow-sender path: a chunk over the robot's bound waits (no error) while another is written."""
+    from cloud.gateway.backpressure import InflightLimiter
+
+    async def scenario() -> list[str]:
+        limiter = InflightLimiter(max_bytes=1000, robot_max_bytes=100, max_streams=4, wait_s=5.0, retry_after_s=1.0)
+        order: list[str] = []
+        first_in = asyncio.Event()
+        release = asyncio.Event()
+
+        async def first() -> None:
+            async with limiter.hold("r1", 80):
+                first_in.set()
+                await release.wait()
+                order.append("first done")
+
+        async def second() -> None:
+            await first_in.wait()
+            async with limiter.hold("r1", 50):
+                order.append("second in")
+                assert limiter.total_bytes == 50
+
+        async def other_robot() -> None:
+            await first_in.wait()
+            async with limiter.hold("r2", 50):  # another robot's bound is its own
+                order.append("other robot in")
+            release.set()
+
+        await asyncio.gather(first(), second(), other_robot())
+        assert limiter.total_bytes == 0
+        return order
+
+    waited = REGISTRY.get_sample_value("fleet_gateway_backpressure_total",
+                                       {"reason": "robot_bytes", "outcome": "waited"}) or 0.0
+    assert asyncio.run(scenario()) == ["other robot in", "first done", "second in"]
+    assert REGISTRY.get_sample_value("fleet_gateway_backpressure_total",
+                                     {"reason": "robot_bytes", "outcome": "waited"}) == waited + 1

@@ -330,7 +330,8 @@ def test_robot_switches_between_two_gateway_replicas(cloud, fresh_proxy, drivers
     robots = drivers(fresh_proxy.target, 2, "lb")
     a, b = cloud.gateways["A"].port, cloud.gateways["B"].port
     for i, port in enumerate((b, a, b)):
-        wait_until(lambda: all(r.streamer.acked_seq >= 25 * (i + 1) for r in robots), 30, f"acks before switch {i}")
+        wait_until(lambda i=i: all(r.streamer.acked_seq >= 25 * (i + 1) for r in robots), 30,
+                   f"acks before switch {i}")
         fresh_proxy.point_to(port)
     for r in robots:
         r.finish()

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from cloud.gateway.policy_feed import encode_transfer
 from cloud.policy_store import PolicyStore
@@ -109,6 +110,20 @@ def test_deltas_carry_only_changed_trainable_tensors_and_keyframes_go_raw(tmp_pa
     assert encode_transfer(store, 4, base_version=99).kind == "full"  # unknown base: full
 
 
+def test_publish_cadence_by_steps_and_by_seconds(tmp_path: Path) -> None:
+    store = PolicyStore(tmp_path / "store")
+    policy = act_with_frozen_encoder()
+    by_steps = Publisher(store, every_steps=3)
+    assert not by_steps.due(2) and by_steps.due(3)
+    by_time = Publisher(store, every_steps=0, every_s=1e-9)
+    assert by_time.due(1)
+    by_time.publish(policy, step=1)
+    assert not by_time.due(1)  # time is up, but nothing trained since: no identical version
+    assert by_time.due(2) and policy.version == store.latest_version() == 1
+    with pytest.raises(ValueError, match=r"full_every_versions \(-1\) must be >= 0"):
+        Publisher(store, every_steps=1, full_every_versions=-1)
+
+
 @pytest.mark.timeout(90)
 def test_round_trip_through_deltas_and_through_full_transfer(gateway, redis_client, tmp_path: Path) -> None:
     store = PolicyStore(gateway.cfg.policy_dir, redis_client)
@@ -135,6 +150,7 @@ def test_round_trip_through_deltas_and_through_full_transfer(gateway, redis_clie
         assert_holds(follower, store, version)
         status = redis_client.hgetall("fleet:{r:follower}:status")
         assert int(status[b"policy_delivered_version"]) == version
+        assert REGISTRY.get_sample_value("fleet_gateway_policy_lag_versions", {"robot": "follower"}) == 0
         assert follower.rejected == 0
     finally:
         follower.stop()
