@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.scaling.analysis import _speedup, aggregate, effort_bins, summarize_run, time_to, version_at
+from bench.scaling.analysis import (_speedup, aggregate, effort_bins, summarize_run, time_to, time_to_sustained,
+                                    version_at)
 from bench.scaling.config import QUICK, StudyConfig
 from edge.sim_fleet import OPERATOR_SEED_OFFSET, SimFleetConfig
 from fleet.errors import ConfigError
@@ -40,6 +41,8 @@ def test_version_at_is_the_newest_published_by_then_and_v1_at_the_start():
 def test_time_to_threshold_is_the_first_crossing_or_none():
     assert time_to([0, 10, 20, 30], [0.1, 0.85, 0.7, 0.9], 0.8) == 10
     assert time_to([0, 10], [0.1, 0.79], 0.8) is None
+    assert time_to_sustained([0, 10, 20, 30], [0.1, 0.85, 0.7, 0.9], 0.8) == 30
+    assert time_to_sustained([0, 10, 20], [0.9, 0.9, 0.7], 0.8) is None
 
 
 def test_speedup_is_a_ratio_or_honest_bounds_when_a_run_never_reached_the_threshold():

@@ -2,10 +2,11 @@
 
 success(t) of a run is the held-out success of the newest version published
 by time t (t = 0: the start policy). Time to threshold is the first point of
-the evaluated grid where success(t) >= threshold; a run that never gets there
-is censored at the budget, so its fleet size gets a lower bound instead of a
-time, and speed-ups get bounds instead of values. Human effort is the
-operator's intervention steps per episode; Return on Human Effort (ROHE,
+the evaluated grid where success(t) >= threshold (and, as a check on
+evaluation noise, the first point from which it stays there); a run that never
+gets there is censored at the budget, so its fleet size gets a lower bound
+instead of a time, and speed-ups get bounds instead of values. Human effort is
+the operator's intervention steps per episode; Return on Human Effort (ROHE,
 Fleet-DAgger) is successful episodes per intervention step.
 """
 
@@ -57,6 +58,14 @@ def _delta(end: dict, start: dict, key: str) -> float | None:
 def time_to(curve_t: Sequence[float], curve_s: Sequence[float], threshold: float) -> float | None:
     """First time the curve reaches ``threshold`` (None: never within the curve)."""
     return next((t for t, s in zip(curve_t, curve_s) if s >= threshold), None)
+
+
+def time_to_sustained(curve_t: Sequence[float], curve_s: Sequence[float], threshold: float) -> float | None:
+    """First time from which the curve stays >= ``threshold`` to the end (None: it ends below)."""
+    out = None
+    for t, s in zip(curve_t, curve_s):
+        out = (out if out is not None else t) if s >= threshold else None
+    return out
 
 
 def effort_bins(episodes: list[dict], budget_s: float, bins: int) -> dict:
@@ -138,6 +147,7 @@ def summarize_run(run: dict, evals: dict[int, dict[str, float]], cfg: StudyConfi
         "all_robots_running_s": run.get("all_robots_running_s"), "steps_before_t0": run["start"]["steps_stored"],
         "curve": {"t_s": ts, "version": versions, "success": success},
         "time_to_threshold_s": time_to(ts, success, cfg.success_threshold),
+        "time_to_threshold_sustained_s": time_to_sustained(ts, success, cfg.success_threshold),
         "final_version": versions[-1], "final_success": success[-1], "final_success_per_task": evals[versions[-1]],
         "versions_published": max(v["version"] for v in run["versions"]),
         "episodes": len(episodes), "successes": wins, "intervention_steps": inter,
@@ -173,6 +183,7 @@ def aggregate(summaries: list[dict], cfg: StudyConfig) -> dict:
         times = [r["time_to_threshold_s"] for r in runs]
         reached = [t for t in times if t is not None]
         t_to[key] = {"per_seed_s": times, "reached": f"{len(reached)}/{len(times)}",
+                     "sustained_per_seed_s": [r["time_to_threshold_sustained_s"] for r in runs],
                      "mean_s": float(np.mean(reached)) if len(reached) == len(times) else None,
                      "std_s": float(np.std(reached)) if len(reached) == len(times) else None,
                      "lower_bound_s": float(np.mean([t if t is not None else cfg.budget_s for t in times]))}

@@ -97,10 +97,11 @@ diverging much or stalling for long fails without ever producing a label under t
 QUICK = StudyConfig(
     fleet_sizes=(1, 2, 4), seeds=(0,), budget_s=100.0, tasks=("reach-v3", "drawer-close-v3"),
     control_hz=20.0, max_episode_steps=100, demos_per_task=3, seed_bc_steps=150, batch_size=32,
-    publish_every_steps=25, policy_args=SMALL_POLICY, edge_args=STRICT_OPERATOR, eval_episodes_per_task=10, eval_points=10,
-    effort_bins=5, out_dir="runs/fleet-scaling-quick",
+    publish_every_steps=25, policy_args=SMALL_POLICY, edge_args=STRICT_OPERATOR, eval_episodes_per_task=10,
+    eval_points=10, effort_bins=5, out_dir="runs/fleet-scaling-quick",
 )
-"""About 10 minutes on 2 CPU cores: 2 tasks, 1/2/4 robots, one seed, 100 s per run."""
+"""About 7.5 minutes on 2 idle CPU cores (14 with other workloads on them): 2 tasks, 1/2/4 robots, one seed,
+100 s per run."""
 
 FULL = StudyConfig(
     fleet_sizes=(1, 2, 4, 8), seeds=(0, 1, 2), budget_s=3600.0, tasks=MT10, control_hz=20.0,

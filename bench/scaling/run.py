@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import time
@@ -76,8 +77,6 @@ def train_start_policy(cfg: StudyConfig, root: Path, timeout_s: float = 1800.0) 
     root.mkdir(parents=True, exist_ok=True)
     for stale in (policy_dir, root / "checkpoints", root / "redis"):
         if stale.exists():
-            import shutil
-
             shutil.rmtree(stale)
     redis_proc = start_redis(root / "redis")
     try:
