@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import write_json  # noqa: E402
 
 from cloud.ingest import Ingest  # noqa: E402
 from fleet import PROTOCOL_VERSION  # noqa: E402
@@ -186,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     print("cameras / state:", results["ratio_cameras_vs_state"])
     print(f"{os.cpu_count()} CPUs, load average {results['load_average_1m']:.1f} at the start (shared machines: "
           "throughput is a lower bound)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import platform
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import write_json  # noqa: E402
 
 from cloud.export import ExportFilter, iter_steps, select_episodes  # noqa: E402
 from cloud.ingest import Ingest  # noqa: E402
@@ -171,9 +172,7 @@ def main() -> None:
           f"{result['lerobot_writer_alone_steps_per_s']:.0f} steps/s)")
     print(f"ros2 synced observation (JointState + 480x640 JPEG): {result['ros2_obs_ms']:.2f} ms; "
           f"bare JPEG decode {result['jpeg_decode_ms']:.2f} ms (ratio {result['ros2_ratio_to_decode']:.2f})")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import write_json  # noqa: E402
+
 from edge.client import FleetClient  # noqa: E402
 from edge.spool import Spool  # noqa: E402
 from edge.streamer import Backoff, Streamer  # noqa: E402
@@ -299,9 +301,7 @@ def main() -> int:
           + "; ".join(f"{kind}: edge {r['edge_cpu_us_per_step']:.1f}, gateway {r['gateway_cpu_us_per_step']:.1f}, "
                       f"redis {r['redis_cpu_us_per_step']:.1f}" for kind, r in results["kinds"].items()))
     print("targets: ratio >= 0.5 (low-dim), edge record p99 <= 1 ms (low-dim)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import write_json  # noqa: E402
 
 from cloud.buffer import SOURCE_OFFLINE  # noqa: E402
 from cloud.ingest import Ingest  # noqa: E402
@@ -180,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind:8} {r['redis_samples_per_s']:14.0f} {r['redis_cold_samples_per_s']:13.0f}"
               f" {r['ram_samples_per_s']:10.0f} {r['ratio']:7.2f} {r['cold_ratio']:11.2f}")
     print("samples/s through the prefetching loader; ratio = redis / ram (target >= 0.5)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return 0
 
 
