@@ -121,8 +121,15 @@ def decode_image(image: EncodedImage, what: str = "image") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(image.data)) as img:
             fmt = (img.format or "").lower()
+            header_shape = (img.height, img.width, len(img.getbands()))
+            if header_shape != (image.height, image.width, image.channels):
+                # Refuse before decoding: a lying header must not make us allocate its pixels.
+                raise InvalidInput(f"{what}: decoded shape {header_shape} does not match declared "
+                                   f"({image.height}, {image.width}, {image.channels})")
             img.load()
             pixels = np.asarray(img)
+    except InvalidInput:
+        raise
     except Exception as exc:  # Pillow raises several unrelated types for bad bytes
         raise InvalidInput(f"{what}: cannot decode {image.encoding} bytes ({len(image.data)} bytes): {exc}") from None
     if fmt not in (image.encoding, "jpg" if image.encoding == "jpeg" else image.encoding):
