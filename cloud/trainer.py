@@ -28,7 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from redis.exceptions import RedisError
+from redis.exceptions import BusyLoadingError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cloud import fleet_metrics
 from cloud.algorithms.base import algorithm_class
@@ -49,6 +51,13 @@ from fleet.redis_client import connect
 log = logging.getLogger(__name__)
 
 TRAINER_STATUS_KEY = "fleet:trainer:status"
+
+REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
+"""Redis errors that mean "not reachable right now" (down, restarting, LOADING its AOF): waited out, not raised."""
+OUTAGE_BACKOFF_S = (0.25, 10.0)
+"""First and largest wait between Redis reconnection attempts (doubling in between)."""
+PUBLISH_RETRY_S = (1.0, 60.0)
+"""First and largest wait before retrying a publish the policy directory refused (OSError)."""
 
 
 @dataclass
@@ -112,6 +121,9 @@ class Trainer:
         self.resumed_step = 0
         self._status_due = True
         self._started_s = time.time()
+        self._publish_failures = 0
+        self._publish_retry_at = 0.0
+        metrics.TRAINER_REDIS_UP.set(1)
 
     # --- start-up -------------------------------------------------------------------
 
@@ -229,6 +241,60 @@ class Trainer:
         if self.schedule.due(self.state.step):
             self.save_checkpoint()
 
+    # --- outages ---------------------------------------------------------------------
+
+    def _wait_out_outage(self, exc: BaseException, during: str) -> bool:
+        """Redis is unreachable (``exc``): pause, retry PING with capped exponential backoff until it
+        answers (and has finished loading its AOF). One warning per outage, one info when it is back.
+        Returns False if ``stop`` was set meanwhile. Training state (step, optimizer, policy) is untouched."""
+        metrics.TRAINER_REDIS_UP.set(0)
+        log.warning("Redis is unavailable (%s: %s) during %s: pausing sampling and publishing until it is back",
+                    type(exc).__name__, exc, during)
+        t0, delay = time.monotonic(), OUTAGE_BACKOFF_S[0]
+        attempts = 0
+        while not self.stop.wait(delay):
+            attempts += 1
+            try:
+                self.redis.ping()
+                self.redis.exists(TRAINER_STATUS_KEY)  # a data command: refused with LOADING until the AOF is read
+            except REDIS_UNAVAILABLE as again:
+                log.debug("Redis still unavailable after %d attempts: %s", attempts, again)
+                delay = min(delay * 2, OUTAGE_BACKOFF_S[1])
+                continue
+            metrics.TRAINER_REDIS_UP.set(1)
+            log.info("Redis is back after %.1f s (%d attempts): resuming at step %d", time.monotonic() - t0,
+                     attempts, self.state.step)
+            return True
+        return False
+
+    def _new_prefetcher(self, old: Prefetcher | None, **kwargs) -> Prefetcher:
+        """A fresh prefetcher (the old one's queue may hold batches or errors from before an outage)."""
+        if old is not None:
+            old.close()
+        return Prefetcher(self.sampler, **kwargs)
+
+    def _publish_or_postpone(self) -> None:
+        """Publish, unless the policy directory refuses (OSError): then warn, keep training and retry later."""
+        if time.monotonic() < self._publish_retry_at:
+            return
+        try:
+            self._publish()
+        except OSError as exc:
+            if isinstance(exc, REDIS_UNAVAILABLE):  # not raised as OSError by redis-py, but be explicit
+                raise
+            self._publish_failures += 1
+            wait = min(PUBLISH_RETRY_S[0] * 2 ** (self._publish_failures - 1), PUBLISH_RETRY_S[1])
+            self._publish_retry_at = time.monotonic() + wait
+            if self._publish_failures == 1:
+                log.warning("step %d: cannot write the policy to %s (%s); training continues, retrying the "
+                            "publish every <= %.0f s", self.state.step, self.cfg.policy_dir, exc, PUBLISH_RETRY_S[1])
+            metrics.TRAINER_PUBLISH_FAILURES.inc()
+            return
+        if self._publish_failures:
+            log.info("step %d: publishing works again after %d failed attempts", self.state.step,
+                     self._publish_failures)
+        self._publish_failures, self._publish_retry_at = 0, 0.0
+
     # --- main loop ------------------------------------------------------------------
 
     def _update(self, batch) -> dict[str, float]:
@@ -278,24 +344,46 @@ class Trainer:
         """Behaviour cloning on offline demonstrations up to step ``seed_bc_steps``, then publish."""
         if self.state.version or not self.cfg.seed_bc_steps:
             return
-        self.sampler.refresh()
+        while True:
+            try:
+                self.sampler.refresh()
+                break
+            except REDIS_UNAVAILABLE as exc:
+                if not self._wait_out_outage(exc, "seed BC start"):
+                    return
         if not self.sampler.index.count(SOURCE_OFFLINE):
             log.warning("no offline data: skipping seed BC")
             return
         prefetch = Prefetcher(self.sampler, only_source=SOURCE_OFFLINE)
         try:
             while self.state.step < self.cfg.seed_bc_steps:
-                batch = self._next_batch(prefetch)
-                if batch is None:
-                    return
-                self._update(batch)
-                if self._status_due:
-                    self._write_status(0.0)
-                    self._status_due = False
+                try:
+                    batch = self._next_batch(prefetch)
+                    if batch is None:
+                        return
+                    self._update(batch)
+                    if self._status_due:
+                        self._write_status(0.0)
+                        self._status_due = False
+                except REDIS_UNAVAILABLE as exc:
+                    if not self._wait_out_outage(exc, "seed BC"):
+                        return
+                    prefetch = self._new_prefetcher(prefetch, only_source=SOURCE_OFFLINE)
+                    continue
                 self._after_step()
         finally:
             prefetch.close()
-        self._publish()
+        self._publish_until_done("the seed BC publish")
+
+    def _publish_until_done(self, what: str) -> None:
+        """Publish now (robots need a policy), waiting out Redis outages; an unwritable directory postpones it."""
+        while not self.stop.is_set():
+            try:
+                self._publish_or_postpone()
+                return
+            except REDIS_UNAVAILABLE as exc:
+                if not self._wait_out_outage(exc, what):
+                    return
 
     def _inserted_steps(self) -> int:
         """Refresh the sampler's index; the online steps stored so far (the rate limiter's inserts)."""
@@ -303,36 +391,52 @@ class Trainer:
         return self.sampler.index.online_steps
 
     def _train(self) -> None:
-        self.sampler.refresh()
-        if self.rate_limiter is not None:
-            self.rate_limiter.set_inserted(self.sampler.index.online_steps)
-        prefetch = Prefetcher(self.sampler, self.cfg.sampler.prefetch_depth)
+        while True:
+            try:
+                self.sampler.refresh()
+                if self.rate_limiter is not None:
+                    self.rate_limiter.set_inserted(self.sampler.index.online_steps)
+                break
+            except REDIS_UNAVAILABLE as exc:
+                if not self._wait_out_outage(exc, "training start"):
+                    return
+        depth = self.cfg.sampler.prefetch_depth
+        prefetch = Prefetcher(self.sampler, depth)
         last_refresh = last_status = time.monotonic()
         window_samples, window_start = 0, time.monotonic()
         try:
             while not self.stop.is_set():
                 if self.cfg.max_steps and self.state.step >= self.cfg.max_steps:
                     break
-                now = time.monotonic()
-                if now - last_refresh > self.cfg.refresh_interval_s:
-                    self.sampler.refresh()
-                    metrics.record_sampler({key: len(pool) for key, pool in self.sampler.index.pools.items()},
-                                           {task: self.sampler.online_share(task) for task in self.sampler.tasks})
-                    last_refresh = now
-                if self.rate_limiter is not None and not self.rate_limiter.wait(
-                        self.cfg.batch_size, self._inserted_steps, self.stop, self.cfg.refresh_interval_s):
-                    break
-                batch = self._next_batch(prefetch)
-                if batch is None:
-                    break
-                self._update(batch)
-                window_samples += len(batch["task_index"])
-                if self.publisher.due(self.state.step):
-                    self._publish()
-                if self._status_due or now - last_status > 1.0:
-                    self._write_status(window_samples / max(now - window_start, 1e-6))
-                    window_samples, window_start, last_status = 0, now, now
-                    self._status_due = False
+                try:
+                    now = time.monotonic()
+                    if now - last_refresh > self.cfg.refresh_interval_s:
+                        self.sampler.refresh()
+                        metrics.record_sampler({key: len(pool) for key, pool in self.sampler.index.pools.items()},
+                                               {task: self.sampler.online_share(task) for task in self.sampler.tasks})
+                        last_refresh = now
+                    if self.rate_limiter is not None and not self.rate_limiter.wait(
+                            self.cfg.batch_size, self._inserted_steps, self.stop, self.cfg.refresh_interval_s):
+                        break
+                    batch = self._next_batch(prefetch)
+                    if batch is None:
+                        break
+                    self._update(batch)
+                    window_samples += len(batch["task_index"])
+                    if self.publisher.due(self.state.step):
+                        self._publish_or_postpone()
+                    if self._status_due or now - last_status > 1.0:
+                        self._write_status(window_samples / max(now - window_start, 1e-6))
+                        window_samples, window_start, last_status = 0, now, now
+                        self._status_due = False
+                except REDIS_UNAVAILABLE as exc:
+                    if not self._wait_out_outage(exc, f"training (step {self.state.step})"):
+                        break
+                    prefetch = self._new_prefetcher(prefetch, depth=depth)
+                    last_refresh = 0.0  # refresh the index first thing
+                    self._status_due = True
+                    window_samples, window_start = 0, time.monotonic()
+                    continue
                 self._after_step()
         finally:
             prefetch.close()
@@ -343,12 +447,21 @@ class Trainer:
         A crash (an exception) writes no checkpoint: the next start resumes from the last one."""
         if self.dist.is_main:  # the fleet-level series (cloud/fleet_metrics.py) on this process's /metrics
             fleet_metrics.install(self.cfg.redis_url)
-        if self.policy is None:
-            self.setup()
+        while self.sampler is None and not self.stop.is_set():
+            try:
+                self.setup()
+            except REDIS_UNAVAILABLE as exc:  # setup only reads: it is simply done again
+                self.policy = None
+                self._wait_out_outage(exc, "start-up")
+        if self.sampler is None:
+            log.info("trainer stopped during start-up")
+            self.dist.close()
+            fleet_metrics.uninstall()
+            return self.state
         self.seed_bc()
         if not self.stop.is_set():
             if not self.state.version:
-                self._publish()  # robots need something to act with
+                self._publish_until_done("the first publish")  # robots need something to act with
             self._train()
         if self.state.step > self.schedule.last_step:
             self.save_checkpoint()

@@ -112,6 +112,11 @@ TRAINER_CHECKPOINT = Histogram("fleet_trainer_checkpoint_duration_seconds", "Tim
                                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 TRAINER_LAST_CHECKPOINT = Gauge("fleet_trainer_last_checkpoint_timestamp_seconds",
                                 "Unix time of the last complete checkpoint (0 = none yet; age: time() - this)")
+TRAINER_REDIS_UP = Gauge("fleet_trainer_redis_up",
+                         "1 while the trainer's own Redis connection works; 0 while it waits out an outage "
+                         "(sampling and publishing paused)")
+TRAINER_PUBLISH_FAILURES = Counter("fleet_trainer_publish_failures_total",
+                                   "Publishes postponed because the policy store refused the write (OSError)")
 
 
 # --- helpers -------------------------------------------------------------------
