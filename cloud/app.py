@@ -72,17 +72,21 @@ def spawn(name: str, args: list[str], log_dir: Path, env: dict | None = None) ->
 
 
 def gateway_args(listen: str, redis_url: str, policy_dir: str, metrics_port: int = 0,
-                 embodiment: str = "") -> list[str]:
+                 embodiment: str = "", insecure: bool = False) -> list[str]:
     return ["gateway", "--listen", listen, "--redis-url", redis_url, "--policy-dir", policy_dir,
-            "--metrics-port", str(metrics_port), *(["--embodiment", embodiment] if embodiment else [])]
+            "--metrics-port", str(metrics_port), *(["--embodiment", embodiment] if embodiment else []),
+            *(["--insecure"] if insecure else [])]
 
 
 def run_learner(listen: str, redis_url: str, policy_dir: str, trainer_args: list[str], log_dir: Path,
-                stop: threading.Event, gateway_metrics_port: int = 0, embodiment: str = "") -> int:
+                stop: threading.Event, gateway_metrics_port: int = 0, embodiment: str = "",
+                insecure: bool = False) -> int:
     """Gateway and trainer as children until ``stop``; returns the first non-zero exit code.
 
-    ``embodiment``: both serve/train that embodiment's policy line (one learner per embodiment)."""
-    gateway = spawn("gateway", gateway_args(listen, redis_url, policy_dir, gateway_metrics_port, embodiment), log_dir)
+    ``embodiment``: both serve/train that embodiment's policy line (one learner per embodiment).
+    ``insecure``: the gateway child may serve a non-loopback ``listen`` without TLS and tokens."""
+    gateway = spawn("gateway", gateway_args(listen, redis_url, policy_dir, gateway_metrics_port, embodiment,
+                                            insecure), log_dir)
     line = ["--embodiment", embodiment] if embodiment else []
     trainer = spawn("trainer", ["trainer", "--redis-url", redis_url, "--policy-dir", policy_dir, *line,
                                 *trainer_args], log_dir)

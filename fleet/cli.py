@@ -49,11 +49,14 @@ def _setup_logging(verbose: bool) -> None:
 def _cmd_gateway(args, values) -> int:
     import asyncio
 
-    from cloud.gateway.server import serve_forever
+    from cloud.gateway.server import protected_mode_refusal, serve_forever
     from fleet import metrics
     from fleet.config import GatewayConfig, build_config
 
     cfg = build_config(GatewayConfig, values)
+    refusal = None if args.insecure else protected_mode_refusal(cfg)
+    if refusal:
+        raise ConfigError(refusal)
     metrics.serve(cfg.metrics_port)
     asyncio.run(serve_forever(cfg))
     return 0
@@ -95,11 +98,18 @@ def _cmd_learner(args, values) -> int:
     from pathlib import Path
 
     from cloud.app import run_learner
+    from cloud.gateway.server import is_loopback
 
+    if not is_loopback(args.listen):  # protected mode: the learner's gateway child runs without TLS or tokens
+        if not args.insecure:
+            raise ConfigError(f"refusing to listen on {args.listen} (not loopback) without TLS and robot tokens, "
+                              "which `fleet learner` cannot set: pass --insecure, use a loopback --listen, or run "
+                              "`fleet gateway` with --security.tls-cert-file, --security.tls-key-file and "
+                              "--security.token-key-file and `fleet trainer` separately")
     stop = _stop_on_signals()
     passthrough = [a for a in args.trainer_args if a != "--"]
     return run_learner(args.listen, args.redis_url, args.policy_dir, passthrough, Path(args.log_dir), stop,
-                       args.gateway_metrics_port, args.embodiment)
+                       args.gateway_metrics_port, args.embodiment, args.insecure)
 
 
 def _cmd_edge(args, values) -> int:
@@ -273,7 +283,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        "trainer checkpoints into <policy-dir>-checkpoints and resumes from "
                        "the newest complete checkpoint by itself when restarted ('-- --fresh' starts over); the "
                        "buffer lives in Redis. See docs/learner-recovery.md.")
-    p.add_argument("--listen", default="[::]:50051", help="gateway host:port (default: [::]:50051)")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="gateway host:port (default: 127.0.0.1:50051; "
+                   "beyond loopback needs --insecure: the learner's gateway has no TLS or robot tokens)")
+    p.add_argument("--insecure", action="store_true",
+                   help="let the gateway serve a non-loopback --listen without TLS and robot tokens (trusted "
+                   "networks only; see docs/deploy.md)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer (AOF on)")
     p.add_argument("--policy-dir", default="runs/learner/policies", help="policy store directory")
     p.add_argument("--log-dir", default="runs/learner/logs", help="where the children's logs go")
@@ -286,6 +300,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("gateway", help="the gRPC gateway (stateless; run several behind a load balancer)",
                        description=GatewayConfig.__doc__)
     add_dataclass_args(p, GatewayConfig)
+    p.add_argument("--insecure", action="store_true",
+                   help="serve a non-loopback --listen without TLS and robot tokens (protected mode off; "
+                   "development only)")
     p.set_defaults(func=_cmd_gateway)
 
     p = sub.add_parser("trainer", help="the trainer: sample from Redis, train, publish versions",
@@ -397,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     values = {k: v for k, v in vars(args).items() if "." in k or k not in
-              ("command", "func", "verbose", "config", "json", "watch", "interval", "trainer_args")}
+              ("command", "func", "verbose", "config", "json", "watch", "interval", "trainer_args", "insecure")}
     try:
         return args.func(args, values)
     except ConfigError as exc:

@@ -7,6 +7,7 @@ one load balancer: every piece of state is in Redis.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass
@@ -27,6 +28,36 @@ from fleet.config import GatewayConfig
 from fleet.redis_client import connect, connect_async
 
 log = logging.getLogger(__name__)
+
+
+PROTECTED_MODE_FLAGS = ("--security.tls-cert-file", "--security.tls-key-file", "--security.token-key-file")
+"""What a gateway listening beyond loopback needs (protected mode), unless ``--insecure``."""
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether ``host:port`` binds loopback only (127.0.0.0/8, ::1, localhost); "" / [::] / 0.0.0.0 do not."""
+    host = listen.rpartition(":")[0].strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False  # another host name: it may resolve to anything, so not loopback
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+def protected_mode_refusal(cfg: GatewayConfig) -> str | None:
+    """The one-line reason to refuse ``cfg`` (non-loopback listen without TLS and robot tokens), else None."""
+    if is_loopback(cfg.listen) or (cfg.security.tls_cert_file and cfg.security.token_key_file):
+        return None
+    missing = [name for name, have in (("TLS", cfg.security.tls_cert_file),
+                                       ("robot tokens", cfg.security.token_key_file)) if not have]
+    return (f"refusing to listen on {cfg.listen} (not loopback) without {' and '.join(missing)}: set "
+            f"{', '.join(PROTECTED_MODE_FLAGS[:-1])} and {PROTECTED_MODE_FLAGS[-1]}, "
+            f"or pass --insecure to serve unauthenticated anyway (development only)")
 
 
 def server_options(cfg: GatewayConfig) -> list[tuple[str, int]]:

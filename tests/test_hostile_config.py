@@ -1,0 +1,94 @@
+"""Hostile configuration, with real processes: protected mode (a gateway beyond loopback needs
+TLS and robot tokens unless --insecure)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+FLEET = [sys.executable, "-m", "fleet.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fleet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*FLEET, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:{port}", "[::]:{port}"])
+def test_gateway_refuses_non_loopback_without_tls_and_tokens(listen, tmp_path):
+    port = free_port()
+    out = fleet("gateway", "--listen", listen.format(port=port), "--redis-url", "redis://127.0.0.1:1/0",
+                "--policy-dir", str(tmp_path / "policies"))
+    assert out.returncode == 2, out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    for flag in ("--security.tls-cert-file", "--security.tls-key-file", "--security.token-key-file", "--insecure"):
+        assert flag in lines[0]
+    assert "not loopback" in lines[0]
+
+
+def test_gateway_refuses_tls_without_tokens(tmp_path):
+    out = fleet("gateway", "--listen", f"0.0.0.0:{free_port()}", "--security.tls-cert-file", str(tmp_path / "c"),
+                "--security.tls-key-file", str(tmp_path / "k"))
+    assert out.returncode == 2, out
+    assert "without robot tokens" in out.stderr and "--security.token-key-file" in out.stderr
+
+
+def test_gateway_listens_beyond_loopback_with_insecure(redis_proc, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([*FLEET, "gateway", "--listen", f"0.0.0.0:{port}", "--insecure",
+                             "--redis-url", redis_proc.url, "--policy-dir", str(tmp_path / "policies")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    listening = threading.Event()
+    seen: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            seen.append(line)
+            if f"listening on port {port}" in line:
+                listening.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert listening.wait(60), "".join(seen)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    reader.join(10)
+    # 0: graceful stop; -SIGTERM: terminated between the "listening" line and serve_forever's signal handlers
+    assert proc.returncode in (0, -15), "".join(seen)
+
+
+def test_gateway_on_loopback_needs_no_flags():
+    from cloud.gateway.server import is_loopback, protected_mode_refusal
+    from fleet.config import GatewayConfig, GatewaySecurity
+
+    for listen in ("127.0.0.1:0", "127.3.2.1:5", "localhost:50051", "[::1]:50051", "[::ffff:127.0.0.1]:1"):
+        assert is_loopback(listen), listen
+        assert protected_mode_refusal(GatewayConfig(listen=listen)) is None
+    for listen in ("0.0.0.0:1", "[::]:1", ":50051", "10.0.0.5:1", "gateway.example.org:1"):
+        assert not is_loopback(listen), listen
+        assert protected_mode_refusal(GatewayConfig(listen=listen))
+    secure = GatewaySecurity(tls_cert_file="c", tls_key_file="k", token_key_file="t")
+    assert protected_mode_refusal(GatewayConfig(listen="[::]:1", security=secure)) is None
+
+
+def test_learner_refuses_non_loopback_without_insecure(tmp_path):
+    out = fleet("learner", "--listen", "[::]:50051", "--log-dir", str(tmp_path / "logs"))
+    assert out.returncode == 2, out
+    assert len(out.stderr.strip().splitlines()) == 1 and "--insecure" in out.stderr
