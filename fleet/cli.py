@@ -118,8 +118,14 @@ def _cmd_edge(args, values) -> int:
     from fleet.config import build_config
 
     if args.config:
-        with open(args.config) as fh:
-            from_file = json.load(fh)
+        from fleet.config import check_keys
+
+        try:
+            with open(args.config) as fh:
+                from_file = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--config {args.config}: {exc}") from None
+        check_keys(EdgeConfig, from_file, args.config)
         sections = {k: from_file.pop(k) for k in BACKEND_SECTIONS if k in from_file}  # backends decode these
         values = {**_flatten(from_file), **sections, **values}
     cfg = build_config(EdgeConfig, values)
@@ -400,6 +406,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("--token-id", required=True, help="the token id printed when the token was issued")
     c.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
     p.set_defaults(func=_cmd_certs)
+    parser.set_defaults(subparsers=sub.choices)
     return parser
 
 
@@ -408,13 +415,33 @@ def _command_of(argv: list[str]) -> str:
     return next((a for a in argv if not a.startswith("-")), "")
 
 
+def _reject_unknown(parser: argparse.ArgumentParser, args, unknown: list[str]) -> None:
+    """Exit 2 like argparse on unrecognized arguments, naming the closest option for each misspelt one."""
+    from fleet.config import suggest
+
+    sub = getattr(args, "subparsers", {}).get(getattr(args, "command", None), parser)
+    for action in sub._actions:  # a nested subcommand (`fleet certs init`) knows its own options
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            sub = action.choices[getattr(args, action.dest)]
+    options = {o for a in sub._actions for o in a.option_strings if o.startswith("--")}
+    options = sorted(o for o in options if "_" not in o or o.replace("_", "-") not in options)
+    parts = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        parts.append(arg + (suggest(name.replace("_", "-"), options) if name.startswith("--") else ""))
+    sub.error(f"unrecognized arguments: {' '.join(parts)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_command_of(argv))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _reject_unknown(parser, args, unknown)
     _setup_logging(args.verbose)
     values = {k: v for k, v in vars(args).items() if "." in k or k not in
-              ("command", "func", "verbose", "config", "json", "watch", "interval", "trainer_args", "insecure")}
+              ("command", "func", "verbose", "config", "json", "watch", "interval", "trainer_args", "subparsers",
+               "insecure")}
     try:
         return args.func(args, values)
     except ConfigError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import textwrap
 import typing
@@ -202,6 +203,36 @@ def _metavar(annotation) -> str:
     return getattr(annotation, "__name__", "VALUE").upper()
 
 
+def suggest(word: str, choices, quote: str = "") -> str:
+    """`` (did you mean X?)`` with the closest of ``choices`` (difflib), or ""."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {quote}{close[0]}{quote}?)" if close else ""
+
+
+def check_keys(cls: type, data: typing.Any, source: str, prefix: str = "") -> None:
+    """Raise ConfigError naming the first key of ``data`` (a config file's object, nested
+    objects for nested dataclasses, dotted keys allowed) that is no field of ``cls``, with
+    the closest valid key. Dashes and underscores are interchangeable, as on the command line."""
+    where = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        what = f'key "{prefix[:-1]}"' if prefix else "the file"
+        raise ConfigError(f"{where}{what} must be a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for raw, value in data.items():
+        raw_head, dot, rest = str(raw).partition(".")
+        head = raw_head.replace("-", "_")
+        if head not in names:
+            full = f"{prefix}{raw}"
+            close = difflib.get_close_matches(head, names, n=1, cutoff=0.6)  # bare names: a shared prefix is no match
+            hint = f' (did you mean "{prefix}{close[0]}"?)' if close else f" (not a {cls.__name__} field)"
+            raise ConfigError(f'{where}unknown key "{full}"{hint}')
+        if dataclasses.is_dataclass(hints[head]):
+            check_keys(hints[head], {rest: value} if dot else value, source, f"{prefix}{head}.")
+        elif dot:
+            raise ConfigError(f'{where}unknown key "{prefix}{raw}" ("{prefix}{head}" has no sub-keys)')
+
+
 def build_config(cls: type, values: dict[str, typing.Any], prefix: str = ""):
     """Instantiate ``cls`` from flat dotted argparse values, raising ConfigError on bad values."""
     kwargs = {}
@@ -231,4 +262,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ClientSecurity", "GatewayConfig", "GatewaySecurity", "TrainerConfig", "add_dataclass_args", "build_config", "field", "DEFAULT_TASKS"]
+__all__ = ["ClientSecurity", "GatewayConfig", "GatewaySecurity", "TrainerConfig", "add_dataclass_args", "build_config", "check_keys", "suggest", "field", "DEFAULT_TASKS"]

@@ -1,8 +1,10 @@
 """Hostile configuration, with real processes: protected mode (a gateway beyond loopback needs
-TLS and robot tokens unless --insecure)."""
+TLS and robot tokens unless --insecure) and typos (unknown config-file keys and flags exit 2
+naming the closest valid one)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -92,3 +94,40 @@ def test_learner_refuses_non_loopback_without_insecure(tmp_path):
     out = fleet("learner", "--listen", "[::]:50051", "--log-dir", str(tmp_path / "logs"))
     assert out.returncode == 2, out
     assert len(out.stderr.strip().splitlines()) == 1 and "--insecure" in out.stderr
+
+
+@pytest.mark.parametrize("config, key, suggestion", [
+    ({"gatway": "127.0.0.1:1"}, '"gatway"', '"gateway"'),
+    ({"robot_id": "r", "security": {"ca_flie": "ca.pem"}}, '"security.ca_flie"', '"security.ca_file"'),
+    ({"security.token-flie": "t"}, '"security.token-flie"', '"security.token_file"'),
+    ({"operator_config": {"zzzzzz": 1}}, '"operator_config.zzzzzz"', "not a OperatorConfig field"),
+])
+def test_edge_config_file_unknown_key(config, key, suggestion, tmp_path):
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(config))
+    out = fleet("edge", "--config", str(path), "--state-dir", str(tmp_path / "state"))
+    assert out.returncode == 2, out
+    assert f"unknown key {key}" in out.stderr, out.stderr
+    assert suggestion in out.stderr, out.stderr
+    assert str(path) in out.stderr
+
+
+def test_edge_config_file_section_must_be_an_object(tmp_path):
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps({"security": "ca.pem"}))
+    out = fleet("edge", "--config", str(path))
+    assert out.returncode == 2, out
+    assert 'key "security" must be a JSON object' in out.stderr
+
+
+@pytest.mark.parametrize("argv, bad, suggestion", [
+    (["gateway", "--redis-ulr", "redis://127.0.0.1:1/0"], "--redis-ulr", "--redis-url"),
+    (["gateway", "--securty.token-key-file=k"], "--securty.token-key-file=k", "--security.token-key-file"),
+    (["edge", "--gatway", "127.0.0.1:1"], "--gatway", "--gateway"),
+    (["status", "--jsn"], "--jsn", "--json"),
+])
+def test_unknown_flag_suggests_closest(argv, bad, suggestion):
+    out = fleet(*argv)
+    assert out.returncode == 2, out
+    last = out.stderr.strip().splitlines()[-1]
+    assert f"fleet {argv[0]}: error: unrecognized arguments: {bad} (did you mean {suggestion}?)" in last, last
