@@ -41,6 +41,7 @@ from fleet.errors import (
     SchemaMismatch,
     UnknownRobot,
 )
+from fleet.names import check_episode_id, check_id, check_task, shown
 from fleet.types import Chunk, EncodedImage, EpisodeSummary, RobotInfo, Schema, Step
 
 log = logging.getLogger(__name__)
@@ -148,10 +149,7 @@ class Ingest:
         if info.protocol_version != PROTOCOL_VERSION:
             raise IncompatiblePeer(f"robot {info.robot_id!r} speaks protocol {info.protocol_version!r}; "
                                    f"this gateway speaks {PROTOCOL_VERSION!r}")
-        if not info.robot_id or "{" in info.robot_id or "}" in info.robot_id or "|" in info.robot_id:
-            raise InvalidInput(f"robot_id {info.robot_id!r} must be non-empty and contain no '{{', '}}' or '|'")
-        if not info.tasks:
-            raise InvalidInput(f"robot {info.robot_id!r} registered no tasks")
+        check_registration(info)
         record = {"robot_id": info.robot_id, "embodiment": info.embodiment, "schema": schema_to_dict(info.schema),
                   "tasks": list(info.tasks), "protocol_version": info.protocol_version,
                   "software_version": info.software_version, "registered_s": time.time(),
@@ -248,12 +246,33 @@ class ChunkHead:
                    chunk.episode_end, chunk.steps[-1].policy_version)
 
 
+MAX_TASKS_PER_ROBOT = 1024
+
+
+def check_registration(info: RobotInfo) -> None:
+    """Raise InvalidInput naming the first field of ``info`` that breaks the name rules (fleet/names.py)."""
+    check_id(info.robot_id, "robot_id")
+    check_id(info.embodiment, f"robot {info.robot_id!r} embodiment", allow_empty=True)
+    check_task(info.software_version, f"robot {info.robot_id!r} software_version", allow_empty=True)
+    for spec in (*info.schema.observation, info.schema.action):
+        check_id(spec.name, f"robot {info.robot_id!r} schema feature name")
+    if not info.tasks:
+        raise InvalidInput(f"robot {info.robot_id!r} registered no tasks")
+    if len(info.tasks) > MAX_TASKS_PER_ROBOT:
+        raise InvalidInput(f"robot {info.robot_id!r} registered {len(info.tasks)} tasks; at most "
+                           f"{MAX_TASKS_PER_ROBOT}")
+    for i, task in enumerate(info.tasks):
+        check_task(task, f"robot {info.robot_id!r} tasks[{i}]")
+
+
 def check_chunk(chunk: Chunk, info: RobotInfo) -> None:
-    """Raise InvalidInput if ``chunk`` does not fit ``info`` (tasks, schema, seqs, finite values)."""
+    """Raise InvalidInput if ``chunk`` does not fit ``info`` (names, tasks, schema, seqs, finite values)."""
     if len(chunk.steps) > MAX_STEPS_PER_CHUNK:
         raise InvalidInput(f"chunk has {len(chunk.steps)} steps; at most {MAX_STEPS_PER_CHUNK} per chunk")
+    check_episode_id(chunk.episode_id, f"robot {chunk.robot_id!r} episode_id")
     if chunk.task not in info.tasks:
-        raise InvalidInput(f"task {chunk.task!r} is not among the tasks robot {chunk.robot_id!r} registered")
+        raise InvalidInput(f"task {shown(chunk.task)} is not among the tasks robot "
+                           f"{chunk.robot_id!r} registered")
     first = chunk.steps[0].seq
     if first < 1:
         raise InvalidInput("step sequence numbers start at 1")

@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from cloud.buffer import SOURCE_OFFLINE
 from cloud.ingest import Ingest
 from fleet import PROTOCOL_VERSION
 from fleet.convert import encode_step
+from fleet.names import to_id
 from fleet.redis_client import connect_async
 from fleet.types import Chunk, EpisodeSummary, RobotInfo, Step
 
@@ -167,7 +169,7 @@ def seed_lerobot_dataset(redis_url: str, root: str, robot_id: str = "demos-lerob
                          success: bool = True) -> dict:
     """Write a local LeRobotDataset into the buffer as offline data; returns counts."""
     schema, tasks, episodes = lerobot_dataset_episodes(root, repo_id, success)
-    written = asyncio.run(_write(redis_url, robot_id, episodes, schema, tasks, embodiment=f"lerobot:{root}"))
+    written = asyncio.run(_write(redis_url, robot_id, episodes, schema, tasks, embodiment=to_id(f"lerobot:{Path(root).name}")))
     log.info("seeded %d episodes (%d steps, tasks %s) from the LeRobotDataset at %s", len(episodes), written,
              list(tasks), root)
     return {"episodes": len(episodes), "steps": written, "tasks": list(tasks)}

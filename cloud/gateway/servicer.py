@@ -28,6 +28,7 @@ from fleet import metrics
 from fleet.codec import dtype_to_pb, numpy_dtype
 from fleet.convert import chunk_from_pb, image_from_pb, robot_info_from_pb, step_from_pb, summary_from_pb
 from fleet.errors import FleetError, InvalidInput
+from fleet.names import MAX_EPISODE_ID_CHARS, check_id, is_id, shown
 from fleet.types import Chunk, FeatureSpec, RobotInfo
 from fleet.v1 import fleet_pb2 as pb
 from fleet.v1 import fleet_pb2_grpc as pb_grpc
@@ -67,8 +68,8 @@ class WireCheck:
         """True only for a chunk the full path would accept as well (False: let it find the error)."""
         steps = msg.steps
         n = len(steps)
-        if (not 0 < n <= MAX_STEPS_PER_CHUNK or msg.robot_id != self.info.robot_id or not msg.episode_id
-                or msg.task not in self.tasks):
+        if (not 0 < n <= MAX_STEPS_PER_CHUNK or msg.robot_id != self.info.robot_id
+                or not is_id(msg.episode_id, MAX_EPISODE_ID_CHARS) or msg.task not in self.tasks):
             return False
         first = steps[0].seq
         fits, action, n_obs, n_images = self._fits, self.action, len(self.obs), len(self.images)
@@ -217,7 +218,11 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
 
     @map_errors(_count_rejection)
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
-        await self._ingest.robot(request.robot_id)
+        info = await self._ingest.robot(request.robot_id)
+        check_id(request.state, f"robot {info.robot_id!r} heartbeat state", allow_empty=True)
+        if request.task and request.task not in info.tasks:
+            raise InvalidInput(f"robot {info.robot_id!r} heartbeat task {shown(request.task)} is not among the "
+                               "tasks it registered")
         now = time.time()
         with self._ingest.redis_errors(f"heartbeat of robot {request.robot_id!r}"):
             await self._redis.hset(RobotKeys(request.robot_id).status, mapping={

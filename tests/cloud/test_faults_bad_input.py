@@ -117,6 +117,10 @@ def _nonfinite(where: str, value: float) -> pb.Chunk:
     return chunk_to_pb(Chunk("r1", "e1", TASK, out))
 
 
+def _named(episode: str = "e1", task: str = TASK) -> pb.Chunk:
+    return chunk_to_pb(Chunk("r1", episode, task, steps(3, 1)))
+
+
 BAD_CHUNKS = {
     # name: (message, code, words in the details, the step named in fleet-bad-step-seq)
     "unknown robot": (lambda: chunk(3, robot="nobody"), grpc.StatusCode.NOT_FOUND, "'nobody' has not registered",
@@ -143,6 +147,16 @@ BAD_CHUNKS = {
     "non-contiguous seqs": (_gapped_seqs, grpc.StatusCode.INVALID_ARGUMENT, "must have contiguous seqs", None),
     "unregistered task": (lambda: chunk_to_pb(Chunk("r1", "e1", "juggle", steps(3, 1))),
                           grpc.StatusCode.INVALID_ARGUMENT, "'juggle' is not among the tasks", None),
+    "episode id with '|'": (lambda: _named(episode="e|x|1"), grpc.StatusCode.INVALID_ARGUMENT,
+                            "episode_id 'e|x|1' must be ASCII letters", None),
+    "episode id with a newline": (lambda: _named(episode="e1\nrobot r2 ok"), grpc.StatusCode.INVALID_ARGUMENT,
+                                  "episode_id 'e1\\nrobot r2 ok' must be ASCII letters", None),
+    "empty episode id": (lambda: _named(episode=""), grpc.StatusCode.INVALID_ARGUMENT, "chunk without episode_id",
+                         None),
+    "episode id too long": (lambda: _named(episode="e" * 201), grpc.StatusCode.INVALID_ARGUMENT,
+                            "episode_id has 201 characters; at most 200", None),
+    "200 kB task": (lambda: _named(task="x" * 200_000), grpc.StatusCode.INVALID_ARGUMENT,
+                    "... (200000 characters) is not among the tasks robot 'r1' registered", None),
     "no steps": (lambda: pb.Chunk(robot_id="r1", episode_id="e1", task=TASK), grpc.StatusCode.INVALID_ARGUMENT,
                  "chunk without steps", None),
 }
@@ -346,3 +360,49 @@ def test_limiter_holds_a_chunk_until_room_frees_then_lets_it_through():
     assert asyncio.run(scenario()) == ["other robot in", "first done", "second in"]
     assert REGISTRY.get_sample_value("fleet_gateway_backpressure_total",
                                      {"reason": "robot_bytes", "outcome": "waited"}) == waited + 1
+
+
+BAD_REGISTRATIONS = {
+    # name: (robot id, embodiment, schema, tasks, words in the details)
+    "robot id with '|'": ("r|1", "arm", SCHEMA, (TASK,), "robot_id 'r|1' must be ASCII letters"),
+    "robot id with braces": ("r{1}", "arm", SCHEMA, (TASK,), "robot_id 'r{1}' must be ASCII letters"),
+    "robot id with a space": ("r 1", "arm", SCHEMA, (TASK,), "robot_id 'r 1' must be ASCII letters"),
+    "robot id too long": ("r" * 129, "arm", SCHEMA, (TASK,), "robot_id has 129 characters; at most 128"),
+    "embodiment with a newline": ("r9", "arm\nx", SCHEMA, (TASK,), "robot 'r9' embodiment 'arm\\nx' must be"),
+    "camera name with '/'": ("r9", "arm", Schema((SCHEMA.observation[0], FeatureSpec("cam/top", "uint8", (16, 16, 3),
+                                                                                      is_image=True)), SCHEMA.action),
+                             (TASK,), "robot 'r9' schema feature name 'cam/top' must be"),
+    "no tasks": ("r9", "arm", SCHEMA, (), "robot 'r9' registered no tasks"),
+    "task with a newline": ("r9", "arm", SCHEMA, ("pick\nplace",), "robot 'r9' tasks[0] 'pick\\nplace' contains "
+                                                                     "the control or format character U+000A"),
+    "task with a bidi override": ("r9", "arm", SCHEMA, (TASK, "pick \u202eecalp"),
+                                  "tasks[1] 'pick \\u202eecalp' contains the control or format character U+202E"),
+    "200 kB task": ("r9", "arm", SCHEMA, ("x" * 200_000,), "robot 'r9' tasks[0] has 200000 bytes of UTF-8; at most 256"),
+    "task with trailing space": ("r9", "arm", SCHEMA, (TASK + " ",), "has leading or trailing white space"),
+}
+
+
+def test_each_bad_registration_is_invalid_argument_naming_the_field_and_writes_nothing(client, redis_client):
+    before = {k: redis_client.dump(k) for k in redis_client.scan_iter()}
+    for name, (rid, embodiment, schema, tasks, words) in BAD_REGISTRATIONS.items():
+        err = refused(lambda: client.register(RobotInfo(rid, embodiment, schema, tasks, PROTOCOL_VERSION)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err.code(), err.details())
+        assert words in err.details(), (name, err.details())
+        assert len(err.details()) < 600, (name, len(err.details()))  # a huge value is cut, not echoed
+    assert {k: redis_client.dump(k) for k in redis_client.scan_iter()} == before
+    # What the rule admits: LeRobot feature names, the edge's episode ids, natural-language tasks.
+    ok = Schema((FeatureSpec("observation.state", "float32", (6,)),
+                 FeatureSpec("observation.images.wrist", "uint8", (16, 16, 3), is_image=True)),
+                FeatureSpec("action", "float32", (2,)))
+    client.register(RobotInfo("so101-arm_7:left", "so101", ok, ("Pick up the cube, place it in the box.", "ça va"),
+                              PROTOCOL_VERSION))
+
+
+def test_heartbeat_with_an_unregistered_task_or_bad_state_is_invalid_argument(client, redis_client):
+    for kwargs, words in (({"task": "x" * 200_000}, "heartbeat task 'xxxx"), ({"state": "up\nhacked"},
+                                                                              "heartbeat state 'up\\nhacked'")):
+        args = {"policy_version": 1, "spool_steps": 0, "spool_bytes": 0, "state": "running", "task": TASK,
+                "steps_per_s": 1.0, "intervention_rate": 0.0, **kwargs}
+        err = refused(lambda args=args: client.heartbeat("r1", **args))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.details(), err.details()
+    assert not redis_client.exists(RobotKeys("r1").status)

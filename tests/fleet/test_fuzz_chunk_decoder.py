@@ -203,3 +203,15 @@ def test_near_valid_chunks(info, case):
     # The same message through the wire bytes gives the same verdict.
     again = gateway_decode(msg.SerializeToString(), info)
     assert (again is None) == (chunk is None)
+
+
+@settings(max_examples=400, **FUZZ)
+@given(st.one_of(st.text(max_size=210), st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,205}", fullmatch=True)))
+def test_episode_ids_follow_the_name_rule_on_both_paths(episode_id):
+    from fleet.names import MAX_EPISODE_ID_CHARS, is_id
+
+    msg = valid_chunk()
+    msg.episode_id = episode_id
+    valid = is_id(episode_id, MAX_EPISODE_ID_CHARS)
+    assert (gateway_check(msg) is not None) == valid
+    assert WIRE_CHECKS[INFO].certifies(msg) == valid  # the fast path certifies exactly the valid ones
