@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from cloud.buffer import ROBOTS_KEY, SOURCE_OFFLINE, SOURCE_ONLINE, RobotKeys
+from fleet import metrics
 from fleet.convert import schema_from_dict
 from fleet.types import Schema
 
@@ -109,7 +110,17 @@ class BufferIndex:
     """Longest finished episode seen per task (RECAP's return normalisation)."""
     embodiment: str = ""
     """Only robots registered with this embodiment ("" = all robots that share the first one's schema)."""
+    known_tasks: tuple[str, ...] = ()
+    """The tasks the trainer's policy knows (records of other tasks are skipped; () = any)."""
+    quiet: bool = False
+    """Skip without counting in the metric or logging (a throw-away index: the sampler's counts)."""
+    skipped: Counter = field(default_factory=Counter)
+    """Unusable records skipped so far, by reason (also ``fleet_trainer_skipped_records_total``)."""
     _skipped: set[str] = field(default_factory=set)
+    _warned: set[tuple[str, str]] = field(default_factory=set)
+    _quarantined: set[tuple[str, str]] = field(default_factory=set)
+    _bad_registrations: dict[str, bytes] = field(default_factory=dict)
+    _schema: dict | None = None
     finished: dict[tuple[str, str], int] = field(default_factory=dict)
     """Length of every finished episode, by (robot_id, episode_id)."""
     _seen_labeled: dict[str, int] = field(default_factory=dict)
@@ -117,24 +128,20 @@ class BufferIndex:
     _episodes: set[tuple[str, str]] = field(default_factory=set)
 
     def refresh(self, redis) -> int:
-        """Pull new entries; returns how many usable steps were added."""
-        registered = {(k.decode() if isinstance(k, bytes) else k): json.loads(v)
-                      for k, v in redis.hgetall(ROBOTS_KEY).items()}
-        for rid, reg in sorted(registered.items(), key=lambda kv: kv[1].get("registered_s", 0.0)):
+        """Pull new entries; returns how many usable steps were added. A record that cannot be used is
+        skipped and counted (``skipped``, ``fleet_trainer_skipped_records_total{reason}``), never raised."""
+        for rid, reg in sorted(self._registrations(redis).items(), key=lambda kv: kv[1]["registered_s"]):
             if rid in self._skipped:
                 continue
-            if rid in self.robots:
-                self.robots[rid] = reg
-                continue
-            if self.embodiment and reg.get("embodiment") != self.embodiment:
+            if self.embodiment and reg["embodiment"] != self.embodiment:
                 self._skipped.add(rid)  # another embodiment's trainer learns from it
                 continue
-            first = next(iter(self.robots.values()), None)
-            if first is not None and reg["schema"] != first["schema"]:
+            if self._schema is None:
+                self._schema = reg["schema"]
+            if rid not in self.robots and reg["schema"] != self._schema:
                 self._skipped.add(rid)
-                log.warning("robot %s (embodiment %r) has another schema than %r: not training on it; run a "
-                            "trainer per embodiment (--embodiment)", rid, reg.get("embodiment"),
-                            first.get("embodiment"))
+                self._skip(rid, "other_schema", f"another schema than the first robot's (embodiment "
+                           f"{reg['embodiment']!r}): not training on it; run a trainer per embodiment (--embodiment)")
                 continue
             self.robots[rid] = reg
         order = list(self.robots)
@@ -153,41 +160,115 @@ class BufferIndex:
         added, online_steps = 0, 0
         for i, rid in enumerate(order):
             labeled, events, steps = replies[3 * i:3 * i + 3]
-            catalog = catalogs.get(rid)
-            source = self.robots[rid].get("source", SOURCE_ONLINE)
+            reg = self.robots[rid]
+            source = reg["source"]
             self._seen_labeled[rid] = self._seen_labeled.get(rid, 0) + len(labeled)
-            if source == SOURCE_ONLINE:
-                online_steps += int(steps or 0)
-            added += self._add_labeled(rid, source, labeled)
-            ended = []
-            if isinstance(catalog, dict):
-                for eid, raw in catalog.items():
-                    entry = json.loads(raw)
-                    if entry.get("ended"):
-                        ended.append((eid.decode(), entry["task"], int(entry["len"]), bool(entry["success"]),
-                                      bool(entry["eval"])))
-            for entry_id, fields in events:
-                self._last_event[rid] = entry_id
-                summary = json.loads(fields[b"summary"] or b"{}")
-                ended.append((fields[b"episode"].decode(), fields[b"task"].decode(), int(summary.get("num_steps", 0)),
-                              bool(summary.get("success")), bool(summary.get("evaluation"))))
+            if events:
+                self._last_event[rid] = events[-1][0]
             self._last_event.setdefault(rid, b"0-0")
+            if source == SOURCE_ONLINE:
+                online_steps += _int(steps)
+            ended = [e for e in (*self._catalog_entries(rid, catalogs.get(rid)), *map(self._event_entry,
+                                                                                   [rid] * len(events), events)) if e]
+            if reg["schema"] != self._schema:  # registered again with another schema: its new records do not fit
+                self._skip(rid, "schema_changed", "registered again with another schema; its new records are "
+                           "skipped until it registers with the trainer's schema again", len(labeled) + len(ended))
+                continue
+            added += self._add_labeled(rid, source, labeled)
             added += sum(self._add_episode(rid, source, *e) for e in ended)
         self.online_steps = online_steps
         return added
+
+    # --- reading records that robots wrote: every one may be unusable ------------------------------------------
+
+    def _skip(self, rid: str, reason: str, detail: str, n: int = 1) -> None:
+        """Count ``n`` unusable records; warn once per (robot, reason)."""
+        if n <= 0:
+            return
+        self.skipped[reason] += n
+        if self.quiet:
+            return
+        metrics.TRAINER_SKIPPED_RECORDS.labels(reason=reason).inc(n)
+        if (rid, reason) not in self._warned:
+            self._warned.add((rid, reason))
+            log.warning("robot %s: skipping records (%s): %s (further ones are counted in "
+                        "fleet_trainer_skipped_records_total{reason=%r})", rid, reason, detail, reason)
+
+    def _registrations(self, redis) -> dict[str, dict]:
+        """The registry, each entry checked: schema parsable, the fields the index reads of the right types."""
+        out = {}
+        for key, raw in redis.hgetall(ROBOTS_KEY).items():
+            rid = key.decode(errors="replace") if isinstance(key, bytes) else key
+            try:
+                reg = json.loads(raw)
+                schema_from_dict(reg["schema"])
+                reg["registered_s"] = float(reg.get("registered_s", 0.0))
+                reg["embodiment"] = str(reg.get("embodiment", ""))
+                reg["source"] = reg.get("source", SOURCE_ONLINE)
+                if reg["source"] not in (SOURCE_ONLINE, SOURCE_OFFLINE):
+                    raise ValueError(f"source {reg['source']!r}")
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                if self._bad_registrations.get(rid) != raw:  # counted once per bad value, not per refresh
+                    self._bad_registrations[rid] = raw
+                    self._skip(rid, "corrupt_registration", f"its registration cannot be read ({exc!r})")
+                continue
+            self._bad_registrations.pop(rid, None)
+            out[rid] = reg
+        return out
+
+    def _catalog_entries(self, rid: str, catalog) -> list[tuple]:
+        out = []
+        for eid, raw in (catalog or {}).items():
+            try:
+                entry = json.loads(raw)
+                if entry.get("ended"):
+                    out.append((eid.decode(), str(entry["task"]), int(entry["len"]), bool(entry["success"]),
+                                bool(entry["eval"])))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                self._skip(rid, "corrupt_catalog", f"catalog entry {eid!r} cannot be read ({exc!r})")
+        return out
+
+    def _event_entry(self, rid: str, event) -> tuple | None:
+        entry_id, fields = event
+        try:
+            summary = json.loads(fields.get(b"summary") or b"{}")
+            return (fields[b"episode"].decode(), fields[b"task"].decode(), int(summary.get("num_steps", 0)),
+                    bool(summary.get("success")), bool(summary.get("evaluation")))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._skip(rid, "corrupt_event", f"episode event {entry_id!r} cannot be read ({exc!r})")
+            return None
+
+    def _known_task(self, rid: str, task: str, n: int) -> bool:
+        if not self.known_tasks or task in self.known_tasks:
+            return True
+        self._skip(rid, "unknown_task", f"task {task[:64]!r} is not one this trainer's policy knows", n)
+        return False
 
     def _add_labeled(self, rid: str, source: str, entries: list[bytes]) -> int:
         use = self.spec.offline and not self.spec.episodes if source == SOURCE_OFFLINE else self.spec.interventions
         if not use:
             return 0
+        added = 0
         for raw in entries:
-            eid, idx, task = raw.decode().split("|", 2)
-            self.pools[(task, source)].add(Segment(rid, eid, int(idx), 1, labels_all=source == SOURCE_OFFLINE))
-        return len(entries)
+            try:  # "<episode id>|<index>|<task>": episode ids cannot contain "|" (fleet/names.py)
+                eid, idx, task = raw.decode().split("|", 2)
+                index = int(idx)
+                if index < 0 or not eid:
+                    raise ValueError(f"index {index}, episode {eid!r}")
+            except (ValueError, AttributeError) as exc:
+                self._skip(rid, "corrupt_labeled", f"labeled entry {raw[:80]!r} cannot be read ({exc!r})")
+                continue
+            if (rid, eid) in self._quarantined or not self._known_task(rid, task, 1):
+                continue
+            self.pools[(task, source)].add(Segment(rid, eid, index, 1, labels_all=source == SOURCE_OFFLINE))
+            added += 1
+        return added
 
     def _add_episode(self, rid: str, source: str, eid: str, task: str, length: int, success: bool,
                      evaluation: bool) -> int:
-        if (rid, eid) in self._episodes or length <= 0:
+        if (rid, eid) in self._episodes or length <= 0 or (rid, eid) in self._quarantined:
+            return 0
+        if not self._known_task(rid, task, length):
             return 0
         self._episodes.add((rid, eid))
         self.finished[(rid, eid)] = length
@@ -204,6 +285,19 @@ class BufferIndex:
                                                success=success))
         return length
 
+    def quarantine(self, rid: str, eid: str, reason: str, detail: str) -> None:
+        """Stop sampling one stored episode (its steps cannot be decoded or do not fit the schema)."""
+        if (rid, eid) in self._quarantined:
+            return
+        self._quarantined.add((rid, eid))
+        dropped = 0
+        for pool in self.pools.values():
+            keep = [seg for seg in pool.segments if seg.robot_id != rid or seg.episode_id != eid]
+            if len(keep) != len(pool.segments):
+                dropped += sum(seg.length for seg in pool.segments) - sum(seg.length for seg in keep)
+                pool.segments, pool._cum = keep, None
+        self._skip(rid, reason, f"episode {eid!r}: {detail}; not sampled any more ({dropped} steps)")
+
     def count(self, source: str | None = None) -> int:
         return sum(len(p) for (t, s), p in self.pools.items() if source is None or s == source)
 
@@ -217,9 +311,14 @@ class BufferIndex:
                 for key, pool in self.pools.items()}
 
     def schema(self) -> Schema | None:
-        for info in self.robots.values():
-            return schema_from_dict(info["schema"])
-        return None
+        return None if self._schema is None else schema_from_dict(self._schema)
+
+
+def _int(value) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 LabeledIndex = BufferIndex

@@ -17,11 +17,26 @@ from collections import OrderedDict
 import numpy as np
 
 from cloud.buffer import RobotKeys
+from google.protobuf.message import DecodeError
+
 from fleet.codec import decode_image
 from fleet.convert import decode_step
+from fleet.errors import InvalidInput
 from fleet.types import EncodedImage
 
 log = logging.getLogger(__name__)
+
+
+class UnusableEpisode(Exception):
+    """A stored episode whose steps cannot be used (``reason``: a metric label); the sampler quarantines it."""
+
+    def __init__(self, robot_id: str, episode_id: str, reason: str, detail: str):
+        super().__init__(f"robot {robot_id!r} episode {episode_id!r}: {detail}")
+        self.robot_id, self.episode_id, self.reason, self.detail = robot_id, episode_id, reason, detail
+
+
+UNDECODABLE = (DecodeError, ValueError, KeyError, TypeError, IndexError, InvalidInput)
+"""What decoding bytes a robot sent may raise (protobuf, tensor bytes that do not fit dtype x shape, ragged shapes)."""
 
 
 class CachedEpisode:
@@ -40,16 +55,22 @@ class CachedEpisode:
         self.nbytes = 0
 
     def extend(self, blobs: list[bytes]) -> None:
+        """Append decoded steps; raises one of ``UNDECODABLE`` (and keeps nothing of ``blobs``) if any step
+        cannot be decoded or does not stack with the others."""
         steps = [decode_step(b) for b in blobs]
         if not steps:
             return
         actions = np.stack([np.asarray(s.action, dtype=np.float32) for s in steps])
-        self.action = actions if not self.length else np.concatenate([self.action, actions])
-        flags = np.array([s.is_intervention for s in steps], dtype=bool)
-        self.intervention = np.concatenate([self.intervention, flags])
-        for name in steps[0].observation:
+        action = actions if not self.length else np.concatenate([self.action, actions])
+        low_dim = {}
+        names = set(self.low_dim) if self.length else set(steps[0].observation)
+        for name in names:
             part = np.stack([np.asarray(s.observation[name]) for s in steps])
-            self.low_dim[name] = part if not self.length else np.concatenate([self.low_dim[name], part])
+            low_dim[name] = part if not self.length else np.concatenate([self.low_dim[name], part])
+        if any(set(s.observation) != names or set(s.images) != set(steps[0].images) for s in steps):
+            raise ValueError("steps of one episode carry different observation features")
+        self.action, self.low_dim = action, low_dim
+        self.intervention = np.concatenate([self.intervention, np.array([s.is_intervention for s in steps], bool)])
         self.images.extend(s.images for s in steps)
         self.length += len(steps)
         self.nbytes += sum(len(b) for b in blobs) + actions.nbytes
@@ -118,14 +139,20 @@ class EpisodeCache:
                 for key, blobs in zip(wanted, pipe.execute()):
                     entry = self._entries.pop(key, None) or fresh.get(key) or CachedEpisode(self._grow)
                     before = entry.nbytes
-                    entry.extend(blobs)
+                    try:
+                        entry.extend(blobs)
+                    except UNDECODABLE as exc:
+                        self._bytes -= before
+                        raise UnusableEpisode(*key, "corrupt_step",
+                                             f"a stored step cannot be decoded ({exc!r})") from None
                     self._bytes += entry.nbytes - before
                     fresh[key] = entry
                     self._entries[key] = entry
             out = [self._entries.get((rid, eid)) or fresh[(rid, eid)] for rid, eid, _, _ in needs]
-            for entry in out:
+            for (rid, eid, _, _), entry in zip(needs, out):
                 if entry.length == 0:
-                    raise LookupError("a sampled episode has no stored steps (was the buffer flushed?)")
+                    self._entries.pop((rid, eid), None)
+                    raise UnusableEpisode(rid, eid, "missing_episode", "no stored steps (was the buffer flushed?)")
             self._evict()
             return out
 
@@ -134,14 +161,23 @@ class EpisodeCache:
         for rid, eid, first, last in needs:
             pipe.lrange(RobotKeys(rid).episode(eid), first, last)
         out = []
-        for (_, _, first, _), blobs in zip(needs, pipe.execute()):
+        for (rid, eid, first, _), blobs in zip(needs, pipe.execute()):
             if not blobs:
-                raise LookupError("a sampled episode has no stored steps (was the buffer flushed?)")
+                raise UnusableEpisode(rid, eid, "missing_episode", "no stored steps (was the buffer flushed?)")
             entry = CachedEpisode(offset=first)
-            entry.extend(blobs)
+            try:
+                entry.extend(blobs)
+            except UNDECODABLE as exc:
+                raise UnusableEpisode(rid, eid, "corrupt_step", f"a stored step cannot be decoded ({exc!r})") from None
             out.append(entry)
         self.misses += len(needs)
         return out
+
+    def forget(self, robot_id: str, episode_id: str) -> None:
+        with self._lock:
+            entry = self._entries.pop((robot_id, episode_id), None)
+            if entry is not None:
+                self._bytes -= entry.nbytes
 
     def _grow(self, nbytes: int) -> None:
         self._bytes += nbytes  # a frame decoded by the sampling thread, the same thread that fetches

@@ -28,13 +28,16 @@ import numpy as np
 
 from cloud.buffer import SOURCE_OFFLINE, SOURCE_ONLINE
 from cloud.buffer_index import BufferIndex, DataSpec, LabeledIndex, Position, Segment
-from cloud.episode_cache import EpisodeCache
+from cloud.episode_cache import UNDECODABLE, EpisodeCache, UnusableEpisode
 from fleet.errors import ConfigError
 
 __all__ = ["BufferIndex", "DataSpec", "LabeledIndex", "Position", "Prefetcher", "Sampler", "SamplerConfig",
            "Segment"]
 
 log = logging.getLogger(__name__)
+
+MAX_REDRAWS = 16
+"""Batches drawn again in a row, each after quarantining an unusable episode, before LookupError."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ class Sampler:
         self.online_fraction = online_fraction
         self.spec = spec or DataSpec()
         self.config = config or SamplerConfig()
-        self.index = BufferIndex(self.spec, embodiment=embodiment)
+        self.index = BufferIndex(self.spec, embodiment=embodiment, known_tasks=self.tasks)
+        self._shapes = None
         self.cache = EpisodeCache(redis, self.config.cache_bytes)
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
@@ -158,17 +162,67 @@ class Sampler:
         return [out[i] for i in order]
 
     def sample(self, only_source: str | None = None) -> dict[str, np.ndarray]:
-        """One batch. ``only_source`` restricts to online or offline data (e.g. seed BC on demos)."""
-        with self._lock:
-            picks = self._pick(self.batch_size, only_source)
-        look, finished = self.spec.lookahead_steps, self.index.finished
-        need = []
-        for seg, t, _, _ in picks:
-            last = t + max(self.horizon - 1, look)
-            length = finished.get((seg.robot_id, seg.episode_id))
-            need.append((seg.robot_id, seg.episode_id, t, min(last, length - 1) if length else last))
-        episodes = self.cache.fetch(need)
-        return self._collate(picks, episodes)
+        """One batch. ``only_source`` restricts to online or offline data (e.g. seed BC on demos).
+
+        An episode whose stored steps cannot be decoded or do not fit the schema is quarantined (counted
+        by reason, never sampled again) and the batch drawn again; LookupError if no usable steps remain."""
+        for _ in range(MAX_REDRAWS):
+            with self._lock:
+                picks = self._pick(self.batch_size, only_source)
+            look, finished = self.spec.lookahead_steps, self.index.finished
+            need = []
+            for seg, t, _, _ in picks:
+                last = t + max(self.horizon - 1, look)
+                length = finished.get((seg.robot_id, seg.episode_id))
+                need.append((seg.robot_id, seg.episode_id, t, min(last, length - 1) if length else last))
+            try:
+                episodes = self.cache.fetch(need)
+                self._check_fits(picks, episodes)
+                return self._collate(picks, episodes)
+            except UnusableEpisode as bad:
+                with self._lock:
+                    self.index.quarantine(bad.robot_id, bad.episode_id, bad.reason, bad.detail)
+                self.cache.forget(bad.robot_id, bad.episode_id)
+        raise LookupError(f"{MAX_REDRAWS} batches in a row met an unusable episode")
+
+    def _expected(self) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]], tuple[int, ...]]:
+        """Low-dim and image feature shapes and the action shape of the trainer's schema."""
+        if self._shapes is None:
+            schema = self.index.schema()
+            if schema is None:
+                return {}, {}, ()
+            self._shapes = ({f.name: f.shape for f in schema.observation if not f.is_image},
+                            {f.name: f.shape for f in schema.observation if f.is_image}, schema.action.shape)
+        return self._shapes
+
+    def _check_fits(self, picks, episodes) -> None:
+        """Raise UnusableEpisode for the first decoded episode whose features do not match the schema."""
+        low, images, action = self._expected()
+        for (seg, t, _, _), ep in zip(picks, episodes):
+            if not 0 <= t - ep.offset < ep.length:  # only a summary can claim more steps than were stored
+                raise UnusableEpisode(seg.robot_id, seg.episode_id, "length_mismatch",
+                                      f"step {t} was sampled but only {ep.end} are stored (the episode's summary "
+                                      f"claims {seg.episode_len})")
+            shapes = {name: values.shape[1:] for name, values in ep.low_dim.items()}
+            if action and (shapes != low or ep.action.shape[1:] != action or set(ep.images[0]) != set(images)):
+                raise UnusableEpisode(seg.robot_id, seg.episode_id, "schema_mismatch",
+                                      f"stored steps hold {shapes}, action {ep.action.shape[1:]}, images "
+                                      f"{sorted(ep.images[0])}; the trainer's schema has {low}, action {action}, "
+                                      f"images {sorted(images)}")
+
+    def _frames(self, seg, ep, t: int) -> dict[str, np.ndarray]:
+        """Step ``t``'s decoded frames; UnusableEpisode if one cannot be decoded or has the wrong size."""
+        _, images, _ = self._expected()
+        try:
+            frames = ep.images_at(t)
+        except UNDECODABLE as exc:
+            raise UnusableEpisode(seg.robot_id, seg.episode_id, "corrupt_image",
+                                  f"a stored image cannot be decoded ({exc!r})") from None
+        for name, frame in frames.items():
+            if name in images and frame.shape != images[name]:
+                raise UnusableEpisode(seg.robot_id, seg.episode_id, "corrupt_image",
+                                      f"image {name!r} decodes to {frame.shape}, registered {images[name]}")
+        return frames
 
     def _collate(self, picks, episodes) -> dict[str, np.ndarray]:
         B, H, look = len(picks), self.horizon, self.spec.lookahead_steps
@@ -194,14 +248,14 @@ class Sampler:
             pad[b, :len(window)] = False
             for name, values in ep.low_dim.items():
                 low[name][b] = values[lt]
-            for name, frame in ep.images_at(lt).items():
+            for name, frame in self._frames(seg, ep, lt).items():
                 images[name].append(frame)
             if look:
                 ln = min(lt + look, ep.length - 1)
                 has_next[b] = t + look < (seg.episode_len or ep.end)
                 for name, values in ep.low_dim.items():
                     nxt[name][b] = values[ln]
-                for name, frame in ep.images_at(ln).items():
+                for name, frame in self._frames(seg, ep, ln).items():
                     next_images[name].append(frame)
             meta["task_index"][b] = task_ids.get(task, -1)
             meta["t"][b], meta["episode_len"][b] = t, seg.episode_len
@@ -230,11 +284,19 @@ class Prefetcher:
         self._thread.start()
 
     def _run(self) -> None:
+        waiting = False
         while not self._stop.is_set():
             try:
                 batch = self.sampler.sample(self.only_source)
+            except LookupError as exc:  # nothing usable (left): wait for robots, do not end the trainer
+                if not waiting:
+                    log.warning("no batch to train on (%s): waiting for usable data", exc)
+                waiting = True
+                self._stop.wait(1.0)
+                continue
             except Exception as exc:  # surfaced to the trainer on get()
                 batch = exc
+            waiting = False
             while not self._stop.is_set():
                 try:
                     self._q.put(batch, timeout=0.5)

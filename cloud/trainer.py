@@ -40,6 +40,7 @@ from cloud.checkpoints import Checkpoint, CheckpointDir, CheckpointSchedule, cap
 from cloud.policy_store import PolicyStore
 from cloud.rate_limiter import SampleToInsertRatio
 from cloud.publisher import Publisher
+from cloud.episode_cache import UNDECODABLE
 from cloud.sampler import LabeledIndex, Prefetcher, Sampler
 from fleet import metrics
 from cloud.trainer_config import TrainerConfig
@@ -86,14 +87,25 @@ def offline_stats(redis, index: LabeledIndex, max_steps: int = 20000) -> NormSta
     for p in positions:
         pipe.lindex(RobotKeys(p.robot_id).episode(p.episode_id), p.index)
     states, actions = [], []
-    for blob in pipe.execute():
+    for p, blob in zip(positions, pipe.execute()):
         if blob is None:
             continue
-        step = decode_step(blob)
-        states.append(np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1)
-                                      for _, v in sorted(step.observation.items())]))
-        actions.append(np.asarray(step.action, dtype=np.float32))
-    return NormStats.from_data(np.stack(states), np.stack(actions))
+        try:
+            step = decode_step(blob)
+            state = np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1)
+                                    for _, v in sorted(step.observation.items())])
+            action = np.asarray(step.action, dtype=np.float32)
+        except UNDECODABLE as exc:
+            index.quarantine(p.robot_id, p.episode_id, "corrupt_step", f"a stored step cannot be decoded ({exc!r})")
+            continue
+        if states and (state.shape != states[0].shape or action.shape != actions[0].shape):
+            index.quarantine(p.robot_id, p.episode_id, "schema_mismatch",
+                             f"a stored step has state {state.shape}, action {action.shape}; others "
+                             f"{states[0].shape}, {actions[0].shape}")
+            continue
+        states.append(state)
+        actions.append(action)
+    return NormStats.from_data(np.stack(states), np.stack(actions)) if states else None
 
 
 class Trainer:
@@ -128,7 +140,7 @@ class Trainer:
     # --- start-up -------------------------------------------------------------------
 
     def _wait_for_data(self) -> LabeledIndex:
-        index = LabeledIndex(embodiment=self.cfg.embodiment)
+        index = LabeledIndex(embodiment=self.cfg.embodiment, known_tasks=tuple(self.cfg.tasks), quiet=True)
         while not self.stop.is_set():
             index.refresh(self.redis)
             if index.robots and index.count() >= self.cfg.min_labeled_steps:

@@ -115,6 +115,8 @@ TRAINER_LAST_CHECKPOINT = Gauge("fleet_trainer_last_checkpoint_timestamp_seconds
 TRAINER_REDIS_UP = Gauge("fleet_trainer_redis_up",
                          "1 while the trainer's own Redis connection works; 0 while it waits out an outage "
                          "(sampling and publishing paused)")
+TRAINER_SKIPPED_RECORDS = Counter("fleet_trainer_skipped_records_total",
+                                  "Buffer records the trainer could not use and skipped, by reason", ["reason"])
 TRAINER_PUBLISH_FAILURES = Counter("fleet_trainer_publish_failures_total",
                                    "Publishes postponed because the policy store refused the write (OSError)")
 
