@@ -63,7 +63,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from fleet.errors import SequenceGap, UnknownRobot
+from fleet.errors import InvalidInput, SequenceGap, UnknownRobot
 from fleet.types import EpisodeSummary
 
 ROBOTS_KEY = "fleet:robots"
@@ -156,6 +156,19 @@ if first > last + 1 and ARGV[3] ~= '1' then
 end
 local skip = 0
 if first <= last then skip = last - first + 1 end
+local dropped = 0
+if ARGV[3] == '1' and first > last + 1 then dropped = first - last - 1 end
+local before = redis.call('HGET', KEYS[3], ARGV[4])
+local prior_dropped = 0
+if before then prior_dropped = tonumber(cjson.decode(before).dropped or 0) or 0 end
+if ARGV[8] == '1' then
+  -- The stored length is the truth: a summary may count the steps the spool dropped, no more.
+  local stored = redis.call('LLEN', KEYS[2]) + n - skip
+  local claimed = tonumber(cjson.decode(ARGV[14]).num_steps)
+  if claimed < stored or claimed > stored + prior_dropped + dropped then
+    return {-3, stored, prior_dropped + dropped}
+  end
+end
 local blobs = {}
 local ninter = 0
 local eplen = redis.call('LLEN', KEYS[2])
@@ -172,7 +185,7 @@ if #labeled > 0 then redis.call('RPUSH', KEYS[4], unpack(labeled)) end
 redis.call('SET', KEYS[1], final)
 local entry = {task = ARGV[5], len = len, source = ARGV[6], eval = (ARGV[7] == '1'),
                ended = (ARGV[8] == '1'), success = (ARGV[9] == '1'), version = tonumber(ARGV[10]),
-               updated_s = tonumber(ARGV[11])}
+               updated_s = tonumber(ARGV[11]), dropped = prior_dropped + dropped}
 redis.call('HSET', KEYS[3], ARGV[4], cjson.encode(entry))
 redis.call('HINCRBY', KEYS[6], 'steps', n - skip)
 redis.call('HINCRBY', KEYS[6], 'intervention_steps', ninter)
@@ -185,7 +198,7 @@ if ARGV[8] == '1' then
   redis.call('HINCRBY', KEYS[6], 'episodes', 1)
   if ARGV[9] == '1' then redis.call('HINCRBY', KEYS[6], 'successes', 1) end
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', '10000', '*', 'episode', ARGV[4], 'task', ARGV[5],
-             'summary', ARGV[14], 'ts', ARGV[11])
+             'summary', ARGV[14], 'ts', ARGV[11], 'len', len)
 end
 return {1, final, skip}
 """
@@ -244,6 +257,10 @@ def interpret(result: list, write: ChunkWrite) -> WriteResult:
         raise SequenceGap(
             f"robot {write.robot_id!r}: chunk starts at seq {write.first_seq} but the last stored seq is {acked}; "
             f"resend from seq {acked + 1} (or declare a spool drop with gap_declared)", last_acked_seq=acked)
+    if status == -3:
+        claimed = write.episode_end.num_steps if write.episode_end else 0
+        raise InvalidInput(f"robot {write.robot_id!r} episode {write.episode_id!r}: the episode_end claims "
+                           f"{claimed} steps but {acked} are stored ({extra} declared dropped); nothing was stored")
     if status == 0:
         return WriteResult(stored_steps=0, duplicate_steps=n, acked_seq=acked)
     return WriteResult(stored_steps=n - extra, duplicate_steps=extra, acked_seq=acked)

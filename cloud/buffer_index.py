@@ -232,7 +232,8 @@ class BufferIndex:
         entry_id, fields = event
         try:
             summary = json.loads(fields.get(b"summary") or b"{}")
-            return (fields[b"episode"].decode(), fields[b"task"].decode(), int(summary.get("num_steps", 0)),
+            length = fields.get(b"len") or summary.get("num_steps", 0)  # the stored length (older events: claimed)
+            return (fields[b"episode"].decode(), fields[b"task"].decode(), int(length),
                     bool(summary.get("success")), bool(summary.get("evaluation")))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._skip(rid, "corrupt_event", f"episode event {entry_id!r} cannot be read ({exc!r})")

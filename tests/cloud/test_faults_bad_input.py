@@ -22,7 +22,7 @@ from fleet import PROTOCOL_VERSION
 from fleet.codec import encode_image
 from fleet.config import GatewayConfig
 from fleet.convert import chunk_to_pb
-from fleet.types import Chunk, EncodedImage, FeatureSpec, RobotInfo, Schema, Step
+from fleet.types import Chunk, EncodedImage, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 from fleet.v1 import fleet_pb2 as pb
 from tests.conftest import GatewayThread
 
@@ -406,3 +406,28 @@ def test_heartbeat_with_an_unregistered_task_or_bad_state_is_invalid_argument(cl
         err = refused(lambda args=args: client.heartbeat("r1", **args))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.details(), err.details()
     assert not redis_client.exists(RobotKeys("r1").status)
+
+
+def _episode_end(first_seq: int, n: int, claimed: int, gap: bool = False, episode: str = "e1") -> pb.Chunk:
+    out = steps(first_seq, n)
+    out[-1].done = True
+    return chunk_to_pb(Chunk("r1", episode, TASK, out, gap_declared=gap,
+                             episode_end=EpisodeSummary(False, claimed, 0, 0, False, 1)))
+
+
+def test_a_summary_that_disagrees_with_the_stored_length_is_refused(client, redis_client):
+    assert send(client, chunk(1, n=2)) == [(2, 0)]
+    before = snapshot(redis_client, "r1")
+    for claimed in (1_000_000_000, 3, 5):  # 4 steps are stored once this chunk is in
+        err = refused(lambda claimed=claimed: send(client, _episode_end(3, 2, claimed)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        assert f"claims {claimed} steps but 4 are stored" in err.details(), err.details()
+        assert snapshot(redis_client, "r1") == before
+    assert send(client, _episode_end(3, 2, 4)) == [(4, 0)]
+    (_, fields), = redis_client.xrange(RobotKeys("r1").events)
+    assert fields[b"len"] == b"4"
+    # Steps the spool dropped (a declared gap) may be counted by the summary, no more.
+    send(client, chunk_to_pb(Chunk("r1", "e2", TASK, steps(5, 1))))
+    err = refused(lambda: send(client, _episode_end(9, 1, 6, gap=True, episode="e2")))
+    assert "claims 6 steps but 2 are stored (3 declared dropped)" in err.details(), err.details()
+    assert send(client, _episode_end(9, 1, 5, gap=True, episode="e2")) == [(9, 0)]  # 2 stored + 3 dropped (6-8)
