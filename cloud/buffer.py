@@ -116,6 +116,11 @@ class RobotKeys:
         return f"{self.prefix}:ep:{episode_id}"
 
     @property
+    def allow_schema_change(self) -> str:
+        """Set by an operator (``fleet robots allow-schema-change``); the next Register with a new schema takes it."""
+        return f"{self.prefix}:allow_schema_change"
+
+    @property
     def catalog(self) -> str:
         return f"{self.prefix}:catalog"
 

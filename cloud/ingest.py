@@ -155,10 +155,28 @@ class Ingest:
                   "software_version": info.software_version, "registered_s": time.time(),
                   "source": self._source}
         with self.redis_errors(f"register robot {info.robot_id!r}"):
+            await self._check_schema_change(info.robot_id, record["schema"])
             await self._redis.hset(ROBOTS_KEY, info.robot_id, json.dumps(record))
             await self._redis.set(RobotKeys(info.robot_id).registered, f"{record['registered_s']:.3f}")
             self._robots[info.robot_id] = info
             return await self.last_acked_seq(info.robot_id)
+
+    async def _check_schema_change(self, robot_id: str, schema: dict) -> None:
+        """Refuse a registration whose schema differs from the stored one, unless an operator allowed it
+        (the allowance is used up by the change). The trainer cannot mix two schemas of one robot."""
+        raw = await self._redis.hget(ROBOTS_KEY, robot_id)
+        try:
+            before = json.loads(raw)["schema"] if raw else None
+        except (ValueError, KeyError, TypeError):
+            before = None  # an unreadable registration is replaced
+        if before is None or before == schema:
+            return
+        if await self._redis.getdel(RobotKeys(robot_id).allow_schema_change) is not None:
+            log.warning("robot %s registered with a new schema (allowed by an operator)", robot_id)
+            return
+        raise IncompatiblePeer(f"robot {robot_id!r} registered before with another observation/action schema; "
+                               f"an operator allows the change with `fleet robots allow-schema-change {robot_id}` "
+                               "(the trainer skips records that do not fit its schema)")
 
     async def last_acked_seq(self, robot_id: str) -> int:
         with self.redis_errors(f"robot {robot_id!r}"):

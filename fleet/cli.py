@@ -238,6 +238,26 @@ def _cmd_certs(args, values) -> int:
     return 0
 
 
+def _cmd_robots(args, values) -> int:
+    from cloud.buffer import ROBOTS_KEY, RobotKeys
+    from fleet.redis_client import connect
+
+    if args.ttl_s < 1:
+        raise ConfigError(f"--ttl-s ({args.ttl_s}) must be >= 1")
+    import redis
+
+    client = connect(args.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    try:
+        if not client.hexists(ROBOTS_KEY, args.robot_id):
+            raise ConfigError(f"robot {args.robot_id!r} has never registered (see `fleet status`)")
+        client.set(RobotKeys(args.robot_id).allow_schema_change, "1", ex=args.ttl_s)
+    except redis.RedisError as exc:
+        print(f"fleet robots: cannot reach Redis at {args.redis_url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"robot_id": args.robot_id, "schema_change_allowed_for_s": args.ttl_s}))
+    return 0
+
+
 def _fmt(x) -> str:
     return "  n/a" if x is None or x != x else f"{x:.2f}"
 
@@ -406,6 +426,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("--token-id", required=True, help="the token id printed when the token was issued")
     c.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
     p.set_defaults(func=_cmd_certs)
+
+    p = sub.add_parser("robots", help="operator actions on registered robots",
+                       description="Operator actions on registered robots (read and written in Redis).")
+    robots_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = robots_sub.add_parser("allow-schema-change",
+                              help="let ROBOT_ID's next Register change its observation/action schema")
+    c.add_argument("robot_id", help="the robot's id")
+    c.add_argument("--ttl-s", type=int, default=3600, help="the allowance expires unused after this (default 3600)")
+    c.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
+    p.set_defaults(func=_cmd_robots)
     parser.set_defaults(subparsers=sub.choices)
     return parser
 

@@ -269,22 +269,22 @@ def test_inflight_bound_per_robot_slows_then_refuses_with_retry_hint(client, red
     """A robot with a stream stuck on a slow Redis, reconnecting: its second stream's chunk waits for room,
     then gets RESOURCE_EXHAUSTED + fleet-retry-after-s; the first chunk is acked once Redis is back."""
     big = Schema((FeatureSpec("state", "float32", (2200,)), SCHEMA.observation[1]), SCHEMA.action)
-    client.register(RobotInfo("r1", "test-arm", big, (TASK,), PROTOCOL_VERSION))
-    send(client, chunk(1, dim=2200))
+    client.register(RobotInfo("r3", "test-arm", big, (TASK,), PROTOCOL_VERSION))
+    send(client, chunk(1, dim=2200, robot="r3"))
     first: list = []
     _pause_writes(redis_client, 1.5)
     # ~0.56 MB each: two exceed the robot's 1 MiB in-flight bound.
-    t = threading.Thread(target=lambda: first.extend(send(client, chunk(3, n=60, dim=2200))))
+    t = threading.Thread(target=lambda: first.extend(send(client, chunk(3, n=60, dim=2200, robot="r3"))))
     t.start()
     deadline = time.monotonic() + 10
     while _inflight_bytes() < 500_000:  # the first chunk is held at the gateway, its write paused
         assert time.monotonic() < deadline, "the first chunk never reached the gateway"
         time.sleep(0.01)
     t0 = time.monotonic()
-    err = refused(lambda: send(client, chunk(3, n=60, dim=2200)))
+    err = refused(lambda: send(client, chunk(3, n=60, dim=2200, robot="r3")))
     assert time.monotonic() - t0 >= 0.3, "refused without first holding the sender for inflight_wait_s"
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "in flight for robot 'r1' (limit 1048576)" in err.details()
+    assert "in flight for robot 'r3' (limit 1048576)" in err.details()
     assert dict(err.trailing_metadata())["fleet-retry-after-s"] == "0.700"
     t.join(20)
     assert first == [(62, 0)]
@@ -431,3 +431,26 @@ def test_a_summary_that_disagrees_with_the_stored_length_is_refused(client, redi
     err = refused(lambda: send(client, _episode_end(9, 1, 6, gap=True, episode="e2")))
     assert "claims 6 steps but 2 are stored (3 declared dropped)" in err.details(), err.details()
     assert send(client, _episode_end(9, 1, 5, gap=True, episode="e2")) == [(9, 0)]  # 2 stored + 3 dropped (6-8)
+
+
+def test_a_schema_change_on_register_needs_an_operator(client, redis_proc, redis_client):
+    from fleet.cli import main
+
+    other = Schema((FeatureSpec("state", "float32", (1,)), SCHEMA.observation[1]), SCHEMA.action)
+    before = redis_client.hget(ROBOTS_KEY, "r1")
+    err = refused(lambda: client.register(RobotInfo("r1", "test-arm", other, (TASK,), PROTOCOL_VERSION)))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "registered before with another observation/action schema" in err.details()
+    assert "fleet robots allow-schema-change r1" in err.details()
+    assert redis_client.hget(ROBOTS_KEY, "r1") == before
+    client.register(RobotInfo("r1", "test-arm", SCHEMA, (TASK, "a new task"), PROTOCOL_VERSION))  # same schema: fine
+
+    assert main(["robots", "allow-schema-change", "r1", "--redis-url", redis_proc.url]) == 0
+    assert 0 < redis_client.ttl(RobotKeys("r1").allow_schema_change) <= 3600
+    client.register(RobotInfo("r1", "test-arm", other, (TASK,), PROTOCOL_VERSION))
+    assert b'"shape": [1]' in redis_client.hget(ROBOTS_KEY, "r1")
+    err = refused(lambda: client.register(RobotInfo("r1", "test-arm", SCHEMA, (TASK,), PROTOCOL_VERSION)))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION  # the allowance was used up
+    with pytest.raises(SystemExit) as exc:
+        main(["robots", "allow-schema-change", "nobody", "--redis-url", redis_proc.url])
+    assert exc.value.code == 2

@@ -171,7 +171,8 @@ def test_unusable_records_are_skipped_and_counted_by_reason(redis_proc, redis_cl
         assert skipped("corrupt_step") - before["corrupt_step"] == 1
         assert {seg.robot_id for pool in sampler.index.pools.values() for seg in pool.segments} == {"r1"}
 
-        # r1 registers again with another schema: its new records are skipped, not mixed in.
+        # r1 registers again with another schema (an operator allowed it): its new records are skipped.
+        redis_client.set(RobotKeys("r1").allow_schema_change, "1")
         client.register(RobotInfo("r1", "arm", OTHER, TASKS, PROTOCOL_VERSION))
         other = [Step(seq=6, index=0, observation={"state": np.zeros(5, np.float32)},
                       policy_action=np.zeros(2, np.float32), action=np.ones(2, np.float32), is_intervention=True,
