@@ -140,16 +140,22 @@ class Ingest:
             metrics.GATEWAY_BACKPRESSURE.labels(reason="redis_full", outcome="refused").inc()
             raise Overloaded(f"{what}: Redis is full (maxmemory with noeviction: {exc}); nothing was stored, "
                              f"retry later", retry_after_s=self._redis_full_retry_after_s) from None
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ReadOnlyError) as exc:
-            raise BackendUnavailable(f"{what}: Redis unavailable ({type(exc).__name__}: {exc}); nothing was "
-                                     f"stored, retry later", retry_after_s=self._retry_after_s) from None
+        except redis_errors.ReadOnlyError as exc:
+            raise BackendUnavailable(f"{what}: Redis is read-only ({exc}); nothing was stored, retry later",
+                                     retry_after_s=self._retry_after_s) from None
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+            # The command may have run before the reply was lost: the outcome is unknown, not "nothing stored".
+            # Resending is safe: the sequence numbers store it at most once.
+            raise BackendUnavailable(f"{what}: Redis unavailable ({type(exc).__name__}: {exc}); the outcome is "
+                                     f"unknown, resend (sequence numbers keep it exactly once)",
+                                     retry_after_s=self._retry_after_s) from None
 
     async def register(self, info: RobotInfo) -> int:
         """Store the robot's registration; returns its last durable sequence number."""
         if info.protocol_version != PROTOCOL_VERSION:
             raise IncompatiblePeer(f"robot {info.robot_id!r} speaks protocol {info.protocol_version!r}; "
                                    f"this gateway speaks {PROTOCOL_VERSION!r}")
-        check_registration(info)
+        check_registration(info, MAX_TASKS_PER_ROBOT if self._source == SOURCE_ONLINE else MAX_OFFLINE_TASKS)
         record = {"robot_id": info.robot_id, "embodiment": info.embodiment, "schema": schema_to_dict(info.schema),
                   "tasks": list(info.tasks), "protocol_version": info.protocol_version,
                   "software_version": info.software_version, "registered_s": time.time(),
@@ -264,10 +270,13 @@ class ChunkHead:
                    chunk.episode_end, chunk.steps[-1].policy_version)
 
 
-MAX_TASKS_PER_ROBOT = 1024
+MAX_TASKS_PER_ROBOT = 64
+"""Tasks one robot may register (bounds the registry every trainer refresh reads, and metric labels)."""
+MAX_OFFLINE_TASKS = 100_000
+"""Tasks of one offline dataset import (a LeRobot dataset may have thousands)."""
 
 
-def check_registration(info: RobotInfo) -> None:
+def check_registration(info: RobotInfo, max_tasks: int = MAX_TASKS_PER_ROBOT) -> None:
     """Raise InvalidInput naming the first field of ``info`` that breaks the name rules (fleet/names.py)."""
     check_id(info.robot_id, "robot_id")
     check_id(info.embodiment, f"robot {info.robot_id!r} embodiment", allow_empty=True)
@@ -276,9 +285,8 @@ def check_registration(info: RobotInfo) -> None:
         check_id(spec.name, f"robot {info.robot_id!r} schema feature name")
     if not info.tasks:
         raise InvalidInput(f"robot {info.robot_id!r} registered no tasks")
-    if len(info.tasks) > MAX_TASKS_PER_ROBOT:
-        raise InvalidInput(f"robot {info.robot_id!r} registered {len(info.tasks)} tasks; at most "
-                           f"{MAX_TASKS_PER_ROBOT}")
+    if len(info.tasks) > max_tasks:
+        raise InvalidInput(f"robot {info.robot_id!r} registered {len(info.tasks)} tasks; at most {max_tasks}")
     for i, task in enumerate(info.tasks):
         check_task(task, f"robot {info.robot_id!r} tasks[{i}]")
 

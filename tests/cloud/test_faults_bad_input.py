@@ -373,6 +373,7 @@ BAD_REGISTRATIONS = {
                                                                                       is_image=True)), SCHEMA.action),
                              (TASK,), "robot 'r9' schema feature name 'cam/top' must be"),
     "no tasks": ("r9", "arm", SCHEMA, (), "robot 'r9' registered no tasks"),
+    "65 tasks": ("r9", "arm", SCHEMA, tuple(f"t{i}" for i in range(65)), "robot 'r9' registered 65 tasks; at most 64"),
     "task with a newline": ("r9", "arm", SCHEMA, ("pick\nplace",), "robot 'r9' tasks[0] 'pick\\nplace' contains "
                                                                      "the control or format character U+000A"),
     "task with a bidi override": ("r9", "arm", SCHEMA, (TASK, "pick \u202eecalp"),
