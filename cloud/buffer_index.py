@@ -64,37 +64,60 @@ class Segment:
 
 
 class Pool:
-    """Segments sampled uniformly over their steps."""
+    """Segments of one (task, source), sampled robot first: every robot with steps here is equally likely,
+    then uniformly over that robot's steps (one robot cannot take over a task by sending more)."""
 
     def __init__(self) -> None:
-        self.segments: list[Segment] = []
-        self._cum: np.ndarray | None = None
-
-    def add(self, seg: Segment) -> None:
-        last = self.segments[-1] if self.segments else None
-        if (last is not None and not seg.labels_all and last.episode_id == seg.episode_id
-                and last.robot_id == seg.robot_id and last.start + last.length == seg.start):
-            last.length += seg.length  # an intervention run continued in a later chunk
-        else:
-            self.segments.append(seg)
-        self._cum = None
-
-    def __len__(self) -> int:
-        return int(self.cum[-1]) if self.segments else 0
+        self.by_robot: dict[str, list[Segment]] = {}
+        self._cum: dict[str, np.ndarray] = {}
 
     @property
-    def cum(self) -> np.ndarray:
-        if self._cum is None:
-            self._cum = np.cumsum([s.length for s in self.segments])
-        return self._cum
+    def segments(self) -> list[Segment]:
+        return [seg for segs in self.by_robot.values() for seg in segs]
+
+    def add(self, seg: Segment) -> None:
+        segs = self.by_robot.setdefault(seg.robot_id, [])
+        last = segs[-1] if segs else None
+        if (last is not None and not seg.labels_all and last.episode_id == seg.episode_id
+                and last.start + last.length == seg.start):
+            last.length += seg.length  # an intervention run continued in a later chunk
+        else:
+            segs.append(seg)
+        self._cum.pop(seg.robot_id, None)
+
+    def drop_episode(self, rid: str, eid: str) -> int:
+        """Remove one episode's segments; returns the steps removed."""
+        segs = self.by_robot.get(rid, [])
+        keep = [seg for seg in segs if seg.episode_id != eid]
+        dropped = sum(seg.length for seg in segs) - sum(seg.length for seg in keep)
+        if keep:
+            self.by_robot[rid] = keep
+        else:
+            self.by_robot.pop(rid, None)
+        self._cum.pop(rid, None)
+        return dropped
+
+    def __len__(self) -> int:
+        return sum(int(self.cum(rid)[-1]) for rid in self.by_robot)
+
+    def cum(self, rid: str) -> np.ndarray:
+        cum = self._cum.get(rid)
+        if cum is None:
+            cum = self._cum[rid] = np.cumsum([s.length for s in self.by_robot[rid]])
+        return cum
 
     def sample(self, rng: np.random.Generator, n: int) -> list[tuple[Segment, int]]:
-        """``n`` (segment, step index) pairs, uniform over the pool's steps."""
-        cum = self.cum
-        u = rng.integers(cum[-1], size=n)
-        seg_index = np.searchsorted(cum, u, side="right")
-        offsets = u - np.where(seg_index > 0, cum[seg_index - 1], 0)
-        return [(self.segments[i], self.segments[i].start + int(o)) for i, o in zip(seg_index, offsets)]
+        """``n`` (segment, step index) pairs: a uniform robot, then uniform over its steps."""
+        robots = list(self.by_robot)
+        picks = rng.integers(len(robots), size=n)
+        out: list[tuple[Segment, int]] = []
+        for r, count in zip(*np.unique(picks, return_counts=True)):
+            segs, cum = self.by_robot[robots[r]], self.cum(robots[r])
+            u = rng.integers(cum[-1], size=int(count))
+            seg_index = np.searchsorted(cum, u, side="right")
+            offsets = u - np.where(seg_index > 0, cum[seg_index - 1], 0)
+            out.extend((segs[i], segs[i].start + int(o)) for i, o in zip(seg_index, offsets))
+        return out
 
 
 @dataclass
@@ -269,9 +292,9 @@ class BufferIndex:
                      evaluation: bool) -> int:
         if (rid, eid) in self._episodes or length <= 0 or (rid, eid) in self._quarantined:
             return 0
+        self._episodes.add((rid, eid))  # (catalog and event name the same episode: counted once)
         if not self._known_task(rid, task, length):
             return 0
-        self._episodes.add((rid, eid))
         self.finished[(rid, eid)] = length
         self.task_max_len[task] = max(self.task_max_len.get(task, 0), length)
         if evaluation:  # evaluation episodes measure the policy; they do not train it
@@ -291,12 +314,7 @@ class BufferIndex:
         if (rid, eid) in self._quarantined:
             return
         self._quarantined.add((rid, eid))
-        dropped = 0
-        for pool in self.pools.values():
-            keep = [seg for seg in pool.segments if seg.robot_id != rid or seg.episode_id != eid]
-            if len(keep) != len(pool.segments):
-                dropped += sum(seg.length for seg in pool.segments) - sum(seg.length for seg in keep)
-                pool.segments, pool._cum = keep, None
+        dropped = sum(pool.drop_episode(rid, eid) for pool in self.pools.values())
         self._skip(rid, reason, f"episode {eid!r}: {detail}; not sampled any more ({dropped} steps)")
 
     def count(self, source: str | None = None) -> int:

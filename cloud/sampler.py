@@ -3,8 +3,9 @@
 The index (:class:`~cloud.buffer_index.BufferIndex`) mirrors what the buffer
 holds that the algorithm's :class:`~cloud.buffer_index.DataSpec` trains on.
 
-Sampling (SOP): every task with data gets equal weight; within a task, a sample
-is online with probability ``p_on`` and offline otherwise. ``p_on`` is fixed, or
+Sampling (SOP): every task of the trainer's with data gets equal weight; within a
+task, a sample is online with probability ``p_on`` and offline otherwise; within
+that pool every robot is equally likely, then uniform over its steps. ``p_on`` is fixed, or
 adaptive: p_on = exp(a*l_on) / (exp(a*l_on) + exp(l_off)) over the mean
 per-sample training losses of the last ``window_steps`` updates on that task's
 online and offline samples, clipped to [min, max] (SOP: a > 1, [0.2, 0.8]).

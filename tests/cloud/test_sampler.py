@@ -177,3 +177,26 @@ def test_offline_data_from_a_local_lerobot_dataset(redis_proc, redis_client, tmp
     np.testing.assert_array_equal(batch["obs/top"][:, 0, 0, 0], 40 * t)  # images round-trip exactly
     with pytest.raises(ConfigError, match="LeRobotDataset"):
         seed_lerobot_dataset(redis_proc.url, str(tmp_path / "missing"))
+
+
+def test_one_robot_cannot_take_over_a_task_or_the_batch(redis_proc, redis_client):
+    """An honest robot with 2 episodes of a task, an attacker with 20 of the same task plus episodes of
+    tasks the trainer does not know: the attacker gets about half of that task's rows, none of the others."""
+    honest = IngestSink(redis_proc.url, "honest", SCHEMA, TASKS)
+    for _ in range(2):
+        honest.write_episode(TASKS[0], *synthetic_episode(0, 10, interventions=[True] * 10))
+    junk = tuple(f"junk {i}" for i in range(20))
+    attacker = IngestSink(redis_proc.url, "attacker", SCHEMA, (TASKS[0], *junk))
+    for _ in range(20):
+        attacker.write_episode(TASKS[0], *synthetic_episode(0, 10, interventions=[True] * 10))
+    for task in junk:
+        attacker.write_episode(task, *synthetic_episode(0, 1, interventions=[True]))
+    sampler = make(redis_client)
+    assert sampler.index.tasks() == [TASKS[0]]  # tasks the policy does not know are never sampled
+    assert sampler.index.skipped["unknown_task"] == 2 * len(junk)  # its labeled step and its episode
+    for _ in range(4):
+        assert (sampler.sample()["task_index"] == 0).all()
+    # Which robot each row came from: the honest robot holds 20 of the 220 steps (9%), yet gets half.
+    picks = sampler.index.pools[(TASKS[0], SOURCE_ONLINE)].sample(np.random.default_rng(1), 4000)
+    honest_share = np.mean([seg.robot_id == "honest" for seg, _ in picks])
+    assert 0.45 < honest_share < 0.55, honest_share
