@@ -15,7 +15,9 @@ import contextlib
 import io
 import json
 import logging
+import struct
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -79,6 +81,33 @@ _FORMATS = {"png": "PNG", "jpeg": "JPEG"}
 _JPEG_END = b"\xff\xd9"
 
 
+MAX_IMAGE_PIXELS = 3840 * 2160
+"""Largest camera frame a robot may register (4K): a registered size is what every frame must decode to."""
+MAX_PNG_CHUNKS = 4096
+"""A PNG made of more chunks is refused before anything walks them (1.1M empty chunks cost seconds)."""
+
+
+def _png_prescan(data: bytes, what: str) -> None:
+    """Count the chunks (refuse more than MAX_PNG_CHUNKS) and check that the image data starts as a
+    zlib stream: cheap (no pixels decoded), and it catches a PNG whose IDAT is not zlib at all."""
+    pos, chunks, idat = 8, 0, b""
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise InvalidInput(f"{what}: the png has more than {MAX_PNG_CHUNKS} chunks")
+        if kind == b"IDAT" and not idat:
+            idat = data[pos + 8:pos + 8 + min(length, 4096)]
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+    if idat:
+        try:
+            zlib.decompressobj().decompress(idat, 64)
+        except zlib.error as exc:
+            raise InvalidInput(f"{what}: the png's image data is not a zlib stream ({exc})") from None
+
+
 def check_image(img: EncodedImage, what: str) -> None:
     """The bytes are one complete PNG/JPEG of the declared format, size and channels.
 
@@ -90,6 +119,8 @@ def check_image(img: EncodedImage, what: str) -> None:
 
     if img.encoding not in _FORMATS:
         raise InvalidInput(f"{what}: encoding {img.encoding!r} is not 'png' or 'jpeg'")
+    if img.encoding == "png" and img.data.startswith(b"\x89PNG"):
+        _png_prescan(img.data, what)
     try:
         with Image.open(io.BytesIO(img.data)) as opened:
             fmt, (width, height), channels = opened.format, opened.size, len(opened.getbands())
@@ -283,6 +314,10 @@ def check_registration(info: RobotInfo, max_tasks: int = MAX_TASKS_PER_ROBOT) ->
     check_task(info.software_version, f"robot {info.robot_id!r} software_version", allow_empty=True)
     for spec in (*info.schema.observation, info.schema.action):
         check_id(spec.name, f"robot {info.robot_id!r} schema feature name")
+        if spec.is_image and (len(spec.shape) != 3 or spec.shape[2] not in (1, 3, 4) or spec.dtype != "uint8"
+                              or spec.shape[0] * spec.shape[1] > MAX_IMAGE_PIXELS):
+            raise InvalidInput(f"robot {info.robot_id!r} camera {spec.name!r}: {spec.dtype} {list(spec.shape)} is "
+                               f"not a uint8 (height, width, 1|3|4) frame of at most {MAX_IMAGE_PIXELS} pixels")
     if not info.tasks:
         raise InvalidInput(f"robot {info.robot_id!r} registered no tasks")
     if len(info.tasks) > max_tasks:

@@ -81,7 +81,7 @@ class Sampler:
 
     def __init__(self, redis, tasks: tuple[str, ...], horizon: int, batch_size: int, online_fraction: float,
                  seed: int = 0, spec: DataSpec | None = None, config: SamplerConfig | None = None,
-                 embodiment: str = ""):
+                 embodiment: str = "", use_images: bool = True):
         self._redis = redis
         self.tasks = tuple(tasks)
         self.horizon = horizon
@@ -90,6 +90,8 @@ class Sampler:
         self.spec = spec or DataSpec()
         self.config = config or SamplerConfig()
         self.index = BufferIndex(self.spec, embodiment=embodiment, known_tasks=self.tasks)
+        self.use_images = use_images
+        """False for a policy without cameras: frames are never decoded (batches carry no ``obs/<camera>``)."""
         self._shapes = None
         self.cache = EpisodeCache(redis, self.config.cache_bytes)
         self._rng = np.random.default_rng(seed)
@@ -249,14 +251,14 @@ class Sampler:
             pad[b, :len(window)] = False
             for name, values in ep.low_dim.items():
                 low[name][b] = values[lt]
-            for name, frame in self._frames(seg, ep, lt).items():
+            for name, frame in (self._frames(seg, ep, lt) if self.use_images else {}).items():
                 images[name].append(frame)
             if look:
                 ln = min(lt + look, ep.length - 1)
                 has_next[b] = t + look < (seg.episode_len or ep.end)
                 for name, values in ep.low_dim.items():
                     nxt[name][b] = values[ln]
-                for name, frame in self._frames(seg, ep, ln).items():
+                for name, frame in (self._frames(seg, ep, ln) if self.use_images else {}).items():
                     next_images[name].append(frame)
             meta["task_index"][b] = task_ids.get(task, -1)
             meta["t"][b], meta["episode_len"][b] = t, seg.episode_len

@@ -182,7 +182,8 @@ class Trainer:
         self.algorithm = algorithm_class(self.cfg.algorithm).from_config(self.policy, self.cfg)
         self.sampler = Sampler(self.redis, tuple(self.policy.tasks), self.policy.config.chunk_size,
                                self.cfg.batch_size, self.cfg.online_fraction, seed=self.cfg.seed + self.dist.rank,
-                               spec=self.algorithm.data, config=self.cfg.sampler, embodiment=self.cfg.embodiment)
+                               spec=self.algorithm.data, config=self.cfg.sampler, embodiment=self.cfg.embodiment,
+                               use_images=bool(self.policy.image_features))
         metrics.init_trainer(self.sampler.tasks)
         if checkpoint is not None:
             self._restore(checkpoint)

@@ -10,10 +10,12 @@ fast path never accepts what the full path refuses.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -157,6 +159,8 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
         self._watch_timeout_s = watch_timeout_s
         self.gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
         self._checks: dict[str, WireCheck] = {}
+        self._image_checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-check")
+        """Chunks with camera frames are checked here, off the event loop (other robots' RPCs keep going)."""
         metrics.init_gateway()
 
     @map_errors(_count_rejection)
@@ -210,7 +214,9 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
             check = self._checks.get(msg.robot_id)
             if check is None or check.info is not info:
                 check = self._checks[msg.robot_id] = WireCheck(info)
-            if check.certifies(msg):
+            certified = (await asyncio.get_running_loop().run_in_executor(self._image_checks, check.certifies, msg)
+                         if check.images else check.certifies(msg))
+            if certified:
                 return _head(msg)
         chunk = _decode(msg)
         await self._ingest.validate(chunk)

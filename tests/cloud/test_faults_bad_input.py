@@ -94,6 +94,22 @@ def _png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_of_many_chunks(n: int) -> bytes:
+    """A valid 16x16 PNG with ``n`` empty ancillary chunks (correct CRCs) after its header."""
+    data = encode_image(np.zeros((16, 16, 3), np.uint8), "png").data
+    return data[:33] + _png_chunk(b"zzZz", b"") * n + data[33:]
+
+
+def _png_with_non_zlib_data() -> bytes:
+    """A 16x16 PNG whose chunks and CRCs are valid but whose IDAT is not a zlib stream."""
+    data = encode_image(np.zeros((16, 16, 3), np.uint8), "png").data
+    return data[:33] + _png_chunk(b"IDAT", b"\xff" * 40) + _png_chunk(b"IEND", b"")
+
+
 def _with_bad_tensor() -> pb.Chunk:
     msg = chunk(3)
     msg.steps[1].observation["state"].data = msg.steps[1].observation["state"].data[:-4]
@@ -142,6 +158,10 @@ BAD_CHUNKS = {
                                    grpc.StatusCode.INVALID_ARGUMENT, "the bytes hold a 64x64 image, declared 16x16", 3),
     "decompression bomb": (lambda: _with_bad_image(_png_claiming(100_000, 100_000), "png"),
                            grpc.StatusCode.INVALID_ARGUMENT, "cannot read the png bytes", 3),
+    "png of 5000 empty chunks": (lambda: _with_bad_image(_png_of_many_chunks(5000), "png"),
+                                 grpc.StatusCode.INVALID_ARGUMENT, "the png has more than 4096 chunks", 3),
+    "png whose data is not zlib": (lambda: _with_bad_image(_png_with_non_zlib_data(), "png"),
+                                   grpc.StatusCode.INVALID_ARGUMENT, "the png's image data is not a zlib stream", 3),
     "truncated tensor": (_with_bad_tensor, grpc.StatusCode.INVALID_ARGUMENT, "20 bytes do not match dtype float32", 4),
     "seq gap": (lambda: chunk(10), grpc.StatusCode.FAILED_PRECONDITION, "resend from seq 3", None),
     "non-contiguous seqs": (_gapped_seqs, grpc.StatusCode.INVALID_ARGUMENT, "must have contiguous seqs", None),
@@ -372,6 +392,9 @@ BAD_REGISTRATIONS = {
     "camera name with '/'": ("r9", "arm", Schema((SCHEMA.observation[0], FeatureSpec("cam/top", "uint8", (16, 16, 3),
                                                                                       is_image=True)), SCHEMA.action),
                              (TASK,), "robot 'r9' schema feature name 'cam/top' must be"),
+    "12000x12000 camera": ("r9", "arm", Schema((SCHEMA.observation[0], FeatureSpec("cam", "uint8", (12000, 12000, 3),
+                                                                                    is_image=True)), SCHEMA.action),
+                           (TASK,), "robot 'r9' camera 'cam': uint8 [12000, 12000, 3] is not a uint8"),
     "no tasks": ("r9", "arm", SCHEMA, (), "robot 'r9' registered no tasks"),
     "65 tasks": ("r9", "arm", SCHEMA, tuple(f"t{i}" for i in range(65)), "robot 'r9' registered 65 tasks; at most 64"),
     "task with a newline": ("r9", "arm", SCHEMA, ("pick\nplace",), "robot 'r9' tasks[0] 'pick\\nplace' contains "

@@ -136,6 +136,10 @@ def test_images_are_decoded_and_the_prefetcher_delivers(redis_proc, redis_client
     assert batch["obs/cam"].dtype == np.uint8 and batch["obs/cam"].shape == (8, 8, 6, 3)
     np.testing.assert_array_equal(batch["obs/cam"][3], frame)
     assert sampler.cache.misses >= 1 and sampler.cache.hits >= 7  # one fetch per episode, then RAM
+    # A policy without cameras: the frames are never decoded.
+    blind = Sampler(redis_client, TASKS, H, batch_size=8, online_fraction=0.5, seed=0, use_images=False)
+    blind.refresh()
+    assert "obs/cam" not in blind.sample() and blind.cache.nbytes < sampler.cache.nbytes
 
 
 def test_empty_buffer_and_bad_config(redis_client):
