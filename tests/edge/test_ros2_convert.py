@@ -5,7 +5,11 @@ transport driven by the real control loop, and the rclpy node where rclpy exists
 from __future__ import annotations
 
 import io
+import os
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,11 +314,22 @@ def test_control_loop_records_interventions_from_ros_topics(tmp_path):
     assert isinstance(Ros2Robot(["wave"], {**ROS_CFG, "teleop_topic": ""}).make_operator(), NoOperator)
 
 
+def test_the_ros2_backend_never_loads_the_simulator():
+    """A real robot's edge (agent + ros2 backend) must not need MetaWorld or MuJoCo."""
+    code = ("import sys, edge.agent, edge.robots.ros2.robot; "
+            "print(sorted(m for m in ('metaworld', 'mujoco') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 # ------------------------------------------------------------------------------- rclpy
 
 
 def test_rclpy_node_round_trip():
-    rclpy = pytest.importorskip("rclpy", reason="rclpy is not installable here (no ROS 2); run on Humble/Jazzy")
+    rclpy = pytest.importorskip("rclpy", reason="rclpy missing: pip install -e '.[ros2]'")
     from rclpy.node import Node
     from sensor_msgs.msg import JointState
     from std_msgs.msg import Float64MultiArray
