@@ -9,6 +9,7 @@ import os
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,12 @@ class LoopbackTransport:
         self.events.append(json.loads(wire(msg, convert.STRING).data))
         self._sense()  # sensors stream on between episodes too
 
+    def topic_types(self):
+        return {}
+
+    def wait_reset_service(self, timeout_s):
+        return True
+
     def call_reset(self, timeout_s):
         self.resets += 1
         self.positions = np.zeros_like(self.positions)
@@ -343,18 +350,16 @@ def test_rclpy_node_round_trip():
     received = []
     peer.create_subscription(Float64MultiArray, "/test_fleet/command", lambda m: received.append(list(m.data)), 10)
     pub = peer.create_publisher(JointState, "/test_fleet/joint_states", 10)
+    def publish():
+        msg = JointState(name=list(JOINTS), position=[0.1, 0.2, 0.3])
+        msg.header.stamp = peer.get_clock().now().to_msg()
+        pub.publish(msg)
+
+    timer = peer.create_timer(0.02, publish)  # the driver streams before the robot connects
+    spin = threading.Thread(target=lambda: rclpy.spin(peer), daemon=True)
+    spin.start()
     try:
         with robot:
-            def publish():
-                msg = JointState(name=list(JOINTS), position=[0.1, 0.2, 0.3])
-                msg.header.stamp = peer.get_clock().now().to_msg()
-                pub.publish(msg)
-
-            timer = peer.create_timer(0.02, publish)
-            import threading
-
-            spin = threading.Thread(target=lambda: rclpy.spin(peer), daemon=True)
-            spin.start()
             obs = robot.reset("wave")
             np.testing.assert_allclose(obs.features["state"], [0.1, 0.2, 0.3], rtol=1e-6)
             robot.act(np.array([1.0, 2.0, 3.0], np.float32))
