@@ -1,8 +1,9 @@
 """The ROS 2 robot backend and its intervention source, over a message transport.
 
-:class:`Ros2Bridge` holds what the transport's callbacks (ROS executor threads) deliver:
-synchronised observations (joint state + cameras, approximate-time matched), the
-intervention flag, the latest teleop command, and episode-end requests. :class:`Ros2Robot`
+:class:`~edge.robots.ros2.bridge.Ros2Bridge` (bridge.py) holds what the transport's callbacks
+(ROS executor threads) deliver: synchronised observations (joint state + cameras,
+approximate-time matched), the intervention flag, the latest teleop command, and episode-end
+requests. :class:`Ros2Robot`
 (the control thread) publishes actions through the transport and waits for the next
 synchronised observation. The transport on a robot is ``node.RclpyTransport``; tests use
 one that hands messages over in-process.
@@ -15,7 +16,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,16 +23,16 @@ import numpy as np
 from edge.operator import NoOperator, Operator
 from edge.robots.base import Observation, Robot, register_robot
 from edge.robots.ros2 import convert
+from edge.robots.ros2.bridge import JOINTS, Ros2Bridge, SyncedObservation
 from edge.robots.ros2.config import Ros2Config, load_config
-from edge.robots.ros2.sync import ApproximateTimeSync, Matched
 from fleet import metrics
 from fleet.errors import ConfigError, InvalidInput
 from fleet.types import FeatureSpec, Schema
 
 log = logging.getLogger(__name__)
 
-JOINTS = "joints"
-"""Sync input name of the joint state topic (cameras use their own names)."""
+__all__ = ["JOINTS", "Disconnected", "Ros2Bridge", "Ros2Operator", "Ros2Robot", "SyncedObservation", "Transport",
+           "schema_for"]
 
 
 class Transport(Protocol):
@@ -72,145 +72,12 @@ class Transport(Protocol):
         """The ROS clock, for stamping outgoing messages."""
         ...
 
-
-@dataclass(frozen=True)
-class SyncedObservation:
-    """Features of one synchronised set of messages."""
-
-    stamp_ns: int
-    """The newest header stamp of the set."""
-    features: dict[str, np.ndarray]
-    oldest_ns: int = 0
-    """The oldest header stamp of the set (what max_sensor_age_s is checked against)."""
-
-
 def schema_for(config: Ros2Config) -> Schema:
     """State: the configured joint fields of joint_names; one RGB image per camera; action per joint."""
     state = FeatureSpec("state", "float32", (len(config.joint_names) * len(config.joint_fields),))
     cams = tuple(FeatureSpec(name, "uint8", (c.height, c.width, 3), is_image=True)
                  for name, c in config.cameras.items())
     return Schema(observation=(state, *cams), action=FeatureSpec("action", "float32", (len(config.action_names),)))
-
-
-class Ros2Bridge:
-    """Thread-safe meeting point of the ROS callbacks and the control thread."""
-
-    def __init__(self, config: Ros2Config, clock_s=time.monotonic):
-        self.config = config
-        self._clock_s = clock_s
-        self._cond = threading.Condition()
-        self._latest: SyncedObservation | None = None
-        self._intervening = False
-        self._teleop: tuple[float, np.ndarray] | None = None
-        self._episode_end: bool | None = None
-        self.bad_messages = 0
-        """Messages that could not be converted (logged and skipped)."""
-        self.received: dict[str, int] = dict.fromkeys([JOINTS, *config.cameras], 0)
-        """Sensor messages received per sync input (joints, then each camera), good or bad."""
-        self.sync = ApproximateTimeSync([JOINTS, *config.cameras], int(config.slop_s * 1e9), config.queue_size,
-                                        self._on_match)
-
-    # ---- transport callbacks (any thread) -------------------------------------------
-
-    def on_joint_state(self, msg: Any) -> None:
-        self._count(JOINTS)
-        self._guard(lambda: self.sync.add(JOINTS, convert.stamp_ns(msg), msg), "joint state")
-
-    def on_image(self, camera: str, msg: Any) -> None:
-        self._count(camera)
-        self._guard(lambda: self.sync.add(camera, convert.stamp_ns(msg), msg), f"camera {camera!r}")
-
-    def on_intervention(self, msg: Any) -> None:
-        with self._cond:
-            self._intervening = bool(msg.data)
-
-    def on_teleop(self, msg: Any) -> None:
-        def store() -> None:
-            vector = convert.teleop_vector(msg, self.config.teleop_type, self.config.action_names)
-            with self._cond:
-                self._teleop = (self._clock_s(), vector)
-
-        self._guard(store, "teleop command")
-
-    def on_episode_end(self, success: bool) -> None:
-        """Another node asks to end the episode (topic or service): True = success."""
-        with self._cond:
-            self._episode_end = bool(success)
-        log.info("episode end requested over ROS (success=%s)", bool(success))
-
-    def _count(self, name: str) -> None:
-        with self._cond:
-            self.received[name] += 1
-            self._cond.notify_all()
-
-    def silent_inputs(self) -> list[str]:
-        """Sync inputs (joints, camera names) that have delivered nothing yet."""
-        with self._cond:
-            return [name for name, n in self.received.items() if n == 0]
-
-    def wait_any(self, timeout_s: float) -> None:
-        """Sleep until a sensor message or an observation arrives (or the timeout passes)."""
-        with self._cond:
-            self._cond.wait(timeout_s)
-
-    def _guard(self, fn, what: str) -> None:
-        try:
-            fn()
-        except InvalidInput as e:  # never let one bad message kill the ROS executor
-            self.bad_messages += 1
-            if self.bad_messages <= 10 or self.bad_messages % 1000 == 0:
-                log.warning("skipping a bad %s message (%d so far): %s", what, self.bad_messages, e)
-
-    def _on_match(self, matched: Matched) -> None:
-        joints = matched.messages[JOINTS][1]
-        features = {"state": convert.joint_vector(joints, self.config.joint_names, self.config.joint_fields)}
-        for name, cam in self.config.cameras.items():
-            msg = matched.messages[name][1]
-            pixels = convert.compressed_array(msg, name) if cam.compressed else convert.image_array(msg, name)
-            if pixels.shape != (cam.height, cam.width, 3):
-                raise InvalidInput(f"camera {name!r} sent {pixels.shape}, configured ({cam.height}, {cam.width}, 3)")
-            features[name] = pixels
-        with self._cond:
-            oldest = min(stamp for stamp, _msg in matched.messages.values())
-            self._latest = SyncedObservation(matched.stamp_ns, features, oldest)
-            self._cond.notify_all()
-
-    # ---- control thread ----------------------------------------------------------------
-
-    def wait_observation(self, after_ns: int, timeout_s: float) -> SyncedObservation | None:
-        """The newest synchronised observation stamped after ``after_ns`` (None on timeout)."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._latest is not None and self._latest.stamp_ns > after_ns, timeout_s)
-            latest = self._latest
-            return latest if latest is not None and latest.stamp_ns > after_ns else None
-
-    def latest_stamp_ns(self) -> int:
-        """Stamp of the newest synchronised observation so far (-1: none)."""
-        with self._cond:
-            return -1 if self._latest is None else self._latest.stamp_ns
-
-    def clear_episode(self) -> None:
-        with self._cond:
-            self._episode_end = None
-
-    @property
-    def episode_end(self) -> bool | None:
-        """None while the episode goes on; True/False once ROS asked to end it with success/failure."""
-        with self._cond:
-            return self._episode_end
-
-    @property
-    def intervening(self) -> bool:
-        with self._cond:
-            return self._intervening
-
-    def teleop_command(self, max_age_s: float) -> np.ndarray | None:
-        """The latest teleop command if it is fresher than ``max_age_s``."""
-        with self._cond:
-            if self._teleop is None or self._clock_s() - self._teleop[0] > max_age_s:
-                return None
-            return self._teleop[1].copy()
-
 
 class Ros2Operator(Operator):
     """The operator holds control while the intervention topic says true; its teleop commands are executed."""
@@ -317,8 +184,10 @@ class Ros2Robot(Robot):
     def _expected_types(self) -> dict[str, str]:
         """Configured topic -> the message type this robot uses on it."""
         cfg = self.config
-        expected = {cfg.joint_state_topic: convert.JOINT_STATE, cfg.action_topic: convert.ACTION_MSGTYPES[cfg.action_type],
-                    cfg.intervention_topic: convert.BOOL, cfg.teleop_topic: convert.TELEOP_MSGTYPES[cfg.teleop_type],
+        expected = {cfg.joint_state_topic: convert.JOINT_STATE,
+                    cfg.action_topic: convert.ACTION_MSGTYPES[cfg.action_type],
+                    cfg.intervention_topic: convert.BOOL,
+                    cfg.teleop_topic: convert.TELEOP_MSGTYPES[cfg.teleop_type],
                     cfg.episode_end_topic: convert.BOOL, cfg.episode_topic: convert.STRING}
         for cam in cfg.cameras.values():
             expected[cam.topic] = convert.COMPRESSED_IMAGE if cam.compressed else convert.IMAGE
@@ -383,8 +252,9 @@ class Ros2Robot(Robot):
                 return synced
             now = time.monotonic()
             if held_since is None:
-                self._hold(why if synced is None else f"the newest observation is {late_s + self.config.max_sensor_age_s:.2f}s old "
-                           f"(max_sensor_age_s {self.config.max_sensor_age_s}s)")
+                max_age = self.config.max_sensor_age_s
+                self._hold(why if synced is None else f"the newest observation is {late_s + max_age:.2f}s old "
+                           f"(max_sensor_age_s {max_age}s)")
                 held_since = reported = now
             elif now - reported > HOLD_REPORT_S:
                 reported = now
