@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh Linux machine with Python 3.11:
 #   make demo   - create .venv, install, find or provide redis-server, run the demo
 #   make test   - same set-up, then the test suite
+# The ros2 extra is ROS 2 Jazzy's rclpy from PyPI, so the ROS 2 tests run here instead of skipping;
+# `pip install -e .` alone is a working install without it (only edge/robots/ros2/node.py imports rclpy).
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (e.g. apt-get install python3.11 python3.11-venv) or pass PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ros2]'
 	@touch $(STAMP)
 
 setup: $(STAMP) redis system-tools

@@ -2,7 +2,8 @@
 
 :class:`SimulatedOperator` stands in for the human of HG-DAgger (Kelly et al.,
 2019): it watches the robot, takes over when the policy goes wrong, drives for a
-segment, and hands control back. Its "judgement" is a MetaWorld scripted expert.
+segment, and hands control back. Its "judgement" is a MetaWorld scripted expert, imported only when one is built, so that a
+real robot's edge (which takes Operator and NoOperator from here) never loads MetaWorld.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import abc
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
-import metaworld.policies
 import numpy as np
 
 from edge.robots.base import Observation
-from edge.robots.metaworld import env_name_for
 from fleet.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,8 @@ class SimulatedOperator(Operator):
     def __init__(self, config: OperatorConfig | None = None):
         self.config = config if config is not None else OperatorConfig()
         self._rng = np.random.default_rng(self.config.seed)
-        self._experts: dict[str, metaworld.policies.policy.Policy] = {}
-        self._expert: metaworld.policies.policy.Policy | None = None
+        self._experts: dict[str, Any] = {}  # env name -> metaworld.policies.policy.Policy
+        self._expert: Any = None
         self.interventions = 0
         """Take-overs in the current episode."""
         self.intervention_steps = 0
@@ -145,6 +145,10 @@ class SimulatedOperator(Operator):
 
     def reset(self, task: str) -> None:
         """Pick the expert for ``task`` (instruction or env name) and clear the counters."""
+        import metaworld.policies
+
+        from edge.robots.metaworld import env_name_for
+
         env_name = env_name_for(task)
         if env_name not in EXPERTS:
             raise ConfigError(f"no scripted expert for task {task!r}")

@@ -6,6 +6,7 @@
     fleet trainer   the trainer alone
     fleet edge      one robot's edge agent
     fleet sim-fleet N simulated robots (full edge agents) on threads of one process
+    fleet ros2-sim-robot  a simulated arm as a ROS 2 driver, for `fleet edge --backend ros2`
     fleet status    the fleet as seen from Redis
     fleet seed      write scripted MetaWorld demonstrations into the buffer as offline data
     fleet export    buffer episodes as a LeRobotDataset v3 or an MCAP rosbag2
@@ -142,6 +143,19 @@ def _cmd_sim_fleet(args, values) -> int:
     cfg = build_config(SimFleetConfig, values)
     stop = _stop_on_signals()
     SimFleet(cfg).run(stop)
+    return 0
+
+
+def _cmd_ros2_sim_robot(args, values) -> int:
+    from fleet.config import build_config
+
+    try:
+        from edge.sim.ros2_arm import SimArm, SimArmConfig
+    except ImportError as e:
+        raise ConfigError(f"ROS 2 (rclpy) is not installed: pip install -e '.[ros2]' ({e})") from None
+    cfg = build_config(SimArmConfig, values)
+    stop = _stop_on_signals()
+    SimArm(cfg).run(stop)
     return 0
 
 
@@ -359,6 +373,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.description = SimFleetConfig.__doc__
         add_dataclass_args(p, SimFleetConfig)
     p.set_defaults(func=_cmd_sim_fleet)
+
+    p = sub.add_parser("ros2-sim-robot", help="a simulated MetaWorld arm as a ROS 2 driver (joint states, camera, "
+                       "commands, reset service, scripted teleop)")
+    if wants("ros2-sim-robot"):
+        from edge.sim.ros2_arm_config import SimArmConfig
+
+        p.description = SimArmConfig.__doc__ + " See docs/robots.md."
+        add_dataclass_args(p, SimArmConfig)
+    p.set_defaults(func=_cmd_ros2_sim_robot)
 
     p = sub.add_parser("status", help="a table of the fleet's robots, read from Redis",
                        description="Robots (id, embodiment, task, connected, policy version and lag, steps/s, "

@@ -54,6 +54,9 @@ EDGE_SPOOL_QUARANTINED = Counter("fleet_edge_spool_quarantined_steps_total",
                                  "Steps the gateway refused as invalid, moved aside instead of resent", ["robot"])
 EDGE_STREAM_ERRORS = Counter("fleet_edge_stream_errors_total", "Experience stream failures by gRPC status code",
                              ["robot", "code"])
+EDGE_ROS2_HOLDS = Counter("fleet_edge_ros2_holds_total", "Times a ROS 2 robot stopped commanding: sensor data "
+                          "stale (older than max_sensor_age_s) or missing, or the reset service gone", ["node"])
+EDGE_ROS2_HOLDING = Gauge("fleet_edge_ros2_holding", "1 while a ROS 2 robot holds (sends no commands)", ["node"])
 
 # --- gateway -------------------------------------------------------------------
 REJECTION_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "DATA_LOSS",

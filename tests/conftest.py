@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import threading
 
 import hypothesis  # noqa: F401  (import before any test starts threads: CPython 3.11.7's ast.parse is
@@ -13,6 +14,10 @@ import pytest
 import redis as redis_lib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# ROS 2 tests (real rclpy, and the processes they start, which inherit this): DDS discovery on this
+# host only, in a domain drawn for this session, so parallel sessions and robots on the LAN never meet.
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 200))
 
 
 @pytest.fixture

@@ -78,6 +78,11 @@ class Ros2Config:
     """Approximate-time sync: messages kept per topic while waiting for a match."""
     observation_timeout_s: float = 1.0
     """After an action, wait this long for a newer synchronised observation before ending the episode."""
+    max_sensor_age_s: float = 0.5
+    """Observations whose oldest message is older than this (by header stamp vs. this node's clock) are
+    not acted on: the episode ends and the robot holds, sending nothing, until fresh data comes (0 = off)."""
+    startup_timeout_s: float = 10.0
+    """connect(): how long the joint state and camera topics (and the reset service) may take to appear."""
     teleop_timeout_s: float = 0.5
     """Teleop commands older than this are not executed."""
     node_name: str = "fleet_edge"
@@ -97,9 +102,12 @@ class Ros2Config:
         if "state" in self.cameras:
             raise ConfigError("ros2.cameras: 'state' is the name of the joint state feature")
         for name, value in ("slop_s", self.slop_s), ("observation_timeout_s", self.observation_timeout_s), \
-                ("teleop_timeout_s", self.teleop_timeout_s), ("reset_timeout_s", self.reset_timeout_s):
+                ("teleop_timeout_s", self.teleop_timeout_s), ("reset_timeout_s", self.reset_timeout_s), \
+                ("startup_timeout_s", self.startup_timeout_s):
             if not value > 0:
                 raise ConfigError(f"ros2.{name} ({value}) must be > 0")
+        if not self.max_sensor_age_s >= 0:
+            raise ConfigError(f"ros2.max_sensor_age_s ({self.max_sensor_age_s}) must be >= 0")
         if self.queue_size < 1:
             raise ConfigError(f"ros2.queue_size ({self.queue_size}) must be >= 1")
         if self.trajectory_time_from_start_s < 0:

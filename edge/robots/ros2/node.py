@@ -132,5 +132,11 @@ class RclpyTransport:
             log.warning("reset service %s answered failure: %s", self.config.reset_service, result.message)
         return bool(result.success)
 
+    def topic_types(self) -> dict[str, list[str]]:
+        return {name: list(types) for name, types in self._node.get_topic_names_and_types()}
+
+    def wait_reset_service(self, timeout_s: float) -> bool:
+        return self._reset_client is None or self._reset_client.wait_for_service(timeout_sec=timeout_s)
+
     def now_ns(self) -> int:
         return int(self._node.get_clock().now().nanoseconds)

@@ -1,0 +1,1 @@
+"""Simulation stand-ins for hardware (never imported on a real robot's path)."""
