@@ -119,3 +119,9 @@ def test_ros2_robot_learns_over_dds(redis_proc, redis_client, gateway, tmp_path)
         np.testing.assert_array_equal(s.action, s.policy_action)
     assert any(not np.array_equal(s.action, s.policy_action) for s in intervention)
     assert int(redis_client.hget(keys.stats, "intervention_steps")) == len(intervention)
+    # ... and labeled for the trainer (HG-DAgger's targets): one index entry per operator-driven step.
+    entries = (raw.decode().split("|", 2) for raw in redis_client.lrange(keys.labeled, 0, -1))
+    labeled = {(e, int(i)) for e, i, _ in entries}
+    driven = {(eid.decode(), s.index) for eid in redis_client.hkeys(keys.catalog)
+              for s in map(decode_step, redis_client.lrange(keys.episode(eid.decode()), 0, -1)) if s.is_intervention}
+    assert labeled == driven
