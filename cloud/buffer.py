@@ -12,10 +12,14 @@ fleet:{r:R}:seq                     STRING  last durable step sequence number of
 fleet:{r:R}:registered              STRING  time R last registered; chunks of a robot without it are
                                             refused (NOT_FOUND: Redis was wiped, register again)
 fleet:{r:R}:ep:E                    LIST    the steps of episode E, in order (``fleet.v1.Step`` bytes)
-fleet:{r:R}:catalog                 HASH    E -> JSON {task, len, source, eval, ended, success, version}
-fleet:{r:R}:labeled                 LIST    "E|index|task" for every step usable as a supervised label
+fleet:{r:R}:catalog                 HASH    E -> JSON {task, len, source, eval, ended, success, version,
+                                            n (E's number), dropped (steps the spool declared dropped)}
+fleet:{r:R}:episode_ids             LIST    entry n: "E|task" of the robot's n-th episode (id and task
+                                            stored once per episode; E cannot contain "|")
+fleet:{r:R}:labeled                 LIST    "n|index" for every step usable as a supervised label
                                             (operator-driven steps and offline demonstrations);
-                                            append-only, so samplers mirror it incrementally
+                                            append-only, so samplers mirror it incrementally (buffers
+                                            written before episode numbers hold "E|index|task")
 fleet:{r:R}:events                  STREAM  one entry per finished episode (capped)
 fleet:{r:R}:stats                   HASH    counters: steps, intervention_steps, episodes, successes...
 fleet:{r:R}:status                  HASH    last heartbeat (policy version, spool backlog, ...)
@@ -125,6 +129,11 @@ class RobotKeys:
         return f"{self.prefix}:catalog"
 
     @property
+    def episode_ids(self) -> str:
+        """List: entry n is "<episode id>|<task>" of the robot's n-th episode (labeled entries name n)."""
+        return f"{self.prefix}:episode_ids"
+
+    @property
     def labeled(self) -> str:
         return f"{self.prefix}:labeled"
 
@@ -141,7 +150,7 @@ class RobotKeys:
         return f"{self.prefix}:status"
 
 
-# KEYS: 1 seq, 2 episode list, 3 catalog, 4 labeled, 5 events, 6 stats, 7 registered
+# KEYS: 1 seq, 2 episode list, 3 catalog, 4 labeled, 5 events, 6 stats, 7 registered, 8 episode_ids
 # ARGV: 1 first_seq, 2 n, 3 gap_declared, 4 episode_id, 5 task, 6 source, 7 evaluation,
 #       8 ends_episode, 9 success, 10 policy_version, 11 now_s, 12 label flags ("0"/"1" per step),
 #       13 intervention flags, 14 episode summary JSON (or ""), 15 payload bytes, 16.. step blobs
@@ -164,8 +173,12 @@ if first <= last then skip = last - first + 1 end
 local dropped = 0
 if ARGV[3] == '1' and first > last + 1 then dropped = first - last - 1 end
 local before = redis.call('HGET', KEYS[3], ARGV[4])
-local prior_dropped = 0
-if before then prior_dropped = tonumber(cjson.decode(before).dropped or 0) or 0 end
+local prior = {}
+if before then
+  local ok, decoded = pcall(cjson.decode, before)
+  if ok and type(decoded) == 'table' then prior = decoded end
+end
+local prior_dropped = tonumber(prior.dropped or 0) or 0
 if ARGV[8] == '1' then
   -- The stored length is the truth: a summary may count the steps the spool dropped, no more.
   local stored = redis.call('LLEN', KEYS[2]) + n - skip
@@ -174,6 +187,10 @@ if ARGV[8] == '1' then
     return {-3, stored, prior_dropped + dropped}
   end
 end
+-- The episode's number: its id and task are stored once, in the episode_ids list ("<id>|<task>");
+-- each labeled step is then "<number>|<position>" (a few bytes, whatever the id and task).
+local number = tonumber(prior.n)
+if number == nil then number = redis.call('RPUSH', KEYS[8], ARGV[4] .. '|' .. ARGV[5]) - 1 end
 local blobs = {}
 local ninter = 0
 local eplen = redis.call('LLEN', KEYS[2])
@@ -182,7 +199,7 @@ for i = skip + 1, n do
   blobs[#blobs + 1] = ARGV[15 + i]
   if string.sub(ARGV[13], i, i) == '1' then ninter = ninter + 1 end
   if string.sub(ARGV[12], i, i) == '1' then
-    labeled[#labeled + 1] = ARGV[4] .. '|' .. tostring(eplen + #blobs - 1) .. '|' .. ARGV[5]
+    labeled[#labeled + 1] = tostring(number) .. '|' .. tostring(eplen + #blobs - 1)
   end
 end
 local len = redis.call('RPUSH', KEYS[2], unpack(blobs))
@@ -190,7 +207,7 @@ if #labeled > 0 then redis.call('RPUSH', KEYS[4], unpack(labeled)) end
 redis.call('SET', KEYS[1], final)
 local entry = {task = ARGV[5], len = len, source = ARGV[6], eval = (ARGV[7] == '1'),
                ended = (ARGV[8] == '1'), success = (ARGV[9] == '1'), version = tonumber(ARGV[10]),
-               updated_s = tonumber(ARGV[11]), dropped = prior_dropped + dropped}
+               updated_s = tonumber(ARGV[11]), dropped = prior_dropped + dropped, n = number}
 redis.call('HSET', KEYS[3], ARGV[4], cjson.encode(entry))
 redis.call('HINCRBY', KEYS[6], 'steps', n - skip)
 redis.call('HINCRBY', KEYS[6], 'intervention_steps', ninter)
@@ -233,7 +250,8 @@ class ChunkWrite:
             "success": end.success, "num_steps": end.num_steps, "intervention_steps": end.intervention_steps,
             "interventions": end.interventions, "evaluation": end.evaluation, "policy_version": end.policy_version,
             "robot_id": self.robot_id, "task": self.task, "ts": now_s})
-        keys = [k.seq, k.episode(self.episode_id), k.catalog, k.labeled, k.events, k.stats, k.registered]
+        keys = [k.seq, k.episode(self.episode_id), k.catalog, k.labeled, k.events, k.stats, k.registered,
+                k.episode_ids]
         args = [
             self.first_seq, len(self.step_blobs), int(self.gap_declared), self.episode_id, self.task, self.source,
             int(self.evaluation), int(end is not None), int(bool(end and end.success)), self.policy_version,

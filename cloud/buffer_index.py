@@ -143,6 +143,8 @@ class BufferIndex:
     _warned: set[tuple[str, str]] = field(default_factory=set)
     _quarantined: set[tuple[str, str]] = field(default_factory=set)
     _bad_registrations: dict[str, bytes] = field(default_factory=dict)
+    _episode_names: dict[str, list[tuple[str | None, str | None]]] = field(default_factory=dict)
+    """Per robot, entry n of its episode_ids list: (episode id, task), (None, None) if unreadable."""
     _schema: dict | None = None
     finished: dict[tuple[str, str], int] = field(default_factory=dict)
     """Length of every finished episode, by (robot_id, episode_id)."""
@@ -173,19 +175,22 @@ class BufferIndex:
         for rid in order:
             keys = RobotKeys(rid)
             pipe.lrange(keys.labeled, self._seen_labeled.get(rid, 0), -1)
+            # After the labeled entries: every episode number they name is already in this reply.
+            pipe.lrange(keys.episode_ids, len(self._episode_names.get(rid, ())), -1)
             last = self._last_event.get(rid)
             pipe.xrange(keys.events, min=b"(" + last if last else "-", max="+")
             pipe.hget(keys.stats, "steps")
         for rid in new:  # first sight: the catalog too, in case the capped stream lost old episodes
             pipe.hgetall(RobotKeys(rid).catalog)
         replies = pipe.execute()
-        catalogs = dict(zip(new, replies[3 * len(order):]))
+        catalogs = dict(zip(new, replies[4 * len(order):]))
         added, online_steps = 0, 0
         for i, rid in enumerate(order):
-            labeled, events, steps = replies[3 * i:3 * i + 3]
+            labeled, names, events, steps = replies[4 * i:4 * i + 4]
             reg = self.robots[rid]
             source = reg["source"]
             self._seen_labeled[rid] = self._seen_labeled.get(rid, 0) + len(labeled)
+            self._episode_names.setdefault(rid, []).extend(map(_episode_name, names))
             if events:
                 self._last_event[rid] = events[-1][0]
             self._last_event.setdefault(rid, b"0-0")
@@ -272,11 +277,18 @@ class BufferIndex:
         use = self.spec.offline and not self.spec.episodes if source == SOURCE_OFFLINE else self.spec.interventions
         if not use:
             return 0
-        added = 0
+        added, names = 0, self._episode_names.get(rid, [])
         for raw in entries:
-            try:  # "<episode id>|<index>|<task>": episode ids cannot contain "|" (fleet/names.py)
-                eid, idx, task = raw.decode().split("|", 2)
-                index = int(idx)
+            try:  # "<episode number>|<index>", or "<episode id>|<index>|<task>" in older buffers
+                parts = raw.decode().split("|", 2)
+                if len(parts) == 2:
+                    number = int(parts[0])
+                    eid, task = names[number] if 0 <= number < len(names) else (None, None)
+                    if eid is None:
+                        raise ValueError(f"episode number {number} is not in episode_ids")
+                else:
+                    eid, _, task = parts
+                index = int(parts[1])
                 if index < 0 or not eid:
                     raise ValueError(f"index {index}, episode {eid!r}")
             except (ValueError, AttributeError) as exc:
@@ -331,6 +343,15 @@ class BufferIndex:
 
     def schema(self) -> Schema | None:
         return None if self._schema is None else schema_from_dict(self._schema)
+
+
+def _episode_name(raw: bytes) -> tuple[str | None, str | None]:
+    """An episode_ids entry "<episode id>|<task>" (ids cannot contain "|"); (None, None) if unreadable."""
+    try:
+        eid, sep, task = raw.decode().partition("|")
+    except UnicodeDecodeError:
+        return None, None
+    return (eid, task) if sep and eid else (None, None)
 
 
 def _int(value) -> int:

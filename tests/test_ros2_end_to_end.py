@@ -120,8 +120,9 @@ def test_ros2_robot_learns_over_dds(redis_proc, redis_client, gateway, tmp_path)
     assert any(not np.array_equal(s.action, s.policy_action) for s in intervention)
     assert int(redis_client.hget(keys.stats, "intervention_steps")) == len(intervention)
     # ... and labeled for the trainer (HG-DAgger's targets): one index entry per operator-driven step.
-    entries = (raw.decode().split("|", 2) for raw in redis_client.lrange(keys.labeled, 0, -1))
-    labeled = {(e, int(i)) for e, i, _ in entries}
+    names = [raw.decode().split("|", 1)[0] for raw in redis_client.lrange(keys.episode_ids, 0, -1)]
+    entries = (raw.decode().split("|") for raw in redis_client.lrange(keys.labeled, 0, -1))
+    labeled = {(names[int(n)], int(i)) for n, i in entries}
     driven = {(eid.decode(), s.index) for eid in redis_client.hkeys(keys.catalog)
               for s in map(decode_step, redis_client.lrange(keys.episode(eid.decode()), 0, -1)) if s.is_intervention}
     assert labeled == driven

@@ -57,7 +57,8 @@ def test_ack_only_after_redis_and_exactly_once(client, redis_client):
     assert client.register(info()).last_acked_seq == 7
     # Labeled positions are the intervention steps.
     labeled = [x.decode() for x in redis_client.lrange(RobotKeys("r1").labeled, 0, -1)]
-    assert labeled == [f"e1|{i}|{TASK}" for i in (0, 2, 4, 5)]
+    assert labeled == [f"0|{i}" for i in (0, 2, 4, 5)]  # episode number 0: its id and task are stored once
+    assert redis_client.lrange(RobotKeys("r1").episode_ids, 0, -1) == [f"e1|{TASK}".encode()]
 
 
 def test_episode_end_is_recorded(client, redis_client):
@@ -114,3 +115,22 @@ def test_declared_gap_is_accepted_and_counted(client, redis_client):
     acks = send(client, Chunk("r1", "e1", TASK, steps(6, 1), gap_declared=True))
     assert acks[0].acked_seq == 6
     assert int(redis_client.hget(RobotKeys("r1").stats, "dropped_steps")) == 3
+
+
+def test_episode_ids_and_tasks_are_stored_once_per_episode_not_per_labeled_step(client, redis_client):
+    """The issue's amplification: a long task and episode id on 1024 operator-driven steps used to be
+    copied into every labeled entry (about 460 bytes each); now each entry is a few bytes."""
+    task, episode = "t" * 256, "e" * 200
+    client.register(RobotInfo("r1", "test-arm", SCHEMA, (task,), PROTOCOL_VERSION))
+    out = steps(1, 1024)
+    for s in out:
+        s.is_intervention = True
+    send(client, Chunk("r1", episode, task, out))
+    keys = RobotKeys("r1")
+    assert redis_client.llen(keys.labeled) == 1024
+    per_step = redis_client.memory_usage(keys.labeled) / 1024
+    assert per_step < 16, per_step
+    assert redis_client.lrange(keys.episode_ids, 0, -1) == [f"{episode}|{task}".encode()]
+    step_bytes = sum(len(b) for b in redis_client.lrange(keys.episode(episode), 0, -1))
+    index_bytes = redis_client.memory_usage(keys.labeled) + redis_client.memory_usage(keys.episode_ids)
+    assert index_bytes < 0.2 * step_bytes, (index_bytes, step_bytes)  # was ~5x the steps' own bytes

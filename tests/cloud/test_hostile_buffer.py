@@ -150,18 +150,19 @@ def test_unusable_records_are_skipped_and_counted_by_reason(redis_proc, redis_cl
         # The crash: an episode id with "|" in a labeled entry (as written before the name rule).
         redis_client.rpush(keys.labeled, b"e|x|0|reach the goal", b"garbage", b"e1|-4|reach the goal", b"\xff\xfe|1|t")
         redis_client.rpush(keys.labeled, b"r1-ep|0|juggle")  # a task the trainer's policy does not know
+        redis_client.rpush(keys.labeled, b"99|0")  # an episode number that episode_ids does not hold
         redis_client.hset(ROBOTS_KEY, "ghost", b"{not json")
         redis_client.xadd(keys.events, {"episode": "r1-x"})  # no task, no summary
         redis_client.hset(RobotKeys("r2").catalog, "bad", b"[1, 2]")
         sampler.refresh()
-        assert skipped("corrupt_labeled") - before["corrupt_labeled"] == 4
+        assert skipped("corrupt_labeled") - before["corrupt_labeled"] == 5
         assert skipped("unknown_task") - before["unknown_task"] == 1
         assert skipped("corrupt_registration") - before["corrupt_registration"] == 1
         assert skipped("corrupt_event") - before["corrupt_event"] == 1
         assert draw_batches(sampler) == 3
         fresh = make_sampler(redis_client)  # catalogs are read when a robot is first seen
         assert draw_batches(fresh) == 3
-        assert fresh.index.skipped["corrupt_catalog"] == 1 and fresh.index.skipped["corrupt_labeled"] == 4
+        assert fresh.index.skipped["corrupt_catalog"] == 1 and fresh.index.skipped["corrupt_labeled"] == 5
 
         # Undecodable bytes in one stored episode: quarantined, the others still sampled.
         redis_client.lset(RobotKeys("r2").episode("r2-ep"), 2, b"\x0a\xff\xff\xff")
