@@ -213,6 +213,7 @@ class BufferIndex:
         """Count ``n`` unusable records; warn once per (robot, reason)."""
         if n <= 0:
             return
+        assert reason in metrics.SKIPPED_RECORD_REASONS, reason
         self.skipped[reason] += n
         if self.quiet:
             return

@@ -120,6 +120,10 @@ TRAINER_REDIS_UP = Gauge("fleet_trainer_redis_up",
                          "(sampling and publishing paused)")
 TRAINER_SKIPPED_RECORDS = Counter("fleet_trainer_skipped_records_total",
                                   "Buffer records the trainer could not use and skipped, by reason", ["reason"])
+SKIPPED_RECORD_REASONS = ("corrupt_registration", "other_schema", "schema_changed", "corrupt_labeled",
+                          "corrupt_event", "corrupt_catalog", "unknown_task", "corrupt_step", "corrupt_image",
+                          "schema_mismatch", "length_mismatch", "missing_episode")
+"""Every ``reason`` of TRAINER_SKIPPED_RECORDS (docs/learner-recovery.md): the label stays bounded."""
 TRAINER_PUBLISH_FAILURES = Counter("fleet_trainer_publish_failures_total",
                                    "Publishes postponed because the policy store refused the write (OSError)")
 
@@ -177,6 +181,8 @@ def init_trainer(tasks: Sequence[str]) -> None:
     for task in tasks:
         for source in SOURCES:
             TRAINER_SAMPLES.labels(task=task, source=source)
+    for reason in SKIPPED_RECORD_REASONS:
+        TRAINER_SKIPPED_RECORDS.labels(reason=reason)
 
 
 def record_update(batch: dict, tasks: Sequence[str], stats: dict[str, float], sample_losses, duration_s: float,
