@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.admission import Admission
 from edge.client import FleetClient
 from edge.hotswap import PolicySlot
 from edge.images import ImageEncodingSink
@@ -32,7 +33,7 @@ from edge.updater import LastGood, Updater
 from edge.watchdog import Watchdog, notify
 from fleet import PROTOCOL_VERSION, __version__, metrics
 from fleet.config import DEFAULT_TASKS, ClientSecurity, _require
-from fleet.errors import ConfigError
+from fleet.errors import ConfigError, PolicyRefused
 from fleet.policies.base import NullPolicy
 from fleet.types import EpisodeSummary, RobotInfo
 from fleet.weights import Manifest
@@ -90,6 +91,10 @@ class EdgeConfig:
     """Port for Prometheus /metrics (0 = off)."""
     torch_threads: int = 1
     """torch.set_num_threads for policy inference."""
+    policy_max_bytes: int = 2 * 1024**3
+    """Largest policy version accepted (dtype size x shape of every tensor), checked before allocating anything."""
+    policy_architecture_file: str = ""
+    """JSON pin of the policy architecture; "" = pin the first accepted version's in state_dir (docs/policy-distribution.md)."""
     security: ClientSecurity = field(default_factory=ClientSecurity)
     """TLS/mutual TLS files and the robot's token file (see docs/deploy.md)."""
 
@@ -113,6 +118,7 @@ class EdgeConfig:
         _require(self.spool_synchronous in ("NORMAL", "FULL"),
                  f"spool_synchronous must be NORMAL or FULL, got {self.spool_synchronous!r}")
         _require(self.duration_s >= 0, f"duration_s ({self.duration_s}) must be >= 0")
+        _require(self.policy_max_bytes > 0, f"policy_max_bytes ({self.policy_max_bytes}) must be > 0")
 
 
 def _robot_args(cfg: EdgeConfig) -> dict:
@@ -145,10 +151,11 @@ class EdgeAgent:
         self.client = FleetClient(cfg.gateway, security=cfg.security)
         self.streamer = Streamer(self.info, self.spool, self.client)
         self.last_good = LastGood(state / "policy")
+        self.admission = Admission(cfg.policy_max_bytes, state, cfg.policy_architecture_file)
         self.slot = PolicySlot(self._initial_policy())
         self.updater = Updater(cfg.robot_id, self.client, self.slot, build_fleet_policy, self.last_good,
                                self.robot.schema, probe_task=self.robot.tasks[0],
-                               have_version=self.slot.current.version)
+                               have_version=self.slot.current.version, admission=self.admission)
         if not cfg.operator:
             operator = NoOperator()
         elif cfg.backend == "metaworld":
@@ -179,6 +186,12 @@ class EdgeAgent:
         if loaded is None:
             return NullPolicy(self.robot.schema.action.shape, self.robot.schema.action.dtype)
         manifest, tensors = loaded
+        try:
+            self.admission.check(manifest)
+        except PolicyRefused as exc:
+            log.warning("robot %s: not starting from the last good policy on disk: %s", self.cfg.robot_id, exc)
+            return NullPolicy(self.robot.schema.action.shape, self.robot.schema.action.dtype)
+        self.admission.accepted(manifest)  # pins the architecture if nothing is pinned yet
         log.info("robot %s: starting from last good policy v%d on disk", self.cfg.robot_id, manifest.version)
         return build_fleet_policy(manifest, tensors)
 

@@ -43,8 +43,9 @@ EDGE_SPOOL_BYTES = Gauge("fleet_edge_spool_bytes", "Bytes in the spool not yet a
 EDGE_SPOOL_DROPPED = Counter("fleet_edge_spool_dropped_steps_total", "Steps dropped by the full spool", ["robot"])
 EDGE_POLICY_VERSION = Gauge("fleet_edge_policy_version", "Policy version in use", ["robot"])
 EDGE_POLICY_REJECTED = Counter("fleet_edge_policy_rejected_total",
-                               "Policy transfers refused (corrupt: checksum/decode, retried; unusable: load "
-                               "failure or NaN actions, not asked again)", ["robot", "reason"])
+                               "Policy transfers refused (corrupt: checksum/decode/malformed manifest, retried; "
+                               "unusable: load failure or NaN actions; too_large: over policy_max_bytes; "
+                               "architecture: not the pinned one; the last three not asked again)", ["robot", "reason"])
 EDGE_POLICY_BYTES = Counter("fleet_edge_policy_bytes_received_total", "Policy tensor bytes received, by transfer kind",
                             ["robot", "kind"])
 EDGE_CONNECTED = Gauge("fleet_edge_connected", "1 while the experience stream is up", ["robot"])
