@@ -27,6 +27,7 @@ from edge.images import ImageEncodingSink
 from edge.loop import ControlLoop, LoopConfig
 from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
 from edge.robots.base import make_robot
+from edge.safety import ActionGuard, SafetyConfig
 from edge.spool import Spool
 from edge.streamer import Streamer
 from edge.updater import LastGood, Updater
@@ -97,6 +98,8 @@ class EdgeConfig:
     """JSON pin of the policy architecture; "" = pin the first accepted version's in state_dir (docs/policy-distribution.md)."""
     security: ClientSecurity = field(default_factory=ClientSecurity)
     """TLS/mutual TLS files and the robot's token file (see docs/deploy.md)."""
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    """Limits on every action sent to the robot (policy, operator, teleoperator): docs/robots.md."""
 
     def __post_init__(self) -> None:
         _require(bool(self.robot_id), "robot_id must not be empty")
@@ -163,10 +166,16 @@ class EdgeAgent:
         else:  # the robot's own intervention source: a teleoperator or an intervention topic
             operator = self.robot.make_operator()
         sink = ImageEncodingSink(self.spool, self.robot.schema, cfg.image_encoding)
+        self.guard = ActionGuard(cfg.safety, tuple(self.robot.schema.action.shape), cfg.control_hz, cfg.robot_id,
+                                 dtype=self.robot.schema.action.dtype)
+        if not cfg.safety.has_limits and cfg.backend != "metaworld":
+            log.warning("robot %s: no safety limits configured: actions are only checked for NaN/Inf (set "
+                        "safety.position_min/max, max_velocity: docs/robots.md)", cfg.robot_id)
+        self.robot.action_filter = self.guard.operator_filter
         self.loop = ControlLoop(cfg.robot_id, self.robot, self.slot, operator, sink,
                                 LoopConfig(control_hz=cfg.control_hz, max_episode_steps=cfg.max_episode_steps,
                                            eval_every=cfg.eval_every, seed=cfg.seed),
-                                on_episode_end=self._on_episode_end)
+                                on_episode_end=self._on_episode_end, guard=self.guard)
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._last_counts = (0, 0, 0)
