@@ -20,19 +20,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.admission import Admission
 from edge.client import FleetClient
 from edge.hotswap import PolicySlot
 from edge.images import ImageEncodingSink
 from edge.loop import ControlLoop, LoopConfig
 from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
 from edge.robots.base import make_robot
+from edge.safety import ActionGuard, SafetyConfig
 from edge.spool import Spool
 from edge.streamer import Streamer
 from edge.updater import LastGood, Updater
 from edge.watchdog import Watchdog, notify
 from fleet import PROTOCOL_VERSION, __version__, metrics
 from fleet.config import DEFAULT_TASKS, ClientSecurity, _require
-from fleet.errors import ConfigError
+from fleet.errors import ConfigError, PolicyRefused
 from fleet.policies.base import NullPolicy
 from fleet.types import EpisodeSummary, RobotInfo
 from fleet.weights import Manifest
@@ -90,8 +92,14 @@ class EdgeConfig:
     """Port for Prometheus /metrics (0 = off)."""
     torch_threads: int = 1
     """torch.set_num_threads for policy inference."""
+    policy_max_bytes: int = 2 * 1024**3
+    """Largest policy version accepted (dtype size x shape of every tensor), checked before allocating anything."""
+    policy_architecture_file: str = ""
+    """JSON pin of the policy architecture; "" = pin the first accepted version's in state_dir (docs/policy-distribution.md)."""
     security: ClientSecurity = field(default_factory=ClientSecurity)
     """TLS/mutual TLS files and the robot's token file (see docs/deploy.md)."""
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    """Limits on every action sent to the robot (policy, operator, teleoperator): docs/robots.md."""
 
     def __post_init__(self) -> None:
         _require(bool(self.robot_id), "robot_id must not be empty")
@@ -113,6 +121,7 @@ class EdgeConfig:
         _require(self.spool_synchronous in ("NORMAL", "FULL"),
                  f"spool_synchronous must be NORMAL or FULL, got {self.spool_synchronous!r}")
         _require(self.duration_s >= 0, f"duration_s ({self.duration_s}) must be >= 0")
+        _require(self.policy_max_bytes > 0, f"policy_max_bytes ({self.policy_max_bytes}) must be > 0")
 
 
 def _robot_args(cfg: EdgeConfig) -> dict:
@@ -145,10 +154,11 @@ class EdgeAgent:
         self.client = FleetClient(cfg.gateway, security=cfg.security)
         self.streamer = Streamer(self.info, self.spool, self.client)
         self.last_good = LastGood(state / "policy")
+        self.admission = Admission(cfg.policy_max_bytes, state, cfg.policy_architecture_file)
         self.slot = PolicySlot(self._initial_policy())
         self.updater = Updater(cfg.robot_id, self.client, self.slot, build_fleet_policy, self.last_good,
                                self.robot.schema, probe_task=self.robot.tasks[0],
-                               have_version=self.slot.current.version)
+                               have_version=self.slot.current.version, admission=self.admission)
         if not cfg.operator:
             operator = NoOperator()
         elif cfg.backend == "metaworld":
@@ -156,10 +166,16 @@ class EdgeAgent:
         else:  # the robot's own intervention source: a teleoperator or an intervention topic
             operator = self.robot.make_operator()
         sink = ImageEncodingSink(self.spool, self.robot.schema, cfg.image_encoding)
+        self.guard = ActionGuard(cfg.safety, tuple(self.robot.schema.action.shape), cfg.control_hz, cfg.robot_id,
+                                 dtype=self.robot.schema.action.dtype)
+        if not cfg.safety.has_limits and cfg.backend != "metaworld":
+            log.warning("robot %s: no safety limits configured: actions are only checked for NaN/Inf (set "
+                        "safety.position_min/max, max_velocity: docs/robots.md)", cfg.robot_id)
+        self.robot.action_filter = self.guard.operator_filter
         self.loop = ControlLoop(cfg.robot_id, self.robot, self.slot, operator, sink,
                                 LoopConfig(control_hz=cfg.control_hz, max_episode_steps=cfg.max_episode_steps,
                                            eval_every=cfg.eval_every, seed=cfg.seed),
-                                on_episode_end=self._on_episode_end)
+                                on_episode_end=self._on_episode_end, guard=self.guard)
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._last_counts = (0, 0, 0)
@@ -179,6 +195,12 @@ class EdgeAgent:
         if loaded is None:
             return NullPolicy(self.robot.schema.action.shape, self.robot.schema.action.dtype)
         manifest, tensors = loaded
+        try:
+            self.admission.check(manifest)
+        except PolicyRefused as exc:
+            log.warning("robot %s: not starting from the last good policy on disk: %s", self.cfg.robot_id, exc)
+            return NullPolicy(self.robot.schema.action.shape, self.robot.schema.action.dtype)
+        self.admission.accepted(manifest)  # pins the architecture if nothing is pinned yet
         log.info("robot %s: starting from last good policy v%d on disk", self.cfg.robot_id, manifest.version)
         return build_fleet_policy(manifest, tensors)
 

@@ -12,6 +12,7 @@ import grpc
 
 from fleet.config import ClientSecurity
 from fleet.convert import robot_info_to_pb
+from fleet.secret_files import read_private
 from fleet.tokens import read_token_file
 from fleet.types import RobotInfo
 from fleet.v1 import fleet_pb2 as pb
@@ -69,7 +70,7 @@ def _channel(target: str, security: ClientSecurity) -> grpc.Channel:
         return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     creds = grpc.ssl_channel_credentials(
         root_certificates=Path(security.ca_file).read_bytes(),
-        private_key=Path(security.key_file).read_bytes() if security.key_file else None,
+        private_key=read_private(security.key_file, "key_file") if security.key_file else None,
         certificate_chain=Path(security.cert_file).read_bytes() if security.cert_file else None)
     options = list(CHANNEL_OPTIONS)
     if security.server_name:

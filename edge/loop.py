@@ -27,6 +27,7 @@ import numpy as np
 from edge.hotswap import PolicySlot
 from edge.operator import NoOperator, Operator
 from edge.robots.base import Observation, Robot
+from edge.safety import ActionGuard, SafetyConfig
 from fleet import metrics
 from fleet.errors import ConfigError
 from fleet.policies.base import ActingPolicy
@@ -106,6 +107,10 @@ class LoopStats:
     """Ticks whose work ran past the next tick's deadline (missed deadlines are skipped)."""
     bad_actions: int = 0
     """Policy actions with NaN/Inf, a wrong shape, or an exception (replaced by the operator's or zeros)."""
+    safety_violations: int = 0
+    """Actions (policy's or operator's) the safety guard clipped or held."""
+    safety_rollbacks: int = 0
+    """New policy versions rolled back for violating the safety limits in their first episodes."""
     current_task: str = ""
     current_policy_version: int = 0
     recent: deque[tuple[EpisodeSummary, str]] = field(default_factory=deque)
@@ -125,6 +130,7 @@ class _Episode:
     interventions: int = 0
     intervention_steps: int = 0
     warned_bad_action: bool = False
+    safety_violations: int = 0
 
 
 class ControlLoop:
@@ -143,6 +149,7 @@ class ControlLoop:
         sink: StepSink,
         config: LoopConfig,
         on_episode_end: Callable[[EpisodeSummary, str], None] | None = None,
+        guard: ActionGuard | None = None,
     ):
         if not robot.tasks:
             raise ConfigError(f"robot {robot_id!r} offers no tasks")
@@ -158,6 +165,11 @@ class ControlLoop:
         self._period_s = 1.0 / config.control_hz
         self._action_shape = tuple(robot.schema.action.shape)
         self._action_dtype = np.dtype(robot.schema.action.dtype)
+        self.guard = guard or ActionGuard(SafetyConfig(), self._action_shape, config.control_hz, robot_id,
+                                          dtype=self._action_dtype)
+        self._trial_version = 0  # the newly swapped-in version on trial: its own violations may roll it back
+        self._trial_episodes = 0
+        self._trial_violations = 0
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._stats = LoopStats(recent=deque(maxlen=config.recent_episodes))
@@ -226,7 +238,8 @@ class ControlLoop:
 
     def run_episode(self) -> EpisodeSummary:
         """Run one episode to its end (or until stop) and return its summary."""
-        self.slot.swap_if_pending()
+        if self.slot.swap_if_pending():
+            self._trial_version, self._trial_episodes, self._trial_violations = self.slot.current.version, 0, 0
         self._episode_number += 1
         n = self._episode_number
         evaluation = self.config.eval_every > 0 and n % self.config.eval_every == 0
@@ -238,6 +251,7 @@ class ControlLoop:
         )
         self.slot.current.reset()
         ep.operator.reset(ep.task)
+        self.guard.start_episode()  # before reset: a backend teleoperating during its reset goes through it
         obs = self.robot.reset(ep.task)
         with self._cond:
             self._stats.current_task = ep.task
@@ -282,7 +296,10 @@ class ControlLoop:
         ep.was_intervening = intervening
         ep.interventions += int(ep.took_over)
         ep.intervention_steps += int(intervening)
-        executed = np.array(op_action, dtype=self._action_dtype) if intervening else policy_action
+        chosen = np.array(op_action, dtype=self._action_dtype) if intervening else policy_action
+        executed, violations = self.guard.apply(chosen, "operator" if intervening else "policy")
+        if violations:
+            self._safety_violation(ep, version, intervening)
 
         new_obs = self.robot.act(executed)
         step = Step(
@@ -329,6 +346,25 @@ class ControlLoop:
         ep.warned_bad_action = True
         return np.zeros(self._action_shape, dtype=self._action_dtype)
 
+    def _safety_violation(self, ep: _Episode, version: int, intervening: bool) -> None:
+        """Count it; a version on trial whose own actions keep violating the limits is rolled back."""
+        ep.safety_violations += 1
+        with self._cond:
+            self._stats.safety_violations += 1
+        limit = self.guard.config.rollback_violations
+        if intervening or not limit or version != self._trial_version:
+            return
+        self._trial_violations += 1
+        if self._trial_violations < limit:
+            return
+        self._trial_version = 0
+        if self.slot.rollback(f"policy v{version} violated the safety limits {self._trial_violations} times in "
+                              f"its first {self._trial_episodes + 1} episode(s)"):
+            with self._cond:
+                self._stats.safety_rollbacks += 1
+            log.warning("policy v%d rolled back to v%d: its actions violated the safety limits %d times",
+                        version, self.slot.current.version, limit)
+
     def _end(self, ep: _Episode, last: Step) -> EpisodeSummary:
         """Record ``last`` as the episode's final step and update the counters."""
         summary = EpisodeSummary(
@@ -340,6 +376,10 @@ class ControlLoop:
             policy_version=self.slot.current.version,
         )
         self._record(ep, last, summary)
+        if self._trial_version:
+            self._trial_episodes += 1
+            if self._trial_episodes >= self.guard.config.rollback_episodes:
+                self._trial_version = 0  # it passed its trial
         with self._cond:
             s = self._stats
             s.episodes += 1
@@ -349,9 +389,9 @@ class ControlLoop:
             s.recent.append((summary, ep.task))
             self._cond.notify_all()
         log.info(
-            "episode %s done: task=%r success=%s steps=%d interventions=%d eval=%s policy=v%d",
+            "episode %s done: task=%r success=%s steps=%d interventions=%d eval=%s policy=v%d safety_violations=%d",
             ep.episode_id, ep.task, summary.success, summary.num_steps, summary.interventions,
-            summary.evaluation, summary.policy_version,
+            summary.evaluation, summary.policy_version, ep.safety_violations,
         )  # fmt: skip
         if self.on_episode_end is not None:
             self.on_episode_end(summary, ep.task)

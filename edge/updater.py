@@ -37,15 +37,19 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from edge.admission import Admission
 from edge.client import FleetClient, PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent
 from edge.hotswap import PolicySlot
 from edge.streamer import Backoff
 from fleet import delta, metrics
-from fleet.errors import IntegrityError, PolicyUnusable
+from fleet.errors import IntegrityError, PolicyRefused, PolicyUnusable
 from fleet.types import Schema
 from fleet.weights import TORCH_DTYPES, Manifest, read_safetensors_raw, verify
 
 log = logging.getLogger(__name__)
+
+MAX_DELTA_OVERHEAD = 4096
+"""Bytes an encoded delta may exceed its tensor's raw size by (headers); the encoder keeps the smallest."""
 
 PolicyBuilder = Callable[[Manifest, dict[str, torch.Tensor]], object]
 
@@ -76,12 +80,17 @@ class Assembler:
     """Collects one transfer (header, pieces, trailer), applies deltas to ``held``, verifies the result.
 
     With a ``hasher`` (one worker thread), each raw tensor is hashed as soon as its last piece is in, while
-    the next ones still arrive."""
+    the next ones still arrive. With an ``admission``, the manifest is checked against this robot's memory
+    bound and pinned architecture before anything is kept. Memory grows with the bytes actually received
+    (pieces of a tensor arrive in order and are appended), never with what the manifest claims."""
 
-    def __init__(self, header: PolicyHeaderEvent, held: Held | None, hasher: Executor | None = None):
+    def __init__(self, header: PolicyHeaderEvent, held: Held | None, hasher: Executor | None = None,
+                 admission: Admission | None = None):
         self.manifest = Manifest.from_json(header.manifest_json)
         if self.manifest.version != header.version:
             raise IntegrityError(f"header says v{header.version} but its manifest says v{self.manifest.version}")
+        if admission is not None:
+            admission.check(self.manifest)
         self.base_version = header.base_version
         if self.base_version and (held is None or held.manifest.version != self.base_version):
             raise IntegrityError(f"delta against v{self.base_version}, but this edge holds "
@@ -105,14 +114,12 @@ class Assembler:
             end = piece.offset + len(piece.data)
             if end > entry.nbytes:
                 raise IntegrityError(f"piece of {piece.name!r} ends at byte {end}, beyond its {entry.nbytes} bytes")
-            buf = self._raw.get(piece.name)
-            if buf is None:
-                buf = self._raw[piece.name] = bytearray(entry.nbytes)
-            received = self._raw_received.get(piece.name, 0) + len(piece.data)
-            if received > entry.nbytes:
-                raise IntegrityError(f"tensor {piece.name!r} receives more than its {entry.nbytes} bytes")
-            buf[piece.offset:end] = piece.data
-            self._raw_received[piece.name] = received
+            buf = self._raw.setdefault(piece.name, bytearray())
+            if piece.offset != len(buf):
+                raise IntegrityError(f"raw piece of {piece.name!r} out of order (at byte {piece.offset}, "
+                                     f"expected {len(buf)})")
+            buf += piece.data  # grows with what arrived: a manifest's claim allocates nothing
+            received = self._raw_received[piece.name] = len(buf)
             if received == entry.nbytes and self._hasher is not None:
                 self._digests[piece.name] = self._hasher.submit(lambda b=buf: hashlib.sha256(b).hexdigest())
         else:
@@ -124,6 +131,9 @@ class Assembler:
             if encoding != piece.encoding or piece.offset != len(buf):
                 raise IntegrityError(f"piece of {piece.name!r} out of order ({piece.encoding} at byte "
                                      f"{piece.offset}, expected {encoding} at {len(buf)})")
+            if len(buf) + len(piece.data) > entry.nbytes + MAX_DELTA_OVERHEAD:
+                raise IntegrityError(f"{encoding} delta of {piece.name!r} is larger than the tensor's "
+                                     f"{entry.nbytes} bytes (the encoder never sends a delta larger than raw)")
             buf += piece.data
         self.payload_bytes += len(piece.data)
 
@@ -241,8 +251,10 @@ class Updater:
     """Background thread: watch -> assemble -> verify -> build -> check -> offer -> save."""
 
     def __init__(self, robot_id: str, client: FleetClient, slot: PolicySlot, build: PolicyBuilder,
-                 last_good: LastGood, schema: Schema, probe_task: str, have_version: int = 0):
+                 last_good: LastGood, schema: Schema, probe_task: str, have_version: int = 0,
+                 admission: Admission | None = None):
         self.robot_id = robot_id
+        self.admission = admission
         self.client = client
         self.slot = slot
         self.build = build
@@ -306,12 +318,13 @@ class Updater:
         if call is not None:
             call.cancel()
 
-    def _refuse(self, version: int, reason: str) -> None:
-        log.warning("robot %s: refusing policy v%d: %s", self.robot_id, version, reason)
+    def _refuse(self, version: int, reason: str, label: str = "unusable") -> None:
+        log.warning("robot %s: refusing policy v%d: %s (keeping v%d)", self.robot_id, version, reason,
+                    self.slot.current.version)
         self.refused_version = max(self.refused_version, version)
         if self.last_good.revert(version):
             log.info("robot %s: last good policy on disk reverted from v%d", self.robot_id, version)
-        self._rejected_one("unusable")
+        self._rejected_one(label)
 
     def _load_held(self) -> None:
         if self.have_version:
@@ -338,6 +351,8 @@ class Updater:
                 log.warning("robot %s: rejected policy transfer: %s (keeping v%d)", self.robot_id, exc,
                             self.slot.current.version)
                 self._rejected_one("corrupt")
+            except PolicyRefused as exc:  # from the manifest alone: too large, another architecture
+                self._refuse(exc.version, str(exc), exc.reason)
             except PolicyUnusable as exc:
                 self._refuse(exc.version, str(exc))
             except Exception:
@@ -358,7 +373,8 @@ class Updater:
         try:
             for event in call:
                 if isinstance(event, PolicyHeaderEvent):
-                    assembler, started = Assembler(event, self._held, self._hasher), time.perf_counter()
+                    assembler, started = (Assembler(event, self._held, self._hasher, self.admission),
+                                           time.perf_counter())
                 elif isinstance(event, PolicyPieceEvent):
                     if assembler is None:
                         raise IntegrityError("policy piece before its header")
@@ -386,6 +402,8 @@ class Updater:
             raise PolicyUnusable(f"policy v{manifest.version} does not load: {type(exc).__name__}: {exc}",
                                  manifest.version) from exc
         check_finite(policy, self.schema, self.probe_task)
+        if self.admission is not None:
+            self.admission.accepted(manifest)  # the first accepted version pins the architecture
         self.slot.offer(policy)  # swap-ready now; the disk copy follows
         kind = "delta" if stats.base_version else "full"
         metrics.EDGE_POLICY_BYTES.labels(robot=self.robot_id, kind=kind).inc(stats.payload_bytes)

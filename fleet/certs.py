@@ -8,7 +8,7 @@
     DIR/robots/<id>/ca.pem cert.pem key.pem token    what one robot needs, nothing else
 
 ``fleet certs robot DIR --robot-id r3`` adds a robot later. Keys are ECDSA P-256
-and written with mode 0600. A robot certificate's common name is its robot id;
+and written with mode 0600 (existing files are tightened to it). A robot certificate's common name is its robot id;
 the gateway checks that it matches the token's robot. For production use your
 own CA (cert-manager, a cloud PKI): the gateway only needs PEM files.
 """
@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleet import tokens
+from fleet.secret_files import tighten
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def _name(common_name: str) -> x509.Name:
 
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tighten(fd)  # O_CREAT's mode applies only to a new file: an existing one keeps its own
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
 

@@ -58,6 +58,11 @@ def _cmd_gateway(args, values) -> int:
     refusal = None if args.insecure else protected_mode_refusal(cfg)
     if refusal:
         raise ConfigError(refusal)
+    from fleet.secret_files import check_private
+
+    for what in ("tls_key_file", "token_key_file"):  # before anything starts (read again when used)
+        if getattr(cfg.security, what):
+            check_private(getattr(cfg.security, what), what)
     metrics.serve(cfg.metrics_port)
     asyncio.run(serve_forever(cfg))
     return 0

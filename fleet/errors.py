@@ -84,6 +84,15 @@ class PolicyUnusable(FleetError):
         self.version = version
 
 
+class PolicyRefused(PolicyUnusable):
+    """A version this robot refuses from its manifest alone, before allocating anything: too large for the
+    local memory bound, or another architecture than the pinned one. ``reason`` is a bounded label."""
+
+    def __init__(self, message: str, version: int, reason: str):
+        super().__init__(message, version)
+        self.reason = reason
+
+
 class ConfigError(FleetError, ValueError):
     """A configuration value that cannot work; the message names the field and value."""
 

@@ -38,13 +38,20 @@ EDGE_INFERENCE = Histogram("fleet_edge_inference_seconds", "Policy select_action
                            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
 EDGE_BAD_ACTIONS = Counter("fleet_edge_bad_actions_total", "Policy actions with NaN/Inf, a wrong shape or an error",
                            ["robot"])
+SAFETY_VIOLATION_KINDS = ("nonfinite", "position", "effort", "rate")
+SAFETY_SOURCES = ("policy", "operator")
+EDGE_SAFETY_VIOLATIONS = Counter("fleet_edge_safety_violations_total",
+                                 "Actions outside the robot's safety limits (clipped or held before reaching it), by "
+                                 "kind (nonfinite, position, effort, rate) and source (policy, operator)",
+                                 ["robot", "kind", "source"])
 EDGE_SPOOL_STEPS = Gauge("fleet_edge_spool_steps", "Steps in the spool not yet acked", ["robot"])
 EDGE_SPOOL_BYTES = Gauge("fleet_edge_spool_bytes", "Bytes in the spool not yet acked", ["robot"])
 EDGE_SPOOL_DROPPED = Counter("fleet_edge_spool_dropped_steps_total", "Steps dropped by the full spool", ["robot"])
 EDGE_POLICY_VERSION = Gauge("fleet_edge_policy_version", "Policy version in use", ["robot"])
 EDGE_POLICY_REJECTED = Counter("fleet_edge_policy_rejected_total",
-                               "Policy transfers refused (corrupt: checksum/decode, retried; unusable: load "
-                               "failure or NaN actions, not asked again)", ["robot", "reason"])
+                               "Policy transfers refused (corrupt: checksum/decode/malformed manifest, retried; "
+                               "unusable: load failure or NaN actions; too_large: over policy_max_bytes; "
+                               "architecture: not the pinned one; the last three not asked again)", ["robot", "reason"])
 EDGE_POLICY_BYTES = Counter("fleet_edge_policy_bytes_received_total", "Policy tensor bytes received, by transfer kind",
                             ["robot", "kind"])
 EDGE_CONNECTED = Gauge("fleet_edge_connected", "1 while the experience stream is up", ["robot"])

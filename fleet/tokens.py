@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet.secret_files import read_private, tighten
+
 PREFIX = "fleet1"
 MIN_KEY_BYTES = 32
 
@@ -51,16 +53,17 @@ def new_key() -> bytes:
 
 
 def write_key(path: str | os.PathLike, key: bytes) -> None:
-    """Write the key as hex, readable by the owner only."""
+    """Write the key as hex, readable by the owner only (an existing file is tightened to 0600 too)."""
     path = Path(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tighten(fd)
     with os.fdopen(fd, "w") as fh:
         fh.write(key.hex() + "\n")
 
 
 def load_key(path: str | os.PathLike) -> bytes:
-    """Read a hex key file; refuses keys shorter than MIN_KEY_BYTES."""
-    text = Path(path).read_text().strip()
+    """Read a hex key file; refuses keys shorter than MIN_KEY_BYTES and files others can read (ConfigError)."""
+    text = read_private(path, "token key file").decode(errors="replace").strip()
     try:
         key = bytes.fromhex(text)
     except ValueError:
@@ -107,8 +110,8 @@ def verify(key: bytes, token: str, now_s: float | None = None) -> TokenClaims:
 
 
 def read_token_file(path: str | os.PathLike) -> str:
-    """The token in a credentials file (surrounding whitespace ignored)."""
-    token = Path(path).read_text().strip()
+    """The token in a credentials file (surrounding whitespace ignored); refuses files others can read."""
+    token = read_private(path, "token file").decode(errors="replace").strip()
     if not token:
         raise TokenError(f"token file {str(path)!r} is empty")
     return token

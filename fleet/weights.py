@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -70,15 +71,27 @@ class Manifest:
     def from_json(text: str | bytes) -> "Manifest":
         try:
             data = json.loads(text)
-            tensors = tuple(TensorEntry(name=t["name"], dtype=t["dtype"], shape=tuple(t["shape"]),
-                                        nbytes=int(t["nbytes"]), sha256=t["sha256"],
-                                        trainable=bool(t.get("trainable", True))) for t in data["tensors"])
+            tensors = tuple(_entry(t) for t in data["tensors"])
             return Manifest(version=int(data["version"]), parent_version=int(data["parent_version"]),
                             tensors=tensors, total_sha256=data["total_sha256"], config=data.get("config", {}),
                             created_s=float(data.get("created_s", 0.0)),
                             keyframe_version=int(data.get("keyframe_version", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"malformed policy manifest: {exc}") from None
+
+
+def _entry(t: dict) -> TensorEntry:
+    """One manifest tensor, checked for consistency: a known dtype, non-negative integer dimensions and
+    ``nbytes`` equal to dtype size x element count (a manifest cannot claim one size and ship another)."""
+    name, dtype, shape, nbytes = str(t["name"]), t["dtype"], t["shape"], t["nbytes"]
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r} shape {shape!r} must be a list of non-negative integers")
+    if type(nbytes) is not int or nbytes != TORCH_DTYPES[dtype].itemsize * math.prod(shape):
+        raise ValueError(f"tensor {name!r}: nbytes {nbytes!r} != {dtype} x {shape}")
+    return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), nbytes=nbytes, sha256=str(t["sha256"]),
+                       trainable=bool(t.get("trainable", True)))
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

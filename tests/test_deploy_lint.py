@@ -132,17 +132,74 @@ def test_compose_services_and_their_command_lines():
     gateway = parse_fleet(services["gateway"]["command"])
     assert gateway.security.client_ca_file and gateway.security.token_key_file, "compose runs with mTLS + tokens"
     parse_fleet(services["trainer"]["command"])
-    certs_cmd = " ".join(services["certs"]["command"])
-    issued = set(re.search(r"--robots (\S+)", certs_cmd).group(1).split(","))
+    issued = set(services["certs"]["environment"]["ROBOTS"].split(","))
     robots = {name: s for name, s in services.items() if name.startswith("robot-")}
     assert len(robots) >= 2
     for name, svc in robots.items():
         cfg = parse_fleet(["edge", *svc["command"]])
         assert cfg.robot_id == name and cfg.robot_id in issued
-        assert f"/robots/{name}/" in cfg.security.token_file and cfg.security.cert_file and cfg.security.ca_file
+        assert cfg.security.token_file and cfg.security.cert_file and cfg.security.ca_file
     prometheus = yaml.safe_load((COMPOSE.parent / "prometheus.yml").read_text())
     targets = {t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert {f"{name}:9200" for name in robots} <= targets and "gateway:9100" in targets
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """A compose service's volume mounts, target -> source (short and long syntax)."""
+    out = {}
+    for v in service.get("volumes", []):
+        if isinstance(v, dict):
+            out[v["target"]] = v["source"]
+        else:
+            source, target = v.split(":")[:2]
+            out[target] = source
+    return out
+
+
+def test_compose_mounts_each_container_only_its_own_secrets():
+    """Only the one-shot `certs` mounts the whole PKI (CA key, token key, every robot's key and token); the
+    gateway gets its own files, each robot a volume of its own, and every file a command names is in it."""
+    spec = yaml.safe_load(COMPOSE.read_text())
+    services = spec["services"]
+    certs_cmd = " ".join(services["certs"]["command"])
+    holders = {name for name, svc in services.items() if "pki" in _mounts(svc).values()}
+    assert holders == {"certs"}, f"the whole PKI (with the CA key) is mounted in {holders - {'certs'}}"
+    assert "ca-key.pem" not in certs_cmd.split("cp ", 1)[1], "the CA key is never copied out"
+    robots = {name: s for name, s in services.items() if name.startswith("robot-")}
+    sources = {}
+    for name, svc in [*robots.items(), ("gateway", services["gateway"])]:
+        mounts = _mounts(svc)
+        own = mounts.get("/pki")
+        assert own == f"{name}-pki", (name, mounts)
+        assert f"{own}:/pki:ro" in svc["volumes"], f"{name} mounts its secrets writable"
+        sources[name] = own
+        assert _mounts(services["certs"]).get(f"/out/{name}") == own, f"certs does not fill {own}"
+        argv = svc["command"] if name == "gateway" else ["edge", *svc["command"]]
+        cfg = parse_fleet(argv)
+        sec = cfg.security
+        files = ([sec.tls_cert_file, sec.tls_key_file, sec.client_ca_file, sec.token_key_file] if name == "gateway"
+                 else [sec.ca_file, sec.cert_file, sec.key_file, sec.token_file])
+        for path in files:
+            assert path.startswith("/pki/"), (name, path)
+            copied_as = f"/out/{name}/" if name == "gateway" else "/out/$$r/"
+            assert Path(path).name in certs_cmd and copied_as in certs_cmd, (name, path)
+    assert len(set(sources.values())) == len(sources), "two containers share a secrets volume"
+    for name in robots:  # every robot id is issued and copied by the loop over ROBOTS
+        assert name in services["certs"]["environment"]["ROBOTS"].split(",")
+    assert "chmod 600" in certs_cmd
+
+
+def test_kubernetes_secrets_are_mounted_owner_only():
+    checked = 0
+    for path, doc in k8s_docs():
+        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for volume in pod.get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"].get("defaultMode") == 0o400, (path.name, volume["name"])
+                assert pod.get("securityContext", {}).get("fsGroup") == pod["securityContext"]["runAsGroup"], \
+                    f"{path.name}: a non-root pod reads a 0400 secret only through fsGroup"
+                checked += 1
+    assert checked >= 2
 
 
 # --- Kubernetes ---------------------------------------------------------------------------

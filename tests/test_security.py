@@ -113,6 +113,7 @@ def test_valid_robot_streams_and_impostors_are_refused(secure_gateway, pki, redi
         == grpc.StatusCode.UNAUTHENTICATED
     forged, _ = tokens.issue(tokens.load_key(rogue / "token.key"), "r1")
     (rogue / "forged").write_text(forged)
+    (rogue / "forged").chmod(0o600)  # a token file others can read is refused before it is sent
     sec = ClientSecurity(ca_file=str(root / "ca.pem"), cert_file=str(root / "robots/r1/cert.pem"),
                          key_file=str(root / "robots/r1/key.pem"), token_file=str(rogue / "forged"),
                          server_name="localhost")
@@ -233,3 +234,49 @@ def test_certs_cli_writes_private_keys_and_refuses_to_replace_a_ca(tmp_path, cap
         fleet_main(["certs", "init", str(out)])
     assert exc.value.code == 2
     assert "refusing to replace a CA" in capsys.readouterr().err
+
+
+def test_existing_loose_files_are_tightened_when_rewritten(tmp_path):
+    out = tmp_path / "pki"
+    (out / "robots" / "a").mkdir(parents=True)
+    for path in ("ca-key.pem", "token.key", "robots/a/key.pem", "robots/a/token"):
+        (out / path).write_text("left over\n")
+        (out / path).chmod(0o644)  # os.open(..., 0o600) alone would keep this mode
+    assert fleet_main(["certs", "init", str(out), "--robots", "a"]) == 0
+    for path in ("ca-key.pem", "token.key", "robots/a/key.pem", "robots/a/token"):
+        assert stat.S_IMODE(os.stat(out / path).st_mode) == 0o600, path
+
+
+@pytest.mark.timeout(60)
+def test_readable_keys_and_tokens_are_refused_with_exit_2(pki, redis_proc, tmp_path, capsys):
+    """The edge and the gateway read their private files only when no one else can: exit 2, naming the file."""
+    import shutil
+
+    copy = tmp_path / "pki"
+    shutil.copytree(pki[0], copy)
+    robot = copy / "robots" / "r1"
+    edge = ["edge", "--robot-id", "r1", "--gateway", "127.0.0.1:1", "--state-dir", str(tmp_path / "edge"),
+            "--security.ca-file", str(robot / "ca.pem"), "--security.cert-file", str(robot / "cert.pem"),
+            "--security.key-file", str(robot / "key.pem"), "--security.token-file", str(robot / "token")]
+    gateway = ["gateway", "--listen", "127.0.0.1:0", "--redis-url", redis_proc.url, "--policy-dir",
+               str(tmp_path / "policies"), "--security.tls-cert-file", str(copy / "gateway.pem"),
+               "--security.tls-key-file", str(copy / "gateway-key.pem"),
+               "--security.token-key-file", str(copy / "token.key")]
+    for argv, path in ((edge, robot / "key.pem"), (edge, robot / "token"), (gateway, copy / "gateway-key.pem"),
+                       (gateway, copy / "token.key")):
+        for mode in (0o644, 0o640, 0o604):
+            path.chmod(mode)
+            with pytest.raises(SystemExit) as exc:
+                fleet_main(argv)
+            assert exc.value.code == 2, (path, oct(mode))
+            err = capsys.readouterr().err
+            assert f"'{path}' is readable or writable by group or others" in err and f"chmod 600 {path}" in err
+        path.chmod(0o600)
+    # root-owned and group-readable (a Kubernetes secret with defaultMode 0400 and an fsGroup) is accepted,
+    # unless this process is root itself; 0600 is always accepted
+    from fleet.secret_files import check_private
+
+    check_private(copy / "token.key", "token key file")
+    if os.getuid() != 0 and os.stat(copy / "token.key").st_uid == 0:
+        (copy / "token.key").chmod(0o440)
+        check_private(copy / "token.key", "token key file")

@@ -37,7 +37,8 @@ import grpc
 from cloud.gateway.interceptors import abort
 from fleet import metrics
 from fleet.config import GatewaySecurity
-from fleet.errors import FleetError, Overloaded, PermissionDenied, Unauthenticated
+from fleet.errors import ConfigError, FleetError, Overloaded, PermissionDenied, Unauthenticated
+from fleet.secret_files import read_private
 from fleet.tokens import TokenError, load_key, verify
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class _CertFiles:
 
     def config(self) -> grpc.ServerCertificateConfiguration:
         sec = self._sec
-        key, chain = Path(sec.tls_key_file).read_bytes(), Path(sec.tls_cert_file).read_bytes()
+        key, chain = read_private(sec.tls_key_file, "tls_key_file"), Path(sec.tls_cert_file).read_bytes()
         ca = Path(sec.client_ca_file).read_bytes() if sec.client_ca_file else None
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca)
 
@@ -76,7 +77,7 @@ class _CertFiles:
             if stamp == self._stamp:
                 return None
             config = self.config()
-        except OSError as exc:  # mid-rotation: keep serving the old certificate
+        except (OSError, ConfigError) as exc:  # mid-rotation, or a key left readable: keep the old certificate
             log.warning("could not reload TLS files (%s); keeping the current certificate", exc)
             return None
         self._stamp = stamp

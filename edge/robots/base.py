@@ -47,6 +47,9 @@ class Robot(abc.ABC):
     embodiment: str
     schema: Schema
     tasks: tuple[str, ...]
+    action_filter: Callable[[np.ndarray], np.ndarray] | None = None
+    """Set by the agent (the safety guard): a backend that sends actions on its own (e.g. teleoperation during
+    its reset) passes each through it."""
 
     @abc.abstractmethod
     def connect(self) -> None:

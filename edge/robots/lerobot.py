@@ -290,6 +290,8 @@ class LeRobotRobot(Robot):
         deadline = time.monotonic() + duration_s
         while (now := time.monotonic()) < deadline:
             action = self.link.read_action()
+            if action is not None and self.action_filter is not None:
+                action = self.action_filter(action)  # the same safety guard as in the episode
             if action is not None:
                 self.device.send_action(self.features.action_dict(action))
             time.sleep(max(0.0, min(period_s, deadline - now)))  # pacing a hardware loop

@@ -97,6 +97,18 @@ def _new_model(config: PreTrainedConfig, seed: int) -> PreTrainedPolicy:
         return _policy_class(config.type)(config)
 
 
+def _check_layout(config: PreTrainedConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Build the model on the meta device (shapes only, no memory) and raise InvalidInput unless its tensor
+    names and shapes are those of ``tensors`` (normalization stats aside)."""
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        meta = _policy_class(config.type)(config)
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith(NORM_PREFIX)}
+    if got != expected:
+        diff = sorted(set(got.items()) ^ set(expected.items()))[:5]
+        raise InvalidInput(f"policy config describes another model than its tensors (first differences: {diff})")
+
+
 def _decode_lerobot_config(encoded: Mapping[str, Any]) -> PreTrainedConfig:
     """Decode with draccus and check that it encodes back to the same dict (machine-local fields aside)."""
     try:
@@ -414,6 +426,7 @@ class FleetPolicy:
             stats = NormStats(*(tensors[NORM_PREFIX + n].cpu().numpy() for n in NORM_NAMES))
         except KeyError as e:
             raise InvalidInput(f"policy tensors lack normalization stats {e}") from None
+        _check_layout(lerobot, tensors)  # before allocating: a config may claim a model far larger than its tensors
         model = _new_model(lerobot, seed=0)  # weights are overwritten below
         policy = cls(policy_config, model, schema, tasks, stats, version)
         policy.load_tensors(tensors, version)
