@@ -4,6 +4,7 @@ pb <-> domain conversion (generated objects stop here)."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import grpc
 
 from fleet.config import ClientSecurity
 from fleet.convert import robot_info_to_pb
+from fleet.errors import ConfigError
 from fleet.secret_files import read_private
 from fleet.tokens import read_token_file
 from fleet.types import RobotInfo
@@ -162,8 +164,27 @@ class FleetClient:
         self._watch_events = self._channel.unary_stream(  # policy events straight from the received bytes
             "/fleet.v1.FleetService/WatchPolicy", request_serializer=pb.WatchPolicyRequest.SerializeToString,
             response_deserializer=policy_event_from_wire)
-        token = read_token_file(security.token_file) if security.token_file else ""
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._token_file = security.token_file
+        self._token_stamp: tuple[int, int] | None = None
+        self._token_metadata: tuple = ()
+        self._metadata  # read (and check) the token file now: a bad one fails at start, not on the first call
+
+    @property
+    def _metadata(self) -> tuple:
+        """The call metadata: the token file is re-read when it changes (`fleet certs token` refreshes it)."""
+        if not self._token_file:
+            return ()
+        try:
+            st = os.stat(self._token_file)
+            stamp = (st.st_mtime_ns, st.st_ino)
+            if stamp != self._token_stamp:
+                self._token_metadata = (("authorization", f"Bearer {read_token_file(self._token_file)}"),)
+                self._token_stamp = stamp
+        except (OSError, ValueError, ConfigError) as exc:
+            if self._token_stamp is None:
+                raise  # at start: a missing or unreadable token file is a configuration error
+            log.warning("cannot re-read the token file %s (%s); keeping the token read before", self._token_file, exc)
+        return self._token_metadata
 
     def register(self, info: RobotInfo) -> Registration:
         resp = self._stub.Register(robot_info_to_pb(info), timeout=self.rpc_timeout_s, wait_for_ready=False,

@@ -135,6 +135,21 @@ def add_robot(directory: str | os.PathLike, robot_id: str, token_ttl_s: float = 
     return RobotCredentials(robot_id, out, claims.token_id)
 
 
+def refresh_token(directory: str | os.PathLike, robot_id: str, token_ttl_s: float) -> tuple[Path, tokens.TokenClaims]:
+    """A fresh token for a robot of ``directory``, replacing its token file atomically (an edge reading it
+    sees the old or the new token, never half of one; it re-reads the file when it changes)."""
+    root = Path(directory)
+    out = root / "robots" / robot_id
+    if not (out / "cert.pem").exists():
+        raise FileNotFoundError(f"robot {robot_id!r} has no credentials in {root}: `fleet certs robot` first")
+    token, claims = tokens.issue(tokens.load_key(root / "token.key"), robot_id, ttl_s=token_ttl_s)
+    tmp = out / ".token.new"
+    _write_private(tmp, (token + "\n").encode())
+    os.replace(tmp, out / "token")
+    log.info("robot %s: new token %s in %s", robot_id, claims.token_id, out)
+    return out / "token", claims
+
+
 def init_pki(directory: str | os.PathLike, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
              robots: tuple[str, ...] = (), token_ttl_s: float = 0.0) -> list[RobotCredentials]:
     """Create the CA, the gateway certificate for ``hosts``, the token key and each robot's credentials."""

@@ -234,6 +234,10 @@ def _cmd_import(args, values) -> int:
     return 0
 
 
+TOKEN_TTL_S = 30 * 24 * 3600.0
+TOKEN_TTL_HELP = "token lifetime, seconds (default 30 days; 0 = until revoked); refresh with `fleet certs token`"
+
+
 def _cmd_certs(args, values) -> int:
     from fleet import certs
 
@@ -243,6 +247,20 @@ def _cmd_certs(args, values) -> int:
                                   tuple(r for r in args.robots.split(",") if r), args.token_ttl_s)
         elif args.action == "robot":
             made = [certs.add_robot(args.dir, args.robot_id, args.token_ttl_s)]
+        elif args.action == "token":
+            path, claims = certs.refresh_token(args.dir, args.robot_id, args.token_ttl_s)
+            print(json.dumps({"robot_id": args.robot_id, "token_file": str(path), "token_id": claims.token_id,
+                              "expires_s": claims.expires_s}))
+            return 0
+        elif args.action == "deny":
+            from pathlib import Path
+
+            from cloud.gateway.auth import deny_cert
+            from fleet.redis_client import connect
+
+            fingerprint, newly = deny_cert(connect(args.redis_url), Path(args.cert_file).read_bytes())
+            print(json.dumps({"denied_sha256": fingerprint, "already_denied": not newly}))
+            return 0
         else:
             from cloud.gateway.auth import revoke
             from fleet.redis_client import connect
@@ -445,11 +463,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("dir", help="output directory (must not hold a CA yet)")
     c.add_argument("--hosts", default="localhost,127.0.0.1", help="gateway DNS names/IPs, comma-separated")
     c.add_argument("--robots", default="", help="robot ids to issue credentials for, comma-separated")
-    c.add_argument("--token-ttl-s", type=float, default=0.0, help="token lifetime, seconds (0 = until revoked)")
+    c.add_argument("--token-ttl-s", type=float, default=TOKEN_TTL_S, help=TOKEN_TTL_HELP)
     c = certs_sub.add_parser("robot", help="issue a certificate and a token for one more robot from DIR's CA")
     c.add_argument("dir", help="directory made by `fleet certs init`")
     c.add_argument("--robot-id", required=True, help="the robot's id (its certificate's common name)")
-    c.add_argument("--token-ttl-s", type=float, default=0.0, help="token lifetime, seconds (0 = until revoked)")
+    c.add_argument("--token-ttl-s", type=float, default=TOKEN_TTL_S, help=TOKEN_TTL_HELP)
+    c = certs_sub.add_parser("token", help="a fresh token for a robot of DIR (refresh before it expires; the edge "
+                             "re-reads its token file when it changes)")
+    c.add_argument("dir", help="directory made by `fleet certs init`")
+    c.add_argument("--robot-id", required=True, help="the robot's id")
+    c.add_argument("--token-ttl-s", type=float, default=TOKEN_TTL_S, help=TOKEN_TTL_HELP)
+    c = certs_sub.add_parser("deny", help="refuse a robot certificate on every gateway (mutual TLS denylist, in Redis)")
+    c.add_argument("--cert-file", required=True, help="the robot's certificate (PEM)")
+    c.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
     c = certs_sub.add_parser("revoke", help="revoke a robot token id on every gateway (a Redis set)")
     c.add_argument("--token-id", required=True, help="the token id printed when the token was issued")
     c.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")

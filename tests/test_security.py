@@ -4,6 +4,7 @@ loopback port, real redis-server), with credentials made by ``fleet certs``."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import stat
@@ -280,3 +281,110 @@ def test_readable_keys_and_tokens_are_refused_with_exit_2(pki, redis_proc, tmp_p
     if os.getuid() != 0 and os.stat(copy / "token.key").st_uid == 0:
         (copy / "token.key").chmod(0o440)
         check_private(copy / "token.key", "token key file")
+
+
+def _publish(policy_dir, redis_client, step: int) -> int:
+    from cloud.policy_store import PolicyStore
+    from cloud.publisher import Publisher
+    from fleet.policies import PolicyConfig, build_policy
+
+    small = PolicyConfig(chunk_size=2, n_action_steps=2, dim_model=16, n_heads=2, dim_feedforward=32,
+                         n_encoder_layers=1, n_decoder_layers=1)
+    policy = build_policy(small, SCHEMA, (TASK,), seed=step)
+    return Publisher(PolicyStore(policy_dir, redis_client), every_steps=1).publish(policy, step).version
+
+
+def test_revocation_reaches_an_open_watch_policy_stream(secure_gateway, pki, redis_client, caplog):
+    """A revoked robot's open WatchPolicy stream ends before the next version, not at max_connection_age."""
+    root, _ = pki
+    client = robot_client(secure_gateway, root, "r1", "r1")
+    client.register(info("r1"))
+    policy_dir = secure_gateway.cfg.policy_dir
+    _publish(policy_dir, redis_client, 1)
+    events = client.watch_policy("r1", 0)
+    assert next(events).version == 1  # the header of v1: the stream is open and delivering
+    for _ in events:  # the rest of v1
+        if type(_).__name__ == "PolicyTrailerEvent":
+            break
+    token_id = tokens.verify(tokens.load_key(root / "token.key"), (root / "robots/r1/token").read_text().strip()).token_id
+    redis_client.sadd(REVOKED_KEY, token_id)
+    run_on_gateway(secure_gateway, secure_gateway.gw.revoked.refresh())
+    _publish(policy_dir, redis_client, 2)
+    with pytest.raises(grpc.RpcError) as err:
+        next(events)  # v2 is not delivered
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and token_id in err.value.details()
+    assert "auth: refused /fleet.v1.FleetService/WatchPolicy for robot 'r1'" in caplog.text  # the audit line
+    client.close()
+
+
+def test_expired_token_ends_open_streams_and_denied_certificates_are_refused(pki, redis_proc, redis_client,
+                                                                            tmp_path):
+    """Tokens expire on open streams too; with mutual TLS only, a denied certificate is refused."""
+    import time as _time
+
+    root, _ = pki
+    robot = root / "robots" / "r2"
+    short, claims = tokens.issue(tokens.load_key(root / "token.key"), "r2", ttl_s=2.0)
+    (tmp_path / "short").write_text(short)
+    (tmp_path / "short").chmod(0o600)
+    gw = GatewayThread(GatewayConfig(listen="127.0.0.1:0", redis_url=redis_proc.url,
+                                     policy_dir=str(tmp_path / "policies"), security=gateway_security(root)))
+    try:
+        sec = ClientSecurity(ca_file=str(root / "ca.pem"), cert_file=str(robot / "cert.pem"),
+                             key_file=str(robot / "key.pem"), token_file=str(tmp_path / "short"),
+                             server_name="localhost")
+        client = FleetClient(f"127.0.0.1:{gw.port}", rpc_timeout_s=5.0, security=sec)
+        client.register(info("r2"))
+        outbox: queue.Queue = queue.Queue()
+        call = client.stream_experience(iter(outbox.get, None))
+        outbox.put(chunk_to_pb(chunk("r2", 1), SCHEMA))
+        assert next(call).acked_seq == 3
+        _time.sleep(max(0.0, claims.expires_s - _time.time()) + 0.05)  # the token's own clock: nothing to wait on
+        outbox.put(chunk_to_pb(chunk("r2", 4), SCHEMA))
+        with pytest.raises(grpc.RpcError) as err:
+            next(call)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "expired" in err.value.details()
+        outbox.put(None)
+        client.close()
+    finally:
+        gw.stop()
+
+    mtls_only = GatewaySecurity(tls_cert_file=str(root / "gateway.pem"), tls_key_file=str(root / "gateway-key.pem"),
+                                client_ca_file=str(root / "ca.pem"))
+    gw = GatewayThread(GatewayConfig(listen="127.0.0.1:0", redis_url=redis_proc.url,
+                                     policy_dir=str(tmp_path / "policies2"), security=mtls_only))
+    try:
+        client = robot_client(gw, root, "r2", None)
+        assert client.register(info("r2")).last_acked_seq == 3
+        assert fleet_main(["certs", "deny", "--cert-file", str(robot / "cert.pem"), "--redis-url", redis_proc.url]) == 0
+        run_on_gateway(gw, gw.gw.revoked.refresh())
+        with pytest.raises(grpc.RpcError) as err:
+            client.register(info("r2"))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "certificate of robot 'r2' is denied" \
+            in err.value.details()
+        assert robot_client(gw, root, "r1", None).register(info("r1")).last_acked_seq == 0  # r1 unaffected
+        client.close()
+    finally:
+        gw.stop()
+
+
+def test_a_refreshed_token_is_picked_up_without_restarting_the_edge(pki, secure_gateway, redis_client, capsys):
+    """`fleet certs token` replaces a robot's token file; the client reads it on its next call, so an
+    expiring token is refreshed (and the old one can then be revoked) without restarting the robot."""
+    import shutil
+
+    root, _ = pki
+    work = root.parent / f"{root.name}-refresh"
+    shutil.copytree(root, work, dirs_exist_ok=True)
+    client = robot_client(secure_gateway, work, "r1", "r1")
+    client.register(info("r1"))
+    old = tokens.verify(tokens.load_key(work / "token.key"), (work / "robots/r1/token").read_text().strip())
+    assert fleet_main(["certs", "token", str(work), "--robot-id", "r1"]) == 0
+    new_id = json.loads(capsys.readouterr().out)["token_id"]
+    new = tokens.verify(tokens.load_key(work / "token.key"), (work / "robots/r1/token").read_text().strip())
+    assert new.token_id == new_id != old.token_id and 29 * 86400 < new.expires_s - new.issued_s <= 30 * 86400
+    assert stat.S_IMODE(os.stat(work / "robots/r1/token").st_mode) == 0o600
+    redis_client.sadd(REVOKED_KEY, old.token_id)  # the old token is now useless ...
+    run_on_gateway(secure_gateway, secure_gateway.gw.revoked.refresh())
+    assert client.register(info("r1")).last_acked_seq == 0  # ... and this client already sends the new one
+    client.close()

@@ -26,6 +26,7 @@ The health service (``grpc.health.v1``) is left open: probes carry no token.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import defaultdict
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import grpc
 
-from cloud.gateway.interceptors import abort
+from cloud.gateway.interceptors import MalformedRequests, _responses, _result, abort, status_for
 from fleet import metrics
 from fleet.config import GatewaySecurity
 from fleet.errors import ConfigError, FleetError, Overloaded, PermissionDenied, Unauthenticated
@@ -44,6 +45,8 @@ from fleet.tokens import TokenError, load_key, verify
 log = logging.getLogger(__name__)
 
 REVOKED_KEY = "fleet:auth:revoked"
+DENIED_CERTS_KEY = "fleet:auth:denied_certs"
+"""SHA-256 fingerprints (hex, of the DER) of robot certificates refused even though the CA signed them."""
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
@@ -98,20 +101,26 @@ def server_credentials(sec: GatewaySecurity) -> grpc.ServerCredentials | None:
 
 
 class RevokedTokens:
-    """Local copy of the revoked token ids, refreshed from Redis in the background."""
+    """Local copy of the revoked token ids and the denied certificates (SHA-256 fingerprints), refreshed
+    from Redis in the background."""
 
     def __init__(self, redis, refresh_s: float):
         self._redis = redis
         self._refresh_s = refresh_s
         self._ids: frozenset[str] = frozenset()
+        self._certs: frozenset[str] = frozenset()
         self._task: asyncio.Task | None = None
 
     def __contains__(self, token_id: str) -> bool:
         return token_id in self._ids
 
+    def cert_denied(self, fingerprint: str) -> bool:
+        return fingerprint in self._certs
+
     async def refresh(self) -> None:
-        raw = await self._redis.smembers(REVOKED_KEY)
-        self._ids = frozenset(x.decode() if isinstance(x, bytes) else x for x in raw)
+        ids, certs = await asyncio.gather(self._redis.smembers(REVOKED_KEY), self._redis.smembers(DENIED_CERTS_KEY))
+        self._ids = frozenset(x.decode() if isinstance(x, bytes) else x for x in ids)
+        self._certs = frozenset(x.decode() if isinstance(x, bytes) else x for x in certs)
 
     async def start(self) -> None:
         await self.refresh()
@@ -136,6 +145,20 @@ def revoke(redis, token_id: str) -> bool:
     if not token_id:
         raise ValueError("token_id must not be empty")
     return bool(redis.sadd(REVOKED_KEY, token_id))
+
+
+def cert_fingerprint(pem: bytes) -> str:
+    """SHA-256 of a PEM certificate's DER, hex (what ``fleet certs deny`` stores)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    return x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256()).hex()
+
+
+def deny_cert(redis, pem: bytes) -> tuple[str, bool]:
+    """Deny a robot certificate on every gateway (sync client); returns (fingerprint, newly denied)."""
+    fingerprint = cert_fingerprint(pem)
+    return fingerprint, bool(redis.sadd(DENIED_CERTS_KEY, fingerprint))
 
 
 # --- limits -------------------------------------------------------------------------------
@@ -195,6 +218,9 @@ class RobotLimits:
 class Identity:
     robot_id: str
     token_id: str = ""
+    expires_s: float = 0.0
+    """The token's expiry (0: none): open streams are cut when it passes."""
+    cert_fingerprint: str = ""
 
 
 class Authenticator:
@@ -212,28 +238,44 @@ class Authenticator:
     def identify(self, metadata, auth_context: dict) -> Identity | None:
         if not self.enabled:
             return None
-        cert_name = None
+        cert_name, fingerprint = None, ""
         if self._mutual_tls:
             names = auth_context.get("x509_common_name") or []
             if not names:
                 raise Unauthenticated("no verified client certificate")
             cert_name = names[0].decode() if isinstance(names[0], bytes) else names[0]
+            pems = auth_context.get("x509_pem_cert") or []
+            fingerprint = cert_fingerprint(pems[0]) if pems else ""
         if self._key is None:
-            return Identity(robot_id=cert_name or "")
+            identity = Identity(robot_id=cert_name or "", cert_fingerprint=fingerprint)
+            self.check_open(identity)
+            return identity
         token = _bearer(metadata)
         try:
             claims = verify(self._key, token)
         except TokenError as exc:
             raise Unauthenticated(str(exc)) from None
-        self.check_revoked(claims.token_id)
         if cert_name is not None and cert_name != claims.robot_id:
             raise PermissionDenied(f"token for robot {claims.robot_id!r} presented with the certificate of "
                                    f"{cert_name!r}")
-        return Identity(robot_id=claims.robot_id, token_id=claims.token_id)
+        identity = Identity(robot_id=claims.robot_id, token_id=claims.token_id, expires_s=claims.expires_s,
+                            cert_fingerprint=fingerprint)
+        self.check_open(identity)
+        return identity
 
-    def check_revoked(self, token_id: str) -> None:
-        if token_id and self._revoked is not None and token_id in self._revoked:
-            raise Unauthenticated(f"token {token_id!r} has been revoked")
+    def check_open(self, identity: Identity | None) -> None:
+        """Still allowed (checked on every message of open streams, too): not revoked, not expired, not denied."""
+        if identity is None:
+            return
+        if identity.token_id and self._revoked is not None and identity.token_id in self._revoked:
+            raise Unauthenticated(f"token {identity.token_id!r} has been revoked")
+        if identity.expires_s and time.time() >= identity.expires_s:
+            raise Unauthenticated(f"token {identity.token_id!r} of robot {identity.robot_id!r} expired at "
+                                  f"{identity.expires_s:.0f}")
+        if identity.cert_fingerprint and self._revoked is not None and self._revoked.cert_denied(
+                identity.cert_fingerprint):
+            raise Unauthenticated(f"the certificate of robot {identity.robot_id!r} is denied "
+                                  f"(sha256 {identity.cert_fingerprint[:16]}...)")
 
 
 def _bearer(metadata) -> str:
@@ -255,78 +297,172 @@ def authorize(identity: Identity | None, robot_id: str) -> None:
 # --- the interceptor ----------------------------------------------------------------------
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticate, authorize and limit every FleetService call (see the module docstring)."""
+_IDENTITY: contextvars.ContextVar = contextvars.ContextVar("fleet_identity")
+"""The caller's Identity (or None: auth off), set by :class:`Authenticate` before any request is parsed."""
 
-    def __init__(self, authenticator: Authenticator, limits: RobotLimits):
+
+class AuditLog:
+    """Every refused call is logged (robot, peer, method, reason); repeats of one (peer, reason) within
+    ``window_s`` are counted and summarised instead of flooding the log."""
+
+    def __init__(self, window_s: float = 10.0):
+        self.window_s = window_s
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def refused(self, context, method: str, robot_id: str, exc: FleetError) -> None:
+        peer = context.peer() if hasattr(context, "peer") else "?"
+        key, now = (peer, type(exc).__name__ + str(exc)[:80]), time.monotonic()
+        first, repeats = self._last.get(key, (0.0, 0))
+        if now - first < self.window_s:
+            self._last[key] = (first, repeats + 1)
+            return
+        if len(self._last) > 10_000:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        extra = f" ({repeats} more like it in the last {self.window_s:.0f} s)" if repeats else ""
+        log.warning("auth: refused %s for robot %r from %s: %s: %s%s", method, robot_id or "?", peer,
+                    status_for(exc).name, exc, extra)
+
+
+class Authenticate(grpc.aio.ServerInterceptor):
+    """Outermost: who is calling, from the metadata and the TLS peer only, before any request bytes are
+    parsed (UNAUTHENTICATED / PERMISSION_DENIED otherwise). :class:`AuthInterceptor` then authorizes."""
+
+    def __init__(self, authenticator: Authenticator, audit: AuditLog):
+        self.authenticator = authenticator
+        self.audit = audit
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(OPEN_PREFIXES) or not self.authenticator.enabled:
+            return handler
+        identify = self._identify
+
+        if handler.request_streaming and handler.response_streaming:
+            async def stream_stream(request_iterator, context):
+                if await identify(context, method):
+                    async for response in _responses(handler.stream_stream(request_iterator, context)):
+                        yield response
+            return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
+                                                         handler.response_serializer)
+        if handler.response_streaming:
+            async def unary_stream(request, context):
+                if await identify(context, method):
+                    async for response in _responses(handler.unary_stream(request, context)):
+                        yield response
+            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+        if handler.request_streaming:
+            raise NotImplementedError(f"{method}: client streaming is not wrapped")
+
+        async def unary_unary(request, context):
+            if await identify(context, method):
+                return await _result(handler.unary_unary(request, context))
+        return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
+                                                   handler.response_serializer)
+
+    async def _identify(self, context, method: str) -> bool:
+        try:
+            _IDENTITY.set(self.authenticator.identify(context.invocation_metadata(), context.auth_context()))
+        except FleetError as exc:
+            self.audit.refused(context, method, "", exc)
+            await abort(context, exc, _count_rejection)
+        return True
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authorize and limit every FleetService call, on the parsed requests (see the module docstring)."""
+
+    def __init__(self, authenticator: Authenticator, limits: RobotLimits, audit: AuditLog | None = None):
         self.authenticator = authenticator
         self.limits = limits
+        self.audit = audit or AuditLog()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
             return handler
+        method = handler_call_details.method
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                self._stream_stream(handler.stream_stream), handler.request_deserializer,
+                self._stream_stream(handler.stream_stream, method), handler.request_deserializer,
                 handler.response_serializer)
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
-                self._unary_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+                self._unary_stream(handler.unary_stream, method), handler.request_deserializer,
+                handler.response_serializer)
         if handler.request_streaming:
             raise NotImplementedError(f"{handler_call_details.method}: client streaming is not wrapped")
         return grpc.unary_unary_rpc_method_handler(
-            self._unary_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+            self._unary_unary(handler.unary_unary, method), handler.request_deserializer,
+            handler.response_serializer)
 
-    def _identify(self, context) -> Identity | None:
-        return self.authenticator.identify(context.invocation_metadata(), context.auth_context())
+    def _identity(self, context) -> Identity | None:
+        """The identity :class:`Authenticate` found (identified here when this interceptor runs alone)."""
+        identity = _IDENTITY.get(_UNSET)
+        if identity is _UNSET:
+            identity = self.authenticator.identify(context.invocation_metadata(), context.auth_context())
+        return identity
 
-    def _unary_unary(self, behavior):
+    async def _refuse(self, context, method: str, robot_id: str, exc: FleetError) -> None:
+        self.audit.refused(context, method, robot_id, exc)
+        await abort(context, exc, _count_rejection)
+
+    def _unary_unary(self, behavior, method: str):
         async def wrapped(request, context):
             try:
-                authorize(self._identify(context), request.robot_id)
+                authorize(self._identity(context), request.robot_id)
             except FleetError as exc:
-                await abort(context, exc, _count_rejection)
+                await self._refuse(context, method, request.robot_id, exc)
             return await behavior(request, context)
         return wrapped
 
-    def _unary_stream(self, behavior):
+    def _unary_stream(self, behavior, method: str):
         async def wrapped(request, context):
             try:
-                identity = self._identify(context)
+                identity = self._identity(context)
                 if request.robot_id:  # WatchPolicy may leave it empty: then it watches as its identity
                     authorize(identity, request.robot_id)
             except FleetError as exc:
-                await abort(context, exc, _count_rejection)
+                await self._refuse(context, method, request.robot_id, exc)
             async for response in behavior(request, context):
+                try:  # revoked, expired or denied meanwhile: the stream ends before the next message
+                    self.authenticator.check_open(identity)
+                except FleetError as exc:
+                    await self._refuse(context, method, request.robot_id, exc)
                 yield response
         return wrapped
 
-    def _stream_stream(self, behavior):
+    def _stream_stream(self, behavior, method: str):
         async def wrapped(request_iterator, context):
             try:
-                identity = self._identify(context)
+                identity = self._identity(context)
                 opened = identity.robot_id if identity is not None else None
                 if opened is not None:
                     self.limits.open_stream(opened)
             except FleetError as exc:
-                await abort(context, exc, _count_rejection)
+                await self._refuse(context, method, "", exc)
             try:
-                async for response in behavior(self._checked(request_iterator, identity), context):
+                async for response in behavior(self._checked(request_iterator, identity, context, method), context):
                     yield response
             finally:
                 if opened is not None:
                     self.limits.close_stream(opened)
         return wrapped
 
-    async def _checked(self, request_iterator, identity: Identity | None):
-        """Each message: same robot as the identity, token not revoked meanwhile, within the rates.
+    async def _checked(self, request_iterator, identity: Identity | None, context, method: str):
+        """Each message: same robot as the identity, still allowed (not revoked, expired or denied meanwhile),
+        within the rates.
 
         Errors raised here surface in the servicer's ``async for`` and are mapped there."""
         async for msg in request_iterator:
-            authorize(identity, msg.robot_id)
-            if identity is not None:
-                self.authenticator.check_revoked(identity.token_id)
+            try:
+                authorize(identity, msg.robot_id)
+                self.authenticator.check_open(identity)
+            except FleetError as exc:
+                self.audit.refused(context, method, msg.robot_id, exc)
+                raise
             nbytes = msg.ByteSize() if self.limits.counts_bytes else 0
             delay = self.limits.delay_s(msg.robot_id, len(msg.steps), nbytes)
             if delay > 0:
@@ -335,11 +471,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             yield msg
 
 
+_UNSET = object()
+
+
+def build_interceptors(sec: GatewaySecurity, redis) -> tuple[list[grpc.aio.ServerInterceptor], RevokedTokens | None]:
+    """The interceptors for a GatewayConfig's security section, outermost first, around the request parser
+    (``MalformedRequests``): authenticate before anything is parsed, then authorize and limit.
+    Start the RevokedTokens it returns."""
+    interceptor, revoked = build_interceptor(sec, redis)
+    return [Authenticate(interceptor.authenticator, interceptor.audit), MalformedRequests(), interceptor], revoked
+
+
 def build_interceptor(sec: GatewaySecurity, redis) -> tuple[AuthInterceptor, RevokedTokens | None]:
-    """The interceptor for a GatewayConfig's security section (start the RevokedTokens it returns)."""
+    """The authorizing interceptor for a GatewayConfig's security section (start the RevokedTokens it returns)."""
     key = load_key(sec.token_key_file) if sec.token_key_file else None
-    revoked = RevokedTokens(redis, sec.revocation_refresh_s) if key is not None else None
     mutual = bool(sec.client_ca_file)
+    revoked = RevokedTokens(redis, sec.revocation_refresh_s) if key is not None or mutual else None
     if key is None and not mutual:
         log.warning("gateway runs without robot authentication (no token key, no client CA): development only")
     elif key is not None and not sec.tls_cert_file:
@@ -350,5 +497,6 @@ def build_interceptor(sec: GatewaySecurity, redis) -> tuple[AuthInterceptor, Rev
     return interceptor, revoked
 
 
-__all__ = ["AuthInterceptor", "Authenticator", "Identity", "REVOKED_KEY", "RevokedTokens", "RobotLimits",
-           "authorize", "build_interceptor", "revoke", "server_credentials"]
+__all__ = ["AuditLog", "Authenticate", "AuthInterceptor", "Authenticator", "DENIED_CERTS_KEY", "Identity",
+           "REVOKED_KEY", "RevokedTokens", "RobotLimits", "authorize", "build_interceptor", "build_interceptors",
+           "cert_fingerprint", "deny_cert", "revoke", "server_credentials"]

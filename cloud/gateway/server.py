@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import grpc
 import redis.asyncio as aioredis
 
-from cloud.gateway.auth import build_interceptor, server_credentials
+from cloud.gateway.auth import build_interceptors, server_credentials
 from cloud.gateway.backpressure import InflightLimiter
 from cloud.gateway.health import GatewayHealth
-from cloud.gateway.interceptors import MalformedRequests
 from cloud.gateway.policy_feed import PolicyFeed
 from cloud.gateway.policy_servicer import add_fleet_service
 from cloud.gateway.servicer import FleetServicer
@@ -108,10 +107,10 @@ async def start_gateway(cfg: GatewayConfig) -> RunningGateway:
     limiter = InflightLimiter(cfg.max_inflight_bytes, cfg.robot_max_inflight_bytes, cfg.max_experience_streams,
                               cfg.inflight_wait_s, cfg.retry_after_s)
     servicer = FleetServicer(ingest, feed, redis, limiter=limiter)
-    interceptor, revoked = build_interceptor(cfg.security, redis)
+    interceptors, revoked = build_interceptors(cfg.security, redis)
     if revoked is not None:
         await revoked.start()
-    server = grpc.aio.server(options=server_options(cfg), interceptors=[MalformedRequests(), interceptor])
+    server = grpc.aio.server(options=server_options(cfg), interceptors=interceptors)
     add_fleet_service(servicer, server)  # WatchPolicy sends pre-serialized transfers
     health = GatewayHealth(redis)
     health.add_to(server)
