@@ -388,3 +388,18 @@ def test_a_refreshed_token_is_picked_up_without_restarting_the_edge(pki, secure_
     run_on_gateway(secure_gateway, secure_gateway.gw.revoked.refresh())
     assert client.register(info("r1")).last_acked_seq == 0  # ... and this client already sends the new one
     client.close()
+
+
+def test_no_request_bytes_are_parsed_before_the_caller_is_authenticated(secure_gateway, pki):
+    root, _ = pki
+    garbage = b"\xff\xff\xff\xff not a protobuf"
+    anonymous = robot_client(secure_gateway, root, "r1", None)  # a fleet certificate, no token
+    raw = anonymous._channel.unary_unary("/fleet.v1.FleetService/Register", request_serializer=None,
+                                         response_deserializer=None)
+    assert code_of(lambda: raw(garbage, timeout=5)) == grpc.StatusCode.UNAUTHENTICATED  # refused unread
+    robot = robot_client(secure_gateway, root, "r1", "r1")
+    raw = robot._channel.unary_unary("/fleet.v1.FleetService/Register", request_serializer=None,
+                                     response_deserializer=None)
+    assert code_of(lambda: raw(garbage, timeout=5, metadata=robot._metadata)) == grpc.StatusCode.INVALID_ARGUMENT
+    anonymous.close()
+    robot.close()
