@@ -321,8 +321,10 @@ class Updater:
     def _refuse(self, version: int, reason: str, label: str = "unusable") -> None:
         log.warning("robot %s: refusing policy v%d: %s (keeping v%d)", self.robot_id, version, reason,
                     self.slot.current.version)
-        self.refused_version = max(self.refused_version, version)
-        if self.last_good.revert(version):
+        with self.received:  # observers (wait) see the refusal only with the disk already reverted
+            reverted = self.last_good.revert(version)
+            self.refused_version = max(self.refused_version, version)
+        if reverted:
             log.info("robot %s: last good policy on disk reverted from v%d", self.robot_id, version)
         self._rejected_one(label)
 
