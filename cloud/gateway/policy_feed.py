@@ -8,7 +8,8 @@ A transfer is the stream of ``PolicyUpdate`` messages that takes an edge from
 the version it holds (its base; 0 = none) to a target version: header, tensor
 pieces of at most ``piece_bytes``, trailer. Each is encoded once, in a thread, on
 first request (or ahead of it: the delta from a new version's parent as soon as
-the version appears); robots stream the first messages while the rest is being
+the version appears); deltas only from the version's parent or keyframe, full
+weights for an edge holding any other version; robots stream the first messages while the rest is being
 encoded. The serialized bytes are shared by every robot fetching the transfer
 and kept in a byte-bounded LRU cache; the gRPC handler sends them as they are.
 
@@ -194,6 +195,7 @@ class PolicyFeed:
         self._prewarm: set[asyncio.Task] = set()
         self._encoders: set[asyncio.Task] = set()
         self._stopping = False
+        self._bases: dict[int, tuple[int, int]] = {}
         self.encodings: Counter[tuple[int, int]] = Counter()
         """How often each (base, version) transfer was encoded: once, however many robots fetch it."""
 
@@ -267,10 +269,30 @@ class PolicyFeed:
                 pass
             return self._latest
 
-    def transfer_for(self, version: int, have: int, want_full: bool) -> Transfer:
-        """The transfer for an edge that holds ``have``: a delta from it, or full if asked or impossible."""
+    async def transfer_for(self, version: int, have: int, want_full: bool) -> Transfer:
+        """The transfer for an edge that holds ``have``: a delta from it when ``have`` is the version's parent
+        or its keyframe (what every edge that keeps up holds), else the full weights. So the deltas encoded
+        per version are bounded: edges asking from many other versions cannot make the gateway encode
+        (and cache) one delta each."""
         base = 0 if want_full or have <= 0 or have >= version else have
+        if base and base not in await self._delta_bases(version):
+            base = 0
         return self.transfer(version, base)
+
+    async def _delta_bases(self, version: int) -> tuple[int, int]:
+        """(parent, keyframe) of ``version`` (read once per version; (0, 0) if the manifest is unreadable)."""
+        bases = self._bases.get(version)
+        if bases is None:
+            try:
+                manifest = await asyncio.to_thread(self._store.manifest, version)
+                bases = (manifest.parent_version, manifest.keyframe_version)
+            except Exception as exc:  # a version being garbage-collected, a broken file: send it full
+                log.warning("cannot read the manifest of v%d (%s): sending it in full", version, exc)
+                return 0, 0
+            self._bases[version] = bases
+            while len(self._bases) > 256:
+                self._bases.pop(next(iter(self._bases)))
+        return bases
 
     def transfer(self, version: int, base_version: int = 0) -> Transfer:
         """The transfer ``base_version`` -> ``version``: cached, or started now (encoded once in a thread;

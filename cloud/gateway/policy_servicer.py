@@ -98,7 +98,7 @@ class PolicyServicerMixin:
                     continue
                 if robot:
                     metrics.GATEWAY_POLICY_LAG.labels(robot=robot).set(latest - have)
-                transfer = self._feed.transfer_for(latest, have, want_full)
+                transfer = await self._feed.transfer_for(latest, have, want_full)
                 async for msg in transfer.stream():
                     yield msg
                 metrics.GATEWAY_POLICY_BYTES.labels(kind=transfer.kind).inc(transfer.payload_bytes)

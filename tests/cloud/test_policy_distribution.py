@@ -246,17 +246,20 @@ def test_edges_at_different_versions_get_their_own_transfer_concurrently(gateway
     feed = gateway.gw.feed
     for edge in edges.values():
         edge.start()
+    manifest = store.manifest(latest)
+    deltas_from = {manifest.parent_version, manifest.keyframe_version} - {0}
+    assert deltas_from == {1, 3}, deltas_from  # v4's keyframe is v1 (no full version since), its parent v3
     try:
         for rid, edge in edges.items():
             assert edge.wait_version(latest, timeout_s=60), rid
-            assert edge.last_transfer.base_version == bases[rid], rid
+            # a delta from the keyframe (v1); v2 is neither parent nor keyframe: full weights
+            assert edge.last_transfer.base_version == (bases[rid] if bases[rid] in deltas_from else 0), rid
             assert_holds(edge, store, latest)
         received = {rid: e.last_transfer.payload_bytes for rid, e in edges.items()}
-        assert received["r0"] == store.manifest(latest).total_bytes
-        assert received["r2"] < received["r1"] < received["r0"]
-        assert received["r1"] == received["r1b"]
-        # each transfer encoded once: full, v1->v4 (shared by r1 and r1b), v2->v4, and v3->v4 built ahead
-        assert {key for key in feed.encodings if key[1] == latest} == {(0, 4), (1, 4), (2, 4), (3, 4)}
+        assert received["r0"] == received["r2"] == manifest.total_bytes
+        assert received["r1"] == received["r1b"] < received["r0"]
+        # each transfer encoded once: full (r0 and r2), v1->v4 (r1 and r1b), and v3->v4 built ahead
+        assert {key for key in feed.encodings if key[1] == latest} == {(0, 4), (1, 4), (3, 4)}
         assert set(feed.encodings.values()) == {1}
     finally:
         for edge in edges.values():
@@ -326,3 +329,31 @@ def test_smolvla_publish_stream_verify_swap(gateway, redis_client, tmp_path: Pat
         assert slot.swap_if_pending() and slot.current.version == v2
     finally:
         edge.stop()
+
+
+@pytest.mark.timeout(90)
+def test_deltas_only_from_the_parent_or_keyframe_however_many_bases_edges_ask_for(gateway, redis_client):
+    """Edges holding 5 different old versions of v6: the gateway encodes the parent's delta and one full
+    transfer, not one delta per base (each cached delta costs CPU and RAM)."""
+    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
+    publisher = Publisher(store, every_steps=1)
+    policy = act_with_frozen_encoder()
+    for step in range(1, 7):
+        update(policy, seed=step)
+        publisher.publish(policy, step)
+    client = FleetClient(gateway.target, rpc_timeout_s=10.0)
+    try:
+        feed = gateway.gw.feed
+        manifest = store.manifest(6)
+        bases = {manifest.parent_version, manifest.keyframe_version}
+        assert 5 in bases and len(bases - {0}) <= 2
+        for have in (1, 2, 3, 4, 5):
+            events = client.watch_policy(f"edge-{have}", have)
+            header = next(events)
+            assert header.version == 6
+            assert header.base_version == (have if have in bases else 0), (have, header.base_version)
+            events.cancel()
+        assert {base for base, version in feed.encodings if version == 6} <= bases | {0}
+        assert len([key for key in feed.encodings if key[1] == 6]) <= 3  # not one per base asked for
+    finally:
+        client.close()
