@@ -65,10 +65,13 @@ class GatewaySecurity:
     """How often the set of revoked token ids is re-read from Redis, seconds."""
     robot_max_streams: int = 2
     """Experience streams one robot may hold open at once on one gateway (0 = unlimited)."""
-    robot_max_steps_per_s: float = 0.0
-    """Steps per second accepted from one robot before its stream is slowed down (0 = unlimited)."""
-    robot_max_bytes_per_s: float = 0.0
+    robot_max_steps_per_s: float = 10_000.0
+    """Steps per second accepted from one robot before its stream is slowed down (0 = unlimited; the default
+    lets a 30 Hz robot catch up on an hour of spool in about 11 s)."""
+    robot_max_bytes_per_s: float = 64e6
     """Step bytes per second accepted from one robot before its stream is slowed down (0 = unlimited)."""
+    robot_max_policy_streams: int = 2
+    """WatchPolicy streams one robot may hold open at once on one gateway (0 = unlimited)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.tls_cert_file) == bool(self.tls_key_file),
@@ -77,6 +80,8 @@ class GatewaySecurity:
                  f"client_ca_file ({self.client_ca_file!r}) needs tls_cert_file: mutual TLS is TLS first")
         _require(self.revocation_refresh_s > 0, f"revocation_refresh_s ({self.revocation_refresh_s}) must be > 0")
         _require(self.robot_max_streams >= 0, f"robot_max_streams ({self.robot_max_streams}) must be >= 0")
+        _require(self.robot_max_policy_streams >= 0,
+                 f"robot_max_policy_streams ({self.robot_max_policy_streams}) must be >= 0")
         _require(self.robot_max_steps_per_s >= 0, f"robot_max_steps_per_s ({self.robot_max_steps_per_s}) must be >= 0")
         _require(self.robot_max_bytes_per_s >= 0, f"robot_max_bytes_per_s ({self.robot_max_bytes_per_s}) must be >= 0")
 

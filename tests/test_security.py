@@ -403,3 +403,33 @@ def test_no_request_bytes_are_parsed_before_the_caller_is_authenticated(secure_g
     assert code_of(lambda: raw(garbage, timeout=5, metadata=robot._metadata)) == grpc.StatusCode.INVALID_ARGUMENT
     anonymous.close()
     robot.close()
+
+
+def test_watch_policy_streams_per_robot_are_limited(secure_gateway, pki):
+    """Two WatchPolicy streams per robot by default: a third is RESOURCE_EXHAUSTED, other robots unaffected."""
+    import time as _time
+
+    from prometheus_client import REGISTRY
+
+    root, _ = pki
+    clients = [robot_client(secure_gateway, root, "r1", "r1") for _ in range(3)]
+    before = REGISTRY.get_sample_value("fleet_gateway_policy_streams") or 0.0
+    watches = [c.watch_policy("r1", 0) for c in clients[:2]]
+    deadline = _time.monotonic() + 10
+    while (REGISTRY.get_sample_value("fleet_gateway_policy_streams") or 0.0) < before + 2:  # the gateway's gauge
+        assert _time.monotonic() < deadline, "the two watches never opened"
+        _time.sleep(0.02)
+    with pytest.raises(grpc.RpcError) as err:
+        next(clients[2].watch_policy("r1", 0))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 2" in err.value.details()
+    other = robot_client(secure_gateway, root, "r2", "r2")
+    third_robot = other.watch_policy("r2", 0)  # r2 has its own budget: this stream opens and waits
+    while (REGISTRY.get_sample_value("fleet_gateway_policy_streams") or 0.0) < before + 3:
+        assert _time.monotonic() < deadline, "r2's watch never opened"
+        _time.sleep(0.02)
+    watches[0].cancel()
+    third_robot.cancel()
+    for w in watches[1:]:
+        w.cancel()
+    for c in (*clients, other):
+        c.close()

@@ -11,7 +11,8 @@ Every call to ``fleet.v1.FleetService`` goes through :class:`AuthInterceptor`:
    robot, and every request message (each chunk of a stream) must carry that
    robot id: a robot registers, heartbeats, writes and watches only as itself.
 3. *Limit* (per robot, per gateway): at most ``robot_max_streams`` experience
-   streams at once (``RESOURCE_EXHAUSTED`` beyond), and steps or bytes per second
+   streams and ``robot_max_policy_streams`` WatchPolicy streams at once
+   (``RESOURCE_EXHAUSTED`` beyond), and steps or bytes per second
    above the configured rates slow the stream down (backpressure through gRPC
    flow control, nothing dropped).
 
@@ -182,10 +183,13 @@ class TokenBucket:
 class RobotLimits:
     """Per-robot stream count and step/byte rates on this gateway."""
 
-    def __init__(self, max_streams: int = 0, max_steps_per_s: float = 0.0, max_bytes_per_s: float = 0.0):
+    def __init__(self, max_streams: int = 0, max_steps_per_s: float = 0.0, max_bytes_per_s: float = 0.0,
+                 max_policy_streams: int = 0):
         self.max_streams = max_streams
+        self.max_policy_streams = max_policy_streams
         self._rates = {"steps": max_steps_per_s, "bytes": max_bytes_per_s}
         self._streams: dict[str, int] = defaultdict(int)
+        self._policy_streams: dict[str, int] = defaultdict(int)
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self.counts_bytes = bool(max_bytes_per_s)
 
@@ -199,6 +203,17 @@ class RobotLimits:
         self._streams[robot_id] -= 1
         if self._streams[robot_id] <= 0:
             del self._streams[robot_id]
+
+    def open_policy_stream(self, robot_id: str) -> None:
+        if self.max_policy_streams and self._policy_streams[robot_id] >= self.max_policy_streams:
+            raise Overloaded(f"robot {robot_id!r} already has {self._policy_streams[robot_id]} WatchPolicy streams "
+                             f"open (limit {self.max_policy_streams})", retry_after_s=5.0)
+        self._policy_streams[robot_id] += 1
+
+    def close_policy_stream(self, robot_id: str) -> None:
+        self._policy_streams[robot_id] -= 1
+        if self._policy_streams[robot_id] <= 0:
+            del self._policy_streams[robot_id]
 
     def delay_s(self, robot_id: str, steps: int, nbytes: int) -> float:
         """How long to hold this chunk so the robot stays within its rates."""
@@ -420,18 +435,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary_stream(self, behavior, method: str):
         async def wrapped(request, context):
+            robot = request.robot_id
             try:
                 identity = self._identity(context)
-                if request.robot_id:  # WatchPolicy may leave it empty: then it watches as its identity
-                    authorize(identity, request.robot_id)
+                if robot:  # WatchPolicy may leave it empty: then it watches as its identity
+                    authorize(identity, robot)
+                robot = identity.robot_id if identity is not None else robot
+                self.limits.open_policy_stream(robot)
             except FleetError as exc:
                 await self._refuse(context, method, request.robot_id, exc)
-            async for response in behavior(request, context):
-                try:  # revoked, expired or denied meanwhile: the stream ends before the next message
-                    self.authenticator.check_open(identity)
-                except FleetError as exc:
-                    await self._refuse(context, method, request.robot_id, exc)
-                yield response
+            try:
+                async for response in behavior(request, context):
+                    try:  # revoked, expired or denied meanwhile: the stream ends before the next message
+                        self.authenticator.check_open(identity)
+                    except FleetError as exc:
+                        await self._refuse(context, method, request.robot_id, exc)
+                    yield response
+            finally:
+                self.limits.close_policy_stream(robot)
         return wrapped
 
     def _stream_stream(self, behavior, method: str):
@@ -493,7 +514,7 @@ def build_interceptor(sec: GatewaySecurity, redis) -> tuple[AuthInterceptor, Rev
         log.warning("robot tokens without TLS travel in clear text: set tls_cert_file/tls_key_file")
     interceptor = AuthInterceptor(Authenticator(key, mutual, revoked),
                                   RobotLimits(sec.robot_max_streams, sec.robot_max_steps_per_s,
-                                              sec.robot_max_bytes_per_s))
+                                              sec.robot_max_bytes_per_s, sec.robot_max_policy_streams))
     return interceptor, revoked
 
 

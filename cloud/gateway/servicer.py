@@ -198,9 +198,10 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
                         finally:
                             metrics.GATEWAY_INFLIGHT_BYTES.dec(nbytes)
                     metrics.GATEWAY_INGEST.observe(time.perf_counter() - t0)
-                    metrics.GATEWAY_STEPS.labels(robot=robot_id, task=head.task).inc(result.stored_steps)
+                    task = metrics.task_label(head.task)
+                    metrics.GATEWAY_STEPS.labels(robot=robot_id, task=task).inc(result.stored_steps)
                     metrics.GATEWAY_DUPLICATE_STEPS.labels(robot=robot_id).inc(result.duplicate_steps)
-                    metrics.GATEWAY_BYTES.labels(robot=robot_id, task=head.task).inc(nbytes)
+                    metrics.GATEWAY_BYTES.labels(robot=robot_id, task=task).inc(nbytes)
                     yield pb.Ack(acked_seq=result.acked_seq, duplicate_steps=result.duplicate_steps)
             finally:
                 self._limiter.close_stream()

@@ -134,3 +134,28 @@ def test_episode_ids_and_tasks_are_stored_once_per_episode_not_per_labeled_step(
     step_bytes = sum(len(b) for b in redis_client.lrange(keys.episode(episode), 0, -1))
     index_bytes = redis_client.memory_usage(keys.labeled) + redis_client.memory_usage(keys.episode_ids)
     assert index_bytes < 0.2 * step_bytes, (index_bytes, step_bytes)  # was ~5x the steps' own bytes
+
+
+def test_task_labels_stay_bounded_however_many_tasks_robots_send(client, redis_client):
+    """Five robots with 64 tasks each (the most a robot may register): /metrics keeps at most
+    MAX_TASK_LABELS task values; the steps of later tasks are counted under "other", none are lost."""
+    from prometheus_client import REGISTRY
+
+    from fleet import metrics
+
+    for r in range(5):
+        rid = f"many-{r}"
+        tasks = tuple(f"task {r}-{i}" for i in range(64))
+        client.register(RobotInfo(rid, "test-arm", SCHEMA, tasks, PROTOCOL_VERSION))
+        chunks = []
+        for i, task in enumerate(tasks):
+            s = steps(i + 1, 1)[0]
+            s.index = 0
+            chunks.append(Chunk(rid, f"{rid}-e{i}", task, [s]))
+        send(client, *chunks)
+    samples = [s for family in REGISTRY.collect() if family.name == "fleet_gateway_steps_ingested"
+               for s in family.samples if s.name.endswith("_total")]
+    values = {s.labels["task"] for s in samples}
+    assert len(values - {"other"}) <= metrics.MAX_TASK_LABELS and "other" in values
+    ours = sum(s.value for s in samples if s.labels["robot"].startswith("many-"))
+    assert ours == 5 * 64
