@@ -18,6 +18,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # host only, in a domain drawn for this session, so parallel sessions and robots on the LAN never meet.
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 200))
+# UDP only: Fast DDS's shared-memory transport leaves segments in /dev/shm behind SIGKILLed processes
+# (the driver-dying test kills one on purpose), which later participants of the domain trip over.
+os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = "UDPv4"
+
+
+@pytest.fixture
+def ros_domain(monkeypatch):
+    """A ROS domain of this test's own for the processes it starts: nothing an earlier test left running
+    or half-dead in the session's domain can reach them."""
+    session = int(os.environ["ROS_DOMAIN_ID"])
+    domain = random.SystemRandom().choice([d for d in range(1, 201) if d != session])
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
+    return domain
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ def demos(schema, episodes: int = 2, steps: int = 8):
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_ros2_robot_learns_over_dds(redis_proc, redis_client, gateway, tmp_path):
+def test_ros2_robot_learns_over_dds(redis_proc, redis_client, gateway, tmp_path, ros_domain):
     sim_cfg = SimArmConfig(rate_hz=60, camera_height=H, camera_width=W, teleop=True, teleop_period_steps=20,
                            teleop_segment_steps=6)
     ros2 = {**sim_cfg.edge_ros2_section(), "node_name": "fleet_edge_e2e"}
