@@ -167,7 +167,8 @@ def import_lerobot_dataset(redis_url: str, root: str | Path, robot_id: str = "",
     embodiment = embodiment or _default_embodiment(root, dataset.meta.robot_type)
     tasks = tuple(str(t) for t in dataset.meta.tasks.index)
     info = RobotInfo(robot_id=robot_id, embodiment=embodiment, schema=schema, tasks=tasks,
-                     protocol_version=PROTOCOL_VERSION, software_version="lerobot-dataset")
+                     protocol_version=PROTOCOL_VERSION, software_version="lerobot-dataset",
+                     control_hz=float(dataset.fps))
     episodes = ((task, [_step(f, schema, keys, i, i == len(frames) - 1) for i, f in enumerate(frames)])
                 for task, frames in _episodes(dataset, max_episodes))
     n_episodes, n_steps = asyncio.run(_write(redis_url, info, episodes))

@@ -83,7 +83,8 @@ def frame_of(step: Step, schema: Schema, task: str) -> dict:
 
 
 def estimate_fps(redis, refs: list[EpisodeRef], max_steps: int = 500) -> int:
-    """The control rate the episodes were recorded at: median step interval of the first ones."""
+    """A guess at the control rate from the median step interval of the first episodes (only for robots that
+    registered no rate: demos seeded at simulation speed would read as thousands of fps)."""
     stamps = []
     for ref in refs[:5]:
         ts = [s.timestamp_s for _, s in zip(range(max_steps), iter_steps(redis, ref))]
@@ -92,15 +93,42 @@ def estimate_fps(redis, refs: list[EpisodeRef], max_steps: int = 500) -> int:
     return max(1, round(1.0 / float(np.median(positive)))) if positive else 10
 
 
+def export_fps(redis, refs: list[EpisodeRef]) -> int:
+    """The dataset's fps: the control rate the robots registered. Robots that registered none get a
+    timestamp estimate (logged). A LeRobotDataset has one fps, so episodes of several rates are refused."""
+    robots_at: dict[float, set[str]] = {}
+    for ref in refs:
+        if ref.control_hz:
+            robots_at.setdefault(ref.control_hz, set()).add(ref.robot_id)
+    unknown = [ref for ref in refs if not ref.control_hz]
+    if unknown:
+        guessed = estimate_fps(redis, unknown)
+        robots = sorted({ref.robot_id for ref in unknown})
+        log.warning("robot(s) %s registered no control rate; using %d fps estimated from their step timestamps "
+                    "(pass --fps to set it)", robots, guessed)
+        robots_at.setdefault(float(guessed), set()).update(robots)
+    if len(robots_at) > 1:
+        rates = "; ".join(f"{hz:g} Hz: {', '.join(sorted(ids))}" for hz, ids in sorted(robots_at.items()))
+        raise ConfigError(f"the selected episodes were recorded at {len(robots_at)} control rates ({rates}); a "
+                          "LeRobotDataset has one fps: export one rate at a time with --robot or --embodiment")
+    (hz,) = robots_at
+    if abs(hz - round(hz)) > 1e-6:
+        raise ConfigError(f"the robots' control rate ({hz:g} Hz) is not a whole number and a LeRobotDataset's fps "
+                          "is; pass --fps to choose one")
+    return int(round(hz))
+
+
 def export_lerobot(redis, out_dir: str | Path, flt: ExportFilter, fps: int | None = None, video: bool = False,
                    repo_id: str = REPO_ID) -> ExportResult:
-    """Write the episodes passing ``flt`` to a new LeRobotDataset v3 at ``out_dir``."""
+    """Write the episodes passing ``flt`` to a new LeRobotDataset v3 at ``out_dir``.
+
+    ``fps`` defaults to the control rate the robots registered (:func:`export_fps`); given, it overrides it."""
     out = Path(out_dir)
     if out.exists():
         raise ConfigError(f"output directory {out} exists; LeRobot writes a new dataset only")
     refs = select_episodes(redis, flt)
     schema = single_schema(refs)
-    fps = fps or estimate_fps(redis, refs)
+    fps = fps or export_fps(redis, refs)
     if fps < 1:
         raise ConfigError(f"fps ({fps}) must be >= 1")
     small = [f"{s.name} {s.shape}" for s in schema.observation if s.is_image and min(s.shape[:2]) < MIN_VIDEO_PX]
