@@ -1,10 +1,13 @@
 """A buffer seeded the project's own way (scripted MetaWorld demos, real redis-server), exported with
-``fleet export --format lerobot``, then read by LeRobot's own dataset reader, which replays every
-episode step for step against Redis."""
+``fleet export --format lerobot``, then read by LeRobot's own tools: its dataset reader replays every
+episode step for step against Redis, and ``lerobot-train`` (ACT, CPU, two steps) trains on it."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from edge.robots.metaworld import SCHEMA
 from fleet.cli import main
 from fleet.convert import schema_from_dict
 
+ROOT = Path(__file__).resolve().parents[2]
 TASK = "reach-v3"
 EPISODES, STEPS = 2, 30
 
@@ -72,6 +76,30 @@ def test_exported_episodes_replay_in_lerobot_as_in_redis(redis_proc, redis_clien
     for ref, new in zip(refs, imported, strict=True):
         for a, b in zip(iter_steps(redis_client, ref), iter_steps(redis_client, new), strict=True):
             np.testing.assert_array_equal(a.observation["state"], b.observation["state"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_lerobot_train_accepts_the_export(redis_proc, tmp_path):
+    out = tmp_path / "ds"
+    seed_and_export(redis_proc.url, out)
+    train = Path(sys.executable).with_name("lerobot-train")
+    assert train.exists(), f"LeRobot's CLI is not installed next to {sys.executable}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    small_act = ["--policy.type=act", "--policy.device=cpu", "--policy.push_to_hub=false",
+                 "--policy.pretrained_backbone_weights=null", "--policy.dim_model=32", "--policy.n_heads=2",
+                 "--policy.dim_feedforward=64", "--policy.n_encoder_layers=1", "--policy.n_decoder_layers=1",
+                 "--policy.n_vae_encoder_layers=1", "--policy.latent_dim=8", "--policy.chunk_size=5",
+                 "--policy.n_action_steps=5"]
+    result = subprocess.run(
+        [str(train), f"--dataset.repo_id={REPO_ID}", f"--dataset.root={out}", *small_act, "--wandb.enable=false",
+         "--steps=2", "--batch_size=2", "--num_workers=0", "--save_checkpoint=false", "--eval_freq=0",
+         "--log_freq=1", f"--output_dir={tmp_path / 'train'}"],
+        env=env, capture_output=True, text=True, timeout=280)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    frames = json.loads((out / "meta" / "info.json").read_text())["total_frames"]
+    assert f"dataset.num_frames={frames}" in log and "step:2 " in log and "End of training" in log
 
 
 @pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"state": [{"key": "observation.state"}]}',
