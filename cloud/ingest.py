@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import struct
 import time
 import zlib
@@ -189,7 +190,8 @@ class Ingest:
         check_registration(info, MAX_TASKS_PER_ROBOT if self._source == SOURCE_ONLINE else MAX_OFFLINE_TASKS)
         record = {"robot_id": info.robot_id, "embodiment": info.embodiment, "schema": schema_to_dict(info.schema),
                   "tasks": list(info.tasks), "protocol_version": info.protocol_version,
-                  "software_version": info.software_version, "registered_s": time.time(),
+                  "software_version": info.software_version, "control_hz": info.control_hz,
+                  "registered_s": time.time(),
                   "source": self._source}
         with self.redis_errors(f"register robot {info.robot_id!r}"):
             await self._check_schema_change(info.robot_id, record["schema"])
@@ -240,7 +242,8 @@ class Ingest:
         data = json.loads(raw)
         info = RobotInfo(robot_id=robot_id, embodiment=data["embodiment"], schema=schema_from_dict(data["schema"]),
                          tasks=tuple(data["tasks"]), protocol_version=data["protocol_version"],
-                         software_version=data.get("software_version", ""))
+                         software_version=data.get("software_version", ""),
+                         control_hz=float(data.get("control_hz") or 0.0))
         self._robots[robot_id] = info
         return info
 
@@ -305,6 +308,8 @@ MAX_TASKS_PER_ROBOT = 64
 """Tasks one robot may register (bounds the registry every trainer refresh reads, and metric labels)."""
 MAX_OFFLINE_TASKS = 100_000
 """Tasks of one offline dataset import (a LeRobot dataset may have thousands)."""
+MAX_CONTROL_HZ = 100_000.0
+"""Highest control rate a robot may register (ticks per second); 0 means unknown."""
 
 
 def check_registration(info: RobotInfo, max_tasks: int = MAX_TASKS_PER_ROBOT) -> None:
@@ -312,6 +317,9 @@ def check_registration(info: RobotInfo, max_tasks: int = MAX_TASKS_PER_ROBOT) ->
     check_id(info.robot_id, "robot_id")
     check_id(info.embodiment, f"robot {info.robot_id!r} embodiment", allow_empty=True)
     check_task(info.software_version, f"robot {info.robot_id!r} software_version", allow_empty=True)
+    if not (math.isfinite(info.control_hz) and 0.0 <= info.control_hz <= MAX_CONTROL_HZ):
+        raise InvalidInput(f"robot {info.robot_id!r} control_hz ({info.control_hz}) must be a number of ticks per "
+                           f"second in [0, {MAX_CONTROL_HZ:g}] (0 = unknown)")
     for spec in (*info.schema.observation, info.schema.action):
         check_id(spec.name, f"robot {info.robot_id!r} schema feature name")
         if spec.is_image and (len(spec.shape) != 3 or spec.shape[2] not in (1, 3, 4) or spec.dtype != "uint8"

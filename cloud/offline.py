@@ -61,13 +61,14 @@ def scripted_demos(tasks: Sequence[str], episodes_per_task: int, max_episode_ste
     return episodes
 
 
-async def _write(redis_url: str, robot_id: str, episodes, schema, tasks,
-                 embodiment: str = "metaworld-sawyer") -> int:
+async def _write(redis_url: str, robot_id: str, episodes, schema, tasks, embodiment: str = "metaworld-sawyer",
+                 control_hz: float = 0.0) -> int:
     redis = connect_async(redis_url)
     try:
         ingest = Ingest(redis, source=SOURCE_OFFLINE)
         seq = await ingest.register(RobotInfo(robot_id=robot_id, embodiment=embodiment, schema=schema,
-                                              tasks=tuple(tasks), protocol_version=PROTOCOL_VERSION))
+                                              tasks=tuple(tasks), protocol_version=PROTOCOL_VERSION,
+                                              control_hz=control_hz))
         written = 0
         for task, steps, summary in episodes:
             episode_id = f"{robot_id}-{uuid.uuid4().hex[:12]}"
@@ -87,12 +88,17 @@ async def _write(redis_url: str, robot_id: str, episodes, schema, tasks,
 
 def seed_scripted_demos(redis_url: str, tasks: Sequence[str], episodes_per_task: int, max_episode_steps: int = 150,
                         seed: int = 0, robot_id: str = "demos-metaworld") -> dict:
-    """Generate demos and write them to the buffer; returns counts and the demos' success rate."""
+    """Generate demos and write them to the buffer; returns counts and the demos' success rate.
+
+    The demos run as fast as the simulator goes, but each step is one control tick of the sim robots,
+    so they register the edge agent's default control rate (what an export writes as its fps)."""
+    from edge.agent import EdgeConfig
     from edge.robots.metaworld import SCHEMA, MetaWorldRobot
 
     episodes = scripted_demos(tasks, episodes_per_task, max_episode_steps, seed)
     instructions = MetaWorldRobot(tasks=tasks).tasks
-    written = asyncio.run(_write(redis_url, robot_id, episodes, SCHEMA, instructions))
+    written = asyncio.run(_write(redis_url, robot_id, episodes, SCHEMA, instructions,
+                                 control_hz=EdgeConfig.control_hz))
     success = float(np.mean([s.success for _, _, s in episodes])) if episodes else 0.0
     log.info("seeded %d demo episodes (%d steps, %.0f%% successful)", len(episodes), written, 100 * success)
     return {"episodes": len(episodes), "steps": written, "success_rate": success}
@@ -104,7 +110,7 @@ def _feature_name(key: str) -> str:
 
 
 def lerobot_dataset_episodes(root: str, repo_id: str = "", success: bool = True):
-    """Read a LeRobotDataset from a local directory (no hub): (schema, tasks, episodes) for the buffer.
+    """Read a LeRobotDataset from a local directory (no hub): (schema, tasks, episodes, fps) for the buffer.
 
     ``observation.*`` features become observation features named without the prefix (images stay images,
     PNG-encoded), ``action`` the action. Episodes count as successful (demonstrations) unless the dataset
@@ -162,14 +168,15 @@ def lerobot_dataset_episodes(root: str, repo_id: str = "", success: bool = True)
                             policy_version=0, timestamp_s=float(frame["timestamp"]), images=imgs))
     close()
     tasks = tuple(dict.fromkeys(task for task, _, _ in episodes))
-    return schema, tasks, episodes
+    return schema, tasks, episodes, float(dataset.fps)
 
 
 def seed_lerobot_dataset(redis_url: str, root: str, robot_id: str = "demos-lerobot", repo_id: str = "",
                          success: bool = True) -> dict:
     """Write a local LeRobotDataset into the buffer as offline data; returns counts."""
-    schema, tasks, episodes = lerobot_dataset_episodes(root, repo_id, success)
-    written = asyncio.run(_write(redis_url, robot_id, episodes, schema, tasks, embodiment=to_id(f"lerobot:{Path(root).name}")))
+    schema, tasks, episodes, fps = lerobot_dataset_episodes(root, repo_id, success)
+    written = asyncio.run(_write(redis_url, robot_id, episodes, schema, tasks, embodiment=to_id(f"lerobot:{Path(root).name}"),
+                                 control_hz=fps))
     log.info("seeded %d episodes (%d steps, tasks %s) from the LeRobotDataset at %s", len(episodes), written,
              list(tasks), root)
     return {"episodes": len(episodes), "steps": written, "tasks": list(tasks)}

@@ -10,6 +10,8 @@ Mapping (the inverse of ``cloud/export/lerobot.py``, and what ``lerobot-record``
 ``observation.images.<cam>`` -> image ``<cam>`` (PNG, lossless), ``action`` -> action;
 optional ``is_intervention`` / ``complementary_info.is_intervention``, ``policy_action``,
 ``policy_version``, ``next.reward``, ``next.success``, ``next.done``, ``wall_time_ns``.
+A vector the export split (``meta/fleet_features.json``, ``cloud/export/layout.py``: MetaWorld's
+``observation.state`` + ``observation.environment_state``) is joined back into its one feature.
 The embodiment defaults to ``lerobot-<robot_type>``, the name the LeRobot edge backend
 gives a live robot of that type, so a dataset recorded on an SO-101 trains the SO-101 line.
 """
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from cloud.buffer import SOURCE_OFFLINE
+from cloud.export.layout import Part, read_layout
 from cloud.ingest import MAX_STEPS_PER_CHUNK, Ingest
 from fleet import PROTOCOL_VERSION
 from fleet.codec import encode_image
@@ -49,10 +52,18 @@ def _image_shape(spec: dict) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def schema_of(features: dict[str, dict]) -> tuple[Schema, dict[str, str]]:
-    """The fleet schema of a LeRobot ``features`` dict, and fleet name -> LeRobot key."""
+def schema_of(features: dict[str, dict], split: dict[str, tuple[Part, ...]] | None = None
+              ) -> tuple[Schema, dict[str, str]]:
+    """The fleet schema of a LeRobot ``features`` dict (``split`` parts joined), and fleet name -> LeRobot key."""
+    split = split or {}
     specs, keys = [], {}
+    joined = {p.key for parts in split.values() for p in parts}
+    for name, parts in split.items():
+        specs.append(FeatureSpec(name, "float32", (parts[-1].stop,)))
+        keys[name] = parts[0].key
     for key, spec in features.items():
+        if key in joined:
+            continue
         if key.startswith(IMAGE_PREFIX) or spec["dtype"] in ("image", "video"):
             name = key.removeprefix(IMAGE_PREFIX)
             specs.append(FeatureSpec(name, "uint8", _image_shape(spec), is_image=True))
@@ -61,6 +72,8 @@ def schema_of(features: dict[str, dict]) -> tuple[Schema, dict[str, str]]:
             specs.append(FeatureSpec(name, "float32", tuple(spec["shape"])))
         else:
             continue
+        if name in keys:
+            raise ConfigError(f"the dataset's {key!r} and {keys[name]!r} both map to fleet feature {name!r}")
         keys[name] = key
     if "action" not in features or len(features["action"]["shape"]) != 1:
         raise ConfigError(f"the dataset has no 1-D 'action' feature (features: {sorted(features)})")
@@ -75,10 +88,14 @@ def _scalar(frame: dict, key: str, default: Any) -> Any:
     return default if value is None else np.asarray(value).reshape(-1)[0].item()
 
 
-def _step(frame: dict, schema: Schema, keys: dict[str, str], index: int, last: bool) -> Step:
+def _step(frame: dict, schema: Schema, keys: dict[str, str], index: int, last: bool,
+          split: dict[str, tuple[Part, ...]] | None = None) -> Step:
     observation, images = {}, {}
     for spec in schema.observation:
-        value = frame[keys[spec.name]].numpy()
+        if split and spec.name in split:
+            value = np.concatenate([frame[p.key].numpy().reshape(-1) for p in split[spec.name]])
+        else:
+            value = frame[keys[spec.name]].numpy()
         if spec.is_image:  # float (C, H, W) in [0, 1] -> uint8 (H, W, C), exact for 8-bit sources
             pixels = np.clip(np.rint(value * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
             images[spec.name] = encode_image(pixels, "png")
@@ -162,13 +179,15 @@ def import_lerobot_dataset(redis_url: str, root: str | Path, robot_id: str = "",
     if not (root / "meta" / "info.json").exists():
         raise ConfigError(f"{root} is not a LeRobotDataset (no meta/info.json)")
     dataset = LeRobotDataset(repo_id or f"local/{root.name}", root=root, video_backend="pyav")
-    schema, keys = schema_of(dataset.meta.features)
+    split = read_layout(root, dataset.meta.features)
+    schema, keys = schema_of(dataset.meta.features, split)
     robot_id = robot_id or "offline-" + re.sub(r"[^A-Za-z0-9_.-]", "_", root.name)
     embodiment = embodiment or _default_embodiment(root, dataset.meta.robot_type)
     tasks = tuple(str(t) for t in dataset.meta.tasks.index)
     info = RobotInfo(robot_id=robot_id, embodiment=embodiment, schema=schema, tasks=tasks,
-                     protocol_version=PROTOCOL_VERSION, software_version="lerobot-dataset")
-    episodes = ((task, [_step(f, schema, keys, i, i == len(frames) - 1) for i, f in enumerate(frames)])
+                     protocol_version=PROTOCOL_VERSION, software_version="lerobot-dataset",
+                     control_hz=float(dataset.fps))
+    episodes = ((task, [_step(f, schema, keys, i, i == len(frames) - 1, split) for i, f in enumerate(frames)])
                 for task, frames in _episodes(dataset, max_episodes))
     n_episodes, n_steps = asyncio.run(_write(redis_url, info, episodes))
     log.info("imported %d episodes (%d steps) of %s as offline robot %s (%s)", n_episodes, n_steps, root,

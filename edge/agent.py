@@ -148,7 +148,7 @@ class EdgeAgent:
         self.robot = make_robot(cfg.backend, **_robot_args(cfg))
         self.info = RobotInfo(robot_id=cfg.robot_id, embodiment=self.robot.embodiment, schema=self.robot.schema,
                               tasks=tuple(self.robot.tasks), protocol_version=PROTOCOL_VERSION,
-                              software_version=__version__)
+                              software_version=__version__, control_hz=cfg.control_hz)
         self.spool = Spool(state / "spool.db", self.robot.schema, max_bytes=cfg.spool_max_bytes,
                            synchronous=cfg.spool_synchronous)
         self.client = FleetClient(cfg.gateway, security=cfg.security)

@@ -441,7 +441,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-version", type=int, default=None, help="only episodes run by policy version <= N")
     p.add_argument("--include-unfinished", action="store_true", help="also episodes still being recorded")
     p.add_argument("--no-eval", action="store_true", help="leave out evaluation episodes")
-    p.add_argument("--fps", type=int, default=None, help="lerobot: frame rate (default: measured)")
+    p.add_argument("--fps", type=int, default=None, help="lerobot: frame rate (default: the robots' registered control rate)")
     p.add_argument("--video", action="store_true", help="lerobot: store camera frames as AV1 video, not images")
     p.set_defaults(func=_cmd_export)
 

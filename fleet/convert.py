@@ -78,6 +78,7 @@ def robot_info_to_pb(info: RobotInfo) -> pb.RegisterRequest:
         tasks=list(info.tasks),
         protocol_version=info.protocol_version,
         software_version=info.software_version,
+        control_hz=info.control_hz,
     )
 
 
@@ -91,6 +92,7 @@ def robot_info_from_pb(msg: pb.RegisterRequest) -> RobotInfo:
         tasks=tuple(msg.tasks),
         protocol_version=msg.protocol_version,
         software_version=msg.software_version,
+        control_hz=msg.control_hz,
     )
 
 

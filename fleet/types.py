@@ -107,3 +107,5 @@ class RobotInfo:
     tasks: tuple[str, ...]
     protocol_version: str
     software_version: str = ""
+    control_hz: float = 0.0
+    """Control rate the robot's steps are recorded at (ticks per second); 0 = unknown."""

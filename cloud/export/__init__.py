@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -71,6 +72,8 @@ class EpisodeRef:
     schema: Schema
     start_s: float = 0.0
     """Timestamp of its first step (Unix seconds)."""
+    control_hz: float = 0.0
+    """Control rate its robot registered (ticks per second); 0 = unknown (registered before the field existed)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _rate(value) -> float:
+    """A registration's control rate; anything but a positive finite number reads as 0 (unknown)."""
+    try:
+        hz = float(value or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+    return hz if math.isfinite(hz) and hz > 0 else 0.0
+
+
 def select_episodes(redis, flt: ExportFilter) -> list[EpisodeRef]:
     """The episodes that pass ``flt``, oldest first (reads catalogs and each episode's first step)."""
     robots = {_text(k): json.loads(v) for k, v in redis.hgetall(ROBOTS_KEY).items()}
@@ -124,7 +136,7 @@ def select_episodes(redis, flt: ExportFilter) -> list[EpisodeRef]:
             candidates.append(EpisodeRef(rid, _text(eid), entry["task"], int(entry["len"]), bool(entry.get("ended")),
                                          bool(entry.get("success")), bool(entry.get("eval")), version,
                                          entry.get("source", reg.get("source", SOURCE_ONLINE)),
-                                         reg.get("embodiment", ""), schema))
+                                         reg.get("embodiment", ""), schema, control_hz=_rate(reg.get("control_hz"))))
     pipe = redis.pipeline(transaction=False)
     for ref in candidates:
         pipe.lindex(RobotKeys(ref.robot_id).episode(ref.episode_id), 0)

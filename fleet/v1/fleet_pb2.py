@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66leet/v1/fleet.proto\x12\x08\x66leet.v1\"E\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.fleet.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"X\n\x05Image\x12\x10\n\x08\x65ncoding\x18\x01 \x01(\t\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"u\n\x0b\x46\x65\x61tureSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0f.fleet.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08is_image\x18\x04 \x01(\x08\x12\x17\n\x0f\x61llow_nonfinite\x18\x05 \x01(\x08\"[\n\x06Schema\x12*\n\x0bobservation\x18\x01 \x03(\x0b\x32\x15.fleet.v1.FeatureSpec\x12%\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x15.fleet.v1.FeatureSpec\"\x9c\x01\n\x0fRegisterRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x12\n\nembodiment\x18\x02 \x01(\t\x12 \n\x06schema\x18\x03 \x01(\x0b\x32\x10.fleet.v1.Schema\x12\r\n\x05tasks\x18\x04 \x03(\t\x12\x18\n\x10protocol_version\x18\x05 \x01(\t\x12\x18\n\x10software_version\x18\x06 \x01(\t\"]\n\x10RegisterResponse\x12\x16\n\x0elast_acked_seq\x18\x01 \x01(\x04\x12\x1d\n\x15latest_policy_version\x18\x02 \x01(\x04\x12\x12\n\ngateway_id\x18\x03 \x01(\t\"\xca\x03\n\x04Step\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x34\n\x0bobservation\x18\x03 \x03(\x0b\x32\x1f.fleet.v1.Step.ObservationEntry\x12*\n\x06images\x18\x04 \x03(\x0b\x32\x1a.fleet.v1.Step.ImagesEntry\x12\'\n\rpolicy_action\x18\x05 \x01(\x0b\x32\x10.fleet.v1.Tensor\x12 \n\x06\x61\x63tion\x18\x06 \x01(\x0b\x32\x10.fleet.v1.Tensor\x12\x17\n\x0fis_intervention\x18\x07 \x01(\x08\x12\x0e\n\x06reward\x18\x08 \x01(\x02\x12\x0f\n\x07success\x18\t \x01(\x08\x12\x0c\n\x04\x64one\x18\n \x01(\x08\x12\x16\n\x0epolicy_version\x18\x0b \x01(\x04\x12\x13\n\x0btimestamp_s\x18\x0c \x01(\x01\x1a\x44\n\x10ObservationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.fleet.v1.Tensor:\x02\x38\x01\x1a>\n\x0bImagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.fleet.v1.Image:\x02\x38\x01\"\x8f\x01\n\nEpisodeEnd\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x11\n\tnum_steps\x18\x02 \x01(\r\x12\x1a\n\x12intervention_steps\x18\x03 \x01(\r\x12\x15\n\rinterventions\x18\x04 \x01(\r\x12\x12\n\nevaluation\x18\x05 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\"\xaf\x01\n\x05\x43hunk\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x1d\n\x05steps\x18\x04 \x03(\x0b\x32\x0e.fleet.v1.Step\x12\x14\n\x0cgap_declared\x18\x05 \x01(\x08\x12)\n\x0b\x65pisode_end\x18\x06 \x01(\x0b\x32\x14.fleet.v1.EpisodeEnd\x12\x12\n\nevaluation\x18\x07 \x01(\x08\"1\n\x03\x41\x63k\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x17\n\x0f\x64uplicate_steps\x18\x02 \x01(\r\"i\n\x12WatchPolicyRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x14\n\x0chave_version\x18\x02 \x01(\x04\x12\x11\n\twant_full\x18\x03 \x01(\x08\x12\x18\n\x10rejected_version\x18\x04 \x01(\x04\"c\n\x0cPolicyHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x15\n\rmanifest_json\x18\x03 \x01(\t\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\"K\n\x0bTensorPiece\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x04 \x01(\t\"\x1f\n\rPolicyTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x94\x01\n\x0cPolicyUpdate\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fleet.v1.PolicyHeaderH\x00\x12&\n\x05piece\x18\x02 \x01(\x0b\x32\x15.fleet.v1.TensorPieceH\x00\x12*\n\x07trailer\x18\x03 \x01(\x0b\x32\x17.fleet.v1.PolicyTrailerH\x00\x42\x06\n\x04part\"\xb3\x01\n\x10HeartbeatRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x13\n\x0bspool_steps\x18\x03 \x01(\x04\x12\x13\n\x0bspool_bytes\x18\x04 \x01(\x04\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\x13\n\x0bsteps_per_s\x18\x07 \x01(\x01\x12\x19\n\x11intervention_rate\x18\x08 \x01(\x01\"I\n\x11HeartbeatResponse\x12\x1d\n\x15latest_policy_version\x18\x01 \x01(\x04\x12\x15\n\rserver_time_s\x18\x02 \x01(\x01*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0f\n\x0b\x44TYPE_INT32\x10\x08\x12\x0f\n\x0b\x44TYPE_INT64\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n2\x96\x02\n\x0c\x46leetService\x12\x41\n\x08Register\x12\x19.fleet.v1.RegisterRequest\x1a\x1a.fleet.v1.RegisterResponse\x12\x36\n\x10StreamExperience\x12\x0f.fleet.v1.Chunk\x1a\r.fleet.v1.Ack(\x01\x30\x01\x12\x45\n\x0bWatchPolicy\x12\x1c.fleet.v1.WatchPolicyRequest\x1a\x16.fleet.v1.PolicyUpdate0\x01\x12\x44\n\tHeartbeat\x12\x1a.fleet.v1.HeartbeatRequest\x1a\x1b.fleet.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66leet/v1/fleet.proto\x12\x08\x66leet.v1\"E\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.fleet.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"X\n\x05Image\x12\x10\n\x08\x65ncoding\x18\x01 \x01(\t\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"u\n\x0b\x46\x65\x61tureSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0f.fleet.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08is_image\x18\x04 \x01(\x08\x12\x17\n\x0f\x61llow_nonfinite\x18\x05 \x01(\x08\"[\n\x06Schema\x12*\n\x0bobservation\x18\x01 \x03(\x0b\x32\x15.fleet.v1.FeatureSpec\x12%\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x15.fleet.v1.FeatureSpec\"\xb0\x01\n\x0fRegisterRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x12\n\nembodiment\x18\x02 \x01(\t\x12 \n\x06schema\x18\x03 \x01(\x0b\x32\x10.fleet.v1.Schema\x12\r\n\x05tasks\x18\x04 \x03(\t\x12\x18\n\x10protocol_version\x18\x05 \x01(\t\x12\x18\n\x10software_version\x18\x06 \x01(\t\x12\x12\n\ncontrol_hz\x18\x07 \x01(\x01\"]\n\x10RegisterResponse\x12\x16\n\x0elast_acked_seq\x18\x01 \x01(\x04\x12\x1d\n\x15latest_policy_version\x18\x02 \x01(\x04\x12\x12\n\ngateway_id\x18\x03 \x01(\t\"\xca\x03\n\x04Step\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x34\n\x0bobservation\x18\x03 \x03(\x0b\x32\x1f.fleet.v1.Step.ObservationEntry\x12*\n\x06images\x18\x04 \x03(\x0b\x32\x1a.fleet.v1.Step.ImagesEntry\x12\'\n\rpolicy_action\x18\x05 \x01(\x0b\x32\x10.fleet.v1.Tensor\x12 \n\x06\x61\x63tion\x18\x06 \x01(\x0b\x32\x10.fleet.v1.Tensor\x12\x17\n\x0fis_intervention\x18\x07 \x01(\x08\x12\x0e\n\x06reward\x18\x08 \x01(\x02\x12\x0f\n\x07success\x18\t \x01(\x08\x12\x0c\n\x04\x64one\x18\n \x01(\x08\x12\x16\n\x0epolicy_version\x18\x0b \x01(\x04\x12\x13\n\x0btimestamp_s\x18\x0c \x01(\x01\x1a\x44\n\x10ObservationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.fleet.v1.Tensor:\x02\x38\x01\x1a>\n\x0bImagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.fleet.v1.Image:\x02\x38\x01\"\x8f\x01\n\nEpisodeEnd\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x11\n\tnum_steps\x18\x02 \x01(\r\x12\x1a\n\x12intervention_steps\x18\x03 \x01(\r\x12\x15\n\rinterventions\x18\x04 \x01(\r\x12\x12\n\nevaluation\x18\x05 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\"\xaf\x01\n\x05\x43hunk\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x1d\n\x05steps\x18\x04 \x03(\x0b\x32\x0e.fleet.v1.Step\x12\x14\n\x0cgap_declared\x18\x05 \x01(\x08\x12)\n\x0b\x65pisode_end\x18\x06 \x01(\x0b\x32\x14.fleet.v1.EpisodeEnd\x12\x12\n\nevaluation\x18\x07 \x01(\x08\"1\n\x03\x41\x63k\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x17\n\x0f\x64uplicate_steps\x18\x02 \x01(\r\"i\n\x12WatchPolicyRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x14\n\x0chave_version\x18\x02 \x01(\x04\x12\x11\n\twant_full\x18\x03 \x01(\x08\x12\x18\n\x10rejected_version\x18\x04 \x01(\x04\"c\n\x0cPolicyHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x15\n\rmanifest_json\x18\x03 \x01(\t\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\"K\n\x0bTensorPiece\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x04 \x01(\t\"\x1f\n\rPolicyTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x94\x01\n\x0cPolicyUpdate\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fleet.v1.PolicyHeaderH\x00\x12&\n\x05piece\x18\x02 \x01(\x0b\x32\x15.fleet.v1.TensorPieceH\x00\x12*\n\x07trailer\x18\x03 \x01(\x0b\x32\x17.fleet.v1.PolicyTrailerH\x00\x42\x06\n\x04part\"\xb3\x01\n\x10HeartbeatRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x13\n\x0bspool_steps\x18\x03 \x01(\x04\x12\x13\n\x0bspool_bytes\x18\x04 \x01(\x04\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\x13\n\x0bsteps_per_s\x18\x07 \x01(\x01\x12\x19\n\x11intervention_rate\x18\x08 \x01(\x01\"I\n\x11HeartbeatResponse\x12\x1d\n\x15latest_policy_version\x18\x01 \x01(\x04\x12\x15\n\rserver_time_s\x18\x02 \x01(\x01*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0f\n\x0b\x44TYPE_INT32\x10\x08\x12\x0f\n\x0b\x44TYPE_INT64\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n2\x96\x02\n\x0c\x46leetService\x12\x41\n\x08Register\x12\x19.fleet.v1.RegisterRequest\x1a\x1a.fleet.v1.RegisterResponse\x12\x36\n\x10StreamExperience\x12\x0f.fleet.v1.Chunk\x1a\r.fleet.v1.Ack(\x01\x30\x01\x12\x45\n\x0bWatchPolicy\x12\x1c.fleet.v1.WatchPolicyRequest\x1a\x16.fleet.v1.PolicyUpdate0\x01\x12\x44\n\tHeartbeat\x12\x1a.fleet.v1.HeartbeatRequest\x1a\x1b.fleet.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEP_OBSERVATIONENTRY']._serialized_options = b'8\001'
   _globals['_STEP_IMAGESENTRY']._loaded_options = None
   _globals['_STEP_IMAGESENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2224
-  _globals['_DTYPE']._serialized_end=2431
+  _globals['_DTYPE']._serialized_start=2244
+  _globals['_DTYPE']._serialized_end=2451
   _globals['_TENSOR']._serialized_start=34
   _globals['_TENSOR']._serialized_end=103
   _globals['_IMAGE']._serialized_start=105
@@ -46,35 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCHEMA']._serialized_start=314
   _globals['_SCHEMA']._serialized_end=405
   _globals['_REGISTERREQUEST']._serialized_start=408
-  _globals['_REGISTERREQUEST']._serialized_end=564
-  _globals['_REGISTERRESPONSE']._serialized_start=566
-  _globals['_REGISTERRESPONSE']._serialized_end=659
-  _globals['_STEP']._serialized_start=662
-  _globals['_STEP']._serialized_end=1120
-  _globals['_STEP_OBSERVATIONENTRY']._serialized_start=988
-  _globals['_STEP_OBSERVATIONENTRY']._serialized_end=1056
-  _globals['_STEP_IMAGESENTRY']._serialized_start=1058
-  _globals['_STEP_IMAGESENTRY']._serialized_end=1120
-  _globals['_EPISODEEND']._serialized_start=1123
-  _globals['_EPISODEEND']._serialized_end=1266
-  _globals['_CHUNK']._serialized_start=1269
-  _globals['_CHUNK']._serialized_end=1444
-  _globals['_ACK']._serialized_start=1446
-  _globals['_ACK']._serialized_end=1495
-  _globals['_WATCHPOLICYREQUEST']._serialized_start=1497
-  _globals['_WATCHPOLICYREQUEST']._serialized_end=1602
-  _globals['_POLICYHEADER']._serialized_start=1604
-  _globals['_POLICYHEADER']._serialized_end=1703
-  _globals['_TENSORPIECE']._serialized_start=1705
-  _globals['_TENSORPIECE']._serialized_end=1780
-  _globals['_POLICYTRAILER']._serialized_start=1782
-  _globals['_POLICYTRAILER']._serialized_end=1813
-  _globals['_POLICYUPDATE']._serialized_start=1816
-  _globals['_POLICYUPDATE']._serialized_end=1964
-  _globals['_HEARTBEATREQUEST']._serialized_start=1967
-  _globals['_HEARTBEATREQUEST']._serialized_end=2146
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2148
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2221
-  _globals['_FLEETSERVICE']._serialized_start=2434
-  _globals['_FLEETSERVICE']._serialized_end=2712
+  _globals['_REGISTERREQUEST']._serialized_end=584
+  _globals['_REGISTERRESPONSE']._serialized_start=586
+  _globals['_REGISTERRESPONSE']._serialized_end=679
+  _globals['_STEP']._serialized_start=682
+  _globals['_STEP']._serialized_end=1140
+  _globals['_STEP_OBSERVATIONENTRY']._serialized_start=1008
+  _globals['_STEP_OBSERVATIONENTRY']._serialized_end=1076
+  _globals['_STEP_IMAGESENTRY']._serialized_start=1078
+  _globals['_STEP_IMAGESENTRY']._serialized_end=1140
+  _globals['_EPISODEEND']._serialized_start=1143
+  _globals['_EPISODEEND']._serialized_end=1286
+  _globals['_CHUNK']._serialized_start=1289
+  _globals['_CHUNK']._serialized_end=1464
+  _globals['_ACK']._serialized_start=1466
+  _globals['_ACK']._serialized_end=1515
+  _globals['_WATCHPOLICYREQUEST']._serialized_start=1517
+  _globals['_WATCHPOLICYREQUEST']._serialized_end=1622
+  _globals['_POLICYHEADER']._serialized_start=1624
+  _globals['_POLICYHEADER']._serialized_end=1723
+  _globals['_TENSORPIECE']._serialized_start=1725
+  _globals['_TENSORPIECE']._serialized_end=1800
+  _globals['_POLICYTRAILER']._serialized_start=1802
+  _globals['_POLICYTRAILER']._serialized_end=1833
+  _globals['_POLICYUPDATE']._serialized_start=1836
+  _globals['_POLICYUPDATE']._serialized_end=1984
+  _globals['_HEARTBEATREQUEST']._serialized_start=1987
+  _globals['_HEARTBEATREQUEST']._serialized_end=2166
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2168
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2241
+  _globals['_FLEETSERVICE']._serialized_start=2454
+  _globals['_FLEETSERVICE']._serialized_end=2732
 # @@protoc_insertion_point(module_scope)

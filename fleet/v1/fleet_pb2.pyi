@@ -79,20 +79,22 @@ class Schema(_message.Message):
     def __init__(self, observation: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., action: _Optional[_Union[FeatureSpec, _Mapping]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("robot_id", "embodiment", "schema", "tasks", "protocol_version", "software_version")
+    __slots__ = ("robot_id", "embodiment", "schema", "tasks", "protocol_version", "software_version", "control_hz")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     EMBODIMENT_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_HZ_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     embodiment: str
     schema: Schema
     tasks: _containers.RepeatedScalarFieldContainer[str]
     protocol_version: str
     software_version: str
-    def __init__(self, robot_id: _Optional[str] = ..., embodiment: _Optional[str] = ..., schema: _Optional[_Union[Schema, _Mapping]] = ..., tasks: _Optional[_Iterable[str]] = ..., protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
+    control_hz: float
+    def __init__(self, robot_id: _Optional[str] = ..., embodiment: _Optional[str] = ..., schema: _Optional[_Union[Schema, _Mapping]] = ..., tasks: _Optional[_Iterable[str]] = ..., protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ..., control_hz: _Optional[float] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("last_acked_seq", "latest_policy_version", "gateway_id")

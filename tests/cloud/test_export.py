@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from cloud.buffer import RobotKeys
+from cloud.buffer import ROBOTS_KEY, RobotKeys
 from cloud.export import ExportFilter, iter_steps, select_episodes
 from cloud.export.lerobot import REPO_ID, SIDECAR, export_lerobot
 from cloud.export.rosbag2 import export_rosbag2, ros_name
@@ -196,7 +196,7 @@ def test_time_parsing():
 def test_export_then_import_round_trips_as_offline_data(buffer, redis_proc, tmp_path):
     import redis as redis_lib
 
-    from cloud.buffer import ROBOTS_KEY, SOURCE_OFFLINE
+    from cloud.buffer import SOURCE_OFFLINE
     from fleet.cli import main
     from fleet.convert import schema_from_dict
 
@@ -252,3 +252,57 @@ def test_video_export_decodes_close_to_the_frames(redis_proc, redis_client, tmp_
     for i, step in enumerate(iter_steps(redis_client, ref)):
         expected = decode_image(step.images["top"]).transpose(2, 0, 1) / 255.0
         assert np.abs(ds[i]["observation.images.top"].numpy() - expected).mean() < 0.03
+
+
+def _fill_rates(url: str, rates: dict[str, float]) -> None:
+    """One 4-step episode per robot, stamped 1 ms apart (as fast as a simulator), registered at ``rates``."""
+    async def fill() -> None:
+        redis = aioredis.Redis.from_url(url)
+        ingest = Ingest(redis)
+        for rid, hz in rates.items():
+            await ingest.register(RobotInfo(rid, "toy", PLAIN, ("stack",), PROTOCOL_VERSION, control_hz=hz))
+            steps = make_steps(np.random.default_rng(1), PLAIN, 4, T0, 1, True)
+            for i, s in enumerate(steps):
+                s.seq, s.timestamp_s = i + 1, T0 + 0.001 * i
+            await ingest.write(Chunk(rid, f"{rid}-e1", "stack", steps, episode_end=EpisodeSummary(True, 4, 2, 1, False, 1)),
+                               [encode_step(s, PLAIN) for s in steps])
+        await redis.aclose()
+
+    asyncio.run(fill())
+
+
+@pytest.mark.timeout(60)
+def test_fps_is_the_registered_control_rate(redis_proc, redis_client, tmp_path, caplog):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    _fill_rates(redis_proc.url, {"fast-a": 30.0, "fast-b": 30.0, "slow": 10.0, "legacy": 0.0})
+    reg = json.loads(redis_client.hget(ROBOTS_KEY, "fast-a"))
+    assert reg["control_hz"] == 30.0
+    with caplog.at_level("WARNING", logger="cloud.export.lerobot"):
+        export_lerobot(redis_client, tmp_path / "a", ExportFilter(robots=("fast-a", "fast-b")))
+    assert LeRobotDataset(REPO_ID, root=tmp_path / "a").fps == 30  # not the 1000 the timestamps say
+    assert json.loads((tmp_path / "a" / "meta" / "info.json").read_text())["fps"] == 30
+    assert not [r for r in caplog.records if "estimated" in r.getMessage()]
+    with pytest.raises(ConfigError, match=r"2 control rates \(10 Hz: slow; 30 Hz: fast-a, fast-b\).*--robot"):
+        export_lerobot(redis_client, tmp_path / "b", ExportFilter(robots=("fast-a", "fast-b", "slow")))
+    with caplog.at_level("WARNING", logger="cloud.export.lerobot"):
+        export_lerobot(redis_client, tmp_path / "c", ExportFilter(robots=("legacy",)))
+    assert LeRobotDataset(REPO_ID, root=tmp_path / "c").fps == 1000  # no rate registered: the timestamps' estimate
+    assert any("['legacy'] registered no control rate" in r.getMessage() for r in caplog.records)
+    export_lerobot(redis_client, tmp_path / "d", ExportFilter(robots=("slow", "legacy")), fps=10)  # --fps overrides
+    assert LeRobotDataset(REPO_ID, root=tmp_path / "d").fps == 10
+
+
+@pytest.mark.parametrize("hz", [float("nan"), float("inf"), -1.0, 1e9])
+def test_a_nonsense_control_rate_is_refused_at_register(redis_proc, hz):
+    from fleet.errors import InvalidInput
+
+    async def register() -> None:
+        redis = aioredis.Redis.from_url(redis_proc.url)
+        try:
+            await Ingest(redis).register(RobotInfo("r9", "toy", PLAIN, ("stack",), PROTOCOL_VERSION, control_hz=hz))
+        finally:
+            await redis.aclose()
+
+    with pytest.raises(InvalidInput, match="control_hz"):
+        asyncio.run(register())

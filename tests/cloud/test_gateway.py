@@ -109,6 +109,22 @@ def test_register_refuses_other_protocol(client):
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_register_carries_the_control_rate_into_the_registration(client, redis_client):
+    import dataclasses
+    import json
+
+    from cloud.buffer import ROBOTS_KEY
+
+    client.register(dataclasses.replace(info(), control_hz=20.0))
+    assert json.loads(redis_client.hget(ROBOTS_KEY, "r1"))["control_hz"] == 20.0
+    client.register(info("r2"))  # a robot that does not say: 0, unknown
+    assert json.loads(redis_client.hget(ROBOTS_KEY, "r2"))["control_hz"] == 0.0
+    with pytest.raises(grpc.RpcError) as err:
+        client.register(dataclasses.replace(info("r3"), control_hz=float("nan")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "control_hz (nan)" in err.value.details()
+    assert redis_client.hget(ROBOTS_KEY, "r3") is None
+
+
 def test_declared_gap_is_accepted_and_counted(client, redis_client):
     client.register(info())
     send(client, Chunk("r1", "e1", TASK, steps(1, 2)))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud.buffer import ROBOTS_KEY
 from cloud.policy_store import PolicyStore
 from edge.agent import EdgeAgent, EdgeConfig
 from edge.robots.metaworld import SCHEMA, MetaWorldRobot
@@ -78,6 +80,8 @@ def test_edge_restarted_with_cloud_down_runs_last_good_then_updates(redis_proc, 
         assert agent.slot.swapped.wait(60) and agent.slot.current.version == 8
         recorded = agent.loop.stats().steps
         assert agent.streamer.wait_acked(recorded, timeout_s=60)
+        registered = json.loads(redis_client.hget(ROBOTS_KEY, "r0"))
+        assert registered["control_hz"] == 200.0  # the edge registers its control rate (an export's fps)
     finally:
         stop.set()
         agent.stop()
