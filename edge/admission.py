@@ -31,7 +31,8 @@ from fleet.weights import Manifest
 log = logging.getLogger(__name__)
 
 ARCHITECTURE_FILE = "policy_architecture.json"
-REFUSAL_REASONS = ("too_large", "architecture")
+REFUSAL_REASONS = ("too_large", "architecture", "signature")
+"""Every reason a version is refused from its manifest alone (``signature``: ``fleet.signing``)."""
 
 
 def architecture(manifest: Manifest) -> dict:

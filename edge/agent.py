@@ -36,6 +36,7 @@ from fleet import PROTOCOL_VERSION, __version__, metrics
 from fleet.config import DEFAULT_TASKS, ClientSecurity, _require
 from fleet.errors import ConfigError, PolicyRefused
 from fleet.policies.base import NullPolicy
+from fleet.signing import PinnedKeys
 from fleet.types import EpisodeSummary, RobotInfo
 from fleet.weights import Manifest
 
@@ -153,12 +154,21 @@ class EdgeAgent:
                            synchronous=cfg.spool_synchronous)
         self.client = FleetClient(cfg.gateway, security=cfg.security)
         self.streamer = Streamer(self.info, self.spool, self.client)
-        self.last_good = LastGood(state / "policy")
+        self.pinned_keys = (PinnedKeys.from_files(cfg.security.policy_public_key_files)
+                            if cfg.security.policy_public_key_files else None)
+        if self.pinned_keys is None:
+            log.warning("robot %s: policies are not authenticated: any version the gateway serves is run (pin the "
+                        "publisher's key with --security.policy-public-key-files; development only)", cfg.robot_id)
+        else:
+            log.info("robot %s: policy versions must be signed by publisher key %s", cfg.robot_id,
+                     " or ".join(self.pinned_keys.key_ids))
+        self.last_good = LastGood(state / "policy", self.pinned_keys)
         self.admission = Admission(cfg.policy_max_bytes, state, cfg.policy_architecture_file)
         self.slot = PolicySlot(self._initial_policy())
         self.updater = Updater(cfg.robot_id, self.client, self.slot, build_fleet_policy, self.last_good,
                                self.robot.schema, probe_task=self.robot.tasks[0],
-                               have_version=self.slot.current.version, admission=self.admission)
+                               have_version=self.slot.current.version, admission=self.admission,
+                               pinned_keys=self.pinned_keys)
         if not cfg.operator:
             operator = NoOperator()
         elif cfg.backend == "metaworld":

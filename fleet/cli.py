@@ -237,6 +237,8 @@ def _cmd_import(args, values) -> int:
 def _cmd_certs(args, values) -> int:
     from fleet import certs
 
+    if args.action in ("publisher-key", "rotate-publisher-key"):
+        return _publisher_key(args)
     try:
         if args.action == "init":
             made = certs.init_pki(args.dir, tuple(h for h in args.hosts.split(",") if h),
@@ -254,6 +256,27 @@ def _cmd_certs(args, values) -> int:
         raise ConfigError(str(exc)) from None
     print(json.dumps({"dir": args.dir, "robots": {c.robot_id: {"dir": str(c.directory), "token_id": c.token_id}
                                                   for c in made}}))
+    return 0
+
+
+def _publisher_key(args) -> int:
+    from pathlib import Path
+
+    from fleet import signing
+
+    root = Path(args.dir)
+    try:
+        if args.action == "publisher-key":
+            out = {"key_id": signing.make_publisher_key(root)}
+        else:
+            old, new = signing.rotate_publisher_key(root)
+            out = {"key_id": new, "previous_key_id": old,
+                   "pin_during_rotation": [str(root / signing.PUBLIC_KEY_FILE),
+                                           str(root / signing.PREVIOUS_PUBLIC_KEY_FILE)]}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    print(json.dumps({"private_key": str(root / signing.PRIVATE_KEY_FILE),
+                      "public_key": str(root / signing.PUBLIC_KEY_FILE), **out}))
     return 0
 
 
@@ -453,6 +476,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     c = certs_sub.add_parser("revoke", help="revoke a robot token id on every gateway (a Redis set)")
     c.add_argument("--token-id", required=True, help="the token id printed when the token was issued")
     c.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
+    c = certs_sub.add_parser("publisher-key", help="the Ed25519 key that signs policy versions: DIR/publisher.key "
+                             "(0600, for `fleet trainer --publish-key-file`) and DIR/publisher.pub (robots pin it)")
+    c.add_argument("dir", help="output directory (must not hold a publisher key yet)")
+    c = certs_sub.add_parser("rotate-publisher-key",
+                             help="a new publisher key in DIR; the old public key moves to "
+                             "DIR/publisher-previous.pub so robots can pin both until the old versions are gone")
+    c.add_argument("dir", help="directory made by `fleet certs publisher-key`")
     p.set_defaults(func=_cmd_certs)
 
     p = sub.add_parser("robots", help="operator actions on registered robots",
