@@ -35,6 +35,7 @@ from edge.watchdog import Watchdog, notify
 from fleet import PROTOCOL_VERSION, __version__, metrics
 from fleet.config import DEFAULT_TASKS, ClientSecurity, _require
 from fleet.errors import ConfigError, PolicyRefused
+from fleet.netaddr import is_loopback
 from fleet.policies.base import NullPolicy
 from fleet.signing import PinnedKeys
 from fleet.types import EpisodeSummary, RobotInfo
@@ -123,6 +124,20 @@ class EdgeConfig:
                  f"spool_synchronous must be NORMAL or FULL, got {self.spool_synchronous!r}")
         _require(self.duration_s >= 0, f"duration_s ({self.duration_s}) must be >= 0")
         _require(self.policy_max_bytes > 0, f"policy_max_bytes ({self.policy_max_bytes}) must be > 0")
+
+
+TLS_FLAGS = ("--security.ca-file", "--security.cert-file", "--security.key-file", "--security.token-file")
+"""What an edge talking to a gateway beyond loopback uses (TLS at least: ca_file), unless ``--insecure``."""
+
+
+def plaintext_refusal(cfg: EdgeConfig) -> str | None:
+    """The one-line reason to refuse ``cfg`` (a non-loopback gateway without TLS), else None: the robot's
+    token and its experience would cross the network in the clear (the gateway's protected mode, mirrored)."""
+    if is_loopback(cfg.gateway) or cfg.security.ca_file:
+        return None
+    return (f"refusing to connect to the gateway {cfg.gateway} (not loopback) without TLS: set {TLS_FLAGS[0]} "
+            f"(and {', '.join(TLS_FLAGS[1:])} for mutual TLS and a robot token), or pass --insecure to talk "
+            "plaintext anyway (development only)")
 
 
 def _robot_args(cfg: EdgeConfig) -> dict:

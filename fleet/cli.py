@@ -104,7 +104,7 @@ def _cmd_learner(args, values) -> int:
     from pathlib import Path
 
     from cloud.app import run_learner
-    from cloud.gateway.server import is_loopback
+    from fleet.netaddr import is_loopback
 
     if not is_loopback(args.listen):  # protected mode: the learner's gateway child runs without TLS or tokens
         if not args.insecure:
@@ -119,7 +119,7 @@ def _cmd_learner(args, values) -> int:
 
 
 def _cmd_edge(args, values) -> int:
-    from edge.agent import BACKEND_SECTIONS, EdgeAgent, EdgeConfig
+    from edge.agent import BACKEND_SECTIONS, EdgeAgent, EdgeConfig, plaintext_refusal
     from fleet import metrics
     from fleet.config import build_config
 
@@ -135,6 +135,9 @@ def _cmd_edge(args, values) -> int:
         sections = {k: from_file.pop(k) for k in BACKEND_SECTIONS if k in from_file}  # backends decode these
         values = {**_flatten(from_file), **sections, **values}
     cfg = build_config(EdgeConfig, values)
+    refusal = None if args.insecure else plaintext_refusal(cfg)
+    if refusal:
+        raise ConfigError(refusal)
     metrics.serve(cfg.metrics_port)
     stop = _stop_on_signals()
     EdgeAgent(cfg).run(stop)
@@ -392,6 +395,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.description = EdgeConfig.__doc__
         p.add_argument("--config", help="JSON file with EdgeConfig fields; command-line options override it")
         add_dataclass_args(p, EdgeConfig)
+        p.add_argument("--insecure", action="store_true",
+                       help="talk to a non-loopback --gateway without TLS (plaintext: trusted networks and "
+                       "development only; without it such a gateway needs --security.ca-file)")
     p.set_defaults(func=_cmd_edge)
 
     p = sub.add_parser("sim-fleet", help="N simulated robots (full edge agents) on threads of one process")

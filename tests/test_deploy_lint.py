@@ -18,6 +18,7 @@ import yaml
 
 from fleet.cli import _flatten, build_parser
 from fleet.config import GatewayConfig, TrainerConfig, build_config
+from fleet.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -43,9 +44,15 @@ def parse_fleet(argv: list[str]):
     if args.command == "edge":
         from edge.agent import EdgeConfig
 
+        from edge.agent import plaintext_refusal
+
         if args.config:
             values = {**_flatten(json.loads(Path(args.config).read_text())), **values}
-        return build_config(EdgeConfig, values)
+        cfg = build_config(EdgeConfig, values)
+        refusal = None if args.insecure else plaintext_refusal(cfg)  # as `fleet edge` does: a robot would exit 2
+        if refusal:
+            raise ConfigError(refusal)
+        return cfg
     return args
 
 
