@@ -12,7 +12,9 @@ as the *last good* policy (atomically; the one before is kept until the new one
 has acted without a rollback).
 
 With pinned publisher keys, a version whose manifest is not signed by one of them is refused from its
-header, before a byte of its tensors is kept (the signature covers every tensor's sha256).
+header, before a byte of its tensors is kept (the signature covers every tensor's sha256). A version not
+newer than the one held is refused too: a gateway never sends one, so it can only be a replay of an
+older (validly signed) version.
 
 A corrupt or truncated transfer is rejected, the old policy keeps running and
 the watch is retried (a failed delta is retried as a full transfer). A version
@@ -392,6 +394,10 @@ class Updater:
                 if isinstance(event, PolicyHeaderEvent):
                     assembler, started = (Assembler(event, self._held, self._hasher, self.admission,
                                                      self.pinned_keys), time.perf_counter())
+                    if assembler.manifest.version <= self.have_version:  # a replayed older (signed) version
+                        raise PolicyRefused(f"policy v{assembler.manifest.version} is not newer than v"
+                                            f"{self.have_version}, which this robot holds (a gateway sends only "
+                                            "newer versions)", assembler.manifest.version, "downgrade")
                 elif isinstance(event, PolicyPieceEvent):
                     if assembler is None:
                         raise IntegrityError("policy piece before its header")

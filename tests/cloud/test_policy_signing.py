@@ -8,8 +8,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import threading
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client import REGISTRY
 
@@ -261,3 +264,51 @@ def test_trainer_refuses_a_publish_key_others_can_read(tmp_path: Path, capsys) -
               str(keys / signing.PRIVATE_KEY_FILE), "--policy-dir", str(tmp_path / "p")])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "publisher.key" in err and "chmod 600" in err, err
+
+
+class ReplayingGateway:
+    """A hostile gateway: answers every WatchPolicy with one fixed, genuine (signed) transfer."""
+
+    def __init__(self, messages: list[bytes]):
+        self.messages = messages
+        self.served = threading.Event()
+        handler = grpc.method_handlers_generic_handler(
+            "fleet.v1.FleetService", {"WatchPolicy": grpc.unary_stream_rpc_method_handler(self._watch)})
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def _watch(self, request: bytes, context):
+        yield from self.messages
+        self.served.set()
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+@pytest.mark.timeout(60)
+def test_a_replayed_older_signed_version_is_refused(tmp_path: Path) -> None:
+    signer = publisher_key(tmp_path / "keys")
+    keys = pinned(tmp_path / "keys")
+    store = PolicyStore(tmp_path / "store", signer=signer)
+    policy = act_with_frozen_encoder()
+    v1 = publish(store, policy)
+    update(policy, seed=2)
+    v2 = publish(store, policy)
+    hostile = ReplayingGateway(encode_transfer(store, v1).messages)  # genuine v1, signature and all
+    edge = pinned_updater("replayed", hostile.target, tmp_path, keys)
+    edge.last_good.save(store.manifest(v2), store.tensors(v2))  # this robot already runs v2
+    edge.have_version = v2
+    before = REGISTRY.get_sample_value("fleet_edge_policy_rejected_total",
+                                       {"robot": "replayed", "reason": "downgrade"}) or 0
+    edge.start()
+    try:
+        assert edge.wait(lambda u: u.rejected >= 1, timeout_s=30)
+        assert REGISTRY.get_sample_value("fleet_edge_policy_rejected_total",
+                                         {"robot": "replayed", "reason": "downgrade"}) == before + 1
+        assert edge.have_version == v2 and edge.held.manifest.version == v2
+        assert edge.slot.pending_version is None and LastGood(tmp_path / "replayed" / "policy").version() == v2
+    finally:
+        edge.stop()
+        hostile.stop()
