@@ -159,6 +159,14 @@ class EdgeAgent:
 
         set_torch_threads(cfg.torch_threads)
         self.cfg = cfg
+        self.pinned_keys = (PinnedKeys.from_files(cfg.security.policy_public_key_files)
+                            if cfg.security.policy_public_key_files else None)
+        if self.pinned_keys is None:
+            log.warning("robot %s: policies are not authenticated: any version the gateway serves is run (pin the "
+                        "publisher's key with --security.policy-public-key-files; development only)", cfg.robot_id)
+        else:
+            log.info("robot %s: policy versions must be signed by publisher key %s", cfg.robot_id,
+                     " or ".join(self.pinned_keys.key_ids))
         state = Path(cfg.state_dir)
         state.mkdir(parents=True, exist_ok=True)
         self.robot = make_robot(cfg.backend, **_robot_args(cfg))
@@ -169,14 +177,6 @@ class EdgeAgent:
                            synchronous=cfg.spool_synchronous)
         self.client = FleetClient(cfg.gateway, security=cfg.security)
         self.streamer = Streamer(self.info, self.spool, self.client)
-        self.pinned_keys = (PinnedKeys.from_files(cfg.security.policy_public_key_files)
-                            if cfg.security.policy_public_key_files else None)
-        if self.pinned_keys is None:
-            log.warning("robot %s: policies are not authenticated: any version the gateway serves is run (pin the "
-                        "publisher's key with --security.policy-public-key-files; development only)", cfg.robot_id)
-        else:
-            log.info("robot %s: policy versions must be signed by publisher key %s", cfg.robot_id,
-                     " or ".join(self.pinned_keys.key_ids))
         self.last_good = LastGood(state / "policy", self.pinned_keys)
         self.admission = Admission(cfg.policy_max_bytes, state, cfg.policy_architecture_file)
         self.slot = PolicySlot(self._initial_policy())

@@ -11,7 +11,7 @@
     fleet seed      write scripted MetaWorld demonstrations into the buffer as offline data
     fleet export    buffer episodes as a LeRobotDataset v3 or an MCAP rosbag2
     fleet import    a LeRobotDataset on local disk into the buffer as offline data
-    fleet certs     a development CA, gateway/robot certificates, robot tokens, revocation
+    fleet certs     a development CA, gateway/robot certificates, robot tokens, revocation, the publisher key
 """
 
 from __future__ import annotations
@@ -138,6 +138,10 @@ def _cmd_edge(args, values) -> int:
     refusal = None if args.insecure else plaintext_refusal(cfg)
     if refusal:
         raise ConfigError(refusal)
+    if cfg.security.policy_public_key_files:  # before anything starts (read again when the agent is built)
+        from fleet.signing import PinnedKeys
+
+        PinnedKeys.from_files(cfg.security.policy_public_key_files)
     metrics.serve(cfg.metrics_port)
     stop = _stop_on_signals()
     EdgeAgent(cfg).run(stop)
@@ -468,7 +472,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("certs", help="development CA, certificates and robot tokens; token revocation",
-                       description="Credentials for TLS, mutual TLS and robot tokens (see docs/deploy.md).")
+                       description="Credentials for TLS, mutual TLS, robot tokens and the key that signs policy "
+                       "versions (see docs/deploy.md).")
     certs_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = certs_sub.add_parser("init", help="new CA, gateway certificate, token key and robot credentials in DIR")
     c.add_argument("dir", help="output directory (must not hold a CA yet)")

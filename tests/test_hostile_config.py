@@ -108,6 +108,14 @@ def test_edge_refuses_a_gateway_beyond_loopback_without_tls(gateway, tmp_path):
     assert not (tmp_path / "state").exists()  # refused before anything was built
 
 
+def test_edge_with_an_unreadable_publisher_key_exits_2(tmp_path):
+    out = fleet("edge", "--security.policy-public-key-files", str(tmp_path / "publisher.pub"),
+                "--state-dir", str(tmp_path / "state"), timeout=110)
+    assert out.returncode == 2, out
+    assert "publisher.pub" in out.stderr and "cannot be read" in out.stderr, out.stderr
+    assert not (tmp_path / "state").exists()  # refused before the robot, the spool or the network
+
+
 def test_edge_tls_or_loopback_needs_no_insecure():
     from edge.agent import EdgeConfig, plaintext_refusal
     from fleet.cli import build_parser
