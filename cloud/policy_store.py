@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cloud.buffer import POLICY_COUNTER_KEY, policy_keys
+from fleet.signing import ManifestSigner
 from fleet.weights import Manifest, build_manifest, read_safetensors_raw
 
 log = logging.getLogger(__name__)
@@ -126,14 +127,17 @@ class DirectoryBackend:
 class PolicyStore:
     """Versions in a backend (a directory path means DirectoryBackend) plus the pointer in Redis;
     ``redis`` is a sync redis.Redis (None = backend only). ``embodiment`` names the policy line
-    (its own Redis pointer, counter and channel; "" = the shared line)."""
+    (its own Redis pointer, counter and channel; "" = the shared line). With a ``signer`` (the
+    publisher's key, ``fleet.signing``), every published manifest is signed before it is written."""
 
-    def __init__(self, root: str | os.PathLike | PolicyBackend, redis=None, embodiment: str = ""):
+    def __init__(self, root: str | os.PathLike | PolicyBackend, redis=None, embodiment: str = "",
+                 signer: ManifestSigner | None = None):
         self.backend: PolicyBackend = root if isinstance(root, PolicyBackend) else DirectoryBackend(root)
         self.root = getattr(self.backend, "root", None)
         self._redis = redis
         self.keys = policy_keys(embodiment)
         self._floor = 0
+        self.signer = signer
 
     def versions(self) -> list[int]:
         return self.backend.versions()
@@ -166,11 +170,14 @@ class PolicyStore:
         parent = parent_version if parent_version is not None else self.latest_version()
         manifest, _ = build_manifest(version, parent, tensors, config, trainable, created_s=time.time(),
                                      keyframe_version=self._keyframe(version, parent, full_every_versions))
+        if self.signer is not None:
+            manifest = self.signer.sign(manifest)
         self.put(manifest, tensors)
         if self._redis is not None:
             self._redis.eval(_SET_IF_GREATER, 1, self.keys.latest, version)
             self._redis.publish(self.keys.channel, str(version))
-        log.info("published policy v%d (%.1f MB)", version, manifest.total_bytes / 1e6)
+        log.info("published policy v%d (%.1f MB, %s)", version, manifest.total_bytes / 1e6,
+                 f"signed by {self.signer.key_id}" if self.signer else "unsigned")
         return manifest
 
     def _keyframe(self, version: int, parent: int, full_every_versions: int) -> int:

@@ -48,6 +48,7 @@ from fleet.convert import decode_step
 from fleet.errors import ConfigError
 from fleet.policies import FleetPolicy, NormStats, build_policy, set_torch_threads
 from fleet.redis_client import connect
+from fleet.signing import ManifestSigner
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,17 @@ def offline_stats(redis, index: LabeledIndex, max_steps: int = 20000) -> NormSta
 class Trainer:
     def __init__(self, cfg: TrainerConfig, stop: threading.Event | None = None, fresh: bool = False):
         self.cfg = cfg
+        signer = ManifestSigner.from_file(cfg.publish_key_file, "publish_key_file") if cfg.publish_key_file else None
+        if signer is None:
+            log.warning("publishing unsigned policy versions: robots that pin a publisher key refuse them (set "
+                        "--publish-key-file: docs/policy-distribution.md)")
         self.stop = stop or threading.Event()
         self.dist = Distributed.from_env(cfg.distributed_strategy)  # torchrun: DDP/FSDP; otherwise a no-op
         self.dist.start(cfg.policy.device)
         self.stop = self.dist.local_stop(self.stop)  # ranks > 0 stop when rank 0 does
         self.fresh = fresh
         self.redis = connect(cfg.redis_url, socket_timeout=30)  # redis:// or redis+cluster://
-        self.store = PolicyStore(cfg.policy_dir, self.redis, embodiment=cfg.embodiment)
+        self.store = PolicyStore(cfg.policy_dir, self.redis, embodiment=cfg.embodiment, signer=signer)
         self.publisher = Publisher(self.store, cfg.publish_every_steps, cfg.publish_every_s,
                                    cfg.publish_full_every_versions)
         self.checkpoints = CheckpointDir(checkpoint_dir_for(cfg), cfg.keep_checkpoints)

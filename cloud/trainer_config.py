@@ -41,6 +41,8 @@ class TrainerConfig:
     """Also publish when this many seconds passed since the last version (0 = by steps only)."""
     publish_full_every_versions: int = 20
     """Every Nth version is a keyframe edges get without element deltas: bounds their delta chains (0 = never)."""
+    publish_key_file: str = ""
+    """Publisher's Ed25519 private key (`fleet certs publisher-key`, mode 0600): signs every version ("" = unsigned)."""
     refresh_interval_s: float = 1.0
     """How often the sampler pulls newly arrived steps from Redis, seconds."""
     seed_bc_steps: int = 300

@@ -31,7 +31,9 @@ from fleet.weights import Manifest
 log = logging.getLogger(__name__)
 
 ARCHITECTURE_FILE = "policy_architecture.json"
-REFUSAL_REASONS = ("too_large", "architecture")
+REFUSAL_REASONS = ("too_large", "architecture", "signature", "downgrade")
+"""Every reason a version is refused from its manifest alone (``signature``: ``fleet.signing``; ``downgrade``:
+not newer than the held version, ``edge.updater``)."""
 
 
 def architecture(manifest: Manifest) -> dict:

@@ -35,7 +35,9 @@ from edge.watchdog import Watchdog, notify
 from fleet import PROTOCOL_VERSION, __version__, metrics
 from fleet.config import DEFAULT_TASKS, ClientSecurity, _require
 from fleet.errors import ConfigError, PolicyRefused
+from fleet.netaddr import is_loopback
 from fleet.policies.base import NullPolicy
+from fleet.signing import PinnedKeys
 from fleet.types import EpisodeSummary, RobotInfo
 from fleet.weights import Manifest
 
@@ -124,6 +126,20 @@ class EdgeConfig:
         _require(self.policy_max_bytes > 0, f"policy_max_bytes ({self.policy_max_bytes}) must be > 0")
 
 
+TLS_FLAGS = ("--security.ca-file", "--security.cert-file", "--security.key-file", "--security.token-file")
+"""What an edge talking to a gateway beyond loopback uses (TLS at least: ca_file), unless ``--insecure``."""
+
+
+def plaintext_refusal(cfg: EdgeConfig) -> str | None:
+    """The one-line reason to refuse ``cfg`` (a non-loopback gateway without TLS), else None: the robot's
+    token and its experience would cross the network in the clear (the gateway's protected mode, mirrored)."""
+    if is_loopback(cfg.gateway) or cfg.security.ca_file:
+        return None
+    return (f"refusing to connect to the gateway {cfg.gateway} (not loopback) without TLS: set {TLS_FLAGS[0]} "
+            f"(and {', '.join(TLS_FLAGS[1:])} for mutual TLS and a robot token), or pass --insecure to talk "
+            "plaintext anyway (development only)")
+
+
 def _robot_args(cfg: EdgeConfig) -> dict:
     """Constructor arguments of the configured backend."""
     if cfg.backend == "metaworld":
@@ -143,6 +159,14 @@ class EdgeAgent:
 
         set_torch_threads(cfg.torch_threads)
         self.cfg = cfg
+        self.pinned_keys = (PinnedKeys.from_files(cfg.security.policy_public_key_files)
+                            if cfg.security.policy_public_key_files else None)
+        if self.pinned_keys is None:
+            log.warning("robot %s: policies are not authenticated: any version the gateway serves is run (pin the "
+                        "publisher's key with --security.policy-public-key-files; development only)", cfg.robot_id)
+        else:
+            log.info("robot %s: policy versions must be signed by publisher key %s", cfg.robot_id,
+                     " or ".join(self.pinned_keys.key_ids))
         state = Path(cfg.state_dir)
         state.mkdir(parents=True, exist_ok=True)
         self.robot = make_robot(cfg.backend, **_robot_args(cfg))
@@ -153,12 +177,13 @@ class EdgeAgent:
                            synchronous=cfg.spool_synchronous)
         self.client = FleetClient(cfg.gateway, security=cfg.security)
         self.streamer = Streamer(self.info, self.spool, self.client)
-        self.last_good = LastGood(state / "policy")
+        self.last_good = LastGood(state / "policy", self.pinned_keys)
         self.admission = Admission(cfg.policy_max_bytes, state, cfg.policy_architecture_file)
         self.slot = PolicySlot(self._initial_policy())
         self.updater = Updater(cfg.robot_id, self.client, self.slot, build_fleet_policy, self.last_good,
                                self.robot.schema, probe_task=self.robot.tasks[0],
-                               have_version=self.slot.current.version, admission=self.admission)
+                               have_version=self.slot.current.version, admission=self.admission,
+                               pinned_keys=self.pinned_keys)
         if not cfg.operator:
             operator = NoOperator()
         elif cfg.backend == "metaworld":

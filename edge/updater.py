@@ -11,6 +11,11 @@ PolicySlot (swapped in at the next episode boundary) and stores it on local disk
 as the *last good* policy (atomically; the one before is kept until the new one
 has acted without a rollback).
 
+With pinned publisher keys, a version whose manifest is not signed by one of them is refused from its
+header, before a byte of its tensors is kept (the signature covers every tensor's sha256). A version not
+newer than the one held is refused too: a gateway never sends one, so it can only be a replay of an
+older (validly signed) version.
+
 A corrupt or truncated transfer is rejected, the old policy keeps running and
 the watch is retried (a failed delta is retried as a full transfer). A version
 that fails to build, acts with NaN, or is rolled back by the control loop is
@@ -43,6 +48,7 @@ from edge.hotswap import PolicySlot
 from edge.streamer import Backoff
 from fleet import delta, metrics
 from fleet.errors import IntegrityError, PolicyRefused, PolicyUnusable
+from fleet.signing import PinnedKeys
 from fleet.types import Schema
 from fleet.weights import TORCH_DTYPES, Manifest, read_safetensors_raw, verify
 
@@ -80,15 +86,18 @@ class Assembler:
     """Collects one transfer (header, pieces, trailer), applies deltas to ``held``, verifies the result.
 
     With a ``hasher`` (one worker thread), each raw tensor is hashed as soon as its last piece is in, while
-    the next ones still arrive. With an ``admission``, the manifest is checked against this robot's memory
-    bound and pinned architecture before anything is kept. Memory grows with the bytes actually received
+    the next ones still arrive. With ``pinned_keys``, the manifest's publisher signature is verified first (it
+    covers every tensor's sha256, which then check the bytes); with an ``admission``, the manifest is checked
+    against this robot's memory bound and pinned architecture. Both before anything is kept. Memory grows with the bytes actually received
     (pieces of a tensor arrive in order and are appended), never with what the manifest claims."""
 
     def __init__(self, header: PolicyHeaderEvent, held: Held | None, hasher: Executor | None = None,
-                 admission: Admission | None = None):
+                 admission: Admission | None = None, pinned_keys: PinnedKeys | None = None):
         self.manifest = Manifest.from_json(header.manifest_json)
         if self.manifest.version != header.version:
             raise IntegrityError(f"header says v{header.version} but its manifest says v{self.manifest.version}")
+        if pinned_keys is not None:
+            pinned_keys.verify(self.manifest)  # PolicyRefused("signature"): nothing of this version is kept
         if admission is not None:
             admission.check(self.manifest)
         self.base_version = header.base_version
@@ -172,11 +181,14 @@ class LastGood:
     """The last good policy on local disk: manifest.json + model.safetensors, swapped atomically.
 
     The previous one stays in ``<dir>.prev`` so that a version rolled back after the swap can be reverted.
+    The manifest is stored with its publisher signature; with ``pinned_keys`` a saved policy is used only if
+    that signature verifies again (a key unpinned since, or a file edited on disk, leaves the robot without it).
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, pinned_keys: PinnedKeys | None = None):
         self.dir = Path(directory)
         self.prev = self.dir.with_name(self.dir.name + ".prev")
+        self.pinned_keys = pinned_keys
 
     def save(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
         self.dir.parent.mkdir(parents=True, exist_ok=True)
@@ -218,11 +230,13 @@ class LastGood:
             return None
         try:
             manifest = Manifest.from_json(manifest_path.read_text())
+            if self.pinned_keys is not None:
+                self.pinned_keys.verify(manifest)
             payload = {name: bytearray(view) for name, view in
                        read_safetensors_raw(self.dir / "model.safetensors").items()}
             verify(manifest, payload)
             return Held(manifest, payload)
-        except (IntegrityError, OSError, ValueError) as exc:
+        except (IntegrityError, PolicyRefused, OSError, ValueError) as exc:
             log.warning("last good policy in %s is unusable (%s); ignoring it", self.dir, exc)
             return None
 
@@ -252,9 +266,11 @@ class Updater:
 
     def __init__(self, robot_id: str, client: FleetClient, slot: PolicySlot, build: PolicyBuilder,
                  last_good: LastGood, schema: Schema, probe_task: str, have_version: int = 0,
-                 admission: Admission | None = None):
+                 admission: Admission | None = None, pinned_keys: PinnedKeys | None = None):
         self.robot_id = robot_id
         self.admission = admission
+        self.pinned_keys = pinned_keys
+        """Publisher keys a version's manifest must be signed by (None = not checked: development only)."""
         self.client = client
         self.slot = slot
         self.build = build
@@ -318,11 +334,14 @@ class Updater:
         if call is not None:
             call.cancel()
 
-    def _refuse(self, version: int, reason: str, label: str = "unusable") -> None:
+    def _refuse(self, version: int, reason: str, label: str = "unusable", revert: bool = True) -> None:
+        """Refuse ``version``; ``revert``: it may be the one saved on disk (it was accepted, then failed), so put
+        the previous one back. Never for a refusal from the manifest alone: an unauthenticated header naming
+        the saved version must not touch the disk."""
         log.warning("robot %s: refusing policy v%d: %s (keeping v%d)", self.robot_id, version, reason,
                     self.slot.current.version)
         with self.received:  # observers (wait) see the refusal only with the disk already reverted
-            reverted = self.last_good.revert(version)
+            reverted = revert and self.last_good.revert(version)
             self.refused_version = max(self.refused_version, version)
         if reverted:
             log.info("robot %s: last good policy on disk reverted from v%d", self.robot_id, version)
@@ -353,8 +372,8 @@ class Updater:
                 log.warning("robot %s: rejected policy transfer: %s (keeping v%d)", self.robot_id, exc,
                             self.slot.current.version)
                 self._rejected_one("corrupt")
-            except PolicyRefused as exc:  # from the manifest alone: too large, another architecture
-                self._refuse(exc.version, str(exc), exc.reason)
+            except PolicyRefused as exc:  # from the manifest alone: bad signature, too large, another architecture
+                self._refuse(exc.version, str(exc), exc.reason, revert=False)
             except PolicyUnusable as exc:
                 self._refuse(exc.version, str(exc))
             except Exception:
@@ -375,8 +394,12 @@ class Updater:
         try:
             for event in call:
                 if isinstance(event, PolicyHeaderEvent):
-                    assembler, started = (Assembler(event, self._held, self._hasher, self.admission),
-                                           time.perf_counter())
+                    assembler, started = (Assembler(event, self._held, self._hasher, self.admission,
+                                                     self.pinned_keys), time.perf_counter())
+                    if assembler.manifest.version <= self.have_version:  # a replayed older (signed) version
+                        raise PolicyRefused(f"policy v{assembler.manifest.version} is not newer than v"
+                                            f"{self.have_version}, which this robot holds (a gateway sends only "
+                                            "newer versions)", assembler.manifest.version, "downgrade")
                 elif isinstance(event, PolicyPieceEvent):
                     if assembler is None:
                         raise IntegrityError("policy piece before its header")

@@ -11,7 +11,7 @@
     fleet seed      write scripted MetaWorld demonstrations into the buffer as offline data
     fleet export    buffer episodes as a LeRobotDataset v3 or an MCAP rosbag2
     fleet import    a LeRobotDataset on local disk into the buffer as offline data
-    fleet certs     a development CA, gateway/robot certificates, robot tokens, revocation
+    fleet certs     a development CA, gateway/robot certificates, robot tokens, revocation, the publisher key
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _cmd_learner(args, values) -> int:
     from pathlib import Path
 
     from cloud.app import run_learner
-    from cloud.gateway.server import is_loopback
+    from fleet.netaddr import is_loopback
 
     if not is_loopback(args.listen):  # protected mode: the learner's gateway child runs without TLS or tokens
         if not args.insecure:
@@ -119,7 +119,7 @@ def _cmd_learner(args, values) -> int:
 
 
 def _cmd_edge(args, values) -> int:
-    from edge.agent import BACKEND_SECTIONS, EdgeAgent, EdgeConfig
+    from edge.agent import BACKEND_SECTIONS, EdgeAgent, EdgeConfig, plaintext_refusal
     from fleet import metrics
     from fleet.config import build_config
 
@@ -135,6 +135,13 @@ def _cmd_edge(args, values) -> int:
         sections = {k: from_file.pop(k) for k in BACKEND_SECTIONS if k in from_file}  # backends decode these
         values = {**_flatten(from_file), **sections, **values}
     cfg = build_config(EdgeConfig, values)
+    refusal = None if args.insecure else plaintext_refusal(cfg)
+    if refusal:
+        raise ConfigError(refusal)
+    if cfg.security.policy_public_key_files:  # before anything starts (read again when the agent is built)
+        from fleet.signing import PinnedKeys
+
+        PinnedKeys.from_files(cfg.security.policy_public_key_files)
     metrics.serve(cfg.metrics_port)
     stop = _stop_on_signals()
     EdgeAgent(cfg).run(stop)
@@ -241,6 +248,8 @@ TOKEN_TTL_HELP = "token lifetime, seconds (default 30 days; 0 = until revoked); 
 def _cmd_certs(args, values) -> int:
     from fleet import certs
 
+    if args.action in ("publisher-key", "rotate-publisher-key"):
+        return _publisher_key(args)
     try:
         if args.action == "init":
             made = certs.init_pki(args.dir, tuple(h for h in args.hosts.split(",") if h),
@@ -272,6 +281,27 @@ def _cmd_certs(args, values) -> int:
         raise ConfigError(str(exc)) from None
     print(json.dumps({"dir": args.dir, "robots": {c.robot_id: {"dir": str(c.directory), "token_id": c.token_id}
                                                   for c in made}}))
+    return 0
+
+
+def _publisher_key(args) -> int:
+    from pathlib import Path
+
+    from fleet import signing
+
+    root = Path(args.dir)
+    try:
+        if args.action == "publisher-key":
+            out = {"key_id": signing.make_publisher_key(root)}
+        else:
+            old, new = signing.rotate_publisher_key(root)
+            out = {"key_id": new, "previous_key_id": old,
+                   "pin_during_rotation": [str(root / signing.PUBLIC_KEY_FILE),
+                                           str(root / signing.PREVIOUS_PUBLIC_KEY_FILE)]}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    print(json.dumps({"private_key": str(root / signing.PRIVATE_KEY_FILE),
+                      "public_key": str(root / signing.PUBLIC_KEY_FILE), **out}))
     return 0
 
 
@@ -387,6 +417,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.description = EdgeConfig.__doc__
         p.add_argument("--config", help="JSON file with EdgeConfig fields; command-line options override it")
         add_dataclass_args(p, EdgeConfig)
+        p.add_argument("--insecure", action="store_true",
+                       help="talk to a non-loopback --gateway without TLS (plaintext: trusted networks and "
+                       "development only; without it such a gateway needs --security.ca-file)")
     p.set_defaults(func=_cmd_edge)
 
     p = sub.add_parser("sim-fleet", help="N simulated robots (full edge agents) on threads of one process")
@@ -457,7 +490,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("certs", help="development CA, certificates and robot tokens; token revocation",
-                       description="Credentials for TLS, mutual TLS and robot tokens (see docs/deploy.md).")
+                       description="Credentials for TLS, mutual TLS, robot tokens and the key that signs policy "
+                       "versions (see docs/deploy.md).")
     certs_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = certs_sub.add_parser("init", help="new CA, gateway certificate, token key and robot credentials in DIR")
     c.add_argument("dir", help="output directory (must not hold a CA yet)")
@@ -479,6 +513,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     c = certs_sub.add_parser("revoke", help="revoke a robot token id on every gateway (a Redis set)")
     c.add_argument("--token-id", required=True, help="the token id printed when the token was issued")
     c.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
+    c = certs_sub.add_parser("publisher-key", help="the Ed25519 key that signs policy versions: DIR/publisher.key "
+                             "(0600, for `fleet trainer --publish-key-file`) and DIR/publisher.pub (robots pin it)")
+    c.add_argument("dir", help="output directory (must not hold a publisher key yet)")
+    c = certs_sub.add_parser("rotate-publisher-key",
+                             help="a new publisher key in DIR; the old public key moves to "
+                             "DIR/publisher-previous.pub so robots can pin both until the old versions are gone")
+    c.add_argument("dir", help="directory made by `fleet certs publisher-key`")
     p.set_defaults(func=_cmd_certs)
 
     p = sub.add_parser("robots", help="operator actions on registered robots",

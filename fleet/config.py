@@ -88,7 +88,8 @@ class GatewaySecurity:
 
 @dataclass(frozen=True)
 class ClientSecurity:
-    """How a robot proves who it is to the gateway (all empty = plaintext, no token: development only)."""
+    """How a robot proves who it is to the gateway and which policies it trusts (all empty = plaintext, no
+    token, unauthenticated policies: development only)."""
 
     ca_file: str = ""
     """PEM CA bundle that verifies the gateway's certificate (TLS on when set)."""
@@ -100,8 +101,16 @@ class ClientSecurity:
     """File holding this robot's token (e.g. a systemd credential); sent on every call."""
     server_name: str = ""
     """Expected name in the gateway's certificate when it differs from the gateway host."""
+    policy_public_key_files: tuple[str, ...] = ()
+    """PEM files of the publisher's Ed25519 public keys (two during a rotation); when set, unsigned versions are refused."""
 
     def __post_init__(self) -> None:
+        keys = self.policy_public_key_files
+        if isinstance(keys, str):  # a config file's "a.pub" or "a.pub,b.pub"
+            keys = tuple(p for p in keys.split(",") if p)
+        _require(isinstance(keys, (list, tuple)) and all(isinstance(p, str) and p for p in keys),
+                 f"policy_public_key_files must be a list of file names, got {self.policy_public_key_files!r}")
+        object.__setattr__(self, "policy_public_key_files", tuple(keys))
         _require(bool(self.cert_file) == bool(self.key_file),
                  f"cert_file ({self.cert_file!r}) and key_file ({self.key_file!r}) go together")
         _require(not self.cert_file or bool(self.ca_file), "cert_file needs ca_file: mutual TLS is TLS first")

@@ -52,7 +52,8 @@ EDGE_POLICY_VERSION = Gauge("fleet_edge_policy_version", "Policy version in use"
 EDGE_POLICY_REJECTED = Counter("fleet_edge_policy_rejected_total",
                                "Policy transfers refused (corrupt: checksum/decode/malformed manifest, retried; "
                                "unusable: load failure or NaN actions; too_large: over policy_max_bytes; "
-                               "architecture: not the pinned one; the last three not asked again)", ["robot", "reason"])
+                               "architecture: not the pinned one; signature: not signed by a pinned publisher key; "
+                               "downgrade: not newer than the held version; the last five not asked again)", ["robot", "reason"])
 EDGE_POLICY_BYTES = Counter("fleet_edge_policy_bytes_received_total", "Policy tensor bytes received, by transfer kind",
                             ["robot", "kind"])
 EDGE_CONNECTED = Gauge("fleet_edge_connected", "1 while the experience stream is up", ["robot"])

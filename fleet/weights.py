@@ -57,6 +57,9 @@ class Manifest:
     keyframe_version: int = 0
     """Newest full version at or before this one: deltas to this version are made only from bases at or
     after it (periodic full versions bound the chain of deltas an edge applies); 0 = any base."""
+    signature: dict = field(default_factory=dict)
+    """The publisher's signature over everything else here, ``{"key_id", "ed25519"}`` (``fleet.signing``);
+    {} = unsigned (refused by a robot that pins a publisher key)."""
 
     @property
     def total_bytes(self) -> int:
@@ -75,9 +78,18 @@ class Manifest:
             return Manifest(version=int(data["version"]), parent_version=int(data["parent_version"]),
                             tensors=tensors, total_sha256=data["total_sha256"], config=data.get("config", {}),
                             created_s=float(data.get("created_s", 0.0)),
-                            keyframe_version=int(data.get("keyframe_version", 0)))
+                            keyframe_version=int(data.get("keyframe_version", 0)),
+                            signature=_signature(data.get("signature", {})))
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"malformed policy manifest: {exc}") from None
+
+
+def _signature(sig) -> dict:
+    """A manifest's signature field: a JSON object of short strings (checked, not verified, here)."""
+    if not isinstance(sig, dict) or not all(isinstance(k, str) and isinstance(v, str) and len(v) <= 256
+                                            for k, v in sig.items()) or len(sig) > 4:
+        raise ValueError("signature must be an object of at most 4 short strings")
+    return dict(sig)
 
 
 def _entry(t: dict) -> TensorEntry:

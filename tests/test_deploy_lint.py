@@ -18,6 +18,7 @@ import yaml
 
 from fleet.cli import _flatten, build_parser
 from fleet.config import GatewayConfig, TrainerConfig, build_config
+from fleet.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -43,9 +44,15 @@ def parse_fleet(argv: list[str]):
     if args.command == "edge":
         from edge.agent import EdgeConfig
 
+        from edge.agent import plaintext_refusal
+
         if args.config:
             values = {**_flatten(json.loads(Path(args.config).read_text())), **values}
-        return build_config(EdgeConfig, values)
+        cfg = build_config(EdgeConfig, values)
+        refusal = None if args.insecure else plaintext_refusal(cfg)  # as `fleet edge` does: a robot would exit 2
+        if refusal:
+            raise ConfigError(refusal)
+        return cfg
     return args
 
 
@@ -131,7 +138,8 @@ def test_compose_services_and_their_command_lines():
         assert any(m.startswith(rel + ":") for m in grafana_mounts), rel
     gateway = parse_fleet(services["gateway"]["command"])
     assert gateway.security.client_ca_file and gateway.security.token_key_file, "compose runs with mTLS + tokens"
-    parse_fleet(services["trainer"]["command"])
+    trainer = parse_fleet(services["trainer"]["command"])
+    assert trainer.publish_key_file, "compose signs policy versions"
     issued = set(services["certs"]["environment"]["ROBOTS"].split(","))
     robots = {name: s for name, s in services.items() if name.startswith("robot-")}
     assert len(robots) >= 2
@@ -139,6 +147,7 @@ def test_compose_services_and_their_command_lines():
         cfg = parse_fleet(["edge", *svc["command"]])
         assert cfg.robot_id == name and cfg.robot_id in issued
         assert cfg.security.token_file and cfg.security.cert_file and cfg.security.ca_file
+        assert cfg.security.policy_public_key_files, f"{name} does not pin the publisher key"
     prometheus = yaml.safe_load((COMPOSE.parent / "prometheus.yml").read_text())
     targets = {t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert {f"{name}:9200" for name in robots} <= targets and "gateway:9100" in targets
@@ -167,21 +176,26 @@ def test_compose_mounts_each_container_only_its_own_secrets():
     assert "ca-key.pem" not in certs_cmd.split("cp ", 1)[1], "the CA key is never copied out"
     robots = {name: s for name, s in services.items() if name.startswith("robot-")}
     sources = {}
-    for name, svc in [*robots.items(), ("gateway", services["gateway"])]:
+    for name, svc in [*robots.items(), ("gateway", services["gateway"]), ("trainer", services["trainer"])]:
         mounts = _mounts(svc)
         own = mounts.get("/pki")
         assert own == f"{name}-pki", (name, mounts)
         assert f"{own}:/pki:ro" in svc["volumes"], f"{name} mounts its secrets writable"
         sources[name] = own
         assert _mounts(services["certs"]).get(f"/out/{name}") == own, f"certs does not fill {own}"
-        argv = svc["command"] if name == "gateway" else ["edge", *svc["command"]]
+        argv = svc["command"] if name in ("gateway", "trainer") else ["edge", *svc["command"]]
         cfg = parse_fleet(argv)
-        sec = cfg.security
-        files = ([sec.tls_cert_file, sec.tls_key_file, sec.client_ca_file, sec.token_key_file] if name == "gateway"
-                 else [sec.ca_file, sec.cert_file, sec.key_file, sec.token_file])
+        if name == "trainer":
+            files = [cfg.publish_key_file]
+        elif name == "gateway":
+            sec = cfg.security
+            files = [sec.tls_cert_file, sec.tls_key_file, sec.client_ca_file, sec.token_key_file]
+        else:
+            sec = cfg.security
+            files = [sec.ca_file, sec.cert_file, sec.key_file, sec.token_file, *sec.policy_public_key_files]
         for path in files:
             assert path.startswith("/pki/"), (name, path)
-            copied_as = f"/out/{name}/" if name == "gateway" else "/out/$$r/"
+            copied_as = f"/out/{name}/" if name in ("gateway", "trainer") else "/out/$$r/"
             assert Path(path).name in certs_cmd and copied_as in certs_cmd, (name, path)
     assert len(set(sources.values())) == len(sources), "two containers share a secrets volume"
     for name in robots:  # every robot id is issued and copied by the loop over ROBOTS

@@ -1,7 +1,8 @@
 """End to end with real components: 2 simulated robots (real-time control loops,
 spool, gRPC streamer, updater) + gateway (grpc.aio) + trainer, meeting in a real
 redis-server. Steps arrive with the right fields, the trainer steps on them, a
-new version reaches both edges and is swapped at an episode boundary."""
+new version reaches both edges and is swapped at an episode boundary. Signing is on: the trainer signs
+every version with a publisher key from `fleet certs publisher-key`, the robots pin its public half."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import pytest
 
 from cloud.buffer import RobotKeys
 from cloud.offline import seed_scripted_demos
+from cloud.policy_store import PolicyStore
 from cloud.trainer import Trainer
 from edge.agent import EdgeAgent, EdgeConfig
 from edge.operator import OperatorConfig
-from fleet.config import TrainerConfig
+from fleet import signing
+from fleet.config import ClientSecurity, TrainerConfig
 from fleet.convert import decode_step
 from fleet.policies import PolicyConfig
 
@@ -30,17 +33,22 @@ def test_two_robots_learn_and_swap(redis_proc, redis_client, gateway, tmp_path):
     seeded = seed_scripted_demos(redis_proc.url, TASKS, episodes_per_task=1, max_episode_steps=60)
     assert seeded["steps"] > 0
 
+    key_id = signing.make_publisher_key(tmp_path / "keys")
     stop_trainer = threading.Event()
     trainer = Trainer(TrainerConfig(redis_url=redis_proc.url, policy_dir=gateway.cfg.policy_dir, tasks=TASKS,
                                     batch_size=16, seed_bc_steps=20, publish_every_steps=15, min_labeled_steps=8,
-                                    refresh_interval_s=0.2, policy=SMALL), stop_trainer)
+                                    refresh_interval_s=0.2, policy=SMALL,
+                                    publish_key_file=str(tmp_path / "keys" / signing.PRIVATE_KEY_FILE)),
+                      stop_trainer)
     trainer_thread = threading.Thread(target=trainer.run, daemon=True)
     trainer_thread.start()
 
     agents = [EdgeAgent(EdgeConfig(robot_id=f"r{i}", gateway=gateway.target, tasks=TASKS,
                                    state_dir=str(tmp_path / f"edge{i}"), control_hz=100.0, max_episode_steps=25,
                                    eval_every=0, seed=i, heartbeat_interval_s=0.5,
-                                   operator_config=OperatorConfig(seed=i, segment_steps=10)))
+                                   operator_config=OperatorConfig(seed=i, segment_steps=10),
+                                   security=ClientSecurity(policy_public_key_files=(
+                                       str(tmp_path / "keys" / signing.PUBLIC_KEY_FILE),))))
               for i in range(2)]
     stop_edges = threading.Event()
     try:
@@ -63,6 +71,8 @@ def test_two_robots_learn_and_swap(redis_proc, redis_client, gateway, tmp_path):
         trainer_thread.join(60)
 
     assert trainer.state.step > 20, "trainer took no optimizer steps on online data"
+    store = PolicyStore(gateway.cfg.policy_dir)
+    assert {store.manifest(v).signature["key_id"] for v in store.versions()} == {key_id}
     for agent in agents:
         rid = agent.cfg.robot_id
         keys = RobotKeys(rid)
@@ -89,3 +99,4 @@ def test_two_robots_learn_and_swap(redis_proc, redis_client, gateway, tmp_path):
         # Steps after the swap carry the new version.
         assert max(v for vs in versions_per_episode.values() for v in vs) > first[rid]
         assert int(redis_client.hget(keys.stats, "intervention_steps")) > 0, "the operator never intervened"
+        assert agent.updater.rejected == 0 and agent.last_good.load() is not None  # signed, verified again

@@ -1,5 +1,6 @@
 """Hostile configuration, with real processes: protected mode (a gateway beyond loopback needs
-TLS and robot tokens unless --insecure) and typos (unknown config-file keys and flags exit 2
+TLS and robot tokens unless --insecure; an edge talking to a gateway beyond loopback needs TLS unless
+--insecure) and typos (unknown config-file keys and flags exit 2
 naming the closest valid one)."""
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def test_gateway_listens_beyond_loopback_with_insecure(redis_proc, tmp_path):
 
 
 def test_gateway_on_loopback_needs_no_flags():
-    from cloud.gateway.server import is_loopback, protected_mode_refusal
+    from cloud.gateway.server import protected_mode_refusal
+    from fleet.netaddr import is_loopback
     from fleet.config import GatewayConfig, GatewaySecurity
 
     for listen in ("127.0.0.1:0", "127.3.2.1:5", "localhost:50051", "[::1]:50051", "[::ffff:127.0.0.1]:1"):
@@ -94,6 +96,38 @@ def test_learner_refuses_non_loopback_without_insecure(tmp_path):
     out = fleet("learner", "--listen", "[::]:50051", "--log-dir", str(tmp_path / "logs"))
     assert out.returncode == 2, out
     assert len(out.stderr.strip().splitlines()) == 1 and "--insecure" in out.stderr
+
+
+@pytest.mark.parametrize("gateway", ["10.0.0.5:50051", "learner.example.org:50051", "[::]:50051"])
+def test_edge_refuses_a_gateway_beyond_loopback_without_tls(gateway, tmp_path):
+    out = fleet("edge", "--gateway", gateway, "--state-dir", str(tmp_path / "state"))
+    assert out.returncode == 2, out
+    line = out.stderr.strip()
+    assert len(line.splitlines()) == 1, line
+    assert gateway in line and "--security.ca-file" in line and "--insecure" in line, line
+    assert not (tmp_path / "state").exists()  # refused before anything was built
+
+
+def test_edge_with_an_unreadable_publisher_key_exits_2(tmp_path):
+    out = fleet("edge", "--security.policy-public-key-files", str(tmp_path / "publisher.pub"),
+                "--state-dir", str(tmp_path / "state"), timeout=110)
+    assert out.returncode == 2, out
+    assert "publisher.pub" in out.stderr and "cannot be read" in out.stderr, out.stderr
+    assert not (tmp_path / "state").exists()  # refused before the robot, the spool or the network
+
+
+def test_edge_tls_or_loopback_needs_no_insecure():
+    from edge.agent import EdgeConfig, plaintext_refusal
+    from fleet.cli import build_parser
+    from fleet.config import ClientSecurity
+    from fleet.netaddr import is_loopback
+
+    for gateway in ("127.0.0.1:50051", "localhost:1", "[::1]:1"):
+        assert plaintext_refusal(EdgeConfig(gateway=gateway)) is None
+    assert plaintext_refusal(EdgeConfig(gateway="10.0.0.5:1", security=ClientSecurity(ca_file="ca.pem"))) is None
+    assert plaintext_refusal(EdgeConfig(gateway="10.0.0.5:1"))
+    assert not is_loopback("10.0.0.5:1")
+    assert build_parser("edge").parse_args(["edge", "--gateway", "10.0.0.5:1", "--insecure"]).insecure
 
 
 @pytest.mark.parametrize("config, key, suggestion", [

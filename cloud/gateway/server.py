@@ -7,7 +7,6 @@ one load balancer: every piece of state is in Redis.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import signal
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from cloud.gateway.servicer import FleetServicer
 from cloud.ingest import Ingest
 from cloud.policy_store import PolicyStore
 from fleet.config import GatewayConfig
+from fleet.netaddr import is_loopback
 from fleet.redis_client import connect, connect_async
 
 log = logging.getLogger(__name__)
@@ -31,21 +31,6 @@ log = logging.getLogger(__name__)
 
 PROTECTED_MODE_FLAGS = ("--security.tls-cert-file", "--security.tls-key-file", "--security.token-key-file")
 """What a gateway listening beyond loopback needs (protected mode), unless ``--insecure``."""
-
-
-def is_loopback(listen: str) -> bool:
-    """Whether ``host:port`` binds loopback only (127.0.0.0/8, ::1, localhost); "" / [::] / 0.0.0.0 do not."""
-    host = listen.rpartition(":")[0].strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host.lower() == "localhost":
-        return True
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False  # another host name: it may resolve to anything, so not loopback
-    mapped = getattr(addr, "ipv4_mapped", None)
-    return (mapped or addr).is_loopback
 
 
 def protected_mode_refusal(cfg: GatewayConfig) -> str | None:
