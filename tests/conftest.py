@@ -23,6 +23,17 @@ os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 200))
 os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = "UDPv4"
 
 
+@pytest.fixture(autouse=True)
+def _normal_scheduling():
+    """Children inherit the spawning thread's scheduling policy. In the full suite something run by an
+    earlier test leaves this thread under SCHED_FIFO (seen: the ROS 2 end-to-end test's edge and sim arm
+    at real-time priority 99, spinning and starving each other's DDS threads, while alone it passes).
+    Every test starts its processes under the normal policy."""
+    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    yield
+
+
 @pytest.fixture
 def ros_domain(monkeypatch):
     """A ROS domain of this test's own for the processes it starts: nothing an earlier test left running
