@@ -180,40 +180,49 @@ class TokenBucket:
         return max(0.0, -self._level / self.rate_per_s)
 
 
+class _StreamCap:
+    """Open streams of one kind per robot, at most ``limit`` each (0 = unlimited)."""
+
+    def __init__(self, limit: int, kind: str):
+        self.limit, self.kind = limit, kind
+        self._open: dict[str, int] = defaultdict(int)
+
+    def open(self, robot_id: str) -> None:
+        if self.limit and self._open[robot_id] >= self.limit:
+            raise Overloaded(f"robot {robot_id!r} already has {self._open[robot_id]} {self.kind} streams open "
+                             f"(limit {self.limit})", retry_after_s=5.0)
+        self._open[robot_id] += 1
+
+    def close(self, robot_id: str) -> None:
+        self._open[robot_id] -= 1
+        if self._open[robot_id] <= 0:
+            del self._open[robot_id]
+
+
 class RobotLimits:
-    """Per-robot stream count and step/byte rates on this gateway."""
+    """Per-robot stream counts (experience, WatchPolicy) and step/byte rates on this gateway."""
 
     def __init__(self, max_streams: int = 0, max_steps_per_s: float = 0.0, max_bytes_per_s: float = 0.0,
                  max_policy_streams: int = 0):
         self.max_streams = max_streams
         self.max_policy_streams = max_policy_streams
         self._rates = {"steps": max_steps_per_s, "bytes": max_bytes_per_s}
-        self._streams: dict[str, int] = defaultdict(int)
-        self._policy_streams: dict[str, int] = defaultdict(int)
+        self._experience = _StreamCap(max_streams, "experience")
+        self._policy = _StreamCap(max_policy_streams, "WatchPolicy")
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self.counts_bytes = bool(max_bytes_per_s)
 
     def open_stream(self, robot_id: str) -> None:
-        if self.max_streams and self._streams[robot_id] >= self.max_streams:
-            raise Overloaded(f"robot {robot_id!r} already has {self._streams[robot_id]} experience streams open "
-                             f"(limit {self.max_streams})", retry_after_s=5.0)
-        self._streams[robot_id] += 1
+        self._experience.open(robot_id)
 
     def close_stream(self, robot_id: str) -> None:
-        self._streams[robot_id] -= 1
-        if self._streams[robot_id] <= 0:
-            del self._streams[robot_id]
+        self._experience.close(robot_id)
 
     def open_policy_stream(self, robot_id: str) -> None:
-        if self.max_policy_streams and self._policy_streams[robot_id] >= self.max_policy_streams:
-            raise Overloaded(f"robot {robot_id!r} already has {self._policy_streams[robot_id]} WatchPolicy streams "
-                             f"open (limit {self.max_policy_streams})", retry_after_s=5.0)
-        self._policy_streams[robot_id] += 1
+        self._policy.open(robot_id)
 
     def close_policy_stream(self, robot_id: str) -> None:
-        self._policy_streams[robot_id] -= 1
-        if self._policy_streams[robot_id] <= 0:
-            del self._policy_streams[robot_id]
+        self._policy.close(robot_id)
 
     def delay_s(self, robot_id: str, steps: int, nbytes: int) -> float:
         """How long to hold this chunk so the robot stays within its rates."""
