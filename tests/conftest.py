@@ -88,3 +88,19 @@ def gateway(redis_proc, tmp_path):
                                      policy_dir=str(tmp_path / "policies")))
     yield gw
     gw.stop()
+
+
+def serve_watch_policy(watch) -> tuple:
+    """A real gRPC server on loopback answering only ``WatchPolicy`` with ``watch(request_bytes, context)``
+    (raw bytes both ways): a hostile gateway, or a proxy that tampers with transfers. Returns (server, target)."""
+    from concurrent import futures
+
+    import grpc
+
+    handler = grpc.method_handlers_generic_handler(
+        "fleet.v1.FleetService", {"WatchPolicy": grpc.unary_stream_rpc_method_handler(watch)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    return server, target

@@ -5,7 +5,6 @@ deltas, verifying and offering to the hot-swap slot. A gRPC proxy corrupts or tr
 from __future__ import annotations
 
 import threading
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -25,6 +24,7 @@ from fleet.policies import FleetPolicy, PolicyConfig, build_policy
 from fleet.policies.base import NullPolicy
 from fleet.types import FeatureSpec, Schema
 from fleet.v1 import fleet_pb2 as pb
+from tests.conftest import serve_watch_policy
 
 SCHEMA = Schema((FeatureSpec("state", "float32", (6,)),), FeatureSpec("action", "float32", (3,)))
 TASKS = ("reach the goal",)
@@ -165,12 +165,7 @@ class TamperingProxy:
         self.tampered = threading.Event()
         self._channel = grpc.insecure_channel(upstream)
         self._watch = self._channel.unary_stream("/fleet.v1.FleetService/WatchPolicy")  # raw bytes both ways
-        handler = grpc.method_handlers_generic_handler(
-            "fleet.v1.FleetService", {"WatchPolicy": grpc.unary_stream_rpc_method_handler(self._relay)})
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        self.server.add_generic_rpc_handlers((handler,))
-        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
+        self.server, self.target = serve_watch_policy(self._relay)
 
     def _relay(self, request: bytes, context):
         call = self._watch(request)

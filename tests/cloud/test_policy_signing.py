@@ -9,10 +9,8 @@ import dataclasses
 import os
 import stat
 import threading
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
 from prometheus_client import REGISTRY
 
@@ -28,6 +26,7 @@ from fleet.policies import FleetPolicy
 from fleet.policies.base import NullPolicy
 from fleet.v1 import fleet_pb2 as pb
 from tests.cloud.test_policy_distribution import SCHEMA, TASKS, act_with_frozen_encoder, assert_holds, build, update
+from tests.conftest import serve_watch_policy
 
 
 def publisher_key(root: Path) -> signing.ManifestSigner:
@@ -272,12 +271,7 @@ class ReplayingGateway:
     def __init__(self, messages: list[bytes]):
         self.messages = messages
         self.served = threading.Event()
-        handler = grpc.method_handlers_generic_handler(
-            "fleet.v1.FleetService", {"WatchPolicy": grpc.unary_stream_rpc_method_handler(self._watch)})
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        self.server.add_generic_rpc_handlers((handler,))
-        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
+        self.server, self.target = serve_watch_policy(self._watch)
 
     def _watch(self, request: bytes, context):
         yield from self.messages

@@ -16,10 +16,8 @@ import dataclasses
 import gc
 import json
 import threading
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import psutil
 import pytest
 from prometheus_client import REGISTRY
@@ -35,6 +33,7 @@ from fleet.policies import FleetPolicy, PolicyConfig, build_policy
 from fleet.policies.base import NullPolicy
 from fleet.types import FeatureSpec, Schema
 from fleet.v1 import fleet_pb2 as pb
+from tests.conftest import serve_watch_policy
 
 SCHEMA = Schema((FeatureSpec("state", "float32", (6,)),), FeatureSpec("action", "float32", (3,)))
 TASKS = ("reach the goal",)
@@ -61,12 +60,7 @@ class HostileGateway:
         self.requests: list[pb.WatchPolicyRequest] = []
         self.cond = threading.Condition()
         self._closed = threading.Event()
-        handler = grpc.method_handlers_generic_handler(
-            "fleet.v1.FleetService", {"WatchPolicy": grpc.unary_stream_rpc_method_handler(self._watch)})
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        self.server.add_generic_rpc_handlers((handler,))
-        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
+        self.server, self.target = serve_watch_policy(self._watch)
 
     def _watch(self, request: bytes, context):
         req = pb.WatchPolicyRequest.FromString(request)
