@@ -193,9 +193,8 @@ def test_unusable_records_are_skipped_and_counted_by_reason(redis_proc, redis_cl
 def test_a_real_trainer_keeps_stepping_on_a_corrupt_buffer(redis_proc, redis_client, tmp_path):
     from cloud.offline import seed_scripted_demos
     from cloud.policy_store import PolicyStore
-    from fleet.redis_server import free_port
     from tests.cloud.test_recovery import TASKS as TRAINER_TASKS
-    from tests.cloud.test_recovery import start_trainer, status, trainer_args, wait_for
+    from tests.cloud.test_recovery import start_watched_trainer, status, wait_for
     from tests.test_observability import scrape, total
 
     seed_scripted_demos(redis_proc.url, TRAINER_TASKS, episodes_per_task=2, max_episode_steps=40)
@@ -207,11 +206,7 @@ def test_a_real_trainer_keeps_stepping_on_a_corrupt_buffer(redis_proc, redis_cli
     redis_client.rpush(keys.labeled, f"e|x|0|{TRAINER_TASKS[0]}", b"\xff|1|t", f"{episodes[0]}|0|juggle")
     redis_client.hset(ROBOTS_KEY, "ghost", b'{"schema": 7}')
     redis_client.lset(keys.episode(episodes[1]), 0, b"\x0a\xff\xff\xff")
-    policy_dir = tmp_path / "policies"
-    metrics_port = free_port()
-    log_path = tmp_path / "trainer.log"
-    trainer = start_trainer(trainer_args(redis_proc.url, str(policy_dir), tmp_path / "ckpt",
-                                         "--metrics-port", str(metrics_port)), log_path)
+    trainer, policy_dir, metrics_port, log_path = start_watched_trainer(redis_proc.url, tmp_path)
     try:
         wait_for(lambda: int(status(redis_client).get("step", 0)) >= 40 and len(PolicyStore(policy_dir).versions())
                  >= 2, "40 steps and two versions", trainer, log_path, timeout_s=120)

@@ -40,6 +40,17 @@ def trainer_args(redis_url: str, policy_dir: str, checkpoint_dir: Path, *extra: 
             "--refresh-interval-s", "0.2", "--checkpoint-every-s", "0", *extra]
 
 
+def start_watched_trainer(redis_url: str, tmp_path: Path) -> tuple[subprocess.Popen, Path, int, Path]:
+    """A `fleet trainer` child with a /metrics port, checkpoints and logs under ``tmp_path``;
+    returns (process, policy_dir, metrics_port, log_path)."""
+    from fleet.redis_server import free_port
+
+    policy_dir, metrics_port, log_path = tmp_path / "policies", free_port(), tmp_path / "trainer.log"
+    trainer = start_trainer(trainer_args(redis_url, str(policy_dir), tmp_path / "ckpt", "--metrics-port",
+                                         str(metrics_port)), log_path)
+    return trainer, policy_dir, metrics_port, log_path
+
+
 def start_trainer(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "fleet.cli", *args], stdout=log, stderr=subprocess.STDOUT,

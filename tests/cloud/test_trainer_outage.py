@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 import redis as redis_lib
@@ -14,7 +13,7 @@ import redis as redis_lib
 from cloud.offline import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from fleet.redis_server import free_port, start_redis
-from tests.cloud.test_recovery import TASKS, start_trainer, status, trainer_args, wait_for
+from tests.cloud.test_recovery import TASKS, start_trainer, start_watched_trainer, status, trainer_args, wait_for
 from tests.test_observability import scrape, total
 
 pytestmark = [pytest.mark.slow]
@@ -39,11 +38,7 @@ def test_trainer_waits_out_redis_kill_and_restart(tmp_path):
     redis_proc = start_redis(tmp_path / "redis", appendfsync="always")
     client = redis_lib.Redis.from_url(redis_proc.url)
     seed_scripted_demos(redis_proc.url, TASKS, episodes_per_task=1, max_episode_steps=40)
-    policy_dir = tmp_path / "policies"
-    metrics_port = free_port()
-    log_path = tmp_path / "trainer.log"
-    trainer = start_trainer(trainer_args(redis_proc.url, str(policy_dir), tmp_path / "ckpt",
-                                         "--metrics-port", str(metrics_port)), log_path)
+    trainer, policy_dir, metrics_port, log_path = start_watched_trainer(redis_proc.url, tmp_path)
     try:
         wait_for(lambda: step_of(client) >= 15 and len(PolicyStore(policy_dir).versions()) >= 2,
                  "training past seed BC and a published version", trainer, log_path, timeout_s=90)
