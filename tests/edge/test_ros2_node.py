@@ -120,7 +120,8 @@ def test_the_driver_dying_makes_the_edge_hold_and_resume_when_it_is_back(tmp_pat
         assert robot.holds >= 1, "the robot did not hold after its driver died"
         held_at = loop.stats().steps
         second = start_sim_arm(tmp_path / "sim2.log", *options)  # takes seconds: nothing may be commanded
-        assert loop.stats().steps <= held_at + 1
+        # the tick in flight when the hold began, and the step the loop records one tick late (pending)
+        assert loop.stats().steps <= held_at + 2
         episodes = loop.stats().episodes
         assert loop.wait_episodes(episodes + 2, timeout_s=30), "the loop did not resume with the new driver"
     finally:
