@@ -98,8 +98,8 @@ def test_bad_frame_is_named_and_others_decoded(decoder, bad, why):
 
 def test_many_bad_frames_all_reported():
     blobs = [pil_jpeg(frame(i)) if i % 3 else b"nope" for i in range(12)]
-    with pytest.raises(CorruptFrames) as info:
-        FrameDecoder(2).decode_into(blobs, np.zeros((12, 48, 64, 3), np.uint8))
+    with FrameDecoder(2) as dec, pytest.raises(CorruptFrames) as info:
+        dec.decode_into(blobs, np.zeros((12, 48, 64, 3), np.uint8))
     assert [e.index for e in info.value.errors] == [0, 3, 6, 9]
 
 
@@ -133,3 +133,15 @@ def test_misuse_is_refused():
     dec.close()
     with pytest.raises(RuntimeError, match="closed"):
         dec.decode_into([b"", b""], np.zeros((2, 4, 4, 3), np.uint8))
+
+
+def test_decodes_into_a_torch_tensor_view():
+    """The trainer's batch can be a torch tensor (pinned on CUDA machines): decode into its numpy view."""
+    torch = pytest.importorskip("torch")
+    pin = torch.cuda.is_available()
+    batch = torch.zeros((3, 48, 64, 3), dtype=torch.uint8, pin_memory=pin)
+    blobs = [pil_jpeg(frame(i)) for i in range(3)]
+    with FrameDecoder(2) as dec:
+        dec.decode_into(blobs, batch.numpy())
+    for i, data in enumerate(blobs):
+        assert np.abs(batch[i].numpy().astype(int) - pil_decode(data).astype(int)).max() <= JPEG_TOLERANCE
