@@ -3,7 +3,7 @@
 JPEG frames are decoded by simplejpeg (libjpeg-turbo in the wheel) *into* the caller's array: no
 intermediate image, no copy. simplejpeg releases the GIL while it decodes, so ``workers`` threads
 decode ``workers`` frames at once. bench/jpeg_decode.py chose it over Pillow, PyTurboJPEG and
-torchvision.io on the numbers (run it for the table). PNG frames (lossless cameras,
+torchvision.io on the numbers (docs/experience-path.md, "Camera frames"). PNG frames (lossless cameras,
 offline demonstrations) take the existing path, :func:`fleet.codec.decode_image`, then are copied in.
 
 Every frame is checked before its pixels are decoded: its header must declare exactly the ``(H, W, C)``
