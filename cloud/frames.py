@@ -81,14 +81,14 @@ def decode_frame(data: bytes | memoryview, out: np.ndarray, index: int = 0) -> N
         raise FrameError(index, f"{len(data)} bytes are neither JPEG nor PNG (they start with {head!r})")
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 - ValueError is documented; bytes from a robot may find others
         raise FrameError(index, f"unreadable JPEG header ({len(data)} bytes): {exc}") from None
     if (h, w) != (height, width) or colorspace not in _JPEG_COLORSPACES.get(channels, ()):
         raise FrameError(index, f"JPEG is {h}x{w} {colorspace}, the slot is {height}x{width}x{channels}")
     target = out if out.flags.c_contiguous else np.empty(out.shape, np.uint8)
     try:
         simplejpeg.decode_jpeg(data, colorspace=_DECODE_AS[channels], buffer=target, strict=True)
-    except ValueError as exc:  # truncated or corrupt entropy data (strict: libjpeg warnings too)
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt entropy data (strict: libjpeg warnings too)
         raise FrameError(index, f"cannot decode JPEG ({len(data)} bytes): {exc}") from None
     if target is not out:
         out[...] = target

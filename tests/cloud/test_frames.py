@@ -145,3 +145,22 @@ def test_decodes_into_a_torch_tensor_view():
         dec.decode_into(blobs, batch.numpy())
     for i, data in enumerate(blobs):
         assert np.abs(batch[i].numpy().astype(int) - pil_decode(data).astype(int)).max() <= JPEG_TOLERANCE
+
+
+def test_mutated_frames_decode_or_are_refused_never_crash():
+    """Flipped bytes and cuts anywhere in a JPEG: each frame decodes (JPEG has no checksum) or is a FrameError."""
+    rng = np.random.default_rng(0)
+    good = pil_jpeg(frame(7))
+    out = np.zeros((1, 48, 64, 3), np.uint8)
+    refused = 0
+    for _ in range(300):
+        data = bytearray(good)
+        for pos in rng.integers(0, len(data), int(rng.integers(1, 8))):
+            data[pos] = int(rng.integers(0, 256))
+        if rng.random() < 0.3:
+            data = data[:int(rng.integers(0, len(data)))]
+        try:
+            decode_frame(bytes(data), out[0])
+        except FrameError:
+            refused += 1
+    assert 0 < refused < 300
