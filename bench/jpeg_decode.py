@@ -14,6 +14,8 @@ library and size:
                     releases the GIL and 2 cores are free, about 1 if it holds it)
     encode ms       CPU time of one (H, W, 3) frame at quality 90, 4:2:0 (ImageEncodingSink's work per camera)
     vs PIL          PIL's time over the library's (higher is faster), same run
+    batch           frames/s filling a [64, H, W, 3] batch: decode_image per frame + copy (the sampler's
+                    path today) against cloud/frames.FrameDecoder with 0 (calling thread), 1 and 2 workers
 
 Libraries: Pillow, simplejpeg (libjpeg-turbo in the wheel), PyTurboJPEG (needs the system library:
 apt-get install libturbojpeg0; PyTurboJPEG 2.x needs libjpeg-turbo >= 3.0, Debian 12 ships 2.1.5, so
@@ -187,6 +189,41 @@ def max_abs_error(decode, blobs: list[bytes], reference: np.ndarray) -> int:
     return int(np.abs(out.astype(np.int16) - reference.astype(np.int16)).max())
 
 
+BATCH = 64
+
+
+def batch_rates(blobs: list[bytes], height: int, width: int, seconds: float) -> dict[str, float]:
+    """Frames/s filling one [BATCH, H, W, 3] batch (best of 3, wall time): the sampler's path today
+    (fleet.codec.decode_image per frame, then a copy into the batch) and cloud/frames.FrameDecoder."""
+    from cloud.frames import FrameDecoder
+    from fleet.codec import decode_image
+    from fleet.types import EncodedImage
+
+    frames = [blobs[i % len(blobs)] for i in range(BATCH)]
+    images = [EncodedImage("jpeg", height, width, 3, b) for b in frames]
+    out = np.empty((BATCH, height, width, 3), np.uint8)
+
+    def rate(fill) -> float:
+        best = 0.0
+        for _ in range(3):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                fill()
+                n += 1
+            best = max(best, n * BATCH / (time.perf_counter() - t0))
+        return best
+
+    def pil_loop() -> None:
+        for i, image in enumerate(images):
+            out[i] = decode_image(image)
+
+    rates = {"decode_image_loop": rate(pil_loop)}
+    for workers in (0, 1, 2):
+        with FrameDecoder(workers) as decoder:
+            rates[f"FrameDecoder({workers})"] = rate(lambda d=decoder: d.decode_into(frames, out))
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="0.3 s per measurement instead of 1")
@@ -227,7 +264,8 @@ def main() -> None:
         for row in rows.values():
             row["decode_vs_pil"] = rows["pil"]["decode_ms"] / row["decode_ms"]
             row["encode_vs_pil"] = rows["pil"]["encode_ms"] / row["encode_ms"]
-        results["sizes"][f"{height}x{width}x3"] = {"jpeg_kb": sum(map(len, blobs)) / len(blobs) / 1e3, "libraries": rows}
+        results["sizes"][f"{height}x{width}x3"] = {"jpeg_kb": sum(map(len, blobs)) / len(blobs) / 1e3, "libraries": rows,
+                                                   "batch": batch_rates(blobs, height, width, seconds)}
 
     for size, entry in results["sizes"].items():
         print(f"\n{size}, Pillow q{QUALITY} JPEG of {entry['jpeg_kb']:.1f} kB")
@@ -238,6 +276,9 @@ def main() -> None:
                   f"{r['speedup_2_threads']:>12.2f} "
                   f"{r['encode_ms']:>10.3f} {r['encode_vs_pil']:>7.2f} {r['encoded_kb']:>7.1f} "
                   f"{r['max_abs_diff_vs_pil']:>10}")
+        rates = entry["batch"]
+        print(f"batch of {BATCH} into [{BATCH}, H, W, 3], frames/s: " + ", ".join(
+            f"{name} {fps:.0f} ({fps / rates['decode_image_loop']:.2f}x)" for name, fps in rates.items()))
     print(f"\n{os.cpu_count()} CPUs, load average {load:.1f} at the start: the machine is shared with other jobs, "
           "so absolute times and the 2-thread speed-up are pessimistic; compare the same-run ratios.")
     write_json(args.json, results)
