@@ -64,7 +64,7 @@ class Recorder:
 
     ``skip_seqs(n)`` leaves ``n`` sequence numbers unused for dropped steps (``Spool.skip``)."""
 
-    def __init__(self, inner: StepSink, skip_seqs: Callable[[int], None], robot_id: str, max_steps: int = 32):
+    def __init__(self, inner: StepSink, skip_seqs: Callable[[int], None], robot_id: str, max_steps: int = 64):
         if max_steps < 1:
             raise ConfigError(f"recorder max_steps ({max_steps}) must be >= 1")
         self.inner = inner
