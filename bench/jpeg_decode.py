@@ -264,7 +264,8 @@ def main() -> None:
         for row in rows.values():
             row["decode_vs_pil"] = rows["pil"]["decode_ms"] / row["decode_ms"]
             row["encode_vs_pil"] = rows["pil"]["encode_ms"] / row["encode_ms"]
-        results["sizes"][f"{height}x{width}x3"] = {"jpeg_kb": sum(map(len, blobs)) / len(blobs) / 1e3, "libraries": rows,
+        results["sizes"][f"{height}x{width}x3"] = {"jpeg_kb": sum(map(len, blobs)) / len(blobs) / 1e3,
+                                                   "libraries": rows,
                                                    "batch": batch_rates(blobs, height, width, seconds)}
 
     for size, entry in results["sizes"].items():

@@ -105,12 +105,12 @@ class Recorder:
         self._bell.put(None)
 
     def _drop_one_locked(self) -> None:
-        queue = self._queue
-        victim = min(range(len(queue)), key=lambda i: (queue[i].rank, i))
-        lost = queue[victim]
-        del queue[victim]
-        if victim < len(queue):
-            queue[victim].skipped += lost.skipped + 1
+        q = self._queue
+        victim = min(range(len(q)), key=lambda i: (q[i].rank, i))
+        lost = q[victim]
+        del q[victim]
+        if victim < len(q):
+            q[victim].skipped += lost.skipped + 1
         else:
             self._carry += lost.skipped + 1
         self._drop("queue_full", 1)

@@ -176,7 +176,8 @@ class CameraRobot(Robot):
 
     def observe(self) -> Observation:
         self.t += 1
-        return Observation({"state": np.full(4, self.t, np.float32), "cam": np.full((24, 32, 3), self.t % 256, np.uint8)})
+        return Observation({"state": np.full(4, self.t, np.float32),
+                            "cam": np.full((24, 32, 3), self.t % 256, np.uint8)})
 
     def reset(self, task: str) -> Observation:
         return self.observe()
