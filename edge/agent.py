@@ -73,10 +73,10 @@ class EdgeConfig:
     spool_max_bytes: int = 256 * 1024 * 1024
     """Spool bound; when full, oldest non-intervention steps are dropped first."""
     spool_synchronous: str = "NORMAL"
+    """Spool durability: NORMAL survives a crash of the edge process (kill -9), FULL also a power loss."""
     recorder_max_steps: int = 64
     """Steps the control loop may hand over before they are encoded and spooled (about 2 s at 30 Hz; raw frames
     in memory: 64 x 0.9 MB per 480x640 camera); when full, the oldest non-intervention step is dropped (a gap)."""
-    """Spool durability: NORMAL survives a crash of the edge process (kill -9), FULL also a power loss."""
     control_hz: float = 20.0
     """Control rate, ticks per second (held in real time)."""
     max_episode_steps: int = 150
