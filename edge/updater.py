@@ -5,14 +5,14 @@ telling it that version so that the gateway can send a delta: only the tensors
 that changed (frozen ones never travel again), each raw or as an element delta
 (``fleet.delta``) against the bytes this edge holds. It assembles the transfer
 in memory, applies deltas to its own copy of the previous version, checks every
-tensor's sha256 and the total against the new manifest, builds the policy off
+tensor's digest and the total against the new manifest (raw pieces one by one as they arrive), builds the policy off
 the control thread, checks it produces finite actions, offers it to the
 PolicySlot (swapped in at the next episode boundary) and stores it on local disk
 as the *last good* policy (atomically; the one before is kept until the new one
 has acted without a rollback).
 
 With pinned publisher keys, a version whose manifest is not signed by one of them is refused from its
-header, before a byte of its tensors is kept (the signature covers every tensor's sha256). A version not
+header, before a byte of its tensors is kept (the signature covers every piece's digest). A version not
 newer than the one held is refused too: a gateway never sends one, so it can only be a replay of an
 older (validly signed) version.
 
@@ -26,12 +26,12 @@ its checksums.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,12 +50,15 @@ from fleet import delta, metrics
 from fleet.errors import IntegrityError, PolicyRefused, PolicyUnusable
 from fleet.signing import PinnedKeys
 from fleet.types import Schema
-from fleet.weights import TORCH_DTYPES, Manifest, read_safetensors_raw, verify
+from fleet.weights import (TORCH_DTYPES, Manifest, TensorEntry, piece_digest, read_safetensors_raw,
+                           verify)
 
 log = logging.getLogger(__name__)
 
 MAX_DELTA_OVERHEAD = 4096
 """Bytes an encoded delta may exceed its tensor's raw size by (headers); the encoder keeps the smallest."""
+MAX_QUEUED_PIECES = 32
+"""Received pieces waiting for the hasher thread before the receiving thread waits for it."""
 
 PolicyBuilder = Callable[[Manifest, dict[str, torch.Tensor]], object]
 
@@ -65,7 +68,7 @@ class Held:
     """A verified version this edge has: its manifest and each tensor's raw bytes (never mutated)."""
 
     manifest: Manifest
-    payload: dict[str, bytearray]
+    payload: dict[str, bytearray | memoryview]
 
 
 @dataclass(frozen=True)
@@ -85,14 +88,19 @@ class TransferStats:
 class Assembler:
     """Collects one transfer (header, pieces, trailer), applies deltas to ``held``, verifies the result.
 
-    With a ``hasher`` (one worker thread), each raw tensor is hashed as soon as its last piece is in, while
-    the next ones still arrive. With ``pinned_keys``, the manifest's publisher signature is verified first (it
-    covers every tensor's sha256, which then check the bytes); with an ``admission``, the manifest is checked
-    against this robot's memory bound and pinned architecture. Both before anything is kept. Memory grows with the bytes actually received
-    (pieces of a tensor arrive in order and are appended), never with what the manifest claims."""
+    A raw piece is checked against the manifest's digest of that piece as it arrives and only then kept, so
+    a corrupt transfer is refused at its first bad piece. With a ``hasher`` (one worker thread), the check
+    and the copy run there, overlapped with receiving (at most ``MAX_QUEUED_PIECES`` pieces wait). With
+    ``dest`` (writable views of a standby model's tensors, by name), verified bytes go straight into that
+    memory, and ``dest_digests`` (what those views hold now) lets unchanged tensors stay where they are;
+    without, they are appended to buffers that grow with the bytes actually received, never with what the
+    manifest claims. With ``pinned_keys``, the manifest's publisher signature is verified first (it covers
+    every digest, which then check the bytes); with an ``admission``, the manifest is checked against this
+    robot's memory bound and pinned architecture. Both before anything is kept."""
 
     def __init__(self, header: PolicyHeaderEvent, held: Held | None, hasher: Executor | None = None,
-                 admission: Admission | None = None, pinned_keys: PinnedKeys | None = None):
+                 admission: Admission | None = None, pinned_keys: PinnedKeys | None = None,
+                 dest: dict[str, memoryview] | None = None, dest_digests: dict[str, str] | None = None):
         self.manifest = Manifest.from_json(header.manifest_json)
         if self.manifest.version != header.version:
             raise IntegrityError(f"header says v{header.version} but its manifest says v{self.manifest.version}")
@@ -106,10 +114,14 @@ class Assembler:
                                  f"{'nothing' if held is None else f'v{held.manifest.version}'}")
         self._held = held if self.base_version else None
         self._entries = {t.name: t for t in self.manifest.tensors}
-        self._raw: dict[str, bytearray] = {}
+        self._dest = {name: view for name, view in (dest or {}).items()
+                      if name in self._entries and len(view) == self._entries[name].nbytes}
+        self.dest_digests = dest_digests if dest_digests is not None else {}
+        """Digest of what each ``dest`` view holds (entries are dropped while a tensor is rewritten)."""
+        self._raw: dict[str, bytearray | memoryview] = {}
         self._raw_received: dict[str, int] = {}
         self._encoded: dict[str, tuple[str, bytearray]] = {}
-        self._digests: dict[str, Future] = {}
+        self._pending: deque[Future] = deque()
         self._hasher = hasher
         self.payload_bytes = 0
 
@@ -118,19 +130,7 @@ class Assembler:
         if entry is None:
             raise IntegrityError(f"piece for unknown tensor {piece.name!r}")
         if piece.encoding == delta.RAW:
-            if piece.name in self._encoded:
-                raise IntegrityError(f"tensor {piece.name!r} arrives both raw and {self._encoded[piece.name][0]}")
-            end = piece.offset + len(piece.data)
-            if end > entry.nbytes:
-                raise IntegrityError(f"piece of {piece.name!r} ends at byte {end}, beyond its {entry.nbytes} bytes")
-            buf = self._raw.setdefault(piece.name, bytearray())
-            if piece.offset != len(buf):
-                raise IntegrityError(f"raw piece of {piece.name!r} out of order (at byte {piece.offset}, "
-                                     f"expected {len(buf)})")
-            buf += piece.data  # grows with what arrived: a manifest's claim allocates nothing
-            received = self._raw_received[piece.name] = len(buf)
-            if received == entry.nbytes and self._hasher is not None:
-                self._digests[piece.name] = self._hasher.submit(lambda b=buf: hashlib.sha256(b).hexdigest())
+            self._add_raw(entry, piece)
         else:
             if not self.base_version:
                 raise IntegrityError(f"{piece.encoding!r} piece of {piece.name!r} in a full transfer")
@@ -146,16 +146,53 @@ class Assembler:
             buf += piece.data
         self.payload_bytes += len(piece.data)
 
+    def _add_raw(self, entry: TensorEntry, piece: PolicyPieceEvent) -> None:
+        name, offset, data = entry.name, piece.offset, piece.data
+        if name in self._encoded:
+            raise IntegrityError(f"tensor {name!r} arrives both raw and {self._encoded[name][0]}")
+        end = offset + len(data)
+        if end > entry.nbytes:
+            raise IntegrityError(f"piece of {name!r} ends at byte {end}, beyond its {entry.nbytes} bytes")
+        received = self._raw_received.get(name, 0)
+        if offset != received:
+            raise IntegrityError(f"raw piece of {name!r} out of order (at byte {offset}, expected {received})")
+        step = self.manifest.piece_bytes
+        if step and len(data) != min(step, entry.nbytes - offset):
+            raise IntegrityError(f"raw piece of {name!r} at byte {offset} has {len(data)} bytes, not one of the "
+                                 f"manifest's {step}-byte pieces")
+        if name not in self._raw:
+            self.dest_digests.pop(name, None)  # being rewritten: holds no known version until verified
+            self._raw[name] = self._dest[name] if name in self._dest else bytearray()
+        self._raw_received[name] = end
+        if self._hasher is None:
+            self._take(entry, offset, data)
+            return
+        while self._pending and (self._pending[0].done() or len(self._pending) >= MAX_QUEUED_PIECES):
+            self._pending.popleft().result()  # raises the first corrupt piece's IntegrityError
+        self._pending.append(self._hasher.submit(self._take, entry, offset, data))
+
+    def _take(self, entry: TensorEntry, offset: int, data) -> None:
+        """Check one raw piece against the manifest (with piece hashes), then keep it (hasher thread)."""
+        if self.manifest.piece_bytes and entry.nbytes:  # (an empty tensor is one empty piece, no digest)
+            digest = piece_digest(self.manifest.hash, data)
+            if digest != entry.pieces[offset // self.manifest.piece_bytes]:
+                raise IntegrityError(f"policy v{self.manifest.version}: tensor {entry.name!r} piece at byte {offset} "
+                                     f"{self.manifest.hash} {digest[:12]} != manifest (corrupt transfer)")
+        buf = self._raw[entry.name]
+        if isinstance(buf, bytearray):
+            buf += data  # grows with what arrived: a manifest's claim allocates nothing
+        else:
+            buf[offset:offset + len(data)] = data
+
     def finish(self, trailer: PolicyTrailerEvent) -> tuple[Held, dict[str, torch.Tensor]]:
         """The new version, verified; IntegrityError if anything is missing, corrupt or does not apply."""
         if trailer.sha256 != self.manifest.total_sha256:
             raise IntegrityError("trailer checksum differs from the manifest's")
+        while self._pending:
+            self._pending.popleft().result()
         kept = {t.name: t for t in self._held.manifest.tensors} if self._held else {}
-        payload: dict[str, bytearray] = {}
-        verified = set()  # names whose bytes already matched this manifest's sha256
-        for name, digest in self._digests.items():  # raw tensors hashed while the transfer went on
-            if digest.result() == self._entries[name].sha256:
-                verified.add(name)  # (a mismatch is left to verify(), which raises naming the tensor)
+        payload: dict[str, bytearray | memoryview] = {}
+        verified = set()  # names whose bytes already matched this manifest's digest
         for entry in self.manifest.tensors:
             name = entry.name
             if name in self._raw:
@@ -163,18 +200,34 @@ class Assembler:
                     raise IntegrityError(f"transfer truncated: tensor {name!r} has {self._raw_received[name]} of "
                                          f"{entry.nbytes} bytes")
                 payload[name] = self._raw[name]
+                if self.manifest.piece_bytes:
+                    verified.add(name)  # every piece matched as it arrived
             elif name in self._encoded:
                 encoding, data = self._encoded[name]
+                self.dest_digests.pop(name, None)
                 payload[name] = delta.decode(self._held.payload.get(name), encoding, data,
-                                             TORCH_DTYPES[entry.dtype].itemsize, entry.nbytes)
-            elif name in kept and (kept[name].sha256, kept[name].dtype, kept[name].shape) == (
-                    entry.sha256, entry.dtype, entry.shape):
-                payload[name] = self._held.payload[name]  # unchanged: verified when it arrived
+                                             TORCH_DTYPES[entry.dtype].itemsize, entry.nbytes, out=self._dest.get(name))
+            elif name in kept and (kept[name].digest, kept[name].dtype, kept[name].shape) == (
+                    entry.digest, entry.dtype, entry.shape):
+                payload[name] = self._keep(name, entry)  # unchanged: verified when it arrived
                 verified.add(name)
             else:
                 raise IntegrityError(f"transfer truncated: tensor {name!r} missing")
         tensors = verify(self.manifest, payload, frozenset(verified))
+        for name in self._dest:
+            self.dest_digests[name] = self._entries[name].digest
         return Held(self.manifest, payload), tensors
+
+    def _keep(self, name: str, entry: TensorEntry) -> bytearray | memoryview:
+        """An unchanged tensor: the held bytes, copied into ``dest`` unless it holds them already."""
+        held = self._held.payload[name]
+        out = self._dest.get(name)
+        if out is None:
+            return held
+        if self.dest_digests.get(name) != entry.digest:
+            self.dest_digests.pop(name, None)
+            out[:] = held
+        return out
 
 
 class LastGood:
@@ -294,7 +347,7 @@ class Updater:
         slot.add_rollback_listener(self._on_rollback)
 
     def start(self) -> None:
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sha256-{self.robot_id}")
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pieces-{self.robot_id}")
         self._thread = threading.Thread(target=self._run, name=f"updater-{self.robot_id}", daemon=True)
         self._thread.start()
 
