@@ -106,17 +106,14 @@ def _gateway_main(cfg, conn) -> None:
 
 def _edge_main(target: str, robot_id: str, after: int, versions: int, results) -> None:
     """Watch for full versions newer than ``after``; report when each of ``versions`` was verified (swap-ready)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from edge.client import FleetClient, PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent
     from edge.updater import Assembler
 
     client = FleetClient(target)
-    hasher = ThreadPoolExecutor(max_workers=1)
     held, done = None, 0
     for event in client.watch_policy(robot_id, after, want_full=True):
         if isinstance(event, PolicyHeaderEvent):
-            assembler, header_s, header_cpu_s = Assembler(event, held, hasher), time.time(), _cpu_s()
+            assembler, header_s, header_cpu_s = Assembler(event, held), time.time(), _cpu_s()
         elif isinstance(event, PolicyPieceEvent):
             assembler.add(event)
         elif isinstance(event, PolicyTrailerEvent):
