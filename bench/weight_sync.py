@@ -105,7 +105,10 @@ def _gateway_main(cfg, conn) -> None:
 
 
 def _edge_main(target: str, robot_id: str, after: int, versions: int, results) -> None:
-    """Watch for full versions newer than ``after``; report when each of ``versions`` was verified (swap-ready)."""
+    """Watch for full versions newer than ``after``; report when each of ``versions`` was verified (swap-ready).
+
+    As on a running robot, the bytes go into a standby model's memory, resident already (allocated and
+    touched here before the transfer's clock starts): one buffer per tensor, written in place."""
     from edge.client import FleetClient, PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent
     from edge.updater import Assembler
 
@@ -113,7 +116,10 @@ def _edge_main(target: str, robot_id: str, after: int, versions: int, results) -
     held, done = None, 0
     for event in client.watch_policy(robot_id, after, want_full=True):
         if isinstance(event, PolicyHeaderEvent):
-            assembler, header_s, header_cpu_s = Assembler(event, held), time.time(), _cpu_s()
+            assembler = Assembler(event, held)
+            standby = {e.name: torch.zeros(e.nbytes, dtype=torch.uint8) for e in assembler.manifest.tensors}
+            assembler.write_into({k: memoryview(v.numpy()) for k, v in standby.items()}, {})
+            header_s, header_cpu_s = time.time(), _cpu_s()
         elif isinstance(event, PolicyPieceEvent):
             assembler.add(event)
         elif isinstance(event, PolicyTrailerEvent):
@@ -364,6 +370,64 @@ def smolvla_projection(rows: list[dict], workdir: Path) -> dict:
             "delta_fraction_by_lr": {str(lr): round(share * f, 4) for lr, f in act.items()}}
 
 
+# --- trainer step time while publishing ---------------------------------------------
+
+def publish_step_times(workdir: Path, steps: int, every: int, quick: bool) -> dict:
+    """Optimizer step times of a real LeRobot ACT policy (HG-DAgger-style behaviour cloning) with no publishing,
+    with the publish on the training thread (the old path: copy, hash, write, announce) and with the publisher
+    thread (a snapshot on the training thread, the rest in the background). Training uses one torch thread,
+    so that the publisher has the other core, as a GPU trainer leaves the CPU to it."""
+    from cloud.policy_store import PolicyStore
+    from cloud.publisher import Publisher
+    from fleet.policies import PolicyConfig, build_policy
+    from fleet.types import FeatureSpec, Schema
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        schema = Schema((FeatureSpec("state", "float32", (39,)),), FeatureSpec("action", "float32", (4,)))
+        cfg = PolicyConfig(chunk_size=10, n_action_steps=10, dim_model=256 if quick else 512, n_heads=8,
+                           dim_feedforward=1024 if quick else 3200, n_encoder_layers=4, n_decoder_layers=1)
+        rng = np.random.default_rng(0)
+        expert = rng.normal(size=(39, 4)) / np.sqrt(39)
+        modes = ("none", "on_thread", "publisher_thread")
+        policies = {mode: build_policy(cfg, schema, ("reach the goal",), seed=0) for mode in modes}
+        opts = {mode: torch.optim.AdamW(policies[mode].trainable_parameters(), lr=1e-4) for mode in modes}
+        publishers = {mode: Publisher(PolicyStore(workdir / f"steps-{mode}"), every_steps=every) for mode in modes}
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
+        rounds = 4  # the modes take turns, so that the load of a shared machine hits them alike
+        for block in range(rounds):
+            for mode in modes:
+                policy, opt, publisher = policies[mode], opts[mode], publishers[mode]
+                for step in range(block * steps // rounds + 1, (block + 1) * steps // rounds + 1):
+                    t0 = time.perf_counter()
+                    loss, _ = policy.compute_loss(policy.train_batch_to_torch(_bc_batch(rng, expert, 16, 10, False)))
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    if mode == "on_thread" and publisher.due(step):
+                        publisher.publish(policy, step)
+                    elif mode == "publisher_thread":
+                        publisher.poll(policy)
+                        if publisher.due(step):
+                            publisher.publish_async(policy, step)
+                    if step > every:  # after the first publish's allocations
+                        times[mode].append(time.perf_counter() - t0)
+                publisher.wait()
+        out = {}
+        for mode in modes:
+            warm = np.array(times[mode])
+            out[mode] = {"p50_s": float(np.percentile(warm, 50)), "p99_s": float(np.percentile(warm, 99)),
+                         "max_s": float(warm.max()), "versions": len(publishers[mode].store.versions())}
+            log.info("step times, %s: %s", mode, out[mode])
+        out["bytes_per_version"] = sum(t.numel() * t.element_size() for t in policy.tensors().values())
+        out["p99_ratio_publisher_thread"] = out["publisher_thread"]["p99_s"] / out["none"]["p99_s"]
+        out["p99_ratio_on_thread"] = out["on_thread"]["p99_s"] / out["none"]["p99_s"]
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --- main ------------------------------------------------------------------------
 
 def pushed_state_dict(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -403,6 +467,8 @@ def run(args: argparse.Namespace) -> dict:
                 out["fanout_ratio"] = out[f"fanout{args.edges}_over_single"]
         finally:
             fleet.close()
+        if args.step_times:
+            out["step_times"] = publish_step_times(workdir, args.step_times, 5, args.quick)
         lerobot = min((lerobot_push(tensors) for _ in range(args.repeats)), key=lambda r: r["push_s"])
         out.update(lerobot_push_s=lerobot["push_s"], lerobot_transport_s=lerobot["push_s"],
                    lerobot_gbps=nbytes / lerobot["push_s"] / GB)
@@ -434,6 +500,12 @@ def table(out: dict) -> str:
         n = out["fanout_edges"]
         rows.append((f"fan-out to {n} edges", f"{out[f'fanout{n}_s']:.3f} s  ({out['fanout_ratio']:.2f}x single); "
                                               f"gateway {out['gateway_cpu_s_per_gb']:.2f} CPU s/GB"))
+    if "step_times" in out:
+        st = out["step_times"]
+        rows.append(("trainer step p99 (ACT, publish/5 steps)",
+                     f"none {st['none']['p99_s'] * 1e3:.0f} ms, on the training thread "
+                     f"{st['on_thread']['p99_s'] * 1e3:.0f} ms ({st['p99_ratio_on_thread']:.2f}x), publisher thread "
+                     f"{st['publisher_thread']['p99_s'] * 1e3:.0f} ms ({st['p99_ratio_publisher_thread']:.2f}x)"))
     for r in out.get("delta_runs", []):
         rows.append((f"delta {r['policy']} {r['precision']} lr {r['lr']:g}",
                      f"{r['delta_fraction'] * 100:.2f}% of full ({r['params'] / 1e6:.1f}M params, {r['steps']} steps, "
@@ -457,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta-steps", type=int, default=25, help="optimizer steps between two versions")
     p.add_argument("--warmup-steps", type=int, default=20, help="optimizer steps before the first of them")
     p.add_argument("--skip-delta", action="store_true", help="skip the delta-size runs")
+    p.add_argument("--step-times", type=int, default=60, metavar="STEPS",
+                   help="trainer steps per publishing mode for the step-time run (0 = skip it)")
     p.add_argument("--vla-delta", default="", metavar="DEVICE",
                    help="also train SmolVLA-450M itself on DEVICE (cuda; ~100 s per step on 2 CPU cores)")
     p.add_argument("--json", type=Path, help="write the results here")

@@ -27,11 +27,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from cloud.buffer import POLICY_COUNTER_KEY, policy_keys
 from fleet.signing import ManifestSigner
-from fleet.weights import PIECE_BYTES, Manifest, build_manifest, read_safetensors_raw
+from fleet.weights import PIECE_BYTES, Manifest, build_manifest, read_safetensors_raw, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +99,9 @@ class DirectoryBackend:
         tmp = self.root / f".tmp-v{manifest.version:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"version": str(manifest.version)})
+        with open(tmp / "model.safetensors", "wb") as fh:  # straight from the tensors' memory
+            write_safetensors(fh, {k: v.detach().cpu() for k, v in tensors.items()},
+                              metadata={"version": str(manifest.version)})
         (tmp / "manifest.json").write_text(manifest.to_json())
         for f in tmp.iterdir():
             with open(f, "rb") as fh:

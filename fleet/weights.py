@@ -291,3 +291,26 @@ def read_safetensors_raw(path: str | Path) -> dict[str, memoryview]:
             raise IntegrityError(f"{path}: tensor {name!r} lies outside the file ({start}..{end})")
         out[name] = body[start:end]
     return out
+
+
+_SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(fh, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (CPU) as a safetensors file to the open binary file ``fh``, straight from their
+    memory: no serialised copy of the whole state (``safetensors.torch.save_file`` makes one)."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    views, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        view = tensor_view(t)
+        header[name] = {"dtype": _SAFETENSORS_NAMES[DTYPE_NAMES[t.dtype]], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(view)]}
+        views.append(view)
+        offset += len(view)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    fh.write(struct.pack("<Q", len(encoded)))
+    fh.write(encoded)
+    for view in views:
+        fh.write(view)

@@ -356,6 +356,14 @@ class FleetPolicy:
             self.model.reset()
 
     # ----- serialization ------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The LeRobot state_dict plus ``fleet_norm.*`` stats, as they are (on the policy's device, no copy):
+        what a snapshot copies once (``cloud.snapshot``)."""
+        with self._lock:
+            out = {k: v.detach() for k, v in self.model.state_dict().items()}
+            out.update({NORM_PREFIX + k: v.detach() for k, v in self._norm.items()})
+        return out
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """CPU copies of the LeRobot state_dict plus ``fleet_norm.*`` stats."""
         with self._lock:
