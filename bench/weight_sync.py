@@ -104,22 +104,24 @@ def _gateway_main(cfg, conn) -> None:
     asyncio.run(serve())
 
 
-def _edge_main(target: str, robot_id: str, after: int, versions: int, results) -> None:
+def _edge_main(target: str, robot_id: str, after: int, versions: int, results, standby_bytes: int) -> None:
     """Watch for full versions newer than ``after``; report when each of ``versions`` was verified (swap-ready).
 
     As on a running robot, the bytes go into a standby model's memory, resident already (allocated and
-    touched here before the transfer's clock starts): one buffer per tensor, written in place."""
+    touched before the watch starts): the tensors are views of it, written in place."""
     from edge.client import FleetClient, PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent
     from edge.updater import Assembler
 
+    standby = memoryview(torch.zeros(standby_bytes, dtype=torch.uint8).numpy())
     client = FleetClient(target)
     held, done = None, 0
     for event in client.watch_policy(robot_id, after, want_full=True):
         if isinstance(event, PolicyHeaderEvent):
-            assembler = Assembler(event, held)
-            standby = {e.name: torch.zeros(e.nbytes, dtype=torch.uint8) for e in assembler.manifest.tensors}
-            assembler.write_into({k: memoryview(v.numpy()) for k, v in standby.items()}, {})
             header_s, header_cpu_s = time.time(), _cpu_s()
+            assembler, views, offset = Assembler(event, held), {}, 0
+            for e in assembler.manifest.tensors:
+                views[e.name], offset = standby[offset:offset + e.nbytes], offset + e.nbytes
+            assembler.write_into(views, {})
         elif isinstance(event, PolicyPieceEvent):
             assembler.add(event)
         elif isinstance(event, PolicyTrailerEvent):
@@ -162,7 +164,9 @@ class Fleet:
         """Start ``edges`` watchers, publish one version, wait until every edge has verified it."""
         ids = [f"{tag}-{i}" for i in range(edges)]
         after = self.store.latest_version()
-        procs = [self.ctx.Process(target=_edge_main, args=(self.target, rid, after, 1, self.results)) for rid in ids]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        procs = [self.ctx.Process(target=_edge_main, args=(self.target, rid, after, 1, self.results, nbytes))
+                 for rid in ids]
         for p in procs:
             p.start()
         deadline = time.monotonic() + 300

@@ -363,16 +363,15 @@ class CheckpointWriter:
         return self._thread is not None and self._thread.is_alive()
 
     def save_async(self, step: int, policy_config: dict, policy_tensors: dict[str, torch.Tensor],
-                   state: dict) -> bool:
-        """Snapshot now, write in the background; False (nothing done) while the previous one is being written."""
-        if self.busy:
-            return False
+                   state: dict) -> None:
+        """Snapshot now, write in the background (after waiting for the previous one, which only happens when
+        checkpoints are due faster than the disk writes them)."""
+        self.wait()
         encoded, tensors = encode_tree(state, copy=False)
         model, tensors = self._model.copy_from(policy_tensors), self._state.copy_from(tensors)
         self._thread = threading.Thread(target=self._write, args=(step, policy_config, model, encoded, tensors),
                                         name="checkpoint", daemon=True)
         self._thread.start()
-        return True
 
     def _write(self, step: int, policy_config: dict, model: dict, encoded: Any, tensors: dict) -> None:
         t0 = time.perf_counter()

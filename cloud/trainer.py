@@ -222,16 +222,14 @@ class Trainer:
 
     def save_checkpoint(self, wait: bool = True) -> Path | None:
         """Checkpoint now: written and verified before returning; ``wait=False``: snapshotted now and written by
-        the checkpoint thread (not started, and due again next step, while the previous one is being written)."""
+        the checkpoint thread."""
         if not self.dist.checkpoints_here:  # rank 0 holds the same weights and optimizer state
             self.schedule.mark(self.state.step)
             return None
-        if not wait and self.checkpoint_writer.busy:
-            return None
         args = (self.state.step, self.policy.manifest_config(), self.policy.state_tensors(), self._checkpoint_state())
         if not wait:
-            if self.checkpoint_writer.save_async(*args):
-                self.schedule.mark(self.state.step)
+            self.checkpoint_writer.save_async(*args)
+            self.schedule.mark(self.state.step)
             return None
         path = self.checkpoint_writer.save(*args)
         self.schedule.mark(self.state.step)
