@@ -193,7 +193,8 @@ class Fleet:
                 "push_s": ready - t_published, "publish_to_ready_s": ready - t_publish,
                 "bytes_per_edge": manifest.total_bytes, "gateway_cpu_s": gateway_cpu_s,
                 "gateway_cpu_s_per_gb": gateway_cpu_s / (sent / GB),
-                "edge_cpu_s": [round(r["cpu_s"], 2) for r in reports]}
+                "edge_cpu_s": [round(r["cpu_s"], 2) for r in reports],
+                "edge_cpu_s_per_gb": sum(r["cpu_s"] for r in reports) / (sent / GB)}
 
     def close(self) -> None:
         self._conn.send("stop")
@@ -462,7 +463,8 @@ def run(args: argparse.Namespace) -> dict:
             best = min(single, key=lambda r: r["push_s"])
             out.update(full_push_s=best["push_s"], full_push_gbps=nbytes / best["push_s"] / GB,
                        publish_to_ready_s=best["publish_to_ready_s"], store_publish_s=best["store_publish_s"],
-                       single_runs_s=[round(r["push_s"], 3) for r in single])
+                       single_runs_s=[round(r["push_s"], 3) for r in single],
+                       edge_cpu_s_per_gb=best["edge_cpu_s_per_gb"], single_gateway_cpu_s_per_gb=best["gateway_cpu_s_per_gb"])
             if args.edges > 1:
                 fan = fleet.push(tensors, args.edges, "fan")
                 out.update({f"fanout{args.edges}_s": fan["push_s"], "fanout_edges": args.edges,
@@ -498,6 +500,8 @@ def table(out: dict) -> str:
                                          f"({out['ratio_to_raw']:.2f}x raw)"),
             ("  store write (publish)", f"{out['store_publish_s']:.3f} s"),
             ("  publish start -> ready", f"{out['publish_to_ready_s']:.3f} s"),
+            ("  CPU per GB (1 edge)", f"edge {out['edge_cpu_s_per_gb']:.2f} s, gateway "
+                                      f"{out['single_gateway_cpu_s_per_gb']:.2f} s"),
             ("LeRobot transport", f"{out['lerobot_push_s']:.3f} s  {out['lerobot_gbps']:.2f} GB/s  "
                                   f"(fleet is {out['lerobot_push_s'] / out['full_push_s']:.2f}x faster)")]
     if "fanout_ratio" in out:
