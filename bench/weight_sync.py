@@ -104,19 +104,24 @@ def _gateway_main(cfg, conn) -> None:
     asyncio.run(serve())
 
 
-def _edge_main(target: str, robot_id: str, after: int, versions: int, results) -> None:
-    """Watch for full versions newer than ``after``; report when each of ``versions`` was verified (swap-ready)."""
-    from concurrent.futures import ThreadPoolExecutor
+def _edge_main(target: str, robot_id: str, after: int, versions: int, results, standby_bytes: int) -> None:
+    """Watch for full versions newer than ``after``; report when each of ``versions`` was verified (swap-ready).
 
+    As on a running robot, the bytes go into a standby model's memory, resident already (allocated and
+    touched before the watch starts): the tensors are views of it, written in place."""
     from edge.client import FleetClient, PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent
     from edge.updater import Assembler
 
+    standby = memoryview(torch.zeros(standby_bytes, dtype=torch.uint8).numpy())
     client = FleetClient(target)
-    hasher = ThreadPoolExecutor(max_workers=1)
     held, done = None, 0
     for event in client.watch_policy(robot_id, after, want_full=True):
         if isinstance(event, PolicyHeaderEvent):
-            assembler, header_s, header_cpu_s = Assembler(event, held, hasher), time.time(), _cpu_s()
+            header_s, header_cpu_s = time.time(), _cpu_s()
+            assembler, views, offset = Assembler(event, held), {}, 0
+            for e in assembler.manifest.tensors:
+                views[e.name], offset = standby[offset:offset + e.nbytes], offset + e.nbytes
+            assembler.write_into(views, {})
         elif isinstance(event, PolicyPieceEvent):
             assembler.add(event)
         elif isinstance(event, PolicyTrailerEvent):
@@ -159,7 +164,9 @@ class Fleet:
         """Start ``edges`` watchers, publish one version, wait until every edge has verified it."""
         ids = [f"{tag}-{i}" for i in range(edges)]
         after = self.store.latest_version()
-        procs = [self.ctx.Process(target=_edge_main, args=(self.target, rid, after, 1, self.results)) for rid in ids]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        procs = [self.ctx.Process(target=_edge_main, args=(self.target, rid, after, 1, self.results, nbytes))
+                 for rid in ids]
         for p in procs:
             p.start()
         deadline = time.monotonic() + 300
@@ -186,7 +193,8 @@ class Fleet:
                 "push_s": ready - t_published, "publish_to_ready_s": ready - t_publish,
                 "bytes_per_edge": manifest.total_bytes, "gateway_cpu_s": gateway_cpu_s,
                 "gateway_cpu_s_per_gb": gateway_cpu_s / (sent / GB),
-                "edge_cpu_s": [round(r["cpu_s"], 2) for r in reports]}
+                "edge_cpu_s": [round(r["cpu_s"], 2) for r in reports],
+                "edge_cpu_s_per_gb": sum(r["cpu_s"] for r in reports) / (sent / GB)}
 
     def close(self) -> None:
         self._conn.send("stop")
@@ -367,6 +375,64 @@ def smolvla_projection(rows: list[dict], workdir: Path) -> dict:
             "delta_fraction_by_lr": {str(lr): round(share * f, 4) for lr, f in act.items()}}
 
 
+# --- trainer step time while publishing ---------------------------------------------
+
+def publish_step_times(workdir: Path, steps: int, every: int, quick: bool) -> dict:
+    """Optimizer step times of a real LeRobot ACT policy (HG-DAgger-style behaviour cloning) with no publishing,
+    with the publish on the training thread (the old path: copy, hash, write, announce) and with the publisher
+    thread (a snapshot on the training thread, the rest in the background). Training uses one torch thread,
+    so that the publisher has the other core, as a GPU trainer leaves the CPU to it."""
+    from cloud.policy_store import PolicyStore
+    from cloud.publisher import Publisher
+    from fleet.policies import PolicyConfig, build_policy
+    from fleet.types import FeatureSpec, Schema
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        schema = Schema((FeatureSpec("state", "float32", (39,)),), FeatureSpec("action", "float32", (4,)))
+        cfg = PolicyConfig(chunk_size=10, n_action_steps=10, dim_model=256 if quick else 512, n_heads=8,
+                           dim_feedforward=1024 if quick else 3200, n_encoder_layers=4, n_decoder_layers=1)
+        rng = np.random.default_rng(0)
+        expert = rng.normal(size=(39, 4)) / np.sqrt(39)
+        modes = ("none", "on_thread", "publisher_thread")
+        policies = {mode: build_policy(cfg, schema, ("reach the goal",), seed=0) for mode in modes}
+        opts = {mode: torch.optim.AdamW(policies[mode].trainable_parameters(), lr=1e-4) for mode in modes}
+        publishers = {mode: Publisher(PolicyStore(workdir / f"steps-{mode}"), every_steps=every) for mode in modes}
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
+        rounds = 4  # the modes take turns, so that the load of a shared machine hits them alike
+        for block in range(rounds):
+            for mode in modes:
+                policy, opt, publisher = policies[mode], opts[mode], publishers[mode]
+                for step in range(block * steps // rounds + 1, (block + 1) * steps // rounds + 1):
+                    t0 = time.perf_counter()
+                    loss, _ = policy.compute_loss(policy.train_batch_to_torch(_bc_batch(rng, expert, 16, 10, False)))
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    if mode == "on_thread" and publisher.due(step):
+                        publisher.publish(policy, step)
+                    elif mode == "publisher_thread":
+                        publisher.poll(policy)
+                        if publisher.due(step):
+                            publisher.publish_async(policy, step)
+                    if step > every:  # after the first publish's allocations
+                        times[mode].append(time.perf_counter() - t0)
+                publisher.wait()
+        out = {}
+        for mode in modes:
+            warm = np.array(times[mode])
+            out[mode] = {"p50_s": float(np.percentile(warm, 50)), "p99_s": float(np.percentile(warm, 99)),
+                         "max_s": float(warm.max()), "versions": len(publishers[mode].store.versions())}
+            log.info("step times, %s: %s", mode, out[mode])
+        out["bytes_per_version"] = sum(t.numel() * t.element_size() for t in policy.tensors().values())
+        out["p99_ratio_publisher_thread"] = out["publisher_thread"]["p99_s"] / out["none"]["p99_s"]
+        out["p99_ratio_on_thread"] = out["on_thread"]["p99_s"] / out["none"]["p99_s"]
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --- main ------------------------------------------------------------------------
 
 def pushed_state_dict(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -397,7 +463,8 @@ def run(args: argparse.Namespace) -> dict:
             best = min(single, key=lambda r: r["push_s"])
             out.update(full_push_s=best["push_s"], full_push_gbps=nbytes / best["push_s"] / GB,
                        publish_to_ready_s=best["publish_to_ready_s"], store_publish_s=best["store_publish_s"],
-                       single_runs_s=[round(r["push_s"], 3) for r in single])
+                       single_runs_s=[round(r["push_s"], 3) for r in single],
+                       edge_cpu_s_per_gb=best["edge_cpu_s_per_gb"], single_gateway_cpu_s_per_gb=best["gateway_cpu_s_per_gb"])
             if args.edges > 1:
                 fan = fleet.push(tensors, args.edges, "fan")
                 out.update({f"fanout{args.edges}_s": fan["push_s"], "fanout_edges": args.edges,
@@ -406,6 +473,8 @@ def run(args: argparse.Namespace) -> dict:
                 out["fanout_ratio"] = out[f"fanout{args.edges}_over_single"]
         finally:
             fleet.close()
+        if args.step_times:
+            out["step_times"] = publish_step_times(workdir, args.step_times, 5, args.quick)
         lerobot = min((lerobot_push(tensors) for _ in range(args.repeats)), key=lambda r: r["push_s"])
         out.update(lerobot_push_s=lerobot["push_s"], lerobot_transport_s=lerobot["push_s"],
                    lerobot_gbps=nbytes / lerobot["push_s"] / GB)
@@ -431,12 +500,20 @@ def table(out: dict) -> str:
                                          f"({out['ratio_to_raw']:.2f}x raw)"),
             ("  store write (publish)", f"{out['store_publish_s']:.3f} s"),
             ("  publish start -> ready", f"{out['publish_to_ready_s']:.3f} s"),
+            ("  CPU per GB (1 edge)", f"edge {out['edge_cpu_s_per_gb']:.2f} s, gateway "
+                                      f"{out['single_gateway_cpu_s_per_gb']:.2f} s"),
             ("LeRobot transport", f"{out['lerobot_push_s']:.3f} s  {out['lerobot_gbps']:.2f} GB/s  "
                                   f"(fleet is {out['lerobot_push_s'] / out['full_push_s']:.2f}x faster)")]
     if "fanout_ratio" in out:
         n = out["fanout_edges"]
         rows.append((f"fan-out to {n} edges", f"{out[f'fanout{n}_s']:.3f} s  ({out['fanout_ratio']:.2f}x single); "
                                               f"gateway {out['gateway_cpu_s_per_gb']:.2f} CPU s/GB"))
+    if "step_times" in out:
+        st = out["step_times"]
+        rows.append(("trainer step p99 (ACT, publish/5 steps)",
+                     f"none {st['none']['p99_s'] * 1e3:.0f} ms, on the training thread "
+                     f"{st['on_thread']['p99_s'] * 1e3:.0f} ms ({st['p99_ratio_on_thread']:.2f}x), publisher thread "
+                     f"{st['publisher_thread']['p99_s'] * 1e3:.0f} ms ({st['p99_ratio_publisher_thread']:.2f}x)"))
     for r in out.get("delta_runs", []):
         rows.append((f"delta {r['policy']} {r['precision']} lr {r['lr']:g}",
                      f"{r['delta_fraction'] * 100:.2f}% of full ({r['params'] / 1e6:.1f}M params, {r['steps']} steps, "
@@ -460,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta-steps", type=int, default=25, help="optimizer steps between two versions")
     p.add_argument("--warmup-steps", type=int, default=20, help="optimizer steps before the first of them")
     p.add_argument("--skip-delta", action="store_true", help="skip the delta-size runs")
+    p.add_argument("--step-times", type=int, default=60, metavar="STEPS",
+                   help="trainer steps per publishing mode for the step-time run (0 = skip it)")
     p.add_argument("--vla-delta", default="", metavar="DEVICE",
                    help="also train SmolVLA-450M itself on DEVICE (cuda; ~100 s per step on 2 CPU cores)")
     p.add_argument("--json", type=Path, help="write the results here")

@@ -40,9 +40,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from cloud.snapshot import HostSnapshot
+from fleet import metrics
 from fleet.errors import IntegrityError
+from fleet.weights import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +78,14 @@ _TENSOR, _ARRAY, _TUPLE, _DICT = "__tensor__", "__ndarray__", "__tuple__", "__di
 _MARKERS = (_TENSOR, _ARRAY, _TUPLE, _DICT)
 
 
-def encode_tree(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Split a nested state (dicts, lists, tuples, scalars, tensors, arrays) into JSON + tensors."""
+def encode_tree(obj: Any, copy: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts, lists, tuples, scalars, tensors, arrays) into JSON + tensors (CPU copies;
+    ``copy=False``: the tensors themselves, for a snapshot to copy)."""
     tensors: dict[str, torch.Tensor] = {}
 
     def enc(x: Any, path: str) -> Any:
         if isinstance(x, torch.Tensor):
-            tensors[path] = x.detach().to("cpu", copy=True).contiguous()
+            tensors[path] = x.detach().to("cpu", copy=True).contiguous() if copy else x.detach()
             return {_TENSOR: path}
         if isinstance(x, np.ndarray):
             raw = np.ascontiguousarray(x)
@@ -211,18 +215,24 @@ class CheckpointDir:
 
     def save(self, step: int, policy_config: dict, policy_tensors: dict[str, torch.Tensor], state: dict) -> Path:
         """Write a checkpoint atomically, then prune to the newest ``keep``; returns its path."""
+        encoded, tensors = encode_tree(state)
+        return self.write(step, policy_config, policy_tensors, encoded, tensors)
+
+    def write(self, step: int, policy_config: dict, policy_tensors: dict[str, torch.Tensor], encoded: Any,
+              state_tensors: dict[str, torch.Tensor]) -> Path:
+        """:meth:`save` of a state already split by :func:`encode_tree`."""
         t0 = time.perf_counter()
         self._saves += 1
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"{_TMP_PREFIX}{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in policy_tensors.items()},
-                  str(tmp / "model.safetensors"))
+        with open(tmp / "model.safetensors", "wb") as fh:  # straight from the tensors' memory
+            write_safetensors(fh, {k: v.detach().to("cpu") for k, v in policy_tensors.items()})
         (tmp / "policy.json").write_text(json.dumps(policy_config, sort_keys=True))
         _test_pause(self._saves)
-        encoded, tensors = encode_tree(state)
-        save_file(tensors, str(tmp / "state.safetensors"))
+        with open(tmp / "state.safetensors", "wb") as fh:
+            write_safetensors(fh, {k: v.to("cpu") for k, v in state_tensors.items()})
         (tmp / "state.json").write_text(json.dumps(encoded))
         files = {}
         for f in sorted(tmp.iterdir()):
@@ -240,6 +250,10 @@ class CheckpointDir:
         self._prune()
         log.info("checkpoint %s written in %.2fs", final, time.perf_counter() - t0)
         return final
+
+    def verify(self, path: Path) -> None:
+        """IntegrityError unless the checkpoint at ``path`` is complete and every file matches its DONE."""
+        self.load(path)
 
     def _prune(self) -> None:
         for step in self.steps()[:-self.keep]:
@@ -326,3 +340,64 @@ class CheckpointSchedule:
 
     def mark(self, step: int) -> None:
         self.last_step, self._last_time = step, time.monotonic()
+
+
+class CheckpointWriter:
+    """Checkpoints written off the training thread: ``save_async`` snapshots the policy and the training state
+    (one copy into host buffers reused from one checkpoint to the next) and a thread writes, fsyncs and
+    renames it; the trainer goes on meanwhile. ``save`` (the way out, e.g. SIGTERM) waits for that thread,
+    writes on the calling thread and verifies what it wrote."""
+
+    def __init__(self, directory: CheckpointDir):
+        self.dir = directory
+        self._model = HostSnapshot()
+        self._state = HostSnapshot()
+        self._thread: threading.Thread | None = None
+        self.failures = 0
+        """Background checkpoints that could not be written (logged; the next one is tried as scheduled)."""
+        self.last_written = 0
+        """Step of the newest checkpoint written complete (or resumed from)."""
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def save_async(self, step: int, policy_config: dict, policy_tensors: dict[str, torch.Tensor],
+                   state: dict) -> None:
+        """Snapshot now, write in the background (after waiting for the previous one, which only happens when
+        checkpoints are due faster than the disk writes them)."""
+        self.wait()
+        encoded, tensors = encode_tree(state, copy=False)
+        model, tensors = self._model.copy_from(policy_tensors), self._state.copy_from(tensors)
+        self._thread = threading.Thread(target=self._write, args=(step, policy_config, model, encoded, tensors),
+                                        name="checkpoint", daemon=True)
+        self._thread.start()
+
+    def _write(self, step: int, policy_config: dict, model: dict, encoded: Any, tensors: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.dir.write(step, policy_config, model, encoded, tensors)
+        except Exception:  # noqa: BLE001 - a background checkpoint must not kill training; the next one retries
+            self.failures += 1
+            log.exception("checkpoint at step %d could not be written; training goes on", step)
+            return
+        metrics.TRAINER_CHECKPOINT.observe(time.perf_counter() - t0)
+        metrics.TRAINER_LAST_CHECKPOINT.set(time.time())
+        self.last_written = max(self.last_written, step)
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+        return not self.busy
+
+    def save(self, step: int, policy_config: dict, policy_tensors: dict[str, torch.Tensor], state: dict) -> Path:
+        """Write now, on this thread (after the one being written), and verify it; returns its path."""
+        self.wait()
+        t0 = time.perf_counter()
+        path = self.dir.save(step, policy_config, policy_tensors, state)
+        self.dir.verify(path)
+        metrics.TRAINER_CHECKPOINT.observe(time.perf_counter() - t0)
+        metrics.TRAINER_LAST_CHECKPOINT.set(time.time())
+        self.last_written = max(self.last_written, step)
+        return path

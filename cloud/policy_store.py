@@ -27,11 +27,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from cloud.buffer import POLICY_COUNTER_KEY, policy_keys
 from fleet.signing import ManifestSigner
-from fleet.weights import Manifest, build_manifest, read_safetensors_raw
+from fleet.weights import PIECE_BYTES, Manifest, build_manifest, read_safetensors_raw, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +99,9 @@ class DirectoryBackend:
         tmp = self.root / f".tmp-v{manifest.version:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"version": str(manifest.version)})
+        with open(tmp / "model.safetensors", "wb") as fh:  # straight from the tensors' memory
+            write_safetensors(fh, {k: v.detach().cpu() for k, v in tensors.items()},
+                              metadata={"version": str(manifest.version)})
         (tmp / "manifest.json").write_text(manifest.to_json())
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -131,13 +131,15 @@ class PolicyStore:
     publisher's key, ``fleet.signing``), every published manifest is signed before it is written."""
 
     def __init__(self, root: str | os.PathLike | PolicyBackend, redis=None, embodiment: str = "",
-                 signer: ManifestSigner | None = None):
+                 signer: ManifestSigner | None = None, piece_bytes: int = PIECE_BYTES):
         self.backend: PolicyBackend = root if isinstance(root, PolicyBackend) else DirectoryBackend(root)
         self.root = getattr(self.backend, "root", None)
         self._redis = redis
         self.keys = policy_keys(embodiment)
         self._floor = 0
         self.signer = signer
+        self.piece_bytes = piece_bytes
+        """Bytes per hashed piece of the tensors (the gateway sends raw tensors in these pieces)."""
 
     def versions(self) -> list[int]:
         return self.backend.versions()
@@ -169,7 +171,8 @@ class PolicyStore:
         version = self.next_version()
         parent = parent_version if parent_version is not None else self.latest_version()
         manifest, _ = build_manifest(version, parent, tensors, config, trainable, created_s=time.time(),
-                                     keyframe_version=self._keyframe(version, parent, full_every_versions))
+                                     keyframe_version=self._keyframe(version, parent, full_every_versions),
+                                     piece_bytes=self.piece_bytes)
         if self.signer is not None:
             manifest = self.signer.sign(manifest)
         self.put(manifest, tensors)

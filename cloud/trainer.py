@@ -14,7 +14,10 @@ The sampler's index is not checkpointed: it is rebuilt from Redis on start, so
 a restarted trainer trains on everything stored, including what robots sent
 while it was down. Checkpoints are written every ``checkpoint_every_steps`` /
 ``checkpoint_every_s`` and when stopped (``stop`` set, e.g. by SIGTERM: the
-current optimizer step finishes, then the checkpoint is written).
+current optimizer step finishes, then the checkpoint is written and verified).
+Neither the periodic checkpoints nor publishing wait on disk: the training
+thread takes one snapshot of the weights (and optimizer state) into reused host
+buffers and a thread writes it (``cloud.publisher``, ``CheckpointWriter``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from cloud import fleet_metrics
 from cloud.algorithms.base import algorithm_class
 from cloud.buffer import SOURCE_OFFLINE, RobotKeys
 from cloud.distributed import Distributed
-from cloud.checkpoints import Checkpoint, CheckpointDir, CheckpointSchedule, capture_rng, restore_rng
+from cloud.checkpoints import (Checkpoint, CheckpointDir, CheckpointSchedule, CheckpointWriter, capture_rng,
+                               restore_rng)
 from cloud.policy_store import PolicyStore
 from cloud.rate_limiter import SampleToInsertRatio
 from cloud.publisher import Publisher
@@ -126,6 +130,7 @@ class Trainer:
         self.publisher = Publisher(self.store, cfg.publish_every_steps, cfg.publish_every_s,
                                    cfg.publish_full_every_versions)
         self.checkpoints = CheckpointDir(checkpoint_dir_for(cfg), cfg.keep_checkpoints)
+        self.checkpoint_writer = CheckpointWriter(self.checkpoints)
         self.schedule = CheckpointSchedule(cfg.checkpoint_every_steps, cfg.checkpoint_every_s)
         self.state = TrainerState()
         self.policy: FleetPolicy | None = None
@@ -215,15 +220,18 @@ class Trainer:
                         exc, self.state.version)
             return self.state.version
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, wait: bool = True) -> Path | None:
+        """Checkpoint now: written and verified before returning; ``wait=False``: snapshotted now and written by
+        the checkpoint thread."""
         if not self.dist.checkpoints_here:  # rank 0 holds the same weights and optimizer state
             self.schedule.mark(self.state.step)
             return None
-        t0 = time.perf_counter()
-        path = self.checkpoints.save(self.state.step, self.policy.manifest_config(), self.policy.tensors(),
-                                     self._checkpoint_state())
-        metrics.TRAINER_CHECKPOINT.observe(time.perf_counter() - t0)
-        metrics.TRAINER_LAST_CHECKPOINT.set(time.time())
+        args = (self.state.step, self.policy.manifest_config(), self.policy.state_tensors(), self._checkpoint_state())
+        if not wait:
+            self.checkpoint_writer.save_async(*args)
+            self.schedule.mark(self.state.step)
+            return None
+        path = self.checkpoint_writer.save(*args)
         self.schedule.mark(self.state.step)
         return path
 
@@ -250,6 +258,7 @@ class Trainer:
         self.store.ensure_above(int(state["max_version"]))
         restore_rng(state["rng"])
         self.schedule.mark(self.state.step)
+        self.checkpoint_writer.last_written = self.state.step
         self.resumed_from, self.resumed_step = str(checkpoint.path), checkpoint.step
         metrics.TRAINER_LAST_CHECKPOINT.set(checkpoint.path.stat().st_mtime)
         log.info("resumed from checkpoint %s: step %d, policy v%d", checkpoint.path, self.state.step,
@@ -257,7 +266,7 @@ class Trainer:
 
     def _after_step(self) -> None:
         if self.schedule.due(self.state.step):
-            self.save_checkpoint()
+            self.save_checkpoint(wait=False)
 
     # --- outages ---------------------------------------------------------------------
 
@@ -291,12 +300,15 @@ class Trainer:
             old.close()
         return Prefetcher(self.sampler, **kwargs)
 
-    def _publish_or_postpone(self) -> None:
-        """Publish, unless the policy directory refuses (OSError): then warn, keep training and retry later."""
-        if time.monotonic() < self._publish_retry_at:
-            return
+    def _publish_or_postpone(self, now: bool = False) -> None:
+        """Collect a version the publisher thread finished; start the next one when due (``now``: start it and
+        wait for it). If the policy directory refuses (OSError): warn, keep training and retry later."""
         try:
-            self._publish()
+            self._collect_published()
+            if time.monotonic() < self._publish_retry_at:
+                return
+            if now or self.publisher.due(self.state.step):
+                self._publish(wait=now)
         except OSError as exc:
             if isinstance(exc, REDIS_UNAVAILABLE):  # not raised as OSError by redis-py, but be explicit
                 raise
@@ -307,7 +319,22 @@ class Trainer:
                 log.warning("step %d: cannot write the policy to %s (%s); training continues, retrying the "
                             "publish every <= %.0f s", self.state.step, self.cfg.policy_dir, exc, PUBLISH_RETRY_S[1])
             metrics.TRAINER_PUBLISH_FAILURES.inc()
+
+    def _collect_published(self) -> None:
+        """The outcome of the publisher thread's last version, if it finished (raises what its write raised,
+        except a Redis outage: that is seen, and waited out, where the trainer reads Redis; the version is
+        published again once due)."""
+        try:
+            manifest = self.publisher.poll(self.policy)
+        except REDIS_UNAVAILABLE as exc:
+            log.info("step %d: the version being published met a Redis outage (%s); publishing again later",
+                     self.state.step, exc)
             return
+        if manifest is None:
+            return
+        self.state.version = manifest.version
+        log.info("step %d: published v%d (loss %.4f; the training thread spent %.3fs on it)", self.state.step,
+                 manifest.version, self.state.last_loss, self.publisher.snapshot_s)
         if self._publish_failures:
             log.info("step %d: publishing works again after %d failed attempts", self.state.step,
                      self._publish_failures)
@@ -338,15 +365,21 @@ class Trainer:
                 continue
         return None if self.dist.stop_agreed(batch is None) else batch  # torchrun: rank 0 decides
 
-    def _publish(self) -> None:
+    def _publish(self, wait: bool) -> None:
+        """Snapshot the weights and hand them to the publisher thread (``wait``: until it is written)."""
+        if not wait and self.publisher.busy:
+            return  # the previous version is still being written: due again at the next step
         with self.dist.full_policy(self.policy) as policy:  # FSDP: every rank gathers here
             if not self.dist.is_main:  # only rank 0 publishes; the others keep its schedule
                 self.publisher.load_state_dict({"last_step": self.state.step})
                 self.state.version = self.state.version or 1
                 return
-            manifest = self.publisher.publish(policy, self.state.step)
-        self.state.version = manifest.version
-        log.info("step %d: published v%d (loss %.4f)", self.state.step, manifest.version, self.state.last_loss)
+            self.publisher.wait()
+            self._collect_published()
+            self.publisher.publish_async(policy, self.state.step)
+        if wait:
+            self.publisher.wait()
+            self._collect_published()
 
     def _write_status(self, samples_per_s: float) -> None:
         if not self.dist.is_main:
@@ -397,11 +430,21 @@ class Trainer:
         """Publish now (robots need a policy), waiting out Redis outages; an unwritable directory postpones it."""
         while not self.stop.is_set():
             try:
-                self._publish_or_postpone()
+                self._publish_or_postpone(now=True)
                 return
             except REDIS_UNAVAILABLE as exc:
                 if not self._wait_out_outage(exc, what):
                     return
+
+    def _finish_publishing(self) -> None:
+        """On the way out: let the version being written finish, so the checkpoint records it."""
+        if not self.publisher.wait(timeout_s=60.0):
+            log.warning("the version being published is not written after 60 s; stopping without it")
+            return
+        try:
+            self._collect_published()
+        except (OSError, *REDIS_UNAVAILABLE) as exc:
+            log.warning("the last version could not be published (%s); the next start publishes again", exc)
 
     def _inserted_steps(self) -> int:
         """Refresh the sampler's index; the online steps stored so far (the rate limiter's inserts)."""
@@ -441,8 +484,7 @@ class Trainer:
                         break
                     self._update(batch)
                     window_samples += len(batch["task_index"])
-                    if self.publisher.due(self.state.step):
-                        self._publish_or_postpone()
+                    self._publish_or_postpone()
                     if self._status_due or now - last_status > 1.0:
                         self._write_status(window_samples / max(now - window_start, 1e-6))
                         window_samples, window_start, last_status = 0, now, now
@@ -481,8 +523,10 @@ class Trainer:
             if not self.state.version:
                 self._publish_until_done("the first publish")  # robots need something to act with
             self._train()
-        if self.state.step > self.schedule.last_step:
-            self.save_checkpoint()
+        self._finish_publishing()
+        self.checkpoint_writer.wait()  # a checkpoint being written in the background completes first
+        if self.state.step > self.checkpoint_writer.last_written:
+            self.save_checkpoint()  # written and verified before the process ends (SIGTERM, max_steps)
         try:
             self._write_status(0.0)
         except RedisError as exc:

@@ -124,12 +124,18 @@ def encode(base, target, itemsize: int) -> Encoded:
     return best
 
 
-def decode(base, encoding: str, data, itemsize: int, nbytes: int) -> bytearray:
-    """Target bytes from ``base`` and an encoded delta; IntegrityError if it does not fit."""
+def decode(base, encoding: str, data, itemsize: int, nbytes: int, out=None) -> bytearray | memoryview:
+    """Target bytes from ``base`` and an encoded delta; IntegrityError if it does not fit. With ``out`` (a
+    writable ``nbytes`` buffer, which may be ``base`` itself) the result is written there and returned."""
+    if out is not None and len(out) != nbytes:
+        raise ValueError(f"out has {len(out)} bytes, expected {nbytes}")
     if encoding == RAW:
         if len(data) != nbytes:
             raise IntegrityError(f"raw tensor has {len(data)} bytes, expected {nbytes}")
-        return bytearray(data)
+        if out is None:
+            return bytearray(data)
+        out[:] = data
+        return out
     if base is None or len(base) != nbytes:
         raise IntegrityError(f"{encoding} delta needs a {nbytes}-byte base, got "
                              f"{'none' if base is None else len(base)}")
@@ -137,7 +143,7 @@ def decode(base, encoding: str, data, itemsize: int, nbytes: int) -> bytearray:
     word = a.dtype.type
     if encoding == DIFF:
         diff = _unzigzag(_unplanes(_decompress(data, nbytes), word, a.size))
-        out = bytearray(nbytes)
+        out = bytearray(nbytes) if out is None else out
         np.add(a, diff, out=np.frombuffer(out, dtype=word))
         return out
     if encoding == SPARSE:
@@ -152,7 +158,10 @@ def decode(base, encoding: str, data, itemsize: int, nbytes: int) -> bytearray:
         index = np.cumsum(gaps.astype(np.int64)) - 1
         if count and (index[0] < 0 or index[-1] >= a.size or np.any(gaps == 0)):
             raise IntegrityError("sparse delta indices out of range")
-        out = bytearray(base)
+        if out is None:
+            out = bytearray(base)
+        elif out is not base:
+            out[:] = base
         view = np.frombuffer(out, dtype=word)
         view[index] += values
         return out

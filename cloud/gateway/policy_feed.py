@@ -6,12 +6,16 @@ re-reads the pointer periodically, in case a message was missed); every
 
 A transfer is the stream of ``PolicyUpdate`` messages that takes an edge from
 the version it holds (its base; 0 = none) to a target version: header, tensor
-pieces of at most ``piece_bytes``, trailer. Each is encoded once, in a thread, on
-first request (or ahead of it: the delta from a new version's parent as soon as
-the version appears); deltas only from the version's parent or keyframe, full
-weights for an edge holding any other version; robots stream the first messages while the rest is being
-encoded. The serialized bytes are shared by every robot fetching the transfer
-and kept in a byte-bounded LRU cache; the gRPC handler sends them as they are.
+pieces, trailer. Each is planned once, in a thread, on first request (or ahead
+of it: the delta from a new version's parent as soon as the version appears);
+deltas only from the version's parent or keyframe, full weights for an edge
+holding any other version; robots stream the first messages while the rest is
+being encoded. A plan holds no copy of the weights: raw tensors are slices of
+the stored, memory-mapped safetensors file, cut into the manifest's hashed
+pieces (1 MiB) as each message goes out; only a delta's encoded bytes (made
+once per (base, target) pair) are held, in a byte-bounded LRU cache. Each
+message is built with exactly one copy of its bytes (page cache -> the
+``bytes`` gRPC's Python API needs); gRPC core copies once more into its slice.
 
 What a delta carries, per tensor of the target manifest:
 
@@ -37,28 +41,43 @@ from fleet.weights import TORCH_DTYPES, Manifest
 
 log = logging.getLogger(__name__)
 
-PIECE_BYTES = 1 << 20  # well under the 4 MiB default gRPC message limit
+PIECE_BYTES = 1 << 20  # well under the 4 MiB default gRPC message limit; raw tensors use the manifest's
 CACHE_BYTES = 4 << 30
 
 
-class Transfer:
-    """The serialized messages that take an edge from ``base_version`` (0 = nothing) to ``version``.
+class Part:
+    """One tensor of a transfer: its bytes (a view of the stored file, or a delta's encoding) and how they are
+    cut into messages."""
 
-    One encoder thread appends to ``messages`` while robots already send the first ones (``stream``);
-    the list only grows. ``base_version`` becomes 0 if the base turned out to be unknown.
+    __slots__ = ("name", "data", "encoding", "piece_bytes")
+
+    def __init__(self, name: str, data: memoryview, encoding: str, piece_bytes: int):
+        self.name, self.data, self.encoding, self.piece_bytes = name, data, encoding, piece_bytes
+
+    def messages(self) -> Iterator[bytes]:
+        data, step = self.data, self.piece_bytes
+        for offset in range(0, max(len(data), 1), step):
+            yield _piece(self.name, offset, data[offset:offset + step], self.encoding)
+
+
+class Transfer:
+    """What takes an edge from ``base_version`` (0 = nothing) to ``version``: a header, tensor parts, a trailer.
+
+    One encoder thread appends to ``parts`` while robots already send the first ones (``stream``); the list
+    only grows. ``base_version`` becomes 0 if the base turned out to be unknown.
     """
 
     def __init__(self, version: int, base_version: int):
         self.version = version
         self.base_version = base_version
-        self.messages: list[bytes] = []
+        self.parts: list[bytes | Part] = []
         self.payload_bytes = 0
         """Tensor data bytes in the pieces."""
         self.full_bytes = 0
         """What the tensors take raw (a full transfer's payload)."""
         self.tensors_sent = 0
-        self.wire_bytes = 0
-        """Serialized bytes of the messages so far."""
+        self.held_bytes = 0
+        """Bytes this transfer holds in memory (a delta's encodings; a full transfer only maps the file)."""
         self.done = False
         self.error: BaseException | None = None
         self._waiters: list[asyncio.Future] = []
@@ -67,12 +86,15 @@ class Transfer:
     def kind(self) -> str:
         return "delta" if self.base_version else "full"
 
-    def fill(self, messages: Iterator[bytes], wake: Callable[[], None] = lambda: None) -> None:
-        """Encoder side: append every message (calling ``wake`` after each), then mark done or failed."""
+    def fill(self, parts: Iterator[bytes | Part], wake: Callable[[], None] = lambda: None) -> None:
+        """Encoder side: append every part (calling ``wake`` after each), then mark done or failed."""
         try:
-            for message in messages:
-                self.messages.append(message)
-                self.wire_bytes += len(message)
+            for part in parts:
+                self.parts.append(part)
+                if isinstance(part, bytes):
+                    self.held_bytes += len(part)
+                elif part.encoding != delta.RAW:
+                    self.held_bytes += len(part.data)
                 wake()
             self.done = True
         except BaseException as exc:
@@ -88,12 +110,22 @@ class Transfer:
             if not waiter.done():
                 waiter.set_result(None)
 
+    @property
+    def messages(self) -> list[bytes]:
+        """Every message of a transfer encoded already (``encode_transfer``), built now: tests and tools."""
+        return [m for part in self.parts for m in ([part] if isinstance(part, bytes) else part.messages())]
+
     async def stream(self) -> AsyncIterator[bytes]:
-        """Every message, as soon as the encoder has it."""
+        """Every message, as soon as the encoder has its part."""
         sent = 0
         while True:
-            while sent < len(self.messages):
-                yield self.messages[sent]
+            while sent < len(self.parts):
+                part = self.parts[sent]
+                if isinstance(part, bytes):
+                    yield part
+                else:
+                    for message in part.messages():
+                        yield message
                 sent += 1
             if self.error is not None:
                 raise self.error
@@ -114,7 +146,7 @@ def _varint(value: int) -> bytes:
 
 
 def _piece(name: str, offset: int, data: memoryview, encoding: str) -> bytes:
-    """A serialized ``PolicyUpdate{piece}``, copying ``data`` once.
+    """A serialized ``PolicyUpdate{piece}``, copying ``data`` once (into the ``bytes`` gRPC sends).
 
     Serialized protobuf messages concatenate by merging, so the fields made with
     the generated class are followed by ``piece { data = 3 }`` written by hand.
@@ -125,11 +157,12 @@ def _piece(name: str, offset: int, data: memoryview, encoding: str) -> bytes:
     return b"".join((head, piece_field, data_field, data))
 
 
-def iter_transfer(store: PolicyStore, transfer: Transfer, piece_bytes: int = PIECE_BYTES) -> Iterator[bytes]:
-    """The messages of ``transfer`` (header, pieces, trailer); sets its sizes before the header.
+def iter_transfer(store: PolicyStore, transfer: Transfer, piece_bytes: int = PIECE_BYTES
+                  ) -> Iterator[bytes | Part]:
+    """The parts of ``transfer`` (header, tensors, trailer); sets its sizes before the header.
 
-    A full transfer's pieces are cut from the stored bytes as they go out; a delta's tensors are encoded
-    first (the header announces the payload size).
+    A full transfer's tensors are views of the stored (memory-mapped) file, cut into the manifest's hashed
+    pieces as they go out; a delta's tensors are encoded first (the header announces the payload size).
     """
     target = store.manifest(transfer.version)
     base: Manifest | None = None
@@ -147,7 +180,7 @@ def iter_transfer(store: PolicyStore, transfer: Transfer, piece_bytes: int = PIE
     for entry in target.tensors:
         prev = old.get(entry.name)
         same_layout = prev is not None and (prev.dtype, prev.shape) == (entry.dtype, entry.shape)
-        if same_layout and prev.sha256 == entry.sha256:
+        if same_layout and prev.digest == entry.digest:
             continue  # the edge has these bytes already
         data, encoding = memoryview(payload[entry.name]), delta.RAW
         if element_deltas and same_layout:
@@ -155,16 +188,15 @@ def iter_transfer(store: PolicyStore, transfer: Transfer, piece_bytes: int = PIE
                 base_payload = store.payload(transfer.base_version)
             encoded = delta.encode(base_payload[entry.name], data, TORCH_DTYPES[entry.dtype].itemsize)
             data, encoding = memoryview(encoded.data), encoded.encoding
-        plan.append((entry.name, data, encoding))
-    transfer.payload_bytes = sum(len(data) for _, data, _ in plan)
+        step = target.piece_bytes if encoding == delta.RAW and target.piece_bytes else piece_bytes
+        plan.append(Part(entry.name, data, encoding, step))
+    transfer.payload_bytes = sum(len(part.data) for part in plan)
     transfer.full_bytes = target.total_bytes
     transfer.tensors_sent = len(plan)
     yield pb.PolicyUpdate(header=pb.PolicyHeader(
         version=transfer.version, base_version=transfer.base_version, manifest_json=target.to_json(),
         payload_bytes=transfer.payload_bytes)).SerializeToString()
-    for name, data, encoding in plan:
-        for offset in range(0, max(len(data), 1), piece_bytes):
-            yield _piece(name, offset, data[offset:offset + piece_bytes], encoding)
+    yield from plan
     yield pb.PolicyUpdate(trailer=pb.PolicyTrailer(sha256=target.total_sha256)).SerializeToString()
 
 
@@ -177,7 +209,7 @@ def encode_transfer(store: PolicyStore, version: int, base_version: int = 0,
 
 
 class PolicyFeed:
-    """The newest version (from Redis) and a byte-bounded cache of encoded transfers."""
+    """The newest version (from Redis) and a byte-bounded cache of transfer plans (deltas' encodings)."""
 
     def __init__(self, redis, store: PolicyStore, cache_bytes: int = CACHE_BYTES, poll_s: float = 2.0,
                  piece_bytes: int = PIECE_BYTES):
@@ -328,7 +360,7 @@ class PolicyFeed:
 
     def _evict(self) -> None:
         """Drop least recently used transfers beyond the byte budget (never the newest one)."""
-        total = sum(t.wire_bytes for t in self._cache.values())
+        total = sum(t.held_bytes for t in self._cache.values())
         while total > self._cache_bytes and len(self._cache) > 1:
             _, dropped = self._cache.popitem(last=False)
-            total -= dropped.wire_bytes
+            total -= dropped.held_bytes

@@ -356,6 +356,14 @@ class FleetPolicy:
             self.model.reset()
 
     # ----- serialization ------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The LeRobot state_dict plus ``fleet_norm.*`` stats, as they are (on the policy's device, no copy):
+        what a snapshot copies once (``cloud.snapshot``)."""
+        with self._lock:
+            out = {k: v.detach() for k, v in self.model.state_dict().items()}
+            out.update({NORM_PREFIX + k: v.detach() for k, v in self._norm.items()})
+        return out
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """CPU copies of the LeRobot state_dict plus ``fleet_norm.*`` stats."""
         with self._lock:
@@ -372,23 +380,58 @@ class FleetPolicy:
         return {"lerobot_config": draccus.encode(self.model.config), "policy_config": asdict(self.config),
                 "tasks": list(self.tasks), "schema": _schema_to_dict(self.schema)}
 
-    def load_tensors(self, tensors: Mapping[str, torch.Tensor], version: int) -> None:
-        """Copy weights and stats in place (strict names and shapes); clears the action queue."""
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor], version: int, partial: bool = False) -> None:
+        """Copy weights and stats in place (strict names and shapes; ``partial``: only those given, the rest
+        written already, e.g. through :meth:`weight_views`); clears the action queue."""
         own = self.model.state_dict()
         expected = {k: tuple(v.shape) for k, v in own.items()}
         expected.update({NORM_PREFIX + k: tuple(v.shape) for k, v in self._norm.items()})
         got = {k: tuple(v.shape) for k, v in tensors.items()}
-        if got != expected:
+        if (not got.items() <= expected.items()) if partial else got != expected:
             diff = sorted(set(got.items()) ^ set(expected.items()))[:5]
             raise InvalidInput(f"tensors do not match this policy (first differences: {diff})")
         with self._lock, torch.no_grad():
-            self.model.load_state_dict({k: tensors[k] for k in own}, strict=True)
+            if partial:
+                for name, value in tensors.items():
+                    if name in own:
+                        own[name].copy_(value)
+            else:
+                self.model.load_state_dict({k: tensors[k] for k in own}, strict=True)
             for name, value in self._norm.items():
-                value.copy_(tensors[NORM_PREFIX + name])
+                if NORM_PREFIX + name in tensors:
+                    value.copy_(tensors[NORM_PREFIX + name])
             for name in ("state_std", "action_std"):
                 self._norm[name].clamp_(min=MIN_STD)
             self.version = version
             self.model.reset()
+
+    def weight_views(self) -> dict[str, memoryview]:
+        """Writable raw bytes of the model's weights, by name, sharing their memory (CPU, contiguous, not
+        aliased; {} on another device): a new version is written into a standby model through these, with
+        no copy of the model built. Normalization stats are not here (they are clamped when loaded)."""
+        from fleet.weights import tensor_view
+
+        out, seen = {}, set()
+        for name, t in self.model.state_dict().items():
+            if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+                continue
+            if t.data_ptr() in seen:  # tied weights: one name writes them
+                continue
+            seen.add(t.data_ptr())
+            out[name] = tensor_view(t)
+        return out
+
+    def same_architecture(self, config: Mapping[str, Any]) -> bool:
+        """Whether :meth:`from_manifest` with this manifest ``config`` would build this very model."""
+        mine, theirs = self.manifest_config(), {k: dict(v) if isinstance(v, Mapping) else v
+                                                 for k, v in config.items()}
+        for part in (mine, theirs):
+            if not isinstance(part.get("lerobot_config"), dict) or not isinstance(part.get("policy_config"), dict):
+                return False
+            for key in _LOCAL_FIELDS:
+                part["lerobot_config"].pop(key, None)
+            part["policy_config"].pop("device", None)
+        return mine == theirs
 
     def copy_weights_from(self, other: FleetPolicy) -> None:
         """Hot update in place from a policy with the same architecture, schema and tasks."""

@@ -89,7 +89,9 @@ def test_signature_covers_the_manifest_and_nothing_else_verifies(tmp_path: Path)
     entry = manifest.tensors[0]
     for changed in (dataclasses.replace(manifest, version=2),
                     dataclasses.replace(manifest, config={**manifest.config, "tasks": ["open the door"]}),
-                    dataclasses.replace(manifest, tensors=(dataclasses.replace(entry, sha256="0" * 64),)
+                    dataclasses.replace(manifest, tensors=(dataclasses.replace(entry, digest="0" * 64),)
+                                        + manifest.tensors[1:]),
+                    dataclasses.replace(manifest, tensors=(dataclasses.replace(entry, pieces=("0" * 64,)),)
                                         + manifest.tensors[1:]),
                     dataclasses.replace(manifest, signature={**manifest.signature, "ed25519": "00" * 64}),
                     dataclasses.replace(manifest, signature={**manifest.signature, "ed25519": "not hex"}),

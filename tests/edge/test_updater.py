@@ -27,7 +27,7 @@ def versions(tmp_path: Path) -> PolicyStore:
           "head.w": torch.randn(32, 64, generator=gen), "head.b": torch.zeros(32).bfloat16(),
           "steps": torch.tensor([7], dtype=torch.int64), "mask": torch.rand(50, generator=gen) > 0.5,
           "empty": torch.zeros(0)}
-    store = PolicyStore(tmp_path / "store")
+    store = PolicyStore(tmp_path / "store", piece_bytes=PIECE)
     store.publish(v1, {"kind": "test"}, trainable={"head.w", "head.b"})
     v2 = {k: v.clone() for k, v in v1.items()}
     v2["head.w"][:3] += 0.01
@@ -83,7 +83,7 @@ def test_broken_transfers_are_integrity_errors(tmp_path: Path) -> None:
     piece = pieces[0]
     flipped[full.index(piece)] = PolicyPieceEvent(piece.name, piece.offset, bytes([piece.data[0] ^ 1]) + piece.data[1:],
                                                   piece.encoding)
-    with pytest.raises(IntegrityError, match="'backbone.w' sha256 .* \\(corrupt transfer\\)"):
+    with pytest.raises(IntegrityError, match="'backbone.w' piece at byte 0 blake3 .* \\(corrupt transfer\\)"):
         assemble(flipped, None)
     assembler = Assembler(full[0], None)
     with pytest.raises(IntegrityError, match="ends at byte 8193, beyond its 8192 bytes"):

@@ -1,0 +1,70 @@
+"""In-place load on the edge: versions are written into a standby model swapped with the acting one, no model
+is built per version, at most two are resident, and rollback after the previous model's memory was reused goes
+through the last good policy on disk. Real gateway, real LeRobot ACT policies."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from cloud.policy_store import PolicyStore
+from cloud.publisher import Publisher
+from fleet.policies import FleetPolicy
+from tests.cloud.test_policy_distribution import act_with_frozen_encoder, make_updater, update
+
+
+def live_models() -> int:
+    gc.collect()
+    return sum(type(o) is FleetPolicy for o in gc.get_objects())
+
+
+def weights_of(policy: FleetPolicy, store: PolicyStore, version: int) -> bool:
+    mine = policy.tensors()
+    return policy.version == version and all(torch.equal(mine[k], t) for k, t in store.tensors(version).items())
+
+
+@pytest.mark.timeout(90)
+def test_versions_go_into_the_standby_model_and_rollback_reloads_from_disk(gateway, redis_client,
+                                                                            tmp_path: Path) -> None:
+    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
+    publisher = Publisher(store, every_steps=1, full_every_versions=0)
+    trainer_policy = act_with_frozen_encoder()
+    edge = make_updater("standby", gateway.target, tmp_path)
+    slot = edge.slot
+    edge.start()
+    try:
+        baseline = live_models()  # the trainer's policy
+        update(trainer_policy, seed=1)
+        v1 = publisher.publish(trainer_policy, 1).version
+        assert edge.wait_version(v1, timeout_s=30) and slot.swap_if_pending()
+        first = slot.current
+        update(trainer_policy, seed=2)
+        v2 = publisher.publish(trainer_policy, 2).version  # no swap before v3: v3 is written over v2
+        assert edge.wait_version(v2, timeout_s=30)
+        second = slot.take_pending()
+        slot.offer(second)
+        update(trainer_policy, seed=3)
+        v3 = publisher.publish(trainer_policy, 3).version
+        assert edge.wait_version(v3, timeout_s=30) and edge.last_transfer.base_version == v2
+        assert slot.swap_if_pending() and slot.current is second and weights_of(second, store, v3)
+        update(trainer_policy, seed=4)
+        v4 = publisher.publish(trainer_policy, 4).version  # into the previous model, the first one
+        assert edge.wait_version(v4, timeout_s=30) and edge.last_transfer.base_version == v3
+        assert slot.swap_if_pending() and slot.current is first and weights_of(first, store, v4)
+        assert edge.standby.models_built == 2 and live_models() - baseline <= 2  # v1's and v2's, then reused
+        assert edge.rejected == 0
+
+        update(trainer_policy, seed=5)
+        v5 = publisher.publish(trainer_policy, 5).version  # into the second model (it held v3)
+        assert edge.wait_version(v5, timeout_s=30) and slot.swap_if_pending() and slot.current is second
+        assert edge.standby.claim(store.manifest(v5)) is first  # what the next version's header does
+        assert not slot.rollback("NaN actions")  # v4's model is the standby now: the updater reloads v4
+        assert edge.wait(lambda u: slot.pending_version == v4, timeout_s=30)
+        assert edge.refused_version == v5 and edge.last_good.version() == v4 and edge.have_version == v4
+        assert slot.swap_if_pending() and slot.current is first and weights_of(first, store, v4)
+        assert edge.standby.models_built == 2 and live_models() - baseline <= 2
+    finally:
+        edge.stop()
