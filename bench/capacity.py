@@ -89,7 +89,7 @@ def redis_bytes_per_step(url: str, schema: Schema, make_step, robot_id: str, n_s
         await ingest.register(RobotInfo(robot_id, "bench", schema, (TASK,), PROTOCOL_VERSION))
         for first in range(1, n_steps + 1, 30):
             steps = [make_step(s) for s in range(first, min(first + 30, n_steps + 1))]
-            await ingest.write(Chunk(robot_id, "e1", TASK, steps), [encode_step(s, schema) for s in steps])
+            await ingest.write(Chunk(robot_id, "e1", TASK, steps))
         await redis.aclose()
 
     asyncio.run(write())

@@ -35,7 +35,6 @@ from cloud.ingest import Ingest  # noqa: E402
 from cloud.sampler import Prefetcher, Sampler, SamplerConfig  # noqa: E402
 from fleet import PROTOCOL_VERSION  # noqa: E402
 from fleet.codec import encode_image  # noqa: E402
-from fleet.convert import encode_step  # noqa: E402
 from fleet.redis_client import connect, connect_async  # noqa: E402
 from fleet.redis_server import start_redis  # noqa: E402
 from fleet.types import Chunk, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step  # noqa: E402
@@ -70,8 +69,7 @@ async def write(url: str, robot_id: str, schema: Schema, episodes) -> None:
             for s in steps:
                 seq += 1
                 s.seq = seq
-            await ingest.write(Chunk(robot_id, f"{robot_id}-{i}", task, steps, episode_end=summary),
-                               [encode_step(s, schema) for s in steps])
+            await ingest.write(Chunk(robot_id, f"{robot_id}-{i}", task, steps, episode_end=summary))
     finally:
         await redis.aclose()
 

@@ -149,6 +149,12 @@ class BufferIndex:
     finished: dict[tuple[str, str], int] = field(default_factory=dict)
     """Length of every finished episode, by (robot_id, episode_id)."""
     _seen_labeled: dict[str, int] = field(default_factory=dict)
+    _seen_evicted: dict[str, int] = field(default_factory=dict)
+    _evicted: set[tuple[str, str]] = field(default_factory=set)
+    evicted_episodes: int = 0
+    """Episodes retention deleted that this index dropped (also ``fleet_trainer_evicted_episodes_total``)."""
+    evicted_steps: int = 0
+    """Usable steps those episodes held."""
     _last_event: dict[str, bytes] = field(default_factory=dict)
     _episodes: set[tuple[str, str]] = field(default_factory=set)
 
@@ -180,13 +186,14 @@ class BufferIndex:
             last = self._last_event.get(rid)
             pipe.xrange(keys.events, min=b"(" + last if last else "-", max="+")
             pipe.hget(keys.stats, "steps")
+            pipe.lrange(keys.evicted, self._seen_evicted.get(rid, 0), -1)
         for rid in new:  # first sight: the catalog too, in case the capped stream lost old episodes
             pipe.hgetall(RobotKeys(rid).catalog)
         replies = pipe.execute()
-        catalogs = dict(zip(new, replies[4 * len(order):]))
+        catalogs = dict(zip(new, replies[5 * len(order):]))
         added, online_steps = 0, 0
         for i, rid in enumerate(order):
-            labeled, names, events, steps = replies[4 * i:4 * i + 4]
+            labeled, names, events, steps, evicted = replies[5 * i:5 * i + 5]
             reg = self.robots[rid]
             source = reg["source"]
             self._seen_labeled[rid] = self._seen_labeled.get(rid, 0) + len(labeled)
@@ -202,6 +209,8 @@ class BufferIndex:
                 self._skip(rid, "schema_changed", "registered again with another schema; its new records are "
                            "skipped until it registers with the trainer's schema again", len(labeled) + len(ended))
                 continue
+            self._seen_evicted[rid] = self._seen_evicted.get(rid, 0) + len(evicted)
+            self._evict(rid, evicted)
             added += self._add_labeled(rid, source, labeled)
             added += sum(self._add_episode(rid, source, *e) for e in ended)
         self.online_steps = online_steps
@@ -280,30 +289,41 @@ class BufferIndex:
             return 0
         added, names = 0, self._episode_names.get(rid, [])
         for raw in entries:
-            try:  # "<episode number>|<index>", or "<episode id>|<index>|<task>" in older buffers
-                parts = raw.decode().split("|", 2)
-                if len(parts) == 2:
-                    number = int(parts[0])
-                    eid, task = names[number] if 0 <= number < len(names) else (None, None)
-                    if eid is None:
-                        raise ValueError(f"episode number {number} is not in episode_ids")
-                else:
-                    eid, _, task = parts
-                index = int(parts[1])
-                if index < 0 or not eid:
-                    raise ValueError(f"index {index}, episode {eid!r}")
+            try:  # "<episode number>|<start>|<end>": steps [start, end) of that episode
+                number, start, end = (int(x) for x in raw.decode().split("|"))
+                eid, task = names[number] if 0 <= number < len(names) else (None, None)
+                if eid is None:
+                    raise ValueError(f"episode number {number} is not in episode_ids")
+                if not 0 <= start < end:
+                    raise ValueError(f"run [{start}, {end})")
             except (ValueError, AttributeError) as exc:
                 self._skip(rid, "corrupt_labeled", f"labeled entry {raw[:80]!r} cannot be read ({exc!r})")
                 continue
-            if (rid, eid) in self._quarantined or not self._known_task(rid, task, 1):
+            if ((rid, eid) in self._quarantined or (rid, eid) in self._evicted
+                    or not self._known_task(rid, task, end - start)):
                 continue
-            self.pools[(task, source)].add(Segment(rid, eid, index, 1, labels_all=source == SOURCE_OFFLINE))
-            added += 1
+            self.pools[(task, source)].add(Segment(rid, eid, start, end - start,
+                                                   labels_all=source == SOURCE_OFFLINE))
+            added += end - start
         return added
+
+    def _evict(self, rid: str, evicted: list[bytes]) -> None:
+        """Drop episodes retention deleted: never sampled again, counted."""
+        for raw in evicted:
+            eid = raw.decode(errors="replace")
+            if (rid, eid) in self._evicted:
+                continue
+            self._evicted.add((rid, eid))
+            self.finished.pop((rid, eid), None)
+            dropped = sum(pool.drop_episode(rid, eid) for pool in self.pools.values())
+            self.evicted_episodes += 1
+            self.evicted_steps += dropped
+            if not self.quiet:
+                metrics.TRAINER_EVICTED_EPISODES.inc()
 
     def _add_episode(self, rid: str, source: str, eid: str, task: str, length: int, success: bool,
                      evaluation: bool) -> int:
-        if (rid, eid) in self._episodes or length <= 0 or (rid, eid) in self._quarantined:
+        if (rid, eid) in self._episodes or length <= 0 or (rid, eid) in self._quarantined or (rid, eid) in self._evicted:
             return 0
         self._episodes.add((rid, eid))  # (catalog and event name the same episode: counted once)
         if not self._known_task(rid, task, length):

@@ -81,7 +81,7 @@ class Sampler:
 
     def __init__(self, redis, tasks: tuple[str, ...], horizon: int, batch_size: int, online_fraction: float,
                  seed: int = 0, spec: DataSpec | None = None, config: SamplerConfig | None = None,
-                 embodiment: str = "", use_images: bool = True):
+                 embodiment: str = "", use_images: bool = True, blobs=None):
         self._redis = redis
         self.tasks = tuple(tasks)
         self.horizon = horizon
@@ -93,7 +93,8 @@ class Sampler:
         self.use_images = use_images
         """False for a policy without cameras: frames are never decoded (batches carry no ``obs/<camera>``)."""
         self._shapes = None
-        self.cache = EpisodeCache(redis, self.config.cache_bytes)
+        self._schema = None
+        self.cache = EpisodeCache(redis, self.config.cache_bytes, self._trainer_schema, blobs)
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._losses: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=self.config.window_steps))
@@ -188,6 +189,11 @@ class Sampler:
                 self.cache.forget(bad.robot_id, bad.episode_id)
         raise LookupError(f"{MAX_REDRAWS} batches in a row met an unusable episode")
 
+    def _trainer_schema(self):
+        if self._schema is None:
+            self._schema = self.index.schema()
+        return self._schema
+
     def _expected(self) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]], tuple[int, ...]]:
         """Low-dim and image feature shapes and the action shape of the trainer's schema."""
         if self._shapes is None:
@@ -199,19 +205,12 @@ class Sampler:
         return self._shapes
 
     def _check_fits(self, picks, episodes) -> None:
-        """Raise UnusableEpisode for the first decoded episode whose features do not match the schema."""
-        low, images, action = self._expected()
+        """Raise UnusableEpisode for the first pick past what its episode stores (a summary claimed more)."""
         for (seg, t, _, _), ep in zip(picks, episodes):
-            if not 0 <= t - ep.offset < ep.length:  # only a summary can claim more steps than were stored
+            if not 0 <= t - ep.offset < ep.length:
                 raise UnusableEpisode(seg.robot_id, seg.episode_id, "length_mismatch",
                                       f"step {t} was sampled but only {ep.end} are stored (the episode's summary "
                                       f"claims {seg.episode_len})")
-            shapes = {name: values.shape[1:] for name, values in ep.low_dim.items()}
-            if action and (shapes != low or ep.action.shape[1:] != action or set(ep.images[0]) != set(images)):
-                raise UnusableEpisode(seg.robot_id, seg.episode_id, "schema_mismatch",
-                                      f"stored steps hold {shapes}, action {ep.action.shape[1:]}, images "
-                                      f"{sorted(ep.images[0])}; the trainer's schema has {low}, action {action}, "
-                                      f"images {sorted(images)}")
 
     def _frames(self, seg, ep, t: int) -> dict[str, np.ndarray]:
         """Step ``t``'s decoded frames; UnusableEpisode if one cannot be decoded or has the wrong size."""
@@ -228,6 +227,7 @@ class Sampler:
         return frames
 
     def _collate(self, picks, episodes) -> dict[str, np.ndarray]:
+        """Gather the windows with numpy indexing, one group of picks per episode (no per-step Python)."""
         B, H, look = len(picks), self.horizon, self.spec.lookahead_steps
         first = episodes[0]
         actions = np.zeros((B, H, first.action.shape[1]), dtype=np.float32)
@@ -237,35 +237,49 @@ class Sampler:
         images: dict[str, list[np.ndarray]] = defaultdict(list)
         next_images: dict[str, list[np.ndarray]] = defaultdict(list)
         has_next = np.zeros((B,), dtype=bool)
-        meta = {k: np.zeros((B,), dtype=np.int64) for k in ("task_index", "t", "episode_len", "task_max_len")}
-        flags = {k: np.zeros((B,), dtype=bool) for k in ("is_online", "is_intervention", "success")}
         task_ids = {task: i for i, task in enumerate(self.tasks)}
-        for b, ((seg, t, task, source), ep) in enumerate(zip(picks, episodes)):
-            lt = t - ep.offset  # index into the decoded steps
-            window = ep.action[lt:lt + H]
-            if not seg.labels_all:  # labels only while the operator drove
-                driven = ep.intervention[lt:lt + H]
-                if not driven.all():
-                    window = window[:int(np.argmin(driven))]
-            actions[b, :len(window)] = window
-            pad[b, :len(window)] = False
+        t_all = np.array([t for _, t, _, _ in picks], np.int64)
+        labels_all = np.array([seg.labels_all for seg, _, _, _ in picks], bool)
+        episode_len = np.array([seg.episode_len for seg, _, _, _ in picks], np.int64)
+        is_intervention = np.zeros((B,), dtype=bool)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for b, ep in enumerate(episodes):
+            groups[id(ep)].append(b)
+        steps = np.arange(H)
+        for rows in groups.values():
+            rows = np.asarray(rows)
+            ep = episodes[rows[0]]
+            lt = t_all[rows] - ep.offset
+            idx = lt[:, None] + steps
+            inside = idx < ep.length
+            idx = np.minimum(idx, ep.length - 1)
+            driven = ep.intervention[idx] | labels_all[rows, None]  # labels only while the operator drove
+            keep = inside & np.logical_and.accumulate(driven, axis=1)
+            actions[rows] = np.where(keep[..., None], ep.action[idx], 0.0)
+            pad[rows] = ~keep
+            is_intervention[rows] = ep.intervention[lt]
             for name, values in ep.low_dim.items():
-                low[name][b] = values[lt]
-            for name, frame in (self._frames(seg, ep, lt) if self.use_images else {}).items():
-                images[name].append(frame)
+                low[name][rows] = values[lt]
             if look:
-                ln = min(lt + look, ep.length - 1)
-                has_next[b] = t + look < (seg.episode_len or ep.end)
+                ln = np.minimum(lt + look, ep.length - 1)
+                has_next[rows] = t_all[rows] + look < np.where(episode_len[rows] > 0, episode_len[rows], ep.end)
                 for name, values in ep.low_dim.items():
-                    nxt[name][b] = values[ln]
-                for name, frame in (self._frames(seg, ep, ln) if self.use_images else {}).items():
-                    next_images[name].append(frame)
-            meta["task_index"][b] = task_ids.get(task, -1)
-            meta["t"][b], meta["episode_len"][b] = t, seg.episode_len
-            meta["task_max_len"][b] = self.index.task_max_len.get(task, seg.episode_len)
-            flags["is_online"][b] = source == SOURCE_ONLINE
-            flags["is_intervention"][b] = ep.intervention[lt]
-            flags["success"][b] = seg.success
+                    nxt[name][rows] = values[ln]
+        if self.use_images and first.cameras:
+            for b, ((seg, t, _, _), ep) in enumerate(zip(picks, episodes)):
+                lt = t - ep.offset
+                for name, frame in self._frames(seg, ep, lt).items():
+                    images[name].append(frame)
+                if look:
+                    for name, frame in self._frames(seg, ep, min(lt + look, ep.length - 1)).items():
+                        next_images[name].append(frame)
+        meta = {"task_index": np.array([task_ids.get(task, -1) for _, _, task, _ in picks], np.int64),
+                "t": t_all, "episode_len": episode_len,
+                "task_max_len": np.array([self.index.task_max_len.get(task, seg.episode_len)
+                                          for seg, _, task, _ in picks], np.int64)}
+        flags = {"is_online": np.array([source == SOURCE_ONLINE for _, _, _, source in picks], bool),
+                 "is_intervention": is_intervention,
+                 "success": np.array([seg.success for seg, _, _, _ in picks], bool)}
         batch = {f"obs/{k}": v for k, v in low.items()}
         batch.update({f"obs/{k}": np.stack(v) for k, v in images.items()})
         if look:

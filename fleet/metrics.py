@@ -133,6 +133,8 @@ SKIPPED_RECORD_REASONS = ("corrupt_registration", "other_schema", "schema_change
                           "corrupt_event", "corrupt_catalog", "unknown_task", "corrupt_step", "corrupt_image",
                           "schema_mismatch", "length_mismatch", "missing_episode")
 """Every ``reason`` of TRAINER_SKIPPED_RECORDS (docs/learner-recovery.md): the label stays bounded."""
+TRAINER_EVICTED_EPISODES = Counter("fleet_trainer_evicted_episodes_total",
+                                   "Episodes retention deleted from the buffer that the trainer's index dropped")
 TRAINER_PUBLISH_FAILURES = Counter("fleet_trainer_publish_failures_total",
                                    "Publishes postponed because the policy store refused the write (OSError)")
 

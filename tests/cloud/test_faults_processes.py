@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 import redis as redis_lib
 
+from cloud.buffer.reader import BufferReader
 from cloud.buffer import RobotKeys
 from edge.client import FleetClient
 from edge.spool import Spool
 from edge.streamer import Backoff, Streamer
 from fleet import PROTOCOL_VERSION
-from fleet.convert import decode_step
 from fleet.redis_server import RedisProcess, free_port, start_redis
 from fleet.types import EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 
@@ -288,7 +288,7 @@ def drivers(tmp_path):
 
 def stored_steps(client: redis_lib.Redis, robot_id: str) -> dict[str, list[Step]]:
     keys = RobotKeys(robot_id)
-    return {eid.decode(): [decode_step(b) for b in client.lrange(keys.episode(eid.decode()), 0, -1)]
+    return {eid.decode(): BufferReader(client).steps(keys.robot_id, eid.decode(), BufferReader(client).schema(keys.robot_id))
             for eid in client.hkeys(keys.catalog)}
 
 
