@@ -136,6 +136,17 @@ SKIPPED_RECORD_REASONS = ("corrupt_registration", "other_schema", "schema_change
 TRAINER_PUBLISH_FAILURES = Counter("fleet_trainer_publish_failures_total",
                                    "Publishes postponed because the policy store refused the write (OSError)")
 
+# --- blob store (cloud/blobstore.py; gateway, trainer, retention) --------------
+BLOB_STORE_KINDS = ("put", "get", "delete", "list")
+BLOB_STORE_OUTCOMES = ("ok", "not_found", "unavailable", "invalid", "error")
+BLOB_STORE_OPERATIONS = Counter("fleet_blob_store_operations", "Blob store calls, by backend (mode: local, s3), "
+                                "operation (kind) and outcome (ok, not_found, unavailable, invalid, error)",
+                                ["mode", "kind", "outcome"])
+BLOB_STORE_BYTES = Counter("fleet_blob_store_bytes", "Object bytes written (put) and read (get)", ["mode", "kind"])
+BLOB_STORE_DURATION = Histogram("fleet_blob_store_operation_duration_seconds", "Duration of successful blob store calls",
+                                ["mode", "kind"],
+                                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
 
 # --- helpers -------------------------------------------------------------------
 
