@@ -5,7 +5,7 @@ Two backends behind one small interface (docs/experience-path.md):
 * :class:`LocalDirBlobStore` (``file:///abs/dir`` or a plain path; the default for ``fleet demo`` and one
   machine): ``put`` writes a temp file in the object's directory, fsyncs it, renames it over the object and
   fsyncs the directory, so a returned ``put`` survives a crash or power cut and a reader never sees half an
-  object. Objects live under 256 shard directories (a hash of the key), then the key's own path.
+  object. Objects are flat files in 256 shard directories (a hash of the key).
 * :class:`S3BlobStore` (``s3://bucket/prefix?endpoint=http://host:port``): boto3 PutObject/GetObject,
   DeleteObjects in batches of 1000, paginated ListObjectsV2. Region and credentials come the usual boto3
   way (environment, profile, instance role); ``AWS_ENDPOINT_URL`` works as well as ``?endpoint=``.
@@ -25,7 +25,6 @@ import itertools
 import logging
 import os
 import re
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -38,8 +37,8 @@ log = logging.getLogger(__name__)
 
 MAX_KEY_CHARS = 1024
 _KEY_RE = re.compile(r"[A-Za-z0-9._:/-]+")
-MAX_LOCAL_SEGMENT_CHARS = 240  # a file name is at most 255 bytes; the suffix needs 5
-_SUFFIX = ".blob"  # every object file ends with it, so "a" (a file) and "a/b" (under a directory) never collide
+MAX_LOCAL_KEY_CHARS = 240  # the local store's file name is the key: at most 255 bytes with the suffix
+_SUFFIX = ".blob"
 S3_DELETE_BATCH = 1000  # DeleteObjects' limit
 
 
@@ -127,7 +126,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 class LocalDirBlobStore(BlobStore):
-    """Objects as files under ``root/<2 hex of the key's hash>/<key>.blob``; durable when ``put`` returns."""
+    """Objects as files ``root/<2 hex of the key's hash>/<key with "/" as "%">.blob``; durable when ``put`` returns.
+
+    Flat names in 256 fixed shard directories: a put costs two fsyncs (the file, its directory) and never
+    a mkdir, a delete leaves no empty directory behind, and ``%`` is outside the key alphabet, so the
+    mapping is one-to-one."""
 
     mode = "local"
 
@@ -136,39 +139,23 @@ class LocalDirBlobStore(BlobStore):
         self.url = self.root.as_uri()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            for i in range(256):
+                (self.root / f"{i:02x}").mkdir(exist_ok=True)
+            _fsync_dir(self.root)
         except OSError as exc:
             raise ConfigError(f"blob store directory {self.root}: {exc}") from exc
-        self._made_dirs: set[Path] = set()  # directories known to exist durably (saves a stat per put)
-        self._lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
         check_key(key)
+        if len(key) > MAX_LOCAL_KEY_CHARS:
+            raise InvalidInput(f"blob key {key[:80]!r} is {len(key)} chars; the local store takes at most "
+                               f"{MAX_LOCAL_KEY_CHARS} (a file name)")
         shard = hashlib.blake2b(key.encode(), digest_size=1).hexdigest()
-        if any(len(part) > MAX_LOCAL_SEGMENT_CHARS for part in key.split("/")):
-            raise InvalidInput(f"blob key {key[:80]!r}: a path segment is longer than {MAX_LOCAL_SEGMENT_CHARS} chars "
-                               f"(a file name on disk)")
-        return self.root / shard / (key + _SUFFIX)
-
-    def _makedirs(self, directory: Path) -> None:
-        """Create ``directory`` and its missing parents, fsyncing each parent so the new entries survive a crash."""
-        if directory in self._made_dirs:
-            return
-        missing = []
-        d = directory
-        while not d.exists():
-            missing.append(d)
-            d = d.parent
-        for d in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                d.mkdir()
-            _fsync_dir(d.parent)
-        with self._lock:
-            self._made_dirs.add(directory)
+        return self.root / shard / (key.replace("/", "%") + _SUFFIX)
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
         with self._measure("put", len(data)):
-            self._makedirs(path.parent)
             tmp = path.parent / f".{os.getpid()}-{next(_tmp_ids)}.tmp"  # list() skips names starting with "."
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -201,37 +188,33 @@ class LocalDirBlobStore(BlobStore):
     def delete(self, keys: Sequence[str]) -> None:
         paths = [self._path(k) for k in keys]
         with self._measure("delete"):
-            parents = set()
+            shards = set()
             for path in paths:
                 try:
                     path.unlink()
-                    parents.add(path.parent)
+                    shards.add(path.parent)
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
                     raise BackendUnavailable(f"blob store {self.root}: deleting {path} failed: {exc}") from exc
-            for parent in parents:
-                _fsync_dir(parent)
+            for shard in shards:
+                _fsync_dir(shard)
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        if prefix:
-            if not _KEY_RE.fullmatch(prefix) or ".." in prefix or prefix.startswith("/"):
-                raise InvalidInput(f"blob key prefix {prefix[:80]!r} is not a valid key prefix")
-        directory = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        with self._measure("list"):
-            shards = sorted(p for p in self.root.iterdir() if p.is_dir() and len(p.name) == 2)
-        for shard in shards:
-            base = shard / directory if directory else shard
-            if not base.is_dir():
-                continue
-            for dirpath, _dirnames, filenames in os.walk(base):
-                rel_dir = os.path.relpath(dirpath, shard)
-                for name in filenames:
-                    if not name.endswith(_SUFFIX) or name.startswith("."):
-                        continue  # temp files of puts in progress, or foreign files
-                    key = name[: -len(_SUFFIX)] if rel_dir == "." else f"{rel_dir}/{name[: -len(_SUFFIX)]}"
-                    if key.startswith(prefix):
-                        yield key
+        """Keys starting with ``prefix``, unordered (every shard is scanned: for audits and tests, not hot paths)."""
+        if prefix and (not _KEY_RE.fullmatch(prefix) or ".." in prefix or prefix.startswith("/")):
+            raise InvalidInput(f"blob key prefix {prefix[:80]!r} is not a valid key prefix")
+        flat = prefix.replace("/", "%")
+        for i in range(256):
+            with self._measure("list"):
+                try:
+                    names = [e.name for e in os.scandir(self.root / f"{i:02x}")]
+                except OSError as exc:
+                    raise BackendUnavailable(f"blob store {self.root}: listing failed: {exc}") from exc
+            for name in names:
+                # temp files of puts in progress start with "." and end with ".tmp"
+                if name.endswith(_SUFFIX) and not name.startswith(".") and name.startswith(flat):
+                    yield name[: -len(_SUFFIX)].replace("%", "/")
 
 
 # --- S3 ---------------------------------------------------------------------------------------------

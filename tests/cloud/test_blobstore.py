@@ -56,6 +56,7 @@ def test_put_get_overwrite_delete_list(store):
     assert sorted(store.list("robot-1/")) == ["robot-1/ep-1/chunk-0/cam:front", "robot-1/ep-1/chunk-1/cam:front"]
     assert sorted(store.list("robot-1/ep-1/chunk-1")) == ["robot-1/ep-1/chunk-1/cam:front"]
     assert list(store.list("robot-3")) == []
+    assert list(store.list("robot-1/ep-1/chunk-0/cam:front/")) == []
 
     store.delete(["robot-1/ep-1/chunk-0/cam:front", "robot-1/ep-1/chunk-1/cam:front", "never/written"])
     store.delete([])
@@ -79,6 +80,13 @@ def test_bad_keys_are_refused_before_touching_the_store(store, key):
         with pytest.raises(InvalidInput):
             call()
     assert list(store.list()) == []
+
+
+def test_local_keys_longer_than_a_file_name_are_refused(tmp_path):
+    store = LocalDirBlobStore(tmp_path)
+    store.put("k" * 240, b"x")
+    with pytest.raises(InvalidInput, match="at most 240"):
+        store.put("k" * 241, b"x")
 
 
 def test_big_object_round_trips(store):
