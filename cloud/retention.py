@@ -1,0 +1,296 @@
+"""Retention and tiering: keep the buffer within byte and age budgets, dropping the least valuable data first.
+
+Every episode is in one tier: ``offline`` (seeded demonstrations), ``intervention`` (online with at least one
+operator-driven step) or ``online`` (the rest, evaluation episodes included). When a byte budget is exceeded,
+episodes are evicted tier by tier in ``eviction_order`` (default online, then intervention, then offline:
+operator corrections and demonstrations are the scarcest data and are kept longest), oldest first within a
+tier, down to ``low_watermark`` of the budget so that eviction runs in batches rather than on every write.
+Age limits are per tier (0 = keep forever). An episode still being written is never evicted until it has
+been silent for ``open_episode_grace_s`` (then it counts as abandoned).
+
+:func:`choose_evictions` is pure (episodes in, evictions out); :class:`Retention` applies them: optionally
+archives them (a LeRobotDataset v3 per robot and pass, through ``cloud/export``), deletes each from Redis
+with the buffer writer's ``delete_episode`` (atomic; the sampler's index drops it) and then its frame objects
+from the blob store (an orphan object is harmless; a missing one is a counted skip when sampling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from fleet import metrics
+from fleet.errors import BackendUnavailable, ConfigError
+
+log = logging.getLogger(__name__)
+
+TIERS = ("online", "intervention", "offline")
+REASONS = ("age", "buffer_bytes", "robot_bytes", "task_bytes", "redis_bytes")
+
+
+class Episode(Protocol):
+    """What retention reads of an episode (``cloud.buffer.reader.EpisodeInfo``)."""
+
+    robot_id: str
+    episode_id: str
+    task: str
+    source: str
+    ended: bool
+    redis_bytes: int
+    blob_bytes: int
+    intervention_steps: int
+    first_s: float
+    updated_s: float
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """Budgets of the experience buffer. Every limit: 0 = none."""
+
+    max_bytes: int = 0
+    """Whole buffer: Redis bytes + blob-store bytes of every episode."""
+    redis_max_bytes: int = 0
+    """Redis bytes of every episode (Redis memory is the scarce, expensive part; Redis's used_memory when known)."""
+    robot_max_bytes: int = 0
+    """Each robot's episodes (Redis + blob bytes)."""
+    task_max_bytes: int = 0
+    """Each task's episodes (Redis + blob bytes)."""
+    online_max_age_s: float = 0.0
+    """Online episodes without operator steps are evicted this long after their last write."""
+    intervention_max_age_s: float = 0.0
+    """Online episodes with operator steps are evicted this long after their last write."""
+    offline_max_age_s: float = 0.0
+    """Offline demonstrations are evicted this long after their last write."""
+    eviction_order: tuple[str, ...] = TIERS
+    """Tiers in the order byte budgets evict them (every tier once; the last is kept longest)."""
+    low_watermark: float = 0.9
+    """Over a byte budget, evict down to this fraction of it (batches instead of one episode per write)."""
+    open_episode_grace_s: float = 3600.0
+    """An unfinished episode is kept while written within this; after it, it counts as abandoned."""
+    archive_dir: str = ""
+    """Write evicted episodes to a LeRobotDataset v3 under this directory before deleting them ("" = no)."""
+    archive_tiers: tuple[str, ...] = TIERS
+    """Tiers whose evicted episodes are archived (with archive_dir)."""
+    interval_s: float = 30.0
+    """Seconds between retention passes."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "redis_max_bytes", "robot_max_bytes", "task_max_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"retention.{name} ({value!r}) must be a whole number of bytes >= 0 (0 = no limit)")
+        for name in ("online_max_age_s", "intervention_max_age_s", "offline_max_age_s", "open_episode_grace_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"retention.{name} ({value!r}) must be a finite number of seconds >= 0")
+        if sorted(self.eviction_order) != sorted(TIERS):
+            raise ConfigError(f"retention.eviction_order ({list(self.eviction_order)}) must name each of "
+                              f"{list(TIERS)} once")
+        unknown = set(self.archive_tiers) - set(TIERS)
+        if unknown:
+            raise ConfigError(f"retention.archive_tiers: unknown tier(s) {sorted(unknown)}; tiers: {list(TIERS)}")
+        if not 0.0 < self.low_watermark <= 1.0:
+            raise ConfigError(f"retention.low_watermark ({self.low_watermark}) must be in (0, 1]")
+        if not (math.isfinite(self.interval_s) and self.interval_s > 0):
+            raise ConfigError(f"retention.interval_s ({self.interval_s}) must be > 0")
+
+    def max_age_s(self, tier: str) -> float:
+        return getattr(self, f"{tier}_max_age_s")
+
+
+@dataclass(frozen=True)
+class Eviction:
+    episode: Episode
+    tier: str
+    reason: str
+
+
+def tier_of(episode: Episode) -> str:
+    if episode.source == "offline":
+        return "offline"
+    return "intervention" if episode.intervention_steps > 0 else "online"
+
+
+def total_bytes(episode: Episode) -> int:
+    return episode.redis_bytes + episode.blob_bytes
+
+
+def choose_evictions(episodes: Sequence[Episode], cfg: RetentionConfig, now_s: float,
+                     redis_used_bytes: int | None = None) -> list[Eviction]:
+    """The episodes to evict now, each with its tier and the budget it is evicted for, in eviction order.
+
+    ``redis_used_bytes`` (Redis's used_memory) replaces the sum of the episodes' Redis bytes for
+    ``redis_max_bytes`` when given: it includes what no catalog counts (keys, overhead, fragmentation)."""
+    rank = {tier: i for i, tier in enumerate(cfg.eviction_order)}
+    tiers = {id(e): tier_of(e) for e in episodes}
+    evictable = [e for e in episodes if e.ended or now_s - e.updated_s > cfg.open_episode_grace_s]
+    evictable.sort(key=lambda e: (rank[tiers[id(e)]], e.first_s, e.updated_s, e.robot_id, e.episode_id))
+    chosen: dict[int, Eviction] = {}
+
+    def evict(e: Episode, reason: str) -> None:
+        chosen[id(e)] = Eviction(e, tiers[id(e)], reason)
+        for scope in scopes_of(e):
+            used[scope] -= total_bytes(e)
+        used_redis[0] -= e.redis_bytes
+
+    def scopes_of(e: Episode) -> tuple[tuple[str, str], ...]:
+        return ("buffer", ""), ("robot", e.robot_id), ("task", e.task)
+
+    used: dict[tuple[str, str], int] = defaultdict(int)
+    for e in episodes:
+        for scope in scopes_of(e):
+            used[scope] += total_bytes(e)
+    used_redis = [sum(e.redis_bytes for e in episodes) if redis_used_bytes is None else redis_used_bytes]
+
+    for e in evictable:
+        limit = cfg.max_age_s(tiers[id(e)])
+        if limit and now_s - e.updated_s > limit:
+            evict(e, "age")
+
+    budgets = [("robot", cfg.robot_max_bytes), ("task", cfg.task_max_bytes), ("buffer", cfg.max_bytes)]
+    for kind, budget in budgets:
+        if not budget:
+            continue
+        for scope in sorted(s for s in list(used) if s[0] == kind):
+            if used[scope] <= budget:
+                continue
+            target = cfg.low_watermark * budget
+            for e in evictable:
+                if used[scope] <= target:
+                    break
+                if id(e) not in chosen and scope in scopes_of(e):
+                    evict(e, f"{kind}_bytes")
+    if cfg.redis_max_bytes and used_redis[0] > cfg.redis_max_bytes:
+        target = cfg.low_watermark * cfg.redis_max_bytes
+        for e in evictable:
+            if used_redis[0] <= target:
+                break
+            if id(e) not in chosen and e.redis_bytes > 0:
+                evict(e, "redis_bytes")
+    order = {id(e): i for i, e in enumerate(evictable)}
+    return sorted(chosen.values(), key=lambda ev: order[id(ev.episode)])
+
+
+@dataclass
+class PassReport:
+    """What one retention pass did."""
+
+    episodes: int = 0
+    evicted: list[Eviction] = field(default_factory=list)
+    archived: int = 0
+    freed_redis_bytes: int = 0
+    freed_blob_bytes: int = 0
+    failed: int = 0
+
+
+def record_sizes(episodes: Sequence[Episode], cfg: RetentionConfig) -> None:
+    """Buffer bytes per tier and the share of the buffer budget in use, as gauges."""
+    redis_bytes = dict.fromkeys(TIERS, 0)
+    blob_bytes = dict.fromkeys(TIERS, 0)
+    for e in episodes:
+        redis_bytes[tier_of(e)] += e.redis_bytes
+        blob_bytes[tier_of(e)] += e.blob_bytes
+    for tier in TIERS:
+        metrics.RETENTION_BUFFER_BYTES.labels(kind=tier, mode="redis").set(redis_bytes[tier])
+        metrics.RETENTION_BUFFER_BYTES.labels(kind=tier, mode="blob").set(blob_bytes[tier])
+    total = sum(redis_bytes.values()) + sum(blob_bytes.values())
+    metrics.RETENTION_BUDGET_USED.set(total / cfg.max_bytes if cfg.max_bytes else 0.0)
+
+
+async def _maybe_await(value):
+    return await value if inspect.isawaitable(value) else value
+
+
+class Retention:
+    """Applies :func:`choose_evictions` to a live buffer.
+
+    ``reader.episodes()`` lists the catalog; ``writer.delete_episode(robot_id, episode_id)`` (sync or async)
+    removes one episode from Redis and returns what it freed (``redis_bytes``, ``blob_keys``); ``blobs``
+    (a BlobStore, or None) holds the frame objects; ``archive(episodes)`` (or None) writes episodes somewhere
+    durable before they are deleted and raises to keep them; ``redis_used`` returns Redis's used_memory."""
+
+    def __init__(self, reader, writer, blobs, cfg: RetentionConfig,
+                 archive: Callable[[list[Episode]], None] | None = None,
+                 redis_used: Callable[[], int] | None = None, clock: Callable[[], float] = time.time):
+        self.reader, self.writer, self.blobs, self.cfg = reader, writer, blobs, cfg
+        self.archive, self.redis_used, self.clock = archive, redis_used, clock
+        for reason in REASONS:
+            for tier in TIERS:
+                metrics.RETENTION_EVICTIONS.labels(reason=reason, kind=tier)
+
+    async def run_once(self) -> PassReport:
+        """One pass: list, choose, archive, delete. A backend outage ends the pass early (retried next pass)."""
+        episodes = await asyncio.to_thread(self.reader.episodes)
+        used = await asyncio.to_thread(self.redis_used) if self.redis_used and self.cfg.redis_max_bytes else None
+        evictions = choose_evictions(episodes, self.cfg, self.clock(), used)
+        report = PassReport(episodes=len(episodes))
+        if evictions and self.archive is not None:
+            to_archive = [ev.episode for ev in evictions if ev.tier in self.cfg.archive_tiers]
+            if to_archive:
+                try:
+                    await asyncio.to_thread(self.archive, to_archive)
+                    report.archived = len(to_archive)
+                    metrics.RETENTION_ARCHIVED.inc(len(to_archive))
+                except Exception:  # keep the data: nothing is deleted that should have been archived first
+                    log.exception("archiving %d episodes failed; evicting none of them this pass", len(to_archive))
+                    metrics.RETENTION_FAILURES.labels(reason="archive").inc()
+                    evictions = [ev for ev in evictions if ev.tier not in self.cfg.archive_tiers]
+                    report.failed += len(to_archive)
+        gone = set()
+        for ev in evictions:
+            e = ev.episode
+            try:
+                freed = await _maybe_await(self.writer.delete_episode(e.robot_id, e.episode_id))
+                if freed.blob_keys and self.blobs is not None:
+                    await asyncio.to_thread(self.blobs.delete, list(freed.blob_keys))
+            except BackendUnavailable as exc:
+                log.warning("retention pass stopped after %d evictions: %s", len(report.evicted), exc)
+                metrics.RETENTION_FAILURES.labels(reason="backend").inc()
+                report.failed += 1
+                break
+            except Exception as exc:
+                if type(exc).__module__.startswith("redis"):
+                    log.warning("retention pass stopped after %d evictions: Redis: %r", len(report.evicted), exc)
+                    metrics.RETENTION_FAILURES.labels(reason="backend").inc()
+                    report.failed += 1
+                    break
+                raise
+            report.evicted.append(ev)
+            gone.add((e.robot_id, e.episode_id))
+            report.freed_redis_bytes += int(freed.redis_bytes)
+            report.freed_blob_bytes += int(getattr(freed, "blob_bytes", e.blob_bytes))
+            metrics.RETENTION_EVICTIONS.labels(reason=ev.reason, kind=ev.tier).inc()
+            metrics.RETENTION_EVICTED_BYTES.labels(mode="redis").inc(int(freed.redis_bytes))
+            metrics.RETENTION_EVICTED_BYTES.labels(mode="blob").inc(int(getattr(freed, "blob_bytes", e.blob_bytes)))
+        record_sizes([e for e in episodes if (e.robot_id, e.episode_id) not in gone], self.cfg)
+        metrics.RETENTION_LAST_PASS.set(time.time())
+        if report.evicted:
+            log.info("retention: evicted %d of %d episodes (%d Redis bytes, %d blob bytes; %d archived)",
+                     len(report.evicted), report.episodes, report.freed_redis_bytes, report.freed_blob_bytes,
+                     report.archived)
+        return report
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Passes every ``interval_s`` until ``stop`` is set; an outage is logged and waited out."""
+        while not stop.is_set():
+            try:
+                await self.run_once()
+            except BackendUnavailable as exc:
+                log.warning("retention pass failed: %s", exc)
+                metrics.RETENTION_FAILURES.labels(reason="backend").inc()
+            except Exception as exc:
+                if not type(exc).__module__.startswith("redis"):
+                    raise
+                log.warning("retention pass failed: Redis: %r", exc)
+                metrics.RETENTION_FAILURES.labels(reason="backend").inc()
+            try:
+                await asyncio.wait_for(stop.wait(), self.cfg.interval_s)
+            except asyncio.TimeoutError:
+                pass
