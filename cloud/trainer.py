@@ -35,6 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from cloud import fleet_metrics
 from cloud.algorithms.base import algorithm_class
 from cloud.buffer import SOURCE_OFFLINE
+from cloud.blobstore import open_blob_store
 from cloud.buffer.reader import BufferReader
 from cloud.distributed import Distributed
 from cloud.checkpoints import Checkpoint, CheckpointDir, CheckpointSchedule, capture_rng, restore_rng
@@ -195,7 +196,8 @@ class Trainer:
         self.sampler = Sampler(self.redis, tuple(self.policy.tasks), self.policy.config.chunk_size,
                                self.cfg.batch_size, self.cfg.online_fraction, seed=self.cfg.seed + self.dist.rank,
                                spec=self.algorithm.data, config=self.cfg.sampler, embodiment=self.cfg.embodiment,
-                               use_images=bool(self.policy.image_features))
+                               use_images=bool(self.policy.image_features),
+                               blobs=open_blob_store(self.cfg.blob_url) if self.cfg.blob_url else None)
         metrics.init_trainer(self.sampler.tasks)
         if checkpoint is not None:
             self._restore(checkpoint)

@@ -124,6 +124,11 @@ class GatewayConfig:
     """host:port to listen on ("[::]:50051" for all interfaces; port 0 picks a free one)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis holding the buffer (AOF on)."""
+    blob_url: str = ""
+    """Blob store for camera frames (file:///abs/dir, a path, or s3://bucket/prefix?endpoint=...); "" = frames
+    ride inline in Redis (tests, tiny demos). The trainer's blob_url must name the same store."""
+    buffer_codec: str = "zstd"
+    """Compression of the low-dim columns in Redis: zstd, lz4 or raw (used per chunk only when it saves >= 10%)."""
     policy_dir: str = "runs/default/policies"
     """Policy store directory (shared with the trainer: local disk or a shared volume)."""
     embodiment: str = ""
@@ -170,6 +175,8 @@ class GatewayConfig:
         _require(self.retry_after_s > 0, f"retry_after_s ({self.retry_after_s}) must be > 0")
         _require(self.redis_full_retry_after_s > 0,
                  f"redis_full_retry_after_s ({self.redis_full_retry_after_s}) must be > 0")
+        _require(self.buffer_codec in ("zstd", "lz4", "raw"),
+                 f"buffer_codec ({self.buffer_codec!r}) must be zstd, lz4 or raw")
         _require(not self.health_listen or ":" in self.health_listen,
                  f"health_listen must be host:port or empty, got {self.health_listen!r}")
 

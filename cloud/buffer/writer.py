@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cloud.buffer.layout import SOURCE_ONLINE, RobotKeys, frames_key
+from cloud.buffer.layout import ROBOTS_KEY, SOURCE_ONLINE, RobotKeys, frames_key
 from fleet.columns import FRAMES_BLOB, Columns, cameras, encode_element, pack_frames
+from fleet.convert import schema_from_dict
 from fleet.errors import InvalidInput, SequenceGap, UnknownRobot
 from fleet.types import EpisodeSummary, Schema
 
@@ -202,6 +203,9 @@ class BufferWriter:
             skipped += extra  # the stored part of an overlapping resend: store the rest as its own element
             cols = cols.tail(extra)
 
+    async def _schema(self, robot_id: str) -> Schema | None:
+        return await _registered_schema(self._redis, robot_id)
+
     async def _put_frames(self, robot_id: str, episode_id: str, cols: Columns, schema: Schema) -> int:
         if self._blobs is None or not cameras(schema):
             return 0
@@ -216,6 +220,8 @@ class BufferWriter:
         them). The caller deletes ``blob_keys`` (frame objects) from the blob store afterwards."""
         k = RobotKeys(robot_id)
         blob_keys = []
+        if schema is None:
+            schema = await self._schema(robot_id)
         if schema is not None and cameras(schema):
             from fleet.columns import decode_element
 
@@ -232,6 +238,14 @@ class BufferWriter:
         if redis_bytes < 0:
             return EvictedEpisode(0, 0, 0, [])
         return EvictedEpisode(redis_bytes, blob_bytes, steps, blob_keys)
+
+
+async def _registered_schema(redis, robot_id: str) -> Schema | None:
+    raw = await redis.hget(ROBOTS_KEY, robot_id)
+    try:
+        return schema_from_dict(json.loads(raw)["schema"]) if raw else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def interpret(status: int, acked: int, extra: int, write: ChunkWrite, skipped: int = 0) -> WriteResult:

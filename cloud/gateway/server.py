@@ -20,6 +20,7 @@ from cloud.gateway.health import GatewayHealth
 from cloud.gateway.policy_feed import PolicyFeed
 from cloud.gateway.policy_servicer import add_fleet_service
 from cloud.gateway.servicer import FleetServicer
+from cloud.blobstore import open_blob_store
 from cloud.ingest import Ingest
 from cloud.policy_store import PolicyStore
 from fleet.config import GatewayConfig
@@ -85,7 +86,9 @@ async def start_gateway(cfg: GatewayConfig) -> RunningGateway:
     """Build the parts in data-flow order and start serving; returns the bound port."""
     redis = connect_async(cfg.redis_url, socket_timeout=cfg.redis_timeout_s,
                           socket_connect_timeout=cfg.redis_timeout_s, health_check_interval=10)
-    ingest = Ingest(redis, retry_after_s=cfg.retry_after_s, redis_full_retry_after_s=cfg.redis_full_retry_after_s)
+    blobs = open_blob_store(cfg.blob_url) if cfg.blob_url else None
+    ingest = Ingest(redis, retry_after_s=cfg.retry_after_s, redis_full_retry_after_s=cfg.redis_full_retry_after_s,
+                    blobs=blobs, codec=cfg.buffer_codec)
     store = PolicyStore(cfg.policy_dir, connect(cfg.redis_url), embodiment=cfg.embodiment)
     feed = PolicyFeed(redis, store, cache_bytes=cfg.policy_cache_bytes)
     await feed.start()
