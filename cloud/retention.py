@@ -154,6 +154,16 @@ def record_sizes(episodes: Sequence[Episode], cfg: RetentionConfig) -> None:
     metrics.RETENTION_BUDGET_USED.set(total / cfg.max_bytes if cfg.max_bytes else 0.0)
 
 
+DELETE_BATCH = 32
+"""Episodes deleted from Redis concurrently (each is one atomic script)."""
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """A Redis or blob-store outage (the pass stops, the next retries), not a bug."""
+    return isinstance(exc, (BackendUnavailable, ConnectionError, TimeoutError)) or \
+        type(exc).__module__.startswith("redis")
+
+
 async def _maybe_await(value):
     return await value if inspect.isawaitable(value) else value
 
@@ -195,32 +205,42 @@ class Retention:
                     metrics.RETENTION_FAILURES.labels(reason="archive").inc()
                     evictions = [ev for ev in evictions if ev.tier not in self.cfg.archive_tiers]
                     report.failed += len(to_archive)
-        gone = set()
-        for ev in evictions:
-            e = ev.episode
-            try:
-                freed = await _maybe_await(self.writer.delete_episode(e.robot_id, e.episode_id))
-                if freed.blob_keys and self.blobs is not None:
-                    await asyncio.to_thread(self.blobs.delete, list(freed.blob_keys))
-            except BackendUnavailable as exc:
-                log.warning("retention pass stopped after %d evictions: %s", len(report.evicted), exc)
+        gone: set[tuple[str, str]] = set()
+        blob_keys: list[str] = []
+        for start in range(0, len(evictions), DELETE_BATCH):
+            batch = evictions[start:start + DELETE_BATCH]
+            results = await asyncio.gather(
+                *(_maybe_await(self.writer.delete_episode(ev.episode.robot_id, ev.episode.episode_id)) for ev in batch),
+                return_exceptions=True)
+            outage = None
+            for ev, freed in zip(batch, results):
+                if isinstance(freed, BaseException):
+                    if not _is_outage(freed):
+                        raise freed
+                    outage = freed
+                    continue
+                e = ev.episode
+                report.evicted.append(ev)
+                gone.add((e.robot_id, e.episode_id))
+                blob_keys += freed.blob_keys
+                blob = int(getattr(freed, "blob_bytes", e.blob_bytes))
+                report.freed_redis_bytes += int(freed.redis_bytes)
+                report.freed_blob_bytes += blob
+                metrics.RETENTION_EVICTIONS.labels(reason=ev.reason, kind=ev.tier).inc()
+                metrics.RETENTION_EVICTED_BYTES.labels(mode="redis").inc(int(freed.redis_bytes))
+                metrics.RETENTION_EVICTED_BYTES.labels(mode="blob").inc(blob)
+            if outage is not None:
+                log.warning("retention pass stopped after %d evictions: %r", len(report.evicted), outage)
                 metrics.RETENTION_FAILURES.labels(reason="backend").inc()
                 report.failed += 1
                 break
-            except Exception as exc:
-                if type(exc).__module__.startswith("redis"):
-                    log.warning("retention pass stopped after %d evictions: Redis: %r", len(report.evicted), exc)
-                    metrics.RETENTION_FAILURES.labels(reason="backend").inc()
-                    report.failed += 1
-                    break
-                raise
-            report.evicted.append(ev)
-            gone.add((e.robot_id, e.episode_id))
-            report.freed_redis_bytes += int(freed.redis_bytes)
-            report.freed_blob_bytes += int(getattr(freed, "blob_bytes", e.blob_bytes))
-            metrics.RETENTION_EVICTIONS.labels(reason=ev.reason, kind=ev.tier).inc()
-            metrics.RETENTION_EVICTED_BYTES.labels(mode="redis").inc(int(freed.redis_bytes))
-            metrics.RETENTION_EVICTED_BYTES.labels(mode="blob").inc(int(getattr(freed, "blob_bytes", e.blob_bytes)))
+        if blob_keys and self.blobs is not None:
+            try:  # one batched delete per pass; an object left behind by an outage is an orphan, never read
+                await asyncio.to_thread(self.blobs.delete, blob_keys)
+            except BackendUnavailable as exc:
+                log.warning("retention: %d frame objects of evicted episodes left in the blob store: %s",
+                            len(blob_keys), exc)
+                metrics.RETENTION_FAILURES.labels(reason="backend").inc()
         record_sizes([e for e in episodes if (e.robot_id, e.episode_id) not in gone], self.cfg)
         metrics.RETENTION_LAST_PASS.set(time.time())
         log.debug("retention pass over %d episodes in %.3f s", len(episodes), time.perf_counter() - started)
@@ -253,13 +273,10 @@ class Retention:
             try:
                 if await self._hold_lease():
                     await self.run_once()
-            except BackendUnavailable as exc:
-                log.warning("retention pass failed: %s", exc)
-                metrics.RETENTION_FAILURES.labels(reason="backend").inc()
             except Exception as exc:
-                if not type(exc).__module__.startswith("redis"):
+                if not _is_outage(exc):
                     raise
-                log.warning("retention pass failed: Redis: %r", exc)
+                log.warning("retention pass failed: %r", exc)
                 metrics.RETENTION_FAILURES.labels(reason="backend").inc()
             try:
                 await asyncio.wait_for(stop.wait(), self.cfg.interval_s)
