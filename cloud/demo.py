@@ -163,10 +163,12 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
         seeded = seed_scripted_demos(redis_proc.url, tasks, cfg.demos_per_task, cfg.max_episode_steps, cfg.seed)
         echo(f"seeded {seeded['episodes']} scripted demonstrations ({seeded['steps']} steps)")
         port = free_port()
-        policy_dir = str(run_dir / "policies")
-        children.append(spawn("gateway", gateway_args(f"127.0.0.1:{port}", redis_proc.url, policy_dir), logs))
+        policy_dir, blob_url = str(run_dir / "policies"), str((run_dir / "blobs").resolve())  # frames: local dir
+        children.append(spawn("gateway", gateway_args(f"127.0.0.1:{port}", redis_proc.url, policy_dir,
+                                                      blob_url=blob_url), logs))
         children.append(spawn("trainer", [
-            "trainer", "--redis-url", redis_proc.url, "--policy-dir", policy_dir, "--tasks", ",".join(tasks),
+            "trainer", "--redis-url", redis_proc.url, "--blob-url", blob_url, "--policy-dir", policy_dir,
+            "--tasks", ",".join(tasks),
             "--seed-bc-steps", str(cfg.seed_bc_steps), "--publish-every-steps", str(cfg.publish_every_steps),
             "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), "--algorithm", cfg.algorithm], logs))
         robot_ids = [f"robot-{i}" for i in range(cfg.robots)]

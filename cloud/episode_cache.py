@@ -43,42 +43,70 @@ UNDECODABLE = (ValueError, KeyError, TypeError, IndexError, InvalidInput)
 """What decoding bytes a robot sent may raise (lengths that do not fit the schema, bad frames)."""
 
 
-class _Column:
-    """One feature of one episode: a preallocated array, grown by doubling."""
+class Arena:
+    """The low-dim columns of every cached episode in one set of preallocated arrays (grown by doubling), so
+    a batch of windows from many episodes is one fancy index (``flat`` rows), not a loop over episodes.
+    An episode owns a reserved run of rows; one that outgrows it moves to the end; freed rows are reclaimed
+    by compaction."""
 
-    def __init__(self, dtype, shape: tuple[int, ...]):
-        self.data = np.empty((16, *shape), dtype)
-        self.length = 0
+    def __init__(self, schema: Schema, rows: int = 4096):
+        self.action = np.zeros((rows, *schema.action.shape), np.float32)
+        self.intervention = np.zeros((rows,), bool)
+        self.low = {f.name: np.zeros((rows, *f.shape), np.float32) for f in schema.observation if not f.is_image}
+        self.used = 0
+        self.garbage = 0
+        self.row_bytes = self.action[0].nbytes + 1 + sum(v[0].nbytes for v in self.low.values())
 
-    def extend(self, values: np.ndarray) -> None:
-        need = self.length + len(values)
-        if need > len(self.data):
-            grown = np.empty((max(need, 2 * len(self.data)), *self.data.shape[1:]), self.data.dtype)
-            grown[:self.length] = self.data[:self.length]
-            self.data = grown
-        self.data[self.length:need] = values
-        self.length = need
+    def _arrays(self) -> list[np.ndarray]:
+        return [self.action, self.intervention, *self.low.values()]
 
-    @property
-    def values(self) -> np.ndarray:
-        return self.data[:self.length]
+    def _resize(self, rows: int) -> None:
+        def grown(a: np.ndarray) -> np.ndarray:
+            out = np.zeros((rows, *a.shape[1:]), a.dtype)
+            out[:self.used] = a[:self.used]
+            return out
+
+        self.action, self.intervention = grown(self.action), grown(self.intervention)
+        self.low = {k: grown(v) for k, v in self.low.items()}
+
+    def alloc(self, rows: int) -> int:
+        if self.used + rows > len(self.action):
+            self._resize(max(2 * len(self.action), self.used + rows))
+        base, self.used = self.used, self.used + rows
+        return base
+
+    def move(self, src: int, dst: int, rows: int) -> None:
+        for a in self._arrays():
+            a[dst:dst + rows] = a[src:src + rows]
+
+    def compact(self, entries) -> None:
+        """Pack the live entries' rows to the front (bases change: call with no batch being gathered)."""
+        pos = 0
+        for entry in sorted(entries, key=lambda e: e.base):
+            if entry.base != pos:
+                self.move(entry.base, pos, entry.length)
+            entry.base, entry.reserved = pos, entry.length
+            pos += entry.length
+        self.used, self.garbage = pos, 0
 
 
 class CachedEpisode:
     """The decoded prefix of one stored episode, column by column."""
 
-    def __init__(self, robot_id: str, episode_id: str, schema: Schema, reader: BufferReader | None = None,
-                 on_grow=None) -> None:
+    def __init__(self, robot_id: str, episode_id: str, schema: Schema, arena: Arena,
+                 reader: BufferReader | None = None, on_grow=None) -> None:
         self.robot_id, self.episode_id, self.schema = robot_id, episode_id, schema
+        self.arena = arena
         self._reader = reader
         self._on_grow = on_grow
         self.offset = 0
         """Episode index of the first decoded step (always 0: entries hold a prefix)."""
         self.length = 0
         self.chunks = 0
-        self._action = _Column(np.float32, schema.action.shape)
-        self._intervention = _Column(bool, ())
-        self._low = {f.name: _Column(np.float32, f.shape) for f in schema.observation if not f.is_image}
+        self.base = 0
+        """Arena row of step 0."""
+        self.reserved = 0
+        """Arena rows this episode owns (>= length)."""
         self.cameras = [f.name for f in schema.observation if f.is_image]
         self._elements: list[Element] = []
         self._starts: list[int] = []
@@ -87,15 +115,15 @@ class CachedEpisode:
 
     @property
     def action(self) -> np.ndarray:
-        return self._action.values
+        return self.arena.action[self.base:self.base + self.length]
 
     @property
     def intervention(self) -> np.ndarray:
-        return self._intervention.values
+        return self.arena.intervention[self.base:self.base + self.length]
 
     @property
     def low_dim(self) -> dict[str, np.ndarray]:
-        return {name: col.values for name, col in self._low.items()}
+        return {name: v[self.base:self.base + self.length] for name, v in self.arena.low.items()}
 
     def extend(self, raws: list[bytes]) -> None:
         """Append chunk elements; raises one of ``UNDECODABLE`` (and keeps nothing of ``raws``) if one cannot
@@ -107,16 +135,27 @@ class CachedEpisode:
             if element.first_index != expect:
                 raise ValueError(f"{what}: a chunk starts at step {element.first_index}, expected {expect}")
             expect += element.columns.n
+        arena = self.arena
+        if expect > self.reserved:  # outgrown: move to a larger run at the arena's end
+            reserved = max(expect, 2 * self.reserved, 64)
+            base = arena.alloc(reserved)
+            arena.move(self.base, base, self.length)
+            arena.garbage += self.reserved
+            self.nbytes += (reserved - self.reserved) * arena.row_bytes
+            self.base, self.reserved = base, reserved
+        row = self.base + self.length
         for element in elements:
             cols = element.columns
-            self._action.extend(cols.action)
-            self._intervention.extend(cols.intervention)
-            for name, col in self._low.items():
-                col.extend(cols.observation[name])
+            end = row + cols.n
+            arena.action[row:end] = cols.action
+            arena.intervention[row:end] = cols.intervention
+            for name, values in arena.low.items():
+                values[row:end] = cols.observation[name]
+            row = end
             self._starts.append(element.first_index)
+            element.columns.observation, element.columns.action = {}, element.columns.action[:0]  # kept in the arena
             self._elements.append(element)
-            self.nbytes += element.nbytes + cols.n * 4 * (self._action.data[0].size
-                                                           + sum(c.data[0].size for c in self._low.values()))
+            self.nbytes += element.nbytes
         self.length = expect
         self.chunks += len(elements)
 
@@ -127,7 +166,7 @@ class CachedEpisode:
 
     def observation(self, t: int) -> dict[str, np.ndarray]:
         """Step ``t``'s observation: low-dim features and decoded camera frames (uint8 (H, W, C))."""
-        return {**{name: col.values[t] for name, col in self._low.items()}, **self.images_at(t)}
+        return {**{name: v[self.base + t] for name, v in self.arena.low.items()}, **self.images_at(t)}
 
     def images_at(self, t: int) -> dict[str, np.ndarray]:
         """Step ``t``'s decoded camera frames (kept once decoded)."""
@@ -169,10 +208,12 @@ class EpisodeCache:
     def __init__(self, redis, max_bytes: int, schema: Callable[[], Schema | None], blobs=None):
         self._reader = BufferReader(redis, blobs)
         self._schema = schema
+        self.arena: Arena | None = None
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[str, str], CachedEpisode] = OrderedDict()
         self._bytes = 0
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
+        """Held by the sampler from ``fetch`` to the end of its gather (arena rows do not move meanwhile)."""
         self.hits = 0
         self.misses = 0
 
@@ -184,7 +225,9 @@ class EpisodeCache:
         """For each (robot_id, episode_id, first, last step index needed) the episode's decoded steps: the
         cached prefix, topped up from Redis (``max_bytes`` 0: nothing is kept between calls)."""
         schema = self._schema()
-        with self._lock:
+        with self.lock:
+            if self.arena is None:
+                self.arena = Arena(schema)
             wanted: dict[tuple[str, str], int] = {}
             for rid, eid, _, last in needs:
                 key = (rid, eid)
@@ -200,7 +243,7 @@ class EpisodeCache:
                     entry = self._entries.get((rid, eid))
                     self._reader.queue_elements(pipe, rid, eid, entry.chunks if entry else 0)
                 for key, raws in zip(wanted, pipe.execute()):
-                    entry = self._entries.pop(key, None) or CachedEpisode(*key, schema, self._reader, self._grow)
+                    entry = self._entries.pop(key, None) or CachedEpisode(*key, schema, self.arena, self._reader, self._grow)
                     before = entry.nbytes
                     try:
                         entry.extend(raws)
@@ -217,20 +260,27 @@ class EpisodeCache:
                     self._entries.pop((rid, eid), None)
                     raise UnusableEpisode(rid, eid, "missing_episode", "no stored steps (evicted, or the buffer "
                                                                        "was flushed)")
-            self._evict()
             return out
 
     def forget(self, robot_id: str, episode_id: str) -> None:
-        with self._lock:
+        with self.lock:
             entry = self._entries.pop((robot_id, episode_id), None)
             if entry is not None:
-                self._bytes -= entry.nbytes
+                self._drop(entry)
+
+    def _drop(self, entry: CachedEpisode) -> None:
+        self._bytes -= entry.nbytes
+        self.arena.garbage += entry.reserved
 
     def _grow(self, nbytes: int) -> None:
         self._bytes += nbytes  # a frame decoded by the sampling thread, the same thread that fetches
 
-    def _evict(self) -> None:
-        limit = self.max_bytes
-        while self._bytes > limit and self._entries:
-            _, entry = self._entries.popitem(last=False)
-            self._bytes -= entry.nbytes
+    def trim(self) -> None:
+        """Evict the oldest entries beyond ``max_bytes`` and reclaim arena rows (call after a batch's gather)."""
+        with self.lock:
+            while self._bytes > self.max_bytes and self._entries:
+                _, entry = self._entries.popitem(last=False)
+                self._drop(entry)
+            arena = self.arena
+            if arena is not None and arena.garbage > max(arena.used // 2, 1 << 16):
+                arena.compact(self._entries.values())

@@ -180,9 +180,12 @@ class Sampler:
                 length = finished.get((seg.robot_id, seg.episode_id))
                 need.append((seg.robot_id, seg.episode_id, t, min(last, length - 1) if length else last))
             try:
-                episodes = self.cache.fetch(need)
-                self._check_fits(picks, episodes)
-                return self._collate(picks, episodes)
+                with self.cache.lock:  # arena rows stay put from the fetch to the end of the gather
+                    episodes = self.cache.fetch(need)
+                    self._check_fits(picks, episodes)
+                    batch = self._collate(picks, episodes)
+                self.cache.trim()
+                return batch
             except UnusableEpisode as bad:
                 with self._lock:
                     self.index.quarantine(bad.robot_id, bad.episode_id, bad.reason, bad.detail)
@@ -227,65 +230,48 @@ class Sampler:
         return frames
 
     def _collate(self, picks, episodes) -> dict[str, np.ndarray]:
-        """Gather the windows with numpy indexing, one group of picks per episode (no per-step Python)."""
+        """Gather every window with one fancy index into the cache's arena (flat rows; no per-step Python)."""
         B, H, look = len(picks), self.horizon, self.spec.lookahead_steps
-        first = episodes[0]
-        actions = np.zeros((B, H, first.action.shape[1]), dtype=np.float32)
-        pad = np.ones((B, H), dtype=bool)
-        low = {name: np.empty((B,) + v.shape[1:], np.float32) for name, v in first.low_dim.items()}
-        nxt = {name: np.empty_like(v) for name, v in low.items()} if look else {}
-        images: dict[str, list[np.ndarray]] = defaultdict(list)
-        next_images: dict[str, list[np.ndarray]] = defaultdict(list)
-        has_next = np.zeros((B,), dtype=bool)
+        arena = episodes[0].arena
         task_ids = {task: i for i, task in enumerate(self.tasks)}
-        t_all = np.array([t for _, t, _, _ in picks], np.int64)
-        labels_all = np.array([seg.labels_all for seg, _, _, _ in picks], bool)
-        episode_len = np.array([seg.episode_len for seg, _, _, _ in picks], np.int64)
-        is_intervention = np.zeros((B,), dtype=bool)
-        groups: dict[int, list[int]] = defaultdict(list)
-        for b, ep in enumerate(episodes):
-            groups[id(ep)].append(b)
-        steps = np.arange(H)
-        for rows in groups.values():
-            rows = np.asarray(rows)
-            ep = episodes[rows[0]]
-            lt = t_all[rows] - ep.offset
-            idx = lt[:, None] + steps
-            inside = idx < ep.length
-            idx = np.minimum(idx, ep.length - 1)
-            driven = ep.intervention[idx] | labels_all[rows, None]  # labels only while the operator drove
-            keep = inside & np.logical_and.accumulate(driven, axis=1)
-            actions[rows] = np.where(keep[..., None], ep.action[idx], 0.0)
-            pad[rows] = ~keep
-            is_intervention[rows] = ep.intervention[lt]
-            for name, values in ep.low_dim.items():
-                low[name][rows] = values[lt]
-            if look:
-                ln = np.minimum(lt + look, ep.length - 1)
-                has_next[rows] = t_all[rows] + look < np.where(episode_len[rows] > 0, episode_len[rows], ep.end)
-                for name, values in ep.low_dim.items():
-                    nxt[name][rows] = values[ln]
-        if self.use_images and first.cameras:
-            for b, ((seg, t, _, _), ep) in enumerate(zip(picks, episodes)):
-                lt = t - ep.offset
-                for name, frame in self._frames(seg, ep, lt).items():
+        t_all = np.fromiter((t for _, t, _, _ in picks), np.int64, B)
+        labels_all = np.fromiter((seg.labels_all for seg, _, _, _ in picks), bool, B)
+        episode_len = np.fromiter((seg.episode_len for seg, _, _, _ in picks), np.int64, B)
+        base = np.fromiter((ep.base for ep in episodes), np.int64, B)
+        length = np.fromiter((ep.length for ep in episodes), np.int64, B)
+        lt = t_all - np.fromiter((ep.offset for ep in episodes), np.int64, B)
+        idx = lt[:, None] + np.arange(H)
+        inside = idx < length[:, None]
+        rows = base[:, None] + np.minimum(idx, length[:, None] - 1)
+        driven = arena.intervention[rows] | labels_all[:, None]  # labels only while the operator drove
+        keep = inside & np.logical_and.accumulate(driven, axis=1)
+        actions = arena.action[rows]
+        actions[~keep] = 0.0
+        now = base + lt
+        batch = {f"obs/{k}": v[now] for k, v in arena.low.items()}
+        if look:
+            nxt = base + np.minimum(lt + look, length - 1)
+            batch.update({f"next/{k}": v[nxt] for k, v in arena.low.items()})
+            batch["has_next"] = t_all + look < np.where(episode_len > 0, episode_len, t_all - lt + length)
+        if self.use_images and episodes[0].cameras:
+            images: dict[str, list[np.ndarray]] = defaultdict(list)
+            next_images: dict[str, list[np.ndarray]] = defaultdict(list)
+            for (seg, t, _, _), ep, l in zip(picks, episodes, lt.tolist()):
+                for name, frame in self._frames(seg, ep, l).items():
                     images[name].append(frame)
                 if look:
-                    for name, frame in self._frames(seg, ep, min(lt + look, ep.length - 1)).items():
+                    for name, frame in self._frames(seg, ep, min(l + look, ep.length - 1)).items():
                         next_images[name].append(frame)
-        meta = {"task_index": np.array([task_ids.get(task, -1) for _, _, task, _ in picks], np.int64),
-                "t": t_all, "episode_len": episode_len,
-                "task_max_len": np.array([self.index.task_max_len.get(task, seg.episode_len)
-                                          for seg, _, task, _ in picks], np.int64)}
-        flags = {"is_online": np.array([source == SOURCE_ONLINE for _, _, _, source in picks], bool),
-                 "is_intervention": is_intervention,
-                 "success": np.array([seg.success for seg, _, _, _ in picks], bool)}
-        batch = {f"obs/{k}": v for k, v in low.items()}
-        batch.update({f"obs/{k}": np.stack(v) for k, v in images.items()})
-        if look:
-            batch.update({f"next/{k}": v for k, v in nxt.items()}, has_next=has_next)
+            batch.update({f"obs/{k}": np.stack(v) for k, v in images.items()})
             batch.update({f"next/{k}": np.stack(v) for k, v in next_images.items()})
-        batch.update(action=actions, action_is_pad=pad, **meta, **flags)
+        batch.update(
+            action=actions, action_is_pad=~keep, t=t_all, episode_len=episode_len,
+            task_index=np.fromiter((task_ids.get(task, -1) for _, _, task, _ in picks), np.int64, B),
+            task_max_len=np.fromiter((self.index.task_max_len.get(task, seg.episode_len)
+                                      for seg, _, task, _ in picks), np.int64, B),
+            is_online=np.fromiter((source == SOURCE_ONLINE for _, _, _, source in picks), bool, B),
+            is_intervention=arena.intervention[now],
+            success=np.fromiter((seg.success for seg, _, _, _ in picks), bool, B))
         return batch
 
 

@@ -194,7 +194,7 @@ class GatewayConfig:
     """Blob store for camera frames (file:///abs/dir, a path, or s3://bucket/prefix?endpoint=...); "" = frames
     ride inline in Redis (tests, tiny demos). The trainer's blob_url must name the same store."""
     buffer_codec: str = "zstd"
-    """Compression of the low-dim columns in Redis: zstd, lz4 or raw (used per chunk only when it saves >= 10%)."""
+    """Compression of the low-dim columns in Redis: zstd, lz4 or raw (used for a chunk only when it saves at least a tenth)."""
     policy_dir: str = "runs/default/policies"
     """Policy store directory (shared with the trainer: local disk or a shared volume)."""
     embodiment: str = ""
