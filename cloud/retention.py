@@ -18,20 +18,25 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
-import math
+import os
+import socket
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cloud.buffer.layout import RETENTION_LEASE_KEY
 from fleet import metrics
-from fleet.errors import BackendUnavailable, ConfigError
+from fleet.config import TIERS, RetentionConfig
+from fleet.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
-TIERS = ("online", "intervention", "offline")
 REASONS = ("age", "buffer_bytes", "robot_bytes", "task_bytes", "redis_bytes")
 
 
@@ -48,61 +53,6 @@ class Episode(Protocol):
     intervention_steps: int
     first_s: float
     updated_s: float
-
-
-@dataclass(frozen=True)
-class RetentionConfig:
-    """Budgets of the experience buffer. Every limit: 0 = none."""
-
-    max_bytes: int = 0
-    """Whole buffer: Redis bytes + blob-store bytes of every episode."""
-    redis_max_bytes: int = 0
-    """Redis bytes of every episode (Redis memory is the scarce, expensive part; Redis's used_memory when known)."""
-    robot_max_bytes: int = 0
-    """Each robot's episodes (Redis + blob bytes)."""
-    task_max_bytes: int = 0
-    """Each task's episodes (Redis + blob bytes)."""
-    online_max_age_s: float = 0.0
-    """Online episodes without operator steps are evicted this long after their last write."""
-    intervention_max_age_s: float = 0.0
-    """Online episodes with operator steps are evicted this long after their last write."""
-    offline_max_age_s: float = 0.0
-    """Offline demonstrations are evicted this long after their last write."""
-    eviction_order: tuple[str, ...] = TIERS
-    """Tiers in the order byte budgets evict them (every tier once; the last is kept longest)."""
-    low_watermark: float = 0.9
-    """Over a byte budget, evict down to this fraction of it (batches instead of one episode per write)."""
-    open_episode_grace_s: float = 3600.0
-    """An unfinished episode is kept while written within this; after it, it counts as abandoned."""
-    archive_dir: str = ""
-    """Write evicted episodes to a LeRobotDataset v3 under this directory before deleting them ("" = no)."""
-    archive_tiers: tuple[str, ...] = TIERS
-    """Tiers whose evicted episodes are archived (with archive_dir)."""
-    interval_s: float = 30.0
-    """Seconds between retention passes."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_bytes", "redis_max_bytes", "robot_max_bytes", "task_max_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"retention.{name} ({value!r}) must be a whole number of bytes >= 0 (0 = no limit)")
-        for name in ("online_max_age_s", "intervention_max_age_s", "offline_max_age_s", "open_episode_grace_s"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"retention.{name} ({value!r}) must be a finite number of seconds >= 0")
-        if sorted(self.eviction_order) != sorted(TIERS):
-            raise ConfigError(f"retention.eviction_order ({list(self.eviction_order)}) must name each of "
-                              f"{list(TIERS)} once")
-        unknown = set(self.archive_tiers) - set(TIERS)
-        if unknown:
-            raise ConfigError(f"retention.archive_tiers: unknown tier(s) {sorted(unknown)}; tiers: {list(TIERS)}")
-        if not 0.0 < self.low_watermark <= 1.0:
-            raise ConfigError(f"retention.low_watermark ({self.low_watermark}) must be in (0, 1]")
-        if not (math.isfinite(self.interval_s) and self.interval_s > 0):
-            raise ConfigError(f"retention.interval_s ({self.interval_s}) must be > 0")
-
-    def max_age_s(self, tier: str) -> float:
-        return getattr(self, f"{tier}_max_age_s")
 
 
 @dataclass(frozen=True)
@@ -204,6 +154,16 @@ def record_sizes(episodes: Sequence[Episode], cfg: RetentionConfig) -> None:
     metrics.RETENTION_BUDGET_USED.set(total / cfg.max_bytes if cfg.max_bytes else 0.0)
 
 
+DELETE_BATCH = 32
+"""Episodes deleted from Redis concurrently (each is one atomic script)."""
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """A Redis or blob-store outage (the pass stops, the next retries), not a bug."""
+    return isinstance(exc, (BackendUnavailable, ConnectionError, TimeoutError)) or \
+        type(exc).__module__.startswith("redis")
+
+
 async def _maybe_await(value):
     return await value if inspect.isawaitable(value) else value
 
@@ -221,12 +181,14 @@ class Retention:
                  redis_used: Callable[[], int] | None = None, clock: Callable[[], float] = time.time):
         self.reader, self.writer, self.blobs, self.cfg = reader, writer, blobs, cfg
         self.archive, self.redis_used, self.clock = archive, redis_used, clock
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         for reason in REASONS:
             for tier in TIERS:
                 metrics.RETENTION_EVICTIONS.labels(reason=reason, kind=tier)
 
     async def run_once(self) -> PassReport:
         """One pass: list, choose, archive, delete. A backend outage ends the pass early (retried next pass)."""
+        started = time.perf_counter()
         episodes = await asyncio.to_thread(self.reader.episodes)
         used = await asyncio.to_thread(self.redis_used) if self.redis_used and self.cfg.redis_max_bytes else None
         evictions = choose_evictions(episodes, self.cfg, self.clock(), used)
@@ -243,54 +205,144 @@ class Retention:
                     metrics.RETENTION_FAILURES.labels(reason="archive").inc()
                     evictions = [ev for ev in evictions if ev.tier not in self.cfg.archive_tiers]
                     report.failed += len(to_archive)
-        gone = set()
-        for ev in evictions:
-            e = ev.episode
-            try:
-                freed = await _maybe_await(self.writer.delete_episode(e.robot_id, e.episode_id))
-                if freed.blob_keys and self.blobs is not None:
-                    await asyncio.to_thread(self.blobs.delete, list(freed.blob_keys))
-            except BackendUnavailable as exc:
-                log.warning("retention pass stopped after %d evictions: %s", len(report.evicted), exc)
+        gone: set[tuple[str, str]] = set()
+        blob_keys: list[str] = []
+        for start in range(0, len(evictions), DELETE_BATCH):
+            batch = evictions[start:start + DELETE_BATCH]
+            results = await asyncio.gather(
+                *(_maybe_await(self.writer.delete_episode(ev.episode.robot_id, ev.episode.episode_id)) for ev in batch),
+                return_exceptions=True)
+            outage = None
+            for ev, freed in zip(batch, results):
+                if isinstance(freed, BaseException):
+                    if not _is_outage(freed):
+                        raise freed
+                    outage = freed
+                    continue
+                e = ev.episode
+                report.evicted.append(ev)
+                gone.add((e.robot_id, e.episode_id))
+                blob_keys += freed.blob_keys
+                blob = int(getattr(freed, "blob_bytes", e.blob_bytes))
+                report.freed_redis_bytes += int(freed.redis_bytes)
+                report.freed_blob_bytes += blob
+                metrics.RETENTION_EVICTIONS.labels(reason=ev.reason, kind=ev.tier).inc()
+                metrics.RETENTION_EVICTED_BYTES.labels(mode="redis").inc(int(freed.redis_bytes))
+                metrics.RETENTION_EVICTED_BYTES.labels(mode="blob").inc(blob)
+            if outage is not None:
+                log.warning("retention pass stopped after %d evictions: %r", len(report.evicted), outage)
                 metrics.RETENTION_FAILURES.labels(reason="backend").inc()
                 report.failed += 1
                 break
-            except Exception as exc:
-                if type(exc).__module__.startswith("redis"):
-                    log.warning("retention pass stopped after %d evictions: Redis: %r", len(report.evicted), exc)
-                    metrics.RETENTION_FAILURES.labels(reason="backend").inc()
-                    report.failed += 1
-                    break
-                raise
-            report.evicted.append(ev)
-            gone.add((e.robot_id, e.episode_id))
-            report.freed_redis_bytes += int(freed.redis_bytes)
-            report.freed_blob_bytes += int(getattr(freed, "blob_bytes", e.blob_bytes))
-            metrics.RETENTION_EVICTIONS.labels(reason=ev.reason, kind=ev.tier).inc()
-            metrics.RETENTION_EVICTED_BYTES.labels(mode="redis").inc(int(freed.redis_bytes))
-            metrics.RETENTION_EVICTED_BYTES.labels(mode="blob").inc(int(getattr(freed, "blob_bytes", e.blob_bytes)))
+        if blob_keys and self.blobs is not None:
+            try:  # one batched delete per pass; an object left behind by an outage is an orphan, never read
+                await asyncio.to_thread(self.blobs.delete, blob_keys)
+            except BackendUnavailable as exc:
+                log.warning("retention: %d frame objects of evicted episodes left in the blob store: %s",
+                            len(blob_keys), exc)
+                metrics.RETENTION_FAILURES.labels(reason="backend").inc()
         record_sizes([e for e in episodes if (e.robot_id, e.episode_id) not in gone], self.cfg)
         metrics.RETENTION_LAST_PASS.set(time.time())
+        log.debug("retention pass over %d episodes in %.3f s", len(episodes), time.perf_counter() - started)
         if report.evicted:
             log.info("retention: evicted %d of %d episodes (%d Redis bytes, %d blob bytes; %d archived)",
                      len(report.evicted), report.episodes, report.freed_redis_bytes, report.freed_blob_bytes,
                      report.archived)
         return report
 
+    async def _hold_lease(self) -> bool:
+        """Whether this process may run the pass: it holds (or just took) the lease in Redis, so that of several
+        gateways with retention on only one evicts (and archives) at a time."""
+        redis = self.reader.redis
+        ttl_ms = int(self.cfg.interval_s * 3000)
+
+        def take() -> bool:
+            if redis.set(RETENTION_LEASE_KEY, self.owner, nx=True, px=ttl_ms):
+                return True
+            holder = redis.get(RETENTION_LEASE_KEY)
+            if holder is not None and holder.decode(errors="replace") == self.owner:
+                redis.pexpire(RETENTION_LEASE_KEY, ttl_ms)
+                return True
+            return False
+
+        return await asyncio.to_thread(take)
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Passes every ``interval_s`` until ``stop`` is set; an outage is logged and waited out."""
+        """Passes every ``interval_s`` while holding the lease, until ``stop`` is set; outages are waited out."""
         while not stop.is_set():
             try:
-                await self.run_once()
-            except BackendUnavailable as exc:
-                log.warning("retention pass failed: %s", exc)
-                metrics.RETENTION_FAILURES.labels(reason="backend").inc()
+                if await self._hold_lease():
+                    await self.run_once()
             except Exception as exc:
-                if not type(exc).__module__.startswith("redis"):
+                if not _is_outage(exc):
                     raise
-                log.warning("retention pass failed: Redis: %r", exc)
+                log.warning("retention pass failed: %r", exc)
                 metrics.RETENTION_FAILURES.labels(reason="backend").inc()
             try:
                 await asyncio.wait_for(stop.wait(), self.cfg.interval_s)
             except asyncio.TimeoutError:
                 pass
+
+
+def redis_used_memory(redis) -> int:
+    """Redis's ``used_memory`` (summed over the nodes of a Redis Cluster)."""
+    info = redis.info("memory")
+    if "used_memory" in info:
+        return int(info["used_memory"])
+    return sum(int(node.get("used_memory", 0)) for node in info.values() if isinstance(node, dict))
+
+
+class LeRobotArchive:
+    """Writes episodes about to be evicted to LeRobotDataset v3 directories under ``root`` (one per robot and
+    pass, ``<robot>-<UTC time>-<n>``) with ``cloud.export.lerobot``. A dataset is written under a hidden
+    ``.partial`` name and renamed when complete, so a crash never leaves half a dataset under a final name."""
+
+    def __init__(self, redis, root: str | Path, blobs=None):
+        self.redis, self.root, self.blobs = redis, Path(root), blobs
+        self._n = itertools.count()
+
+    def __call__(self, episodes: list[Episode]) -> list[Path]:
+        from cloud.export import ExportFilter
+        from cloud.export.lerobot import export_lerobot
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        by_robot: dict[str, list[str]] = defaultdict(list)
+        for e in episodes:
+            by_robot[e.robot_id].append(e.episode_id)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        written = []
+        for robot_id, episode_ids in sorted(by_robot.items()):
+            name = f"{robot_id}-{stamp}-{os.getpid()}-{next(self._n)}"
+            partial = self.root / f".{name}.partial"
+            export_lerobot(self.redis, partial, ExportFilter(robots=(robot_id,), episode_ids=tuple(episode_ids),
+                                                              include_unfinished=True), blobs=self.blobs)
+            os.replace(partial, self.root / name)
+            written.append(self.root / name)
+        return written
+
+
+@dataclass
+class RunningRetention:
+    """Retention passes running as a task of the caller's event loop (the gateway's)."""
+
+    retention: Retention
+    task: asyncio.Task
+    stop_event: asyncio.Event
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        await self.task
+
+
+def start_retention(redis_url: str, writer, blobs, cfg: RetentionConfig) -> RunningRetention:
+    """Start passes in the running event loop over the buffer at ``redis_url``, deleting through ``writer``."""
+    from cloud.buffer.reader import BufferReader
+    from fleet.redis_client import connect
+
+    redis = connect(redis_url)
+    archive = LeRobotArchive(redis, cfg.archive_dir, blobs) if cfg.archive_dir else None
+    retention = Retention(BufferReader(redis, blobs), writer, blobs, cfg, archive=archive,
+                          redis_used=lambda: redis_used_memory(redis))
+    stop = asyncio.Event()
+    log.info("retention on: %s", cfg)
+    return RunningRetention(retention, asyncio.create_task(retention.run(stop), name="retention"), stop)

@@ -31,6 +31,7 @@ fleet:{r:R}:events                  STREAM  one entry per finished episode (capp
 fleet:{r:R}:stats                   HASH    counters: steps, intervention_steps, episodes, successes,
                                             chunks, bytes (Redis element bytes), blob_bytes...
 fleet:{r:R}:status                  HASH    last heartbeat (policy version, spool backlog, ...)
+fleet:retention:lease               STRING  id of the gateway running retention passes (expires; cloud/retention.py)
 fleet:policy:latest                 STRING  newest published policy version (see cloud/policy_store.py)
 fleet:policy:{E}:latest             STRING  the same for the policy line of embodiment E (``--embodiment``)
 ==================================  ======  ===================================================
@@ -104,6 +105,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROBOTS_KEY = "fleet:robots"
+RETENTION_LEASE_KEY = "fleet:retention:lease"
 POLICY_LATEST_KEY = "fleet:policy:latest"
 POLICY_CHANNEL = "fleet:policy:published"
 POLICY_COUNTER_KEY = "fleet:policy:counter"

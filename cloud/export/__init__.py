@@ -48,6 +48,8 @@ class ExportFilter:
     """Also export episodes whose last step has not arrived yet."""
     include_eval: bool = True
     """Also export evaluation episodes."""
+    episode_ids: tuple[str, ...] = ()
+    """Only these episode ids (retention archives the episodes it evicts)."""
 
     def __post_init__(self) -> None:
         if self.since_s is not None and self.until_s is not None and self.until_s <= self.since_s:
@@ -129,6 +131,7 @@ def select_episodes(redis, flt: ExportFilter) -> list[EpisodeRef]:
             entry = json.loads(raw)
             version = int(entry.get("version") or 0)
             if ((flt.tasks and entry["task"] not in flt.tasks)
+                    or (flt.episode_ids and _text(eid) not in flt.episode_ids)
                     or (not entry.get("ended") and not flt.include_unfinished)
                     or (entry.get("eval") and not flt.include_eval)
                     or (flt.min_version is not None and version < flt.min_version)

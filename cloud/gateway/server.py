@@ -69,8 +69,11 @@ class RunningGateway:
     health_server: grpc.aio.Server | None = None
     health_server_port: int = 0
     revoked: object | None = None
+    retention: object | None = None
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self.retention is not None:
+            await self.retention.stop()
         if self.health is not None:
             await self.health.stop()  # NOT_SERVING first: load balancers stop sending new streams
         await self.server.stop(grace_s)
@@ -116,10 +119,16 @@ async def start_gateway(cfg: GatewayConfig) -> RunningGateway:
         await health_server.start()
     await health.start()
     await server.start()
+    retention = None
+    if cfg.retention.enabled:
+        from cloud.retention import start_retention
+
+        retention = start_retention(cfg.redis_url, ingest.writer, blobs, cfg.retention)
     log.info("gateway %s listening on port %d (%s; redis %s)", servicer.gateway_id, port,
              "mutual TLS" if cfg.security.client_ca_file else "TLS" if creds else "plaintext", cfg.redis_url)
     return RunningGateway(server=server, port=port, feed=feed, redis=redis, health=health,
-                          health_server=health_server, health_server_port=health_port, revoked=revoked)
+                          health_server=health_server, health_server_port=health_port, revoked=revoked,
+                          retention=retention)
 
 
 async def serve_forever(cfg: GatewayConfig, ready=None) -> None:

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud.retention import RetentionConfig, choose_evictions, tier_of
+from cloud.retention import choose_evictions, tier_of
+from fleet.config import RetentionConfig
 from fleet.errors import ConfigError
 
 try:
