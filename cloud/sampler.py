@@ -234,12 +234,14 @@ class Sampler:
         B, H, look = len(picks), self.horizon, self.spec.lookahead_steps
         arena = episodes[0].arena
         task_ids = {task: i for i, task in enumerate(self.tasks)}
-        t_all = np.fromiter((t for _, t, _, _ in picks), np.int64, B)
-        labels_all = np.fromiter((seg.labels_all for seg, _, _, _ in picks), bool, B)
-        episode_len = np.fromiter((seg.episode_len for seg, _, _, _ in picks), np.int64, B)
-        base = np.fromiter((ep.base for ep in episodes), np.int64, B)
-        length = np.fromiter((ep.length for ep in episodes), np.int64, B)
-        lt = t_all - np.fromiter((ep.offset for ep in episodes), np.int64, B)
+        max_len = self.index.task_max_len
+        cols = list(zip(*[(t, seg.labels_all, seg.episode_len, ep.base, ep.length, t - ep.offset,
+                           task_ids.get(task, -1), source == SOURCE_ONLINE, seg.success,
+                           max_len.get(task, seg.episode_len))
+                          for (seg, t, task, source), ep in zip(picks, episodes)]))
+        t_all, episode_len, base, length, lt, task_index, task_max_len = (
+            np.array(cols[k], np.int64) for k in (0, 2, 3, 4, 5, 6, 9))
+        labels_all, is_online, success = (np.array(cols[k], bool) for k in (1, 7, 8))
         idx = lt[:, None] + np.arange(H)
         inside = idx < length[:, None]
         rows = base[:, None] + np.minimum(idx, length[:, None] - 1)
@@ -264,14 +266,9 @@ class Sampler:
                         next_images[name].append(frame)
             batch.update({f"obs/{k}": np.stack(v) for k, v in images.items()})
             batch.update({f"next/{k}": np.stack(v) for k, v in next_images.items()})
-        batch.update(
-            action=actions, action_is_pad=~keep, t=t_all, episode_len=episode_len,
-            task_index=np.fromiter((task_ids.get(task, -1) for _, _, task, _ in picks), np.int64, B),
-            task_max_len=np.fromiter((self.index.task_max_len.get(task, seg.episode_len)
-                                      for seg, _, task, _ in picks), np.int64, B),
-            is_online=np.fromiter((source == SOURCE_ONLINE for _, _, _, source in picks), bool, B),
-            is_intervention=arena.intervention[now],
-            success=np.fromiter((seg.success for seg, _, _, _ in picks), bool, B))
+        batch.update(action=actions, action_is_pad=~keep, t=t_all, episode_len=episode_len, task_index=task_index,
+                     task_max_len=task_max_len, is_online=is_online, is_intervention=arena.intervention[now],
+                     success=success)
         return batch
 
 
