@@ -103,7 +103,8 @@ class Pool:
         return dropped
 
     def __len__(self) -> int:
-        return sum(int(self.cum(rid)[-1]) for rid in self.by_robot)
+        cum = self._flatten()[1]
+        return int(cum[-1]) if len(cum) else 0
 
     def cum(self, rid: str) -> np.ndarray:
         cum = self._cum.get(rid)
