@@ -36,7 +36,6 @@ from cloud.export import ExportFilter, iter_steps, select_episodes  # noqa: E402
 from cloud.ingest import Ingest  # noqa: E402
 from fleet import PROTOCOL_VERSION  # noqa: E402
 from fleet.codec import encode_image  # noqa: E402
-from fleet.convert import encode_step  # noqa: E402
 from fleet.redis_server import start_redis  # noqa: E402
 from fleet.types import Chunk, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step  # noqa: E402
 
@@ -66,8 +65,7 @@ async def fill(url: str, episodes: int, steps: int) -> None:
             chunk.append(Step(seq, t, {"state": rng.normal(size=39).astype(np.float32)}, a, a, t % 5 == 0, 0.0,
                               False, t == steps - 1, 1, 1.7e9 + e * 100 + t / 20, image))
         end = EpisodeSummary(False, steps, 0, 0, False, 1)
-        await ingest.write(Chunk("bench-arm", f"ep{e}-{uuid.uuid4().hex[:6]}", "task", chunk, episode_end=end),
-                           [encode_step(s, SCHEMA) for s in chunk])
+        await ingest.write(Chunk("bench-arm", f"ep{e}-{uuid.uuid4().hex[:6]}", "task", chunk, episode_end=end))
     await redis.aclose()
 
 

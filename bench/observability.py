@@ -30,7 +30,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from cloud.buffer import ROBOTS_KEY, RobotKeys  # noqa: E402
 from cloud.fleet_metrics import FleetCollector  # noqa: E402
 from fleet import PROTOCOL_VERSION, metrics  # noqa: E402
-from fleet.convert import encode_step  # noqa: E402
 from fleet.redis_server import start_redis  # noqa: E402
 from fleet.types import Chunk, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step  # noqa: E402
 
@@ -87,7 +86,7 @@ async def fill(url: str, robots: int, episodes: int, steps: int) -> None:
                                      e % 4 == 0, 1)
                 chunk = Chunk(rid, f"{rid}-{uuid.uuid4().hex[:8]}", TASKS[e % 3], part, episode_end=end,
                               evaluation=e % 4 == 0)
-                await ingest.write(chunk, [encode_step(s, SCHEMA) for s in part])
+                await ingest.write(chunk)
             await redis.hset(RobotKeys(rid).status, mapping={"last_seen_s": time.time(), "policy_version": 1,
                                                              "spool_steps": 0, "spool_bytes": 0, "task": TASKS[0]})
     finally:

@@ -43,7 +43,7 @@ from cloud.buffer import RobotKeys  # noqa: E402
 from cloud.checkpoints import CheckpointDir  # noqa: E402
 from cloud.offline import seed_scripted_demos  # noqa: E402
 from cloud.trainer import TRAINER_STATUS_KEY  # noqa: E402
-from fleet.convert import decode_step  # noqa: E402
+from cloud.buffer.reader import BufferReader  # noqa: E402
 from fleet.redis_server import free_port, start_redis  # noqa: E402
 
 TASKS = ("reach the goal", "press the button from the top")
@@ -187,8 +187,9 @@ class Bench:
         lost = duplicates = pending = 0
         for agent in self.agents:
             keys = RobotKeys(agent.cfg.robot_id)
-            seqs = [decode_step(b).seq for eid in self.client.hkeys(keys.catalog)
-                    for b in self.client.lrange(keys.episode(eid.decode()), 0, -1)]
+            reader = BufferReader(self.client)
+            seqs = [s.seq for eid in self.client.hkeys(keys.catalog)
+                    for s in reader.steps(agent.cfg.robot_id, eid.decode(), reader.schema(agent.cfg.robot_id))]
             recorded = set(range(1, agent.loop.stats().steps + 1))
             spooled, seq = set(), 0
             while (batch := agent.spool.read_after(seq)) is not None:

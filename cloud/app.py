@@ -72,8 +72,9 @@ def spawn(name: str, args: list[str], log_dir: Path, env: dict | None = None) ->
 
 
 def gateway_args(listen: str, redis_url: str, policy_dir: str, metrics_port: int = 0,
-                 embodiment: str = "", insecure: bool = False) -> list[str]:
+                 embodiment: str = "", insecure: bool = False, blob_url: str = "") -> list[str]:
     return ["gateway", "--listen", listen, "--redis-url", redis_url, "--policy-dir", policy_dir,
+            *(["--blob-url", blob_url] if blob_url else []),
             "--metrics-port", str(metrics_port), *(["--embodiment", embodiment] if embodiment else []),
             *(["--insecure"] if insecure else [])]
 

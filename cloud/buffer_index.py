@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cloud.buffer import ROBOTS_KEY, SOURCE_OFFLINE, SOURCE_ONLINE, RobotKeys
+from cloud.buffer import SOURCE_OFFLINE, SOURCE_ONLINE
+from cloud.buffer.reader import BufferReader
 from fleet import metrics
 from fleet.convert import schema_from_dict
 from fleet.types import Schema
@@ -70,6 +71,8 @@ class Pool:
     def __init__(self) -> None:
         self.by_robot: dict[str, list[Segment]] = {}
         self._cum: dict[str, np.ndarray] = {}
+        self._flat: tuple | None = None
+        """(segments robot after robot, their cumulative lengths, each robot's first cumulative step and steps)"""
 
     @property
     def segments(self) -> list[Segment]:
@@ -84,6 +87,7 @@ class Pool:
         else:
             segs.append(seg)
         self._cum.pop(seg.robot_id, None)
+        self._flat = None
 
     def drop_episode(self, rid: str, eid: str) -> int:
         """Remove one episode's segments; returns the steps removed."""
@@ -95,10 +99,12 @@ class Pool:
         else:
             self.by_robot.pop(rid, None)
         self._cum.pop(rid, None)
+        self._flat = None
         return dropped
 
     def __len__(self) -> int:
-        return sum(int(self.cum(rid)[-1]) for rid in self.by_robot)
+        cum = self._flatten()[1]
+        return int(cum[-1]) if len(cum) else 0
 
     def cum(self, rid: str) -> np.ndarray:
         cum = self._cum.get(rid)
@@ -106,18 +112,24 @@ class Pool:
             cum = self._cum[rid] = np.cumsum([s.length for s in self.by_robot[rid]])
         return cum
 
+    def _flatten(self) -> tuple:
+        if self._flat is None:
+            segs = [seg for segs in self.by_robot.values() for seg in segs]
+            cum = np.cumsum([seg.length for seg in segs], dtype=np.int64)
+            totals = np.array([int(self.cum(rid)[-1]) for rid in self.by_robot], np.int64)
+            firsts = np.concatenate([[0], np.cumsum(totals)[:-1]]).astype(np.int64)
+            self._flat = (segs, cum, firsts, totals)
+        return self._flat
+
     def sample(self, rng: np.random.Generator, n: int) -> list[tuple[Segment, int]]:
-        """``n`` (segment, step index) pairs: a uniform robot, then uniform over its steps."""
-        robots = list(self.by_robot)
-        picks = rng.integers(len(robots), size=n)
-        out: list[tuple[Segment, int]] = []
-        for r, count in zip(*np.unique(picks, return_counts=True)):
-            segs, cum = self.by_robot[robots[r]], self.cum(robots[r])
-            u = rng.integers(cum[-1], size=int(count))
-            seg_index = np.searchsorted(cum, u, side="right")
-            offsets = u - np.where(seg_index > 0, cum[seg_index - 1], 0)
-            out.extend((segs[i], segs[i].start + int(o)) for i, o in zip(seg_index, offsets))
-        return out
+        """``n`` (segment, step index) pairs: a uniform robot, then uniform over its steps (one searchsorted
+        over the pool's segments, robot after robot)."""
+        segs, cum, firsts, totals = self._flatten()
+        r = rng.integers(len(totals), size=n)
+        step = firsts[r] + rng.integers(totals[r])
+        seg_index = np.searchsorted(cum, step, side="right")
+        offsets = step - np.concatenate([[0], cum])[seg_index]
+        return [(segs[i], segs[i].start + o) for i, o in zip(seg_index.tolist(), offsets.tolist())]
 
 
 @dataclass
@@ -149,6 +161,12 @@ class BufferIndex:
     finished: dict[tuple[str, str], int] = field(default_factory=dict)
     """Length of every finished episode, by (robot_id, episode_id)."""
     _seen_labeled: dict[str, int] = field(default_factory=dict)
+    _seen_evicted: dict[str, int] = field(default_factory=dict)
+    _evicted: set[tuple[str, str]] = field(default_factory=set)
+    evicted_episodes: int = 0
+    """Episodes retention deleted that this index dropped (also ``fleet_trainer_evicted_episodes_total``)."""
+    evicted_steps: int = 0
+    """Usable steps those episodes held."""
     _last_event: dict[str, bytes] = field(default_factory=dict)
     _episodes: set[tuple[str, str]] = field(default_factory=set)
 
@@ -172,21 +190,17 @@ class BufferIndex:
         order = list(self.robots)
         new = [rid for rid in order if rid not in self._last_event]
         pipe = redis.pipeline(transaction=False)
+        reader = BufferReader(redis)
         for rid in order:
-            keys = RobotKeys(rid)
-            pipe.lrange(keys.labeled, self._seen_labeled.get(rid, 0), -1)
-            # After the labeled entries: every episode number they name is already in this reply.
-            pipe.lrange(keys.episode_ids, len(self._episode_names.get(rid, ())), -1)
-            last = self._last_event.get(rid)
-            pipe.xrange(keys.events, min=b"(" + last if last else "-", max="+")
-            pipe.hget(keys.stats, "steps")
+            reader.queue_index_reads(pipe, rid, self._seen_labeled.get(rid, 0), len(self._episode_names.get(rid, ())),
+                                     self._last_event.get(rid), self._seen_evicted.get(rid, 0))
         for rid in new:  # first sight: the catalog too, in case the capped stream lost old episodes
-            pipe.hgetall(RobotKeys(rid).catalog)
+            reader.queue_catalog(pipe, rid)
         replies = pipe.execute()
-        catalogs = dict(zip(new, replies[4 * len(order):]))
+        catalogs = dict(zip(new, replies[5 * len(order):]))
         added, online_steps = 0, 0
         for i, rid in enumerate(order):
-            labeled, names, events, steps = replies[4 * i:4 * i + 4]
+            labeled, names, events, steps, evicted = replies[5 * i:5 * i + 5]
             reg = self.robots[rid]
             source = reg["source"]
             self._seen_labeled[rid] = self._seen_labeled.get(rid, 0) + len(labeled)
@@ -202,6 +216,8 @@ class BufferIndex:
                 self._skip(rid, "schema_changed", "registered again with another schema; its new records are "
                            "skipped until it registers with the trainer's schema again", len(labeled) + len(ended))
                 continue
+            self._seen_evicted[rid] = self._seen_evicted.get(rid, 0) + len(evicted)
+            self._evict(rid, evicted)
             added += self._add_labeled(rid, source, labeled)
             added += sum(self._add_episode(rid, source, *e) for e in ended)
         self.online_steps = online_steps
@@ -226,7 +242,7 @@ class BufferIndex:
     def _registrations(self, redis) -> dict[str, dict]:
         """The registry, each entry checked: schema parsable, the fields the index reads of the right types."""
         out = {}
-        for key, raw in redis.hgetall(ROBOTS_KEY).items():
+        for key, raw in BufferReader(redis).registrations_raw().items():
             rid = key.decode(errors="replace") if isinstance(key, bytes) else key
             try:
                 reg = json.loads(raw)
@@ -280,30 +296,41 @@ class BufferIndex:
             return 0
         added, names = 0, self._episode_names.get(rid, [])
         for raw in entries:
-            try:  # "<episode number>|<index>", or "<episode id>|<index>|<task>" in older buffers
-                parts = raw.decode().split("|", 2)
-                if len(parts) == 2:
-                    number = int(parts[0])
-                    eid, task = names[number] if 0 <= number < len(names) else (None, None)
-                    if eid is None:
-                        raise ValueError(f"episode number {number} is not in episode_ids")
-                else:
-                    eid, _, task = parts
-                index = int(parts[1])
-                if index < 0 or not eid:
-                    raise ValueError(f"index {index}, episode {eid!r}")
+            try:  # "<episode number>|<start>|<end>": steps [start, end) of that episode
+                number, start, end = (int(x) for x in raw.decode().split("|"))
+                eid, task = names[number] if 0 <= number < len(names) else (None, None)
+                if eid is None:
+                    raise ValueError(f"episode number {number} is not in episode_ids")
+                if not 0 <= start < end:
+                    raise ValueError(f"run [{start}, {end})")
             except (ValueError, AttributeError) as exc:
                 self._skip(rid, "corrupt_labeled", f"labeled entry {raw[:80]!r} cannot be read ({exc!r})")
                 continue
-            if (rid, eid) in self._quarantined or not self._known_task(rid, task, 1):
+            if ((rid, eid) in self._quarantined or (rid, eid) in self._evicted
+                    or not self._known_task(rid, task, end - start)):
                 continue
-            self.pools[(task, source)].add(Segment(rid, eid, index, 1, labels_all=source == SOURCE_OFFLINE))
-            added += 1
+            self.pools[(task, source)].add(Segment(rid, eid, start, end - start,
+                                                   labels_all=source == SOURCE_OFFLINE))
+            added += end - start
         return added
+
+    def _evict(self, rid: str, evicted: list[bytes]) -> None:
+        """Drop episodes retention deleted: never sampled again, counted."""
+        for raw in evicted:
+            eid = raw.decode(errors="replace")
+            if (rid, eid) in self._evicted:
+                continue
+            self._evicted.add((rid, eid))
+            self.finished.pop((rid, eid), None)
+            dropped = sum(pool.drop_episode(rid, eid) for pool in self.pools.values())
+            self.evicted_episodes += 1
+            self.evicted_steps += dropped
+            if not self.quiet:
+                metrics.TRAINER_EVICTED_EPISODES.inc()
 
     def _add_episode(self, rid: str, source: str, eid: str, task: str, length: int, success: bool,
                      evaluation: bool) -> int:
-        if (rid, eid) in self._episodes or length <= 0 or (rid, eid) in self._quarantined:
+        if (rid, eid) in self._episodes or length <= 0 or (rid, eid) in self._quarantined or (rid, eid) in self._evicted:
             return 0
         self._episodes.add((rid, eid))  # (catalog and event name the same episode: counted once)
         if not self._known_task(rid, task, length):

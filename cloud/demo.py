@@ -20,7 +20,8 @@ import numpy as np
 import redis as redis_lib
 
 from cloud.app import Child, gateway_args, spawn
-from cloud.buffer import SOURCE_ONLINE, RobotKeys
+from cloud.buffer import SOURCE_ONLINE
+from cloud.buffer.reader import BufferReader
 from cloud.offline import seed_scripted_demos
 from cloud.status import fleet_status
 from fleet.config import ALGORITHM_NAMES, DEFAULT_TASKS, _require
@@ -85,7 +86,7 @@ class EpisodeLog:
     def poll(self, robot_ids: list[str]) -> None:
         for rid in robot_ids:
             start = b"(" + self._last[rid] if rid in self._last else b"-"
-            for entry_id, fields in self.redis.xrange(RobotKeys(rid).events, min=start, max="+"):
+            for entry_id, fields in BufferReader(self.redis).events(rid, start):
                 self._last[rid] = entry_id
                 summary = json.loads(fields[b"summary"])
                 self.episodes.append(summary)
@@ -163,10 +164,12 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
         seeded = seed_scripted_demos(redis_proc.url, tasks, cfg.demos_per_task, cfg.max_episode_steps, cfg.seed)
         echo(f"seeded {seeded['episodes']} scripted demonstrations ({seeded['steps']} steps)")
         port = free_port()
-        policy_dir = str(run_dir / "policies")
-        children.append(spawn("gateway", gateway_args(f"127.0.0.1:{port}", redis_proc.url, policy_dir), logs))
+        policy_dir, blob_url = str(run_dir / "policies"), str((run_dir / "blobs").resolve())  # frames: local dir
+        children.append(spawn("gateway", gateway_args(f"127.0.0.1:{port}", redis_proc.url, policy_dir,
+                                                      blob_url=blob_url), logs))
         children.append(spawn("trainer", [
-            "trainer", "--redis-url", redis_proc.url, "--policy-dir", policy_dir, "--tasks", ",".join(tasks),
+            "trainer", "--redis-url", redis_proc.url, "--blob-url", blob_url, "--policy-dir", policy_dir,
+            "--tasks", ",".join(tasks),
             "--seed-bc-steps", str(cfg.seed_bc_steps), "--publish-every-steps", str(cfg.publish_every_steps),
             "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), "--algorithm", cfg.algorithm], logs))
         robot_ids = [f"robot-{i}" for i in range(cfg.robots)]

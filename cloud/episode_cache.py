@@ -1,11 +1,13 @@
-"""Decoded episodes in RAM, fetched from Redis on first use (the sampler's read path).
+"""Episodes in RAM as columns, fetched from the buffer on first use (the sampler's read path).
 
-Episodes in the buffer are append-only lists of ``fleet.v1.Step`` bytes, so a
-decoded prefix never goes stale: an entry is topped up with one LRANGE from the
-first step it lacks when a window reaches past it. Entries are evicted oldest
-first once ``max_bytes`` is exceeded (RLinf keeps such a RAM FIFO cache in front
-of its disk buffer; SOP loads images only when sampled). Images stay encoded
-until a step is used as an observation, then the decoded frame is kept too.
+An episode in the buffer is an append-only list of chunk elements (``cloud/buffer/layout.py``), so
+a cached prefix never goes stale: an entry is topped up with one LRANGE from the first chunk it
+lacks when a window reaches past it. Each entry keeps one preallocated array per feature (grown by
+doubling), so windows are gathered with numpy indexing, never per step. Entries are evicted oldest
+first once ``max_bytes`` is exceeded (RLinf keeps such a RAM FIFO cache in front of its disk
+buffer; SOP loads images only when sampled). Camera frames stay encoded (in the element, or fetched
+from the blob store per chunk and camera when first needed) until a step is used; decoded frames
+are kept too.
 """
 
 from __future__ import annotations
@@ -13,18 +15,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
-from cloud.buffer import RobotKeys
-from google.protobuf.message import DecodeError
-
+from cloud.buffer.reader import BufferReader
 from fleet.codec import decode_image
-from fleet.convert import decode_step
-from fleet.errors import InvalidInput
-from fleet.types import EncodedImage
+from fleet.columns import Element, decode_element
+from fleet.errors import BlobNotFound, InvalidInput
+from fleet.types import EncodedImage, Schema
 
 log = logging.getLogger(__name__)
+
 
 
 class UnusableEpisode(Exception):
@@ -35,45 +37,125 @@ class UnusableEpisode(Exception):
         self.robot_id, self.episode_id, self.reason, self.detail = robot_id, episode_id, reason, detail
 
 
-UNDECODABLE = (DecodeError, ValueError, KeyError, TypeError, IndexError, InvalidInput)
-"""What decoding bytes a robot sent may raise (protobuf, tensor bytes that do not fit dtype x shape, ragged shapes)."""
+UNDECODABLE = (ValueError, KeyError, TypeError, IndexError, InvalidInput)
+"""What decoding bytes a robot sent may raise (lengths that do not fit the schema, bad frames)."""
+
+
+class Arena:
+    """The low-dim columns of every cached episode in one set of preallocated arrays (grown by doubling), so
+    a batch of windows from many episodes is one fancy index (``flat`` rows), not a loop over episodes.
+    An episode owns a reserved run of rows; one that outgrows it moves to the end; freed rows are reclaimed
+    by compaction."""
+
+    def __init__(self, schema: Schema, rows: int = 4096):
+        self.action = np.zeros((rows, *schema.action.shape), np.float32)
+        self.intervention = np.zeros((rows,), bool)
+        self.low = {f.name: np.zeros((rows, *f.shape), np.float32) for f in schema.observation if not f.is_image}
+        self.used = 0
+        self.garbage = 0
+        self.row_bytes = self.action[0].nbytes + 1 + sum(v[0].nbytes for v in self.low.values())
+
+    def _arrays(self) -> list[np.ndarray]:
+        return [self.action, self.intervention, *self.low.values()]
+
+    def _resize(self, rows: int) -> None:
+        def grown(a: np.ndarray) -> np.ndarray:
+            out = np.zeros((rows, *a.shape[1:]), a.dtype)
+            out[:self.used] = a[:self.used]
+            return out
+
+        self.action, self.intervention = grown(self.action), grown(self.intervention)
+        self.low = {k: grown(v) for k, v in self.low.items()}
+
+    def alloc(self, rows: int) -> int:
+        if self.used + rows > len(self.action):
+            self._resize(max(2 * len(self.action), self.used + rows))
+        base, self.used = self.used, self.used + rows
+        return base
+
+    def move(self, src: int, dst: int, rows: int) -> None:
+        for a in self._arrays():
+            a[dst:dst + rows] = a[src:src + rows]
+
+    def compact(self, entries) -> None:
+        """Pack the live entries' rows to the front (bases change: call with no batch being gathered)."""
+        pos = 0
+        for entry in sorted(entries, key=lambda e: e.base):
+            if entry.base != pos:
+                self.move(entry.base, pos, entry.length)
+            entry.base, entry.reserved = pos, entry.length
+            pos += entry.length
+        self.used, self.garbage = pos, 0
 
 
 class CachedEpisode:
-    """The decoded prefix of one stored episode."""
+    """The decoded prefix of one stored episode, column by column."""
 
-    def __init__(self, on_grow=None, offset: int = 0) -> None:
+    def __init__(self, robot_id: str, episode_id: str, schema: Schema, arena: Arena,
+                 reader: BufferReader | None = None, on_grow=None) -> None:
+        self.robot_id, self.episode_id, self.schema = robot_id, episode_id, schema
+        self.arena = arena
+        self._reader = reader
         self._on_grow = on_grow
-        self.offset = offset
-        """Episode index of the first decoded step (0 for cached entries, which always hold a prefix)."""
+        self.offset = 0
+        """Episode index of the first decoded step (always 0: entries hold a prefix)."""
         self.length = 0
-        self.action = np.zeros((0, 0), dtype=np.float32)
-        self.intervention = np.zeros((0,), dtype=bool)
-        self.low_dim: dict[str, np.ndarray] = {}
-        self.images: list[dict[str, EncodedImage]] = []
+        self.chunks = 0
+        self.base = 0
+        """Arena row of step 0."""
+        self.reserved = 0
+        """Arena rows this episode owns (>= length)."""
+        self.cameras = [f.name for f in schema.observation if f.is_image]
+        self._elements: list[Element] = []
+        self._starts: list[int] = []
         self._decoded: dict[tuple[int, str], np.ndarray] = {}
         self.nbytes = 0
 
-    def extend(self, blobs: list[bytes]) -> None:
-        """Append decoded steps; raises one of ``UNDECODABLE`` (and keeps nothing of ``blobs``) if any step
-        cannot be decoded or does not stack with the others."""
-        steps = [decode_step(b) for b in blobs]
-        if not steps:
-            return
-        actions = np.stack([np.asarray(s.action, dtype=np.float32) for s in steps])
-        action = actions if not self.length else np.concatenate([self.action, actions])
-        low_dim = {}
-        names = set(self.low_dim) if self.length else set(steps[0].observation)
-        for name in names:
-            part = np.stack([np.asarray(s.observation[name]) for s in steps])
-            low_dim[name] = part if not self.length else np.concatenate([self.low_dim[name], part])
-        if any(set(s.observation) != names or set(s.images) != set(steps[0].images) for s in steps):
-            raise ValueError("steps of one episode carry different observation features")
-        self.action, self.low_dim = action, low_dim
-        self.intervention = np.concatenate([self.intervention, np.array([s.is_intervention for s in steps], bool)])
-        self.images.extend(s.images for s in steps)
-        self.length += len(steps)
-        self.nbytes += sum(len(b) for b in blobs) + actions.nbytes
+    @property
+    def action(self) -> np.ndarray:
+        return self.arena.action[self.base:self.base + self.length]
+
+    @property
+    def intervention(self) -> np.ndarray:
+        return self.arena.intervention[self.base:self.base + self.length]
+
+    @property
+    def low_dim(self) -> dict[str, np.ndarray]:
+        return {name: v[self.base:self.base + self.length] for name, v in self.arena.low.items()}
+
+    def extend(self, raws: list[bytes]) -> None:
+        """Append chunk elements; raises one of ``UNDECODABLE`` (and keeps nothing of ``raws``) if one cannot
+        be decoded against the schema or does not continue the episode."""
+        what = f"robot {self.robot_id!r} episode {self.episode_id!r}"
+        elements = [decode_element(raw, self.schema, f"{what} chunk {self.chunks + i}") for i, raw in enumerate(raws)]
+        expect = self.length
+        for element in elements:
+            if element.first_index != expect:
+                raise ValueError(f"{what}: a chunk starts at step {element.first_index}, expected {expect}")
+            expect += element.columns.n
+        arena = self.arena
+        if expect > self.reserved:  # outgrown: move to a larger run at the arena's end
+            reserved = max(expect, 2 * self.reserved, 64)
+            base = arena.alloc(reserved)
+            arena.move(self.base, base, self.length)
+            arena.garbage += self.reserved
+            self.nbytes += (reserved - self.reserved) * arena.row_bytes
+            self.base, self.reserved = base, reserved
+        row = self.base + self.length
+        for element in elements:
+            cols = element.columns
+            end = row + cols.n
+            arena.action[row:end] = cols.action
+            arena.intervention[row:end] = cols.intervention
+            for name, values in arena.low.items():
+                values[row:end] = cols.observation[name]
+            row = end
+            self._starts.append(element.first_index)
+            element.columns.observation, element.columns.action = {}, element.columns.action[:0]  # kept in the arena
+            self._elements.append(element)
+            self.nbytes += element.nbytes
+        self.length = expect
+        self.chunks += len(elements)
 
     @property
     def end(self) -> int:
@@ -81,17 +163,16 @@ class CachedEpisode:
         return self.offset + self.length
 
     def observation(self, t: int) -> dict[str, np.ndarray]:
-        """Step ``t``'s observation (``t`` relative to ``offset``): low-dim features and decoded camera
-        frames (uint8 (H, W, C))."""
-        return {**{name: values[t] for name, values in self.low_dim.items()}, **self.images_at(t)}
+        """Step ``t``'s observation: low-dim features and decoded camera frames (uint8 (H, W, C))."""
+        return {**{name: v[self.base + t] for name, v in self.arena.low.items()}, **self.images_at(t)}
 
     def images_at(self, t: int) -> dict[str, np.ndarray]:
         """Step ``t``'s decoded camera frames (kept once decoded)."""
         out = {}
-        for name, image in self.images[t].items():
+        for name in self.cameras:
             frame = self._decoded.get((t, name))
             if frame is None:
-                frame = decode_image(image, f"step {t} image {name!r}")
+                frame = self._decode(t, name)
                 self._decoded[(t, name)] = frame
                 self.nbytes += frame.nbytes
                 if self._on_grow is not None:
@@ -99,16 +180,38 @@ class CachedEpisode:
             out[name] = frame
         return out
 
+    def encoded_frame(self, t: int, camera: str) -> EncodedImage:
+        k = int(np.searchsorted(self._starts, t, side="right")) - 1
+        element = self._elements[k]
+        cols = element.columns
+        if camera not in cols.frames:
+            if self._reader is None:
+                raise InvalidInput("frames in the blob store but no reader for it")
+            cols.frames[camera] = self._reader.frames(self.robot_id, self.episode_id, element, camera)
+            self.nbytes += sum(len(f) for f in cols.frames[camera])
+        spec = self.schema.observation_spec(camera)
+        return EncodedImage(cols.encodings.get(camera, "jpeg"), spec.shape[0], spec.shape[1], spec.shape[2],
+                            cols.frames[camera][t - element.first_index])
+
+    def _decode(self, t: int, camera: str) -> np.ndarray:
+        try:
+            return decode_image(self.encoded_frame(t, camera), f"step {t} image {camera!r}")
+        except BlobNotFound as exc:
+            raise InvalidInput(f"the frames of step {t} camera {camera!r} are missing ({exc})") from None
+
 
 class EpisodeCache:
     """``fetch`` returns decoded episodes covering the requested step indices (as far as they exist)."""
 
-    def __init__(self, redis, max_bytes: int):
-        self._redis = redis
+    def __init__(self, redis, max_bytes: int, schema: Callable[[], Schema | None], blobs=None):
+        self._reader = BufferReader(redis, blobs)
+        self._schema = schema
+        self.arena: Arena | None = None
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[str, str], CachedEpisode] = OrderedDict()
         self._bytes = 0
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
+        """Held by the sampler from ``fetch`` to the end of its gather (arena rows do not move meanwhile)."""
         self.hits = 0
         self.misses = 0
 
@@ -118,10 +221,11 @@ class EpisodeCache:
 
     def fetch(self, needs: list[tuple[str, str, int, int]]) -> list[CachedEpisode]:
         """For each (robot_id, episode_id, first, last step index needed) the episode's decoded steps: the
-        cached prefix, topped up from Redis; with ``max_bytes`` 0, just the window [first, last]."""
-        if self.max_bytes == 0:
-            return self._fetch_windows(needs)
-        with self._lock:
+        cached prefix, topped up from Redis (``max_bytes`` 0: nothing is kept between calls)."""
+        schema = self._schema()
+        with self.lock:
+            if self.arena is None:
+                self.arena = Arena(schema)
             wanted: dict[tuple[str, str], int] = {}
             for rid, eid, _, last in needs:
                 key = (rid, eid)
@@ -130,21 +234,21 @@ class EpisodeCache:
                     wanted[key] = max(wanted.get(key, -1), last)
             self.misses += len(wanted)
             self.hits += len(needs) - len(wanted)
+            fresh: dict[tuple[str, str], CachedEpisode] = {}
             if wanted:
-                pipe = self._redis.pipeline(transaction=False)
+                pipe = self._reader.redis.pipeline(transaction=False)
                 for rid, eid in wanted:
-                    have = self._entries[(rid, eid)].length if (rid, eid) in self._entries else 0
-                    pipe.lrange(RobotKeys(rid).episode(eid), have, -1)
-                fresh = {}
-                for key, blobs in zip(wanted, pipe.execute()):
-                    entry = self._entries.pop(key, None) or fresh.get(key) or CachedEpisode(self._grow)
+                    entry = self._entries.get((rid, eid))
+                    self._reader.queue_elements(pipe, rid, eid, entry.chunks if entry else 0)
+                for key, raws in zip(wanted, pipe.execute()):
+                    entry = self._entries.pop(key, None) or CachedEpisode(*key, schema, self.arena, self._reader, self._grow)
                     before = entry.nbytes
                     try:
-                        entry.extend(blobs)
+                        entry.extend(raws)
                     except UNDECODABLE as exc:
                         self._bytes -= before
                         raise UnusableEpisode(*key, "corrupt_step",
-                                             f"a stored step cannot be decoded ({exc!r})") from None
+                                              f"a stored chunk cannot be decoded ({exc})") from None
                     self._bytes += entry.nbytes - before
                     fresh[key] = entry
                     self._entries[key] = entry
@@ -152,37 +256,29 @@ class EpisodeCache:
             for (rid, eid, _, _), entry in zip(needs, out):
                 if entry.length == 0:
                     self._entries.pop((rid, eid), None)
-                    raise UnusableEpisode(rid, eid, "missing_episode", "no stored steps (was the buffer flushed?)")
-            self._evict()
+                    raise UnusableEpisode(rid, eid, "missing_episode", "no stored steps (evicted, or the buffer "
+                                                                       "was flushed)")
             return out
 
-    def _fetch_windows(self, needs: list[tuple[str, str, int, int]]) -> list[CachedEpisode]:
-        pipe = self._redis.pipeline(transaction=False)
-        for rid, eid, first, last in needs:
-            pipe.lrange(RobotKeys(rid).episode(eid), first, last)
-        out = []
-        for (rid, eid, first, _), blobs in zip(needs, pipe.execute()):
-            if not blobs:
-                raise UnusableEpisode(rid, eid, "missing_episode", "no stored steps (was the buffer flushed?)")
-            entry = CachedEpisode(offset=first)
-            try:
-                entry.extend(blobs)
-            except UNDECODABLE as exc:
-                raise UnusableEpisode(rid, eid, "corrupt_step", f"a stored step cannot be decoded ({exc!r})") from None
-            out.append(entry)
-        self.misses += len(needs)
-        return out
-
     def forget(self, robot_id: str, episode_id: str) -> None:
-        with self._lock:
+        with self.lock:
             entry = self._entries.pop((robot_id, episode_id), None)
             if entry is not None:
-                self._bytes -= entry.nbytes
+                self._drop(entry)
+
+    def _drop(self, entry: CachedEpisode) -> None:
+        self._bytes -= entry.nbytes
+        self.arena.garbage += entry.reserved
 
     def _grow(self, nbytes: int) -> None:
         self._bytes += nbytes  # a frame decoded by the sampling thread, the same thread that fetches
 
-    def _evict(self) -> None:
-        while self._bytes > self.max_bytes and self._entries:
-            _, entry = self._entries.popitem(last=False)
-            self._bytes -= entry.nbytes
+    def trim(self) -> None:
+        """Evict the oldest entries beyond ``max_bytes`` and reclaim arena rows (call after a batch's gather)."""
+        with self.lock:
+            while self._bytes > self.max_bytes and self._entries:
+                _, entry = self._entries.popitem(last=False)
+                self._drop(entry)
+            arena = self.arena
+            if arena is not None and arena.garbage > max(arena.used // 2, 1 << 16):
+                arena.compact(self._entries.values())

@@ -12,156 +12,40 @@ the edge simply resends later.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import math
-import struct
 import time
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import numpy as np
 import redis.exceptions as redis_errors
 
-from cloud.buffer import (
-    ROBOTS_KEY,
-    SOURCE_ONLINE,
-    WRITE_CHUNK_LUA,
-    ChunkWrite,
-    RobotKeys,
-    WriteResult,
-    interpret,
-)
+from cloud.buffer import SOURCE_ONLINE, BufferWriter, WriteResult
+from cloud.validator import MAX_IMAGE_PIXELS, check_columns
 from fleet import PROTOCOL_VERSION, metrics
+from fleet.columns import MAX_STEPS_PER_CHUNK, ColumnChunk, from_chunk, schema_hash
 from fleet.convert import schema_from_dict, schema_to_dict
-from fleet.errors import (
-    BackendUnavailable,
-    IncompatiblePeer,
-    InvalidInput,
-    Overloaded,
-    SchemaMismatch,
-    UnknownRobot,
-)
-from fleet.names import check_episode_id, check_id, check_task, shown
-from fleet.types import Chunk, EncodedImage, EpisodeSummary, RobotInfo, Schema, Step
+from fleet.errors import BackendUnavailable, IncompatiblePeer, InvalidInput, Overloaded, SchemaMismatch, UnknownRobot
+from fleet.names import check_id, check_task
+from fleet.types import Chunk, RobotInfo
 
 log = logging.getLogger(__name__)
 
-MAX_STEPS_PER_CHUNK = 1024
-
-
-def validate_step(step: Step, schema: Schema, where: str) -> None:
-    """Raise SchemaMismatch/InvalidInput if a step does not fit the schema."""
-    expected = {f.name for f in schema.observation if not f.is_image}
-    got = set(step.observation)
-    if got != expected:
-        raise SchemaMismatch(f"{where}: observation features {sorted(got)} != registered {sorted(expected)}")
-    expected_img = {f.name for f in schema.observation if f.is_image}
-    if set(step.images) != expected_img:
-        raise SchemaMismatch(f"{where}: images {sorted(step.images)} != registered {sorted(expected_img)}")
-    for spec in schema.observation:
-        if spec.is_image:
-            img = step.images[spec.name]
-            if (img.height, img.width, img.channels) != spec.shape:
-                raise SchemaMismatch(f"{where}: image {spec.name!r} is {(img.height, img.width, img.channels)}, "
-                                     f"registered {spec.shape}")
-            check_image(img, f"{where} image {spec.name!r}")
-            continue
-        _check_array(step.observation[spec.name], spec.dtype, spec.shape, spec.allow_nonfinite,
-                     f"{where} observation {spec.name!r}")
-    act = schema.action
-    _check_array(step.action, act.dtype, act.shape, act.allow_nonfinite, f"{where} action")
-    _check_array(step.policy_action, act.dtype, act.shape, True, f"{where} policy_action")
-    if not np.isfinite(step.reward):
-        raise InvalidInput(f"{where}: reward is {step.reward}")
-
-
-_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
-_JPEG_END = b"\xff\xd9"
-
-
-MAX_IMAGE_PIXELS = 3840 * 2160
-"""Largest camera frame a robot may register (4K): a registered size is what every frame must decode to."""
-MAX_PNG_CHUNKS = 4096
-"""A PNG made of more chunks is refused before anything walks them (1.1M empty chunks cost seconds)."""
-
-
-def _png_prescan(data: bytes, what: str) -> None:
-    """Count the chunks (refuse more than MAX_PNG_CHUNKS) and check that the image data starts as a
-    zlib stream: cheap (no pixels decoded), and it catches a PNG whose IDAT is not zlib at all."""
-    pos, chunks, idat = 8, 0, b""
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        chunks += 1
-        if chunks > MAX_PNG_CHUNKS:
-            raise InvalidInput(f"{what}: the png has more than {MAX_PNG_CHUNKS} chunks")
-        if kind == b"IDAT" and not idat:
-            idat = data[pos + 8:pos + 8 + min(length, 4096)]
-        if kind == b"IEND":
-            break
-        pos += 12 + length
-    if idat:
-        try:
-            zlib.decompressobj().decompress(idat, 64)
-        except zlib.error as exc:
-            raise InvalidInput(f"{what}: the png's image data is not a zlib stream ({exc})") from None
-
-
-def check_image(img: EncodedImage, what: str) -> None:
-    """The bytes are one complete PNG/JPEG of the declared format, size and channels.
-
-    Checked from the structure, without decoding pixels (a decode costs ~100x more): the header first,
-    before anything else (a few kilobytes of PNG can claim gigapixels); then completeness: every PNG chunk
-    through IEND present with a good CRC, a JPEG ending with its end-of-image marker. Truncated bytes
-    fail either way; flipped bits inside JPEG entropy data would not fail a decode either."""
-    from PIL import Image, UnidentifiedImageError
-
-    if img.encoding not in _FORMATS:
-        raise InvalidInput(f"{what}: encoding {img.encoding!r} is not 'png' or 'jpeg'")
-    if img.encoding == "png" and img.data.startswith(b"\x89PNG"):
-        _png_prescan(img.data, what)
-    try:
-        with Image.open(io.BytesIO(img.data)) as opened:
-            fmt, (width, height), channels = opened.format, opened.size, len(opened.getbands())
-            if fmt == "PNG":
-                opened.verify()  # walks the chunks, checking each CRC
-    except UnidentifiedImageError:
-        raise InvalidInput(f"{what}: the {len(img.data)} bytes are not a {img.encoding} image") from None
-    except Exception as exc:  # Pillow raises several unrelated types (DecompressionBombError among them)
-        raise InvalidInput(f"{what}: cannot read the {img.encoding} bytes ({len(img.data)} bytes): {exc}") from None
-    if fmt != _FORMATS[img.encoding]:
-        raise InvalidInput(f"{what}: declared {img.encoding} but the bytes are {(fmt or 'unknown').lower()}")
-    if (width, height) != (img.width, img.height):
-        raise InvalidInput(f"{what}: the bytes hold a {width}x{height} image, declared {img.width}x{img.height}")
-    if channels != img.channels:
-        raise InvalidInput(f"{what}: the bytes hold {channels} channels, declared {img.channels}")
-    if fmt == "JPEG" and not img.data.endswith(_JPEG_END):
-        raise InvalidInput(f"{what}: the jpeg is truncated ({len(img.data)} bytes, no end-of-image marker)")
-
-
-def _check_array(arr: np.ndarray, dtype: str, shape: tuple[int, ...], allow_nonfinite: bool, what: str) -> None:
-    name = "bfloat16" if (dtype == "bfloat16" and arr.dtype == np.uint16) else arr.dtype.name
-    if name != dtype:
-        raise SchemaMismatch(f"{what}: dtype {name} != registered {dtype}")
-    if tuple(arr.shape) != tuple(shape):
-        raise SchemaMismatch(f"{what}: shape {list(arr.shape)} != registered {list(shape)}")
-    if not allow_nonfinite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise InvalidInput(f"{what}: contains NaN or Inf")
+__all__ = ["MAX_STEPS_PER_CHUNK", "Ingest", "check_registration"]
 
 
 class Ingest:
     """Registration and chunk writes over an asyncio Redis client (redis.asyncio.Redis)."""
 
     def __init__(self, redis, source: str = SOURCE_ONLINE, retry_after_s: float = 1.0,
-                 redis_full_retry_after_s: float = 10.0):
+                 redis_full_retry_after_s: float = 10.0, blobs=None, codec: str = "zstd"):
         self._redis = redis
         self._source = source
         self._retry_after_s = retry_after_s
         self._redis_full_retry_after_s = redis_full_retry_after_s
-        self._script = redis.register_script(WRITE_CHUNK_LUA)
+        self.writer = BufferWriter(redis, blobs, codec)
         self._robots: dict[str, RobotInfo] = {}
+        self._hashes: dict[str, tuple[RobotInfo, bytes]] = {}
 
     @contextlib.contextmanager
     def redis_errors(self, what: str) -> Iterator[None]:
@@ -186,7 +70,8 @@ class Ingest:
         """Store the robot's registration; returns its last durable sequence number."""
         if info.protocol_version != PROTOCOL_VERSION:
             raise IncompatiblePeer(f"robot {info.robot_id!r} speaks protocol {info.protocol_version!r}; "
-                                   f"this gateway speaks {PROTOCOL_VERSION!r}")
+                                   f"this gateway speaks {PROTOCOL_VERSION!r} (columnar chunks): upgrade the "
+                                   f"robot's fleet software to one that speaks {PROTOCOL_VERSION!r}")
         check_registration(info, MAX_TASKS_PER_ROBOT if self._source == SOURCE_ONLINE else MAX_OFFLINE_TASKS)
         record = {"robot_id": info.robot_id, "embodiment": info.embodiment, "schema": schema_to_dict(info.schema),
                   "tasks": list(info.tasks), "protocol_version": info.protocol_version,
@@ -195,22 +80,21 @@ class Ingest:
                   "source": self._source}
         with self.redis_errors(f"register robot {info.robot_id!r}"):
             await self._check_schema_change(info.robot_id, record["schema"])
-            await self._redis.hset(ROBOTS_KEY, info.robot_id, json.dumps(record))
-            await self._redis.set(RobotKeys(info.robot_id).registered, f"{record['registered_s']:.3f}")
+            await self.writer.register(info.robot_id, json.dumps(record), record["registered_s"])
             self._robots[info.robot_id] = info
             return await self.last_acked_seq(info.robot_id)
 
     async def _check_schema_change(self, robot_id: str, schema: dict) -> None:
         """Refuse a registration whose schema differs from the stored one, unless an operator allowed it
         (the allowance is used up by the change). The trainer cannot mix two schemas of one robot."""
-        raw = await self._redis.hget(ROBOTS_KEY, robot_id)
+        raw = await self.writer.registration(robot_id)
         try:
             before = json.loads(raw)["schema"] if raw else None
         except (ValueError, KeyError, TypeError):
             before = None  # an unreadable registration is replaced
         if before is None or before == schema:
             return
-        if await self._redis.getdel(RobotKeys(robot_id).allow_schema_change) is not None:
+        if await self.writer.take_schema_change_allowance(robot_id):
             log.warning("robot %s registered with a new schema (allowed by an operator)", robot_id)
             return
         raise IncompatiblePeer(f"robot {robot_id!r} registered before with another observation/action schema; "
@@ -219,8 +103,7 @@ class Ingest:
 
     async def last_acked_seq(self, robot_id: str) -> int:
         with self.redis_errors(f"robot {robot_id!r}"):
-            value = await self._redis.get(RobotKeys(robot_id).seq)
-        return int(value or 0)
+            return await self.writer.last_seq(robot_id)
 
     def cached(self, robot_id: str) -> RobotInfo | None:
         """The registration this gateway already holds (no Redis call), if any."""
@@ -235,7 +118,7 @@ class Ingest:
 
     async def _load_robot(self, robot_id: str) -> RobotInfo:
         with self.redis_errors(f"robot {robot_id!r}"):
-            raw = await self._redis.hget(ROBOTS_KEY, robot_id)
+            raw = await self.writer.registration(robot_id)
         if raw is None:
             self._robots.pop(robot_id, None)
             raise UnknownRobot(f"robot {robot_id!r} has not registered; call Register first")
@@ -247,61 +130,57 @@ class Ingest:
         self._robots[robot_id] = info
         return info
 
-    async def validate(self, chunk: Chunk) -> RobotInfo:
-        """Raise InvalidInput (with ``step_seq`` when one step is to blame) or UnknownRobot.
+    def schema_hash(self, info: RobotInfo) -> bytes:
+        cached = self._hashes.get(info.robot_id)
+        if cached is None or cached[0] is not info:
+            cached = self._hashes[info.robot_id] = (info, schema_hash(info.schema))
+        return cached[1]
 
-        A chunk refused against a cached registration is checked again against the one in Redis: the robot
-        may have registered again (new schema or tasks) through another replica."""
-        info = await self.robot(chunk.robot_id)
-        try:
-            check_chunk(chunk, info)
-        except InvalidInput:
-            fresh = await self._load_robot(chunk.robot_id)
-            if fresh == info:
-                raise
-            check_chunk(chunk, fresh)
-            info = fresh
+    async def registration_for(self, robot_id: str, digest: bytes) -> RobotInfo:
+        """The registration whose schema ``digest`` names: the cached one, else the one in Redis (the robot
+        may have registered again through another replica); FAILED_PRECONDITION if neither."""
+        info = await self.robot(robot_id)
+        if self.schema_hash(info) == digest:
+            return info
+        info = await self._load_robot(robot_id)
+        if self.schema_hash(info) != digest:
+            raise IncompatiblePeer(f"robot {robot_id!r}: the chunk names schema {digest.hex()[:16] or 'none'}, "
+                                   f"but the robot registered schema {self.schema_hash(info).hex()[:16]}; "
+                                   "register again with the schema it records")
         return info
 
-    async def write(self, chunk: Chunk, raw_steps: list[bytes]) -> WriteResult:
-        """Validate then atomically append; returns once Redis has replied (ack-safe)."""
-        await self.validate(chunk)
-        return await self.store(ChunkHead.of(chunk), raw_steps)
+    async def validate(self, cc: ColumnChunk, info: RobotInfo) -> None:
+        """Raise InvalidInput (with ``step_seq`` when one step is to blame). A chunk refused against a cached
+        registration is checked again against the one in Redis (new tasks through another replica)."""
+        try:
+            check_columns(cc, info)
+        except InvalidInput:
+            fresh = await self._load_robot(cc.robot_id)
+            if fresh == info:
+                raise
+            check_columns(cc, fresh)
 
-    async def store(self, head: ChunkHead, raw_steps: list[bytes]) -> WriteResult:
-        """Atomically append a chunk already validated (``write``, or the gateway's fast check)."""
-        offline = self._source != SOURCE_ONLINE
-        write = ChunkWrite(
-            robot_id=head.robot_id, episode_id=head.episode_id, task=head.task, first_seq=head.first_seq,
-            step_blobs=raw_steps, interventions=list(head.interventions),
-            labels=[offline or x for x in head.interventions], gap_declared=head.gap_declared,
-            evaluation=head.evaluation, episode_end=head.episode_end, policy_version=head.policy_version,
-            source=self._source)
-        keys, args = write.keys_and_args(time.time())
-        with self.redis_errors(f"robot {head.robot_id!r} chunk at seq {write.first_seq}"):
-            result = await self._script(keys=keys, args=args)
-        return interpret(result, write)
+    async def write(self, chunk: Chunk) -> WriteResult:
+        """Validate then store a per-step chunk (offline import, tools): as columns, exactly once."""
+        info = await self.robot(chunk.robot_id)
+        if len(chunk.steps) > MAX_STEPS_PER_CHUNK:
+            raise InvalidInput(f"chunk has {len(chunk.steps)} steps; at most {MAX_STEPS_PER_CHUNK} per chunk")
+        try:
+            cc = from_chunk(chunk, info.schema)
+        except (KeyError, ValueError) as exc:
+            raise SchemaMismatch(f"robot {chunk.robot_id!r}: the steps do not fit the registered schema ({exc!r})")
+        await self.validate(cc, info)
+        return await self.store(cc, info)
 
-
-@dataclass(frozen=True)
-class ChunkHead:
-    """What the atomic write needs of a chunk besides its steps' bytes."""
-
-    robot_id: str
-    episode_id: str
-    task: str
-    first_seq: int
-    interventions: tuple[bool, ...]
-    gap_declared: bool
-    evaluation: bool
-    episode_end: EpisodeSummary | None
-    policy_version: int
-
-    @classmethod
-    def of(cls, chunk: Chunk) -> ChunkHead:
-        return cls(chunk.robot_id, chunk.episode_id, chunk.task, chunk.steps[0].seq,
-                   tuple(s.is_intervention for s in chunk.steps), chunk.gap_declared, chunk.evaluation,
-                   chunk.episode_end, chunk.steps[-1].policy_version)
+    async def store(self, cc: ColumnChunk, info: RobotInfo) -> WriteResult:
+        """Store a validated chunk; returns once its frames and its Redis write are durable (ack-safe)."""
+        cols = cc.columns
+        labels = cols.intervention if self._source == SOURCE_ONLINE else cols.done | True
+        with self.redis_errors(f"robot {cc.robot_id!r} chunk at seq {cols.first_seq}"):
+            return await self.writer.write(
+                cc.robot_id, cc.episode_id, cc.task, cols, info.schema, source=self._source, labels=labels,
+                gap_declared=cc.gap_declared, evaluation=cc.evaluation, episode_end=cc.episode_end,
+                now_s=time.time())
 
 
 MAX_TASKS_PER_ROBOT = 64
@@ -332,29 +211,3 @@ def check_registration(info: RobotInfo, max_tasks: int = MAX_TASKS_PER_ROBOT) ->
         raise InvalidInput(f"robot {info.robot_id!r} registered {len(info.tasks)} tasks; at most {max_tasks}")
     for i, task in enumerate(info.tasks):
         check_task(task, f"robot {info.robot_id!r} tasks[{i}]")
-
-
-def check_chunk(chunk: Chunk, info: RobotInfo) -> None:
-    """Raise InvalidInput if ``chunk`` does not fit ``info`` (names, tasks, schema, seqs, finite values)."""
-    if len(chunk.steps) > MAX_STEPS_PER_CHUNK:
-        raise InvalidInput(f"chunk has {len(chunk.steps)} steps; at most {MAX_STEPS_PER_CHUNK} per chunk")
-    check_episode_id(chunk.episode_id, f"robot {chunk.robot_id!r} episode_id")
-    if chunk.task not in info.tasks:
-        raise InvalidInput(f"task {shown(chunk.task)} is not among the tasks robot "
-                           f"{chunk.robot_id!r} registered")
-    first = chunk.steps[0].seq
-    if first < 1:
-        raise InvalidInput("step sequence numbers start at 1")
-    for i, step in enumerate(chunk.steps):
-        if step.seq != first + i:
-            raise InvalidInput(f"chunk steps must have contiguous seqs: step {i} has seq {step.seq}, "
-                               f"expected {first + i}")
-        try:
-            validate_step(step, info.schema, f"robot {chunk.robot_id!r} step seq={step.seq}")
-            if step.done and i != len(chunk.steps) - 1:
-                raise InvalidInput(f"step seq={step.seq} is done but is not the chunk's last step")
-        except InvalidInput as exc:
-            exc.step_seq = step.seq
-            raise
-    if chunk.episode_end is not None and not chunk.steps[-1].done:
-        raise InvalidInput("chunk has an episode_end but its last step is not done")

@@ -19,7 +19,6 @@ import numpy as np
 from cloud.buffer import SOURCE_OFFLINE
 from cloud.ingest import Ingest
 from fleet import PROTOCOL_VERSION
-from fleet.convert import encode_step
 from fleet.names import to_id
 from fleet.redis_client import connect_async
 from fleet.types import Chunk, EpisodeSummary, RobotInfo, Step
@@ -79,7 +78,7 @@ async def _write(redis_url: str, robot_id: str, episodes, schema, tasks, embodim
                     s.seq = seq
                 chunk = Chunk(robot_id=robot_id, episode_id=episode_id, task=task, steps=part,
                               episode_end=summary if part[-1].done else None)
-                result = await ingest.write(chunk, [encode_step(s, schema) for s in part])
+                result = await ingest.write(chunk)
                 written += result.stored_steps
         return written
     finally:

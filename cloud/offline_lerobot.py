@@ -34,7 +34,6 @@ from cloud.export.layout import Part, read_layout
 from cloud.ingest import MAX_STEPS_PER_CHUNK, Ingest
 from fleet import PROTOCOL_VERSION
 from fleet.codec import encode_image
-from fleet.convert import encode_step
 from fleet.errors import ConfigError
 from fleet.types import Chunk, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 
@@ -162,7 +161,7 @@ async def _write(redis_url: str, info: RobotInfo, episodes) -> tuple[int, int]:
                     s.seq = seq
                 chunk = Chunk(robot_id=info.robot_id, episode_id=episode_id, task=task, steps=part,
                               episode_end=summary if part[-1].done else None)
-                result = await ingest.write(chunk, [encode_step(s, info.schema) for s in part])
+                result = await ingest.write(chunk)
                 n_steps += result.stored_steps
             n_episodes += 1
         return n_episodes, n_steps

@@ -30,7 +30,8 @@ import numpy as np
 from cloud.buffer import SOURCE_OFFLINE, SOURCE_ONLINE
 from cloud.buffer_index import BufferIndex, DataSpec, LabeledIndex, Position, Segment
 from cloud.episode_cache import UNDECODABLE, EpisodeCache, UnusableEpisode
-from fleet.errors import ConfigError
+from cloud.frames import CorruptFrames, FrameDecoder
+from fleet.errors import BlobNotFound, ConfigError
 
 __all__ = ["BufferIndex", "DataSpec", "LabeledIndex", "Position", "Prefetcher", "Sampler", "SamplerConfig",
            "Segment"]
@@ -58,7 +59,9 @@ class SamplerConfig:
     prefetch_depth: int = 4
     """Batches kept ready by the background loader."""
     cache_bytes: int = 1 << 30
-    """RAM for decoded episodes (FIFO); Redis stays the source of truth."""
+    """RAM for cached episodes (FIFO): low-dim columns and encoded frames; Redis stays the source of truth."""
+    decode_workers: int = 2
+    """Threads decoding camera frames into each batch (simplejpeg releases the GIL); 0 = the sampling thread."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and self.alpha > 0):
@@ -70,6 +73,8 @@ class SamplerConfig:
                               "must satisfy 0 <= min <= max <= 1")
         if self.prefetch_depth < 1:
             raise ConfigError(f"sampler.prefetch_depth ({self.prefetch_depth}) must be >= 1")
+        if self.decode_workers < 0:
+            raise ConfigError(f"sampler.decode_workers ({self.decode_workers}) must be >= 0")
         if self.cache_bytes < 0:
             raise ConfigError(f"sampler.cache_bytes ({self.cache_bytes}) must be >= 0")
 
@@ -81,7 +86,7 @@ class Sampler:
 
     def __init__(self, redis, tasks: tuple[str, ...], horizon: int, batch_size: int, online_fraction: float,
                  seed: int = 0, spec: DataSpec | None = None, config: SamplerConfig | None = None,
-                 embodiment: str = "", use_images: bool = True):
+                 embodiment: str = "", use_images: bool = True, blobs=None):
         self._redis = redis
         self.tasks = tuple(tasks)
         self.horizon = horizon
@@ -93,7 +98,9 @@ class Sampler:
         self.use_images = use_images
         """False for a policy without cameras: frames are never decoded (batches carry no ``obs/<camera>``)."""
         self._shapes = None
-        self.cache = EpisodeCache(redis, self.config.cache_bytes)
+        self._schema = None
+        self._decoder: FrameDecoder | None = None
+        self.cache = EpisodeCache(redis, self.config.cache_bytes, self._trainer_schema, blobs)
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._losses: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=self.config.window_steps))
@@ -179,14 +186,22 @@ class Sampler:
                 length = finished.get((seg.robot_id, seg.episode_id))
                 need.append((seg.robot_id, seg.episode_id, t, min(last, length - 1) if length else last))
             try:
-                episodes = self.cache.fetch(need)
-                self._check_fits(picks, episodes)
-                return self._collate(picks, episodes)
+                with self.cache.lock:  # arena rows stay put from the fetch to the end of the gather
+                    episodes = self.cache.fetch(need)
+                    self._check_fits(picks, episodes)
+                    batch = self._collate(picks, episodes)
+                self.cache.trim()
+                return batch
             except UnusableEpisode as bad:
                 with self._lock:
                     self.index.quarantine(bad.robot_id, bad.episode_id, bad.reason, bad.detail)
                 self.cache.forget(bad.robot_id, bad.episode_id)
         raise LookupError(f"{MAX_REDRAWS} batches in a row met an unusable episode")
+
+    def _trainer_schema(self):
+        if self._schema is None:
+            self._schema = self.index.schema()
+        return self._schema
 
     def _expected(self) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]], tuple[int, ...]]:
         """Low-dim and image feature shapes and the action shape of the trainer's schema."""
@@ -199,80 +214,81 @@ class Sampler:
         return self._shapes
 
     def _check_fits(self, picks, episodes) -> None:
-        """Raise UnusableEpisode for the first decoded episode whose features do not match the schema."""
-        low, images, action = self._expected()
+        """Raise UnusableEpisode for the first pick past what its episode stores (a summary claimed more)."""
         for (seg, t, _, _), ep in zip(picks, episodes):
-            if not 0 <= t - ep.offset < ep.length:  # only a summary can claim more steps than were stored
+            if not 0 <= t - ep.offset < ep.length:
                 raise UnusableEpisode(seg.robot_id, seg.episode_id, "length_mismatch",
                                       f"step {t} was sampled but only {ep.end} are stored (the episode's summary "
                                       f"claims {seg.episode_len})")
-            shapes = {name: values.shape[1:] for name, values in ep.low_dim.items()}
-            if action and (shapes != low or ep.action.shape[1:] != action or set(ep.images[0]) != set(images)):
-                raise UnusableEpisode(seg.robot_id, seg.episode_id, "schema_mismatch",
-                                      f"stored steps hold {shapes}, action {ep.action.shape[1:]}, images "
-                                      f"{sorted(ep.images[0])}; the trainer's schema has {low}, action {action}, "
-                                      f"images {sorted(images)}")
 
-    def _frames(self, seg, ep, t: int) -> dict[str, np.ndarray]:
-        """Step ``t``'s decoded frames; UnusableEpisode if one cannot be decoded or has the wrong size."""
+    def _decode_frames(self, picks, episodes, steps: list[int], prefix: str) -> dict[str, np.ndarray]:
+        """Each camera's frames of the picks, decoded into one preallocated batch array by the GIL-free
+        decode pool (``cloud.frames``); a frame that cannot be read makes its episode unusable."""
         _, images, _ = self._expected()
-        try:
-            frames = ep.images_at(t)
-        except UNDECODABLE as exc:
-            raise UnusableEpisode(seg.robot_id, seg.episode_id, "corrupt_image",
-                                  f"a stored image cannot be decoded ({exc!r})") from None
-        for name, frame in frames.items():
-            if name in images and frame.shape != images[name]:
+        if self._decoder is None:
+            self._decoder = FrameDecoder(self.config.decode_workers)
+        out = {}
+        for name in episodes[0].cameras:
+            try:
+                blobs = [ep.encoded_frame(t, name).data for ep, t in zip(episodes, steps)]
+            except UNDECODABLE + (BlobNotFound,) as exc:
+                bad = next(i for i, (ep, t) in enumerate(zip(episodes, steps)) if not _has_frame(ep, t, name))
+                raise UnusableEpisode(picks[bad][0].robot_id, picks[bad][0].episode_id, "corrupt_image",
+                                      f"camera {name!r} frames cannot be read ({exc!r})") from None
+            frames = np.empty((len(blobs), *images[name]), np.uint8)
+            try:
+                self._decoder.decode_into(blobs, frames)
+            except CorruptFrames as exc:
+                err = exc.errors[0]
+                seg = picks[err.index][0]
                 raise UnusableEpisode(seg.robot_id, seg.episode_id, "corrupt_image",
-                                      f"image {name!r} decodes to {frame.shape}, registered {images[name]}")
-        return frames
+                                      f"camera {name!r}: {err.detail}") from None
+            out[f"{prefix}/{name}"] = frames
+        return out
 
     def _collate(self, picks, episodes) -> dict[str, np.ndarray]:
+        """Gather every window with one fancy index into the cache's arena (flat rows; no per-step Python)."""
         B, H, look = len(picks), self.horizon, self.spec.lookahead_steps
-        first = episodes[0]
-        actions = np.zeros((B, H, first.action.shape[1]), dtype=np.float32)
-        pad = np.ones((B, H), dtype=bool)
-        low = {name: np.empty((B,) + v.shape[1:], np.float32) for name, v in first.low_dim.items()}
-        nxt = {name: np.empty_like(v) for name, v in low.items()} if look else {}
-        images: dict[str, list[np.ndarray]] = defaultdict(list)
-        next_images: dict[str, list[np.ndarray]] = defaultdict(list)
-        has_next = np.zeros((B,), dtype=bool)
-        meta = {k: np.zeros((B,), dtype=np.int64) for k in ("task_index", "t", "episode_len", "task_max_len")}
-        flags = {k: np.zeros((B,), dtype=bool) for k in ("is_online", "is_intervention", "success")}
+        arena = episodes[0].arena
         task_ids = {task: i for i, task in enumerate(self.tasks)}
-        for b, ((seg, t, task, source), ep) in enumerate(zip(picks, episodes)):
-            lt = t - ep.offset  # index into the decoded steps
-            window = ep.action[lt:lt + H]
-            if not seg.labels_all:  # labels only while the operator drove
-                driven = ep.intervention[lt:lt + H]
-                if not driven.all():
-                    window = window[:int(np.argmin(driven))]
-            actions[b, :len(window)] = window
-            pad[b, :len(window)] = False
-            for name, values in ep.low_dim.items():
-                low[name][b] = values[lt]
-            for name, frame in (self._frames(seg, ep, lt) if self.use_images else {}).items():
-                images[name].append(frame)
-            if look:
-                ln = min(lt + look, ep.length - 1)
-                has_next[b] = t + look < (seg.episode_len or ep.end)
-                for name, values in ep.low_dim.items():
-                    nxt[name][b] = values[ln]
-                for name, frame in (self._frames(seg, ep, ln) if self.use_images else {}).items():
-                    next_images[name].append(frame)
-            meta["task_index"][b] = task_ids.get(task, -1)
-            meta["t"][b], meta["episode_len"][b] = t, seg.episode_len
-            meta["task_max_len"][b] = self.index.task_max_len.get(task, seg.episode_len)
-            flags["is_online"][b] = source == SOURCE_ONLINE
-            flags["is_intervention"][b] = ep.intervention[lt]
-            flags["success"][b] = seg.success
-        batch = {f"obs/{k}": v for k, v in low.items()}
-        batch.update({f"obs/{k}": np.stack(v) for k, v in images.items()})
+        max_len = self.index.task_max_len
+        cols = list(zip(*[(t, seg.labels_all, seg.episode_len, ep.base, ep.length, t - ep.offset,
+                           task_ids.get(task, -1), source == SOURCE_ONLINE, seg.success,
+                           max_len.get(task, seg.episode_len))
+                          for (seg, t, task, source), ep in zip(picks, episodes)]))
+        t_all, episode_len, base, length, lt, task_index, task_max_len = (
+            np.array(cols[k], np.int64) for k in (0, 2, 3, 4, 5, 6, 9))
+        labels_all, is_online, success = (np.array(cols[k], bool) for k in (1, 7, 8))
+        idx = lt[:, None] + np.arange(H)
+        inside = idx < length[:, None]
+        rows = base[:, None] + np.minimum(idx, length[:, None] - 1)
+        driven = arena.intervention[rows] | labels_all[:, None]  # labels only while the operator drove
+        keep = inside & np.logical_and.accumulate(driven, axis=1)
+        actions = arena.action[rows]
+        actions[~keep] = 0.0
+        now = base + lt
+        batch = {f"obs/{k}": v[now] for k, v in arena.low.items()}
         if look:
-            batch.update({f"next/{k}": v for k, v in nxt.items()}, has_next=has_next)
-            batch.update({f"next/{k}": np.stack(v) for k, v in next_images.items()})
-        batch.update(action=actions, action_is_pad=pad, **meta, **flags)
+            nxt = base + np.minimum(lt + look, length - 1)
+            batch.update({f"next/{k}": v[nxt] for k, v in arena.low.items()})
+            batch["has_next"] = t_all + look < np.where(episode_len > 0, episode_len, t_all - lt + length)
+        if self.use_images and episodes[0].cameras:
+            batch.update(self._decode_frames(picks, episodes, lt.tolist(), "obs"))
+            if look:
+                ahead = np.minimum(lt + look, length - 1).tolist()
+                batch.update(self._decode_frames(picks, episodes, ahead, "next"))
+        batch.update(action=actions, action_is_pad=~keep, t=t_all, episode_len=episode_len, task_index=task_index,
+                     task_max_len=task_max_len, is_online=is_online, is_intervention=arena.intervention[now],
+                     success=success)
         return batch
+
+
+def _has_frame(ep, t: int, camera: str) -> bool:
+    try:
+        ep.encoded_frame(t, camera)
+        return True
+    except UNDECODABLE + (BlobNotFound,):
+        return False
 
 
 class Prefetcher:

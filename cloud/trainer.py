@@ -37,7 +37,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cloud import fleet_metrics
 from cloud.algorithms.base import algorithm_class
-from cloud.buffer import SOURCE_OFFLINE, RobotKeys
+from cloud.buffer import SOURCE_OFFLINE
+from cloud.blobstore import open_blob_store
+from cloud.buffer.reader import BufferReader
 from cloud.distributed import Distributed
 from cloud.checkpoints import (Checkpoint, CheckpointDir, CheckpointSchedule, CheckpointWriter, capture_rng,
                                restore_rng)
@@ -48,7 +50,6 @@ from cloud.episode_cache import UNDECODABLE
 from cloud.sampler import LabeledIndex, Prefetcher, Sampler
 from fleet import metrics
 from cloud.trainer_config import TrainerConfig
-from fleet.convert import decode_step
 from fleet.errors import ConfigError
 from fleet.policies import FleetPolicy, NormStats, build_policy, set_torch_threads
 from fleet.redis_client import connect
@@ -83,34 +84,41 @@ def checkpoint_dir_for(cfg: TrainerConfig) -> Path:
 
 
 def offline_stats(redis, index: LabeledIndex, max_steps: int = 20000) -> NormStats | None:
-    """Mean/std of states and actions over (up to ``max_steps``) offline labeled steps."""
-    positions = [p for (task, source), ps in index.positions.items() if source == SOURCE_OFFLINE for p in ps]
-    if not positions:
+    """Mean/std of states and actions over (up to ``max_steps``) offline labeled steps, read one episode's
+    columns at a time (the buffer reader owns the layout)."""
+    schema = index.schema()
+    segments = [seg for (task, source), pool in index.pools.items() if source == SOURCE_OFFLINE
+                for seg in pool.segments]
+    if schema is None or not segments:
         return None
-    positions = positions[:max_steps]
-    pipe = redis.pipeline(transaction=False)
-    for p in positions:
-        pipe.lindex(RobotKeys(p.robot_id).episode(p.episode_id), p.index)
-    states, actions = [], []
-    for p, blob in zip(positions, pipe.execute()):
-        if blob is None:
+    reader = BufferReader(redis)
+    low = [f.name for f in schema.observation if not f.is_image]
+    states, actions, taken = [], [], 0
+    episodes: dict[tuple[str, str], tuple[np.ndarray, np.ndarray] | None] = {}
+    for seg in segments:
+        if taken >= max_steps:
+            break
+        key = (seg.robot_id, seg.episode_id)
+        if key not in episodes:
+            try:
+                elements = reader.columns(seg.robot_id, seg.episode_id, schema)
+            except UNDECODABLE as exc:
+                index.quarantine(*key, "corrupt_step", f"a stored chunk cannot be decoded ({exc})")
+                elements = []
+            episodes[key] = None if not elements else (
+                np.concatenate([np.concatenate([np.asarray(e.columns.observation[name], np.float32).reshape(
+                    e.columns.n, -1) for name in sorted(low)], axis=1) for e in elements]),
+                np.concatenate([np.asarray(e.columns.action, np.float32).reshape(e.columns.n, -1) for e in elements]))
+        if episodes[key] is None:
             continue
-        try:
-            step = decode_step(blob)
-            state = np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1)
-                                    for _, v in sorted(step.observation.items())])
-            action = np.asarray(step.action, dtype=np.float32)
-        except UNDECODABLE as exc:
-            index.quarantine(p.robot_id, p.episode_id, "corrupt_step", f"a stored step cannot be decoded ({exc!r})")
-            continue
-        if states and (state.shape != states[0].shape or action.shape != actions[0].shape):
-            index.quarantine(p.robot_id, p.episode_id, "schema_mismatch",
-                             f"a stored step has state {state.shape}, action {action.shape}; others "
-                             f"{states[0].shape}, {actions[0].shape}")
-            continue
-        states.append(state)
-        actions.append(action)
-    return NormStats.from_data(np.stack(states), np.stack(actions)) if states else None
+        obs, act = episodes[key]
+        rows = slice(seg.start, min(seg.start + seg.length, len(obs), seg.start + max_steps - taken))
+        states.append(obs[rows])
+        actions.append(act[rows])
+        taken += len(obs[rows])
+    if not taken:
+        return None
+    return NormStats.from_data(np.concatenate(states), np.concatenate(actions))
 
 
 class Trainer:
@@ -193,7 +201,8 @@ class Trainer:
         self.sampler = Sampler(self.redis, tuple(self.policy.tasks), self.policy.config.chunk_size,
                                self.cfg.batch_size, self.cfg.online_fraction, seed=self.cfg.seed + self.dist.rank,
                                spec=self.algorithm.data, config=self.cfg.sampler, embodiment=self.cfg.embodiment,
-                               use_images=bool(self.policy.image_features))
+                               use_images=bool(self.policy.image_features),
+                               blobs=open_blob_store(self.cfg.blob_url) if self.cfg.blob_url else None)
         metrics.init_trainer(self.sampler.tasks)
         if checkpoint is not None:
             self._restore(checkpoint)

@@ -19,6 +19,8 @@ class TrainerConfig:
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis holding the buffer."""
+    blob_url: str = ""
+    """Blob store holding the camera frames (the gateway's blob_url); "" = frames inline in Redis."""
     policy_dir: str = "runs/default/policies"
     """Policy store directory (the gateway serves from it)."""
     embodiment: str = ""

@@ -80,35 +80,6 @@ def _channel(target: str, security: ClientSecurity) -> grpc.Channel:
     return grpc.secure_channel(target, creds, options=options)
 
 
-def _varint_bytes(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _tag(field: str) -> bytes:
-    return _varint_bytes(pb.Chunk.DESCRIPTOR.fields_by_name[field].number << 3 | 2)  # wire type 2: length-delimited
-
-
-_STEPS_TAG, _END_TAG = _tag("steps"), _tag("episode_end")
-
-
-def encode_chunk(robot_id: str, episode_id: str, task: str, step_blobs: list[bytes], evaluation: bool,
-                 gap_declared: bool, end_blob: bytes | None) -> bytes:
-    """``fleet.v1.Chunk`` wire bytes around already-encoded steps, without parsing them: protobuf fields may
-    come in any order, so the header fields are followed by one length-delimited ``steps`` field per step."""
-    parts = [pb.Chunk(robot_id=robot_id, episode_id=episode_id, task=task, evaluation=evaluation,
-                      gap_declared=gap_declared).SerializeToString()]
-    for blob in step_blobs:
-        parts += (_STEPS_TAG, _varint_bytes(len(blob)), blob)
-    if end_blob is not None:
-        parts += (_END_TAG, _varint_bytes(len(end_blob)), end_blob)
-    return b"".join(parts)
-
-
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
@@ -158,9 +129,6 @@ class FleetClient:
         security = security or ClientSecurity()
         self._channel = _channel(target, security)
         self._stub = pb_grpc.FleetServiceStub(self._channel)
-        self._stream_bytes = self._channel.stream_stream(  # chunks go out as encode_chunk made them
-            "/fleet.v1.FleetService/StreamExperience", request_serializer=None,
-            response_deserializer=pb.Ack.FromString)
         self._watch_events = self._channel.unary_stream(  # policy events straight from the received bytes
             "/fleet.v1.FleetService/WatchPolicy", request_serializer=pb.WatchPolicyRequest.SerializeToString,
             response_deserializer=policy_event_from_wire)
@@ -199,13 +167,10 @@ class FleetClient:
             timeout=self.rpc_timeout_s, metadata=self._metadata)
         return resp.latest_policy_version
 
-    def stream_experience(self, requests: Iterator[pb.Chunk]):
-        """Open the bidi stream; returns the call (iterate it for acks; ``cancel()`` to end)."""
-        return self._stub.StreamExperience(requests, metadata=self._metadata)
-
-    def stream_chunks(self, requests: Iterator[bytes]):
-        """``stream_experience`` for chunks already encoded with ``encode_chunk``."""
-        return self._stream_bytes(requests, metadata=self._metadata)
+    def stream_experience(self, requests: Iterator[pb.ColumnChunk]):
+        """Open the bidi stream of columnar chunks (protocol 2); returns the call (iterate it for acks;
+        ``cancel()`` to end)."""
+        return self._stub.StreamColumns(requests, metadata=self._metadata)
 
     def watch_policy(self, robot_id: str, have_version: int, want_full: bool = False, rejected_version: int = 0):
         """Server stream of policy events (PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent); the

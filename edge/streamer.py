@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from edge.client import FleetClient, encode_chunk
+from edge.client import FleetClient
+from fleet.columns import schema_hash
+from fleet.convert import columns_message
 from edge.spool import Spool
 from fleet import metrics
 from fleet.types import RobotInfo
@@ -112,6 +114,7 @@ class Streamer:
                  max_chunk_steps: int = 256, flush_interval_s: float = 0.2, max_chunk_bytes: int = 4 * 1024 * 1024,
                  ack_timeout_s: float = 60.0, not_found_quarantine: int = 3, backoff: Backoff | None = None):
         self.info = info
+        self._schema_hash = schema_hash(info.schema)
         self.spool = spool
         self.client = client
         self.window_chunks = window_chunks
@@ -264,7 +267,7 @@ class Streamer:
         session = _Session()
         with self._inflight_lock:
             self._inflight = session.inflight
-        session.call = self._call = self.client.stream_chunks(self._requests(start, session))
+        session.call = self._call = self.client.stream_experience(self._requests(start, session))
         self._in_stream = True
         self.connected.set()
         metrics.EDGE_CONNECTED.labels(robot=robot).set(1)
@@ -318,8 +321,9 @@ class Streamer:
                     return
                 batch = self.spool.read_after(sent, max_steps=self.max_chunk_steps,
                                               max_bytes=self._chunk_bytes) or batch
-            msg = encode_chunk(robot, batch.episode_id, batch.task, batch.step_blobs, batch.evaluation,
-                               gap_declared=batch.first_seq > sent + 1, end_blob=batch.end_blob)
+            msg = columns_message(robot, batch.episode_id, batch.task, self.info.schema, self._schema_hash,
+                                  batch.step_blobs, batch.evaluation, gap_declared=batch.first_seq > sent + 1,
+                                  end_blob=batch.end_blob)
             with self._inflight_lock:
                 if broken.is_set():
                     return

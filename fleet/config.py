@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -116,6 +117,71 @@ class ClientSecurity:
         _require(not self.cert_file or bool(self.ca_file), "cert_file needs ca_file: mutual TLS is TLS first")
 
 
+TIERS = ("online", "intervention", "offline")
+"""Retention tiers: plain online episodes, online episodes with operator steps, offline demonstrations."""
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """Retention of the experience buffer (cloud/retention.py, docs/storage.md). Every limit: 0 = none."""
+
+    max_bytes: int = 0
+    """Whole buffer: Redis bytes + blob-store bytes of every episode."""
+    redis_max_bytes: int = 0
+    """Redis bytes of every episode (Redis memory is the scarce, expensive part; Redis's used_memory when known)."""
+    robot_max_bytes: int = 0
+    """Each robot's episodes (Redis + blob bytes)."""
+    task_max_bytes: int = 0
+    """Each task's episodes (Redis + blob bytes)."""
+    online_max_age_s: float = 0.0
+    """Online episodes without operator steps are evicted this long after their last write."""
+    intervention_max_age_s: float = 0.0
+    """Online episodes with operator steps are evicted this long after their last write."""
+    offline_max_age_s: float = 0.0
+    """Offline demonstrations are evicted this long after their last write."""
+    eviction_order: tuple[str, ...] = TIERS
+    """Tiers in the order byte budgets evict them (every tier once; the last is kept longest)."""
+    low_watermark: float = 0.9
+    """Over a byte budget, evict down to this fraction of it (batches instead of one episode per write)."""
+    open_episode_grace_s: float = 3600.0
+    """An unfinished episode is kept while written within this; after it, it counts as abandoned."""
+    archive_dir: str = ""
+    """Write evicted episodes to a LeRobotDataset v3 under this directory before deleting them ("" = no)."""
+    archive_tiers: tuple[str, ...] = TIERS
+    """Tiers whose evicted episodes are archived (with archive_dir)."""
+    interval_s: float = 30.0
+    """Seconds between retention passes."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "redis_max_bytes", "robot_max_bytes", "task_max_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"retention.{name} ({value!r}) must be a whole number of bytes >= 0 (0 = no limit)")
+        for name in ("online_max_age_s", "intervention_max_age_s", "offline_max_age_s", "open_episode_grace_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"retention.{name} ({value!r}) must be a finite number of seconds >= 0")
+        if sorted(self.eviction_order) != sorted(TIERS):
+            raise ConfigError(f"retention.eviction_order ({list(self.eviction_order)}) must name each of "
+                              f"{list(TIERS)} once")
+        unknown = set(self.archive_tiers) - set(TIERS)
+        if unknown:
+            raise ConfigError(f"retention.archive_tiers: unknown tier(s) {sorted(unknown)}; tiers: {list(TIERS)}")
+        if not 0.0 < self.low_watermark <= 1.0:
+            raise ConfigError(f"retention.low_watermark ({self.low_watermark}) must be in (0, 1]")
+        if not (math.isfinite(self.interval_s) and self.interval_s > 0):
+            raise ConfigError(f"retention.interval_s ({self.interval_s}) must be > 0")
+
+    def max_age_s(self, tier: str) -> float:
+        return getattr(self, f"{tier}_max_age_s")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any budget is set (else retention keeps everything and need not run)."""
+        return any((self.max_bytes, self.redis_max_bytes, self.robot_max_bytes, self.task_max_bytes,
+                    self.online_max_age_s, self.intervention_max_age_s, self.offline_max_age_s))
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """The gateway: gRPC in front of the Redis buffer and the policy store."""
@@ -124,6 +190,11 @@ class GatewayConfig:
     """host:port to listen on ("[::]:50051" for all interfaces; port 0 picks a free one)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis holding the buffer (AOF on)."""
+    blob_url: str = ""
+    """Blob store for camera frames (file:///abs/dir, a path, or s3://bucket/prefix?endpoint=...); "" = frames
+    ride inline in Redis (tests, tiny demos). The trainer's blob_url must name the same store."""
+    buffer_codec: str = "zstd"
+    """Compression of the low-dim columns in Redis: zstd, lz4 or raw (used for a chunk only when it saves at least a tenth)."""
     policy_dir: str = "runs/default/policies"
     """Policy store directory (shared with the trainer: local disk or a shared volume)."""
     embodiment: str = ""
@@ -156,6 +227,9 @@ class GatewayConfig:
     """Encoded policy transfers (full and delta) kept for robots, bytes (the newest is kept whatever its size)."""
     security: GatewaySecurity = field(default_factory=GatewaySecurity)
     """TLS, mutual TLS, robot tokens and per-robot limits."""
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    """Byte and age budgets of the buffer; with any budget set this gateway runs retention passes (one gateway
+    at a time holds the lease)."""
 
     def __post_init__(self) -> None:
         _require(":" in self.listen, f"listen must be host:port, got {self.listen!r}")
@@ -170,6 +244,8 @@ class GatewayConfig:
         _require(self.retry_after_s > 0, f"retry_after_s ({self.retry_after_s}) must be > 0")
         _require(self.redis_full_retry_after_s > 0,
                  f"redis_full_retry_after_s ({self.redis_full_retry_after_s}) must be > 0")
+        _require(self.buffer_codec in ("zstd", "lz4", "raw"),
+                 f"buffer_codec ({self.buffer_codec!r}) must be zstd, lz4 or raw")
         _require(not self.health_listen or ":" in self.health_listen,
                  f"health_listen must be host:port or empty, got {self.health_listen!r}")
 
@@ -208,7 +284,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         names = {f"--{flag}", f"--{dest}"}
         parser.add_argument(*sorted(names, key=len, reverse=True), dest=dest, default=argparse.SUPPRESS,
                             type=lambda s, a=ann: _parse_value(s, a), metavar=_metavar(ann),
-                            help=f"{docs.get(f.name, '')} (default: {shown})")
+                            help=f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%"))  # argparse formats help
 
 
 def _metavar(annotation) -> str:

@@ -3,10 +3,13 @@ the edge client) that touches generated ``*_pb2`` objects."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from fleet.codec import decode_tensor, dtype_from_pb, dtype_to_pb, encode_tensor
-from fleet.errors import InvalidInput
+from fleet import columns
+from fleet.codec import decode_tensor, dtype_from_pb, dtype_to_pb, encode_tensor, numpy_dtype
+from fleet.errors import InvalidInput, SchemaMismatch
 from fleet.types import Chunk, EncodedImage, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 from fleet.v1 import fleet_pb2 as pb
 
@@ -158,36 +161,91 @@ def summary_from_pb(m: pb.EpisodeEnd) -> EpisodeSummary:
                           interventions=m.interventions, evaluation=m.evaluation, policy_version=m.policy_version)
 
 
-def chunk_to_pb(chunk: Chunk, schema: Schema | None = None) -> pb.Chunk:
-    msg = pb.Chunk(
-        robot_id=chunk.robot_id,
-        episode_id=chunk.episode_id,
-        task=chunk.task,
-        steps=[step_to_pb(s, schema) for s in chunk.steps],
-        gap_declared=chunk.gap_declared,
-        evaluation=chunk.evaluation,
-    )
+def chunk_to_pb(chunk: Chunk, schema: Schema | None = None) -> pb.ColumnChunk:
+    """A per-step chunk as the protocol-2 columnar message (``schema``: the registered one; without it,
+    the schema its first step implies)."""
+    return columns_to_pb(columns.from_chunk(chunk, schema or schema_of_step(chunk.steps[0])))
+
+
+def legacy_chunk_to_pb(chunk: Chunk, schema: Schema | None = None) -> pb.Chunk:
+    """Protocol 1's per-step chunk (what an old edge sends; the gateway refuses it)."""
+    msg = pb.Chunk(robot_id=chunk.robot_id, episode_id=chunk.episode_id, task=chunk.task,
+                   steps=[step_to_pb(s, schema) for s in chunk.steps], gap_declared=chunk.gap_declared,
+                   evaluation=chunk.evaluation)
     if chunk.episode_end is not None:
         msg.episode_end.CopyFrom(summary_to_pb(chunk.episode_end))
     return msg
 
 
-def chunk_from_pb(msg: pb.Chunk) -> Chunk:
-    if not msg.robot_id:
-        raise InvalidInput("chunk without robot_id")
-    if not msg.episode_id:
-        raise InvalidInput("chunk without episode_id")
-    if not msg.steps:
-        raise InvalidInput("chunk without steps")
-    return Chunk(
-        robot_id=msg.robot_id,
-        episode_id=msg.episode_id,
-        task=msg.task,
-        steps=[step_from_pb(s) for s in msg.steps],
-        gap_declared=msg.gap_declared,
-        episode_end=summary_from_pb(msg.episode_end) if msg.HasField("episode_end") else None,
-        evaluation=msg.evaluation,
-    )
+def schema_of_step(step: Step) -> Schema:
+    """The schema a step's arrays and images imply (tests and tools that do not pass one)."""
+    obs = [FeatureSpec(k, np.asarray(v).dtype.name, np.asarray(v).shape) for k, v in step.observation.items()]
+    obs += [FeatureSpec(k, "uint8", (v.height, v.width, v.channels), is_image=True) for k, v in step.images.items()]
+    act = np.asarray(step.action)
+    return Schema(tuple(obs), FeatureSpec("action", act.dtype.name, act.shape))
+
+
+def columns_to_pb(cc: columns.ColumnChunk) -> pb.ColumnChunk:
+    cols = cc.columns
+    msg = pb.ColumnChunk(
+        robot_id=cc.robot_id, episode_id=cc.episode_id, task=cc.task, schema_hash=cc.schema_hash,
+        first_seq=cols.first_seq, n=cols.n,
+        observation={k: np.ascontiguousarray(v).tobytes() for k, v in cols.observation.items()},
+        action=np.ascontiguousarray(cols.action).tobytes(),
+        policy_action=np.ascontiguousarray(cols.policy_action).tobytes(),
+        reward=cols.reward.astype("<f4").tobytes(), timestamp_s=cols.timestamp_s.astype("<f8").tobytes(),
+        policy_version=cols.policy_version.astype("<u8").tobytes(), flags=columns.pack_flags(cols),
+        cameras={k: pb.CameraFrames(encoding=cols.encodings.get(k, "jpeg"), frames=v) for k, v in cols.frames.items()},
+        gap_declared=cc.gap_declared, evaluation=cc.evaluation)
+    if cc.episode_end is not None:
+        msg.episode_end.CopyFrom(summary_to_pb(cc.episode_end))
+    return msg
+
+
+def _column(data: bytes, dtype: str, shape: tuple[int, ...], n: int, what: str) -> np.ndarray:
+    dt = numpy_dtype(dtype)
+    per = math.prod(shape) * dt.itemsize
+    if len(data) != n * per:
+        raise SchemaMismatch(f"{what}: {len(data)} bytes for {n} steps; registered {dtype} {list(shape)} takes "
+                             f"{per} bytes a step ({n * per} for {n})")
+    return np.frombuffer(data, dt).reshape((n, *shape))
+
+
+def columns_from_pb(msg: pb.ColumnChunk, schema: Schema) -> columns.ColumnChunk:
+    """Decode a columnar chunk against the registered ``schema``: every column's byte length checked
+    (SchemaMismatch naming the feature), nothing copied. Values are checked by ``cloud.ingest``."""
+    n = msg.n
+    where = f"robot {msg.robot_id!r} chunk at seq {msg.first_seq}"
+    if not 0 < n <= columns.MAX_STEPS_PER_CHUNK:
+        raise InvalidInput(f"{where}: n={n}; a chunk holds 1 to {columns.MAX_STEPS_PER_CHUNK} steps")
+    low = [f for f in schema.observation if not f.is_image]
+    cams = [f for f in schema.observation if f.is_image]
+    if set(msg.observation) != {f.name for f in low}:
+        raise SchemaMismatch(f"{where}: observation features {sorted(msg.observation)[:16]} != registered "
+                             f"{sorted(f.name for f in low)}")
+    if set(msg.cameras) != {f.name for f in cams}:
+        raise SchemaMismatch(f"{where}: cameras {sorted(msg.cameras)[:16]} != registered {sorted(f.name for f in cams)}")
+    obs = {f.name: _column(msg.observation[f.name], f.dtype, f.shape, n, f"{where} observation {f.name!r}")
+           for f in low}
+    act = schema.action
+    frames, encodings = {}, {}
+    for f in cams:
+        cam = msg.cameras[f.name]
+        if len(cam.frames) != n:
+            raise SchemaMismatch(f"{where}: camera {f.name!r} carries {len(cam.frames)} frames for {n} steps")
+        frames[f.name], encodings[f.name] = list(cam.frames), cam.encoding
+    inter, success, done = columns.unpack_flags(msg.flags, n)
+    cols = columns.Columns(
+        first_seq=msg.first_seq, observation=obs,
+        action=_column(msg.action, act.dtype, act.shape, n, f"{where} action"),
+        policy_action=_column(msg.policy_action, act.dtype, act.shape, n, f"{where} policy_action"),
+        reward=_column(msg.reward, "float32", (), n, f"{where} reward"),
+        timestamp_s=_column(msg.timestamp_s, "float64", (), n, f"{where} timestamp_s"),
+        policy_version=_column(msg.policy_version, "int64", (), n, f"{where} policy_version").view(np.uint64),
+        intervention=inter, success=success, done=done, frames=frames, encodings=encodings)
+    return columns.ColumnChunk(msg.robot_id, msg.episode_id, msg.task, msg.schema_hash, cols, msg.gap_declared,
+                               msg.evaluation, summary_from_pb(msg.episode_end) if msg.HasField("episode_end")
+                               else None)
 
 
 # --- raw encodings used by the edge spool and the client ----------------------------
@@ -212,13 +270,32 @@ def encode_summary(summary: EpisodeSummary) -> bytes:
     return summary_to_pb(summary).SerializeToString()
 
 
-def chunk_message(robot_id: str, episode_id: str, task: str, step_blobs: list[bytes], evaluation: bool,
-                  gap_declared: bool, end_blob: bytes | None) -> pb.Chunk:
-    """Assemble a wire chunk from already-encoded steps, without decoding them."""
-    msg = pb.Chunk(robot_id=robot_id, episode_id=episode_id, task=task, evaluation=evaluation,
-                   gap_declared=gap_declared)
-    for blob in step_blobs:
-        msg.steps.add().MergeFromString(blob)
+def columns_message(robot_id: str, episode_id: str, task: str, schema: Schema, digest: bytes,
+                    step_blobs: list[bytes], evaluation: bool, gap_declared: bool,
+                    end_blob: bytes | None) -> pb.ColumnChunk:
+    """Spooled ``fleet.v1.Step`` records -> one columnar chunk, joining each feature's raw bytes (no
+    per-step array work: the spool wrote them with the schema's dtypes; a record that does not fit
+    makes a column of the wrong length, which the gateway refuses and the spool quarantines)."""
+    steps = [pb.Step.FromString(b) for b in step_blobs]
+    n = len(steps)
+    low = [f.name for f in schema.observation if not f.is_image]
+    cams = [f.name for f in schema.observation if f.is_image]
+    empty = pb.Tensor()
+    flags = np.array([[s.is_intervention for s in steps], [s.success for s in steps], [s.done for s in steps]], bool)
+    msg = pb.ColumnChunk(
+        robot_id=robot_id, episode_id=episode_id, task=task, schema_hash=digest,
+        first_seq=steps[0].seq if steps else 0, n=n,
+        observation={name: b"".join(s.observation.get(name, empty).data for s in steps) for name in low},
+        action=b"".join(s.action.data for s in steps),
+        policy_action=b"".join((s.policy_action if s.HasField("policy_action") else s.action).data for s in steps),
+        reward=np.array([s.reward for s in steps], "<f4").tobytes(),
+        timestamp_s=np.array([s.timestamp_s for s in steps], "<f8").tobytes(),
+        policy_version=np.array([s.policy_version for s in steps], "<u8").tobytes(),
+        flags=np.packbits(flags, axis=1).tobytes(), gap_declared=gap_declared, evaluation=evaluation)
+    for name in cams:
+        frames = [s.images[name] if name in s.images else pb.Image() for s in steps]
+        msg.cameras[name].encoding = frames[0].encoding if frames else "jpeg"
+        msg.cameras[name].frames.extend(f.data for f in frames)
     if end_blob is not None:
         msg.episode_end.MergeFromString(end_blob)
     return msg

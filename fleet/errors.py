@@ -59,13 +59,19 @@ class Overloaded(FleetError):
 
 
 class BackendUnavailable(FleetError):
-    """A backend the gateway needs (Redis) did not answer; nothing was acked, retry after ``retry_after_s``."""
+    """A backend the gateway needs (Redis, the blob store) did not answer; nothing was acked, retry after ``retry_after_s``."""
 
     grpc_code = "UNAVAILABLE"
 
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class BlobNotFound(FleetError):
+    """An object-store key with no object (evicted, or never written)."""
+
+    grpc_code = "NOT_FOUND"
 
 
 class IntegrityError(FleetError):

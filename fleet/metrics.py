@@ -140,8 +140,36 @@ SKIPPED_RECORD_REASONS = ("corrupt_registration", "other_schema", "schema_change
                           "corrupt_event", "corrupt_catalog", "unknown_task", "corrupt_step", "corrupt_image",
                           "schema_mismatch", "length_mismatch", "missing_episode")
 """Every ``reason`` of TRAINER_SKIPPED_RECORDS (docs/learner-recovery.md): the label stays bounded."""
+TRAINER_EVICTED_EPISODES = Counter("fleet_trainer_evicted_episodes_total",
+                                   "Episodes retention deleted from the buffer that the trainer's index dropped")
 TRAINER_PUBLISH_FAILURES = Counter("fleet_trainer_publish_failures_total",
                                    "Publishes postponed because the policy store refused the write (OSError)")
+
+# --- blob store (cloud/blobstore.py; gateway, trainer, retention) --------------
+BLOB_STORE_KINDS = ("put", "get", "delete", "list")
+BLOB_STORE_OUTCOMES = ("ok", "not_found", "unavailable", "invalid", "error")
+BLOB_STORE_OPERATIONS = Counter("fleet_blob_store_operations", "Blob store calls, by backend (mode: local, s3), "
+                                "operation (kind) and outcome (ok, not_found, unavailable, invalid, error)",
+                                ["mode", "kind", "outcome"])
+BLOB_STORE_BYTES = Counter("fleet_blob_store_bytes", "Object bytes written (put) and read (get)", ["mode", "kind"])
+BLOB_STORE_DURATION = Histogram("fleet_blob_store_operation_duration_seconds", "Duration of successful blob store calls",
+                                ["mode", "kind"],
+                                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+# --- retention (cloud/retention.py) ----------------------------------------------
+RETENTION_BUFFER_BYTES = Gauge("fleet_retention_buffer_bytes", "Buffer bytes by tier (kind: online, intervention, "
+                               "offline) and where they are (mode: redis, blob), after the last retention pass",
+                               ["kind", "mode"])
+RETENTION_BUDGET_USED = Gauge("fleet_retention_budget_used_ratio",
+                              "Buffer bytes / retention max_bytes after the last pass (0: no byte budget)")
+RETENTION_EVICTIONS = Counter("fleet_retention_evictions", "Episodes evicted, by budget (reason: age, buffer_bytes, "
+                              "robot_bytes, task_bytes, redis_bytes) and tier (kind)", ["reason", "kind"])
+RETENTION_EVICTED_BYTES = Counter("fleet_retention_evicted_bytes", "Bytes freed by evictions (mode: redis, blob)",
+                                  ["mode"])
+RETENTION_ARCHIVED = Counter("fleet_retention_archived_episodes", "Evicted episodes archived to a LeRobotDataset first")
+RETENTION_FAILURES = Counter("fleet_retention_failures", "Retention passes cut short (reason: backend, archive)",
+                             ["reason"])
+RETENTION_LAST_PASS = Gauge("fleet_retention_last_pass_timestamp_seconds", "Unix time of the last retention pass")
 
 
 # --- helpers -------------------------------------------------------------------

@@ -54,6 +54,35 @@ def redis_proc(tmp_path):
 
 
 @pytest.fixture
+def s3_server(tmp_path, monkeypatch):
+    """A private SeaweedFS S3 server of this test's own (it may kill and restart it): .endpoint, .url("bucket/prefix")
+    (creates the bucket), .kill(), .restart(). boto3 finds its credentials in the environment."""
+    from fleet.s3_server import start_weed
+
+    weed = start_weed(tmp_path / "weed")
+    for name, value in weed.env.items():
+        if name != "AWS_ENDPOINT_URL":  # URLs carry ?endpoint=; boto3 elsewhere keeps its default endpoint
+            monkeypatch.setenv(name, value)
+    yield weed
+    weed.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_shared(tmp_path_factory):
+    """One SeaweedFS S3 server for the whole session (about 3 s to start), for tests that never kill it:
+    each test uses its own bucket prefix."""
+    from fleet.s3_server import start_weed
+
+    weed = start_weed(tmp_path_factory.mktemp("weed-shared"))
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in weed.env.items():
+            if name != "AWS_ENDPOINT_URL":
+                mp.setenv(name, value)
+        yield weed
+    weed.kill()
+
+
+@pytest.fixture
 def redis_client(redis_proc):
     client = redis_lib.Redis.from_url(redis_proc.url)
     yield client

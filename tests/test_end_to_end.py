@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cloud.buffer import RobotKeys
+from cloud.buffer.reader import BufferReader
 from cloud.offline import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from cloud.trainer import Trainer
@@ -20,7 +21,6 @@ from edge.agent import EdgeAgent, EdgeConfig
 from edge.operator import OperatorConfig
 from fleet import signing
 from fleet.config import ClientSecurity, TrainerConfig
-from fleet.convert import decode_step
 from fleet.policies import PolicyConfig
 
 TASKS = ("reach the goal", "press the button from the top")
@@ -82,7 +82,8 @@ def test_two_robots_learn_and_swap(redis_proc, redis_client, gateway, tmp_path):
         seqs = []
         catalog = redis_client.hgetall(keys.catalog)
         for eid, _ in catalog.items():
-            steps = [decode_step(b) for b in redis_client.lrange(keys.episode(eid.decode()), 0, -1)]
+            reader = BufferReader(redis_client)
+            steps = reader.steps(rid, eid.decode(), reader.schema(rid))
             assert [s.index for s in steps] == list(range(len(steps)))
             for s in steps:
                 assert s.observation["state"].shape == (39,) and s.action.shape == (4,)

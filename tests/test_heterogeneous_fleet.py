@@ -26,7 +26,6 @@ from edge.robots.base import make_robot
 from fleet import PROTOCOL_VERSION
 from fleet.codec import encode_image
 from fleet.config import GatewayConfig, TrainerConfig
-from fleet.convert import encode_step
 from fleet.policies import PolicyConfig
 from fleet.types import Chunk, EpisodeSummary, RobotInfo, Step
 from tests.conftest import GatewayThread
@@ -61,7 +60,7 @@ async def _toy_demos(url: str, schema, episodes: int = 2, steps: int = 8) -> Non
             pos = pos + 0.6 * (1.0 - pos)
         end = EpisodeSummary(True, steps, 0, 0, False, 0)
         await ingest.write(Chunk("demos-toy", f"demos-toy-{uuid.uuid4().hex[:8]}", TOY_TASK, chunk_steps,
-                                 episode_end=end), [encode_step(s, schema) for s in chunk_steps])
+                                 episode_end=end))
     await redis.aclose()
 
 

@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("rclpy", reason="rclpy missing: pip install -e '.[ros2]'")
 
+from cloud.buffer.reader import BufferReader
 from cloud.buffer import RobotKeys  # noqa: E402
 from cloud.offline import _write as write_offline  # noqa: E402
 from cloud.trainer import Trainer  # noqa: E402
@@ -26,7 +27,6 @@ from edge.robots.ros2.robot import schema_for  # noqa: E402
 from edge.sim.ros2_arm_config import EMBODIMENT, SimArmConfig  # noqa: E402
 from fleet.codec import decode_image, encode_image  # noqa: E402
 from fleet.config import TrainerConfig  # noqa: E402
-from fleet.convert import decode_step  # noqa: E402
 from fleet.policies import PolicyConfig  # noqa: E402
 from fleet.types import EpisodeSummary, Step  # noqa: E402
 from tests.ros2_procs import Proc, start_sim_arm  # noqa: E402
@@ -101,7 +101,7 @@ def test_ros2_robot_learns_over_dds(redis_proc, redis_client, gateway, tmp_path,
     seqs, versions = [], defaultdict(set)
     intervention, autonomous = [], []
     for eid in redis_client.hkeys(keys.catalog):
-        steps = [decode_step(b) for b in redis_client.lrange(keys.episode(eid.decode()), 0, -1)]
+        steps = BufferReader(redis_client).steps(keys.robot_id, eid.decode(), BufferReader(redis_client).schema(keys.robot_id))
         assert [s.index for s in steps] == list(range(len(steps)))
         for s in steps:
             seqs.append(s.seq)
@@ -124,5 +124,5 @@ def test_ros2_robot_learns_over_dds(redis_proc, redis_client, gateway, tmp_path,
     entries = (raw.decode().split("|") for raw in redis_client.lrange(keys.labeled, 0, -1))
     labeled = {(names[int(n)], int(i)) for n, i in entries}
     driven = {(eid.decode(), s.index) for eid in redis_client.hkeys(keys.catalog)
-              for s in map(decode_step, redis_client.lrange(keys.episode(eid.decode()), 0, -1)) if s.is_intervention}
+              for s in BufferReader(redis_client).steps(keys.robot_id, eid.decode(), BufferReader(redis_client).schema(keys.robot_id)) if s.is_intervention}
     assert labeled == driven

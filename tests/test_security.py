@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cloud.buffer.reader import BufferReader
 from cloud.buffer import ROBOTS_KEY, RobotKeys
 from cloud.gateway.auth import REVOKED_KEY, RobotLimits, TokenBucket
 from edge.client import FleetClient
@@ -98,7 +99,7 @@ def test_valid_robot_streams_and_impostors_are_refused(secure_gateway, pki, redi
     assert good.register(info("r1")).last_acked_seq == 0
     assert stream(good, chunk("r1", 1)) == [3]
     assert good.heartbeat("r1", 1, 0, 0, "running", TASK, 1.0, 0.0) == 0
-    assert redis_client.llen(RobotKeys("r1").episode("e1")) == 3
+    assert BufferReader(redis_client).episode_length("r1", "e1") == 3
 
     # No client certificate, or one from another CA: the TLS handshake refuses the connection, so the
     # call fails before any RPC exists (gRPC reports a failed handshake as UNAVAILABLE; the gateway is
@@ -130,7 +131,7 @@ def test_valid_robot_streams_and_impostors_are_refused(secure_gateway, pki, redi
     r2.register(info("r2"))
     assert code_of(lambda: stream(r2, chunk("r2", 1), chunk("r1", 4))) == grpc.StatusCode.PERMISSION_DENIED
     # Nothing was written as r1 by anyone but r1.
-    assert redis_client.llen(RobotKeys("r1").episode("e1")) == 3
+    assert BufferReader(redis_client).episode_length("r1", "e1") == 3
     assert int(redis_client.get(RobotKeys("r1").seq)) == 3
     assert redis_client.hexists(ROBOTS_KEY, "r2")
     good.close()
@@ -156,7 +157,7 @@ def test_revocation_cuts_new_calls_and_open_streams(secure_gateway, pki, redis_c
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and token_id in err.value.details()
     outbox.put(None)
     assert code_of(lambda: client.register(info("r1"))) == grpc.StatusCode.UNAUTHENTICATED
-    assert redis_client.llen(RobotKeys("r1").episode("e1")) == 3
+    assert BufferReader(redis_client).episode_length("r1", "e1") == 3
     # r2 is unaffected.
     assert robot_client(secure_gateway, root, "r2", "r2").register(info("r2")).last_acked_seq == 0
     client.close()

@@ -19,7 +19,7 @@ from cloud.ingest import Ingest
 from cloud.status import fleet_status, format_table, online_robots, run_status
 from edge.client import FleetClient
 from fleet import PROTOCOL_VERSION
-from fleet.convert import chunk_to_pb, encode_step
+from fleet.convert import chunk_to_pb
 from fleet.redis_server import free_port
 from fleet.types import Chunk, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 
@@ -66,8 +66,7 @@ def seed_offline(url: str, n: int = 7) -> None:
                           is_intervention=False, reward=0.0, success=i == n - 1, done=i == n - 1,
                           policy_version=0, timestamp_s=time.time()) for i in range(n)]
             end = EpisodeSummary(True, n, 0, 0, False, 0)
-            await ingest.write(Chunk("demos", "demos-1", REACH, steps, episode_end=end),
-                               [encode_step(s, SCHEMA) for s in steps])
+            await ingest.write(Chunk("demos", "demos-1", REACH, steps, episode_end=end))
         finally:
             await redis.aclose()
     asyncio.run(write())

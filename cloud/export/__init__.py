@@ -14,14 +14,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from cloud.buffer import ROBOTS_KEY, SOURCE_ONLINE, RobotKeys
-from fleet.convert import decode_step, schema_from_dict
+from cloud.buffer import SOURCE_ONLINE
+from cloud.buffer.reader import BufferReader
+from fleet.columns import decode_element
+from fleet.convert import schema_from_dict
 from fleet.errors import ConfigError
 from fleet.types import Schema, Step
 
 log = logging.getLogger(__name__)
 
-READ_BATCH_STEPS = 256
 FORMATS = ("lerobot", "rosbag2")
 
 
@@ -47,6 +48,8 @@ class ExportFilter:
     """Also export episodes whose last step has not arrived yet."""
     include_eval: bool = True
     """Also export evaluation episodes."""
+    episode_ids: tuple[str, ...] = ()
+    """Only these episode ids (retention archives the episodes it evicts)."""
 
     def __post_init__(self) -> None:
         if self.since_s is not None and self.until_s is not None and self.until_s <= self.since_s:
@@ -115,7 +118,7 @@ def _rate(value) -> float:
 
 def select_episodes(redis, flt: ExportFilter) -> list[EpisodeRef]:
     """The episodes that pass ``flt``, oldest first (reads catalogs and each episode's first step)."""
-    robots = {_text(k): json.loads(v) for k, v in redis.hgetall(ROBOTS_KEY).items()}
+    robots = {_text(k): json.loads(v) for k, v in BufferReader(redis).registrations_raw().items()}
     unknown = sorted(set(flt.robots) - set(robots))
     if unknown:
         raise ConfigError(f"unknown robot(s) {unknown}; registered: {sorted(robots)}")
@@ -124,10 +127,11 @@ def select_episodes(redis, flt: ExportFilter) -> list[EpisodeRef]:
         if (flt.robots and rid not in flt.robots) or (flt.embodiment and reg.get("embodiment") != flt.embodiment):
             continue
         schema = schema_from_dict(reg["schema"])
-        for eid, raw in redis.hgetall(RobotKeys(rid).catalog).items():
+        for eid, raw in BufferReader(redis).catalog(rid).items():
             entry = json.loads(raw)
             version = int(entry.get("version") or 0)
             if ((flt.tasks and entry["task"] not in flt.tasks)
+                    or (flt.episode_ids and _text(eid) not in flt.episode_ids)
                     or (not entry.get("ended") and not flt.include_unfinished)
                     or (entry.get("eval") and not flt.include_eval)
                     or (flt.min_version is not None and version < flt.min_version)
@@ -137,14 +141,14 @@ def select_episodes(redis, flt: ExportFilter) -> list[EpisodeRef]:
                                          bool(entry.get("success")), bool(entry.get("eval")), version,
                                          entry.get("source", reg.get("source", SOURCE_ONLINE)),
                                          reg.get("embodiment", ""), schema, control_hz=_rate(reg.get("control_hz"))))
-    pipe = redis.pipeline(transaction=False)
+    pipe, reader = redis.pipeline(transaction=False), BufferReader(redis)
     for ref in candidates:
-        pipe.lindex(RobotKeys(ref.robot_id).episode(ref.episode_id), 0)
+        reader.queue_elements(pipe, ref.robot_id, ref.episode_id, 0, 0)
     selected = []
     for ref, first in zip(candidates, pipe.execute()):
-        if first is None:
+        if not first:
             continue
-        start = decode_step(first).timestamp_s
+        start = float(decode_element(first[0], ref.schema).columns.timestamp_s[0])
         if (flt.since_s is not None and start < flt.since_s) or (flt.until_s is not None and start >= flt.until_s):
             continue
         selected.append(EpisodeRef(**{**ref.__dict__, "start_s": start}))
@@ -153,17 +157,9 @@ def select_episodes(redis, flt: ExportFilter) -> list[EpisodeRef]:
     return selected
 
 
-def iter_steps(redis, ref: EpisodeRef, batch_steps: int = READ_BATCH_STEPS) -> Iterator[Step]:
-    """The steps of one episode in order, read ``batch_steps`` at a time."""
-    key = RobotKeys(ref.robot_id).episode(ref.episode_id)
-    start = 0
-    while True:
-        blobs = redis.lrange(key, start, start + batch_steps - 1)
-        for blob in blobs:
-            yield decode_step(blob)
-        if len(blobs) < batch_steps:
-            return
-        start += batch_steps
+def iter_steps(redis, ref: EpisodeRef, blobs=None) -> Iterator[Step]:
+    """The steps of one episode in order (with their camera frames), a few chunks at a time."""
+    yield from BufferReader(redis, blobs).iter_steps(ref.robot_id, ref.episode_id, ref.schema)
 
 
 def single_schema(refs: list[EpisodeRef]) -> Schema:

@@ -93,18 +93,18 @@ def frame_of(step: Step, schema: Schema, task: str, split: dict[str, tuple[Part,
     return frame
 
 
-def estimate_fps(redis, refs: list[EpisodeRef], max_steps: int = 500) -> int:
+def estimate_fps(redis, refs: list[EpisodeRef], max_steps: int = 500, blobs=None) -> int:
     """A guess at the control rate from the median step interval of the first episodes (only for robots that
     registered no rate: demos seeded at simulation speed would read as thousands of fps)."""
     stamps = []
     for ref in refs[:5]:
-        ts = [s.timestamp_s for _, s in zip(range(max_steps), iter_steps(redis, ref))]
+        ts = [s.timestamp_s for _, s in zip(range(max_steps), iter_steps(redis, ref, blobs))]
         stamps.extend(np.diff(ts).tolist())
     positive = [d for d in stamps if d > 0]
     return max(1, round(1.0 / float(np.median(positive)))) if positive else 10
 
 
-def export_fps(redis, refs: list[EpisodeRef]) -> int:
+def export_fps(redis, refs: list[EpisodeRef], blobs=None) -> int:
     """The dataset's fps: the control rate the robots registered. Robots that registered none get a
     timestamp estimate (logged). A LeRobotDataset has one fps, so episodes of several rates are refused."""
     robots_at: dict[float, set[str]] = {}
@@ -113,7 +113,7 @@ def export_fps(redis, refs: list[EpisodeRef]) -> int:
             robots_at.setdefault(ref.control_hz, set()).add(ref.robot_id)
     unknown = [ref for ref in refs if not ref.control_hz]
     if unknown:
-        guessed = estimate_fps(redis, unknown)
+        guessed = estimate_fps(redis, unknown, blobs=blobs)
         robots = sorted({ref.robot_id for ref in unknown})
         log.warning("robot(s) %s registered no control rate; using %d fps estimated from their step timestamps "
                     "(pass --fps to set it)", robots, guessed)
@@ -130,8 +130,9 @@ def export_fps(redis, refs: list[EpisodeRef]) -> int:
 
 
 def export_lerobot(redis, out_dir: str | Path, flt: ExportFilter, fps: int | None = None, video: bool = False,
-                   repo_id: str = REPO_ID) -> ExportResult:
-    """Write the episodes passing ``flt`` to a new LeRobotDataset v3 at ``out_dir``.
+                   repo_id: str = REPO_ID, blobs=None) -> ExportResult:
+    """Write the episodes passing ``flt`` to a new LeRobotDataset v3 at ``out_dir``; camera frames stored in the
+    blob store come from ``blobs`` (a ``cloud.blobstore.BlobStore``).
 
     ``fps`` defaults to the control rate the robots registered (:func:`export_fps`); given, it overrides it."""
     out = Path(out_dir)
@@ -139,7 +140,7 @@ def export_lerobot(redis, out_dir: str | Path, flt: ExportFilter, fps: int | Non
         raise ConfigError(f"output directory {out} exists; LeRobot writes a new dataset only")
     refs = select_episodes(redis, flt)
     schema = single_schema(refs)
-    fps = fps or export_fps(redis, refs)
+    fps = fps or export_fps(redis, refs, blobs)
     if fps < 1:
         raise ConfigError(f"fps ({fps}) must be >= 1")
     small = [f"{s.name} {s.shape}" for s in schema.observation if s.is_image and min(s.shape[:2]) < MIN_VIDEO_PX]
@@ -161,7 +162,7 @@ def export_lerobot(redis, out_dir: str | Path, flt: ExportFilter, fps: int | Non
     sidecar = []
     try:
         for index, ref in enumerate(refs):
-            for step in iter_steps(redis, ref):
+            for step in iter_steps(redis, ref, blobs):
                 dataset.add_frame(frame_of(step, schema, ref.task, split))
                 steps += 1
             dataset.save_episode()

@@ -20,6 +20,7 @@ from cloud.gateway.health import GatewayHealth
 from cloud.gateway.policy_feed import PolicyFeed
 from cloud.gateway.policy_servicer import add_fleet_service
 from cloud.gateway.servicer import FleetServicer
+from cloud.blobstore import open_blob_store
 from cloud.ingest import Ingest
 from cloud.policy_store import PolicyStore
 from fleet.config import GatewayConfig
@@ -68,8 +69,11 @@ class RunningGateway:
     health_server: grpc.aio.Server | None = None
     health_server_port: int = 0
     revoked: object | None = None
+    retention: object | None = None
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self.retention is not None:
+            await self.retention.stop()
         if self.health is not None:
             await self.health.stop()  # NOT_SERVING first: load balancers stop sending new streams
         await self.server.stop(grace_s)
@@ -85,7 +89,9 @@ async def start_gateway(cfg: GatewayConfig) -> RunningGateway:
     """Build the parts in data-flow order and start serving; returns the bound port."""
     redis = connect_async(cfg.redis_url, socket_timeout=cfg.redis_timeout_s,
                           socket_connect_timeout=cfg.redis_timeout_s, health_check_interval=10)
-    ingest = Ingest(redis, retry_after_s=cfg.retry_after_s, redis_full_retry_after_s=cfg.redis_full_retry_after_s)
+    blobs = open_blob_store(cfg.blob_url) if cfg.blob_url else None
+    ingest = Ingest(redis, retry_after_s=cfg.retry_after_s, redis_full_retry_after_s=cfg.redis_full_retry_after_s,
+                    blobs=blobs, codec=cfg.buffer_codec)
     store = PolicyStore(cfg.policy_dir, connect(cfg.redis_url), embodiment=cfg.embodiment)
     feed = PolicyFeed(redis, store, cache_bytes=cfg.policy_cache_bytes)
     await feed.start()
@@ -113,10 +119,16 @@ async def start_gateway(cfg: GatewayConfig) -> RunningGateway:
         await health_server.start()
     await health.start()
     await server.start()
+    retention = None
+    if cfg.retention.enabled:
+        from cloud.retention import start_retention
+
+        retention = start_retention(cfg.redis_url, ingest.writer, blobs, cfg.retention)
     log.info("gateway %s listening on port %d (%s; redis %s)", servicer.gateway_id, port,
              "mutual TLS" if cfg.security.client_ca_file else "TLS" if creds else "plaintext", cfg.redis_url)
     return RunningGateway(server=server, port=port, feed=feed, redis=redis, health=health,
-                          health_server=health_server, health_server_port=health_port, revoked=revoked)
+                          health_server=health_server, health_server_port=health_port, revoked=revoked,
+                          retention=retention)
 
 
 async def serve_forever(cfg: GatewayConfig, ready=None) -> None:

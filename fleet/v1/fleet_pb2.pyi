@@ -190,6 +190,66 @@ class Ack(_message.Message):
     duplicate_steps: int
     def __init__(self, acked_seq: _Optional[int] = ..., duplicate_steps: _Optional[int] = ...) -> None: ...
 
+class CameraFrames(_message.Message):
+    __slots__ = ("encoding", "frames")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    encoding: str
+    frames: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, encoding: _Optional[str] = ..., frames: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ColumnChunk(_message.Message):
+    __slots__ = ("robot_id", "episode_id", "task", "schema_hash", "first_seq", "n", "observation", "action", "policy_action", "reward", "timestamp_s", "policy_version", "flags", "cameras", "gap_declared", "episode_end", "evaluation")
+    class ObservationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class CamerasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: CameraFrames
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[CameraFrames, _Mapping]] = ...) -> None: ...
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_HASH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_ACTION_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    CAMERAS_FIELD_NUMBER: _ClassVar[int]
+    GAP_DECLARED_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_END_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    episode_id: str
+    task: str
+    schema_hash: bytes
+    first_seq: int
+    n: int
+    observation: _containers.ScalarMap[str, bytes]
+    action: bytes
+    policy_action: bytes
+    reward: bytes
+    timestamp_s: bytes
+    policy_version: bytes
+    flags: bytes
+    cameras: _containers.MessageMap[str, CameraFrames]
+    gap_declared: bool
+    episode_end: EpisodeEnd
+    evaluation: bool
+    def __init__(self, robot_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_hash: _Optional[bytes] = ..., first_seq: _Optional[int] = ..., n: _Optional[int] = ..., observation: _Optional[_Mapping[str, bytes]] = ..., action: _Optional[bytes] = ..., policy_action: _Optional[bytes] = ..., reward: _Optional[bytes] = ..., timestamp_s: _Optional[bytes] = ..., policy_version: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., cameras: _Optional[_Mapping[str, CameraFrames]] = ..., gap_declared: _Optional[bool] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ..., evaluation: _Optional[bool] = ...) -> None: ...
+
 class WatchPolicyRequest(_message.Message):
     __slots__ = ("robot_id", "have_version", "want_full", "rejected_version")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -44,6 +44,11 @@ class FleetServiceStub:
                 request_serializer=fleet_dot_v1_dot_fleet__pb2.Chunk.SerializeToString,
                 response_deserializer=fleet_dot_v1_dot_fleet__pb2.Ack.FromString,
                 _registered_method=True)
+        self.StreamColumns = channel.stream_stream(
+                '/fleet.v1.FleetService/StreamColumns',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.ColumnChunk.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.Ack.FromString,
+                _registered_method=True)
         self.WatchPolicy = channel.unary_stream(
                 '/fleet.v1.FleetService/WatchPolicy',
                 request_serializer=fleet_dot_v1_dot_fleet__pb2.WatchPolicyRequest.SerializeToString,
@@ -67,7 +72,15 @@ class FleetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamExperience(self, request_iterator, context):
-        """Experience: the edge streams chunks, the server acks each after it is in Redis.
+        """Protocol 1's per-step experience stream: answered FAILED_PRECONDITION (upgrade the edge).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamColumns(self, request_iterator, context):
+        """Experience (protocol 2): the edge streams columnar chunks, the server acks each once it is durable
+        (Redis write returned, and the camera frames' blob put returned).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +111,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
             'StreamExperience': grpc.stream_stream_rpc_method_handler(
                     servicer.StreamExperience,
                     request_deserializer=fleet_dot_v1_dot_fleet__pb2.Chunk.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.Ack.SerializeToString,
+            ),
+            'StreamColumns': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamColumns,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.ColumnChunk.FromString,
                     response_serializer=fleet_dot_v1_dot_fleet__pb2.Ack.SerializeToString,
             ),
             'WatchPolicy': grpc.unary_stream_rpc_method_handler(
@@ -164,6 +182,33 @@ class FleetService:
             target,
             '/fleet.v1.FleetService/StreamExperience',
             fleet_dot_v1_dot_fleet__pb2.Chunk.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamColumns(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fleet.v1.FleetService/StreamColumns',
+            fleet_dot_v1_dot_fleet__pb2.ColumnChunk.SerializeToString,
             fleet_dot_v1_dot_fleet__pb2.Ack.FromString,
             options,
             channel_credentials,

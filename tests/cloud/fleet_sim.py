@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 from cloud.buffer import SOURCE_ONLINE
 from cloud.ingest import Ingest
 from fleet import PROTOCOL_VERSION
-from fleet.convert import encode_step
 from fleet.types import Chunk, EpisodeSummary, RobotInfo, Schema, Step
 
 
@@ -49,8 +48,7 @@ class IngestSink:
             s.seq = self.seq
         steps[-1].done = True
         chunk = Chunk(self.robot_id, episode_id, task, steps, episode_end=summary, evaluation=evaluation)
-        blobs = [encode_step(s, self.schema) for s in steps]
-        asyncio.run(self._call(lambda ingest: ingest.write(chunk, blobs)))
+        asyncio.run(self._call(lambda ingest: ingest.write(chunk)))
         return episode_id
 
 

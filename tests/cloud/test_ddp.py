@@ -19,7 +19,6 @@ from cloud.distributed import RankInfo
 from cloud.ingest import Ingest
 from cloud.policy_store import PolicyStore
 from fleet import PROTOCOL_VERSION
-from fleet.convert import encode_step
 from fleet.redis_client import connect, connect_async
 from fleet.redis_server import free_port
 from fleet.types import Chunk, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
@@ -44,8 +43,7 @@ async def _seed(url: str, episodes: int = 4, length: int = 20) -> None:
                               action=state[:2] * 0.5, is_intervention=False, reward=0.0, success=i == length - 1,
                               done=i == length - 1, policy_version=0, timestamp_s=1.0))
         end = EpisodeSummary(True, length, 0, 0, False, 0)
-        await ingest.write(Chunk("demos", f"e{e}", TASKS[0], steps, episode_end=end),
-                           [encode_step(s, SCHEMA) for s in steps])
+        await ingest.write(Chunk("demos", f"e{e}", TASKS[0], steps, episode_end=end))
     await redis.aclose()
 
 

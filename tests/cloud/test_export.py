@@ -19,7 +19,6 @@ from cloud.export.rosbag2 import export_rosbag2, ros_name
 from cloud.ingest import Ingest
 from fleet import PROTOCOL_VERSION
 from fleet.codec import decode_image, encode_image
-from fleet.convert import encode_step
 from fleet.errors import ConfigError
 from fleet.types import Chunk, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 
@@ -35,7 +34,7 @@ def make_steps(rng, schema: Schema, n: int, start_s: float, version: int, succes
         obs = {"state": rng.normal(size=schema.observation[0].shape).astype(np.float32)}
         images = {}
         if schema is CAM:
-            images["front"] = encode_image(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), "png" if t % 2 else "jpeg")
+            images["front"] = encode_image(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), "png" if version % 2 else "jpeg")  # one encoding per camera and chunk
         policy = rng.normal(size=2).astype(np.float32)
         intervening = 2 <= t < 4
         steps.append(Step(seq=0, index=t, observation=obs, images=images, policy_action=policy,
@@ -62,7 +61,7 @@ async def _fill(url: str) -> None:
                 s.seq = seq
             end = EpisodeSummary(success, n, 2, 1, False, version)
             chunk = Chunk(rid, f"{rid}-{uuid.uuid4().hex[:8]}", task, steps, episode_end=end)
-            await ingest.write(chunk, [encode_step(s, schema) for s in steps])
+            await ingest.write(chunk)
     await redis.aclose()
 
 
@@ -218,7 +217,8 @@ def test_export_then_import_round_trips_as_offline_data(buffer, redis_proc, tmp_
             np.testing.assert_array_equal(a.policy_action, b.policy_action)
             assert (a.is_intervention, a.policy_version, a.done) == (b.is_intervention, b.policy_version, b.done)
             assert b.timestamp_s == pytest.approx(a.timestamp_s, abs=1e-6)
-    assert client.llen(RobotKeys("demos-b").labeled) == sum(r.length for r in refs)  # every offline step is a label
+    runs = [tuple(map(int, x.split(b"|"))) for x in client.lrange(RobotKeys("demos-b").labeled, 0, -1)]
+    assert sum(end - start for _, start, end in runs) == sum(r.length for r in refs)  # every offline step is a label
 
 
 @pytest.mark.timeout(120)
@@ -239,8 +239,7 @@ def test_video_export_decodes_close_to_the_frames(redis_proc, redis_client, tmp_
             steps.append(Step(t + 1, t, {"state": np.full(2, t, np.float32)}, np.zeros(2, np.float32),
                               np.zeros(2, np.float32), False, 0.0, False, t == 5, 1, T0 + t / 20,
                               {"top": encode_image(frame, "png")}))
-        await ingest.write(Chunk("cam", "cam-e1", "look", steps, episode_end=EpisodeSummary(False, 6, 0, 0, False, 1)),
-                           [encode_step(s, schema) for s in steps])
+        await ingest.write(Chunk("cam", "cam-e1", "look", steps, episode_end=EpisodeSummary(False, 6, 0, 0, False, 1)))
         await redis.aclose()
 
     asyncio.run(fill())
@@ -264,8 +263,7 @@ def _fill_rates(url: str, rates: dict[str, float]) -> None:
             steps = make_steps(np.random.default_rng(1), PLAIN, 4, T0, 1, True)
             for i, s in enumerate(steps):
                 s.seq, s.timestamp_s = i + 1, T0 + 0.001 * i
-            await ingest.write(Chunk(rid, f"{rid}-e1", "stack", steps, episode_end=EpisodeSummary(True, 4, 2, 1, False, 1)),
-                               [encode_step(s, PLAIN) for s in steps])
+            await ingest.write(Chunk(rid, f"{rid}-e1", "stack", steps, episode_end=EpisodeSummary(True, 4, 2, 1, False, 1)))
         await redis.aclose()
 
     asyncio.run(fill())

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from cloud.buffer import ROBOTS_KEY, RobotKeys
+from cloud.buffer.reader import BufferReader
 from edge.client import FleetClient
 from fleet import PROTOCOL_VERSION
 from fleet.codec import encode_image
@@ -40,8 +41,9 @@ def steps(first_seq: int, n: int, dim: int = 6, dtype=np.float32, image: Encoded
             for i in range(n)]
 
 
-def chunk(first_seq: int, n: int = 2, robot: str = "r1", **kwargs) -> pb.Chunk:
-    return chunk_to_pb(Chunk(robot, "e1", TASK, steps(first_seq, n, **kwargs)))
+def chunk(first_seq: int, n: int = 2, robot: str = "r1", schema: Schema | None = None, **kwargs) -> pb.ColumnChunk:
+    """A columnar chunk; its schema hash is that of ``schema``, or of the schema its steps imply."""
+    return chunk_to_pb(Chunk(robot, "e1", TASK, steps(first_seq, n, **kwargs)), schema)
 
 
 def snapshot(redis_client, robot_id: str) -> dict[bytes, bytes]:
@@ -82,7 +84,7 @@ def send(client: FleetClient, *chunks: pb.Chunk) -> list[tuple[int, int]]:
     return [(a.acked_seq, a.duplicate_steps) for a in client.stream_experience(iter(chunks))]
 
 
-def _with_bad_image(data: bytes, encoding: str = "jpeg") -> pb.Chunk:
+def _with_bad_image(data: bytes, encoding: str = "jpeg") -> pb.ColumnChunk:
     return chunk(3, image=EncodedImage(encoding, 16, 16, 3, data))
 
 
@@ -110,19 +112,32 @@ def _png_with_non_zlib_data() -> bytes:
     return data[:33] + _png_chunk(b"IDAT", b"\xff" * 40) + _png_chunk(b"IEND", b"")
 
 
-def _with_bad_tensor() -> pb.Chunk:
+def _with_bad_column() -> pb.ColumnChunk:
     msg = chunk(3)
-    msg.steps[1].observation["state"].data = msg.steps[1].observation["state"].data[:-4]
+    msg.observation["state"] = msg.observation["state"][:-4]
     return msg
 
 
-def _gapped_seqs() -> pb.Chunk:
-    msg = chunk(3, n=3)
-    msg.steps[2].seq = 9
+def _with(**fields) -> pb.ColumnChunk:
+    msg = chunk(3)
+    for name, value in fields.items():
+        setattr(msg, name, value)
     return msg
 
 
-def _nonfinite(where: str, value: float) -> pb.Chunk:
+def _missing_frame() -> pb.ColumnChunk:
+    msg = chunk(3)
+    del msg.cameras["cam"].frames[-1]
+    return msg
+
+
+def _done_early() -> pb.ColumnChunk:
+    out = steps(3, 2)
+    out[0].done = True
+    return chunk_to_pb(Chunk("r1", "e1", TASK, out))
+
+
+def _nonfinite(where: str, value: float) -> pb.ColumnChunk:
     out = steps(3, 2)
     if where == "obs":
         out[1].observation["state"][0] = value
@@ -133,7 +148,7 @@ def _nonfinite(where: str, value: float) -> pb.Chunk:
     return chunk_to_pb(Chunk("r1", "e1", TASK, out))
 
 
-def _named(episode: str = "e1", task: str = TASK) -> pb.Chunk:
+def _named(episode: str = "e1", task: str = TASK) -> pb.ColumnChunk:
     return chunk_to_pb(Chunk("r1", episode, task, steps(3, 1)))
 
 
@@ -141,15 +156,20 @@ BAD_CHUNKS = {
     # name: (message, code, words in the details, the step named in fleet-bad-step-seq)
     "unknown robot": (lambda: chunk(3, robot="nobody"), grpc.StatusCode.NOT_FOUND, "'nobody' has not registered",
                       None),
-    "dtype": (lambda: chunk(3, dtype=np.float64), grpc.StatusCode.INVALID_ARGUMENT,
-              "dtype float64 != registered float32", 3),
-    "shape": (lambda: chunk(3, dim=7), grpc.StatusCode.INVALID_ARGUMENT, "shape [7] != registered [6]", 3),
-    "NaN observation": (lambda: _nonfinite("obs", np.nan), grpc.StatusCode.INVALID_ARGUMENT, "contains NaN or Inf", 4),
+    "another schema (dtype)": (lambda: chunk(3, dtype=np.float64), grpc.StatusCode.FAILED_PRECONDITION,
+                               "register again with the schema it records", None),
+    "shape": (lambda: chunk(3, dim=7, schema=SCHEMA), grpc.StatusCode.INVALID_ARGUMENT,
+              "observation 'state': 56 bytes for 2 steps; registered float32 [6] takes 24 bytes a step", None),
+    "NaN observation": (lambda: _nonfinite("obs", np.nan), grpc.StatusCode.INVALID_ARGUMENT,
+                        "observation 'state' contains NaN or Inf", 4),
     "Inf action": (lambda: _nonfinite("action", np.inf), grpc.StatusCode.INVALID_ARGUMENT,
-                   "action: contains NaN or Inf", 4),
-    "NaN reward": (lambda: _nonfinite("reward", np.nan), grpc.StatusCode.INVALID_ARGUMENT, "reward is nan", 4),
+                   "action contains NaN or Inf", 4),
+    "NaN reward": (lambda: _nonfinite("reward", np.nan), grpc.StatusCode.INVALID_ARGUMENT,
+                   "reward contains NaN or Inf", 4),
     "truncated image": (lambda: _with_bad_image(IMAGE.data[:-40]), grpc.StatusCode.INVALID_ARGUMENT,
-                        "image 'cam': cannot read the jpeg bytes", 3),
+                        "image 'cam': the jpeg is truncated", 3),
+    "jpeg without its header": (lambda: _with_bad_image(IMAGE.data[:2] + b"\x00" * 40), grpc.StatusCode.INVALID_ARGUMENT,
+                                "image 'cam': cannot read the jpeg bytes", 3),
     "jpeg without its end": (lambda: _with_bad_image(IMAGE.data[:-2]), grpc.StatusCode.INVALID_ARGUMENT,
                              "the jpeg is truncated", 3),
     "image not what it says": (lambda: _with_bad_image(encode_image(np.zeros((16, 16, 3), np.uint8), "png").data),
@@ -162,23 +182,32 @@ BAD_CHUNKS = {
                                  grpc.StatusCode.INVALID_ARGUMENT, "the png has more than 4096 chunks", 3),
     "png whose data is not zlib": (lambda: _with_bad_image(_png_with_non_zlib_data(), "png"),
                                    grpc.StatusCode.INVALID_ARGUMENT, "the png's image data is not a zlib stream", 3),
-    "truncated tensor": (_with_bad_tensor, grpc.StatusCode.INVALID_ARGUMENT, "20 bytes do not match dtype float32", 4),
+    "truncated column": (_with_bad_column, grpc.StatusCode.INVALID_ARGUMENT,
+                         "observation 'state': 44 bytes for 2 steps", None),
+    "short reward column": (lambda: _with(reward=b"\x00" * 4), grpc.StatusCode.INVALID_ARGUMENT,
+                            "reward: 4 bytes for 2 steps", None),
+    "flags of the wrong length": (lambda: _with(flags=b"\x00"), grpc.StatusCode.INVALID_ARGUMENT,
+                                  "flags: 1 bytes for 2 steps", None),
+    "a frame missing": (_missing_frame, grpc.StatusCode.INVALID_ARGUMENT, "camera 'cam' carries 1 frames for 2 steps",
+                        None),
+    "done before the chunk's end": (_done_early, grpc.StatusCode.INVALID_ARGUMENT,
+                                    "step seq=3 is done but is not the chunk's last step", 3),
     "seq gap": (lambda: chunk(10), grpc.StatusCode.FAILED_PRECONDITION, "resend from seq 3", None),
-    "non-contiguous seqs": (_gapped_seqs, grpc.StatusCode.INVALID_ARGUMENT, "must have contiguous seqs", None),
+    "seq 0": (lambda: chunk(0), grpc.StatusCode.INVALID_ARGUMENT, "step sequence numbers start at 1", None),
     "unregistered task": (lambda: chunk_to_pb(Chunk("r1", "e1", "juggle", steps(3, 1))),
                           grpc.StatusCode.INVALID_ARGUMENT, "'juggle' is not among the tasks", None),
     "episode id with '|'": (lambda: _named(episode="e|x|1"), grpc.StatusCode.INVALID_ARGUMENT,
                             "episode_id 'e|x|1' must be ASCII letters", None),
     "episode id with a newline": (lambda: _named(episode="e1\nrobot r2 ok"), grpc.StatusCode.INVALID_ARGUMENT,
                                   "episode_id 'e1\\nrobot r2 ok' must be ASCII letters", None),
-    "empty episode id": (lambda: _named(episode=""), grpc.StatusCode.INVALID_ARGUMENT, "chunk without episode_id",
-                         None),
+    "empty episode id": (lambda: _named(episode=""), grpc.StatusCode.INVALID_ARGUMENT, "episode_id is empty", None),
     "episode id too long": (lambda: _named(episode="e" * 201), grpc.StatusCode.INVALID_ARGUMENT,
                             "episode_id has 201 characters; at most 200", None),
     "200 kB task": (lambda: _named(task="x" * 200_000), grpc.StatusCode.INVALID_ARGUMENT,
                     "... (200000 characters) is not among the tasks robot 'r1' registered", None),
-    "no steps": (lambda: pb.Chunk(robot_id="r1", episode_id="e1", task=TASK), grpc.StatusCode.INVALID_ARGUMENT,
-                 "chunk without steps", None),
+    "no steps": (lambda: _with(n=0), grpc.StatusCode.INVALID_ARGUMENT, "n=0; a chunk holds 1 to 1024 steps", None),
+    "a million steps claimed": (lambda: _with(n=1_000_000), grpc.StatusCode.INVALID_ARGUMENT,
+                                "a chunk holds 1 to 1024 steps", None),
 }
 
 
@@ -191,7 +220,7 @@ def test_each_bad_chunk_gets_its_status_and_leaves_redis_unchanged(client, redis
         assert words in err.details(), (name, err.details())
         md = dict(err.trailing_metadata() or ())
         assert md.get("fleet-bad-step-seq") == (str(bad_seq) if bad_seq else None), (name, md)
-        if code == grpc.StatusCode.FAILED_PRECONDITION:
+        if name == "seq gap":
             assert md["fleet-last-acked-seq"] == "2"
         assert snapshot(redis_client, "r1") == before, f"{name}: Redis changed"
     assert list(redis_client.scan_iter(match=f"{RobotKeys('nobody').prefix}:*")) == []
@@ -220,12 +249,12 @@ def test_malformed_protobuf_is_invalid_argument_on_every_method(gw, client, redi
     before = snapshot(redis_client, "r1")
     channel = grpc.insecure_channel(gw.target)
     try:
-        stream = channel.stream_stream("/fleet.v1.FleetService/StreamExperience")  # bytes in, bytes out
+        stream = channel.stream_stream("/fleet.v1.FleetService/StreamColumns")  # bytes in, bytes out
         good = chunk(3).SerializeToString()
         with pytest.raises(grpc.RpcError) as err:
             list(stream(iter([good, b"\xff\xff\xff\xff garbage"]), timeout=10))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "StreamExperience: request is not a valid protobuf message (12 bytes)" in err.value.details()
+        assert "StreamColumns: request is not a valid protobuf message (12 bytes)" in err.value.details()
         for method in ("Register", "Heartbeat"):
             unary = channel.unary_unary(f"/fleet.v1.FleetService/{method}")
             with pytest.raises(grpc.RpcError) as err:
@@ -236,7 +265,7 @@ def test_malformed_protobuf_is_invalid_argument_on_every_method(gw, client, redi
         channel.close()
     after = snapshot(redis_client, "r1")
     assert int(redis_client.get(RobotKeys("r1").seq)) == 4  # the good chunk before the garbage was acked
-    assert after != before and len(redis_client.lrange(RobotKeys("r1").episode("e1"), 0, -1)) == 4
+    assert after != before and BufferReader(redis_client).episode_length("r1", "e1") == 4
 
 
 def test_bad_robot_does_not_disturb_another_robots_stream(client, redis_client):
@@ -280,7 +309,7 @@ def _inflight_bytes() -> float:
     return REGISTRY.get_sample_value("fleet_gateway_inflight_bytes") or 0.0
 
 
-def _idle_after(first: pb.Chunk, gate: threading.Event):
+def _idle_after(first: pb.ColumnChunk, gate: threading.Event):
     yield first
     gate.wait()
 
@@ -432,7 +461,7 @@ def test_heartbeat_with_an_unregistered_task_or_bad_state_is_invalid_argument(cl
     assert not redis_client.exists(RobotKeys("r1").status)
 
 
-def _episode_end(first_seq: int, n: int, claimed: int, gap: bool = False, episode: str = "e1") -> pb.Chunk:
+def _episode_end(first_seq: int, n: int, claimed: int, gap: bool = False, episode: str = "e1") -> pb.ColumnChunk:
     out = steps(first_seq, n)
     out[-1].done = True
     return chunk_to_pb(Chunk("r1", episode, TASK, out, gap_declared=gap,

@@ -26,17 +26,22 @@ import numpy as np
 import pytest
 import redis as redis_lib
 
+from cloud.blobstore import open_blob_store
+from cloud.buffer.reader import BufferReader
 from cloud.buffer import RobotKeys
 from edge.client import FleetClient
 from edge.spool import Spool
 from edge.streamer import Backoff, Streamer
 from fleet import PROTOCOL_VERSION
-from fleet.convert import decode_step
 from fleet.redis_server import RedisProcess, free_port, start_redis
+from fleet.codec import encode_image
 from fleet.types import EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 
 TASK = "reach the goal"
 SCHEMA = Schema((FeatureSpec("state", "float32", (39,)),), FeatureSpec("action", "float32", (4,)))
+CAM_SCHEMA = Schema((*SCHEMA.observation, FeatureSpec("cam", "uint8", (16, 16, 3), is_image=True)), SCHEMA.action)
+FRAMES = [encode_image(np.full((16, 16, 3), 30 * k, np.uint8), "jpeg") for k in range(8)]
+"""A camera robot's frame at episode index t is FRAMES[t % 8]: what the buffer returns can be checked."""
 EPISODE_STEPS = 40
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -138,8 +143,9 @@ class Proxy:
 class GatewayProcess:
     """``python -m fleet.cli gateway`` on a fixed port (so it can be restarted on the same one)."""
 
-    def __init__(self, name: str, redis_url: str, policy_dir: Path, log_dir: Path):
+    def __init__(self, name: str, redis_url: str, policy_dir: Path, log_dir: Path, blob_dir: Path):
         self.name, self.redis_url, self.policy_dir, self.log_dir = name, redis_url, policy_dir, log_dir
+        self.blob_dir = blob_dir
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -147,7 +153,8 @@ class GatewayProcess:
         log = open(self.log_dir / f"gateway-{self.name}.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fleet.cli", "gateway", "--listen", f"127.0.0.1:{self.port}", "--redis-url",
-             self.redis_url, "--policy-dir", str(self.policy_dir), "--redis-timeout-s", "2", "--retry-after-s",
+             self.redis_url, "--policy-dir", str(self.policy_dir), "--blob-url", str(self.blob_dir),
+             "--redis-timeout-s", "2", "--retry-after-s",
              "0.2"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
@@ -180,7 +187,9 @@ class Cloud:
         self.redis_url = self.redis.url
         self.client = redis_lib.Redis.from_url(self.redis_url)
         self.policy_dir = root / "policies"
-        self.gateways = {name: GatewayProcess(name, self.redis_url, self.policy_dir, root) for name in "AB"}
+        self.blobs = open_blob_store(str(root / "blobs"))  # camera frames: a local directory, fsync per put
+        self.gateways = {name: GatewayProcess(name, self.redis_url, self.policy_dir, root, root / "blobs")
+                         for name in "AB"}
         for gw in self.gateways.values():
             gw.start()
         for gw in self.gateways.values():
@@ -223,11 +232,13 @@ def fresh_proxy(cloud):
 class Driver:
     """One simulated robot: a thread records steps at ``hz`` into a real Spool; a real Streamer sends them."""
 
-    def __init__(self, robot_id: str, target: str, state_dir: Path, hz: float = 100.0):
+    def __init__(self, robot_id: str, target: str, state_dir: Path, hz: float = 100.0, camera: bool = False):
         self.robot_id = robot_id
         self.hz = hz
-        self.info = RobotInfo(robot_id, "test-arm", SCHEMA, (TASK,), PROTOCOL_VERSION)
-        self.spool = Spool(state_dir / f"{robot_id}.db", SCHEMA)
+        self.camera = camera
+        schema = CAM_SCHEMA if camera else SCHEMA
+        self.info = RobotInfo(robot_id, "test-arm", schema, (TASK,), PROTOCOL_VERSION)
+        self.spool = Spool(state_dir / f"{robot_id}.db", schema)
         self.client = FleetClient(target, rpc_timeout_s=3.0)
         self.streamer = Streamer(self.info, self.spool, self.client, flush_interval_s=0.02,
                                  backoff=Backoff(base_s=0.05, max_s=0.5), ack_timeout_s=10.0)
@@ -248,7 +259,7 @@ class Driver:
             step = Step(seq=0, index=t, observation={"state": rng.standard_normal(39).astype(np.float32)},
                         policy_action=np.zeros(4, np.float32), action=rng.uniform(-1, 1, 4).astype(np.float32),
                         is_intervention=t % 7 == 0, reward=0.0, success=False, done=end, policy_version=1,
-                        timestamp_s=time.time())
+                        timestamp_s=time.time(), images={"cam": FRAMES[t % 8]} if self.camera else {})
             summary = EpisodeSummary(False, EPISODE_STEPS, 0, 0, False, 1) if end else None
             self.recorded.append(self.spool.record(f"{self.robot_id}-ep{episode}", TASK, False, step, summary))
             episode, t = (episode + 1, 0) if end else (episode, t + 1)
@@ -276,8 +287,9 @@ class Driver:
 def drivers(tmp_path):
     made: list[Driver] = []
 
-    def make(target: str, n: int, prefix: str) -> list[Driver]:
-        out = [Driver(f"{prefix}{i}", target, tmp_path).start() for i in range(n)]
+    def make(target: str, n: int, prefix: str, cameras: int = 0) -> list[Driver]:
+        """``n`` robots; the last ``cameras`` of them record a camera frame per step."""
+        out = [Driver(f"{prefix}{i}", target, tmp_path, camera=i >= n - cameras).start() for i in range(n)]
         made.extend(out)
         return out
 
@@ -286,15 +298,19 @@ def drivers(tmp_path):
         d.close()
 
 
-def stored_steps(client: redis_lib.Redis, robot_id: str) -> dict[str, list[Step]]:
-    keys = RobotKeys(robot_id)
-    return {eid.decode(): [decode_step(b) for b in client.lrange(keys.episode(eid.decode()), 0, -1)]
-            for eid in client.hkeys(keys.catalog)}
+def stored_steps(client: redis_lib.Redis, robot_id: str, blobs=None) -> dict[str, list[Step]]:
+    reader = BufferReader(client, blobs)
+    schema = reader.schema(robot_id)
+    return {eid.decode(): reader.steps(robot_id, eid.decode(), schema) for eid in client.hkeys(RobotKeys(robot_id).catalog)}
 
 
-def assert_exactly_once(client: redis_lib.Redis, robot_id: str, recorded: list[int]) -> None:
-    """Redis holds every recorded step once: 0 lost, 0 duplicated, episodes without holes."""
-    episodes = stored_steps(client, robot_id)
+def assert_exactly_once(client: redis_lib.Redis, robot_id: str, recorded: list[int], blobs=None) -> None:
+    """Redis holds every recorded step once: 0 lost, 0 duplicated, episodes without holes; a camera robot's
+    every frame is in the blob store (``blobs``) and is the one recorded."""
+    episodes = stored_steps(client, robot_id, blobs)
+    for steps in episodes.values():
+        for s in steps:
+            assert not s.images or s.images["cam"].data == FRAMES[s.index % 8].data, f"{robot_id} seq {s.seq}: frame"
     seqs = [s.seq for steps in episodes.values() for s in steps]
     assert len(seqs) == len(set(seqs)), f"{robot_id}: {len(seqs) - len(set(seqs))} steps stored twice"
     lost = sorted(set(recorded) - set(seqs))
@@ -342,7 +358,7 @@ def test_robot_switches_between_two_gateway_replicas(cloud, fresh_proxy, drivers
 
 
 def test_gateway_killed_and_restarted(cloud, fresh_proxy, drivers):
-    robots = drivers(fresh_proxy.target, 2, "gwk")
+    robots = drivers(fresh_proxy.target, 2, "gwk", cameras=1)  # frames: blob put, then the Redis write, then the ack
     gw = cloud.gateways["A"]
     wait_until(lambda: all(r.streamer.acked_seq >= 30 for r in robots), 30, "first acks")
     gw.kill()  # SIGKILL mid-stream: chunks in flight are lost at the gateway, not at the robots
@@ -352,7 +368,7 @@ def test_gateway_killed_and_restarted(cloud, fresh_proxy, drivers):
     wait_until(lambda: all(r.steps_recorded() > n for r, n in zip(robots, recorded)), 10, "robots still recording")
     for r in robots:
         r.finish()
-        assert_exactly_once(cloud.client, r.robot_id, r.recorded)
+        assert_exactly_once(cloud.client, r.robot_id, r.recorded, cloud.blobs)
 
 
 def test_redis_killed_and_restarted_from_its_aof(cloud, fresh_proxy, drivers):

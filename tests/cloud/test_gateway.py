@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from cloud.buffer import RobotKeys
+from cloud.buffer.reader import BufferReader
 from edge.client import FleetClient
 from fleet import PROTOCOL_VERSION
-from fleet.convert import chunk_to_pb, decode_step
+from fleet.convert import chunk_to_pb, legacy_chunk_to_pb
 from fleet.types import Chunk, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 
 SCHEMA = Schema((FeatureSpec("state", "float32", (6,)),), FeatureSpec("action", "float32", (2,)))
@@ -48,16 +49,19 @@ def test_ack_only_after_redis_and_exactly_once(client, redis_client):
     assert client.register(info()).last_acked_seq == 0
     acks = send(client, Chunk("r1", "e1", TASK, steps(1, 5)))
     assert [a.acked_seq for a in acks] == [5]
-    stored = redis_client.lrange(RobotKeys("r1").episode("e1"), 0, -1)
-    assert [decode_step(b).seq for b in stored] == [1, 2, 3, 4, 5]
+    reader = BufferReader(redis_client)
+    assert [s.seq for s in reader.steps("r1", "e1", SCHEMA)] == [1, 2, 3, 4, 5]
+    assert redis_client.llen(RobotKeys("r1").episode("e1")) == 1  # one element per chunk
     # Resend overlapping and full duplicates (what a reconnecting edge does): nothing stored twice.
     acks = send(client, Chunk("r1", "e1", TASK, steps(1, 5)), Chunk("r1", "e1", TASK, steps(4, 4)))
     assert [(a.acked_seq, a.duplicate_steps) for a in acks] == [(5, 5), (7, 2)]
-    assert redis_client.llen(RobotKeys("r1").episode("e1")) == 7
+    stored = reader.steps("r1", "e1", SCHEMA)
+    assert [(s.seq, s.index, s.observation["state"][0]) for s in stored] == [(i, i - 1, i) for i in range(1, 8)]
+    assert redis_client.llen(RobotKeys("r1").episode("e1")) == 2  # the overlap's new tail is its own element
     assert client.register(info()).last_acked_seq == 7
-    # Labeled positions are the intervention steps.
+    # Label runs "<episode number>|start|end" cover the intervention steps.
     labeled = [x.decode() for x in redis_client.lrange(RobotKeys("r1").labeled, 0, -1)]
-    assert labeled == [f"0|{i}" for i in (0, 2, 4, 5)]  # episode number 0: its id and task are stored once
+    assert labeled == ["0|0|1", "0|2|3", "0|4|5", "0|5|6"]  # episode number 0: its id and task are stored once
     assert redis_client.lrange(RobotKeys("r1").episode_ids, 0, -1) == [f"e1|{TASK}".encode()]
 
 
@@ -85,7 +89,7 @@ def test_bad_input_gets_precise_status_and_writes_nothing(client, redis_client):
     assert err.code() == grpc.StatusCode.NOT_FOUND and "has not registered" in err.details()
 
     err = _status(client, Chunk("r1", "e1", TASK, steps(3, 1, obs_dim=7)))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "shape [7] != registered [6]" in err.details()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "registered float32 [6] takes 24 bytes a step" in err.details()
 
     bad = steps(3, 2)
     bad[1].observation["state"][0] = np.nan
@@ -105,8 +109,33 @@ def test_bad_input_gets_precise_status_and_writes_nothing(client, redis_client):
 
 def test_register_refuses_other_protocol(client):
     with pytest.raises(grpc.RpcError) as err:
-        client.register(info(protocol="fleet.v0/9"))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        client.register(info(protocol="fleet.v1/1"))  # protocol 1: per-step chunks
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "upgrade" in err.value.details()
+
+
+def test_an_old_edge_streaming_per_step_chunks_is_told_to_upgrade(client, gateway, redis_client):
+    import grpc as _grpc
+
+    from fleet.v1 import fleet_pb2_grpc as pb_grpc
+
+    client.register(info())
+    stub = pb_grpc.FleetServiceStub(_grpc.insecure_channel(gateway.target))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.StreamExperience(iter([legacy_chunk_to_pb(Chunk("r1", "e1", TASK, steps(1, 2)), SCHEMA)])))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "upgrade" in err.value.details()
+    assert redis_client.get(RobotKeys("r1").seq) is None
+
+
+def test_a_chunk_naming_another_schema_is_refused(client, redis_client):
+    client.register(info())
+    other = Schema((FeatureSpec("state", "float64", (3,)),), FeatureSpec("action", "float32", (2,)))
+    chunk = Chunk("r1", "e1", TASK, steps(1, 1))
+    for s in chunk.steps:
+        s.observation["state"] = s.observation["state"][:3].astype(np.float64)  # same 24 bytes, other dtype
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.stream_experience(iter([chunk_to_pb(chunk, other)])))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "register again" in err.value.details()
+    assert redis_client.get(RobotKeys("r1").seq) is None
 
 
 def test_register_carries_the_control_rate_into_the_registration(client, redis_client):
@@ -143,13 +172,10 @@ def test_episode_ids_and_tasks_are_stored_once_per_episode_not_per_labeled_step(
         s.is_intervention = True
     send(client, Chunk("r1", episode, task, out))
     keys = RobotKeys("r1")
-    assert redis_client.llen(keys.labeled) == 1024
-    per_step = redis_client.memory_usage(keys.labeled) / 1024
-    assert per_step < 16, per_step
+    assert redis_client.lrange(keys.labeled, 0, -1) == [b"0|0|1024"]  # one label run, not 1024 entries
     assert redis_client.lrange(keys.episode_ids, 0, -1) == [f"{episode}|{task}".encode()]
-    step_bytes = sum(len(b) for b in redis_client.lrange(keys.episode(episode), 0, -1))
     index_bytes = redis_client.memory_usage(keys.labeled) + redis_client.memory_usage(keys.episode_ids)
-    assert index_bytes < 0.2 * step_bytes, (index_bytes, step_bytes)  # was ~5x the steps' own bytes
+    assert index_bytes < 1024, index_bytes  # was ~5x the steps' own bytes; now independent of the step count
 
 
 def test_task_labels_stay_bounded_however_many_tasks_robots_send(client, redis_client):

@@ -149,8 +149,9 @@ def test_unusable_records_are_skipped_and_counted_by_reason(redis_proc, redis_cl
         keys = RobotKeys("r1")
         # The crash: an episode id with "|" in a labeled entry (as written before the name rule).
         redis_client.rpush(keys.labeled, b"e|x|0|reach the goal", b"garbage", b"e1|-4|reach the goal", b"\xff\xfe|1|t")
-        redis_client.rpush(keys.labeled, b"r1-ep|0|juggle")  # a task the trainer's policy does not know
-        redis_client.rpush(keys.labeled, b"99|0")  # an episode number that episode_ids does not hold
+        redis_client.rpush(keys.episode_ids, b"r1-j|juggle")  # episode number 1: a task the trainer does not know
+        redis_client.rpush(keys.labeled, b"1|0|1")
+        redis_client.rpush(keys.labeled, b"99|0")  # not a run (and no episode 99 in episode_ids)
         redis_client.hset(ROBOTS_KEY, "ghost", b"{not json")
         redis_client.xadd(keys.events, {"episode": "r1-x"})  # no task, no summary
         redis_client.hset(RobotKeys("r2").catalog, "bad", b"[1, 2]")
@@ -165,7 +166,7 @@ def test_unusable_records_are_skipped_and_counted_by_reason(redis_proc, redis_cl
         assert fresh.index.skipped["corrupt_catalog"] == 1 and fresh.index.skipped["corrupt_labeled"] == 5
 
         # Undecodable bytes in one stored episode: quarantined, the others still sampled.
-        redis_client.lset(RobotKeys("r2").episode("r2-ep"), 2, b"\x0a\xff\xff\xff")
+        redis_client.lset(RobotKeys("r2").episode("r2-ep"), 0, b"\x0a\xff\xff\xff")
         sampler.cache.forget("r2", "r2-ep")
         for _ in range(20):
             draw_batches(sampler, 1)
@@ -203,7 +204,8 @@ def test_a_real_trainer_keeps_stepping_on_a_corrupt_buffer(redis_proc, redis_cli
     episodes = sorted(k.decode() for k in redis_client.hkeys(keys.catalog))
     # The crash-loop (an episode id with "|"), garbage, an unknown task, a corrupt registration,
     # and undecodable bytes in one stored episode.
-    redis_client.rpush(keys.labeled, f"e|x|0|{TRAINER_TASKS[0]}", b"\xff|1|t", f"{episodes[0]}|0|juggle")
+    number = redis_client.rpush(keys.episode_ids, "juggled|juggle") - 1  # an episode of a task nobody knows
+    redis_client.rpush(keys.labeled, f"e|x|0|{TRAINER_TASKS[0]}", b"\xff|1|t", f"{number}|0|1")
     redis_client.hset(ROBOTS_KEY, "ghost", b'{"schema": 7}')
     redis_client.lset(keys.episode(episodes[1]), 0, b"\x0a\xff\xff\xff")
     trainer, policy_dir, metrics_port, log_path = start_watched_trainer(redis_proc.url, tmp_path)

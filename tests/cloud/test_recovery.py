@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cloud.buffer.reader import BufferReader
 from cloud.buffer import ROBOTS_KEY, RobotKeys
 from cloud.checkpoints import TEST_PAUSE_ENV, CheckpointDir
 from cloud.offline import seed_scripted_demos
@@ -25,7 +26,7 @@ from edge.robots.metaworld import SCHEMA
 from fleet import PROTOCOL_VERSION
 from fleet.cli import build_parser
 from fleet.config import TrainerConfig, build_config
-from fleet.convert import chunk_to_pb, decode_step
+from fleet.convert import chunk_to_pb
 from fleet.types import Chunk, EpisodeSummary, RobotInfo, Step
 
 TASKS = ("reach the goal", "press the button from the top")
@@ -105,7 +106,7 @@ def stream_operator_steps(target: str, robot_id: str, n: int) -> int:
 
 
 def labeled_in_redis(redis_client) -> int:
-    return sum(redis_client.llen(RobotKeys(rid.decode()).labeled) for rid in redis_client.hkeys(ROBOTS_KEY))
+    return sum(BufferReader(redis_client).labeled_steps(rid.decode()) for rid in redis_client.hkeys(ROBOTS_KEY))
 
 
 @pytest.mark.timeout(240)
@@ -170,8 +171,9 @@ def test_sigkill_restart_resumes_then_sigterm_checkpoints(redis_proc, redis_clie
     for rid in ("r-online", "demos-metaworld"):
         keys = RobotKeys(rid)
         last = int(redis_client.get(keys.seq))
-        seqs = [decode_step(b).seq for eid in redis_client.hkeys(keys.catalog)
-                for b in redis_client.lrange(keys.episode(eid.decode()), 0, -1)]
+        reader = BufferReader(redis_client)
+        seqs = [s.seq for eid in redis_client.hkeys(keys.catalog)
+                for s in reader.steps(rid, eid.decode(), reader.schema(rid))]
         assert sorted(seqs) == list(range(1, last + 1)), rid
 
 

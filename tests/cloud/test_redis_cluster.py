@@ -19,7 +19,8 @@ from cloud.trainer import Trainer
 from edge.client import FleetClient
 from fleet import PROTOCOL_VERSION
 from fleet.config import GatewayConfig, TrainerConfig
-from fleet.convert import chunk_to_pb, decode_step
+from fleet.convert import chunk_to_pb
+from cloud.buffer.reader import BufferReader
 from fleet.policies import PolicyConfig
 from fleet.redis_client import connect, connect_async, is_cluster
 from fleet.redis_server import start_redis_cluster
@@ -66,7 +67,7 @@ def test_every_atomic_write_stays_in_one_slot_and_robots_spread(cluster, cluster
     assert is_cluster(cluster.url)
     nodes = set()
     for rid in ROBOTS:
-        write = ChunkWrite(rid, "e1", TASK, 1, [b"x"], [True], [True])
+        write = ChunkWrite(rid, "e1", TASK, 1, 1, b"x", "0:1,", 1)
         keys, _ = write.keys_and_args(0.0)
         assert len({cluster_client.keyslot(k) for k in keys}) == 1, keys
         nodes.add(cluster_client.get_node_from_key(keys[0]).port)
@@ -92,7 +93,7 @@ def test_ingest_exactly_once_sampling_trainer_and_pubsub_on_cluster(cluster, clu
             assert send(client, Chunk(rid, "e1", TASK, steps(10, 2), gap_declared=True)) == [(11, 0)]
         for rid in ROBOTS:
             keys = RobotKeys(rid)
-            stored = [decode_step(b).seq for b in cluster_client.lrange(keys.episode("e1"), 0, -1)]
+            stored = [s.seq for s in BufferReader(cluster_client).steps(rid, "e1", SCHEMA)]
             assert stored == [1, 2, 3, 4, 5, 6, 7, 10, 11]
             assert int(cluster_client.get(keys.seq)) == 11
             assert int(cluster_client.hget(keys.stats, "dropped_steps")) == 2

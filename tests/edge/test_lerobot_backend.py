@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import tests.lerobot_toys  # noqa: F401  (registers toy_arm / toy_leader with LeRobot)
+from cloud.buffer.reader import BufferReader
 from cloud.buffer import ROBOTS_KEY, RobotKeys
 from cloud.policy_store import PolicyStore
 from edge.operator import NoOperator
@@ -19,7 +20,6 @@ from edge.robots.base import make_robot
 from edge.robots.lerobot import LeRobotRobot, feature_map
 from edge.robots.lerobot_teleop import TeleopLink, TeleopOperator
 from fleet.codec import decode_image
-from fleet.convert import decode_step
 from fleet.errors import ConfigError
 from fleet.policies import PolicyConfig, build_policy
 
@@ -155,7 +155,7 @@ def test_fleet_edge_cli_runs_a_lerobot_robot_with_interventions(gateway, redis_c
     interventions = 0
     successes = 0
     for eid, entry in catalog.items():
-        steps = [decode_step(b) for b in redis_client.lrange(keys.episode(eid), 0, -1)]
+        steps = BufferReader(redis_client).steps("so-toy", eid, BufferReader(redis_client).schema("so-toy"))
         assert [s.index for s in steps] == list(range(len(steps)))
         for s in steps:
             assert s.observation["state"].shape == (3,) and set(s.observation) == {"state"}
@@ -171,4 +171,4 @@ def test_fleet_edge_cli_runs_a_lerobot_robot_with_interventions(gateway, redis_c
             successes += 1
             assert steps[-1].success and steps[-1].done and len(steps) < 20
     assert interventions > 0 and successes > 0
-    assert redis_client.llen(keys.labeled) == interventions
+    assert BufferReader(redis_client).labeled_steps("so-toy") == interventions

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from cloud.buffer import RobotKeys
-from edge.client import FleetClient, encode_chunk
+from cloud.buffer.reader import BufferReader
+from edge.client import FleetClient
 from edge.spool import Spool
 from edge.streamer import Backoff, Streamer
 from fleet import PROTOCOL_VERSION
-from fleet.convert import chunk_message, decode_step, encode_step, encode_summary
+from fleet.columns import schema_hash
+from fleet.convert import chunk_to_pb, columns_message, encode_step, encode_summary
 from fleet.types import EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
-from fleet.v1 import fleet_pb2 as pb
 
 TASK = "reach the goal"
 pytestmark = pytest.mark.timeout(60)
@@ -44,11 +45,15 @@ class Edge:
         self.streamer = Streamer(self.info, self.spool, self.client, **streamer_kwargs)
         self.recorded: list[int] = []
 
-    def record(self, n: int, episode: str = "e1", value: float | None = None, end: bool = False) -> list[int]:
+    def record(self, n: int, episode: str = "e1", value: float | None = None, end: bool = False,
+               noise: bool = False) -> list[int]:
         seqs = []
+        rng = np.random.default_rng(len(self.recorded))
         for i in range(n):
             summary = EpisodeSummary(False, n, 0, 0, False, 1) if end and i == n - 1 else None
             st = make_step(len(self.recorded), self.dim, value)
+            if noise:
+                st.observation["state"] = rng.normal(size=self.dim).astype(np.float32)
             st.done = summary is not None
             seqs.append(self.spool.record(episode, TASK, False, st, summary))
         self.recorded += seqs
@@ -75,10 +80,10 @@ def make_edge(tmp_path, gateway):
 
 
 def stored_seqs(redis_client, robot_id: str) -> list[int]:
-    keys = RobotKeys(robot_id)
+    reader = BufferReader(redis_client)
     out = []
-    for eid in redis_client.hkeys(keys.catalog):
-        out += [decode_step(b).seq for b in redis_client.lrange(keys.episode(eid.decode()), 0, -1)]
+    for info in reader.episodes([robot_id]):
+        out += [s.seq for s in reader.steps(robot_id, info.episode_id, reader.schema(robot_id))]
     return sorted(out)
 
 
@@ -155,7 +160,7 @@ def test_redis_at_maxmemory_slows_the_robot_down_and_loses_nothing(full_redis_ga
         used = int(redis_client.info("memory")["used_memory"])
         redis_client.config_set("maxmemory-policy", "noeviction")
         redis_client.config_set("maxmemory", used + 50_000)
-        edge.record(200, episode="e2")  # ~1.6 MB: far more than fits
+        edge.record(200, episode="e2", noise=True)  # ~1.6 MB that does not compress: far more than fits
         assert not edge.streamer.wait_acked(220, timeout_s=2.0)
         sessions = edge.streamer.sessions
         assert sessions <= 2 + 2.0 / 0.4, f"{sessions} sessions in 2s: the retry hint was not honoured"
@@ -193,9 +198,17 @@ def test_oversize_chunks_shrink_and_a_step_too_large_is_quarantined(redis_proc, 
 
 
 @pytest.mark.parametrize("with_end", [False, True])
-def test_encode_chunk_is_the_protobuf_chunk(with_end):
-    """The streamer splices step bytes into a chunk without parsing them: same message as building it."""
-    blobs = [encode_step(make_step(i, dim=300)) for i in range(3)]  # > 127 bytes: multi-byte lengths
-    end = encode_summary(EpisodeSummary(True, 3, 1, 1, False, 2)) if with_end else None
-    raw = encode_chunk("r1", "e1", TASK, blobs, True, True, end)
-    assert pb.Chunk.FromString(raw) == chunk_message("r1", "e1", TASK, blobs, True, True, end)
+def test_spooled_steps_become_the_columnar_chunk(with_end):
+    """The streamer joins spooled step records into columns: the same message as stacking the steps."""
+    from fleet.types import Chunk
+
+    sch = schema(300)
+    steps = [make_step(i, dim=300) for i in range(3)]
+    for i, st in enumerate(steps):
+        st.seq, st.reward, st.timestamp_s, st.done = 5 + i, 0.5 * i, 100.0 + i, with_end and i == 2
+    summary = EpisodeSummary(True, 3, 1, 1, False, 2) if with_end else None
+    blobs = [encode_step(st, sch) for st in steps]
+    msg = columns_message("r1", "e1", TASK, sch, schema_hash(sch), blobs, True, True,
+                          encode_summary(summary) if summary else None)
+    expected = chunk_to_pb(Chunk("r1", "e1", TASK, steps, gap_declared=True, episode_end=summary, evaluation=True), sch)
+    assert msg == expected and msg.n == 3 and msg.first_seq == 5

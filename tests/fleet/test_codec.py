@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fleet.codec import decode_image, decode_tensor, encode_image, encode_tensor
-from fleet.convert import chunk_from_pb, chunk_to_pb, decode_step, encode_step, schema_from_pb, schema_to_pb
+from fleet.convert import chunk_to_pb, columns_from_pb, decode_step, encode_step, schema_from_pb, schema_to_pb
 from fleet.errors import InvalidInput
 from fleet.types import DTYPES, Chunk, EncodedImage, EpisodeSummary, FeatureSpec, Schema, Step
 from fleet.v1 import fleet_pb2 as pb
@@ -85,8 +85,11 @@ def test_step_and_chunk_round_trip():
     assert (back.is_intervention, back.policy_version, back.timestamp_s, back.done) == (True, 3, 123.25, True)
     summary = EpisodeSummary(True, 1, 1, 1, False, 3)
     chunk = Chunk("r1", "ep1", "reach the goal", [step], episode_end=summary, evaluation=True)
-    again = chunk_from_pb(chunk_to_pb(chunk, schema))
+    again = columns_from_pb(chunk_to_pb(chunk, schema), schema)
     assert again.episode_end == summary and again.evaluation and again.task == "reach the goal"
+    np.testing.assert_array_equal(again.columns.observation["state"][0], step.observation["state"])
+    assert again.columns.intervention.tolist() == [True] and again.columns.done.tolist() == [True]
+    assert again.columns.steps(0, schema)[0].timestamp_s == 123.25
     assert schema_from_pb(schema_to_pb(schema)) == schema
 
 

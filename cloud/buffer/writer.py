@@ -1,0 +1,286 @@
+"""The gateway side of the buffer: the one atomic, exactly-once chunk write (frames to the blob
+store first, then one Lua script), and deleting an episode (retention). Layout and the element
+format: :mod:`cloud.buffer.layout`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from cloud.buffer.layout import ROBOTS_KEY, SOURCE_ONLINE, RobotKeys, frames_key
+from fleet.columns import FRAMES_BLOB, Columns, cameras, encode_element, pack_frames
+from fleet.convert import schema_from_dict
+from fleet.errors import InvalidInput, SequenceGap, UnknownRobot
+from fleet.types import EpisodeSummary, Schema
+
+log = logging.getLogger(__name__)
+
+# KEYS: 1 seq, 2 episode list, 3 catalog, 4 labeled, 5 events, 6 stats, 7 registered, 8 episode_ids
+# ARGV: 1 first_seq, 2 n, 3 gap_declared, 4 episode_id, 5 task, 6 source, 7 evaluation,
+#       8 ends_episode, 9 success, 10 policy_version, 11 now_s, 12 label runs "s:e," (relative to the chunk),
+#       13 intervention steps, 14 episode summary JSON (or ""), 15 the element, 16 blob bytes
+# Replies {status, seq, extra}: 1 stored; 0 duplicate; -1 gap; -2 unregistered; -3 summary disagrees;
+# -4 overlaps the stored steps (extra = steps already stored: resend the tail).
+WRITE_CHUNK_LUA = r"""
+if redis.call('EXISTS', KEYS[7]) == 0 then
+  return {-2, 0, 0}
+end
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local first = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local final = first + n - 1
+if final <= last then
+  return {0, last, n}
+end
+if first > last + 1 and ARGV[3] ~= '1' then
+  return {-1, last, 0}
+end
+if first <= last then
+  return {-4, last, last - first + 1}
+end
+local dropped = 0
+if ARGV[3] == '1' and first > last + 1 then dropped = first - last - 1 end
+local before = redis.call('HGET', KEYS[3], ARGV[4])
+local prior = {}
+if before then
+  local ok, decoded = pcall(cjson.decode, before)
+  if ok and type(decoded) == 'table' then prior = decoded end
+end
+local prior_dropped = tonumber(prior.dropped or 0) or 0
+local eplen = tonumber(prior.len or 0) or 0
+local len = eplen + n
+if ARGV[8] == '1' then
+  -- The stored length is the truth: a summary may count the steps the spool dropped, no more.
+  local claimed = tonumber(cjson.decode(ARGV[14]).num_steps)
+  if claimed < len or claimed > len + prior_dropped + dropped then
+    return {-3, len, prior_dropped + dropped}
+  end
+end
+local number = tonumber(prior.n)
+if number == nil then number = redis.call('RPUSH', KEYS[8], ARGV[4] .. '|' .. ARGV[5]) - 1 end
+local element = struct.pack('<I4', eplen) .. string.sub(ARGV[15], 5)
+redis.call('RPUSH', KEYS[2], element)
+local runs = {}
+for s, e in string.gmatch(ARGV[12], '(%d+):(%d+),') do
+  runs[#runs + 1] = number .. '|' .. (eplen + tonumber(s)) .. '|' .. (eplen + tonumber(e))
+end
+if #runs > 0 then redis.call('RPUSH', KEYS[4], unpack(runs)) end
+redis.call('SET', KEYS[1], final)
+local ninter = tonumber(ARGV[13])
+local entry = {task = ARGV[5], len = len, chunks = (tonumber(prior.chunks or 0) or 0) + 1, source = ARGV[6],
+               eval = (ARGV[7] == '1'), ended = (ARGV[8] == '1'), success = (ARGV[9] == '1'),
+               version = tonumber(ARGV[10]), updated_s = tonumber(ARGV[11]),
+               first_s = tonumber(prior.first_s or ARGV[11]), dropped = prior_dropped + dropped, n = number,
+               interventions = (tonumber(prior.interventions or 0) or 0) + ninter,
+               redis_bytes = (tonumber(prior.redis_bytes or 0) or 0) + #element,
+               blob_bytes = (tonumber(prior.blob_bytes or 0) or 0) + tonumber(ARGV[16])}
+redis.call('HSET', KEYS[3], ARGV[4], cjson.encode(entry))
+redis.call('HINCRBY', KEYS[6], 'steps', n)
+redis.call('HINCRBY', KEYS[6], 'intervention_steps', ninter)
+redis.call('HINCRBY', KEYS[6], 'chunks', 1)
+redis.call('HINCRBY', KEYS[6], 'bytes', #element)
+redis.call('HINCRBY', KEYS[6], 'blob_bytes', tonumber(ARGV[16]))
+if dropped > 0 then
+  redis.call('HINCRBY', KEYS[6], 'dropped_steps', dropped)
+end
+if ARGV[8] == '1' then
+  redis.call('HINCRBY', KEYS[6], 'episodes', 1)
+  if ARGV[9] == '1' then redis.call('HINCRBY', KEYS[6], 'successes', 1) end
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', '10000', '*', 'episode', ARGV[4], 'task', ARGV[5],
+             'summary', ARGV[14], 'ts', ARGV[11], 'len', len)
+end
+return {1, final, 0}
+"""
+
+# KEYS: 1 episode list, 2 catalog, 3 evicted, 4 stats. ARGV: 1 episode id.
+# Replies {redis bytes, blob bytes, steps} of the deleted episode, or {-1, 0, 0} if it is not stored.
+DELETE_EPISODE_LUA = r"""
+local raw = redis.call('HGET', KEYS[2], ARGV[1])
+if not raw then return {-1, 0, 0} end
+local ok, entry = pcall(cjson.decode, raw)
+if not ok or type(entry) ~= 'table' then entry = {} end
+local bytes = tonumber(entry.redis_bytes or 0) or 0
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[1])
+redis.call('HINCRBY', KEYS[4], 'evicted_episodes', 1)
+redis.call('HINCRBY', KEYS[4], 'evicted_bytes', bytes)
+return {bytes, tonumber(entry.blob_bytes or 0) or 0, tonumber(entry.len or 0) or 0}
+"""
+
+
+def label_runs(labels: np.ndarray) -> str:
+    """``"s:e,"`` for every run of True in ``labels`` (vectorised: no per-step Python)."""
+    if not labels.any():
+        return ""
+    edges = np.diff(np.concatenate([[0], labels.view(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return "".join(f"{s}:{e}," for s, e in zip(starts.tolist(), ends.tolist()))
+
+
+@dataclass(frozen=True)
+class ChunkWrite:
+    """Everything the atomic write needs, already encoded: the element and its label runs."""
+
+    robot_id: str
+    episode_id: str
+    task: str
+    first_seq: int
+    n: int
+    element: bytes
+    labels: str
+    intervention_steps: int
+    gap_declared: bool = False
+    evaluation: bool = False
+    episode_end: EpisodeSummary | None = None
+    policy_version: int = 0
+    source: str = SOURCE_ONLINE
+    blob_bytes: int = 0
+
+    def keys_and_args(self, now_s: float) -> tuple[list[str], list]:
+        k = RobotKeys(self.robot_id)
+        end = self.episode_end
+        summary = "" if end is None else json.dumps({
+            "success": end.success, "num_steps": end.num_steps, "intervention_steps": end.intervention_steps,
+            "interventions": end.interventions, "evaluation": end.evaluation, "policy_version": end.policy_version,
+            "robot_id": self.robot_id, "task": self.task, "ts": now_s})
+        keys = [k.seq, k.episode(self.episode_id), k.catalog, k.labeled, k.events, k.stats, k.registered,
+                k.episode_ids]
+        args = [self.first_seq, self.n, int(self.gap_declared), self.episode_id, self.task, self.source,
+                int(self.evaluation), int(end is not None), int(bool(end and end.success)), self.policy_version,
+                f"{now_s:.3f}", self.labels, self.intervention_steps, summary, self.element, self.blob_bytes]
+        return keys, args
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    stored_steps: int
+    duplicate_steps: int
+    acked_seq: int
+
+
+@dataclass(frozen=True)
+class EvictedEpisode:
+    """What deleting an episode freed; the caller deletes ``blob_keys`` from the blob store."""
+
+    redis_bytes: int
+    blob_bytes: int
+    steps: int
+    blob_keys: list[str]
+
+
+class BufferWriter:
+    """The gateway's writes over an asyncio Redis client; camera frames go to ``blobs`` (a
+    ``cloud.blobstore.BlobStore``) when given, else inline in the Redis element."""
+
+    def __init__(self, redis, blobs=None, codec: str = "zstd"):
+        self._redis = redis
+        self._blobs = blobs
+        self._codec = codec
+        self._script = redis.register_script(WRITE_CHUNK_LUA)
+        self._delete = redis.register_script(DELETE_EPISODE_LUA)
+
+    # --- registrations and robot state ----------------------------------------------------------------------------
+    async def register(self, robot_id: str, record_json: str, registered_s: float) -> None:
+        await self._redis.hset(ROBOTS_KEY, robot_id, record_json)
+        await self._redis.set(RobotKeys(robot_id).registered, f"{registered_s:.3f}")
+
+    async def registration(self, robot_id: str) -> bytes | None:
+        """The robot's registration JSON, or None."""
+        return await self._redis.hget(ROBOTS_KEY, robot_id)
+
+    async def take_schema_change_allowance(self, robot_id: str) -> bool:
+        """Whether an operator allowed a schema change (``fleet robots allow-schema-change``); uses it up."""
+        return await self._redis.getdel(RobotKeys(robot_id).allow_schema_change) is not None
+
+    async def last_seq(self, robot_id: str) -> int:
+        return int(await self._redis.get(RobotKeys(robot_id).seq) or 0)
+
+    async def set_status(self, robot_id: str, fields: dict) -> None:
+        """The robot's last heartbeat / delivery state (``fleet status`` reads it)."""
+        await self._redis.hset(RobotKeys(robot_id).status, mapping=fields)
+
+    async def write(self, robot_id: str, episode_id: str, task: str, cols: Columns, schema: Schema, *, source: str,
+                    labels: np.ndarray, gap_declared: bool, evaluation: bool, episode_end: EpisodeSummary | None,
+                    now_s: float) -> WriteResult:
+        """Store ``cols`` exactly once; returns once every frame object and the Redis write are durable."""
+        skipped = 0
+        while True:
+            blob_bytes = await self._put_frames(robot_id, episode_id, cols, schema)
+            write = ChunkWrite(
+                robot_id, episode_id, task, cols.first_seq, cols.n,
+                encode_element(cols, schema, self._codec, frames_inline=self._blobs is None),
+                label_runs(labels[skipped:]), int(np.count_nonzero(cols.intervention)), gap_declared, evaluation,
+                episode_end, int(cols.policy_version[-1]), source, blob_bytes)
+            keys, args = write.keys_and_args(now_s)
+            status, acked, extra = (int(x) for x in await self._script(keys=keys, args=args))
+            if status != -4:
+                return interpret(status, acked, extra, write, skipped)
+            skipped += extra  # the stored part of an overlapping resend: store the rest as its own element
+            cols = cols.tail(extra)
+
+    async def _schema(self, robot_id: str) -> Schema | None:
+        return await _registered_schema(self._redis, robot_id)
+
+    async def _put_frames(self, robot_id: str, episode_id: str, cols: Columns, schema: Schema) -> int:
+        if self._blobs is None or not cameras(schema):
+            return 0
+        objects = {frames_key(robot_id, episode_id, cols.first_seq, name): pack_frames(cols.frames[name])
+                   for name in cameras(schema)}
+        await asyncio.gather(*(asyncio.to_thread(self._blobs.put, key, data) for key, data in objects.items()))
+        return sum(len(d) for d in objects.values())
+
+    async def delete_episode(self, robot_id: str, episode_id: str, schema: Schema | None = None) -> EvictedEpisode:
+        """Remove one episode from Redis atomically (catalog entry, chunk list) and record the eviction
+        (``evicted`` list: the index drops it). Its label runs stay (a few bytes each; the index ignores
+        them). The caller deletes ``blob_keys`` (frame objects) from the blob store afterwards."""
+        k = RobotKeys(robot_id)
+        blob_keys = []
+        if schema is None:
+            schema = await self._schema(robot_id)
+        if schema is not None and cameras(schema):
+            from fleet.columns import decode_element
+
+            for raw in await self._redis.lrange(k.episode(episode_id), 0, -1):
+                try:
+                    element = decode_element(raw, schema)
+                except InvalidInput:
+                    continue
+                if element.frames_where == FRAMES_BLOB:
+                    blob_keys += [frames_key(robot_id, episode_id, element.columns.first_seq, c)
+                                  for c in cameras(schema)]
+        redis_bytes, blob_bytes, steps = (int(x) for x in await self._delete(
+            keys=[k.episode(episode_id), k.catalog, k.evicted, k.stats], args=[episode_id]))
+        if redis_bytes < 0:
+            return EvictedEpisode(0, 0, 0, [])
+        return EvictedEpisode(redis_bytes, blob_bytes, steps, blob_keys)
+
+
+async def _registered_schema(redis, robot_id: str) -> Schema | None:
+    raw = await redis.hget(ROBOTS_KEY, robot_id)
+    try:
+        return schema_from_dict(json.loads(raw)["schema"]) if raw else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def interpret(status: int, acked: int, extra: int, write: ChunkWrite, skipped: int = 0) -> WriteResult:
+    """Turn the script's reply into a WriteResult, or raise SequenceGap / UnknownRobot / InvalidInput."""
+    if status == -2:
+        raise UnknownRobot(f"robot {write.robot_id!r} is not registered in the buffer (was Redis wiped?); "
+                           f"call Register again")
+    if status == -1:
+        raise SequenceGap(
+            f"robot {write.robot_id!r}: chunk starts at seq {write.first_seq} but the last stored seq is {acked}; "
+            f"resend from seq {acked + 1} (or declare a spool drop with gap_declared)", last_acked_seq=acked)
+    if status == -3:
+        claimed = write.episode_end.num_steps if write.episode_end else 0
+        raise InvalidInput(f"robot {write.robot_id!r} episode {write.episode_id!r}: the episode_end claims "
+                           f"{claimed} steps but {acked} are stored ({extra} declared dropped); nothing was stored")
+    if status == 0:
+        return WriteResult(stored_steps=0, duplicate_steps=write.n + skipped, acked_seq=acked)
+    return WriteResult(stored_steps=write.n, duplicate_steps=skipped, acked_seq=acked)
