@@ -154,6 +154,8 @@ def record_sizes(episodes: Sequence[Episode], cfg: RetentionConfig) -> None:
     metrics.RETENTION_BUDGET_USED.set(total / cfg.max_bytes if cfg.max_bytes else 0.0)
 
 
+MAX_UNDELETED_KEYS = 1_000_000
+"""Frame-object keys kept for the next pass when the blob store is down (beyond: orphans)."""
 DELETE_BATCH = 32
 """Episodes deleted from Redis concurrently (each is one atomic script)."""
 
@@ -181,6 +183,7 @@ class Retention:
                  redis_used: Callable[[], int] | None = None, clock: Callable[[], float] = time.time):
         self.reader, self.writer, self.blobs, self.cfg = reader, writer, blobs, cfg
         self.archive, self.redis_used, self.clock = archive, redis_used, clock
+        self._undeleted: list[str] = []
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         for reason in REASONS:
             for tier in TIERS:
@@ -234,12 +237,15 @@ class Retention:
                 metrics.RETENTION_FAILURES.labels(reason="backend").inc()
                 report.failed += 1
                 break
+        blob_keys = self._undeleted + blob_keys
         if blob_keys and self.blobs is not None:
-            try:  # one batched delete per pass; an object left behind by an outage is an orphan, never read
+            try:  # one batched delete per pass
                 await asyncio.to_thread(self.blobs.delete, blob_keys)
+                self._undeleted = []
             except BackendUnavailable as exc:
-                log.warning("retention: %d frame objects of evicted episodes left in the blob store: %s",
-                            len(blob_keys), exc)
+                # Retried next pass; lost (orphans: never read again, only disk) if this process stops first.
+                self._undeleted = blob_keys[-MAX_UNDELETED_KEYS:]
+                log.warning("retention: %d frame objects of evicted episodes not deleted yet: %s", len(blob_keys), exc)
                 metrics.RETENTION_FAILURES.labels(reason="backend").inc()
         record_sizes([e for e in episodes if (e.robot_id, e.episode_id) not in gone], self.cfg)
         metrics.RETENTION_LAST_PASS.set(time.time())
