@@ -117,7 +117,9 @@ def choose_evictions(episodes: Sequence[Episode], cfg: RetentionConfig, now_s: f
                     break
                 if id(e) not in chosen and scope in scopes_of(e):
                     evict(e, f"{kind}_bytes")
-    if cfg.redis_max_bytes and used_redis[0] > cfg.redis_max_bytes:
+    overhead = 0 if redis_used_bytes is None else redis_used_bytes - sum(e.redis_bytes for e in episodes)
+    if cfg.redis_max_bytes and used_redis[0] > cfg.redis_max_bytes and overhead < cfg.low_watermark * cfg.redis_max_bytes:
+        # (When what no episode accounts for fills the budget alone, evicting episodes cannot help: none go.)
         target = cfg.low_watermark * cfg.redis_max_bytes
         for e in evictable:
             if used_redis[0] <= target:
@@ -195,6 +197,12 @@ class Retention:
         episodes = await asyncio.to_thread(self.reader.episodes)
         used = await asyncio.to_thread(self.redis_used) if self.redis_used and self.cfg.redis_max_bytes else None
         evictions = choose_evictions(episodes, self.cfg, self.clock(), used)
+        if used is not None and used > self.cfg.redis_max_bytes and not any(ev.reason == "redis_bytes"
+                                                                             for ev in evictions):
+            log.warning("Redis uses %d bytes, over retention.redis_max_bytes (%d), but episodes account for only %d: "
+                        "evicting them cannot help; raise the budget or look at what else Redis holds", used,
+                        self.cfg.redis_max_bytes, sum(e.redis_bytes for e in episodes))
+            metrics.RETENTION_FAILURES.labels(reason="redis_overhead").inc()
         report = PassReport(episodes=len(episodes))
         if evictions and self.archive is not None:
             to_archive = [ev.episode for ev in evictions if ev.tier in self.cfg.archive_tiers]
