@@ -239,3 +239,15 @@ def test_frame_objects_left_by_a_blob_store_outage_are_deleted_by_the_next_pass(
     # while the store was down, and the next pass deleted them.
     assert sorted(ev.episode.episode_id for ev in first.evicted) == ["a", "b"] and reader.episodes() == []
     assert second.evicted == [] and list(blobs.list()) == []
+
+
+def test_a_gateway_with_an_impossible_retention_config_exits_2_naming_the_field(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fleet.cli", "gateway", "--listen", "127.0.0.1:0",
+                          "--redis-url", "redis://127.0.0.1:1/0", "--policy-dir", str(tmp_path / "p"),
+                          "--retention.max-bytes", "1000000", "--retention.eviction-order", "online,offline"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out
+    assert "retention.eviction_order (['online', 'offline']) must name each of" in out.stderr, out.stderr
