@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cloud.buffer import ROBOTS_KEY, SOURCE_OFFLINE, SOURCE_ONLINE, RobotKeys
+from cloud.buffer import SOURCE_OFFLINE, SOURCE_ONLINE
+from cloud.buffer.reader import BufferReader
 from fleet import metrics
 from fleet.convert import schema_from_dict
 from fleet.types import Schema
@@ -178,17 +179,12 @@ class BufferIndex:
         order = list(self.robots)
         new = [rid for rid in order if rid not in self._last_event]
         pipe = redis.pipeline(transaction=False)
+        reader = BufferReader(redis)
         for rid in order:
-            keys = RobotKeys(rid)
-            pipe.lrange(keys.labeled, self._seen_labeled.get(rid, 0), -1)
-            # After the labeled entries: every episode number they name is already in this reply.
-            pipe.lrange(keys.episode_ids, len(self._episode_names.get(rid, ())), -1)
-            last = self._last_event.get(rid)
-            pipe.xrange(keys.events, min=b"(" + last if last else "-", max="+")
-            pipe.hget(keys.stats, "steps")
-            pipe.lrange(keys.evicted, self._seen_evicted.get(rid, 0), -1)
+            reader.queue_index_reads(pipe, rid, self._seen_labeled.get(rid, 0), len(self._episode_names.get(rid, ())),
+                                     self._last_event.get(rid), self._seen_evicted.get(rid, 0))
         for rid in new:  # first sight: the catalog too, in case the capped stream lost old episodes
-            pipe.hgetall(RobotKeys(rid).catalog)
+            reader.queue_catalog(pipe, rid)
         replies = pipe.execute()
         catalogs = dict(zip(new, replies[5 * len(order):]))
         added, online_steps = 0, 0
@@ -235,7 +231,7 @@ class BufferIndex:
     def _registrations(self, redis) -> dict[str, dict]:
         """The registry, each entry checked: schema parsable, the fields the index reads of the right types."""
         out = {}
-        for key, raw in redis.hgetall(ROBOTS_KEY).items():
+        for key, raw in BufferReader(redis).registrations_raw().items():
             rid = key.decode(errors="replace") if isinstance(key, bytes) else key
             try:
                 reg = json.loads(raw)

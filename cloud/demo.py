@@ -20,7 +20,8 @@ import numpy as np
 import redis as redis_lib
 
 from cloud.app import Child, gateway_args, spawn
-from cloud.buffer import SOURCE_ONLINE, RobotKeys
+from cloud.buffer import SOURCE_ONLINE
+from cloud.buffer.reader import BufferReader
 from cloud.offline import seed_scripted_demos
 from cloud.status import fleet_status
 from fleet.config import ALGORITHM_NAMES, DEFAULT_TASKS, _require
@@ -85,7 +86,7 @@ class EpisodeLog:
     def poll(self, robot_ids: list[str]) -> None:
         for rid in robot_ids:
             start = b"(" + self._last[rid] if rid in self._last else b"-"
-            for entry_id, fields in self.redis.xrange(RobotKeys(rid).events, min=start, max="+"):
+            for entry_id, fields in BufferReader(self.redis).events(rid, start):
                 self._last[rid] = entry_id
                 summary = json.loads(fields[b"summary"])
                 self.episodes.append(summary)

@@ -34,7 +34,8 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
-from cloud.buffer import SOURCE_ONLINE, RobotKeys
+from cloud.buffer import SOURCE_ONLINE
+from cloud.buffer.reader import BufferReader
 from cloud.status import WINDOW_S, fleet_status
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,9 @@ def buffer_by_task(redis, robots: list[dict]) -> dict[tuple[str, str], tuple[int
 
     Bytes are estimated per robot as its stored bytes times the task's share of its steps
     (a robot's steps share one schema, so they are close in size)."""
-    pipe = redis.pipeline(transaction=False)
+    pipe, reader = redis.pipeline(transaction=False), BufferReader(redis)
     for r in robots:
-        pipe.hvals(RobotKeys(r["robot_id"]).catalog)
+        reader.queue_catalog(pipe, r["robot_id"], values_only=True)
     out: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
     for r, values in zip(robots, pipe.execute() if robots else []):
         per_task: dict[str, int] = defaultdict(int)

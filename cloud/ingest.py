@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import redis.exceptions as redis_errors
 
-from cloud.buffer import ROBOTS_KEY, SOURCE_ONLINE, BufferWriter, RobotKeys, WriteResult
+from cloud.buffer import SOURCE_ONLINE, BufferWriter, WriteResult
 from cloud.validator import MAX_IMAGE_PIXELS, check_columns
 from fleet import PROTOCOL_VERSION, metrics
 from fleet.columns import MAX_STEPS_PER_CHUNK, ColumnChunk, from_chunk, schema_hash
@@ -80,22 +80,21 @@ class Ingest:
                   "source": self._source}
         with self.redis_errors(f"register robot {info.robot_id!r}"):
             await self._check_schema_change(info.robot_id, record["schema"])
-            await self._redis.hset(ROBOTS_KEY, info.robot_id, json.dumps(record))
-            await self._redis.set(RobotKeys(info.robot_id).registered, f"{record['registered_s']:.3f}")
+            await self.writer.register(info.robot_id, json.dumps(record), record["registered_s"])
             self._robots[info.robot_id] = info
             return await self.last_acked_seq(info.robot_id)
 
     async def _check_schema_change(self, robot_id: str, schema: dict) -> None:
         """Refuse a registration whose schema differs from the stored one, unless an operator allowed it
         (the allowance is used up by the change). The trainer cannot mix two schemas of one robot."""
-        raw = await self._redis.hget(ROBOTS_KEY, robot_id)
+        raw = await self.writer.registration(robot_id)
         try:
             before = json.loads(raw)["schema"] if raw else None
         except (ValueError, KeyError, TypeError):
             before = None  # an unreadable registration is replaced
         if before is None or before == schema:
             return
-        if await self._redis.getdel(RobotKeys(robot_id).allow_schema_change) is not None:
+        if await self.writer.take_schema_change_allowance(robot_id):
             log.warning("robot %s registered with a new schema (allowed by an operator)", robot_id)
             return
         raise IncompatiblePeer(f"robot {robot_id!r} registered before with another observation/action schema; "
@@ -104,8 +103,7 @@ class Ingest:
 
     async def last_acked_seq(self, robot_id: str) -> int:
         with self.redis_errors(f"robot {robot_id!r}"):
-            value = await self._redis.get(RobotKeys(robot_id).seq)
-        return int(value or 0)
+            return await self.writer.last_seq(robot_id)
 
     def cached(self, robot_id: str) -> RobotInfo | None:
         """The registration this gateway already holds (no Redis call), if any."""
@@ -120,7 +118,7 @@ class Ingest:
 
     async def _load_robot(self, robot_id: str) -> RobotInfo:
         with self.redis_errors(f"robot {robot_id!r}"):
-            raw = await self._redis.hget(ROBOTS_KEY, robot_id)
+            raw = await self.writer.registration(robot_id)
         if raw is None:
             self._robots.pop(robot_id, None)
             raise UnknownRobot(f"robot {robot_id!r} has not registered; call Register first")

@@ -23,7 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from cloud.buffer import POLICY_LATEST_KEY, ROBOTS_KEY, SOURCE_ONLINE, RobotKeys
+from cloud.buffer import POLICY_LATEST_KEY, SOURCE_ONLINE
+from cloud.buffer.reader import BufferReader
 
 CONNECTED_WITHIN_S = 10.0
 """A robot whose last heartbeat is older than this is shown as disconnected."""
@@ -107,9 +108,9 @@ class TaskWindow:
 def task_windows(redis, robot_ids: list[str], window_s: float, now_s: float) -> dict[str, TaskWindow]:
     """Per task, the episodes that ended in the last ``window_s`` seconds on ``robot_ids``."""
     start_id = f"{max(int((now_s - window_s) * 1000), 0)}-0"
-    pipe = redis.pipeline(transaction=False)
+    pipe, reader = redis.pipeline(transaction=False), BufferReader(redis)
     for rid in robot_ids:
-        pipe.xrange(RobotKeys(rid).events, min=start_id, max="+")
+        reader.queue_events(pipe, rid, start_id)
     out: dict[str, TaskWindow] = {}
     for entries in pipe.execute() if robot_ids else []:
         for _, fields in entries:
@@ -129,13 +130,11 @@ def fleet_status(redis, window_s: float = WINDOW_S, now_s: float | None = None) 
     robots = []
     now = time.time() if now_s is None else now_s
     registrations = {(k.decode() if isinstance(k, bytes) else k): json.loads(v)
-                     for k, v in redis.hgetall(ROBOTS_KEY).items()}
-    pipe = redis.pipeline(transaction=False)
+                     for k, v in BufferReader(redis).registrations_raw().items()}
+    pipe, reader = redis.pipeline(transaction=False), BufferReader(redis)
     ids = sorted(registrations)
     for rid in ids:
-        pipe.hgetall(RobotKeys(rid).status)
-        pipe.hgetall(RobotKeys(rid).stats)
-        pipe.get(RobotKeys(rid).seq)
+        reader.queue_robot_state(pipe, rid)
     replies = pipe.execute() if ids else []
     for i, rid in enumerate(ids):
         reg = registrations[rid]

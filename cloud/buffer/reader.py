@@ -59,6 +59,40 @@ class BufferReader:
                 continue
         return out
 
+    def registrations_raw(self) -> dict:
+        """robot id -> its registration JSON bytes, unparsed (callers that count unreadable ones)."""
+        return self.redis.hgetall(ROBOTS_KEY)
+
+    # --- pipelined reads (queue on ``pipe``, read the replies in order) ------------------------------------------
+    def queue_index_reads(self, pipe, robot_id: str, labeled_from: int, names_from: int, last_event: bytes | None,
+                          evicted_from: int) -> None:
+        """What the trainer's index mirrors incrementally: 5 replies (new label runs, new episode names, new
+        episode-end events, the robot's stored step count, new eviction records)."""
+        k = RobotKeys(robot_id)
+        pipe.lrange(k.labeled, labeled_from, -1)
+        pipe.lrange(k.episode_ids, names_from, -1)  # after the runs: every number they name is in this reply
+        pipe.xrange(k.events, min=b"(" + last_event if last_event else "-", max="+")
+        pipe.hget(k.stats, "steps")
+        pipe.lrange(k.evicted, evicted_from, -1)
+
+    def queue_catalog(self, pipe, robot_id: str, values_only: bool = False) -> None:
+        k = RobotKeys(robot_id).catalog
+        pipe.hvals(k) if values_only else pipe.hgetall(k)
+
+    def queue_events(self, pipe, robot_id: str, start="-") -> None:
+        """Episode-end events from ``start`` (a stream id; "(" + id for after it)."""
+        pipe.xrange(RobotKeys(robot_id).events, min=start, max="+")
+
+    def events(self, robot_id: str, start="-") -> list:
+        return self.redis.xrange(RobotKeys(robot_id).events, min=start, max="+")
+
+    def queue_robot_state(self, pipe, robot_id: str) -> None:
+        """3 replies: the last heartbeat (hash), the counters (hash), the last durable seq."""
+        k = RobotKeys(robot_id)
+        pipe.hgetall(k.status)
+        pipe.hgetall(k.stats)
+        pipe.get(k.seq)
+
     def schema(self, robot_id: str) -> Schema | None:
         raw = self.redis.hget(ROBOTS_KEY, robot_id)
         try:

@@ -184,6 +184,26 @@ class BufferWriter:
         self._script = redis.register_script(WRITE_CHUNK_LUA)
         self._delete = redis.register_script(DELETE_EPISODE_LUA)
 
+    # --- registrations and robot state ----------------------------------------------------------------------------
+    async def register(self, robot_id: str, record_json: str, registered_s: float) -> None:
+        await self._redis.hset(ROBOTS_KEY, robot_id, record_json)
+        await self._redis.set(RobotKeys(robot_id).registered, f"{registered_s:.3f}")
+
+    async def registration(self, robot_id: str) -> bytes | None:
+        """The robot's registration JSON, or None."""
+        return await self._redis.hget(ROBOTS_KEY, robot_id)
+
+    async def take_schema_change_allowance(self, robot_id: str) -> bool:
+        """Whether an operator allowed a schema change (``fleet robots allow-schema-change``); uses it up."""
+        return await self._redis.getdel(RobotKeys(robot_id).allow_schema_change) is not None
+
+    async def last_seq(self, robot_id: str) -> int:
+        return int(await self._redis.get(RobotKeys(robot_id).seq) or 0)
+
+    async def set_status(self, robot_id: str, fields: dict) -> None:
+        """The robot's last heartbeat / delivery state (``fleet status`` reads it)."""
+        await self._redis.hset(RobotKeys(robot_id).status, mapping=fields)
+
     async def write(self, robot_id: str, episode_id: str, task: str, cols: Columns, schema: Schema, *, source: str,
                     labels: np.ndarray, gap_declared: bool, evaluation: bool, episode_end: EpisodeSummary | None,
                     now_s: float) -> WriteResult:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from cloud.buffer import ROBOTS_KEY, SOURCE_ONLINE
+from cloud.buffer import SOURCE_ONLINE
 from cloud.buffer.reader import BufferReader
 from fleet.columns import decode_element
 from fleet.convert import schema_from_dict
@@ -118,7 +118,7 @@ def _rate(value) -> float:
 
 def select_episodes(redis, flt: ExportFilter) -> list[EpisodeRef]:
     """The episodes that pass ``flt``, oldest first (reads catalogs and each episode's first step)."""
-    robots = {_text(k): json.loads(v) for k, v in redis.hgetall(ROBOTS_KEY).items()}
+    robots = {_text(k): json.loads(v) for k, v in BufferReader(redis).registrations_raw().items()}
     unknown = sorted(set(flt.robots) - set(robots))
     if unknown:
         raise ConfigError(f"unknown robot(s) {unknown}; registered: {sorted(robots)}")

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from cloud.buffer import RobotKeys
 from cloud.gateway.backpressure import InflightLimiter
 from cloud.gateway.interceptors import map_errors
 from cloud.gateway.policy_feed import PolicyFeed
@@ -129,7 +128,7 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
                                "tasks it registered")
         now = time.time()
         with self._ingest.redis_errors(f"heartbeat of robot {request.robot_id!r}"):
-            await self._redis.hset(RobotKeys(request.robot_id).status, mapping={
+            await self._ingest.writer.set_status(request.robot_id, {
                 "last_seen_s": now, "policy_version": request.policy_version, "spool_steps": request.spool_steps,
                 "spool_bytes": request.spool_bytes, "state": request.state, "task": request.task,
                 "steps_per_s": request.steps_per_s, "intervention_rate": request.intervention_rate,
