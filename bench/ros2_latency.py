@@ -1,7 +1,7 @@
 """ROS 2 control path: observation -> action latency through DDS, and control-loop jitter.
 
 The edge's real control loop (ControlLoop at 30 Hz, a zero policy so the number is the path and
-not a network, the agent's JPEG-encoding sink and spool) drives, in one run:
+not a network, the agent's recorder, JPEG-encoding sink and spool) drives, in one run:
 
 * ``ros2``: ``fleet ros2-sim-robot`` as a separate process publishing joint states and one
   480x640 rgb8 camera at 30 Hz, commands as trajectory_msgs/JointTrajectory, through the
@@ -94,20 +94,24 @@ def drive(robot, steps: int, tmp: Path, name: str):
     from edge.images import ImageEncodingSink
     from edge.loop import ControlLoop, LoopConfig
     from edge.operator import NoOperator
+    from edge.recorder import Recorder
     from edge.spool import Spool
     from fleet.policies.base import NullPolicy
 
     timed = TimedRobot(robot)
     spool = Spool(tmp / f"{name}.db", robot.schema)
+    recorder = Recorder(ImageEncodingSink(spool, robot.schema, "jpeg"), spool.skip, name)  # as edge/agent.py
+    recorder.start()
     episode_steps = 150
     loop = ControlLoop(name, timed, PolicySlot(NullPolicy(robot.schema.action.shape, robot.schema.action.dtype)),
-                       NoOperator(), ImageEncodingSink(spool, robot.schema, "jpeg"),
+                       NoOperator(), recorder,
                        LoopConfig(control_hz=HZ, max_episode_steps=episode_steps,
                                   max_episodes=max(1, steps // episode_steps)))
     loop.start()
     if not loop.wait_episodes(loop.config.max_episodes, timeout_s=steps / HZ * 3 + 60):
         raise RuntimeError(f"{name}: the loop did not finish ({loop.error!r})")
     loop.stop()
+    recorder.stop()
     spool.close()
     stats = loop.stats()
     return timed, {"steps": stats.steps, "tick_overruns": stats.tick_overruns,

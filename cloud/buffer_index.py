@@ -71,6 +71,8 @@ class Pool:
     def __init__(self) -> None:
         self.by_robot: dict[str, list[Segment]] = {}
         self._cum: dict[str, np.ndarray] = {}
+        self._flat: tuple | None = None
+        """(segments robot after robot, their cumulative lengths, each robot's first cumulative step and steps)"""
 
     @property
     def segments(self) -> list[Segment]:
@@ -85,6 +87,7 @@ class Pool:
         else:
             segs.append(seg)
         self._cum.pop(seg.robot_id, None)
+        self._flat = None
 
     def drop_episode(self, rid: str, eid: str) -> int:
         """Remove one episode's segments; returns the steps removed."""
@@ -96,10 +99,12 @@ class Pool:
         else:
             self.by_robot.pop(rid, None)
         self._cum.pop(rid, None)
+        self._flat = None
         return dropped
 
     def __len__(self) -> int:
-        return sum(int(self.cum(rid)[-1]) for rid in self.by_robot)
+        cum = self._flatten()[1]
+        return int(cum[-1]) if len(cum) else 0
 
     def cum(self, rid: str) -> np.ndarray:
         cum = self._cum.get(rid)
@@ -107,18 +112,24 @@ class Pool:
             cum = self._cum[rid] = np.cumsum([s.length for s in self.by_robot[rid]])
         return cum
 
+    def _flatten(self) -> tuple:
+        if self._flat is None:
+            segs = [seg for segs in self.by_robot.values() for seg in segs]
+            cum = np.cumsum([seg.length for seg in segs], dtype=np.int64)
+            totals = np.array([int(self.cum(rid)[-1]) for rid in self.by_robot], np.int64)
+            firsts = np.concatenate([[0], np.cumsum(totals)[:-1]]).astype(np.int64)
+            self._flat = (segs, cum, firsts, totals)
+        return self._flat
+
     def sample(self, rng: np.random.Generator, n: int) -> list[tuple[Segment, int]]:
-        """``n`` (segment, step index) pairs: a uniform robot, then uniform over its steps."""
-        robots = list(self.by_robot)
-        picks = rng.integers(len(robots), size=n)
-        out: list[tuple[Segment, int]] = []
-        for r, count in zip(*np.unique(picks, return_counts=True)):
-            segs, cum = self.by_robot[robots[r]], self.cum(robots[r])
-            u = rng.integers(cum[-1], size=int(count))
-            seg_index = np.searchsorted(cum, u, side="right")
-            offsets = u - np.where(seg_index > 0, cum[seg_index - 1], 0)
-            out.extend((segs[i], segs[i].start + int(o)) for i, o in zip(seg_index, offsets))
-        return out
+        """``n`` (segment, step index) pairs: a uniform robot, then uniform over its steps (one searchsorted
+        over the pool's segments, robot after robot)."""
+        segs, cum, firsts, totals = self._flatten()
+        r = rng.integers(len(totals), size=n)
+        step = firsts[r] + rng.integers(totals[r])
+        seg_index = np.searchsorted(cum, step, side="right")
+        offsets = step - np.concatenate([[0], cum])[seg_index]
+        return [(segs[i], segs[i].start + o) for i, o in zip(seg_index.tolist(), offsets.tolist())]
 
 
 @dataclass

@@ -22,13 +22,11 @@ import numpy as np
 from cloud.buffer.reader import BufferReader
 from fleet.codec import decode_image
 from fleet.columns import Element, decode_element
-from fleet import errors
-from fleet.errors import InvalidInput
+from fleet.errors import BlobNotFound, InvalidInput
 from fleet.types import EncodedImage, Schema
 
 log = logging.getLogger(__name__)
 
-BlobNotFound = getattr(errors, "BlobNotFound", LookupError)  # fleet.errors gains it with cloud/blobstore.py
 
 
 class UnusableEpisode(Exception):

@@ -26,7 +26,7 @@ from fleet import PROTOCOL_VERSION, metrics
 from fleet.columns import MAX_STEPS_PER_CHUNK, ColumnChunk, from_chunk, schema_hash
 from fleet.convert import schema_from_dict, schema_to_dict
 from fleet.errors import BackendUnavailable, IncompatiblePeer, InvalidInput, Overloaded, SchemaMismatch, UnknownRobot
-from fleet.names import check_id, check_task, shown
+from fleet.names import check_id, check_task
 from fleet.types import Chunk, RobotInfo
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ import numpy as np
 from cloud.buffer import SOURCE_OFFLINE, SOURCE_ONLINE
 from cloud.buffer_index import BufferIndex, DataSpec, LabeledIndex, Position, Segment
 from cloud.episode_cache import UNDECODABLE, EpisodeCache, UnusableEpisode
-from fleet.errors import ConfigError
+from cloud.frames import CorruptFrames, FrameDecoder
+from fleet.errors import BlobNotFound, ConfigError
 
 __all__ = ["BufferIndex", "DataSpec", "LabeledIndex", "Position", "Prefetcher", "Sampler", "SamplerConfig",
            "Segment"]
@@ -58,7 +59,9 @@ class SamplerConfig:
     prefetch_depth: int = 4
     """Batches kept ready by the background loader."""
     cache_bytes: int = 1 << 30
-    """RAM for decoded episodes (FIFO); Redis stays the source of truth."""
+    """RAM for cached episodes (FIFO): low-dim columns and encoded frames; Redis stays the source of truth."""
+    decode_workers: int = 2
+    """Threads decoding camera frames into each batch (simplejpeg releases the GIL); 0 = the sampling thread."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and self.alpha > 0):
@@ -70,6 +73,8 @@ class SamplerConfig:
                               "must satisfy 0 <= min <= max <= 1")
         if self.prefetch_depth < 1:
             raise ConfigError(f"sampler.prefetch_depth ({self.prefetch_depth}) must be >= 1")
+        if self.decode_workers < 0:
+            raise ConfigError(f"sampler.decode_workers ({self.decode_workers}) must be >= 0")
         if self.cache_bytes < 0:
             raise ConfigError(f"sampler.cache_bytes ({self.cache_bytes}) must be >= 0")
 
@@ -94,6 +99,7 @@ class Sampler:
         """False for a policy without cameras: frames are never decoded (batches carry no ``obs/<camera>``)."""
         self._shapes = None
         self._schema = None
+        self._decoder: FrameDecoder | None = None
         self.cache = EpisodeCache(redis, self.config.cache_bytes, self._trainer_schema, blobs)
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
@@ -215,31 +221,44 @@ class Sampler:
                                       f"step {t} was sampled but only {ep.end} are stored (the episode's summary "
                                       f"claims {seg.episode_len})")
 
-    def _frames(self, seg, ep, t: int) -> dict[str, np.ndarray]:
-        """Step ``t``'s decoded frames; UnusableEpisode if one cannot be decoded or has the wrong size."""
+    def _decode_frames(self, picks, episodes, steps: list[int], prefix: str) -> dict[str, np.ndarray]:
+        """Each camera's frames of the picks, decoded into one preallocated batch array by the GIL-free
+        decode pool (``cloud.frames``); a frame that cannot be read makes its episode unusable."""
         _, images, _ = self._expected()
-        try:
-            frames = ep.images_at(t)
-        except UNDECODABLE as exc:
-            raise UnusableEpisode(seg.robot_id, seg.episode_id, "corrupt_image",
-                                  f"a stored image cannot be decoded ({exc!r})") from None
-        for name, frame in frames.items():
-            if name in images and frame.shape != images[name]:
+        if self._decoder is None:
+            self._decoder = FrameDecoder(self.config.decode_workers)
+        out = {}
+        for name in episodes[0].cameras:
+            try:
+                blobs = [ep.encoded_frame(t, name).data for ep, t in zip(episodes, steps)]
+            except UNDECODABLE + (BlobNotFound,) as exc:
+                bad = next(i for i, (ep, t) in enumerate(zip(episodes, steps)) if not _has_frame(ep, t, name))
+                raise UnusableEpisode(picks[bad][0].robot_id, picks[bad][0].episode_id, "corrupt_image",
+                                      f"camera {name!r} frames cannot be read ({exc!r})") from None
+            frames = np.empty((len(blobs), *images[name]), np.uint8)
+            try:
+                self._decoder.decode_into(blobs, frames)
+            except CorruptFrames as exc:
+                err = exc.errors[0]
+                seg = picks[err.index][0]
                 raise UnusableEpisode(seg.robot_id, seg.episode_id, "corrupt_image",
-                                      f"image {name!r} decodes to {frame.shape}, registered {images[name]}")
-        return frames
+                                      f"camera {name!r}: {err.detail}") from None
+            out[f"{prefix}/{name}"] = frames
+        return out
 
     def _collate(self, picks, episodes) -> dict[str, np.ndarray]:
         """Gather every window with one fancy index into the cache's arena (flat rows; no per-step Python)."""
         B, H, look = len(picks), self.horizon, self.spec.lookahead_steps
         arena = episodes[0].arena
         task_ids = {task: i for i, task in enumerate(self.tasks)}
-        t_all = np.fromiter((t for _, t, _, _ in picks), np.int64, B)
-        labels_all = np.fromiter((seg.labels_all for seg, _, _, _ in picks), bool, B)
-        episode_len = np.fromiter((seg.episode_len for seg, _, _, _ in picks), np.int64, B)
-        base = np.fromiter((ep.base for ep in episodes), np.int64, B)
-        length = np.fromiter((ep.length for ep in episodes), np.int64, B)
-        lt = t_all - np.fromiter((ep.offset for ep in episodes), np.int64, B)
+        max_len = self.index.task_max_len
+        cols = list(zip(*[(t, seg.labels_all, seg.episode_len, ep.base, ep.length, t - ep.offset,
+                           task_ids.get(task, -1), source == SOURCE_ONLINE, seg.success,
+                           max_len.get(task, seg.episode_len))
+                          for (seg, t, task, source), ep in zip(picks, episodes)]))
+        t_all, episode_len, base, length, lt, task_index, task_max_len = (
+            np.array(cols[k], np.int64) for k in (0, 2, 3, 4, 5, 6, 9))
+        labels_all, is_online, success = (np.array(cols[k], bool) for k in (1, 7, 8))
         idx = lt[:, None] + np.arange(H)
         inside = idx < length[:, None]
         rows = base[:, None] + np.minimum(idx, length[:, None] - 1)
@@ -254,25 +273,22 @@ class Sampler:
             batch.update({f"next/{k}": v[nxt] for k, v in arena.low.items()})
             batch["has_next"] = t_all + look < np.where(episode_len > 0, episode_len, t_all - lt + length)
         if self.use_images and episodes[0].cameras:
-            images: dict[str, list[np.ndarray]] = defaultdict(list)
-            next_images: dict[str, list[np.ndarray]] = defaultdict(list)
-            for (seg, t, _, _), ep, l in zip(picks, episodes, lt.tolist()):
-                for name, frame in self._frames(seg, ep, l).items():
-                    images[name].append(frame)
-                if look:
-                    for name, frame in self._frames(seg, ep, min(l + look, ep.length - 1)).items():
-                        next_images[name].append(frame)
-            batch.update({f"obs/{k}": np.stack(v) for k, v in images.items()})
-            batch.update({f"next/{k}": np.stack(v) for k, v in next_images.items()})
-        batch.update(
-            action=actions, action_is_pad=~keep, t=t_all, episode_len=episode_len,
-            task_index=np.fromiter((task_ids.get(task, -1) for _, _, task, _ in picks), np.int64, B),
-            task_max_len=np.fromiter((self.index.task_max_len.get(task, seg.episode_len)
-                                      for seg, _, task, _ in picks), np.int64, B),
-            is_online=np.fromiter((source == SOURCE_ONLINE for _, _, _, source in picks), bool, B),
-            is_intervention=arena.intervention[now],
-            success=np.fromiter((seg.success for seg, _, _, _ in picks), bool, B))
+            batch.update(self._decode_frames(picks, episodes, lt.tolist(), "obs"))
+            if look:
+                ahead = np.minimum(lt + look, length - 1).tolist()
+                batch.update(self._decode_frames(picks, episodes, ahead, "next"))
+        batch.update(action=actions, action_is_pad=~keep, t=t_all, episode_len=episode_len, task_index=task_index,
+                     task_max_len=task_max_len, is_online=is_online, is_intervention=arena.intervention[now],
+                     success=success)
         return batch
+
+
+def _has_frame(ep, t: int, camera: str) -> bool:
+    try:
+        ep.encoded_frame(t, camera)
+        return True
+    except UNDECODABLE + (BlobNotFound,):
+        return False
 
 
 class Prefetcher:

@@ -2,11 +2,12 @@
 
 Built in data-flow order, stopped in reverse:
 
-    robot -> control loop (fixed Hz; policy from the PolicySlot; operator) -> spool (disk)
-          -> streamer (gRPC, acks) ...... gateway ...... updater -> PolicySlot (hot-swap between episodes)
+    robot -> control loop (fixed Hz; policy from the PolicySlot; operator) -> recorder (bounded queue;
+          its thread encodes frames) -> spool (disk) -> streamer (gRPC, acks) ...... gateway ......
+          updater -> PolicySlot (hot-swap between episodes)
 
-The loop only touches the robot, the PolicySlot and the spool; the network
-threads never block it. On start the agent acts with the last good policy on
+The loop only touches the robot, the PolicySlot and the recorder's queue; encoding,
+the disk and the network threads never block it. On start the agent acts with the last good policy on
 local disk (checksums verified) if there is one, else waits for the first
 version from the cloud.
 """
@@ -26,6 +27,7 @@ from edge.hotswap import PolicySlot
 from edge.images import ImageEncodingSink
 from edge.loop import ControlLoop, LoopConfig
 from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
+from edge.recorder import Recorder
 from edge.robots.base import make_robot
 from edge.safety import ActionGuard, SafetyConfig
 from edge.spool import Spool
@@ -71,6 +73,9 @@ class EdgeConfig:
     spool_max_bytes: int = 256 * 1024 * 1024
     """Spool bound; when full, oldest non-intervention steps are dropped first."""
     spool_synchronous: str = "NORMAL"
+    recorder_max_steps: int = 64
+    """Steps the control loop may hand over before they are encoded and spooled (about 2 s at 30 Hz; raw frames
+    in memory: 64 x 0.9 MB per 480x640 camera); when full, the oldest non-intervention step is dropped (a gap)."""
     """Spool durability: NORMAL survives a crash of the edge process (kill -9), FULL also a power loss."""
     control_hz: float = 20.0
     """Control rate, ticks per second (held in real time)."""
@@ -122,6 +127,7 @@ class EdgeConfig:
         _require(self.spool_max_bytes > 0, f"spool_max_bytes ({self.spool_max_bytes}) must be > 0")
         _require(self.spool_synchronous in ("NORMAL", "FULL"),
                  f"spool_synchronous must be NORMAL or FULL, got {self.spool_synchronous!r}")
+        _require(self.recorder_max_steps >= 1, f"recorder_max_steps ({self.recorder_max_steps}) must be >= 1")
         _require(self.duration_s >= 0, f"duration_s ({self.duration_s}) must be >= 0")
         _require(self.policy_max_bytes > 0, f"policy_max_bytes ({self.policy_max_bytes}) must be > 0")
 
@@ -190,14 +196,15 @@ class EdgeAgent:
             operator = SimulatedOperator(cfg.operator_config)
         else:  # the robot's own intervention source: a teleoperator or an intervention topic
             operator = self.robot.make_operator()
-        sink = ImageEncodingSink(self.spool, self.robot.schema, cfg.image_encoding)
+        self.recorder = Recorder(ImageEncodingSink(self.spool, self.robot.schema, cfg.image_encoding),
+                                 self.spool.skip, cfg.robot_id, max_steps=cfg.recorder_max_steps)
         self.guard = ActionGuard(cfg.safety, tuple(self.robot.schema.action.shape), cfg.control_hz, cfg.robot_id,
                                  dtype=self.robot.schema.action.dtype)
         if not cfg.safety.has_limits and cfg.backend != "metaworld":
             log.warning("robot %s: no safety limits configured: actions are only checked for NaN/Inf (set "
                         "safety.position_min/max, max_velocity: docs/robots.md)", cfg.robot_id)
         self.robot.action_filter = self.guard.operator_filter
-        self.loop = ControlLoop(cfg.robot_id, self.robot, self.slot, operator, sink,
+        self.loop = ControlLoop(cfg.robot_id, self.robot, self.slot, operator, self.recorder,
                                 LoopConfig(control_hz=cfg.control_hz, max_episode_steps=cfg.max_episode_steps,
                                            eval_every=cfg.eval_every, seed=cfg.seed),
                                 on_episode_end=self._on_episode_end, guard=self.guard)
@@ -264,6 +271,7 @@ class EdgeAgent:
         ``stop`` (e.g. set by SIGTERM) interrupts the wait for a first policy."""
         stop = stop or self._stop
         self.robot.connect()
+        self.recorder.start()
         self.streamer.start()
         self.updater.start()
         self._heartbeat.start()
@@ -285,12 +293,13 @@ class EdgeAgent:
                  self.cfg.control_hz, self.slot.current.version)
 
     def stop(self, drain_timeout_s: float = 5.0) -> None:
-        """Reverse build order: loop, then wait (bounded) for acks, then network, then robot."""
+        """Reverse build order: loop, recorder (bounded drain), then wait (bounded) for acks, network, robot."""
         self._stop.set()
         notify("STOPPING=1")
         self.watchdog.stop()
         if self.loop.running:
             self.loop.stop()
+        self.recorder.stop(drain_timeout_s)
         seq = self.spool.last_seq()
         if seq and self.streamer.connected.is_set():
             self.streamer.wait_acked(seq, drain_timeout_s)

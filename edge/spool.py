@@ -194,6 +194,12 @@ class Spool:
             log.warning("spool %s: sequence numbers continue after %d (the cloud has more than this spool)",
                         self.path, seq)
 
+    def skip(self, n: int) -> None:
+        """Leave the next ``n`` sequence numbers unused: steps dropped before they reached the spool (the
+        recorder's full queue). The streamer declares the gap as it does for the spool's own drops."""
+        with self._lock:
+            self._next_seq += n
+
     def read_after(self, seq: int, max_steps: int = 64, max_bytes: int = 4 * 1024 * 1024) -> SpoolBatch | None:
         """The next consecutive run of one episode's steps with seq > ``seq`` (None if none).
 

@@ -94,21 +94,27 @@ def tensor_dtype_name(tensor: pb.Tensor) -> str:
 
 
 def encode_image(pixels: np.ndarray, encoding: str = "png", quality: int = 90) -> EncodedImage:
-    """(H, W, C) uint8 pixels -> PNG or JPEG bytes."""
-    from PIL import Image
-
+    """(H, W, C) uint8 pixels -> PNG (Pillow) or JPEG bytes (simplejpeg, 4:2:0 like Pillow's default, but
+    1.5-1.7x faster: bench/jpeg_decode.py). JPEG carries 1 or 3 channels, PNG also 4."""
     pixels = np.asarray(pixels)
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4):
         raise InvalidInput(f"images must be uint8 (H, W, C) with C in 1/3/4, got {pixels.dtype} {pixels.shape}")
     if encoding not in ("png", "jpeg"):
         raise InvalidInput(f"image encoding {encoding!r} is not 'png' or 'jpeg'")
-    img = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
-    buf = io.BytesIO()
-    if encoding == "png":
-        img.save(buf, format="PNG", compress_level=1)
-    else:
-        img.save(buf, format="JPEG", quality=quality)
     h, w, c = pixels.shape
+    if encoding == "jpeg":
+        import simplejpeg
+
+        if c == 4:
+            raise InvalidInput(f"JPEG cannot carry 4 channels (alpha) of a {pixels.shape} image; use png")
+        gray = c == 1
+        data = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=quality,
+                                      colorspace="GRAY" if gray else "RGB", colorsubsampling="Gray" if gray else "420")
+        return EncodedImage(encoding=encoding, height=h, width=w, channels=c, data=data)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0] if c == 1 else pixels).save(buf, format="PNG", compress_level=1)
     return EncodedImage(encoding=encoding, height=h, width=w, channels=c, data=buf.getvalue())
 
 

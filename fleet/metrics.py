@@ -48,6 +48,13 @@ EDGE_SAFETY_VIOLATIONS = Counter("fleet_edge_safety_violations_total",
 EDGE_SPOOL_STEPS = Gauge("fleet_edge_spool_steps", "Steps in the spool not yet acked", ["robot"])
 EDGE_SPOOL_BYTES = Gauge("fleet_edge_spool_bytes", "Bytes in the spool not yet acked", ["robot"])
 EDGE_SPOOL_DROPPED = Counter("fleet_edge_spool_dropped_steps_total", "Steps dropped by the full spool", ["robot"])
+RECORDER_DROP_REASONS = ("queue_full", "unencodable", "shutdown")
+EDGE_RECORDER_DROPPED = Counter("fleet_edge_recorder_dropped_steps_total",
+                                "Steps dropped before the spool (a declared gap): queue_full (encoding/spool fell "
+                                "behind the control loop), unencodable (bad frames), shutdown (not drained in time)",
+                                ["robot", "reason"])
+EDGE_RECORDER_QUEUE = Gauge("fleet_edge_recorder_queue_steps", "Steps handed over by the control loop, not yet "
+                            "encoded and spooled", ["robot"])
 EDGE_POLICY_VERSION = Gauge("fleet_edge_policy_version", "Policy version in use", ["robot"])
 EDGE_POLICY_REJECTED = Counter("fleet_edge_policy_rejected_total",
                                "Policy transfers refused (corrupt: checksum/decode/malformed manifest, retried; "

@@ -28,7 +28,8 @@ class Observation:
     """What the robot reports after a reset or an action."""
 
     features: dict[str, np.ndarray]
-    """Feature name (as in the robot's schema) -> array."""
+    """Feature name (as in the robot's schema) -> array. Fresh arrays: the recorder encodes them later on its own
+    thread, so a backend must not write into an array once it returned it."""
     reward: float = 0.0
     """Reward of the transition that led here (0 after a reset)."""
     success: bool = False

@@ -16,7 +16,6 @@ from fleet import PROTOCOL_VERSION
 from fleet.columns import schema_hash
 from fleet.convert import chunk_to_pb, columns_message, encode_step, encode_summary
 from fleet.types import EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
-from fleet.v1 import fleet_pb2 as pb
 
 TASK = "reach the goal"
 pytestmark = pytest.mark.timeout(60)
