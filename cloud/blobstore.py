@@ -154,8 +154,8 @@ class LocalDirBlobStore(BlobStore):
         return self.root / shard / (key.replace("/", "%") + _SUFFIX)
 
     def put(self, key: str, data: bytes | memoryview) -> None:
-        path = self._path(key)
         with self._measure("put", len(data)):
+            path = self._path(key)
             tmp = path.parent / f".{os.getpid()}-{next(_tmp_ids)}.tmp"  # list() skips names starting with "."
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -174,8 +174,8 @@ class LocalDirBlobStore(BlobStore):
                 raise BackendUnavailable(f"blob store {self.root}: writing {key!r} failed: {exc}") from exc
 
     def get(self, key: str) -> bytes:
-        path = self._path(key)
         with self._measure("get"):
+            path = self._path(key)
             try:
                 data = path.read_bytes()
             except FileNotFoundError:
@@ -186,8 +186,8 @@ class LocalDirBlobStore(BlobStore):
         return data
 
     def delete(self, keys: Sequence[str]) -> None:
-        paths = [self._path(k) for k in keys]
         with self._measure("delete"):
+            paths = [self._path(k) for k in keys]
             shards = set()
             for path in paths:
                 try:
@@ -264,15 +264,15 @@ class S3BlobStore(BlobStore):
             raise self._unavailable(what, exc) from exc
 
     def put(self, key: str, data: bytes | memoryview) -> None:
-        check_key(key)
         with self._measure("put", len(data)):
+            check_key(key)
             self._call(key, self._client.put_object, Key=self.prefix + key, Body=bytes(data))
 
     def get(self, key: str) -> bytes:
         import botocore.exceptions
 
-        check_key(key)
         with self._measure("get"):
+            check_key(key)
             response = self._call(key, self._client.get_object, Key=self.prefix + key)
             try:
                 data = response["Body"].read()
@@ -282,8 +282,8 @@ class S3BlobStore(BlobStore):
         return data
 
     def delete(self, keys: Sequence[str]) -> None:
-        keys = [check_key(k) for k in keys]
         with self._measure("delete"):
+            keys = [check_key(k) for k in keys]
             for start in range(0, len(keys), S3_DELETE_BATCH):
                 batch = keys[start:start + S3_DELETE_BATCH]
                 response = self._call(f"delete of {len(batch)} keys", self._client.delete_objects, Delete={

@@ -117,7 +117,9 @@ def choose_evictions(episodes: Sequence[Episode], cfg: RetentionConfig, now_s: f
                     break
                 if id(e) not in chosen and scope in scopes_of(e):
                     evict(e, f"{kind}_bytes")
-    if cfg.redis_max_bytes and used_redis[0] > cfg.redis_max_bytes:
+    overhead = 0 if redis_used_bytes is None else redis_used_bytes - sum(e.redis_bytes for e in episodes)
+    if cfg.redis_max_bytes and used_redis[0] > cfg.redis_max_bytes and overhead < cfg.low_watermark * cfg.redis_max_bytes:
+        # (When what no episode accounts for fills the budget alone, evicting episodes cannot help: none go.)
         target = cfg.low_watermark * cfg.redis_max_bytes
         for e in evictable:
             if used_redis[0] <= target:
@@ -154,6 +156,8 @@ def record_sizes(episodes: Sequence[Episode], cfg: RetentionConfig) -> None:
     metrics.RETENTION_BUDGET_USED.set(total / cfg.max_bytes if cfg.max_bytes else 0.0)
 
 
+MAX_UNDELETED_KEYS = 1_000_000
+"""Frame-object keys kept for the next pass when the blob store is down (beyond: orphans)."""
 DELETE_BATCH = 32
 """Episodes deleted from Redis concurrently (each is one atomic script)."""
 
@@ -181,6 +185,7 @@ class Retention:
                  redis_used: Callable[[], int] | None = None, clock: Callable[[], float] = time.time):
         self.reader, self.writer, self.blobs, self.cfg = reader, writer, blobs, cfg
         self.archive, self.redis_used, self.clock = archive, redis_used, clock
+        self._undeleted: list[str] = []
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         for reason in REASONS:
             for tier in TIERS:
@@ -192,6 +197,12 @@ class Retention:
         episodes = await asyncio.to_thread(self.reader.episodes)
         used = await asyncio.to_thread(self.redis_used) if self.redis_used and self.cfg.redis_max_bytes else None
         evictions = choose_evictions(episodes, self.cfg, self.clock(), used)
+        if used is not None and used > self.cfg.redis_max_bytes and not any(ev.reason == "redis_bytes"
+                                                                             for ev in evictions):
+            log.warning("Redis uses %d bytes, over retention.redis_max_bytes (%d), but episodes account for only %d: "
+                        "evicting them cannot help; raise the budget or look at what else Redis holds", used,
+                        self.cfg.redis_max_bytes, sum(e.redis_bytes for e in episodes))
+            metrics.RETENTION_FAILURES.labels(reason="redis_overhead").inc()
         report = PassReport(episodes=len(episodes))
         if evictions and self.archive is not None:
             to_archive = [ev.episode for ev in evictions if ev.tier in self.cfg.archive_tiers]
@@ -234,12 +245,15 @@ class Retention:
                 metrics.RETENTION_FAILURES.labels(reason="backend").inc()
                 report.failed += 1
                 break
+        blob_keys = self._undeleted + blob_keys
         if blob_keys and self.blobs is not None:
-            try:  # one batched delete per pass; an object left behind by an outage is an orphan, never read
+            try:  # one batched delete per pass
                 await asyncio.to_thread(self.blobs.delete, blob_keys)
+                self._undeleted = []
             except BackendUnavailable as exc:
-                log.warning("retention: %d frame objects of evicted episodes left in the blob store: %s",
-                            len(blob_keys), exc)
+                # Retried next pass; lost (orphans: never read again, only disk) if this process stops first.
+                self._undeleted = blob_keys[-MAX_UNDELETED_KEYS:]
+                log.warning("retention: %d frame objects of evicted episodes not deleted yet: %s", len(blob_keys), exc)
                 metrics.RETENTION_FAILURES.labels(reason="backend").inc()
         record_sizes([e for e in episodes if (e.robot_id, e.episode_id) not in gone], self.cfg)
         metrics.RETENTION_LAST_PASS.set(time.time())

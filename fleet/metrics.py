@@ -167,7 +167,9 @@ RETENTION_EVICTIONS = Counter("fleet_retention_evictions", "Episodes evicted, by
 RETENTION_EVICTED_BYTES = Counter("fleet_retention_evicted_bytes", "Bytes freed by evictions (mode: redis, blob)",
                                   ["mode"])
 RETENTION_ARCHIVED = Counter("fleet_retention_archived_episodes", "Evicted episodes archived to a LeRobotDataset first")
-RETENTION_FAILURES = Counter("fleet_retention_failures", "Retention passes cut short (reason: backend, archive)",
+RETENTION_FAILURES = Counter("fleet_retention_failures",
+                             "Retention passes cut short (reason: backend, archive) or unable to meet redis_max_bytes "
+                             "(redis_overhead: Redis memory no episode accounts for fills the budget)",
                              ["reason"])
 RETENTION_LAST_PASS = Gauge("fleet_retention_last_pass_timestamp_seconds", "Unix time of the last retention pass")
 

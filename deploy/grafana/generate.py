@@ -257,6 +257,15 @@ def learner() -> dict:
             Panel("Redis reachable from the trainer", [("min(fleet_redis_up)", "up")], kind="stat", width=4),
             Panel("Fleet read from Redis", [("max(fleet_exporter_collect_duration_seconds)", "duration")],
                   kind="stat", unit="s", width=4),
+            Panel("Buffer bytes by retention tier", [("max by (kind, mode) (fleet_retention_buffer_bytes)",
+                                                      "{{kind}} {{mode}}")], unit="bytes",
+                  description="After the last retention pass (docs/storage.md); only while a gateway has budgets."),
+            Panel("Evictions", [(f"sum by (reason, kind) (rate(fleet_retention_evictions_total[{RATE}]))",
+                                 "{{reason}} {{kind}}")], unit="ops",
+                  description="Episodes evicted per second by budget and tier; intervention/offline ones raise "
+                  "FleetRetentionEvictingProtectedData."),
+            Panel("Blob store calls", [(f"sum by (mode, kind, outcome) (rate(fleet_blob_store_operations_total[{RATE}]))",
+                                        "{{mode}} {{kind}} {{outcome}}")], unit="ops"),
         ]),
         ("Gateways", [
             Panel("Connected robots and open streams", [("sum(fleet_gateway_connected_robots)", "robots"),

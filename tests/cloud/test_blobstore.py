@@ -76,10 +76,12 @@ def test_a_file_key_and_a_directory_key_coexist(store):
 @pytest.mark.parametrize("key", ["", "/abs", "a/../b", "..", "a//b", "a/", "sp ace", "é", "a\x00b", "x" * 1025,
                                  "new\nline", "q?x", "a*b"])
 def test_bad_keys_are_refused_before_touching_the_store(store, key):
+    before = ops(store.mode, "put", "invalid")
     for call in (lambda: store.put(key, b"x"), lambda: store.get(key), lambda: store.delete([key])):
         with pytest.raises(InvalidInput):
             call()
     assert list(store.list()) == []
+    assert ops(store.mode, "put", "invalid") == before + 1
 
 
 def test_local_keys_longer_than_a_file_name_are_refused(tmp_path):

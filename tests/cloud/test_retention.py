@@ -197,3 +197,57 @@ def test_an_archive_that_fails_keeps_the_episodes(redis_proc, redis_client, tmp_
     assert report.evicted == [] and report.failed == 2
     assert sorted(e.episode_id for e in reader.episodes()) == ["a", "b"]
     assert REGISTRY.get_sample_value("fleet_retention_failures_total", {"reason": "archive"}) == before + 1
+
+
+def test_one_retention_at_a_time_holds_the_lease(redis_proc, redis_client):
+    cfg = RetentionConfig(max_bytes=1, interval_s=0.05)  # lease: 3 intervals
+    a = Retention(BufferReader(redis_client), None, None, cfg)
+    b = Retention(BufferReader(redis_client), None, None, cfg)
+
+    async def hold(r: Retention) -> bool:
+        return await r._hold_lease()
+
+    assert asyncio.run(hold(a)) and not asyncio.run(hold(b))
+    assert asyncio.run(hold(a))  # renewed by its holder
+    wait_until(lambda: asyncio.run(hold(b)), 5, "the lease of a stopped retention to expire")
+    assert not asyncio.run(hold(a))
+
+
+def test_frame_objects_left_by_a_blob_store_outage_are_deleted_by_the_next_pass(redis_proc, redis_client, s3_server, tmp_path):
+    url = s3_server.url("fleet-retention/frames")
+    _fill(redis_proc, tmp_path, url, "r1", [("a", False), ("b", False)])
+    blobs = open_blob_store(url)
+    reader = BufferReader(redis_client, blobs)
+    objects = sorted(blobs.list())
+    assert len(objects) == 2
+    before = REGISTRY.get_sample_value("fleet_retention_failures_total", {"reason": "backend"}) or 0.0
+    s3_server.kill()
+    async def two_passes():
+        redis = aioredis.Redis.from_url(redis_proc.url)
+        retention = Retention(reader, BufferWriter(redis), blobs, RetentionConfig(max_bytes=1, low_watermark=1.0))
+        try:
+            first = await retention.run_once()
+            assert REGISTRY.get_sample_value("fleet_retention_failures_total", {"reason": "backend"}) == before + 1
+            await asyncio.to_thread(s3_server.restart)
+            second = await retention.run_once()
+            return first, second
+        finally:
+            await redis.aclose()
+
+    first, second = asyncio.run(two_passes())
+    # Redis let go of both episodes at once (the sampler drops them); their frame objects could not be deleted
+    # while the store was down, and the next pass deleted them.
+    assert sorted(ev.episode.episode_id for ev in first.evicted) == ["a", "b"] and reader.episodes() == []
+    assert second.evicted == [] and list(blobs.list()) == []
+
+
+def test_a_gateway_with_an_impossible_retention_config_exits_2_naming_the_field(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fleet.cli", "gateway", "--listen", "127.0.0.1:0",
+                          "--redis-url", "redis://127.0.0.1:1/0", "--policy-dir", str(tmp_path / "p"),
+                          "--retention.max-bytes", "1000000", "--retention.eviction-order", "online,offline"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out
+    assert "retention.eviction_order (['online', 'offline']) must name each of" in out.stderr, out.stderr

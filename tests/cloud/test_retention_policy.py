@@ -83,6 +83,8 @@ def test_redis_budget_uses_redis_used_memory_when_given():
     assert choose_evictions(episodes, cfg, NOW) == []  # 400 bytes in the catalogs
     got = choose_evictions(episodes, cfg, NOW, redis_used_bytes=1150)  # overhead: 1150 used, down to 900
     assert ids(got) == ["e0", "e1", "e2"] and {ev.reason for ev in got} == {"redis_bytes"}
+    # Overhead alone over the budget: evicting every episode could not meet it, so none go for it.
+    assert choose_evictions(episodes, cfg, NOW, redis_used_bytes=2000) == []
 
 
 def test_robot_budget_touches_only_the_robot_over_it():
