@@ -56,9 +56,9 @@ files and then block forever, so a test can SIGKILL the writer mid-checkpoint de
 
 RESUME_HELP = """\
 Resume: the trainer checkpoints its whole training state (policy weights, optimizer, step
-counters, sampler and RNG states, policy version counter) every --checkpoint-every-steps
-steps and --checkpoint-every-s seconds, on SIGTERM/SIGINT and at --max-steps, into
---checkpoint-dir (default: <policy-dir>-checkpoints). A checkpoint
+counters, sampler and RNG states, policy version counter) every --checkpoint_every_steps
+steps and --checkpoint_every_s seconds, on SIGTERM/SIGINT and at --max_steps, into
+--checkpoint_dir (default: <policy-dir>-checkpoints). A checkpoint
 is written to a temp directory and renamed into place, so a crash never leaves a
 half-written one behind as 'complete'. On start the trainer resumes from the newest complete
 checkpoint by itself (half-written ones are ignored with a warning); with no checkpoint it
@@ -66,7 +66,7 @@ takes the weights of the newest published policy, else builds a new policy. --fr
 existing checkpoints aside and starts from a new policy. Published version numbers keep
 rising across restarts. Training data lives in Redis, so a restarted trainer trains on
 everything stored, including what robots sent while it was down. On SIGTERM the trainer
-finishes its optimizer step, checkpoints and exits 0 within --shutdown-timeout-s seconds."""
+finishes its optimizer step, checkpoints and exits 0 within --shutdown_timeout_s seconds."""
 
 
 # --- the nested training state as JSON + named tensors ------------------------------

@@ -1,6 +1,6 @@
 """Data-parallel training across processes, GPUs and nodes (torchrun).
 
-    torchrun --nproc-per-node 4 -m fleet.cli trainer --redis-url ... --policy-dir ...
+    torchrun --nproc-per-node 4 -m fleet.cli trainer --redis_url ... --policy_dir ...
 
 torchrun sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``; without
 them (a plain ``fleet trainer``) everything here is a no-op. With them:

@@ -92,13 +92,13 @@ def seed_scripted_demos(redis_url: str, tasks: Sequence[str], episodes_per_task:
 
     The demos run as fast as the simulator goes, but each step is one control tick of the sim robots,
     so they register the edge agent's default control rate (what an export writes as its fps)."""
-    from edge.agent import EdgeConfig
+    from edge.loop import LoopConfig
     from edge.robots.metaworld import SCHEMA, MetaWorldRobot
 
     episodes = scripted_demos(tasks, episodes_per_task, max_episode_steps, seed)
     instructions = MetaWorldRobot(tasks=tasks).tasks
     written = asyncio.run(_write(redis_url, robot_id, episodes, SCHEMA, instructions,
-                                 control_hz=EdgeConfig.control_hz))
+                                 control_hz=LoopConfig.control_hz))
     success = float(np.mean([s.success for _, _, s in episodes])) if episodes else 0.0
     log.info("seeded %d demo episodes (%d steps, %.0f%% successful)", len(episodes), written, 100 * success)
     return {"episodes": len(episodes), "steps": written, "success_rate": success}

@@ -42,9 +42,9 @@ class StudyConfig:
     device: str = "cpu"
     """Trainer's torch device (cuda on a GPU machine)."""
     policy_args: tuple[str, ...] = ()
-    """Extra `fleet trainer` options for the policy (e.g. --policy.dim-model 64), used for the start policy."""
+    """Extra `fleet trainer` options for the policy (e.g. --policy.dim_model 64), used for the start policy."""
     edge_args: tuple[str, ...] = ()
-    """Extra `fleet sim-fleet` options for every robot (e.g. --edge.operator-config.stall-steps 20)."""
+    """Extra `fleet sim-fleet` options for every robot (e.g. --edge.operator.stall_steps 20)."""
     eval_episodes_per_task: int = 10
     """Held-out evaluation episodes per task for every evaluated version."""
     eval_points: int = 12
@@ -86,8 +86,8 @@ class StudyConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-SMALL_POLICY = ("--policy.dim-model", "64", "--policy.dim-feedforward", "256", "--policy.n-heads", "4",
-                "--policy.n-encoder-layers", "1", "--policy.lr", "1e-3")
+SMALL_POLICY = ("--policy.dim_model", "64", "--policy.dim_feedforward", "256", "--policy.n_heads", "4",
+                "--policy.n_encoder_layers", "1", "--policy.lr", "1e-3")
 """A small ACT for a 2-core CPU: the learner and the robots share the two cores."""
 
 STRICT_OPERATOR = ("--edge.operator-config.divergence-threshold", "0.5", "--edge.operator-config.stall-steps", "15")

@@ -71,7 +71,7 @@ class PolicyConfig:
     freeze_backbone: bool = False
     """Freeze the vision backbone (ACT/Diffusion ResNet; SmolVLA: the whole VLM, train the action expert)."""
     conditioning: str = "none"
-    """Extra policy input: "none", or "advantage" (RECAP's improvement indicator; set by --algorithm recap)."""
+    """Extra policy input: "none", or "advantage" (RECAP's improvement indicator; set by --algorithm.type recap)."""
     cfg_beta: float = 1.0
     """Advantage-conditioned inference: classifier-free guidance weight (1 = plain "Advantage: positive")."""
     precision: str = "fp32"

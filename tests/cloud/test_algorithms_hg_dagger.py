@@ -21,7 +21,7 @@ from edge.hotswap import PolicySlot
 from edge.loop import ControlLoop, LoopConfig
 from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
 from edge.robots.metaworld import SCHEMA, MetaWorldRobot
-from fleet.config import TrainerConfig
+from cloud.trainer_config import TrainerConfig
 from fleet.errors import ConfigError
 from fleet.policies import FleetPolicy, PolicyConfig, build_policy, set_torch_threads
 from tests.cloud.fleet_sim import IngestSink

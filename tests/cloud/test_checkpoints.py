@@ -17,7 +17,7 @@ from cloud.checkpoints import CheckpointDir, CheckpointSchedule, capture_rng, de
 from cloud.offline import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from cloud.trainer import Trainer, checkpoint_dir_for
-from fleet.config import TrainerConfig
+from cloud.trainer_config import TrainerConfig
 from fleet.errors import ConfigError, IntegrityError
 from fleet.policies import PolicyConfig
 

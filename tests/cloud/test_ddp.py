@@ -55,7 +55,7 @@ def _rank_main(rank: int, world_size: int, port: int, redis_url: str, policy_dir
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     from cloud.trainer import Trainer
-    from fleet.config import TrainerConfig
+    from cloud.trainer_config import TrainerConfig
     from fleet.policies import PolicyConfig
 
     small = PolicyConfig(chunk_size=4, n_action_steps=4, dim_model=16, n_heads=2, dim_feedforward=32,

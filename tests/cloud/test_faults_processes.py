@@ -146,8 +146,8 @@ class GatewayProcess:
     def start(self) -> None:
         log = open(self.log_dir / f"gateway-{self.name}.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleet.cli", "gateway", "--listen", f"127.0.0.1:{self.port}", "--redis-url",
-             self.redis_url, "--policy-dir", str(self.policy_dir), "--redis-timeout-s", "2", "--retry-after-s",
+            [sys.executable, "-m", "fleet.cli", "gateway", "--listen", f"127.0.0.1:{self.port}", "--redis_url",
+             self.redis_url, "--policy_dir", str(self.policy_dir), "--redis_timeout_s", "2", "--retry_after_s",
              "0.2"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
@@ -393,9 +393,9 @@ def _last_good_policy(state_dir: Path) -> None:
 def _spawn_edge(robot_id: str, target: str, state_dir: Path) -> subprocess.Popen:
     log = open(state_dir.parent / f"{robot_id}.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleet.cli", "edge", "--robot-id", robot_id, "--gateway", target, "--tasks", TASK,
-         "--state-dir", str(state_dir), "--control-hz", "100", "--max-episode-steps", "400", "--eval-every", "0",
-         "--operator", "false", "--heartbeat-interval-s", "0.5"],
+        [sys.executable, "-m", "fleet.cli", "edge", "--robot_id", robot_id, "--gateway", target, "--tasks", TASK,
+         "--state_dir", str(state_dir), "--loop.control_hz", "100", "--loop.max_episode_steps", "400",
+         "--loop.eval_every", "0", "--interventions", "false", "--heartbeat_interval_s", "0.5"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log.close()
     return proc

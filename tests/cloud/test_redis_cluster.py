@@ -18,7 +18,8 @@ from cloud.sampler import Sampler
 from cloud.trainer import Trainer
 from edge.client import FleetClient
 from fleet import PROTOCOL_VERSION
-from fleet.config import GatewayConfig, TrainerConfig
+from cloud.trainer_config import TrainerConfig
+from fleet.config import GatewayConfig
 from fleet.convert import chunk_to_pb, decode_step
 from fleet.policies import PolicyConfig
 from fleet.redis_client import connect, connect_async, is_cluster
