@@ -33,6 +33,15 @@ from fleet.redis_server import free_port, start_redis
 log = logging.getLogger(__name__)
 
 
+def _demo_trainer() -> TrainerConfig:
+    """A small ACT (LeRobot's defaults are sized for GPUs and long chunks) that learns within minutes on a CPU."""
+    from lerobot.policies.act.configuration_act import ACTConfig
+
+    return TrainerConfig(policy=ACTConfig(chunk_size=10, n_action_steps=5, dim_model=128, n_heads=4,
+                                          dim_feedforward=512, n_encoder_layers=2, n_decoder_layers=1, use_vae=False,
+                                          optimizer_lr=3e-4, pretrained_backbone_weights=None))
+
+
 def _demo_fleet() -> SimFleetConfig:
     return SimFleetConfig(edge=EdgeConfig(loop=LoopConfig(max_episode_steps=120, eval_every=2)))
 
@@ -54,8 +63,8 @@ class DemoConfig:
     """Seconds between progress lines."""
     redis_appendfsync: str = "everysec"
     """Redis AOF fsync: everysec (acked steps survive a Redis crash, ~1 s lost on power loss) or always."""
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    """The trainer (`fleet trainer --help`)."""
+    trainer: TrainerConfig = field(default_factory=_demo_trainer)
+    """The trainer (`fleet trainer --help`); the demo's policy is a small ACT."""
     fleet: SimFleetConfig = field(default_factory=_demo_fleet)
     """The simulated robots (`fleet sim-fleet --help`); the demo runs each as its own `fleet edge` process and
     evaluates every 2nd episode of each robot without the operator (measures autonomous success)."""

@@ -167,7 +167,7 @@ class Trainer:
         index = self._wait_for_data()
         schema = index.schema()
         stats = offline_stats(self.redis, index)
-        policy_cfg = algorithm_class(self.cfg.algorithm.type).policy_config(self.cfg.policy, self.cfg)
+        policy_cfg = algorithm_class(self.cfg.algorithm.type).policy_config(self.cfg.fleet_policy(), self.cfg)
         self.policy = build_policy(policy_cfg, schema, self.cfg.tasks, stats=stats, seed=self.cfg.seed)
         self.resumed_from = "new policy"
         log.info("built a new %s policy for %d tasks (%s)", self.cfg.policy.type, len(self.cfg.tasks),
@@ -235,7 +235,7 @@ class Trainer:
         if state["algorithm"]["name"] != self.cfg.algorithm.type:
             raise ConfigError(f"checkpoint {checkpoint.path} was trained with algorithm "
                               f"{state['algorithm']['name']!r}, not {self.cfg.algorithm.type!r}; pass --fresh to start over")
-        policy_cfg = algorithm_class(self.cfg.algorithm.type).policy_config(self.cfg.policy, self.cfg)
+        policy_cfg = algorithm_class(self.cfg.algorithm.type).policy_config(self.cfg.fleet_policy(), self.cfg)
         wanted = {"policy_config": asdict(policy_cfg), "tasks": list(self.cfg.tasks)}
         have = {k: checkpoint.policy_config.get(k) for k in wanted}
         for part in (wanted, have):

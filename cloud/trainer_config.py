@@ -1,19 +1,25 @@
 """The trainer's configuration (one typed config per process; see fleet/config.py for the
 conventions: a one-line docstring under each field becomes its ``--help``).
 
-``algorithm`` is a choice registry (``--algorithm.type=hg_dagger|recap``, then only that algorithm's
-fields: ``--algorithm.n_step=5``)."""
+``policy`` is LeRobot's own ``PreTrainedConfig`` choice registry (``--policy.type=act|diffusion|smolvla``,
+then that policy's LeRobot fields and defaults: ``--policy.dim_model=256``); ``policy_options`` is what
+fleet adds. ``algorithm`` is a choice registry too (``--algorithm.type=hg_dagger|recap``, then only that
+algorithm's fields: ``--algorithm.n_step=5``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import lerobot.policies  # noqa: F401  (registers LeRobot's policy configs: act, diffusion, smolvla...)
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.policies.act.configuration_act import ACTConfig
 
 from cloud.algorithms import AlgorithmConfig  # noqa: F401  (registers hg_dagger and recap)
 from cloud.algorithms.hg_dagger import HGDAggerConfig
 from cloud.rate_limiter import RateLimiterConfig
 from cloud.sampler import SamplerConfig
 from fleet.config import DEFAULT_TASKS, require
-from fleet.policies.lerobot_adapter import PolicyConfig
+from fleet.policies.policy_config import PolicyConfig, PolicyOptions
 
 
 @dataclass(frozen=True)
@@ -73,8 +79,10 @@ class TrainerConfig:
     terminationGracePeriodSeconds, 30 by default)."""
     distributed_strategy: str = "ddp"
     """Under torchrun: ddp (weights replicated) or fsdp (sharded, for VLAs); see cloud/distributed.py."""
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    """The LeRobot policy to train (type and size)."""
+    policy: PreTrainedConfig = field(default_factory=ACTConfig)
+    """The LeRobot policy to train: --policy.type=act|diffusion|smolvla and that policy's LeRobot fields."""
+    policy_options: PolicyOptions = field(default_factory=PolicyOptions)
+    """What fleet adds to the LeRobot policy (images for ACT/Diffusion, gradient clipping, SmolVLA backbone)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """SOP's sampler: per-task balance and the adaptive online/offline share."""
     rate_limit: RateLimiterConfig = field(default_factory=RateLimiterConfig)
@@ -82,7 +90,15 @@ class TrainerConfig:
     fresh: bool = False
     """Set existing checkpoints aside and start from a new policy (version numbers keep rising)."""
 
+    def fleet_policy(self) -> PolicyConfig:
+        """The policy to build: resolved from ``policy`` and ``policy_options`` (code may pass a fleet
+        ``PolicyConfig`` as ``policy`` directly, as the tests do)."""
+        if isinstance(self.policy, PolicyConfig):
+            return self.policy
+        return PolicyConfig.from_lerobot(self.policy, self.policy_options)
+
     def __post_init__(self) -> None:
+        self.fleet_policy()  # an unsupported type or size is a config error now, not at the first step
         require(self.grad_accumulation_steps >= 1,
                  f"grad_accumulation_steps ({self.grad_accumulation_steps}) must be >= 1")
         require(self.batch_size > 0, f"batch_size ({self.batch_size}) must be > 0")

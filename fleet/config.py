@@ -202,12 +202,19 @@ def _is_config(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+_FACTORY_DEFAULTS: dict[Any, Any] = {}
+
+
 def _default_of(f: dataclasses.Field) -> Any:
+    """A field's default (a factory is called once: LeRobot's configs log when they pick a device)."""
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return dataclasses.MISSING
+    factory = f.default_factory
+    if factory is dataclasses.MISSING:  # type: ignore[comparison-overlap]
+        return dataclasses.MISSING
+    if factory not in _FACTORY_DEFAULTS:
+        _FACTORY_DEFAULTS[factory] = factory()  # type: ignore[operator]
+    return _FACTORY_DEFAULTS[factory]
 
 
 def _choice(tp: type, data: Any, default: Any, path: str) -> type:

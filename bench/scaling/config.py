@@ -87,7 +87,7 @@ class StudyConfig:
 
 
 SMALL_POLICY = ("--policy.dim_model", "64", "--policy.dim_feedforward", "256", "--policy.n_heads", "4",
-                "--policy.n_encoder_layers", "1", "--policy.lr", "1e-3")
+                "--policy.n_encoder_layers", "1", "--policy.optimizer_lr", "1e-3")
 """A small ACT for a 2-core CPU: the learner and the robots share the two cores."""
 
 STRICT_OPERATOR = ("--edge.operator-config.divergence-threshold", "0.5", "--edge.operator-config.stall-steps", "15")
