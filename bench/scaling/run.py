@@ -216,7 +216,7 @@ def run_fleet(cfg: StudyConfig, robots: int, seed: int, start_dir: Path, run_dir
             "--rate_limit.samples_per_insert", "1e12"], logs)
         children["fleet"] = spawn("sim-fleet", [
             "sim-fleet", "--robots", str(robots), "--state_root", str(run_dir / "edge"), "--seed", str(1000 * seed),
-            "--edge.gateway", f"127.0.0.1:{port}", "--edge.tasks", ",".join(instructions(cfg.tasks)),
+            "--edge.gateway", f"127.0.0.1:{port}", "--edge.tasks", json.dumps(list(instructions(cfg.tasks))),
             "--edge.loop.control_hz", str(cfg.control_hz), "--edge.loop.max_episode_steps", str(cfg.max_episode_steps),
             "--edge.loop.eval_every", "0", *cfg.edge_args], logs)
         t0 = _wait_learning(cfg, client, children)
