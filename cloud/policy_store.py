@@ -23,15 +23,16 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from cloud.buffer import POLICY_COUNTER_KEY, policy_keys
 from fleet.signing import ManifestSigner
 from fleet.weights import Manifest, build_manifest, read_safetensors_raw
+
+if TYPE_CHECKING:  # the gateway serves raw bytes (read_safetensors_raw) and never imports torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class DirectoryBackend:
         tmp = self.root / f".tmp-v{manifest.version:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        from safetensors.torch import save_file
+
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"version": str(manifest.version)})
         (tmp / "manifest.json").write_text(manifest.to_json())

@@ -50,7 +50,7 @@ from fleet import delta, metrics
 from fleet.errors import IntegrityError, PolicyRefused, PolicyUnusable
 from fleet.signing import PinnedKeys
 from fleet.types import Schema
-from fleet.weights import TORCH_DTYPES, Manifest, read_safetensors_raw, verify
+from fleet.weights import DTYPE_SIZES, Manifest, read_safetensors_raw, verify
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class Assembler:
             elif name in self._encoded:
                 encoding, data = self._encoded[name]
                 payload[name] = delta.decode(self._held.payload.get(name), encoding, data,
-                                             TORCH_DTYPES[entry.dtype].itemsize, entry.nbytes)
+                                             DTYPE_SIZES[entry.dtype], entry.nbytes)
             elif name in kept and (kept[name].sha256, kept[name].dtype, kept[name].shape) == (
                     entry.sha256, entry.dtype, entry.shape):
                 payload[name] = self._held.payload[name]  # unchanged: verified when it arrived

@@ -22,16 +22,31 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from fleet.errors import IntegrityError
 
-TORCH_DTYPES = {
-    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
-    "bool": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+if TYPE_CHECKING:  # torch is imported where tensors are made: the gateway serves bytes and never imports it
+    import torch
+
+DTYPE_SIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int16": 2,
+               "int32": 4, "int64": 8, "bool": 1}
+"""Bytes per element of every dtype a policy version may hold (the wire's dtype names)."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a wire dtype name."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a torch dtype (one of DTYPE_SIZES)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_SIZES:
+        raise ValueError(f"unsupported tensor dtype {dtype}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -96,11 +111,11 @@ def _entry(t: dict) -> TensorEntry:
     """One manifest tensor, checked for consistency: a known dtype, non-negative integer dimensions and
     ``nbytes`` equal to dtype size x element count (a manifest cannot claim one size and ship another)."""
     name, dtype, shape, nbytes = str(t["name"]), t["dtype"], t["shape"], t["nbytes"]
-    if dtype not in TORCH_DTYPES:
+    if dtype not in DTYPE_SIZES:
         raise ValueError(f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise ValueError(f"tensor {name!r} shape {shape!r} must be a list of non-negative integers")
-    if type(nbytes) is not int or nbytes != TORCH_DTYPES[dtype].itemsize * math.prod(shape):
+    if type(nbytes) is not int or nbytes != DTYPE_SIZES[dtype] * math.prod(shape):
         raise ValueError(f"tensor {name!r}: nbytes {nbytes!r} != {dtype} x {shape}")
     return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), nbytes=nbytes, sha256=str(t["sha256"]),
                        trainable=bool(t.get("trainable", True)))
@@ -108,6 +123,8 @@ def _entry(t: dict) -> TensorEntry:
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """Raw little-endian bytes of a tensor (any dtype, bf16 included)."""
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return b""
@@ -117,7 +134,9 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Rebuild a tensor from raw bytes: shares memory with a ``bytearray`` (never mutate it afterwards), copies
     anything read-only once."""
-    tdtype = TORCH_DTYPES[dtype]
+    import torch
+
+    tdtype = torch_dtype(dtype)
     if len(data) == 0:
         return torch.empty(shape, dtype=tdtype)
     buf = data if isinstance(data, bytearray) else bytearray(data)
@@ -141,7 +160,7 @@ def build_manifest(version: int, parent_version: int, tensors: dict[str, torch.T
         t = tensors[name]
         data = tensor_bytes(t)
         payload[name] = data
-        entries.append(TensorEntry(name=name, dtype=DTYPE_NAMES[t.dtype], shape=tuple(t.shape), nbytes=len(data),
+        entries.append(TensorEntry(name=name, dtype=dtype_name(t.dtype), shape=tuple(t.shape), nbytes=len(data),
                                    sha256=hashlib.sha256(data).hexdigest(),
                                    trainable=True if trainable is None else name in trainable))
     manifest = Manifest(version=version, parent_version=parent_version, tensors=tuple(entries),

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from cloud.policy_store import PolicyStore
 from fleet import delta, metrics
 from fleet.v1 import fleet_pb2 as pb
-from fleet.weights import TORCH_DTYPES, Manifest
+from fleet.weights import DTYPE_SIZES, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def iter_transfer(store: PolicyStore, transfer: Transfer, piece_bytes: int = PIE
         if element_deltas and same_layout:
             if base_payload is None:
                 base_payload = store.payload(transfer.base_version)
-            encoded = delta.encode(base_payload[entry.name], data, TORCH_DTYPES[entry.dtype].itemsize)
+            encoded = delta.encode(base_payload[entry.name], data, DTYPE_SIZES[entry.dtype])
             data, encoding = memoryview(encoded.data), encoded.encoding
         plan.append((entry.name, data, encoding))
     transfer.payload_bytes = sum(len(data) for _, data, _ in plan)
