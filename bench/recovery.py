@@ -41,7 +41,7 @@ import redis as redis_lib  # noqa: E402
 from cloud.app import Child, gateway_args, spawn  # noqa: E402
 from cloud.buffer import RobotKeys  # noqa: E402
 from cloud.checkpoints import CheckpointDir  # noqa: E402
-from cloud.offline import seed_scripted_demos  # noqa: E402
+from edge.sim.demos import seed_scripted_demos  # noqa: E402
 from cloud.trainer import TRAINER_STATUS_KEY  # noqa: E402
 from fleet.convert import decode_step  # noqa: E402
 from fleet.redis_server import free_port, start_redis  # noqa: E402

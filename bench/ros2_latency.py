@@ -146,7 +146,7 @@ def run_ros2(steps: int, tmp: Path) -> dict:
 
 
 def run_metaworld(steps: int, tmp: Path) -> dict:
-    from edge.robots.metaworld import MetaWorldRobot
+    from edge.sim.metaworld import MetaWorldRobot
 
     robot = MetaWorldRobot([TASK], max_episode_steps=150)
     with robot:

@@ -25,7 +25,7 @@ from edge.client import FleetClient
 from edge.hotswap import PolicySlot
 from edge.images import ImageEncodingSink
 from edge.loop import ControlLoop, LoopConfig
-from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
+from edge.operator import NoOperator, OperatorConfig
 from edge.robots.base import make_robot
 from edge.safety import ActionGuard, SafetyConfig
 from edge.spool import Spool, SpoolConfig
@@ -183,7 +183,9 @@ class EdgeAgent:
                                pinned_keys=self.pinned_keys)
         if not cfg.interventions:
             operator = NoOperator()
-        elif cfg.backend == "metaworld":
+        elif cfg.backend == "metaworld":  # simulation only: a real robot's edge never imports edge.sim
+            from edge.sim.operator import SimulatedOperator
+
             operator = SimulatedOperator(cfg.operator)
         else:  # the robot's own intervention source: a teleoperator or an intervention topic
             operator = self.robot.make_operator()

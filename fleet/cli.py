@@ -131,7 +131,7 @@ def _run_edge(cfg) -> int:
 
 
 def _run_sim_fleet(cfg) -> int:
-    from edge.sim_fleet import SimFleet
+    from edge.sim.fleet import SimFleet
 
     stop = _stop_on_signals()
     SimFleet(cfg).run(stop)
@@ -168,7 +168,7 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_seed(args) -> int:
-    from cloud.offline import seed_scripted_demos
+    from edge.sim.demos import seed_scripted_demos
     from edge.loop import LoopConfig
 
     result = seed_scripted_demos(args.redis_url, list(args.tasks), args.episodes_per_task,
@@ -297,7 +297,7 @@ def _fmt(x) -> str:
 
 
 def _run_demo(cfg) -> int:
-    from cloud.demo import run_demo
+    from edge.sim.demo import run_demo
 
     stop = _stop_on_signals()
     summary = run_demo(cfg, stop)
@@ -333,7 +333,7 @@ def _edge_config():
 
 
 def _sim_fleet_config():
-    from edge.sim_fleet import SimFleetConfig
+    from edge.sim.fleet import SimFleetConfig
 
     return SimFleetConfig
 
@@ -345,7 +345,7 @@ def _ros2_sim_robot_config():
 
 
 def _demo_config():
-    from cloud.demo import DemoConfig
+    from edge.sim.demo import DemoConfig
 
     return DemoConfig, "Writes summary.json and learning_curve.png to the run directory."
 

@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloud.trainer_config import TrainerConfig
 from fleet.cli import CONFIG_COMMANDS, build_parser, parse_config
-from fleet.config import GatewayConfig
 from fleet.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cloud.buffer import RobotKeys
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from cloud.trainer import Trainer
 from edge.agent import EdgeAgent, EdgeConfig

@@ -14,7 +14,7 @@ import pytest
 from bench.scaling.analysis import (_speedup, aggregate, effort_bins, summarize_run, time_to, time_to_sustained,
                                     version_at)
 from bench.scaling.config import QUICK, StudyConfig
-from edge.sim_fleet import OPERATOR_SEED_OFFSET, SimFleetConfig
+from edge.sim.fleet import OPERATOR_SEED_OFFSET, SimFleetConfig
 from fleet.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 import tests.lerobot_toys  # noqa: F401  (registers toy_arm / toy_leader with LeRobot)
 from cloud.buffer import ROBOTS_KEY, SOURCE_OFFLINE, policy_keys
 from cloud.ingest import Ingest
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.buffer_index import BufferIndex
 from cloud.trainer import Trainer
 from edge.agent import EdgeAgent, EdgeConfig

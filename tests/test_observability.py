@@ -351,7 +351,7 @@ def kubernetes_like_targets(ports: dict[str, int], grpc_port: int) -> list[dict]
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     from cloud.app import spawn
-    from cloud.offline import seed_scripted_demos
+    from edge.sim.demos import seed_scripted_demos
     from edge.agent import EdgeAgent, EdgeConfig
     from edge.loop import LoopConfig
     from edge.operator import OperatorConfig

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("rclpy", reason="rclpy missing: pip install -e '.[ros2]'")
 
 from cloud.buffer import RobotKeys  # noqa: E402
-from cloud.offline import _write as write_offline  # noqa: E402
+from cloud.offline import write_episodes as write_offline  # noqa: E402
 from cloud.trainer import Trainer  # noqa: E402
 from edge.robots.ros2.config import load_config  # noqa: E402
 from edge.robots.ros2.robot import schema_for  # noqa: E402

@@ -31,7 +31,7 @@ from bench.scaling.config import StudyConfig
 from bench.scaling.machine import machine_cpu_s, process_cpu_s
 from cloud.app import Child, gateway_args, spawn
 from cloud.buffer import SOURCE_ONLINE, RobotKeys
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from cloud.status import fleet_status
 from fleet.redis_server import free_port, start_redis
@@ -45,7 +45,7 @@ POLL_S = 2.0
 
 def instructions(tasks: tuple[str, ...]) -> tuple[str, ...]:
     """Language instructions of MetaWorld tasks (env names or instructions)."""
-    from edge.robots.metaworld import env_name_for, instruction_for
+    from edge.sim.metaworld import env_name_for, instruction_for
 
     return tuple(instruction_for(env_name_for(t)) for t in tasks)
 

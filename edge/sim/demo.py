@@ -21,12 +21,12 @@ import redis as redis_lib
 
 from cloud.app import Child, gateway_args, spawn
 from cloud.buffer import SOURCE_ONLINE, RobotKeys
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.status import fleet_status
 from cloud.trainer_config import TrainerConfig
 from edge.agent import EdgeConfig
 from edge.loop import LoopConfig
-from edge.sim_fleet import SimFleetConfig
+from edge.sim.fleet import SimFleetConfig
 from fleet.config import DEFAULT_TASKS, require
 from fleet.redis_server import free_port, start_redis
 
@@ -79,11 +79,12 @@ class DemoConfig:
 
 
 def _write_config(cfg, path: Path) -> str:
-    """``cfg`` as a YAML file a child reads with ``--config_path`` (the child validates it again)."""
+    """``cfg`` as a JSON file a child reads with ``--config_path`` (the child validates it again; JSON as
+    LeRobot writes its configs: enums as their values)."""
     import draccus
 
-    with open(path, "w") as fh:
-        draccus.dump(cfg, fh)
+    with open(path, "w") as fh, draccus.config_type("json"):
+        draccus.dump(cfg, fh, indent=2)
     return str(path)
 
 
@@ -164,13 +165,13 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
     echo(f"run directory: {run_dir}")
-    _write_config(cfg, run_dir / "config.yaml")
+    _write_config(cfg, run_dir / "config.json")
     redis_proc = start_redis(run_dir / "redis", appendfsync=cfg.redis_appendfsync)
     children: list[Child] = []
     client = redis_lib.Redis.from_url(redis_proc.url)
     try:
         echo(f"redis-server on port {redis_proc.port} (AOF in {redis_proc.data_dir})")
-        from edge.robots.metaworld import MetaWorldRobot
+        from edge.sim.metaworld import MetaWorldRobot
 
         tasks = tuple(MetaWorldRobot(tasks=cfg.tasks).tasks)
         fleet_cfg = cfg.fleet
@@ -182,14 +183,14 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
         children.append(spawn("gateway", gateway_args(f"127.0.0.1:{port}", redis_proc.url, policy_dir), logs))
         trainer = replace(cfg.trainer, redis_url=redis_proc.url, policy_dir=policy_dir, tasks=tasks)
         children.append(spawn("trainer", ["trainer", "--config_path",
-                                          _write_config(trainer, run_dir / "trainer.yaml")], logs))
+                                          _write_config(trainer, run_dir / "trainer.json")], logs))
         fleet_cfg = replace(fleet_cfg, state_root=str(run_dir / "edge"),
                             edge=replace(fleet_cfg.edge, gateway=f"127.0.0.1:{port}", tasks=tasks))
         robots = fleet_cfg.robot_configs()
         robot_ids = [r.robot_id for r in robots]
         for robot in robots:
             children.append(spawn(robot.robot_id, ["edge", "--config_path",
-                                                   _write_config(robot, run_dir / f"{robot.robot_id}.yaml")], logs))
+                                                   _write_config(robot, run_dir / f"{robot.robot_id}.json")], logs))
         echo(f"gateway on 127.0.0.1:{port}; trainer and {cfg.fleet.robots} robots starting (logs in {logs})")
 
         # The clock starts when the first robot acts (v1 published and swapped in).

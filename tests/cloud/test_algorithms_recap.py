@@ -17,8 +17,8 @@ from edge.agent import build_fleet_policy
 from edge.hotswap import PolicySlot
 from edge.loop import ControlLoop, LoopConfig
 from edge.operator import NoOperator
-from edge.robots.metaworld import SCHEMA as METAWORLD_SCHEMA
-from edge.robots.metaworld import MetaWorldRobot
+from edge.sim.metaworld import SCHEMA as METAWORLD_SCHEMA
+from edge.sim.metaworld import MetaWorldRobot
 from cloud.trainer_config import TrainerConfig
 from fleet.errors import ConfigError
 from fleet.policies import PolicyConfig, build_policy, set_torch_threads

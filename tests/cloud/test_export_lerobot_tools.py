@@ -16,9 +16,9 @@ import pytest
 from cloud.buffer import ROBOTS_KEY
 from cloud.export import ExportFilter, iter_steps, select_episodes
 from cloud.export.lerobot import REPO_ID, SIDECAR
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from edge.loop import LoopConfig
-from edge.robots.metaworld import SCHEMA
+from edge.sim.metaworld import SCHEMA
 from fleet.cli import main
 from fleet.convert import schema_from_dict
 

@@ -375,8 +375,8 @@ def test_redis_killed_and_restarted_from_its_aof(cloud, fresh_proxy, drivers):
 
 def _last_good_policy(state_dir: Path) -> None:
     """Leave a tiny ACT policy on the edge's disk as its last good one, so it acts at once."""
-    from edge.robots.metaworld import SCHEMA as MW_SCHEMA
-    from edge.robots.metaworld import MetaWorldRobot
+    from edge.sim.metaworld import SCHEMA as MW_SCHEMA
+    from edge.sim.metaworld import MetaWorldRobot
     from edge.updater import LastGood
     from fleet.policies import PolicyConfig, build_policy
     from fleet.weights import build_manifest

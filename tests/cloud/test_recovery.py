@@ -18,11 +18,11 @@ import pytest
 
 from cloud.buffer import ROBOTS_KEY, RobotKeys
 from cloud.checkpoints import TEST_PAUSE_ENV, CheckpointDir
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from cloud.trainer import TRAINER_STATUS_KEY, Trainer
 from edge.client import FleetClient
-from edge.robots.metaworld import SCHEMA
+from edge.sim.metaworld import SCHEMA
 from fleet import PROTOCOL_VERSION
 from cloud.trainer_config import TrainerConfig
 from fleet.cli import parse_config

@@ -15,7 +15,7 @@ from cloud.buffer import ROBOTS_KEY
 from cloud.policy_store import PolicyStore
 from edge.agent import EdgeAgent, EdgeConfig
 from edge.loop import LoopConfig
-from edge.robots.metaworld import SCHEMA, MetaWorldRobot
+from edge.sim.metaworld import SCHEMA, MetaWorldRobot
 from edge.updater import LastGood
 from fleet.config import GatewayConfig
 from fleet.convert import decode_step

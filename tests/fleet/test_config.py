@@ -11,10 +11,10 @@ import typing
 
 import pytest
 
-from cloud.demo import DemoConfig
+from edge.sim.demo import DemoConfig
 from cloud.trainer_config import TrainerConfig
 from edge.agent import EdgeConfig
-from edge.sim_fleet import SimFleetConfig
+from edge.sim.fleet import SimFleetConfig
 from fleet.config import GatewayConfig, _is_choice, _is_config, field_docs, parse
 
 PROCESS_CONFIGS = (GatewayConfig, TrainerConfig, EdgeConfig, SimFleetConfig, DemoConfig)
@@ -121,3 +121,16 @@ def test_help_shows_one_spelling_per_flag_with_its_docstring():
     assert "--streamer.window_chunks" in out.stdout and "--streamer.window-chunks" not in out.stdout
     assert "--redis" not in out.stdout and "--state-dir" not in out.stdout and "--state_dir" in out.stdout
     assert "Chunks sent and not yet acked at once" in out.stdout
+
+
+def test_the_demo_hands_its_children_configs_that_read_back_equal(tmp_path):
+    """The demo writes the trainer's and each robot's config as a file (``--config_path``): same configs,
+    no re-declared flags, and nothing lost on the way (LeRobot's enums included)."""
+    from edge.sim.demo import _write_config
+
+    demo = parse(DemoConfig, ["--trainer.algorithm.type=recap", "--fleet.robots=2"], prog="fleet demo")
+    trainer = parse(TrainerConfig, ["--config_path", _write_config(demo.trainer, tmp_path / "t.json")], prog="t")
+    assert trainer == demo.trainer and trainer.policy.dim_model == 128
+    for robot in demo.fleet.robot_configs():
+        path = _write_config(robot, tmp_path / f"{robot.robot_id}.json")
+        assert parse(EdgeConfig, ["--config_path", path], prog="fleet edge") == robot
