@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fleet.atomic import commit_dir, fresh_dir, fsync_path
 from fleet.errors import IntegrityError
 
 log = logging.getLogger(__name__)
@@ -156,14 +157,6 @@ class Checkpoint:
     state: dict
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -214,9 +207,7 @@ class CheckpointDir:
         t0 = time.perf_counter()
         self._saves += 1
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"{_TMP_PREFIX}{step:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = fresh_dir(self.root / f"{_TMP_PREFIX}{step:08d}-{os.getpid()}")
         save_file({k: v.detach().to("cpu").contiguous() for k, v in policy_tensors.items()},
                   str(tmp / "model.safetensors"))
         (tmp / "policy.json").write_text(json.dumps(policy_config, sort_keys=True))
@@ -226,17 +217,13 @@ class CheckpointDir:
         (tmp / "state.json").write_text(json.dumps(encoded))
         files = {}
         for f in sorted(tmp.iterdir()):
-            _fsync(f)
             files[f.name] = _sha256(f)
         (tmp / DONE).write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files,
                                             "created_s": time.time()}, indent=1))
-        _fsync(tmp / DONE)
-        _fsync(tmp)
         final = self._final(step)
         if final.exists():  # e.g. saved at this step before a crash; replace it
             shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(self.root)
+        commit_dir(tmp, final)
         self._prune()
         log.info("checkpoint %s written in %.2fs", final, time.perf_counter() - t0)
         return final
@@ -303,7 +290,7 @@ class CheckpointDir:
         aside.mkdir()
         for p in existing:
             os.rename(p, aside / p.name)
-        _fsync(self.root)
+        fsync_path(self.root)
         log.warning("fresh start: moved %d checkpoints from %s to %s", len(existing), self.root, aside)
         return aside
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -29,6 +28,7 @@ from safetensors import safe_open
 
 from cloud.buffer import POLICY_COUNTER_KEY, policy_keys
 from fleet.signing import ManifestSigner
+from fleet.atomic import commit_dir, fresh_dir
 from fleet.weights import Manifest, build_manifest, read_safetensors_raw
 
 if TYPE_CHECKING:  # the gateway serves raw bytes (read_safetensors_raw) and never imports torch
@@ -42,14 +42,6 @@ local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]); return 1 end
 return 0
 """
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @runtime_checkable
@@ -98,20 +90,13 @@ class DirectoryBackend:
         final = self._dir(manifest.version)
         if final.exists():
             raise FileExistsError(f"policy version {manifest.version} already exists at {final}")
-        tmp = self.root / f".tmp-v{manifest.version:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = fresh_dir(self.root / f".tmp-v{manifest.version:08d}-{os.getpid()}")
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"version": str(manifest.version)})
         (tmp / "manifest.json").write_text(manifest.to_json())
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(self.root)
+        commit_dir(tmp, final)
 
     def manifest(self, version: int) -> Manifest:
         return Manifest.from_json(self._file(version, "manifest.json").read_text())
