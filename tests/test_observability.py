@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import math
 import re
 import shutil
@@ -38,6 +37,7 @@ import redis as redis_lib
 import yaml
 
 from fleet import metrics
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -137,18 +137,6 @@ def has(samples: dict, name: str, **labels: str) -> bool:
     return any(n == name and want <= ls for n, ls in samples)
 
 
-def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
-    """Poll ``predicate`` (state of another process: there is no event to wait on) until truthy."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(poll_s)
-
-
 # --- static checks ------------------------------------------------------------------------------
 
 def test_metric_declarations_follow_prometheus_conventions():
@@ -236,20 +224,6 @@ def test_promtool_checks_the_configs_rules_and_alert_unit_tests(tmp_path):
     k8s["rule_files"] = [str(PROM_DIR / f) for f in k8s["rule_files"]]
     (tmp_path / "k8s.yml").write_text(yaml.safe_dump(k8s))
     promtool("check", "config", str(tmp_path / "k8s.yml"), cwd=tmp_path)
-
-
-@pytest.fixture
-def cli_main():
-    """``fleet.cli.main`` in this process; removes the log handler it installs on the captured stderr."""
-    from fleet.cli import main
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield main
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 # --- the live fleet -----------------------------------------------------------------------------

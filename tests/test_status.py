@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import threading
 import time
 import uuid
@@ -71,20 +70,6 @@ def seed_offline(url: str, n: int = 7) -> None:
         finally:
             await redis.aclose()
     asyncio.run(write())
-
-
-@pytest.fixture
-def cli_main():
-    """``fleet.cli.main`` in this process; removes the log handler it installs on the captured stderr."""
-    from fleet.cli import main
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield main
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 @pytest.fixture

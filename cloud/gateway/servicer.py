@@ -144,8 +144,7 @@ def _decode(msg: pb.Chunk) -> Chunk:
         raise
 
 
-def _count_rejection(code: grpc.StatusCode) -> None:
-    metrics.GATEWAY_REJECTED.labels(code=code.name).inc()
+_count_rejection = metrics.count_gateway_rejection
 
 
 class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):

@@ -34,20 +34,12 @@ from fleet import PROTOCOL_VERSION
 from fleet.convert import decode_step
 from fleet.redis_server import RedisProcess, free_port, start_redis
 from fleet.types import EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
+from tests.waiting import wait_until
 
 TASK = "reach the goal"
 SCHEMA = Schema((FeatureSpec("state", "float32", (39,)),), FeatureSpec("action", "float32", (4,)))
 EPISODE_STEPS = 40
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02) -> None:
-    """Poll a condition that lives in another process (no event to wait on)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
 
 
 # --- the network: a TCP proxy that can cut every connection and be repointed -----------------
