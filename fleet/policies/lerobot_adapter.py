@@ -32,6 +32,7 @@ from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
 from safetensors.torch import load_file, save_file
 
+from fleet.convert import schema_from_dict, schema_to_dict
 from fleet.errors import ConfigError, InvalidInput
 from fleet.policies.losses import SAMPLE_LOSSES
 from fleet.policies.norm import MIN_STD, NORM_NAMES, NORM_PREFIX, NormStats
@@ -121,20 +122,6 @@ def _decode_lerobot_config(encoded: Mapping[str, Any]) -> PreTrainedConfig:
         raise ConfigError(f"manifest lerobot_config of type {encoded.get('type')!r} does not round-trip "
                           "through this LeRobot version")
     return decoded
-
-
-def _schema_to_dict(schema: Schema) -> dict[str, Any]:
-    def spec(s: FeatureSpec) -> dict[str, Any]:
-        return {"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "is_image": s.is_image}
-
-    return {"observation": [spec(s) for s in schema.observation], "action": spec(schema.action)}
-
-
-def _schema_from_dict(d: Mapping[str, Any]) -> Schema:
-    def spec(s: Mapping[str, Any]) -> FeatureSpec:
-        return FeatureSpec(s["name"], s["dtype"], tuple(s["shape"]), bool(s["is_image"]))
-
-    return Schema(tuple(spec(s) for s in d["observation"]), spec(d["action"]))
 
 
 class FleetPolicy:
@@ -370,7 +357,7 @@ class FleetPolicy:
     def manifest_config(self) -> dict[str, Any]:
         """JSON-able description from which :meth:`from_manifest` rebuilds this policy."""
         return {"lerobot_config": draccus.encode(self.model.config), "policy_config": asdict(self.config),
-                "tasks": list(self.tasks), "schema": _schema_to_dict(self.schema)}
+                "tasks": list(self.tasks), "schema": schema_to_dict(self.schema)}
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor], version: int) -> None:
         """Copy weights and stats in place (strict names and shapes); clears the action queue."""
@@ -409,7 +396,7 @@ class FleetPolicy:
             policy_config = PolicyConfig(**config["policy_config"])
             lerobot_dict = dict(config["lerobot_config"])
             tasks = tuple(str(t) for t in config["tasks"])
-            schema = _schema_from_dict(config["schema"])
+            schema = schema_from_dict(config["schema"])
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"malformed policy manifest config: {e!r}") from e
         if device is not None:

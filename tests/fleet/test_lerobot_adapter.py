@@ -130,7 +130,7 @@ def test_manifest_round_trip_is_bit_identical(trained: tuple[FleetPolicy, Linear
     manifest = json.loads(json.dumps(policy.manifest_config()))
     assert manifest["lerobot_config"]["type"] == "act"
     assert manifest["schema"]["observation"][1] == {"name": "camera", "dtype": "uint8", "shape": [8, 8, 3],
-                                                   "is_image": True}
+                                                   "is_image": True, "allow_nonfinite": False}
     tensors = policy.tensors()
     assert policy.trainable_names() <= set(tensors)
     assert {k for k in tensors if k.startswith("fleet_norm.")} == {
@@ -227,3 +227,19 @@ def test_norm_stats() -> None:
         NormStats.from_data(np.zeros((0, 2)), np.zeros((0, 1)))
     with pytest.raises(InvalidInput):
         build_policy(PolicyConfig(), schema, ["t"], NormStats.identity(3, 1))
+
+
+def test_manifest_keeps_allow_nonfinite_of_the_schema():
+    """One schema <-> dict (fleet.convert): the adapter's own copy dropped allow_nonfinite."""
+    from fleet.policies import PolicyConfig, build_policy
+    from fleet.types import FeatureSpec, Schema
+
+    schema = Schema((FeatureSpec("state", "float32", (3,)), FeatureSpec("depth", "float32", (2,), False, True)),
+                    FeatureSpec("action", "float32", (2,)))
+    policy = build_policy(PolicyConfig(chunk_size=2, n_action_steps=2, dim_model=16, n_heads=2, dim_feedforward=32,
+                                       n_encoder_layers=1, n_decoder_layers=1), schema, ["t"])
+    config = policy.manifest_config()
+    assert config["schema"]["observation"][1]["allow_nonfinite"] is True
+    from fleet.policies import FleetPolicy
+
+    assert FleetPolicy.from_manifest(config, policy.tensors(), version=1).schema == schema
