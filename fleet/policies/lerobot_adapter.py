@@ -21,7 +21,6 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import draccus
@@ -30,7 +29,6 @@ import torch
 from draccus.utils import DraccusException
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
-from safetensors.torch import load_file, save_file
 
 from fleet.convert import schema_from_dict, schema_to_dict
 from fleet.errors import ConfigError, InvalidInput
@@ -377,17 +375,6 @@ class FleetPolicy:
             self.version = version
             self.model.reset()
 
-    def copy_weights_from(self, other: FleetPolicy) -> None:
-        """Hot update in place from a policy with the same architecture, schema and tasks."""
-        mine, theirs = self.manifest_config(), other.manifest_config()
-        for part in (mine, theirs):
-            for key in _LOCAL_FIELDS:
-                part["lerobot_config"].pop(key, None)
-            part["policy_config"].pop("device", None)
-        if mine != theirs:
-            raise ConfigError("copy_weights_from: the other policy has another config, schema or task list")
-        self.load_tensors(other.tensors(), other.version)
-
     @classmethod
     def from_manifest(cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], version: int,
                       device: str | None = None) -> FleetPolicy:
@@ -418,16 +405,6 @@ class FleetPolicy:
         policy = cls(policy_config, model, schema, tasks, stats, version)
         policy.load_tensors(tensors, version)
         return policy
-
-    def save_safetensors(self, path: str | Path) -> None:
-        """Write :meth:`tensors` to a safetensors file."""
-        save_file(self.tensors(), str(path))
-
-    @classmethod
-    def load_safetensors(cls, path: str | Path, config: Mapping[str, Any], version: int,
-                         device: str | None = None) -> FleetPolicy:
-        """:meth:`from_manifest` with tensors read from a safetensors file."""
-        return cls.from_manifest(config, load_file(str(path)), version, device)
 
 
 def build_policy(config: PolicyConfig, schema: Schema, tasks: Sequence[str], stats: NormStats | None = None,
