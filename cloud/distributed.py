@@ -132,7 +132,8 @@ class Distributed:
             if self.is_main:
                 from fleet.policies import FleetPolicy
 
-                self._shadow = FleetPolicy.from_manifest(policy.manifest_config(), policy.tensors(), policy.version)
+                self._shadow = FleetPolicy.from_manifest(policy.manifest_config(), policy.tensors(), policy.version,
+                                                         device="cpu")  # the full weights never sit on the GPU
             fully_shard(loss_module)
             self.wrapper = loss_module
         else:
