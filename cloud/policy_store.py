@@ -10,10 +10,10 @@ a trainer checkpoint recorded (``ensure_above``), whichever is highest, so they
 stay monotonic across learner restarts: a restarted learner never reuses a
 number that edges already hold with other weights.
 
-Where versions live is a :class:`PolicyBackend`: :class:`DirectoryBackend` (local
-disk or a shared volume) by default; an object store implements the same five
-methods (``put``, ``manifest``, ``payload``, ``tensors``, ``versions``), writing the
-manifest last so that a version is visible only once complete.
+Where versions live is a :class:`PolicyBackend`; the one that exists is
+:class:`DirectoryBackend` (local disk or a shared volume, e.g. a Kubernetes PVC). Another
+backend would implement the same five methods (``put``, ``manifest``, ``payload``,
+``tensors``, ``versions``) and make a version visible only once complete.
 """
 
 from __future__ import annotations
