@@ -93,7 +93,7 @@ def timed(fn) -> float:
 def bench_ros(n: int) -> dict:
     from PIL import Image
 
-    from edge.robots.ros2 import convert
+    from fleet import ros2_convert as convert
     from edge.robots.ros2.config import load_config
     from edge.robots.ros2.robot import Ros2Bridge
 

@@ -125,7 +125,7 @@ def cpu_s(pid: int) -> float:
 
 def run_path(kind: str, target: str, robots: int, steps: int, state_dir: Path, pids: dict[str, int]) -> dict:
     proc = subprocess.Popen([sys.executable, __file__, "--edge-worker", "--kind", kind, "--target", target,
-                             "--robots", str(robots), "--steps", str(steps), "--state-dir", str(state_dir)],
+                             "--robots", str(robots), "--steps", str(steps), "--state_dir", str(state_dir)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "READY", "edge worker failed while filling its spools"
     before = {name: cpu_s(pid) for name, pid in pids.items()}
@@ -218,7 +218,7 @@ def start_gateway(redis_url: str, policy_dir: Path, log_path: Path) -> tuple[sub
     port = free_port()
     log = open(log_path, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "gateway", "--listen", f"127.0.0.1:{port}",
-                             "--redis-url", redis_url, "--policy-dir", str(policy_dir)],
+                             "--redis_url", redis_url, "--policy_dir", str(policy_dir)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             cwd=str(Path(__file__).resolve().parents[1]))
     log.close()
@@ -243,7 +243,7 @@ def main() -> int:
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--state-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--state_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.edge_worker:
         edge_worker(args)

@@ -41,7 +41,7 @@ import redis as redis_lib  # noqa: E402
 from cloud.app import Child, gateway_args, spawn  # noqa: E402
 from cloud.buffer import RobotKeys  # noqa: E402
 from cloud.checkpoints import CheckpointDir  # noqa: E402
-from cloud.offline import seed_scripted_demos  # noqa: E402
+from edge.sim.demos import seed_scripted_demos  # noqa: E402
 from cloud.trainer import TRAINER_STATUS_KEY  # noqa: E402
 from cloud.buffer.reader import BufferReader  # noqa: E402
 from fleet.redis_server import free_port, start_redis  # noqa: E402
@@ -52,12 +52,12 @@ POLL_S = 0.01
 
 
 def trainer_args(redis_url: str, policy_dir: Path, checkpoint_dir: Path) -> list[str]:
-    return ["trainer", "--redis-url", redis_url, "--policy-dir", str(policy_dir), "--checkpoint-dir",
-            str(checkpoint_dir), "--tasks", ",".join(TASKS), "--policy.dim-model", "32", "--policy.n-heads", "2",
-            "--policy.dim-feedforward", "64", "--policy.chunk-size", "5", "--policy.n-action-steps", "5",
-            "--policy.n-encoder-layers", "1", "--policy.n-decoder-layers", "1", "--batch-size", "16",
-            "--seed-bc-steps", "20", "--publish-every-steps", "25", "--min-labeled-steps", "8",
-            "--checkpoint-every-steps", "50", "--checkpoint-every-s", "10"]
+    return ["trainer", "--redis_url", redis_url, "--policy_dir", str(policy_dir), "--checkpoint_dir",
+            str(checkpoint_dir), "--tasks", json.dumps(list(TASKS)), "--policy.dim_model", "32", "--policy.n_heads", "2",
+            "--policy.dim_feedforward", "64", "--policy.chunk_size", "5", "--policy.n_action_steps", "5",
+            "--policy.n_encoder_layers", "1", "--policy.n_decoder_layers", "1", "--batch_size", "16",
+            "--seed_bc_steps", "20", "--publish_every_steps", "25", "--min_labeled_steps", "8",
+            "--checkpoint_every_steps", "50", "--checkpoint_every_s", "10"]
 
 
 def wait(cond, what: str, timeout_s: float, children: list[Child]) -> float:
@@ -124,14 +124,14 @@ class Bench:
 
     def start_edges(self) -> None:
         from edge.agent import EdgeAgent, EdgeConfig
+        from edge.loop import LoopConfig
         from edge.operator import OperatorConfig
 
         stop = threading.Event()
         for i in range(self.robots):
             agent = EdgeAgent(EdgeConfig(robot_id=f"r{i}", gateway=f"127.0.0.1:{self.port}", tasks=TASKS,
-                                         state_dir=str(self.run_dir / "edge" / f"r{i}"), control_hz=30.0,
-                                         max_episode_steps=30, eval_every=0, seed=i, heartbeat_interval_s=1.0,
-                                         operator_config=OperatorConfig(seed=i, segment_steps=10)))
+                                         state_dir=str(self.run_dir / "edge" / f"r{i}"), loop=LoopConfig(control_hz=30.0, max_episode_steps=30, eval_every=0), seed=i, heartbeat_interval_s=1.0,
+                                         operator=OperatorConfig(seed=i, segment_steps=10)))
             self.agents.append(agent)
         starters = [threading.Thread(target=a.start, args=(stop,)) for a in self.agents]
         for t in starters:
@@ -287,7 +287,7 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=0, help="kills of each process (default: 1 quick, 3 full)")
     parser.add_argument("--robots", type=int, default=2, help="simulated robots")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--run-dir", type=Path, help="keep the run here (default: a temp dir)")
+    parser.add_argument("--run_dir", type=Path, help="keep the run here (default: a temp dir)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("edge").setLevel(logging.ERROR)  # reconnect warnings while the gateway is down are expected

@@ -126,9 +126,9 @@ def run_ros2(steps: int, tmp: Path) -> dict:
                        max_episode_steps=100_000)
     stats_path, log_path = tmp / "sim.json", tmp / "sim.log"
     with open(log_path, "wb") as log:
-        sim = subprocess.Popen([sys.executable, "-m", "fleet.cli", "ros2-sim-robot", "--rate-hz", str(HZ),
-                                "--camera-height", str(H), "--camera-width", str(W), "--command-type",
-                                "joint_trajectory", "--max-episode-steps", "100000", "--stats-path", str(stats_path)],
+        sim = subprocess.Popen([sys.executable, "-m", "fleet.cli", "ros2-sim-robot", "--rate_hz", str(HZ),
+                                "--camera_height", str(H), "--camera_width", str(W), "--command_type",
+                                "joint_trajectory", "--max_episode_steps", "100000", "--stats_path", str(stats_path)],
                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -150,7 +150,7 @@ def run_ros2(steps: int, tmp: Path) -> dict:
 
 
 def run_metaworld(steps: int, tmp: Path) -> dict:
-    from edge.robots.metaworld import MetaWorldRobot
+    from edge.sim.metaworld import MetaWorldRobot
 
     robot = MetaWorldRobot([TASK], max_episode_steps=150)
     with robot:

@@ -73,9 +73,9 @@ def spawn(name: str, args: list[str], log_dir: Path, env: dict | None = None) ->
 
 def gateway_args(listen: str, redis_url: str, policy_dir: str, metrics_port: int = 0,
                  embodiment: str = "", insecure: bool = False, blob_url: str = "") -> list[str]:
-    return ["gateway", "--listen", listen, "--redis-url", redis_url, "--policy-dir", policy_dir,
-            *(["--blob-url", blob_url] if blob_url else []),
-            "--metrics-port", str(metrics_port), *(["--embodiment", embodiment] if embodiment else []),
+    return ["gateway", "--listen", listen, "--redis_url", redis_url, "--policy_dir", policy_dir,
+            *(["--blob_url", blob_url] if blob_url else []),
+            "--metrics_port", str(metrics_port), *(["--embodiment", embodiment] if embodiment else []),
             *(["--insecure"] if insecure else [])]
 
 
@@ -89,7 +89,7 @@ def run_learner(listen: str, redis_url: str, policy_dir: str, trainer_args: list
     gateway = spawn("gateway", gateway_args(listen, redis_url, policy_dir, gateway_metrics_port, embodiment,
                                             insecure), log_dir)
     line = ["--embodiment", embodiment] if embodiment else []
-    trainer = spawn("trainer", ["trainer", "--redis-url", redis_url, "--policy-dir", policy_dir, *line,
+    trainer = spawn("trainer", ["trainer", "--redis_url", redis_url, "--policy_dir", policy_dir, *line,
                                 *trainer_args], log_dir)
     log.info("learner: gateway pid %d, trainer pid %d, logs in %s", gateway.proc.pid, trainer.proc.pid, log_dir)
     while not stop.wait(1.0):

@@ -44,6 +44,7 @@ from safetensors.torch import load_file
 
 from cloud.snapshot import HostSnapshot
 from fleet import metrics
+from fleet.atomic import commit_dir, fresh_dir, fsync_path
 from fleet.errors import IntegrityError
 from fleet.weights import write_safetensors
 
@@ -59,9 +60,9 @@ files and then block forever, so a test can SIGKILL the writer mid-checkpoint de
 
 RESUME_HELP = """\
 Resume: the trainer checkpoints its whole training state (policy weights, optimizer, step
-counters, sampler and RNG states, policy version counter) every --checkpoint-every-steps
-steps and --checkpoint-every-s seconds, on SIGTERM/SIGINT and at --max-steps, into
---checkpoint-dir (default: <policy-dir>-checkpoints). A checkpoint
+counters, sampler and RNG states, policy version counter) every --checkpoint_every_steps
+steps and --checkpoint_every_s seconds, on SIGTERM/SIGINT and at --max_steps, into
+--checkpoint_dir (default: <policy-dir>-checkpoints). A checkpoint
 is written to a temp directory and renamed into place, so a crash never leaves a
 half-written one behind as 'complete'. On start the trainer resumes from the newest complete
 checkpoint by itself (half-written ones are ignored with a warning); with no checkpoint it
@@ -69,7 +70,7 @@ takes the weights of the newest published policy, else builds a new policy. --fr
 existing checkpoints aside and starts from a new policy. Published version numbers keep
 rising across restarts. Training data lives in Redis, so a restarted trainer trains on
 everything stored, including what robots sent while it was down. On SIGTERM the trainer
-finishes its optimizer step, checkpoints and exits 0 within --shutdown-timeout-s seconds."""
+finishes its optimizer step, checkpoints and exits 0 within --shutdown_timeout_s seconds."""
 
 
 # --- the nested training state as JSON + named tensors ------------------------------
@@ -160,14 +161,6 @@ class Checkpoint:
     state: dict
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -224,9 +217,7 @@ class CheckpointDir:
         t0 = time.perf_counter()
         self._saves += 1
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"{_TMP_PREFIX}{step:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = fresh_dir(self.root / f"{_TMP_PREFIX}{step:08d}-{os.getpid()}")
         with open(tmp / "model.safetensors", "wb") as fh:  # straight from the tensors' memory
             write_safetensors(fh, {k: v.detach().to("cpu") for k, v in policy_tensors.items()})
         (tmp / "policy.json").write_text(json.dumps(policy_config, sort_keys=True))
@@ -236,17 +227,13 @@ class CheckpointDir:
         (tmp / "state.json").write_text(json.dumps(encoded))
         files = {}
         for f in sorted(tmp.iterdir()):
-            _fsync(f)
             files[f.name] = _sha256(f)
         (tmp / DONE).write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files,
                                             "created_s": time.time()}, indent=1))
-        _fsync(tmp / DONE)
-        _fsync(tmp)
         final = self._final(step)
         if final.exists():  # e.g. saved at this step before a crash; replace it
             shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(self.root)
+        commit_dir(tmp, final)
         self._prune()
         log.info("checkpoint %s written in %.2fs", final, time.perf_counter() - t0)
         return final
@@ -317,7 +304,7 @@ class CheckpointDir:
         aside.mkdir()
         for p in existing:
             os.rename(p, aside / p.name)
-        _fsync(self.root)
+        fsync_path(self.root)
         log.warning("fresh start: moved %d checkpoints from %s to %s", len(existing), self.root, aside)
         return aside
 

@@ -1,6 +1,6 @@
 """Data-parallel training across processes, GPUs and nodes (torchrun).
 
-    torchrun --nproc-per-node 4 -m fleet.cli trainer --redis-url ... --policy-dir ...
+    torchrun --nproc-per-node 4 -m fleet.cli trainer --redis_url ... --policy_dir ...
 
 torchrun sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``; without
 them (a plain ``fleet trainer``) everything here is a no-op. With them:
@@ -132,7 +132,8 @@ class Distributed:
             if self.is_main:
                 from fleet.policies import FleetPolicy
 
-                self._shadow = FleetPolicy.from_manifest(policy.manifest_config(), policy.tensors(), policy.version)
+                self._shadow = FleetPolicy.from_manifest(policy.manifest_config(), policy.tensors(), policy.version,
+                                                         device="cpu")  # the full weights never sit on the GPU
             fully_shard(loss_module)
             self.wrapper = loss_module
         else:

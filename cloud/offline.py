@@ -1,4 +1,5 @@
-"""Seed the buffer's offline part: scripted demonstrations in simulation, or a LeRobotDataset on disk.
+"""Seed the buffer's offline part: episodes given by the caller (scripted demonstrations come from
+``edge/sim/demos.py``), or a LeRobotDataset on disk.
 
 Offline data goes through the same validated, exactly-once write as robot
 data, under a robot id of its own registered with ``source=offline``; the
@@ -9,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,42 +25,9 @@ from fleet.types import Chunk, EpisodeSummary, RobotInfo, Step
 log = logging.getLogger(__name__)
 
 
-def scripted_demos(tasks: Sequence[str], episodes_per_task: int, max_episode_steps: int = 150, seed: int = 0,
-                   noise_std: float = 0.0) -> list[tuple[str, list[Step], EpisodeSummary]]:
-    """Run MetaWorld's scripted experts (as fast as possible) and return the episodes."""
-    from edge.operator import OperatorConfig, SimulatedOperator
-    from edge.robots.metaworld import MetaWorldRobot
-
-    robot = MetaWorldRobot(tasks=tasks, seed=seed, max_episode_steps=max_episode_steps)
-    expert = SimulatedOperator(OperatorConfig(seed=seed))
-    rng = np.random.default_rng(seed)
-    episodes = []
-    with robot:
-        for task in robot.tasks:
-            for _ in range(episodes_per_task):
-                obs = robot.reset(task)
-                expert.reset(task)
-                steps: list[Step] = []
-                for t in range(max_episode_steps):
-                    action = expert.expert_action(obs)
-                    if noise_std:
-                        action = np.clip(action + rng.normal(0, noise_std, action.shape), -1, 1).astype(np.float32)
-                    nxt = robot.act(action)
-                    done = nxt.success or nxt.terminated or t == max_episode_steps - 1
-                    steps.append(Step(seq=0, index=t, observation=dict(obs.features), policy_action=action,
-                                      action=action, is_intervention=False, reward=nxt.reward, success=nxt.success,
-                                      done=done, policy_version=0, timestamp_s=time.time()))
-                    obs = nxt
-                    if done:
-                        break
-                summary = EpisodeSummary(success=steps[-1].success, num_steps=len(steps), intervention_steps=0,
-                                         interventions=0, evaluation=False, policy_version=0)
-                episodes.append((task, steps, summary))
-    return episodes
-
-
-async def _write(redis_url: str, robot_id: str, episodes, schema, tasks, embodiment: str = "metaworld-sawyer",
+async def write_episodes(redis_url: str, robot_id: str, episodes, schema, tasks, embodiment: str = "metaworld-sawyer",
                  control_hz: float = 0.0) -> int:
+    """Write ``(task, steps, summary)`` episodes under the offline robot ``robot_id``; returns steps stored."""
     redis = connect_async(redis_url)
     try:
         ingest = Ingest(redis, source=SOURCE_OFFLINE)
@@ -83,24 +49,6 @@ async def _write(redis_url: str, robot_id: str, episodes, schema, tasks, embodim
         return written
     finally:
         await redis.aclose()
-
-
-def seed_scripted_demos(redis_url: str, tasks: Sequence[str], episodes_per_task: int, max_episode_steps: int = 150,
-                        seed: int = 0, robot_id: str = "demos-metaworld") -> dict:
-    """Generate demos and write them to the buffer; returns counts and the demos' success rate.
-
-    The demos run as fast as the simulator goes, but each step is one control tick of the sim robots,
-    so they register the edge agent's default control rate (what an export writes as its fps)."""
-    from edge.agent import EdgeConfig
-    from edge.robots.metaworld import SCHEMA, MetaWorldRobot
-
-    episodes = scripted_demos(tasks, episodes_per_task, max_episode_steps, seed)
-    instructions = MetaWorldRobot(tasks=tasks).tasks
-    written = asyncio.run(_write(redis_url, robot_id, episodes, SCHEMA, instructions,
-                                 control_hz=EdgeConfig.control_hz))
-    success = float(np.mean([s.success for _, _, s in episodes])) if episodes else 0.0
-    log.info("seeded %d demo episodes (%d steps, %.0f%% successful)", len(episodes), written, 100 * success)
-    return {"episodes": len(episodes), "steps": written, "success_rate": success}
 
 
 def _feature_name(key: str) -> str:
@@ -174,7 +122,7 @@ def seed_lerobot_dataset(redis_url: str, root: str, robot_id: str = "demos-lerob
                          success: bool = True) -> dict:
     """Write a local LeRobotDataset into the buffer as offline data; returns counts."""
     schema, tasks, episodes, fps = lerobot_dataset_episodes(root, repo_id, success)
-    written = asyncio.run(_write(redis_url, robot_id, episodes, schema, tasks, embodiment=to_id(f"lerobot:{Path(root).name}"),
+    written = asyncio.run(write_episodes(redis_url, robot_id, episodes, schema, tasks, embodiment=to_id(f"lerobot:{Path(root).name}"),
                                  control_hz=fps))
     log.info("seeded %d episodes (%d steps, tasks %s) from the LeRobotDataset at %s", len(episodes), written,
              list(tasks), root)

@@ -10,27 +10,29 @@ a trainer checkpoint recorded (``ensure_above``), whichever is highest, so they
 stay monotonic across learner restarts: a restarted learner never reuses a
 number that edges already hold with other weights.
 
-Where versions live is a :class:`PolicyBackend`: :class:`DirectoryBackend` (local
-disk or a shared volume) by default; an object store implements the same five
-methods (``put``, ``manifest``, ``payload``, ``tensors``, ``versions``), writing the
-manifest last so that a version is visible only once complete.
+Where versions live is a :class:`PolicyBackend`; the one that exists is
+:class:`DirectoryBackend` (local disk or a shared volume, e.g. a Kubernetes PVC). Another
+backend would implement the same five methods (``put``, ``manifest``, ``payload``,
+``tensors``, ``versions``) and make a version visible only once complete.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
 from safetensors import safe_open
 
 from cloud.buffer import POLICY_COUNTER_KEY, policy_keys
 from fleet.signing import ManifestSigner
+from fleet.atomic import commit_dir, fresh_dir
 from fleet.weights import PIECE_BYTES, Manifest, build_manifest, read_safetensors_raw, write_safetensors
+
+if TYPE_CHECKING:  # the gateway serves raw bytes (read_safetensors_raw) and never imports torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +42,6 @@ local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]); return 1 end
 return 0
 """
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @runtime_checkable
@@ -96,19 +90,12 @@ class DirectoryBackend:
         final = self._dir(manifest.version)
         if final.exists():
             raise FileExistsError(f"policy version {manifest.version} already exists at {final}")
-        tmp = self.root / f".tmp-v{manifest.version:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = fresh_dir(self.root / f".tmp-v{manifest.version:08d}-{os.getpid()}")
         with open(tmp / "model.safetensors", "wb") as fh:  # straight from the tensors' memory
             write_safetensors(fh, {k: v.detach().cpu() for k, v in tensors.items()},
                               metadata={"version": str(manifest.version)})
         (tmp / "manifest.json").write_text(manifest.to_json())
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(self.root)
+        commit_dir(tmp, final)
 
     def manifest(self, version: int) -> Manifest:
         return Manifest.from_json(self._file(version, "manifest.json").read_text())

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 from cloud.buffer import POLICY_LATEST_KEY, SOURCE_ONLINE
 from cloud.buffer.reader import BufferReader
+from fleet.types import EpisodeCounts
 
 CONNECTED_WITHIN_S = 10.0
 """A robot whose last heartbeat is older than this is shown as disconnected."""
@@ -46,15 +47,10 @@ def _num(value, default: float = 0.0) -> float:
 
 
 @dataclass
-class TaskWindow:
+class TaskWindow(EpisodeCounts):
     """Episode outcomes of one task over the window (online robots only; offline demos excluded)."""
 
-    task: str
-    episodes: int = 0
-    successes: int = 0
-    eval_episodes: int = 0
-    """Evaluation episodes: run without the operator."""
-    eval_successes: int = 0
+    task: str = ""
     steps: int = 0
     """Steps of supervised (non-evaluation) episodes."""
     intervention_steps: int = 0
@@ -62,32 +58,12 @@ class TaskWindow:
     interventions: int = 0
 
     def add(self, summary: dict) -> None:
-        success = bool(summary.get("success"))
-        self.episodes += 1
-        self.successes += int(success)
-        if summary.get("evaluation"):
-            self.eval_episodes += 1
-            self.eval_successes += int(success)
-        else:
+        evaluation = bool(summary.get("evaluation"))
+        self.count_episode(bool(summary.get("success")), evaluation)
+        if not evaluation:
             self.steps += int(summary.get("num_steps", 0))
             self.intervention_steps += int(summary.get("intervention_steps", 0))
             self.interventions += int(summary.get("interventions", 0))
-
-    @property
-    def supervised_episodes(self) -> int:
-        return self.episodes - self.eval_episodes
-
-    @property
-    def supervised_successes(self) -> int:
-        return self.successes - self.eval_successes
-
-    @property
-    def autonomous_success_ratio(self) -> float | None:
-        return self.eval_successes / self.eval_episodes if self.eval_episodes else None
-
-    @property
-    def supervised_success_ratio(self) -> float | None:
-        return self.supervised_successes / self.supervised_episodes if self.supervised_episodes else None
 
     @property
     def intervention_ratio(self) -> float | None:
@@ -120,7 +96,7 @@ def task_windows(redis, robot_ids: list[str], window_s: float, now_s: float) -> 
             except json.JSONDecodeError:
                 continue
             task = summary.get("task") or fields.get("task", "")
-            out.setdefault(task, TaskWindow(task)).add(summary)
+            out.setdefault(task, TaskWindow(task=task)).add(summary)
     return out
 
 

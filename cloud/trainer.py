@@ -127,7 +127,7 @@ class Trainer:
         signer = ManifestSigner.from_file(cfg.publish_key_file, "publish_key_file") if cfg.publish_key_file else None
         if signer is None:
             log.warning("publishing unsigned policy versions: robots that pin a publisher key refuse them (set "
-                        "--publish-key-file: docs/policy-distribution.md)")
+                        "--publish_key_file: docs/policy-distribution.md)")
         self.stop = stop or threading.Event()
         self.dist = Distributed.from_env(cfg.distributed_strategy)  # torchrun: DDP/FSDP; otherwise a no-op
         self.dist.start(cfg.policy.device)
@@ -180,7 +180,7 @@ class Trainer:
         index = self._wait_for_data()
         schema = index.schema()
         stats = offline_stats(self.redis, index)
-        policy_cfg = algorithm_class(self.cfg.algorithm).policy_config(self.cfg.policy, self.cfg)
+        policy_cfg = algorithm_class(self.cfg.algorithm.type).policy_config(self.cfg.fleet_policy(), self.cfg)
         self.policy = build_policy(policy_cfg, schema, self.cfg.tasks, stats=stats, seed=self.cfg.seed)
         self.resumed_from = "new policy"
         log.info("built a new %s policy for %d tasks (%s)", self.cfg.policy.type, len(self.cfg.tasks),
@@ -197,7 +197,7 @@ class Trainer:
         else:
             self._init_policy()
         self.dist.wrap(self.policy)  # before the optimizer exists: FSDP replaces the parameters
-        self.algorithm = algorithm_class(self.cfg.algorithm).from_config(self.policy, self.cfg)
+        self.algorithm = algorithm_class(self.cfg.algorithm.type).from_config(self.policy, self.cfg)
         self.sampler = Sampler(self.redis, tuple(self.policy.tasks), self.policy.config.chunk_size,
                                self.cfg.batch_size, self.cfg.online_fraction, seed=self.cfg.seed + self.dist.rank,
                                spec=self.algorithm.data, config=self.cfg.sampler, embodiment=self.cfg.embodiment,
@@ -213,7 +213,7 @@ class Trainer:
         return {
             "trainer": asdict(self.state),
             "publisher": self.publisher.state_dict(),
-            "algorithm": {"name": self.cfg.algorithm, "state": self.algorithm.state_dict()},
+            "algorithm": {"name": self.cfg.algorithm.type, "state": self.algorithm.state_dict()},
             "embodiment": self.cfg.embodiment,
             "sampler": self.sampler.state_dict(),
             "rng": capture_rng(),
@@ -248,11 +248,11 @@ class Trainer:
         state = checkpoint.state
         if state.get("embodiment", "") != self.cfg.embodiment:
             raise ConfigError(f"checkpoint {checkpoint.path} belongs to embodiment {state.get('embodiment', '')!r}, "
-                              f"not {self.cfg.embodiment!r}: give each policy line its own --checkpoint-dir")
-        if state["algorithm"]["name"] != self.cfg.algorithm:
+                              f"not {self.cfg.embodiment!r}: give each policy line its own --checkpoint_dir")
+        if state["algorithm"]["name"] != self.cfg.algorithm.type:
             raise ConfigError(f"checkpoint {checkpoint.path} was trained with algorithm "
-                              f"{state['algorithm']['name']!r}, not {self.cfg.algorithm!r}; pass --fresh to start over")
-        policy_cfg = algorithm_class(self.cfg.algorithm).policy_config(self.cfg.policy, self.cfg)
+                              f"{state['algorithm']['name']!r}, not {self.cfg.algorithm.type!r}; pass --fresh to start over")
+        policy_cfg = algorithm_class(self.cfg.algorithm.type).policy_config(self.cfg.fleet_policy(), self.cfg)
         wanted = {"policy_config": asdict(policy_cfg), "tasks": list(self.cfg.tasks)}
         have = {k: checkpoint.policy_config.get(k) for k in wanted}
         for part in (wanted, have):

@@ -1,16 +1,25 @@
 """The trainer's configuration (one typed config per process; see fleet/config.py for the
-conventions: a one-line docstring under each field becomes its ``--help``)."""
+conventions: a one-line docstring under each field becomes its ``--help``).
+
+``policy`` is LeRobot's own ``PreTrainedConfig`` choice registry (``--policy.type=act|diffusion|smolvla``,
+then that policy's LeRobot fields and defaults: ``--policy.dim_model=256``); ``policy_options`` is what
+fleet adds. ``algorithm`` is a choice registry too (``--algorithm.type=hg_dagger|recap``, then only that
+algorithm's fields: ``--algorithm.n_step=5``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import lerobot.policies  # noqa: F401  (registers LeRobot's policy configs: act, diffusion, smolvla...)
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.policies.act.configuration_act import ACTConfig
+
+from cloud.algorithms import AlgorithmConfig  # noqa: F401  (registers hg_dagger and recap)
 from cloud.algorithms.hg_dagger import HGDAggerConfig
-from cloud.algorithms.recap import RecapConfig
 from cloud.rate_limiter import RateLimiterConfig
 from cloud.sampler import SamplerConfig
-from fleet.config import ALGORITHM_NAMES, DEFAULT_TASKS, _require
-from fleet.policies.lerobot_adapter import PolicyConfig
+from fleet.config import DEFAULT_TASKS, require
+from fleet.policies.policy_config import PolicyConfig, PolicyOptions
 
 
 @dataclass(frozen=True)
@@ -26,8 +35,8 @@ class TrainerConfig:
     embodiment: str = ""
     """Train only on robots registered with this embodiment and publish its own policy line (one trainer,
     gateway and policy_dir per embodiment); "" = every robot (they must share one schema)."""
-    algorithm: str = "hg_dagger"
-    """Learning algorithm: hg_dagger or recap (see docs/algorithms.md)."""
+    algorithm: AlgorithmConfig = field(default_factory=HGDAggerConfig)
+    """Learning algorithm and its hyper-parameters: --algorithm.type=hg_dagger or recap (docs/algorithms.md)."""
     tasks: tuple[str, ...] = DEFAULT_TASKS
     """Language instructions the shared policy is conditioned on (fixed at the policy's creation)."""
     batch_size: int = 64
@@ -72,36 +81,42 @@ class TrainerConfig:
     terminationGracePeriodSeconds, 30 by default)."""
     distributed_strategy: str = "ddp"
     """Under torchrun: ddp (weights replicated) or fsdp (sharded, for VLAs); see cloud/distributed.py."""
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    """The LeRobot policy to train (type and size)."""
+    policy: PreTrainedConfig = field(default_factory=ACTConfig)
+    """The LeRobot policy to train: --policy.type=act|diffusion|smolvla and that policy's LeRobot fields."""
+    policy_options: PolicyOptions = field(default_factory=PolicyOptions)
+    """What fleet adds to the LeRobot policy (images for ACT/Diffusion, gradient clipping, SmolVLA backbone)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """SOP's sampler: per-task balance and the adaptive online/offline share."""
     rate_limit: RateLimiterConfig = field(default_factory=RateLimiterConfig)
     """Update-to-data ratio (Reverb SampleToInsertRatio)."""
-    hg_dagger: HGDAggerConfig = field(default_factory=HGDAggerConfig)
-    """HG-DAgger hyper-parameters."""
-    recap: RecapConfig = field(default_factory=RecapConfig)
-    """RECAP hyper-parameters."""
+    fresh: bool = False
+    """Set existing checkpoints aside and start from a new policy (version numbers keep rising)."""
+
+    def fleet_policy(self) -> PolicyConfig:
+        """The policy to build: resolved from ``policy`` and ``policy_options`` (code may pass a fleet
+        ``PolicyConfig`` as ``policy`` directly, as the tests do)."""
+        if isinstance(self.policy, PolicyConfig):
+            return self.policy
+        return PolicyConfig.from_lerobot(self.policy, self.policy_options)
 
     def __post_init__(self) -> None:
-        _require(self.algorithm in ALGORITHM_NAMES,
-                 f"algorithm must be one of {ALGORITHM_NAMES}, got {self.algorithm!r}")
-        _require(self.grad_accumulation_steps >= 1,
+        self.fleet_policy()  # an unsupported type or size is a config error now, not at the first step
+        require(self.grad_accumulation_steps >= 1,
                  f"grad_accumulation_steps ({self.grad_accumulation_steps}) must be >= 1")
-        _require(self.batch_size > 0, f"batch_size ({self.batch_size}) must be > 0")
-        _require(0.0 <= self.online_fraction <= 1.0, f"online_fraction ({self.online_fraction}) must be in [0, 1]")
-        _require(self.publish_every_steps > 0, f"publish_every_steps ({self.publish_every_steps}) must be > 0")
-        _require(self.publish_full_every_versions >= 0,
+        require(self.batch_size > 0, f"batch_size ({self.batch_size}) must be > 0")
+        require(0.0 <= self.online_fraction <= 1.0, f"online_fraction ({self.online_fraction}) must be in [0, 1]")
+        require(self.publish_every_steps > 0, f"publish_every_steps ({self.publish_every_steps}) must be > 0")
+        require(self.publish_full_every_versions >= 0,
                  f"publish_full_every_versions ({self.publish_full_every_versions}) must be >= 0")
-        _require(len(self.tasks) > 0, "tasks must not be empty")
-        _require(self.torch_threads > 0, f"torch_threads ({self.torch_threads}) must be > 0")
-        _require(self.checkpoint_every_steps >= 0,
+        require(len(self.tasks) > 0, "tasks must not be empty")
+        require(self.torch_threads > 0, f"torch_threads ({self.torch_threads}) must be > 0")
+        require(self.checkpoint_every_steps >= 0,
                  f"checkpoint_every_steps ({self.checkpoint_every_steps}) must be >= 0")
-        _require(self.checkpoint_every_s >= 0, f"checkpoint_every_s ({self.checkpoint_every_s}) must be >= 0")
-        _require(self.keep_checkpoints >= 1, f"keep_checkpoints ({self.keep_checkpoints}) must be >= 1")
-        _require(self.shutdown_timeout_s > 0, f"shutdown_timeout_s ({self.shutdown_timeout_s}) must be > 0")
-        _require(self.distributed_strategy in ("ddp", "fsdp"),
+        require(self.checkpoint_every_s >= 0, f"checkpoint_every_s ({self.checkpoint_every_s}) must be >= 0")
+        require(self.keep_checkpoints >= 1, f"keep_checkpoints ({self.keep_checkpoints}) must be >= 1")
+        require(self.shutdown_timeout_s > 0, f"shutdown_timeout_s ({self.shutdown_timeout_s}) must be > 0")
+        require(self.distributed_strategy in ("ddp", "fsdp"),
                  f"distributed_strategy must be ddp or fsdp, got {self.distributed_strategy!r}")
-        _require(self.distributed_strategy != "fsdp" or not self.publish_every_s,
+        require(self.distributed_strategy != "fsdp" or not self.publish_every_s,
                  f"publish_every_s ({self.publish_every_s}) must be 0 with fsdp: every rank gathers the weights "
                  "at the same publishing steps")

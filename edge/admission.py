@@ -25,6 +25,7 @@ import logging
 import os
 from pathlib import Path
 
+from fleet.convert import schema_from_dict, schema_to_dict
 from fleet.errors import ConfigError, PolicyRefused
 from fleet.weights import Manifest
 
@@ -41,8 +42,17 @@ def architecture(manifest: Manifest) -> dict:
     config = manifest.config if isinstance(manifest.config, dict) else {}
     policy_config = config.get("policy_config")
     return {"policy_type": policy_config.get("type", "") if isinstance(policy_config, dict) else "",
-            "schema": config.get("schema"),
+            "schema": _schema(config.get("schema")),
             "tensors": [[t.name, t.dtype, list(t.shape)] for t in manifest.tensors]}
+
+
+def _schema(data):
+    """A schema in its one JSON form (fleet.convert), so that a pin written before a field was added
+    (allow_nonfinite) still matches; anything unreadable is kept as it is (and will not match)."""
+    try:
+        return schema_to_dict(schema_from_dict(data))
+    except (KeyError, TypeError, ValueError):
+        return data
 
 
 def _differences(pinned: dict, got: dict, limit: int = 3) -> str:
@@ -71,6 +81,8 @@ class Admission:
         if self.path.exists():
             try:
                 self.pinned = json.loads(self.path.read_text())
+                if isinstance(self.pinned, dict) and "schema" in self.pinned:
+                    self.pinned["schema"] = _schema(self.pinned["schema"])
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"policy architecture pin {str(self.path)!r} is unreadable: {exc}") from None
             if not isinstance(self.pinned, dict) or not isinstance(self.pinned.get("tensors"), list):

@@ -26,16 +26,16 @@ from edge.client import FleetClient
 from edge.hotswap import PolicySlot
 from edge.images import ImageEncodingSink
 from edge.loop import ControlLoop, LoopConfig
-from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
+from edge.operator import NoOperator, OperatorConfig
 from edge.recorder import Recorder
 from edge.robots.base import make_robot
 from edge.safety import ActionGuard, SafetyConfig
-from edge.spool import Spool
-from edge.streamer import Streamer
+from edge.spool import Spool, SpoolConfig
+from edge.streamer import Backoff, Streamer, StreamerConfig
 from edge.updater import LastGood, Updater
 from edge.watchdog import Watchdog, notify
 from fleet import PROTOCOL_VERSION, __version__, metrics
-from fleet.config import DEFAULT_TASKS, ClientSecurity, _require
+from fleet.config import DEFAULT_TASKS, ClientSecurity, require
 from fleet.errors import ConfigError, PolicyRefused
 from fleet.netaddr import is_loopback
 from fleet.policies.base import NullPolicy
@@ -46,13 +46,11 @@ from fleet.weights import Manifest
 log = logging.getLogger(__name__)
 
 BACKENDS = ("metaworld", "lerobot", "ros2")
-BACKEND_SECTIONS = ("lerobot", "ros2")
-"""Config-file sections handed to a backend as they are (not flattened into --options)."""
 
 
 @dataclass(frozen=True)
 class EdgeConfig:
-    """One robot's edge agent."""
+    """One robot's edge agent: robot -> control loop -> spool -> streamer -> gateway, updater -> hot-swap."""
 
     robot_id: str = "robot-0"
     """Unique id of this robot in the fleet."""
@@ -70,25 +68,21 @@ class EdgeConfig:
     """Tasks this robot does (language instructions, or MetaWorld env names)."""
     state_dir: str = "runs/default/edge/robot-0"
     """Where the spool and the last good policy live on the robot's disk."""
-    spool_max_bytes: int = 256 * 1024 * 1024
-    """Spool bound; when full, oldest non-intervention steps are dropped first."""
-    spool_synchronous: str = "NORMAL"
-    """Spool durability: NORMAL survives a crash of the edge process (kill -9), FULL also a power loss."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """The control loop: rate, episode length, evaluation episodes, task order."""
     recorder_max_steps: int = 64
     """Steps the control loop may hand over before they are encoded and spooled (about 2 s at 30 Hz; raw frames
     in memory: 64 x 0.9 MB per 480x640 camera); when full, the oldest non-intervention step is dropped (a gap)."""
-    control_hz: float = 20.0
-    """Control rate, ticks per second (held in real time)."""
-    max_episode_steps: int = 150
-    """Steps after which an episode ends unsuccessfully."""
-    eval_every: int = 3
-    """Every Nth episode runs without the operator to measure autonomous success (0 = never)."""
-    operator: bool = True
+    interventions: bool = True
     """Interventions on: the simulated operator (metaworld) or the teleoperator / intervention topic."""
-    operator_config: OperatorConfig = field(default_factory=OperatorConfig)
-    """Gating rule of the simulated operator."""
+    operator: OperatorConfig = field(default_factory=OperatorConfig)
+    """Gating rule of the simulated operator (backend metaworld)."""
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    """The on-disk spool of steps not yet acked by the cloud."""
+    streamer: StreamerConfig = field(default_factory=StreamerConfig)
+    """How the spool is streamed to the gateway (window, chunk size, ack timeout, backoff)."""
     seed: int = 0
-    """Seed for initial states, task order and operator noise."""
+    """Seed of the simulated robot's initial states (backend metaworld)."""
     duration_s: float = 0.0
     """Stop after this many seconds (0 = run until SIGINT/SIGTERM)."""
     first_policy_timeout_s: float = 600.0
@@ -107,11 +101,13 @@ class EdgeConfig:
     """TLS/mutual TLS files and the robot's token file (see docs/deploy.md)."""
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     """Limits on every action sent to the robot (policy, operator, teleoperator): docs/robots.md."""
+    insecure: bool = False
+    """Talk to a non-loopback gateway without TLS (plaintext: trusted networks and development only)."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.robot_id), "robot_id must not be empty")
-        _require(":" in self.gateway, f"gateway must be host:port, got {self.gateway!r}")
-        _require(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        require(bool(self.robot_id), "robot_id must not be empty")
+        require(":" in self.gateway, f"gateway must be host:port, got {self.gateway!r}")
+        require(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("lerobot", "ros2"):
             section = getattr(self, name)
             if isinstance(section, str):  # given on the command line as JSON
@@ -119,20 +115,17 @@ class EdgeConfig:
                     object.__setattr__(self, name, json.loads(section) if section else {})
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{name} must be a JSON object, got {section!r}: {e}") from None
-            _require(isinstance(getattr(self, name), dict), f"{name} must be a JSON object, got {section!r}")
-        _require(self.backend != "lerobot" or "robot" in self.lerobot,
+            require(isinstance(getattr(self, name), dict), f"{name} must be a JSON object, got {section!r}")
+        require(self.backend != "lerobot" or "robot" in self.lerobot,
                  'backend=lerobot needs a "lerobot" section with a "robot" config (docs/robots.md)')
-        _require(self.image_encoding in ("jpeg", "png"),
+        require(self.image_encoding in ("jpeg", "png"),
                  f"image_encoding must be jpeg or png, got {self.image_encoding!r}")
-        _require(self.spool_max_bytes > 0, f"spool_max_bytes ({self.spool_max_bytes}) must be > 0")
-        _require(self.spool_synchronous in ("NORMAL", "FULL"),
-                 f"spool_synchronous must be NORMAL or FULL, got {self.spool_synchronous!r}")
-        _require(self.recorder_max_steps >= 1, f"recorder_max_steps ({self.recorder_max_steps}) must be >= 1")
-        _require(self.duration_s >= 0, f"duration_s ({self.duration_s}) must be >= 0")
-        _require(self.policy_max_bytes > 0, f"policy_max_bytes ({self.policy_max_bytes}) must be > 0")
+        require(self.recorder_max_steps >= 1, f"recorder_max_steps ({self.recorder_max_steps}) must be >= 1")
+        require(self.duration_s >= 0, f"duration_s ({self.duration_s}) must be >= 0")
+        require(self.policy_max_bytes > 0, f"policy_max_bytes ({self.policy_max_bytes}) must be > 0")
 
 
-TLS_FLAGS = ("--security.ca-file", "--security.cert-file", "--security.key-file", "--security.token-file")
+TLS_FLAGS = ("--security.ca_file", "--security.cert_file", "--security.key_file", "--security.token_file")
 """What an edge talking to a gateway beyond loopback uses (TLS at least: ca_file), unless ``--insecure``."""
 
 
@@ -149,7 +142,7 @@ def plaintext_refusal(cfg: EdgeConfig) -> str | None:
 def _robot_args(cfg: EdgeConfig) -> dict:
     """Constructor arguments of the configured backend."""
     if cfg.backend == "metaworld":
-        return {"tasks": cfg.tasks, "seed": cfg.seed, "max_episode_steps": cfg.max_episode_steps}
+        return {"tasks": cfg.tasks, "seed": cfg.seed, "max_episode_steps": cfg.loop.max_episode_steps}
     return {"tasks": cfg.tasks, "config": getattr(cfg, cfg.backend)}
 
 
@@ -169,7 +162,7 @@ class EdgeAgent:
                             if cfg.security.policy_public_key_files else None)
         if self.pinned_keys is None:
             log.warning("robot %s: policies are not authenticated: any version the gateway serves is run (pin the "
-                        "publisher's key with --security.policy-public-key-files; development only)", cfg.robot_id)
+                        "publisher's key with --security.policy_public_key_files; development only)", cfg.robot_id)
         else:
             log.info("robot %s: policy versions must be signed by publisher key %s", cfg.robot_id,
                      " or ".join(self.pinned_keys.key_ids))
@@ -178,11 +171,15 @@ class EdgeAgent:
         self.robot = make_robot(cfg.backend, **_robot_args(cfg))
         self.info = RobotInfo(robot_id=cfg.robot_id, embodiment=self.robot.embodiment, schema=self.robot.schema,
                               tasks=tuple(self.robot.tasks), protocol_version=PROTOCOL_VERSION,
-                              software_version=__version__, control_hz=cfg.control_hz)
-        self.spool = Spool(state / "spool.db", self.robot.schema, max_bytes=cfg.spool_max_bytes,
-                           synchronous=cfg.spool_synchronous)
+                              software_version=__version__, control_hz=cfg.loop.control_hz)
+        self.spool = Spool(state / "spool.db", self.robot.schema, max_bytes=cfg.spool.max_bytes,
+                           synchronous=cfg.spool.synchronous, quarantine_max_bytes=cfg.spool.quarantine_max_bytes)
         self.client = FleetClient(cfg.gateway, security=cfg.security)
-        self.streamer = Streamer(self.info, self.spool, self.client)
+        sc = cfg.streamer
+        self.streamer = Streamer(self.info, self.spool, self.client, window_chunks=sc.window_chunks,
+                                 max_chunk_steps=sc.max_chunk_steps, flush_interval_s=sc.flush_interval_s,
+                                 max_chunk_bytes=sc.max_chunk_bytes, ack_timeout_s=sc.ack_timeout_s,
+                                 backoff=Backoff(sc.backoff_base_s, sc.backoff_max_s))
         self.last_good = LastGood(state / "policy", self.pinned_keys)
         self.admission = Admission(cfg.policy_max_bytes, state, cfg.policy_architecture_file)
         self.slot = PolicySlot(self._initial_policy())
@@ -190,23 +187,24 @@ class EdgeAgent:
                                self.robot.schema, probe_task=self.robot.tasks[0],
                                have_version=self.slot.current.version, admission=self.admission,
                                pinned_keys=self.pinned_keys)
-        if not cfg.operator:
+        if not cfg.interventions:
             operator = NoOperator()
-        elif cfg.backend == "metaworld":
-            operator = SimulatedOperator(cfg.operator_config)
+        elif cfg.backend == "metaworld":  # simulation only: a real robot's edge never imports edge.sim
+            from edge.sim.operator import SimulatedOperator
+
+            operator = SimulatedOperator(cfg.operator)
         else:  # the robot's own intervention source: a teleoperator or an intervention topic
             operator = self.robot.make_operator()
         self.recorder = Recorder(ImageEncodingSink(self.spool, self.robot.schema, cfg.image_encoding),
                                  self.spool.skip, cfg.robot_id, max_steps=cfg.recorder_max_steps)
-        self.guard = ActionGuard(cfg.safety, tuple(self.robot.schema.action.shape), cfg.control_hz, cfg.robot_id,
+        self.guard = ActionGuard(cfg.safety, tuple(self.robot.schema.action.shape), cfg.loop.control_hz, cfg.robot_id,
                                  dtype=self.robot.schema.action.dtype)
         if not cfg.safety.has_limits and cfg.backend != "metaworld":
             log.warning("robot %s: no safety limits configured: actions are only checked for NaN/Inf (set "
                         "safety.position_min/max, max_velocity: docs/robots.md)", cfg.robot_id)
         self.robot.action_filter = self.guard.operator_filter
         self.loop = ControlLoop(cfg.robot_id, self.robot, self.slot, operator, self.recorder,
-                                LoopConfig(control_hz=cfg.control_hz, max_episode_steps=cfg.max_episode_steps,
-                                           eval_every=cfg.eval_every, seed=cfg.seed),
+                                cfg.loop,
                                 on_episode_end=self._on_episode_end, guard=self.guard)
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
@@ -290,7 +288,7 @@ class EdgeAgent:
         self.loop.start()
         notify(f"STATUS=control loop running with policy v{self.slot.current.version}")
         log.info("robot %s: control loop running at %.0f Hz with policy v%d", self.cfg.robot_id,
-                 self.cfg.control_hz, self.slot.current.version)
+                 self.cfg.loop.control_hz, self.slot.current.version)
 
     def stop(self, drain_timeout_s: float = 5.0) -> None:
         """Reverse build order: loop, recorder (bounded drain), then wait (bounded) for acks, network, robot."""

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from edge.assembler import Held
+from fleet.atomic import commit_dir, fresh_dir
 from fleet.errors import IntegrityError, PolicyRefused
 from fleet.signing import PinnedKeys
 from fleet.weights import Manifest, check_digest, check_total, read_safetensors_raw, verify
@@ -33,18 +34,10 @@ class LastGood:
 
     def save(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir.with_name(self.dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = fresh_dir(self.dir.with_name(self.dir.name + ".tmp"))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
         (tmp / "manifest.json").write_text(manifest.to_json())
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        shutil.rmtree(self.prev, ignore_errors=True)
-        if self.dir.exists():
-            os.rename(self.dir, self.prev)
-        os.rename(tmp, self.dir)
+        commit_dir(tmp, self.dir, previous=self.prev)  # the parent is fsynced too: the swap survives a power loss
 
     def version(self) -> int:
         """Version of the saved policy (0 = none or unreadable)."""

@@ -31,7 +31,7 @@ from edge.safety import ActionGuard, SafetyConfig
 from fleet import metrics
 from fleet.errors import ConfigError
 from fleet.policies.base import ActingPolicy
-from fleet.types import EpisodeSummary, Step
+from fleet.types import EpisodeCounts, EpisodeSummary, Step
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,9 @@ class StepSink(Protocol):
 
 
 @dataclass
-class LoopStats:
+class LoopStats(EpisodeCounts):
     """Counters of one loop; read a consistent copy with ``ControlLoop.stats()``."""
 
-    episodes: int = 0
-    successes: int = 0
-    eval_episodes: int = 0
-    eval_successes: int = 0
     steps: int = 0
     intervention_steps: int = 0
     interventions: int = 0
@@ -382,10 +378,7 @@ class ControlLoop:
                 self._trial_version = 0  # it passed its trial
         with self._cond:
             s = self._stats
-            s.episodes += 1
-            s.successes += int(summary.success)
-            s.eval_episodes += int(summary.evaluation)
-            s.eval_successes += int(summary.evaluation and summary.success)
+            s.count_episode(summary.success, summary.evaluation)
             s.recent.append((summary, ep.task))
             self._cond.notify_all()
         log.info(

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleet.convert import encode_step, encode_summary
+from fleet.errors import ConfigError
 from fleet.types import EpisodeSummary, Schema, Step
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,32 @@ class QuarantinedStep:
     blob: bytes
 
 
+@dataclass(frozen=True)
+class SpoolConfig:
+    """The robot's on-disk spool of steps not yet acked by the cloud."""
+
+    max_bytes: int = 256 * 1024 * 1024
+    """Spool bound; when full, oldest non-intervention steps are dropped first."""
+    synchronous: str = "NORMAL"
+    """Durability: NORMAL survives a crash of the edge process (kill -9), FULL also a power loss."""
+    quarantine_max_bytes: int = 64 * 1024 * 1024
+    """Bound of the quarantine of steps the cloud refused (kept for inspection)."""
+
+    def __post_init__(self) -> None:
+        if self.synchronous not in ("NORMAL", "FULL"):
+            raise ConfigError(f"spool.synchronous must be NORMAL or FULL, got {self.synchronous!r}")
+        if self.max_bytes <= 0:
+            raise ConfigError(f"spool.max_bytes ({self.max_bytes}) must be > 0")
+        if self.quarantine_max_bytes < 0:
+            raise ConfigError(f"spool.quarantine_max_bytes ({self.quarantine_max_bytes}) must be >= 0")
+
+
 class Spool:
     """Durable FIFO of encoded steps. ``record`` from the control thread; the rest from the streamer."""
 
-    def __init__(self, path: str | Path, schema: Schema | None = None, max_bytes: int = 512 * 1024 * 1024,
-                 synchronous: str = "NORMAL", quarantine_max_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, path: str | Path, schema: Schema | None = None, max_bytes: int = SpoolConfig.max_bytes,
+                 synchronous: str = SpoolConfig.synchronous,
+                 quarantine_max_bytes: int = SpoolConfig.quarantine_max_bytes):
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
         if max_bytes <= 0:

@@ -44,6 +44,7 @@ from fleet.columns import schema_hash
 from fleet.convert import columns_message
 from edge.spool import Spool
 from fleet import metrics
+from fleet.errors import ConfigError
 from fleet.types import RobotInfo
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,39 @@ log = logging.getLogger(__name__)
 MIN_CHUNK_BYTES = 16 * 1024
 
 
+@dataclass(frozen=True)
+class StreamerConfig:
+    """How the streamer sends the spool: window of unacked chunks, chunk size, ack timeout, reconnect backoff."""
+
+    window_chunks: int = 8
+    """Chunks sent and not yet acked at once (more in flight: more throughput over long round trips)."""
+    max_chunk_steps: int = 256
+    """Steps per chunk at most."""
+    max_chunk_bytes: int = 4 * 1024 * 1024
+    """Encoded bytes per chunk at most (stay well below the gateway's max_message_bytes)."""
+    flush_interval_s: float = 0.2
+    """A partial chunk is sent after this long without filling up, seconds."""
+    ack_timeout_s: float = 60.0
+    """An unacked chunk older than this ends the stream, which reconnects and resends, seconds."""
+    backoff_base_s: float = 0.2
+    """First reconnect delay (full jitter, doubling per failed attempt), seconds."""
+    backoff_max_s: float = 10.0
+    """Longest reconnect delay, seconds."""
+
+    def __post_init__(self) -> None:
+        for name in ("window_chunks", "max_chunk_steps", "max_chunk_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"streamer.{name} ({getattr(self, name)}) must be >= 1")
+        for name in ("flush_interval_s", "ack_timeout_s", "backoff_base_s", "backoff_max_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"streamer.{name} ({getattr(self, name)}) must be > 0")
+
+
 class Backoff:
     """Exponential backoff with full jitter."""
 
-    def __init__(self, base_s: float = 0.2, max_s: float = 10.0, seed: int | None = None):
+    def __init__(self, base_s: float = StreamerConfig.backoff_base_s, max_s: float = StreamerConfig.backoff_max_s,
+                 seed: int | None = None):
         self.base_s, self.max_s = base_s, max_s
         self._attempt = 0
         self._rng = random.Random(seed)
@@ -110,9 +140,11 @@ def _float(value: str | None) -> float | None:
 class Streamer:
     """Streams one robot's spool to the gateway (see the module docstring for the error policy)."""
 
-    def __init__(self, info: RobotInfo, spool: Spool, client: FleetClient, window_chunks: int = 8,
-                 max_chunk_steps: int = 256, flush_interval_s: float = 0.2, max_chunk_bytes: int = 4 * 1024 * 1024,
-                 ack_timeout_s: float = 60.0, not_found_quarantine: int = 3, backoff: Backoff | None = None):
+    def __init__(self, info: RobotInfo, spool: Spool, client: FleetClient,
+                 window_chunks: int = StreamerConfig.window_chunks, max_chunk_steps: int = StreamerConfig.max_chunk_steps,
+                 flush_interval_s: float = StreamerConfig.flush_interval_s,
+                 max_chunk_bytes: int = StreamerConfig.max_chunk_bytes, ack_timeout_s: float = StreamerConfig.ack_timeout_s,
+                 not_found_quarantine: int = 3, backoff: Backoff | None = None):
         self.info = info
         self._schema_hash = schema_hash(info.schema)
         self.spool = spool

@@ -7,7 +7,7 @@
     DIR/token.key                   the secret that signs robot tokens (gateways only)
     DIR/robots/<id>/ca.pem cert.pem key.pem token    what one robot needs, nothing else
 
-``fleet certs robot DIR --robot-id r3`` adds a robot later. Keys are ECDSA P-256
+``fleet certs robot DIR --robot_id r3`` adds a robot later. Keys are ECDSA P-256
 and written with mode 0600 (existing files are tightened to it). A robot certificate's common name is its robot id;
 the gateway checks that it matches the token's robot. For production use your
 own CA (cert-manager, a cloud PKI): the gateway only needs PEM files.

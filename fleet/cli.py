@@ -47,19 +47,16 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
-def _cmd_gateway(args, values) -> int:
+def _run_gateway(cfg) -> int:
     import asyncio
 
     from cloud.gateway.server import protected_mode_refusal, serve_forever
     from fleet import metrics
-    from fleet.config import GatewayConfig, build_config
-
-    cfg = build_config(GatewayConfig, values)
-    refusal = None if args.insecure else protected_mode_refusal(cfg)
-    if refusal:
-        raise ConfigError(refusal)
     from fleet.secret_files import check_private
 
+    refusal = None if cfg.insecure else protected_mode_refusal(cfg)
+    if refusal:
+        raise ConfigError(refusal)
     for what in ("tls_key_file", "token_key_file"):  # before anything starts (read again when used)
         if getattr(cfg.security, what):
             check_private(getattr(cfg.security, what), what)
@@ -80,19 +77,17 @@ def _exit_if_stop_hangs(stop: threading.Event, done: threading.Event, timeout_s:
     threading.Thread(target=watch, name="shutdown-watchdog", daemon=True).start()
 
 
-def _cmd_trainer(args, values) -> int:
+def _run_trainer(cfg) -> int:
     from cloud.trainer import Trainer
     from fleet import metrics
-    from fleet.config import TrainerConfig, build_config
 
-    cfg = build_config(TrainerConfig, values)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))  # torchrun: one /metrics port per rank on a node
     metrics.serve(cfg.metrics_port + local_rank if cfg.metrics_port else 0)
     stop = _stop_on_signals()
     done = threading.Event()
     _exit_if_stop_hangs(stop, done, cfg.shutdown_timeout_s)
     try:
-        Trainer(cfg, stop, fresh=args.fresh).run()
+        Trainer(cfg, stop, fresh=cfg.fresh).run()
     except InterruptedError:
         pass
     finally:
@@ -100,7 +95,7 @@ def _cmd_trainer(args, values) -> int:
     return 0
 
 
-def _cmd_learner(args, values) -> int:
+def _cmd_learner(args) -> int:
     from pathlib import Path
 
     from cloud.app import run_learner
@@ -110,32 +105,19 @@ def _cmd_learner(args, values) -> int:
         if not args.insecure:
             raise ConfigError(f"refusing to listen on {args.listen} (not loopback) without TLS and robot tokens, "
                               "which `fleet learner` cannot set: pass --insecure, use a loopback --listen, or run "
-                              "`fleet gateway` with --security.tls-cert-file, --security.tls-key-file and "
-                              "--security.token-key-file and `fleet trainer` separately")
+                              "`fleet gateway` with --security.tls_cert_file, --security.tls_key_file and "
+                              "--security.token_key_file and `fleet trainer` separately")
     stop = _stop_on_signals()
     passthrough = [a for a in args.trainer_args if a != "--"]
     return run_learner(args.listen, args.redis_url, args.policy_dir, passthrough, Path(args.log_dir), stop,
                        args.gateway_metrics_port, args.embodiment, args.insecure)
 
 
-def _cmd_edge(args, values) -> int:
-    from edge.agent import BACKEND_SECTIONS, EdgeAgent, EdgeConfig, plaintext_refusal
+def _run_edge(cfg) -> int:
+    from edge.agent import EdgeAgent, plaintext_refusal
     from fleet import metrics
-    from fleet.config import build_config
 
-    if args.config:
-        from fleet.config import check_keys
-
-        try:
-            with open(args.config) as fh:
-                from_file = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--config {args.config}: {exc}") from None
-        check_keys(EdgeConfig, from_file, args.config)
-        sections = {k: from_file.pop(k) for k in BACKEND_SECTIONS if k in from_file}  # backends decode these
-        values = {**_flatten(from_file), **sections, **values}
-    cfg = build_config(EdgeConfig, values)
-    refusal = None if args.insecure else plaintext_refusal(cfg)
+    refusal = None if cfg.insecure else plaintext_refusal(cfg)
     if refusal:
         raise ConfigError(refusal)
     if cfg.security.policy_public_key_files:  # before anything starts (read again when the agent is built)
@@ -148,48 +130,32 @@ def _cmd_edge(args, values) -> int:
     return 0
 
 
-def _cmd_sim_fleet(args, values) -> int:
-    from edge.sim_fleet import SimFleet, SimFleetConfig
-    from fleet.config import build_config
+def _run_sim_fleet(cfg) -> int:
+    from edge.sim.fleet import SimFleet
 
-    cfg = build_config(SimFleetConfig, values)
     stop = _stop_on_signals()
     SimFleet(cfg).run(stop)
     return 0
 
 
-def _cmd_ros2_sim_robot(args, values) -> int:
-    from fleet.config import build_config
-
+def _run_ros2_sim_robot(cfg) -> int:
     try:
-        from edge.sim.ros2_arm import SimArm, SimArmConfig
+        from edge.sim.ros2_arm import SimArm
     except ImportError as e:
         raise ConfigError(f"ROS 2 (rclpy) is not installed: pip install -e '.[ros2]' ({e})") from None
-    cfg = build_config(SimArmConfig, values)
     stop = _stop_on_signals()
     SimArm(cfg).run(stop)
     return 0
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in data.items():
-        key = f"{prefix}{k.replace('-', '_')}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}."))
-        else:
-            out[key] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
-def _cmd_status(args, values) -> int:
+def _cmd_status(args) -> int:
     import redis
 
     from cloud.status import run_status
     from fleet.redis_client import connect
 
     if args.interval <= 0 or args.window_s <= 0:
-        raise ConfigError(f"--interval ({args.interval}) and --window-s ({args.window_s}) must be > 0")
+        raise ConfigError(f"--interval ({args.interval}) and --window_s ({args.window_s}) must be > 0")
     client = connect(args.redis_url, socket_connect_timeout=5, socket_timeout=10)
     stop = _stop_on_signals() if args.watch else threading.Event()
     try:
@@ -201,16 +167,17 @@ def _cmd_status(args, values) -> int:
     return 0
 
 
-def _cmd_seed(args, values) -> int:
-    from cloud.offline import seed_scripted_demos
+def _cmd_seed(args) -> int:
+    from edge.sim.demos import seed_scripted_demos
+    from edge.loop import LoopConfig
 
-    result = seed_scripted_demos(args.redis_url, args.tasks.split(","), args.episodes_per_task,
-                                 args.max_episode_steps, args.seed)
+    result = seed_scripted_demos(args.redis_url, list(args.tasks), args.episodes_per_task,
+                                 args.max_episode_steps or LoopConfig.max_episode_steps, args.seed)
     print(json.dumps(result))
     return 0
 
 
-def _cmd_export(args, values) -> int:
+def _cmd_export(args) -> int:
     from cloud.export import ExportFilter, parse_time
     from fleet.redis_client import connect
 
@@ -232,7 +199,7 @@ def _cmd_export(args, values) -> int:
     return 0
 
 
-def _cmd_import(args, values) -> int:
+def _cmd_import(args) -> int:
     from cloud.offline_lerobot import import_lerobot_dataset
 
     result = import_lerobot_dataset(args.redis_url, args.path, robot_id=args.robot_id, embodiment=args.embodiment,
@@ -245,7 +212,7 @@ TOKEN_TTL_S = 30 * 24 * 3600.0
 TOKEN_TTL_HELP = "token lifetime, seconds (default 30 days; 0 = until revoked); refresh with `fleet certs token`"
 
 
-def _cmd_certs(args, values) -> int:
+def _cmd_certs(args) -> int:
     from fleet import certs
 
     if args.action in ("publisher-key", "rotate-publisher-key"):
@@ -305,12 +272,12 @@ def _publisher_key(args) -> int:
     return 0
 
 
-def _cmd_robots(args, values) -> int:
+def _cmd_robots(args) -> int:
     from cloud.buffer import ROBOTS_KEY, RobotKeys
     from fleet.redis_client import connect
 
     if args.ttl_s < 1:
-        raise ConfigError(f"--ttl-s ({args.ttl_s}) must be >= 1")
+        raise ConfigError(f"--ttl_s ({args.ttl_s}) must be >= 1")
     import redis
 
     client = connect(args.redis_url, socket_connect_timeout=5, socket_timeout=10)
@@ -329,11 +296,9 @@ def _fmt(x) -> str:
     return "  n/a" if x is None or x != x else f"{x:.2f}"
 
 
-def _cmd_demo(args, values) -> int:
-    from cloud.demo import DemoConfig, run_demo
-    from fleet.config import build_config
+def _run_demo(cfg) -> int:
+    from edge.sim.demo import run_demo
 
-    cfg = build_config(DemoConfig, values)
     stop = _stop_on_signals()
     summary = run_demo(cfg, stop)
     print()
@@ -348,27 +313,103 @@ def _cmd_demo(args, values) -> int:
     return 0
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole CLI. With ``command``, only that subcommand's options are built in full:
-    each config class imports what its process needs (torch, LeRobot, MetaWorld), and a
-    gateway or ``fleet status`` should not pay for the trainer's imports."""
-    from fleet.config import DEFAULT_TASKS, GatewayConfig, add_dataclass_args
+def _gateway_config():
+    from fleet.config import GatewayConfig
 
-    def wants(name: str) -> bool:
-        return command is None or command == name
+    return GatewayConfig
+
+
+def _trainer_config():
+    from cloud.checkpoints import RESUME_HELP
+    from cloud.trainer_config import TrainerConfig
+
+    return TrainerConfig, RESUME_HELP
+
+
+def _edge_config():
+    from edge.agent import EdgeConfig
+
+    return EdgeConfig
+
+
+def _sim_fleet_config():
+    from edge.sim.fleet import SimFleetConfig
+
+    return SimFleetConfig
+
+
+def _ros2_sim_robot_config():
+    from edge.sim.ros2_arm_config import SimArmConfig
+
+    return SimArmConfig, "See docs/robots.md."
+
+
+def _demo_config():
+    from edge.sim.demo import DemoConfig
+
+    return DemoConfig, "Writes summary.json and learning_curve.png to the run directory."
+
+
+CONFIG_COMMANDS = {
+    "demo": ("run the whole system on this machine and show the policy improving", _demo_config, _run_demo),
+    "gateway": ("the gRPC gateway (stateless; run several behind a load balancer)", _gateway_config, _run_gateway),
+    "trainer": ("the trainer: sample from Redis, train, publish versions", _trainer_config, _run_trainer),
+    "edge": ("one robot's edge agent", _edge_config, _run_edge),
+    "sim-fleet": ("N simulated robots (full edge agents) on threads of one process", _sim_fleet_config,
+                  _run_sim_fleet),
+    "ros2-sim-robot": ("a simulated MetaWorld arm as a ROS 2 driver (joint states, camera, commands, reset "
+                       "service, scripted teleop)", _ros2_sim_robot_config, _run_ros2_sim_robot),
+}
+"""Commands whose options are one typed config (draccus: ``--field=value``, ``--config_path``): help,
+the config class (imported only when the command runs: a gateway never imports the trainer's torch)
+and the runner."""
+
+
+def parse_config(command: str, argv: list[str], exit_on_error: bool = True):
+    """The config of ``fleet <command> <argv>`` (exit 2 on a bad one, or ConfigError without ``exit_on_error``)."""
+    from fleet.config import parse
+
+    found = CONFIG_COMMANDS[command][1]()
+    cls, extra = found if isinstance(found, tuple) else (found, "")
+    return parse(cls, argv, prog=f"fleet {command}", description=f"{cls.__doc__}\n\n{extra}".strip(),
+                 exit_on_error=exit_on_error)
+
+
+def run_config_command(command: str, argv: list[str], verbose: bool = False) -> int:
+    """Parse ``argv`` into the command's config (exit 2 on a bad one) and run it."""
+    cfg = parse_config(command, argv)
+    runner = CONFIG_COMMANDS[command][2]
+    _setup_logging(verbose)
+    try:
+        return runner(cfg)
+    except ConfigError as exc:
+        print(f"fleet {command}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        return 130
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    from fleet.config import cli_value
+
+    value = cli_value(tuple[str, ...], text)
+    if not isinstance(value, list) or not all(isinstance(t, str) and t for t in value):
+        raise argparse.ArgumentTypeError(f"expected a task or a YAML list of tasks, got {text!r}")
+    return tuple(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The commands without a process config (their few options are plain argparse flags, spelt as the
+    config fields are: ``--redis_url``); the others are listed here and parsed by :func:`run_config_command`."""
+    from fleet.config import DEFAULT_TASKS
 
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run the whole system on this machine and show the policy improving")
-    if wants("demo"):
-        from cloud.demo import DemoConfig
-
-        p.description = DemoConfig.__doc__ + " Writes summary.json and learning_curve.png to the run directory."
-        add_dataclass_args(p, DemoConfig, renames={"duration_s": "duration"})
-    p.set_defaults(func=_cmd_demo)
+    for name, (help_text, _, _) in CONFIG_COMMANDS.items():  # parsed by fleet.config.parse (draccus)
+        sub.add_parser(name, help=help_text, add_help=False)
 
     p = sub.add_parser("learner", help="the cloud side: gateway + trainer as two processes",
                        description="Start the gateway and the trainer as child processes sharing Redis and "
@@ -381,81 +422,34 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="let the gateway serve a non-loopback --listen without TLS and robot tokens (trusted "
                    "networks only; see docs/deploy.md)")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer (AOF on)")
-    p.add_argument("--policy-dir", default="runs/learner/policies", help="policy store directory")
-    p.add_argument("--log-dir", default="runs/learner/logs", help="where the children's logs go")
-    p.add_argument("--gateway-metrics-port", type=int, default=0, help="gateway /metrics port (0 = off)")
+    p.add_argument("--redis_url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer (AOF on)")
+    p.add_argument("--policy_dir", default="runs/learner/policies", help="policy store directory")
+    p.add_argument("--log_dir", default="runs/learner/logs", help="where the children's logs go")
+    p.add_argument("--gateway_metrics_port", type=int, default=0, help="gateway /metrics port (0 = off)")
     p.add_argument("--embodiment", default="", help="serve and train only this embodiment's policy line (run one "
-                   "learner, with its own --listen and --policy-dir, per embodiment; docs/robots.md)")
+                   "learner, with its own --listen and --policy_dir, per embodiment; docs/robots.md)")
     p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="options passed to `fleet trainer`")
     p.set_defaults(func=_cmd_learner)
 
-    p = sub.add_parser("gateway", help="the gRPC gateway (stateless; run several behind a load balancer)",
-                       description=GatewayConfig.__doc__)
-    add_dataclass_args(p, GatewayConfig)
-    p.add_argument("--insecure", action="store_true",
-                   help="serve a non-loopback --listen without TLS and robot tokens (protected mode off; "
-                   "development only)")
-    p.set_defaults(func=_cmd_gateway)
-
-    p = sub.add_parser("trainer", help="the trainer: sample from Redis, train, publish versions",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    if wants("trainer"):
-        from cloud.checkpoints import RESUME_HELP
-        from cloud.trainer_config import TrainerConfig
-
-        p.description = f"{TrainerConfig.__doc__}\n\n{RESUME_HELP}"
-        p.add_argument("--fresh", action="store_true",
-                       help="set existing checkpoints aside and start from a new policy (version numbers keep rising)")
-        add_dataclass_args(p, TrainerConfig)
-    p.set_defaults(func=_cmd_trainer)
-
-    p = sub.add_parser("edge", help="one robot's edge agent")
-    if wants("edge"):
-        from edge.agent import EdgeConfig
-
-        p.description = EdgeConfig.__doc__
-        p.add_argument("--config", help="JSON file with EdgeConfig fields; command-line options override it")
-        add_dataclass_args(p, EdgeConfig)
-        p.add_argument("--insecure", action="store_true",
-                       help="talk to a non-loopback --gateway without TLS (plaintext: trusted networks and "
-                       "development only; without it such a gateway needs --security.ca-file)")
-    p.set_defaults(func=_cmd_edge)
-
-    p = sub.add_parser("sim-fleet", help="N simulated robots (full edge agents) on threads of one process")
-    if wants("sim-fleet"):
-        from edge.sim_fleet import SimFleetConfig
-
-        p.description = SimFleetConfig.__doc__
-        add_dataclass_args(p, SimFleetConfig)
-    p.set_defaults(func=_cmd_sim_fleet)
-
-    p = sub.add_parser("ros2-sim-robot", help="a simulated MetaWorld arm as a ROS 2 driver (joint states, camera, "
-                       "commands, reset service, scripted teleop)")
-    if wants("ros2-sim-robot"):
-        from edge.sim.ros2_arm_config import SimArmConfig
-
-        p.description = SimArmConfig.__doc__ + " See docs/robots.md."
-        add_dataclass_args(p, SimArmConfig)
-    p.set_defaults(func=_cmd_ros2_sim_robot)
-
     p = sub.add_parser("status", help="a table of the fleet's robots, read from Redis",
                        description="Robots (id, embodiment, task, connected, policy version and lag, steps/s, "
-                       "intervention rate, spool backlog) and, per task over the last --window-s seconds, "
+                       "intervention rate, spool backlog) and, per task over the last --window_s seconds, "
                        "autonomous success, intervention ratio, human effort and Return on Human Effort. "
                        "Offline-data sources (seeded demonstrations) are left out.")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer")
+    p.add_argument("--redis_url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer")
     p.add_argument("--json", action="store_true", help="print a JSON list of robots")
     p.add_argument("--watch", action="store_true", help="refresh until interrupted")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
-    p.add_argument("--window-s", type=float, default=600.0, help="window of the per-task summary, seconds")
+    p.add_argument("--window_s", type=float, default=600.0, help="window of the per-task summary, seconds")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("seed", help="write scripted MetaWorld demonstrations into the buffer")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks")
-    p.add_argument("--episodes-per-task", type=int, default=3, help="demonstrations per task")
-    p.add_argument("--max-episode-steps", type=int, default=150, help="episode length limit")
+    p.add_argument("--redis_url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, type=_tasks,
+                   help='tasks: one, or a YAML list \'["reach the goal", "close the drawer"]\' (default: the demo\'s)')
+    p.add_argument("--episodes_per_task", type=int, default=3, help="demonstrations per task")
+    p.add_argument("--max_episode_steps", type=int, default=0,
+                   help="episode length limit (0 = the control loop's default, loop.max_episode_steps)")
     p.add_argument("--seed", type=int, default=0, help="seed for initial states")
     p.set_defaults(func=_cmd_seed)
 
@@ -464,16 +458,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        "(docs/robots.md). Filters combine with AND; repeat --task/--robot for several.")
     p.add_argument("--format", required=True, choices=("lerobot", "rosbag2"), help="output format")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer")
+    p.add_argument("--redis_url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer")
     p.add_argument("--task", action="append", default=[], help="only this task (repeatable)")
     p.add_argument("--robot", action="append", default=[], help="only this robot id (repeatable)")
     p.add_argument("--embodiment", default="", help="only robots of this embodiment")
     p.add_argument("--since", default="", help="episodes started at/after: Unix seconds or ISO 8601 (UTC)")
     p.add_argument("--until", default="", help="episodes started before: Unix seconds or ISO 8601 (UTC)")
-    p.add_argument("--min-version", type=int, default=None, help="only episodes run by policy version >= N")
-    p.add_argument("--max-version", type=int, default=None, help="only episodes run by policy version <= N")
-    p.add_argument("--include-unfinished", action="store_true", help="also episodes still being recorded")
-    p.add_argument("--no-eval", action="store_true", help="leave out evaluation episodes")
+    p.add_argument("--min_version", type=int, default=None, help="only episodes run by policy version >= N")
+    p.add_argument("--max_version", type=int, default=None, help="only episodes run by policy version <= N")
+    p.add_argument("--include_unfinished", action="store_true", help="also episodes still being recorded")
+    p.add_argument("--no_eval", action="store_true", help="leave out evaluation episodes")
     p.add_argument("--fps", type=int, default=None, help="lerobot: frame rate (default: the robots' registered control rate)")
     p.add_argument("--video", action="store_true", help="lerobot: store camera frames as AV1 video, not images")
     p.set_defaults(func=_cmd_export)
@@ -483,10 +477,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        "into the buffer as offline demonstrations for the learner (docs/robots.md).")
     p.add_argument("--format", default="lerobot", choices=("lerobot",), help="input format")
     p.add_argument("--path", required=True, help="dataset root (the directory holding meta/info.json)")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer")
-    p.add_argument("--robot-id", default="", help="offline robot id to file it under (default: offline-<dir name>)")
+    p.add_argument("--redis_url", default="redis://127.0.0.1:6379/0", help="Redis with the buffer")
+    p.add_argument("--robot_id", default="", help="offline robot id to file it under (default: offline-<dir name>)")
     p.add_argument("--embodiment", default="", help="embodiment (default: lerobot-<robot_type>, as the edge names it)")
-    p.add_argument("--max-episodes", type=int, default=0, help="import at most this many episodes (0 = all)")
+    p.add_argument("--max_episodes", type=int, default=0, help="import at most this many episodes (0 = all)")
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("certs", help="development CA, certificates and robot tokens; token revocation",
@@ -497,24 +491,24 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("dir", help="output directory (must not hold a CA yet)")
     c.add_argument("--hosts", default="localhost,127.0.0.1", help="gateway DNS names/IPs, comma-separated")
     c.add_argument("--robots", default="", help="robot ids to issue credentials for, comma-separated")
-    c.add_argument("--token-ttl-s", type=float, default=TOKEN_TTL_S, help=TOKEN_TTL_HELP)
+    c.add_argument("--token_ttl_s", type=float, default=TOKEN_TTL_S, help=TOKEN_TTL_HELP)
     c = certs_sub.add_parser("robot", help="issue a certificate and a token for one more robot from DIR's CA")
     c.add_argument("dir", help="directory made by `fleet certs init`")
-    c.add_argument("--robot-id", required=True, help="the robot's id (its certificate's common name)")
-    c.add_argument("--token-ttl-s", type=float, default=TOKEN_TTL_S, help=TOKEN_TTL_HELP)
+    c.add_argument("--robot_id", required=True, help="the robot's id (its certificate's common name)")
+    c.add_argument("--token_ttl_s", type=float, default=TOKEN_TTL_S, help=TOKEN_TTL_HELP)
     c = certs_sub.add_parser("token", help="a fresh token for a robot of DIR (refresh before it expires; the edge "
                              "re-reads its token file when it changes)")
     c.add_argument("dir", help="directory made by `fleet certs init`")
-    c.add_argument("--robot-id", required=True, help="the robot's id")
-    c.add_argument("--token-ttl-s", type=float, default=TOKEN_TTL_S, help=TOKEN_TTL_HELP)
+    c.add_argument("--robot_id", required=True, help="the robot's id")
+    c.add_argument("--token_ttl_s", type=float, default=TOKEN_TTL_S, help=TOKEN_TTL_HELP)
     c = certs_sub.add_parser("deny", help="refuse a robot certificate on every gateway (mutual TLS denylist, in Redis)")
-    c.add_argument("--cert-file", required=True, help="the robot's certificate (PEM)")
-    c.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
+    c.add_argument("--cert_file", required=True, help="the robot's certificate (PEM)")
+    c.add_argument("--redis_url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
     c = certs_sub.add_parser("revoke", help="revoke a robot token id on every gateway (a Redis set)")
-    c.add_argument("--token-id", required=True, help="the token id printed when the token was issued")
-    c.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
+    c.add_argument("--token_id", required=True, help="the token id printed when the token was issued")
+    c.add_argument("--redis_url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
     c = certs_sub.add_parser("publisher-key", help="the Ed25519 key that signs policy versions: DIR/publisher.key "
-                             "(0600, for `fleet trainer --publish-key-file`) and DIR/publisher.pub (robots pin it)")
+                             "(0600, for `fleet trainer --publish_key_file`) and DIR/publisher.pub (robots pin it)")
     c.add_argument("dir", help="output directory (must not hold a publisher key yet)")
     c = certs_sub.add_parser("rotate-publisher-key",
                              help="a new publisher key in DIR; the old public key moves to "
@@ -528,47 +522,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     c = robots_sub.add_parser("allow-schema-change",
                               help="let ROBOT_ID's next Register change its observation/action schema")
     c.add_argument("robot_id", help="the robot's id")
-    c.add_argument("--ttl-s", type=int, default=3600, help="the allowance expires unused after this (default 3600)")
-    c.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
+    c.add_argument("--ttl_s", type=int, default=3600, help="the allowance expires unused after this (default 3600)")
+    c.add_argument("--redis_url", default="redis://127.0.0.1:6379/0", help="Redis (or redis+cluster://)")
     p.set_defaults(func=_cmd_robots)
     parser.set_defaults(subparsers=sub.choices)
     return parser
 
 
-def _command_of(argv: list[str]) -> str:
-    """The subcommand named in ``argv`` ("" if none: then no subcommand is built in full)."""
-    return next((a for a in argv if not a.startswith("-")), "")
-
-
 def _reject_unknown(parser: argparse.ArgumentParser, args, unknown: list[str]) -> None:
     """Exit 2 like argparse on unrecognized arguments, naming the closest option for each misspelt one."""
-    from fleet.config import suggest
+    from fleet.config import flag_spelling, suggest
 
     sub = getattr(args, "subparsers", {}).get(getattr(args, "command", None), parser)
     for action in sub._actions:  # a nested subcommand (`fleet certs init`) knows its own options
         if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
             sub = action.choices[getattr(args, action.dest)]
-    options = {o for a in sub._actions for o in a.option_strings if o.startswith("--")}
-    options = sorted(o for o in options if "_" not in o or o.replace("_", "-") not in options)
-    parts = []
-    for arg in unknown:
-        name = arg.split("=", 1)[0]
-        parts.append(arg + (suggest(name.replace("_", "-"), options) if name.startswith("--") else ""))
+    options = sorted({o for a in sub._actions for o in a.option_strings if o.startswith("--")})
+    parts = [arg + (suggest(flag_spelling(arg), options) if arg.startswith("--") else "") for arg in unknown]
     sub.error(f"unrecognized arguments: {' '.join(parts)}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(_command_of(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
+    while argv and argv[0] in ("-v", "--verbose"):
+        verbose = True
+        argv.pop(0)
+    if argv and argv[0] in CONFIG_COMMANDS:
+        return run_config_command(argv[0], argv[1:], verbose)
+    parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         _reject_unknown(parser, args, unknown)
-    _setup_logging(args.verbose)
-    values = {k: v for k, v in vars(args).items() if "." in k or k not in
-              ("command", "func", "verbose", "config", "json", "watch", "interval", "trainer_args", "subparsers",
-               "insecure")}
+    _setup_logging(verbose or args.verbose)
     try:
-        return args.func(args, values)
+        return args.func(args)
     except ConfigError as exc:
         parser.exit(2, f"fleet {args.command}: error: {exc}\n")
     except KeyboardInterrupt:

@@ -1,9 +1,23 @@
-"""Typed configuration, one dataclass per process, and the CLI built from them.
+"""Typed configuration: one draccus dataclass per process, nested the way the process is built.
 
-Every field has a one-line docstring right under it (CleanRL style); that line
-becomes its ``--help`` text. Nested dataclasses flatten with dots
-(``--policy.chunk-size 10``); dashes and underscores are interchangeable.
-Values are validated in ``__post_init__`` with the bad value in the message.
+Conventions (as in LeRobot, whose configs we embed):
+
+- Every field has a one-line docstring right under it; that line is its ``--help`` text.
+  Adding a knob is one field plus its docstring, in the config of the part that uses it,
+  e.g. ``retention_max_bytes: int = 0`` + ``\"\"\"Bytes kept ...\"\"\"``; the flag
+  (``--retention_max_bytes``), the config-file key and the help follow. Its one default lives there.
+- Nested dataclasses are nested flags (``--spool.max_bytes=1e9``); one spelling per flag, the
+  field's own name with underscores.
+- A ``draccus.ChoiceRegistry`` field picks a class with ``--<field>.type=<name>`` and takes only
+  that class's fields (``--policy.type=act --policy.dim_model=256``; ``--algorithm.type=recap``).
+- ``--config_path=file.yaml`` (or .json) sets any of these; flags override the file.
+- Values are YAML scalars or lists: ``--tasks='["reach the goal, carefully", "close the drawer"]'``;
+  a bare string is one element (its commas are kept).
+- Values are validated in ``__post_init__`` with the bad value in the message. Unknown keys, bad
+  types and bad values end the process with status 2 and one line naming the key (``parse``).
+
+This module is shared core: it imports neither ``edge`` nor ``cloud``; each process's config
+lives next to the code that runs it, and ``fleet/cli.py`` composes them.
 """
 
 from __future__ import annotations
@@ -12,42 +26,31 @@ import argparse
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
+import sys
 import textwrap
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from typing import Any, TypeVar
 
 from fleet.errors import ConfigError
 
-ALGORITHM_NAMES = ("hg_dagger", "recap")
+T = TypeVar("T")
+
 DEFAULT_TASKS = ("reach the goal", "press the button from the top", "close the drawer")
+"""The MetaWorld tasks of the demo, the simulated fleet and the trainer's default task list."""
 
 
-def _require(cond: bool, message: str) -> None:
+def require(cond: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ``cond`` (for ``__post_init__`` validation)."""
     if not cond:
         raise ConfigError(message)
 
 
-@lru_cache(maxsize=None)
-def field_docs(cls: type) -> dict[str, str]:
-    """Docstrings written under dataclass fields (parsed from the class source)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+_require = require
 
 
 @dataclass(frozen=True)
@@ -75,16 +78,16 @@ class GatewaySecurity:
     """WatchPolicy streams one robot may hold open at once on one gateway (0 = unlimited)."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.tls_cert_file) == bool(self.tls_key_file),
+        require(bool(self.tls_cert_file) == bool(self.tls_key_file),
                  f"tls_cert_file ({self.tls_cert_file!r}) and tls_key_file ({self.tls_key_file!r}) go together")
-        _require(not self.client_ca_file or bool(self.tls_cert_file),
+        require(not self.client_ca_file or bool(self.tls_cert_file),
                  f"client_ca_file ({self.client_ca_file!r}) needs tls_cert_file: mutual TLS is TLS first")
-        _require(self.revocation_refresh_s > 0, f"revocation_refresh_s ({self.revocation_refresh_s}) must be > 0")
-        _require(self.robot_max_streams >= 0, f"robot_max_streams ({self.robot_max_streams}) must be >= 0")
-        _require(self.robot_max_policy_streams >= 0,
+        require(self.revocation_refresh_s > 0, f"revocation_refresh_s ({self.revocation_refresh_s}) must be > 0")
+        require(self.robot_max_streams >= 0, f"robot_max_streams ({self.robot_max_streams}) must be >= 0")
+        require(self.robot_max_policy_streams >= 0,
                  f"robot_max_policy_streams ({self.robot_max_policy_streams}) must be >= 0")
-        _require(self.robot_max_steps_per_s >= 0, f"robot_max_steps_per_s ({self.robot_max_steps_per_s}) must be >= 0")
-        _require(self.robot_max_bytes_per_s >= 0, f"robot_max_bytes_per_s ({self.robot_max_bytes_per_s}) must be >= 0")
+        require(self.robot_max_steps_per_s >= 0, f"robot_max_steps_per_s ({self.robot_max_steps_per_s}) must be >= 0")
+        require(self.robot_max_bytes_per_s >= 0, f"robot_max_bytes_per_s ({self.robot_max_bytes_per_s}) must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -109,12 +112,12 @@ class ClientSecurity:
         keys = self.policy_public_key_files
         if isinstance(keys, str):  # a config file's "a.pub" or "a.pub,b.pub"
             keys = tuple(p for p in keys.split(",") if p)
-        _require(isinstance(keys, (list, tuple)) and all(isinstance(p, str) and p for p in keys),
+        require(isinstance(keys, (list, tuple)) and all(isinstance(p, str) and p for p in keys),
                  f"policy_public_key_files must be a list of file names, got {self.policy_public_key_files!r}")
         object.__setattr__(self, "policy_public_key_files", tuple(keys))
-        _require(bool(self.cert_file) == bool(self.key_file),
+        require(bool(self.cert_file) == bool(self.key_file),
                  f"cert_file ({self.cert_file!r}) and key_file ({self.key_file!r}) go together")
-        _require(not self.cert_file or bool(self.ca_file), "cert_file needs ca_file: mutual TLS is TLS first")
+        require(not self.cert_file or bool(self.ca_file), "cert_file needs ca_file: mutual TLS is TLS first")
 
 
 TIERS = ("online", "intervention", "offline")
@@ -230,67 +233,28 @@ class GatewayConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     """Byte and age budgets of the buffer; with any budget set this gateway runs retention passes (one gateway
     at a time holds the lease)."""
+    insecure: bool = False
+    """Serve a non-loopback listen without TLS and robot tokens (protected mode off; development only)."""
 
     def __post_init__(self) -> None:
-        _require(":" in self.listen, f"listen must be host:port, got {self.listen!r}")
-        _require(self.max_message_bytes >= 1 << 20, f"max_message_bytes ({self.max_message_bytes}) must be >= 1 MiB")
-        _require(self.max_connection_age_s > 0, f"max_connection_age_s ({self.max_connection_age_s}) must be > 0")
-        _require(0 < self.robot_max_inflight_bytes <= self.max_inflight_bytes,
+        require(":" in self.listen, f"listen must be host:port, got {self.listen!r}")
+        require(self.max_message_bytes >= 1 << 20, f"max_message_bytes ({self.max_message_bytes}) must be >= 1 MiB")
+        require(self.max_connection_age_s > 0, f"max_connection_age_s ({self.max_connection_age_s}) must be > 0")
+        require(0 < self.robot_max_inflight_bytes <= self.max_inflight_bytes,
                  f"robot_max_inflight_bytes ({self.robot_max_inflight_bytes}) must be in (0, max_inflight_bytes "
                  f"({self.max_inflight_bytes})]")
-        _require(self.max_experience_streams > 0, f"max_experience_streams ({self.max_experience_streams}) must be > 0")
-        _require(self.policy_cache_bytes >= 0, f"policy_cache_bytes ({self.policy_cache_bytes}) must be >= 0")
-        _require(self.inflight_wait_s >= 0, f"inflight_wait_s ({self.inflight_wait_s}) must be >= 0")
-        _require(self.retry_after_s > 0, f"retry_after_s ({self.retry_after_s}) must be > 0")
-        _require(self.redis_full_retry_after_s > 0,
+        require(self.max_experience_streams > 0, f"max_experience_streams ({self.max_experience_streams}) must be > 0")
+        require(self.policy_cache_bytes >= 0, f"policy_cache_bytes ({self.policy_cache_bytes}) must be >= 0")
+        require(self.inflight_wait_s >= 0, f"inflight_wait_s ({self.inflight_wait_s}) must be >= 0")
+        require(self.retry_after_s > 0, f"retry_after_s ({self.retry_after_s}) must be > 0")
+        require(self.redis_full_retry_after_s > 0,
                  f"redis_full_retry_after_s ({self.redis_full_retry_after_s}) must be > 0")
-        _require(self.buffer_codec in ("zstd", "lz4", "raw"),
-                 f"buffer_codec ({self.buffer_codec!r}) must be zstd, lz4 or raw")
-        _require(not self.health_listen or ":" in self.health_listen,
+        require(self.buffer_codec in ("zstd", "lz4", "raw"),
+                f"buffer_codec ({self.buffer_codec!r}) must be zstd, lz4 or raw")
+        require(not self.health_listen or ":" in self.health_listen,
                  f"health_listen must be host:port or empty, got {self.health_listen!r}")
 
 
-def _parse_value(text: str, annotation: typing.Any):
-    origin = typing.get_origin(annotation)
-    if annotation is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-    if origin is tuple:
-        return tuple(s.strip() for s in text.split(",") if s.strip())
-    if annotation in (int, float, str):
-        return annotation(text)
-    return text
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
-                       renames: dict[str, str] | None = None) -> None:
-    """Add one ``--option`` per field of ``cls`` (recursively for nested dataclasses)."""
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    renames = renames or {}
-    for f in dataclasses.fields(cls):
-        ann = hints[f.name]
-        dest = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(ann):
-            add_dataclass_args(parser, ann, prefix=f"{dest}.")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        shown = ",".join(default) if isinstance(default, tuple) else default
-        flag = renames.get(f.name, dest.replace("_", "-"))
-        names = {f"--{flag}", f"--{dest}"}
-        parser.add_argument(*sorted(names, key=len, reverse=True), dest=dest, default=argparse.SUPPRESS,
-                            type=lambda s, a=ann: _parse_value(s, a), metavar=_metavar(ann),
-                            help=f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%"))  # argparse formats help
-
-
-def _metavar(annotation) -> str:
-    if typing.get_origin(annotation) is tuple:
-        return "A,B,..."
-    return getattr(annotation, "__name__", "VALUE").upper()
 
 
 def suggest(word: str, choices, quote: str = "") -> str:
@@ -299,57 +263,243 @@ def suggest(word: str, choices, quote: str = "") -> str:
     return f" (did you mean {quote}{close[0]}{quote}?)" if close else ""
 
 
-def check_keys(cls: type, data: typing.Any, source: str, prefix: str = "") -> None:
-    """Raise ConfigError naming the first key of ``data`` (a config file's object, nested
-    objects for nested dataclasses, dotted keys allowed) that is no field of ``cls``, with
-    the closest valid key. Dashes and underscores are interchangeable, as on the command line."""
-    where = f"{source}: " if source else ""
+def flag_spelling(arg: str) -> str:
+    """The flag of ``arg`` (``--a-b=1``) spelt as fields are (``--a_b``), to find the closest valid flag."""
+    return "--" + arg.split("=", 1)[0][2:].replace("-", "_")
+
+
+def _is_choice(tp: Any) -> bool:
+    import draccus
+
+    return isinstance(tp, type) and issubclass(tp, draccus.ChoiceRegistry)
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+_FACTORY_DEFAULTS: dict[Any, Any] = {}
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    """A field's default (a factory is called once: LeRobot's configs log when they pick a device)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    factory = f.default_factory
+    if factory is dataclasses.MISSING:  # type: ignore[comparison-overlap]
+        return dataclasses.MISSING
+    if factory not in _FACTORY_DEFAULTS:
+        _FACTORY_DEFAULTS[factory] = factory()  # type: ignore[operator]
+    return _FACTORY_DEFAULTS[factory]
+
+
+def _choice(tp: type, data: Any, default: Any, path: str) -> type:
+    """The class a choice field ``tp`` picks: ``data["type"]`` if given, else the default's class."""
+    known = tp.get_known_choices()
+    name = data.get("type") if isinstance(data, dict) else None
+    if name is None:
+        if isinstance(default, tp):
+            return type(default)
+        name = tp.default_choice_name()
+        if name is None:
+            raise ConfigError(f"{path}.type is required: one of {', '.join(sorted(known))}")
+    if name not in known:
+        raise ConfigError(f'{path}.type "{name}" is not one of: {", ".join(sorted(known))}'
+                          f"{suggest(str(name), known, quote=chr(34))}")
+    return known[name]
+
+
+def _complete(cls: type, data: Any, path: str = "") -> dict:
+    """Check ``data`` (a nested mapping) against ``cls``: raise ConfigError naming the first unknown key
+    (with the closest valid one) and fill in the ``type`` of choice fields left at their default class."""
+    what = f'"{path}"' if path else "the config"
     if not isinstance(data, dict):
-        what = f'key "{prefix[:-1]}"' if prefix else "the file"
-        raise ConfigError(f"{where}{what} must be a JSON object, got {type(data).__name__}")
+        raise ConfigError(f"{what} must be a mapping of {cls.__name__} fields, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for raw, value in data.items():
-        raw_head, dot, rest = str(raw).partition(".")
-        head = raw_head.replace("-", "_")
-        if head not in names:
-            full = f"{prefix}{raw}"
-            close = difflib.get_close_matches(head, names, n=1, cutoff=0.6)  # bare names: a shared prefix is no match
-            hint = f' (did you mean "{prefix}{close[0]}"?)' if close else f" (not a {cls.__name__} field)"
-            raise ConfigError(f'{where}unknown key "{full}"{hint}')
-        if dataclasses.is_dataclass(hints[head]):
-            check_keys(hints[head], {rest: value} if dot else value, source, f"{prefix}{head}.")
-        elif dot:
-            raise ConfigError(f'{where}unknown key "{prefix}{raw}" ("{prefix}{head}" has no sub-keys)')
+    out = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key == "type" and _is_choice(cls):
+            continue
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            prefix = f"{path}." if path else ""
+            hint = (f' (did you mean "{prefix}{close[0]}"?)' if close
+                    else f" (not a {cls.__name__} field; valid: {', '.join(fields)})")
+            raise ConfigError(f'unknown key "{full}"{hint}')
+        tp = hints[key]
+        if _is_choice(tp):
+            sub = _choice(tp, value, _default_of(fields[key]), full)
+            inner = {k: v for k, v in value.items() if k != "type"} if isinstance(value, dict) else value
+            out[key] = {"type": tp.get_choice_name(sub), **_complete(sub, inner, full)}
+        elif _is_config(tp):
+            out[key] = _complete(tp, value, full)
+        else:
+            out[key] = value
+    return out
 
 
-def build_config(cls: type, values: dict[str, typing.Any], prefix: str = ""):
-    """Instantiate ``cls`` from flat dotted argparse values, raising ConfigError on bad values."""
-    kwargs = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            kwargs[f.name] = build_config(hints[f.name], values, prefix=f"{key}.")
-        elif key in values:
-            kwargs[f.name] = values[key]
+def _overlay(base: Any, over: Any) -> Any:
+    """``over`` merged into ``base`` (nested mappings); a choice section whose ``type`` changes is replaced."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return over
+    out = dict(base)
+    for key, value in over.items():
+        old = out.get(key)
+        switched = isinstance(value, dict) and isinstance(old, dict) and value.get("type", old.get("type")) != old.get("type")
+        out[key] = value if switched or key not in out else _overlay(old, value)
+    return out
+
+
+def load(cls: type[T], data: Any, source: str = "") -> T:
+    """An instance of ``cls`` from a nested mapping (a config file's content), or ConfigError naming the key."""
+    import draccus
+    from draccus.utils import DecodingError, ParsingError
+
+    where = f"{source}: " if source else ""
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
+        data = _complete(cls, data)
+        try:
+            defaults = draccus.encode(cls())  # nested defaults set by a parent (a demo's robots) are kept
+        except Exception:  # noqa: BLE001 - a config with required fields: decode from what was given
+            defaults = {}
+        return draccus.decode(cls, _overlay(defaults, data))
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
+    except DecodingError as e:
+        key = ".".join(str(k) for k in e.key_path)
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise ConfigError(f"{where}{cause}") from None
+        raise ConfigError(f"{where}{key}: {str(e.message).splitlines()[0]}") from None
+    except ParsingError as e:
+        cause = e.__cause__
+        raise ConfigError(f"{where}{cause if isinstance(cause, ConfigError) else e}") from None
+
+
+def _field_type(cls: type, parts: Sequence[str], values: dict[str, Any]) -> Any:
+    """The annotation of the dotted field ``parts`` of ``cls`` (choice fields resolved from ``values``)."""
+    tp: Any = cls
+    for i, part in enumerate(parts):
+        if _is_choice(tp):
+            name = values.get(".".join(parts[:i] + ["type"]))
+            tp = tp.get_known_choices().get(name, tp) if name else tp
+        if not _is_config(tp):
+            return None
+        f = {f.name: f for f in dataclasses.fields(tp)}.get(part)
+        if f is None:
+            return None
+        if _is_choice(typing.get_type_hints(tp)[part]) and values.get(".".join(parts[:i + 1] + ["type"])) is None:
+            default = _default_of(f)
+            tp = type(default) if dataclasses.is_dataclass(default) else typing.get_type_hints(tp)[part]
+        else:
+            tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def cli_value(tp: Any, text: str) -> Any:
+    """A flag's text as a value of type ``tp``: strings are kept as typed, other values read as YAML;
+    a bare string given for a list is one element (its commas are kept)."""
+    from draccus import cfgparsing
+
+    if tp is str:
+        return text
+    value = cfgparsing.parse_string(text)
+    if typing.get_origin(tp) in (tuple, list) and isinstance(value, str):
+        return [value]
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of ``cls`` and its bases (from the class source, with ``ast``:
+    draccus' own line scanner mistakes a docstring holding one colon for a field). ``tests/fleet/test_config.py``
+    checks that every process config field has one, so a missing source cannot silently empty ``--help``."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _help_of(cls: type, dest: str) -> str:
+    *parents, name = dest.split(".")
+    owner = _field_type(cls, parents, {}) if parents else cls
+    owners = list(owner.get_known_choices().values()) if _is_choice(owner) else [owner]
+    return next((field_docs(o)[name] for o in owners if _is_config(o) and name in field_docs(o)), "")
+
+
+def parse(cls: type[T], args: Sequence[str], prog: str, description: str | None = None,
+          exit_on_error: bool = True) -> T:
+    """``cls`` from command-line ``args`` (draccus flags, ``--config_path``); exits 2 with one line naming
+    the key on an unknown key, a bad type or a bad value (``exit_on_error=False``: raises ConfigError
+    for those found after flag parsing), and 0 after ``--help``."""
+    from draccus.argparsing import ArgumentParser
+    from draccus.utils import deflatten
+
+    wrapper = ArgumentParser(cls, prog=prog, description=description, preferred_help="below")
+    parser = wrapper.parser
+    parser.usage = f"{prog} [-h] [--config_path FILE] [--FIELD=VALUE ...]"
+    for action in parser._actions:
+        if action.dest not in ("help", "config_path") and not action.dest.endswith(".type"):
+            action.help = _help_of(cls, action.dest) or action.help
+            if _field_type(cls, action.dest.split("."), {}) is bool:  # a bare --flag means true
+                action.nargs, action.const = "?", "true"
+    args = list(args)
+    if "--help" not in args and "-h" not in args:
+        for action in parser._actions:  # as draccus does: raw text in, decoding below (defaults are the config's)
+            action.default = argparse.SUPPRESS
+            action.type = str
+    namespace, unknown = parser.parse_known_args(args)
+    if unknown:
+        options = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--")})
+        parts = [a + (suggest(flag_spelling(a), options) if a.startswith("--") else "") for a in unknown]
+        parser.error(f"unrecognized arguments: {' '.join(parts)}")
+    values = {k: v for k, v in vars(namespace).items() if v is not None}
+    source = values.pop("config_path", None) or ""
+    try:
+        data: Any = {}
+        if source:
+            data = _read(source)
+        flags: dict[str, Any] = {}
+        for key, text in values.items():
+            tp = _field_type(cls, key.split("."), values)
+            if _is_config(tp) and not key.endswith(".type"):  # draccus: --section=file for one nested section
+                flags[key] = _read(text)
+            else:
+                flags[key] = cli_value(tp, text)
+        merged = _overlay(data, deflatten(flags, sep=".")) if isinstance(data, dict) else data
+        return load(cls, merged, source)
+    except ConfigError as e:
+        if not exit_on_error:
             raise
-        raise ConfigError(f"{cls.__name__}: {exc}") from None
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
-def __getattr__(name: str):
-    """``TrainerConfig`` lives with the trainer (it embeds the algorithms' and LeRobot's
-    configs, which import torch); importing it from here still works, lazily, so that
-    processes which never train (gateway, status) stay light."""
-    if name == "TrainerConfig":
-        from cloud.trainer_config import TrainerConfig
+def _read(path: str) -> Any:
+    """A YAML or JSON config file's content, or ConfigError."""
+    from draccus import cfgparsing
 
-        return TrainerConfig
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        with open(path) as fh:
+            return cfgparsing.load_config(fh, file=path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    except Exception as e:  # yaml.YAMLError
+        raise ConfigError(f"config file {path}: not YAML or JSON: {e}") from None
 
 
-__all__ = ["ClientSecurity", "GatewayConfig", "GatewaySecurity", "TrainerConfig", "add_dataclass_args", "build_config", "check_keys", "suggest", "field", "DEFAULT_TASKS"]
+__all__ = ["ClientSecurity", "DEFAULT_TASKS", "GatewayConfig", "GatewaySecurity", "load", "parse", "require",
+           "suggest", "cli_value", "flag_spelling", "field"]

@@ -108,6 +108,12 @@ GATEWAY_POLICY_LAG = Gauge("fleet_gateway_policy_lag_versions",
 GATEWAY_POLICY_REFUSED = Counter("fleet_gateway_policy_refused_versions_total",
                                  "Versions a robot reported it refused (load failure, NaN actions)", ["robot"])
 
+
+def count_gateway_rejection(code) -> None:
+    """Count a call the gateway refused, under its gRPC status name (``code``: a ``grpc.StatusCode``)."""
+    GATEWAY_REJECTED.labels(code=code.name).inc()
+
+
 # --- trainer -------------------------------------------------------------------
 SOURCES = ("online", "offline")
 

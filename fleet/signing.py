@@ -1,7 +1,7 @@
 """Publisher signatures on policy manifests (Ed25519): what makes a version authentic to a robot.
 
 The trainer signs every version's manifest with the publisher's private key
-(``fleet trainer --publish-key-file``); a robot pins the public half (or several, during a key
+(``fleet trainer --publish_key_file``); a robot pins the public half (or several, during a key
 rotation: ``security.policy_public_key_files``) and refuses a version whose manifest is unsigned,
 signed by a key it does not pin, or changed after signing. The manifest lists every tensor's
 sha256 and their ``total_sha256``, so once its signature verifies, every byte the edge assembles

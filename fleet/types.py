@@ -84,6 +84,40 @@ class EpisodeSummary:
     policy_version: int
 
 
+
+@dataclass
+class EpisodeCounts:
+    """Finished episodes and successes, split into evaluation (no operator) and supervised ones; the one
+    counter the control loop (LoopStats) and ``fleet status`` (TaskWindow) both keep."""
+
+    episodes: int = 0
+    successes: int = 0
+    eval_episodes: int = 0
+    """Evaluation episodes: run without the operator."""
+    eval_successes: int = 0
+
+    def count_episode(self, success: bool, evaluation: bool) -> None:
+        self.episodes += 1
+        self.successes += int(success)
+        self.eval_episodes += int(evaluation)
+        self.eval_successes += int(evaluation and success)
+
+    @property
+    def supervised_episodes(self) -> int:
+        return self.episodes - self.eval_episodes
+
+    @property
+    def supervised_successes(self) -> int:
+        return self.successes - self.eval_successes
+
+    @property
+    def autonomous_success_ratio(self) -> float | None:
+        return self.eval_successes / self.eval_episodes if self.eval_episodes else None
+
+    @property
+    def supervised_success_ratio(self) -> float | None:
+        return self.supervised_successes / self.supervised_episodes if self.supervised_episodes else None
+
 @dataclass
 class Chunk:
     """Consecutive steps of one episode of one robot."""

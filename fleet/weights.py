@@ -32,17 +32,33 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import blake3
-import torch
 
 from fleet.errors import IntegrityError
 
-TORCH_DTYPES = {
-    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
-    "bool": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+if TYPE_CHECKING:  # torch is imported where tensors are made: the gateway serves bytes and never imports it
+    import torch
+
+DTYPE_SIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int16": 2,
+               "int32": 4, "int64": 8, "bool": 1}
+"""Bytes per element of every dtype a policy version may hold (the wire's dtype names)."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a wire dtype name."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a torch dtype (one of DTYPE_SIZES)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_SIZES:
+        raise ValueError(f"unsupported tensor dtype {dtype}")
+    return name
 HASH = "blake3"
 """What new manifests use (see the module docstring); "sha256" only in manifests written before."""
 PIECE_BYTES = 1 << 20
@@ -128,11 +144,11 @@ def _entry(t: dict, algo: str, piece_bytes: int) -> TensorEntry:
     ``nbytes`` equal to dtype size x element count (a manifest cannot claim one size and ship another) and,
     with piece hashes, one piece digest per piece whose hash list is the tensor's digest."""
     name, dtype, shape, nbytes = str(t["name"]), t["dtype"], t["shape"], t["nbytes"]
-    if dtype not in TORCH_DTYPES:
+    if dtype not in DTYPE_SIZES:
         raise ValueError(f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise ValueError(f"tensor {name!r} shape {shape!r} must be a list of non-negative integers")
-    if type(nbytes) is not int or nbytes != TORCH_DTYPES[dtype].itemsize * math.prod(shape):
+    if type(nbytes) is not int or nbytes != DTYPE_SIZES[dtype] * math.prod(shape):
         raise ValueError(f"tensor {name!r}: nbytes {nbytes!r} != {dtype} x {shape}")
     digest = str(t["digest"] if "digest" in t else t["sha256"])
     pieces = t.get("pieces", [])
@@ -153,6 +169,8 @@ def _entry(t: dict, algo: str, piece_bytes: int) -> TensorEntry:
 def tensor_view(t: torch.Tensor) -> memoryview:
     """Raw little-endian bytes of a CPU tensor (any dtype, bf16 included) without a copy when it is
     contiguous (the view shares the tensor's memory: writing it writes the tensor)."""
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return memoryview(b"")
@@ -188,7 +206,9 @@ def digest_of(manifest: Manifest, data) -> str:
 def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Rebuild a tensor from raw bytes: shares memory with a ``bytearray`` or writable view (never mutate it
     afterwards), copies anything read-only once."""
-    tdtype = TORCH_DTYPES[dtype]
+    import torch
+
+    tdtype = torch_dtype(dtype)
     if len(data) == 0:
         return torch.empty(shape, dtype=tdtype)
     writable = isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly)
@@ -221,7 +241,7 @@ def build_manifest(version: int, parent_version: int, tensors: dict[str, torch.T
         data = tensor_view(t)
         payload[name] = data
         pieces = piece_digests(data, HASH, piece_bytes)
-        entries.append(TensorEntry(name=name, dtype=DTYPE_NAMES[t.dtype], shape=tuple(t.shape), nbytes=len(data),
+        entries.append(TensorEntry(name=name, dtype=dtype_name(t.dtype), shape=tuple(t.shape), nbytes=len(data),
                                    digest=hash_list(HASH, pieces), pieces=pieces,
                                    trainable=True if trainable is None else name in trainable))
     manifest = Manifest(version=version, parent_version=parent_version, tensors=tuple(entries),
@@ -304,7 +324,7 @@ def write_safetensors(fh, tensors: Mapping[str, torch.Tensor], metadata: dict[st
     for name in sorted(tensors):
         t = tensors[name]
         view = tensor_view(t)
-        header[name] = {"dtype": _SAFETENSORS_NAMES[DTYPE_NAMES[t.dtype]], "shape": list(t.shape),
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype_name(t.dtype)], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(view)]}
         views.append(view)
         offset += len(view)

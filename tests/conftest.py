@@ -4,6 +4,7 @@ in-process gateway on a free loopback port."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import threading
@@ -133,3 +134,17 @@ def serve_watch_policy(watch) -> tuple:
     target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     server.start()
     return server, target
+
+
+@pytest.fixture
+def cli_main():
+    """``fleet.cli.main`` in this process; removes the log handler it installs on the captured stderr."""
+    from fleet.cli import main
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield main
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)

@@ -66,5 +66,5 @@ def start_sim_arm(log_path: Path, *options: str, wait: bool = True) -> Proc:
 
 
 def read_stats(path: Path) -> dict:
-    """The stats a sim arm writes at exit (``--stats-path``)."""
+    """The stats a sim arm writes at exit (``--stats_path``)."""
     return json.loads(path.read_text())

@@ -15,9 +15,10 @@ FLEET = [sys.executable, "-m", "fleet.cli"]
 def test_demo_runs_to_completion_and_writes_summary_and_png(tmp_path):
     run_dir = tmp_path / "demo"
     proc = subprocess.run(
-        [*FLEET, "demo", "--robots", "1", "--duration", "25", "--run-dir", str(run_dir), "--tasks",
-         "reach-v3", "--demos-per-task", "2", "--seed-bc-steps", "20", "--publish-every-steps", "20",
-         "--batch-size", "16", "--control-hz", "40", "--max-episode-steps", "60", "--progress-interval-s", "5"],
+        [*FLEET, "demo", "--fleet.robots", "1", "--duration_s", "25", "--run_dir", str(run_dir), "--tasks",
+         "reach-v3", "--demos_per_task", "2", "--trainer.seed_bc_steps", "20", "--trainer.publish_every_steps", "20",
+         "--trainer.batch_size", "16", "--fleet.edge.loop.control_hz", "40", "--fleet.edge.loop.max_episode_steps",
+         "60", "--progress_interval_s", "5"],
         capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"run directory: {run_dir}" in proc.stdout
@@ -33,7 +34,7 @@ def test_demo_runs_to_completion_and_writes_summary_and_png(tmp_path):
     assert any((run_dir / "redis").rglob("*.aof"))
 
 
-@pytest.mark.parametrize("command", ["demo", "learner", "gateway", "trainer", "edge", "status", "seed"])
+@pytest.mark.parametrize("command", ["demo", "learner", "gateway", "trainer", "edge", "sim-fleet", "status", "seed"])
 def test_every_subcommand_has_help(command):
     proc = subprocess.run([*FLEET, command, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -42,6 +43,6 @@ def test_every_subcommand_has_help(command):
 
 
 def test_bad_config_value_is_a_clear_cli_error():
-    proc = subprocess.run([*FLEET, "demo", "--robots", "0"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*FLEET, "demo", "--fleet.robots", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "robots (0) must be >= 1" in proc.stderr

@@ -14,13 +14,15 @@ import pytest
 
 from cloud.buffer import RobotKeys
 from cloud.buffer.reader import BufferReader
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from cloud.trainer import Trainer
 from edge.agent import EdgeAgent, EdgeConfig
+from edge.loop import LoopConfig
 from edge.operator import OperatorConfig
 from fleet import signing
-from fleet.config import ClientSecurity, TrainerConfig
+from cloud.trainer_config import TrainerConfig
+from fleet.config import ClientSecurity
 from fleet.policies import PolicyConfig
 
 TASKS = ("reach the goal", "press the button from the top")
@@ -44,9 +46,8 @@ def test_two_robots_learn_and_swap(redis_proc, redis_client, gateway, tmp_path):
     trainer_thread.start()
 
     agents = [EdgeAgent(EdgeConfig(robot_id=f"r{i}", gateway=gateway.target, tasks=TASKS,
-                                   state_dir=str(tmp_path / f"edge{i}"), control_hz=100.0, max_episode_steps=25,
-                                   eval_every=0, seed=i, heartbeat_interval_s=0.5,
-                                   operator_config=OperatorConfig(seed=i, segment_steps=10),
+                                   state_dir=str(tmp_path / f"edge{i}"), loop=LoopConfig(control_hz=100.0, max_episode_steps=25, eval_every=0), seed=i, heartbeat_interval_s=0.5,
+                                   operator=OperatorConfig(seed=i, segment_steps=10),
                                    security=ClientSecurity(policy_public_key_files=(
                                        str(tmp_path / "keys" / signing.PUBLIC_KEY_FILE),))))
               for i in range(2)]

@@ -14,7 +14,7 @@ import pytest
 from bench.scaling.analysis import (_speedup, aggregate, effort_bins, summarize_run, time_to, time_to_sustained,
                                     version_at)
 from bench.scaling.config import QUICK, StudyConfig
-from edge.sim_fleet import OPERATOR_SEED_OFFSET, SimFleetConfig
+from edge.sim.fleet import OPERATOR_SEED_OFFSET, SimFleetConfig
 from fleet.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_sim_fleet_derives_each_robots_id_state_dir_and_seeds(tmp_path):
     robots = cfg.robot_configs()
     assert [r.robot_id for r in robots] == ["robot-2", "robot-3", "robot-4"]
     assert [r.seed for r in robots] == [1002, 1003, 1004]
-    assert [r.operator_config.seed for r in robots] == [1000 + OPERATOR_SEED_OFFSET + i for i in (2, 3, 4)]
+    assert [r.operator.seed for r in robots] == [1000 + OPERATOR_SEED_OFFSET + i for i in (2, 3, 4)]
     assert robots[1].state_dir == str(tmp_path / "robot-3")
     with pytest.raises(ConfigError, match=r"robots \(0\) must be >= 1"):
         SimFleetConfig(robots=0)

@@ -17,15 +17,17 @@ import redis.asyncio as aioredis
 import tests.lerobot_toys  # noqa: F401  (registers toy_arm / toy_leader with LeRobot)
 from cloud.buffer import ROBOTS_KEY, SOURCE_OFFLINE, policy_keys
 from cloud.ingest import Ingest
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.buffer_index import BufferIndex
 from cloud.trainer import Trainer
 from edge.agent import EdgeAgent, EdgeConfig
+from edge.loop import LoopConfig
 from edge.operator import OperatorConfig
 from edge.robots.base import make_robot
 from fleet import PROTOCOL_VERSION
 from fleet.codec import encode_image
-from fleet.config import GatewayConfig, TrainerConfig
+from cloud.trainer_config import TrainerConfig
+from fleet.config import GatewayConfig
 from fleet.policies import PolicyConfig
 from fleet.types import Chunk, EpisodeSummary, RobotInfo, Step
 from tests.conftest import GatewayThread
@@ -88,15 +90,17 @@ def test_two_embodiments_train_and_receive_their_own_policies(redis_proc, redis_
         threads.append(threading.Thread(target=trainers[emb].run, daemon=True))
     for t in threads:
         t.start()
-    common = dict(control_hz=100.0, eval_every=0, heartbeat_interval_s=0.5, first_policy_timeout_s=120)
+    common = dict(heartbeat_interval_s=0.5, first_policy_timeout_s=120)
     agents = {
         MW: EdgeAgent(EdgeConfig(robot_id="mw-1", gateway=gateways[MW].target, tasks=(MW_TASK,),
-                                 state_dir=str(tmp_path / "edge-mw"), max_episode_steps=25,
-                                 operator_config=OperatorConfig(divergence_threshold=0.15, agree_threshold=0.05,
+                                 state_dir=str(tmp_path / "edge-mw"),
+                                 loop=LoopConfig(control_hz=100.0, max_episode_steps=25, eval_every=0),
+                                 operator=OperatorConfig(divergence_threshold=0.15, agree_threshold=0.05,
                                                                 divergence_steps=1, segment_steps=5), **common)),
         TOY: EdgeAgent(EdgeConfig(robot_id="toy-1", gateway=gateways[TOY].target, backend="lerobot",
                                   tasks=(TOY_TASK,), lerobot=toy_section(tmp_path),
-                                  state_dir=str(tmp_path / "edge-toy"), max_episode_steps=15, **common)),
+                                  state_dir=str(tmp_path / "edge-toy"),
+                                  loop=LoopConfig(control_hz=100.0, max_episode_steps=15, eval_every=0), **common)),
     }
     edge_stop = threading.Event()
     try:

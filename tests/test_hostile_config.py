@@ -31,27 +31,27 @@ def fleet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("listen", ["0.0.0.0:{port}", "[::]:{port}"])
 def test_gateway_refuses_non_loopback_without_tls_and_tokens(listen, tmp_path):
     port = free_port()
-    out = fleet("gateway", "--listen", listen.format(port=port), "--redis-url", "redis://127.0.0.1:1/0",
-                "--policy-dir", str(tmp_path / "policies"))
+    out = fleet("gateway", "--listen", listen.format(port=port), "--redis_url", "redis://127.0.0.1:1/0",
+                "--policy_dir", str(tmp_path / "policies"))
     assert out.returncode == 2, out
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
-    for flag in ("--security.tls-cert-file", "--security.tls-key-file", "--security.token-key-file", "--insecure"):
+    for flag in ("--security.tls_cert_file", "--security.tls_key_file", "--security.token_key_file", "--insecure"):
         assert flag in lines[0]
     assert "not loopback" in lines[0]
 
 
 def test_gateway_refuses_tls_without_tokens(tmp_path):
-    out = fleet("gateway", "--listen", f"0.0.0.0:{free_port()}", "--security.tls-cert-file", str(tmp_path / "c"),
-                "--security.tls-key-file", str(tmp_path / "k"))
+    out = fleet("gateway", "--listen", f"0.0.0.0:{free_port()}", "--security.tls_cert_file", str(tmp_path / "c"),
+                "--security.tls_key_file", str(tmp_path / "k"))
     assert out.returncode == 2, out
-    assert "without robot tokens" in out.stderr and "--security.token-key-file" in out.stderr
+    assert "without robot tokens" in out.stderr and "--security.token_key_file" in out.stderr
 
 
 def test_gateway_listens_beyond_loopback_with_insecure(redis_proc, tmp_path):
     port = free_port()
     proc = subprocess.Popen([*FLEET, "gateway", "--listen", f"0.0.0.0:{port}", "--insecure",
-                             "--redis-url", redis_proc.url, "--policy-dir", str(tmp_path / "policies")],
+                             "--redis_url", redis_proc.url, "--policy_dir", str(tmp_path / "policies")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     listening = threading.Event()
     seen: list[str] = []
@@ -93,24 +93,24 @@ def test_gateway_on_loopback_needs_no_flags():
 
 
 def test_learner_refuses_non_loopback_without_insecure(tmp_path):
-    out = fleet("learner", "--listen", "[::]:50051", "--log-dir", str(tmp_path / "logs"))
+    out = fleet("learner", "--listen", "[::]:50051", "--log_dir", str(tmp_path / "logs"))
     assert out.returncode == 2, out
     assert len(out.stderr.strip().splitlines()) == 1 and "--insecure" in out.stderr
 
 
 @pytest.mark.parametrize("gateway", ["10.0.0.5:50051", "learner.example.org:50051", "[::]:50051"])
 def test_edge_refuses_a_gateway_beyond_loopback_without_tls(gateway, tmp_path):
-    out = fleet("edge", "--gateway", gateway, "--state-dir", str(tmp_path / "state"))
+    out = fleet("edge", "--gateway", gateway, "--state_dir", str(tmp_path / "state"))
     assert out.returncode == 2, out
     line = out.stderr.strip()
     assert len(line.splitlines()) == 1, line
-    assert gateway in line and "--security.ca-file" in line and "--insecure" in line, line
+    assert gateway in line and "--security.ca_file" in line and "--insecure" in line, line
     assert not (tmp_path / "state").exists()  # refused before anything was built
 
 
 def test_edge_with_an_unreadable_publisher_key_exits_2(tmp_path):
-    out = fleet("edge", "--security.policy-public-key-files", str(tmp_path / "publisher.pub"),
-                "--state-dir", str(tmp_path / "state"), timeout=110)
+    out = fleet("edge", "--security.policy_public_key_files", str(tmp_path / "publisher.pub"),
+                "--state_dir", str(tmp_path / "state"), timeout=110)
     assert out.returncode == 2, out
     assert "publisher.pub" in out.stderr and "cannot be read" in out.stderr, out.stderr
     assert not (tmp_path / "state").exists()  # refused before the robot, the spool or the network
@@ -118,8 +118,7 @@ def test_edge_with_an_unreadable_publisher_key_exits_2(tmp_path):
 
 def test_edge_tls_or_loopback_needs_no_insecure():
     from edge.agent import EdgeConfig, plaintext_refusal
-    from fleet.cli import build_parser
-    from fleet.config import ClientSecurity
+    from fleet.config import ClientSecurity, parse
     from fleet.netaddr import is_loopback
 
     for gateway in ("127.0.0.1:50051", "localhost:1", "[::1]:1"):
@@ -127,19 +126,19 @@ def test_edge_tls_or_loopback_needs_no_insecure():
     assert plaintext_refusal(EdgeConfig(gateway="10.0.0.5:1", security=ClientSecurity(ca_file="ca.pem"))) is None
     assert plaintext_refusal(EdgeConfig(gateway="10.0.0.5:1"))
     assert not is_loopback("10.0.0.5:1")
-    assert build_parser("edge").parse_args(["edge", "--gateway", "10.0.0.5:1", "--insecure"]).insecure
+    assert parse(EdgeConfig, ["--gateway", "10.0.0.5:1", "--insecure"], prog="fleet edge").insecure
 
 
 @pytest.mark.parametrize("config, key, suggestion", [
     ({"gatway": "127.0.0.1:1"}, '"gatway"', '"gateway"'),
     ({"robot_id": "r", "security": {"ca_flie": "ca.pem"}}, '"security.ca_flie"', '"security.ca_file"'),
-    ({"security.token-flie": "t"}, '"security.token-flie"', '"security.token_file"'),
-    ({"operator_config": {"zzzzzz": 1}}, '"operator_config.zzzzzz"', "not a OperatorConfig field"),
+    ({"security": {"token_flie": "t"}}, '"security.token_flie"', '"security.token_file"'),
+    ({"operator": {"zzzzzz": 1}}, '"operator.zzzzzz"', "not a OperatorConfig field; valid: divergence_threshold"),
 ])
 def test_edge_config_file_unknown_key(config, key, suggestion, tmp_path):
     path = tmp_path / "robot.json"
     path.write_text(json.dumps(config))
-    out = fleet("edge", "--config", str(path), "--state-dir", str(tmp_path / "state"))
+    out = fleet("edge", "--config_path", str(path), "--state_dir", str(tmp_path / "state"))
     assert out.returncode == 2, out
     assert f"unknown key {key}" in out.stderr, out.stderr
     assert suggestion in out.stderr, out.stderr
@@ -149,14 +148,16 @@ def test_edge_config_file_unknown_key(config, key, suggestion, tmp_path):
 def test_edge_config_file_section_must_be_an_object(tmp_path):
     path = tmp_path / "robot.json"
     path.write_text(json.dumps({"security": "ca.pem"}))
-    out = fleet("edge", "--config", str(path))
+    out = fleet("edge", "--config_path", str(path))
     assert out.returncode == 2, out
-    assert 'key "security" must be a JSON object' in out.stderr
+    assert '"security" must be a mapping of ClientSecurity fields' in out.stderr
 
 
 @pytest.mark.parametrize("argv, bad, suggestion", [
-    (["gateway", "--redis-ulr", "redis://127.0.0.1:1/0"], "--redis-ulr", "--redis-url"),
-    (["gateway", "--securty.token-key-file=k"], "--securty.token-key-file=k", "--security.token-key-file"),
+    (["gateway", "--redis_ulr", "redis://127.0.0.1:1/0"], "--redis_ulr", "--redis_url"),
+    (["gateway", "--redis-url", "redis://127.0.0.1:1/0"], "--redis-url", "--redis_url"),
+    (["status", "--redis-url", "redis://127.0.0.1:1/0"], "--redis-url", "--redis_url"),
+    (["gateway", "--securty.token-key-file=k"], "--securty.token-key-file=k", "--security.token_key_file"),
     (["edge", "--gatway", "127.0.0.1:1"], "--gatway", "--gateway"),
     (["status", "--jsn"], "--jsn", "--json"),
 ])

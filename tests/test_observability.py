@@ -5,7 +5,7 @@ names series that exist; the dashboards are what deploy/grafana/generate.py writ
 checks the configs and runs the alert unit tests.
 
 Live: a simulated fleet (real redis-server, `fleet gateway` and `fleet trainer` as child
-processes with --metrics-port, two EdgeAgents with real MetaWorld robots, spools and gRPC in this
+processes with --metrics_port, two EdgeAgents with real MetaWorld robots, spools and gRPC in this
 process) is scraped directly, and a real Prometheus scrapes it every second through the
 Kubernetes relabel rules of deploy/prometheus/prometheus-kubernetes.yml (on file-discovered
 targets carrying the same __meta_kubernetes_* labels), then evaluates every recording rule, alert
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import math
 import re
 import shutil
@@ -38,6 +37,7 @@ import redis as redis_lib
 import yaml
 
 from fleet import metrics
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -137,18 +137,6 @@ def has(samples: dict, name: str, **labels: str) -> bool:
     return any(n == name and want <= ls for n, ls in samples)
 
 
-def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
-    """Poll ``predicate`` (state of another process: there is no event to wait on) until truthy."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(poll_s)
-
-
 # --- static checks ------------------------------------------------------------------------------
 
 def test_metric_declarations_follow_prometheus_conventions():
@@ -236,20 +224,6 @@ def test_promtool_checks_the_configs_rules_and_alert_unit_tests(tmp_path):
     k8s["rule_files"] = [str(PROM_DIR / f) for f in k8s["rule_files"]]
     (tmp_path / "k8s.yml").write_text(yaml.safe_dump(k8s))
     promtool("check", "config", str(tmp_path / "k8s.yml"), cwd=tmp_path)
-
-
-@pytest.fixture
-def cli_main():
-    """``fleet.cli.main`` in this process; removes the log handler it installs on the captured stderr."""
-    from fleet.cli import main
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield main
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 # --- the live fleet -----------------------------------------------------------------------------
@@ -351,8 +325,9 @@ def kubernetes_like_targets(ports: dict[str, int], grpc_port: int) -> list[dict]
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     from cloud.app import spawn
-    from cloud.offline import seed_scripted_demos
+    from edge.sim.demos import seed_scripted_demos
     from edge.agent import EdgeAgent, EdgeConfig
+    from edge.loop import LoopConfig
     from edge.operator import OperatorConfig
     from fleet.redis_server import free_port, start_redis
 
@@ -364,17 +339,17 @@ def live(tmp_path_factory):
         seeded = seed_scripted_demos(redis_proc.url, TASKS, episodes_per_task=1, max_episode_steps=40)
         grpc_port, gw_metrics, tr_metrics, edge_metrics = free_port(), free_port(), free_port(), free_port()
         policy_dir, logs = str(root / "policies"), root / "logs"
-        children.append(spawn("gateway", ["gateway", "--listen", f"127.0.0.1:{grpc_port}", "--redis-url",
-                                          redis_proc.url, "--policy-dir", policy_dir, "--metrics-port",
-                                          str(gw_metrics), "--shutdown-grace-s", "1"], logs))
+        children.append(spawn("gateway", ["gateway", "--listen", f"127.0.0.1:{grpc_port}", "--redis_url",
+                                          redis_proc.url, "--policy_dir", policy_dir, "--metrics_port",
+                                          str(gw_metrics), "--shutdown_grace_s", "1"], logs))
         children.append(spawn("trainer", [
-            "trainer", "--redis-url", redis_proc.url, "--policy-dir", policy_dir, "--tasks", ",".join(TASKS),
-            "--metrics-port", str(tr_metrics), "--batch-size", "16", "--seed-bc-steps", "10",
-            "--publish-every-steps", "30", "--checkpoint-every-steps", "20", "--min-labeled-steps", "8",
-            "--refresh-interval-s", "0.2", "--rate-limit.samples-per-insert", "2",
-            "--policy.chunk-size", "5", "--policy.n-action-steps", "5", "--policy.dim-model", "32",
-            "--policy.n-heads", "2", "--policy.dim-feedforward", "64", "--policy.n-encoder-layers", "1",
-            "--policy.n-decoder-layers", "1"], logs))
+            "trainer", "--redis_url", redis_proc.url, "--policy_dir", policy_dir, "--tasks", json.dumps(list(TASKS)),
+            "--metrics_port", str(tr_metrics), "--batch_size", "16", "--seed_bc_steps", "10",
+            "--publish_every_steps", "30", "--checkpoint_every_steps", "20", "--min_labeled_steps", "8",
+            "--refresh_interval_s", "0.2", "--rate_limit.samples_per_insert", "2",
+            "--policy.chunk_size", "5", "--policy.n_action_steps", "5", "--policy.dim_model", "32",
+            "--policy.n_heads", "2", "--policy.dim_feedforward", "64", "--policy.n_encoder_layers", "1",
+            "--policy.n_decoder_layers", "1"], logs))
         edge_server = metrics.serve(edge_metrics, addr="127.0.0.1")
         if PROMETHEUS:
             k8s = yaml.safe_load((PROM_DIR / "prometheus-kubernetes.yml").read_text())["scrape_configs"][0]
@@ -387,8 +362,8 @@ def live(tmp_path_factory):
         for i in range(2):
             agents.append(EdgeAgent(EdgeConfig(
                 robot_id=f"live-{i}", gateway=f"127.0.0.1:{grpc_port}", tasks=TASKS, state_dir=str(root / f"edge{i}"),
-                control_hz=40.0, max_episode_steps=25, eval_every=2, seed=i, heartbeat_interval_s=0.5,
-                first_policy_timeout_s=180.0, operator_config=OperatorConfig(seed=i, segment_steps=10))))
+                loop=LoopConfig(control_hz=40.0, max_episode_steps=25, eval_every=2), seed=i, heartbeat_interval_s=0.5,
+                first_policy_timeout_s=180.0, operator=OperatorConfig(seed=i, segment_steps=10))))
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # robots connect at once, no backoff
             grpc.channel_ready_future(channel).result(timeout=120)
         for agent in agents:
@@ -544,7 +519,7 @@ def test_prometheus_evaluates_every_rule_alert_and_panel(live):
 def test_status_json_matches_the_running_fleet(live, capsys, cli_main):
     main = cli_main
     latest_before = int(live.redis.get("fleet:policy:latest"))
-    assert main(["status", "--redis-url", live.redis_url, "--json"]) == 0
+    assert main(["status", "--redis_url", live.redis_url, "--json"]) == 0
     robots = {r["robot_id"]: r for r in json.loads(capsys.readouterr().out)}
     latest_after = int(live.redis.get("fleet:policy:latest"))
     assert set(robots) == {a.cfg.robot_id for a in live.agents}  # the demos' source is not a robot

@@ -20,13 +20,13 @@ pytest.importorskip("rclpy", reason="rclpy missing: pip install -e '.[ros2]'")
 
 from cloud.buffer.reader import BufferReader
 from cloud.buffer import RobotKeys  # noqa: E402
-from cloud.offline import _write as write_offline  # noqa: E402
+from cloud.offline import write_episodes as write_offline  # noqa: E402
 from cloud.trainer import Trainer  # noqa: E402
 from edge.robots.ros2.config import load_config  # noqa: E402
 from edge.robots.ros2.robot import schema_for  # noqa: E402
 from edge.sim.ros2_arm_config import EMBODIMENT, SimArmConfig  # noqa: E402
 from fleet.codec import decode_image, encode_image  # noqa: E402
-from fleet.config import TrainerConfig  # noqa: E402
+from cloud.trainer_config import TrainerConfig  # noqa: E402
 from fleet.policies import PolicyConfig  # noqa: E402
 from fleet.types import EpisodeSummary, Step  # noqa: E402
 from tests.ros2_procs import Proc, start_sim_arm  # noqa: E402
@@ -62,9 +62,9 @@ def test_ros2_robot_learns_over_dds(redis_proc, redis_client, gateway, tmp_path,
     schema = schema_for(load_config(ros2))
     assert asyncio.run(write_offline(redis_proc.url, "demos-ros2", demos(schema), schema, (TASK,), EMBODIMENT)) == 16
 
-    sim = start_sim_arm(tmp_path / "sim.log", "--rate-hz", "60", "--camera-height", str(H), "--camera-width", str(W),
-                        "--teleop", "true", "--teleop-period-steps", "20", "--teleop-segment-steps", "6",
-                        "--node-name", "sim_e2e", wait=False)
+    sim = start_sim_arm(tmp_path / "sim.log", "--rate_hz", "60", "--camera_height", str(H), "--camera_width", str(W),
+                        "--teleop", "true", "--teleop_period_steps", "20", "--teleop_segment_steps", "6",
+                        "--node_name", "sim_e2e", wait=False)
     stop = threading.Event()
     trainer = Trainer(TrainerConfig(redis_url=redis_proc.url, policy_dir=gateway.cfg.policy_dir, tasks=(TASK,),
                                     batch_size=8, seed_bc_steps=10, publish_every_steps=10, min_labeled_steps=4,
@@ -73,11 +73,11 @@ def test_ros2_robot_learns_over_dds(redis_proc, redis_client, gateway, tmp_path,
     trainer_thread = threading.Thread(target=trainer.run, daemon=True)
     trainer_thread.start()
     rid = "ros-arm-1"
-    config = {"robot_id": rid, "gateway": gateway.target, "backend": "ros2", "tasks": [TASK], "control_hz": 30,
-              "max_episode_steps": 20, "eval_every": 0, "heartbeat_interval_s": 0.5, "first_policy_timeout_s": 90,
+    config = {"robot_id": rid, "gateway": gateway.target, "backend": "ros2", "tasks": [TASK], "loop": {"control_hz": 30,
+              "max_episode_steps": 20, "eval_every": 0}, "heartbeat_interval_s": 0.5, "first_policy_timeout_s": 90,
               "state_dir": str(tmp_path / "edge"), "ros2": ros2}
     (tmp_path / "edge.json").write_text(json.dumps(config))
-    edge = Proc(["edge", "--config", str(tmp_path / "edge.json")], tmp_path / "edge.log")
+    edge = Proc(["edge", "--config_path", str(tmp_path / "edge.json")], tmp_path / "edge.log")
     keys = RobotKeys(rid)
 
     def episodes() -> list[dict]:

@@ -147,7 +147,7 @@ def test_revocation_cuts_new_calls_and_open_streams(secure_gateway, pki, redis_c
     outbox.put(chunk_to_pb(chunk("r1", 1), SCHEMA))
     assert next(call).acked_seq == 3
     token_id = tokens.verify(tokens.load_key(root / "token.key"), (root / "robots/r1/token").read_text().strip()).token_id
-    assert fleet_main(["certs", "revoke", "--token-id", token_id, "--redis-url",
+    assert fleet_main(["certs", "revoke", "--token_id", token_id, "--redis_url",
                        f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0"]) == 0
     assert redis_client.sismember(REVOKED_KEY, token_id)
     run_on_gateway(secure_gateway, secure_gateway.gw.revoked.refresh())  # what the periodic refresh does
@@ -230,7 +230,7 @@ def test_certs_cli_writes_private_keys_and_refuses_to_replace_a_ca(tmp_path, cap
     for path in ("ca-key.pem", "gateway-key.pem", "token.key", "robots/a/key.pem", "robots/a/token"):
         assert stat.S_IMODE(os.stat(out / path).st_mode) == 0o600, path
     assert tokens.verify(tokens.load_key(out / "token.key"), (out / "robots/b/token").read_text().strip()).robot_id == "b"
-    assert fleet_main(["certs", "robot", str(out), "--robot-id", "c"]) == 0
+    assert fleet_main(["certs", "robot", str(out), "--robot_id", "c"]) == 0
     assert (out / "robots/c/cert.pem").exists()
     with pytest.raises(SystemExit) as exc:
         fleet_main(["certs", "init", str(out)])
@@ -257,13 +257,13 @@ def test_readable_keys_and_tokens_are_refused_with_exit_2(pki, redis_proc, tmp_p
     copy = tmp_path / "pki"
     shutil.copytree(pki[0], copy)
     robot = copy / "robots" / "r1"
-    edge = ["edge", "--robot-id", "r1", "--gateway", "127.0.0.1:1", "--state-dir", str(tmp_path / "edge"),
-            "--security.ca-file", str(robot / "ca.pem"), "--security.cert-file", str(robot / "cert.pem"),
-            "--security.key-file", str(robot / "key.pem"), "--security.token-file", str(robot / "token")]
-    gateway = ["gateway", "--listen", "127.0.0.1:0", "--redis-url", redis_proc.url, "--policy-dir",
-               str(tmp_path / "policies"), "--security.tls-cert-file", str(copy / "gateway.pem"),
-               "--security.tls-key-file", str(copy / "gateway-key.pem"),
-               "--security.token-key-file", str(copy / "token.key")]
+    edge = ["edge", "--robot_id", "r1", "--gateway", "127.0.0.1:1", "--state_dir", str(tmp_path / "edge"),
+            "--security.ca_file", str(robot / "ca.pem"), "--security.cert_file", str(robot / "cert.pem"),
+            "--security.key_file", str(robot / "key.pem"), "--security.token_file", str(robot / "token")]
+    gateway = ["gateway", "--listen", "127.0.0.1:0", "--redis_url", redis_proc.url, "--policy_dir",
+               str(tmp_path / "policies"), "--security.tls_cert_file", str(copy / "gateway.pem"),
+               "--security.tls_key_file", str(copy / "gateway-key.pem"),
+               "--security.token_key_file", str(copy / "token.key")]
     for argv, path in ((edge, robot / "key.pem"), (edge, robot / "token"), (gateway, copy / "gateway-key.pem"),
                        (gateway, copy / "token.key")):
         for mode in (0o644, 0o640, 0o604):
@@ -357,7 +357,7 @@ def test_expired_token_ends_open_streams_and_denied_certificates_are_refused(pki
     try:
         client = robot_client(gw, root, "r2", None)
         assert client.register(info("r2")).last_acked_seq == 3
-        assert fleet_main(["certs", "deny", "--cert-file", str(robot / "cert.pem"), "--redis-url", redis_proc.url]) == 0
+        assert fleet_main(["certs", "deny", "--cert_file", str(robot / "cert.pem"), "--redis_url", redis_proc.url]) == 0
         run_on_gateway(gw, gw.gw.revoked.refresh())
         with pytest.raises(grpc.RpcError) as err:
             client.register(info("r2"))
@@ -380,7 +380,7 @@ def test_a_refreshed_token_is_picked_up_without_restarting_the_edge(pki, secure_
     client = robot_client(secure_gateway, work, "r1", "r1")
     client.register(info("r1"))
     old = tokens.verify(tokens.load_key(work / "token.key"), (work / "robots/r1/token").read_text().strip())
-    assert fleet_main(["certs", "token", str(work), "--robot-id", "r1"]) == 0
+    assert fleet_main(["certs", "token", str(work), "--robot_id", "r1"]) == 0
     new_id = json.loads(capsys.readouterr().out)["token_id"]
     new = tokens.verify(tokens.load_key(work / "token.key"), (work / "robots/r1/token").read_text().strip())
     assert new.token_id == new_id != old.token_id and 29 * 86400 < new.expires_s - new.issued_s <= 30 * 86400

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import threading
 import time
 import uuid
@@ -70,20 +69,6 @@ def seed_offline(url: str, n: int = 7) -> None:
         finally:
             await redis.aclose()
     asyncio.run(write())
-
-
-@pytest.fixture
-def cli_main():
-    """``fleet.cli.main`` in this process; removes the log handler it installs on the captured stderr."""
-    from fleet.cli import main
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield main
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 @pytest.fixture
@@ -157,7 +142,7 @@ def test_table_shows_robots_lag_backlog_and_tasks(fleet, redis_client):
 def test_cli_json_lists_the_fleets_robots_and_watch_refreshes_until_stopped(fleet, redis_proc, redis_client,
                                                                            capsys, cli_main):
     main = cli_main
-    assert main(["status", "--redis-url", redis_proc.url, "--json"]) == 0
+    assert main(["status", "--redis_url", redis_proc.url, "--json"]) == 0
     robots = json.loads(capsys.readouterr().out)
     assert [r["robot_id"] for r in robots] == ["robot-a", "robot-b"]
     assert robots[1]["version_lag"] == 3 and robots[0]["steps_stored"] == 16
@@ -183,7 +168,7 @@ def test_cli_errors_name_the_bad_value_or_the_unreachable_redis(capsys, cli_main
         main(["status", "--interval", "0"])
     assert exc.value.code == 2 and "--interval (0.0)" in capsys.readouterr().err
     url = f"redis://127.0.0.1:{free_port()}/0"
-    assert main(["status", "--redis-url", url, "--json"]) == 1
+    assert main(["status", "--redis_url", url, "--json"]) == 1
     assert f"cannot read Redis at {url}" in capsys.readouterr().err
 
 

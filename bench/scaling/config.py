@@ -1,9 +1,15 @@
-"""The fleet-scaling study's configuration and its two presets (quick, full)."""
+"""The fleet-scaling study's configuration and its two presets (quick, full).
+
+The study runs `fleet trainer` and `fleet sim-fleet`; where it sets the same knobs (control rate,
+episode length, trainer batch, publishing, seeding) its defaults are theirs, read from TrainerConfig
+and LoopConfig, so a study without overrides runs what a deployment runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from cloud.trainer_config import TrainerConfig
+from edge.loop import LoopConfig
 from fleet.errors import ConfigError
 
 MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
@@ -23,28 +29,28 @@ class StudyConfig:
     """Wall-clock budget of every run, seconds, from the moment all robots and the learner are running."""
     tasks: tuple[str, ...] = MT10
     """MetaWorld tasks of the one shared multi-task policy."""
-    control_hz: float = 20.0
+    control_hz: float = LoopConfig.control_hz
     """Robot control rate (held in real time, like a real robot)."""
-    max_episode_steps: int = 150
+    max_episode_steps: int = LoopConfig.max_episode_steps
     """Episode length limit, steps."""
     demos_per_task: int = 3
     """Scripted demonstrations per task: the offline data of the start policy and of every run."""
     demo_seed: int = 0
     """Seed of the demonstrations' initial states (the same offline data for every run)."""
-    seed_bc_steps: int = 300
+    seed_bc_steps: int = TrainerConfig.seed_bc_steps
     """Behaviour-cloning steps of the start policy (trained once, shared by every run)."""
-    batch_size: int = 64
+    batch_size: int = TrainerConfig.batch_size
     """Trainer batch size."""
-    publish_every_steps: int = 50
+    publish_every_steps: int = TrainerConfig.publish_every_steps
     """The trainer publishes a version every this many optimizer steps."""
     trainer_torch_threads: int = 1
     """torch threads of the trainer."""
     device: str = "cpu"
     """Trainer's torch device (cuda on a GPU machine)."""
     policy_args: tuple[str, ...] = ()
-    """Extra `fleet trainer` options for the policy (e.g. --policy.dim-model 64), used for the start policy."""
+    """Extra `fleet trainer` options for the policy (e.g. --policy.dim_model 64), used for the start policy."""
     edge_args: tuple[str, ...] = ()
-    """Extra `fleet sim-fleet` options for every robot (e.g. --edge.operator-config.stall-steps 20)."""
+    """Extra `fleet sim-fleet` options for every robot (e.g. --edge.operator.stall_steps 20)."""
     eval_episodes_per_task: int = 10
     """Held-out evaluation episodes per task for every evaluated version."""
     eval_points: int = 12
@@ -86,11 +92,11 @@ class StudyConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-SMALL_POLICY = ("--policy.dim-model", "64", "--policy.dim-feedforward", "256", "--policy.n-heads", "4",
-                "--policy.n-encoder-layers", "1", "--policy.lr", "1e-3")
+SMALL_POLICY = ("--policy.dim_model", "64", "--policy.dim_feedforward", "256", "--policy.n_heads", "4",
+                "--policy.n_encoder_layers", "1", "--policy.optimizer_lr", "1e-3")
 """A small ACT for a 2-core CPU: the learner and the robots share the two cores."""
 
-STRICT_OPERATOR = ("--edge.operator-config.divergence-threshold", "0.5", "--edge.operator-config.stall-steps", "15")
+STRICT_OPERATOR = ("--edge.operator.divergence_threshold", "0.5", "--edge.operator.stall_steps", "15")
 """An operator who steps in earlier than the default: a weak policy that creeps toward the goal without
 diverging much or stalling for long fails without ever producing a label under the default gating."""
 

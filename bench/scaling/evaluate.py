@@ -49,7 +49,7 @@ def evaluate_version(policy_dir: str, version: int, spec: EvalSpec) -> dict[str,
     from edge.hotswap import PolicySlot
     from edge.loop import ControlLoop, LoopConfig
     from edge.operator import NoOperator
-    from edge.robots.metaworld import MetaWorldRobot
+    from edge.sim.metaworld import MetaWorldRobot
     from fleet.policies import FleetPolicy, set_torch_threads
 
     set_torch_threads(1)

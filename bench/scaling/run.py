@@ -31,7 +31,7 @@ from bench.scaling.config import StudyConfig
 from bench.scaling.machine import machine_cpu_s, process_cpu_s
 from cloud.app import Child, gateway_args, spawn
 from cloud.buffer import SOURCE_ONLINE, RobotKeys
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from cloud.status import fleet_status
 from fleet.redis_server import free_port, start_redis
@@ -45,16 +45,16 @@ POLL_S = 2.0
 
 def instructions(tasks: tuple[str, ...]) -> tuple[str, ...]:
     """Language instructions of MetaWorld tasks (env names or instructions)."""
-    from edge.robots.metaworld import env_name_for, instruction_for
+    from edge.sim.metaworld import env_name_for, instruction_for
 
     return tuple(instruction_for(env_name_for(t)) for t in tasks)
 
 
 def _trainer_args(cfg: StudyConfig, redis_url: str, policy_dir: Path, seed: int) -> list[str]:
-    return ["trainer", "--redis-url", redis_url, "--policy-dir", str(policy_dir),
-            "--tasks", ",".join(instructions(cfg.tasks)), "--batch-size", str(cfg.batch_size),
-            "--publish-every-steps", str(cfg.publish_every_steps), "--seed", str(seed),
-            "--torch-threads", str(cfg.trainer_torch_threads), "--policy.device", cfg.device, *cfg.policy_args]
+    return ["trainer", "--redis_url", redis_url, "--policy_dir", str(policy_dir),
+            "--tasks", json.dumps(list(instructions(cfg.tasks))), "--batch_size", str(cfg.batch_size),
+            "--publish_every_steps", str(cfg.publish_every_steps), "--seed", str(seed),
+            "--torch_threads", str(cfg.trainer_torch_threads), "--policy.device", cfg.device, *cfg.policy_args]
 
 
 def _start_key(cfg: StudyConfig) -> dict:
@@ -65,7 +65,7 @@ def _start_key(cfg: StudyConfig) -> dict:
 
 
 def train_start_policy(cfg: StudyConfig, root: Path, timeout_s: float = 1800.0) -> Path:
-    """Behaviour-clone the shared start policy once (``fleet trainer --max-steps``); returns its store dir.
+    """Behaviour-clone the shared start policy once (``fleet trainer --max_steps``); returns its store dir.
 
     Reused when ``root`` already holds one trained with the same settings."""
     policy_dir = root / "policies"
@@ -82,7 +82,7 @@ def train_start_policy(cfg: StudyConfig, root: Path, timeout_s: float = 1800.0) 
     try:
         seed_scripted_demos(redis_proc.url, cfg.tasks, cfg.demos_per_task, cfg.max_episode_steps, cfg.demo_seed)
         args = _trainer_args(cfg, redis_proc.url, policy_dir, cfg.demo_seed)
-        args += ["--seed-bc-steps", str(cfg.seed_bc_steps), "--max-steps", str(cfg.seed_bc_steps)]
+        args += ["--seed_bc_steps", str(cfg.seed_bc_steps), "--max_steps", str(cfg.seed_bc_steps)]
         child = spawn("start-policy-trainer", args, root / "logs")
         try:
             code = child.proc.wait(timeout=timeout_s)
@@ -212,13 +212,13 @@ def run_fleet(cfg: StudyConfig, robots: int, seed: int, start_dir: Path, run_dir
         # The trainer starts with the robots (its start-up overlaps theirs) but its rate limiter holds
         # the first update until the robots have stored a step: no run trains ahead on demos alone.
         children["trainer"] = spawn("trainer", [
-            *_trainer_args(cfg, redis_proc.url, run_dir / "policies", seed), "--rate-limit.min-size-steps", "1",
-            "--rate-limit.samples-per-insert", "1e12"], logs)
+            *_trainer_args(cfg, redis_proc.url, run_dir / "policies", seed), "--rate_limit.min_size_steps", "1",
+            "--rate_limit.samples_per_insert", "1e12"], logs)
         children["fleet"] = spawn("sim-fleet", [
-            "sim-fleet", "--robots", str(robots), "--state-root", str(run_dir / "edge"), "--seed", str(1000 * seed),
-            "--edge.gateway", f"127.0.0.1:{port}", "--edge.tasks", ",".join(instructions(cfg.tasks)),
-            "--edge.control-hz", str(cfg.control_hz), "--edge.max-episode-steps", str(cfg.max_episode_steps),
-            "--edge.eval-every", "0", *cfg.edge_args], logs)
+            "sim-fleet", "--robots", str(robots), "--state_root", str(run_dir / "edge"), "--seed", str(1000 * seed),
+            "--edge.gateway", f"127.0.0.1:{port}", "--edge.tasks", json.dumps(list(instructions(cfg.tasks))),
+            "--edge.loop.control_hz", str(cfg.control_hz), "--edge.loop.max_episode_steps", str(cfg.max_episode_steps),
+            "--edge.loop.eval_every", "0", *cfg.edge_args], logs)
         t0 = _wait_learning(cfg, client, children)
         watch = _Watch(client, children, t0)
         start = watch.sample()

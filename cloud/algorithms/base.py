@@ -13,6 +13,7 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import draccus
 import numpy as np
 import torch
 
@@ -20,7 +21,7 @@ from cloud.sampler import DataSpec
 from fleet.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fleet.config import TrainerConfig
+    from cloud.trainer_config import TrainerConfig
     from fleet.policies import FleetPolicy, PolicyConfig
 
 
@@ -70,6 +71,17 @@ class OptimizerStep:
         self.optimizer.load_state_dict(state["optimizer"])
         self.micro_steps = int(state["micro_steps"])
         self.optimizer_steps = int(state["optimizer_steps"])
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig(draccus.ChoiceRegistry):
+    """An algorithm's own hyper-parameters; ``--algorithm.type=<name>`` picks the registered config class
+    (``@AlgorithmConfig.register_subclass(name)``) and only its fields are valid."""
+
+    @property
+    def type(self) -> str:
+        """The registered name (``hg_dagger``, ``recap``)."""
+        return self.get_choice_name(type(self))
 
 
 class Algorithm(abc.ABC):

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cloud.algorithms.base import Algorithm, OptimizerStep, Update, register_algorithm
+from cloud.algorithms.base import Algorithm, AlgorithmConfig, OptimizerStep, Update, register_algorithm
 from cloud.sampler import DataSpec
 from fleet.errors import ConfigError
 
 
+@AlgorithmConfig.register_subclass("hg_dagger")
 @dataclass(frozen=True)
-class HGDAggerConfig:
+class HGDAggerConfig(AlgorithmConfig):
     """HG-DAgger: which data is aggregated and how operator labels weigh."""
 
     intervention_weight: float = 1.0
@@ -56,7 +57,7 @@ class HGDAgger(Algorithm):
 
     @classmethod
     def from_config(cls, policy, cfg) -> HGDAgger:
-        return cls(policy, cfg.hg_dagger, cfg.grad_accumulation_steps)
+        return cls(policy, cfg.algorithm, cfg.grad_accumulation_steps)
 
     def update(self, batch: dict[str, np.ndarray]) -> Update:
         policy = self.policy

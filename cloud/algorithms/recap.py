@@ -29,15 +29,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from cloud.algorithms.base import Algorithm, OptimizerStep, Update, register_algorithm
+from cloud.algorithms.base import Algorithm, AlgorithmConfig, OptimizerStep, Update, register_algorithm
 from cloud.algorithms.value import HEADS, ValueFunction, value_input
 from cloud.sampler import DataSpec
 from fleet.errors import ConfigError
 from fleet.policies.lerobot_adapter import INDICATOR_NONE, INDICATOR_POSITIVE
 
 
+@AlgorithmConfig.register_subclass("recap")
 @dataclass(frozen=True)
-class RecapConfig:
+class RecapConfig(AlgorithmConfig):
     """RECAP: value function, advantage indicator and guidance (pi*0.6 values where published)."""
 
     value_head: str = "distributional"
@@ -119,11 +120,11 @@ class Recap(Algorithm):
 
     @classmethod
     def policy_config(cls, policy, cfg):
-        return replace(policy, conditioning="advantage", cfg_beta=cfg.recap.cfg_beta)
+        return replace(policy, conditioning="advantage", cfg_beta=cfg.algorithm.cfg_beta)
 
     @classmethod
     def from_config(cls, policy, cfg) -> Recap:
-        return cls(policy, cfg.recap, cfg.grad_accumulation_steps, cfg.seed)
+        return cls(policy, cfg.algorithm, cfg.grad_accumulation_steps, cfg.seed)
 
     def _value_input(self, batch: dict[str, np.ndarray], prefix: str) -> torch.Tensor:
         n = len(batch["task_index"])

@@ -95,7 +95,7 @@ orphan, harmless and overwritten by the resend.
   the gateway counts them in ``stats.dropped_steps``.
 
 Configure it where Redis starts: ``start_redis(appendfsync=...)``, ``fleet demo
---redis-appendfsync always``, or ``appendfsync always`` in an external Redis's
+--redis_appendfsync always``, or ``appendfsync always`` in an external Redis's
 redis.conf (``CONFIG SET appendfsync always`` at runtime). ``always`` costs one
 fsync per write; docs/experience-path.md has numbers.
 """

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud.export import EpisodeRef, ExportFilter, ExportResult, iter_steps, select_episodes
-from edge.robots.ros2 import convert
+from fleet import ros2_convert as convert
 from fleet.errors import ConfigError
 from fleet.types import Step
 

@@ -51,8 +51,7 @@ DENIED_CERTS_KEY = "fleet:auth:denied_certs"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
-def _count_rejection(code: grpc.StatusCode) -> None:
-    metrics.GATEWAY_REJECTED.labels(code=code.name).inc()
+_count_rejection = metrics.count_gateway_rejection
 
 
 # --- TLS ----------------------------------------------------------------------------------

@@ -94,8 +94,7 @@ async def _parsed_stream(request_iterator, deserializer, method: str):
         yield _parse(deserializer, raw, method)
 
 
-def _count_rejection(code: grpc.StatusCode) -> None:
-    metrics.GATEWAY_REJECTED.labels(code=code.name).inc()
+_count_rejection = metrics.count_gateway_rejection
 
 
 async def _result(value):

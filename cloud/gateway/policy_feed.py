@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from cloud.policy_store import PolicyStore
 from fleet import delta, metrics
 from fleet.v1 import fleet_pb2 as pb
-from fleet.weights import TORCH_DTYPES, Manifest
+from fleet.weights import DTYPE_SIZES, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def iter_transfer(store: PolicyStore, transfer: Transfer, piece_bytes: int = PIE
         if element_deltas and same_layout:
             if base_payload is None:
                 base_payload = store.payload(transfer.base_version)
-            encoded = delta.encode(base_payload[entry.name], data, TORCH_DTYPES[entry.dtype].itemsize)
+            encoded = delta.encode(base_payload[entry.name], data, DTYPE_SIZES[entry.dtype])
             data, encoding = memoryview(encoded.data), encoded.encoding
         step = target.piece_bytes if encoding == delta.RAW and target.piece_bytes else piece_bytes
         plan.append(Part(entry.name, data, encoding, step))

@@ -32,8 +32,7 @@ log = logging.getLogger(__name__)
 SERVICE = "fleet.v1.FleetService"
 
 
-def _count_rejection(code: grpc.StatusCode) -> None:
-    metrics.GATEWAY_REJECTED.labels(code=code.name).inc()
+_count_rejection = metrics.count_gateway_rejection
 
 
 def _wire(msg: bytes | pb.PolicyUpdate) -> bytes:

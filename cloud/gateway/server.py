@@ -30,7 +30,7 @@ from fleet.redis_client import connect, connect_async
 log = logging.getLogger(__name__)
 
 
-PROTECTED_MODE_FLAGS = ("--security.tls-cert-file", "--security.tls-key-file", "--security.token-key-file")
+PROTECTED_MODE_FLAGS = ("--security.tls_cert_file", "--security.tls_key_file", "--security.token_key_file")
 """What a gateway listening beyond loopback needs (protected mode), unless ``--insecure``."""
 
 

@@ -16,7 +16,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 
 from cloud.gateway.backpressure import InflightLimiter
 from cloud.gateway.interceptors import map_errors
@@ -36,8 +35,7 @@ from fleet.v1 import fleet_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
-def _count_rejection(code: grpc.StatusCode) -> None:
-    metrics.GATEWAY_REJECTED.labels(code=code.name).inc()
+_count_rejection = metrics.count_gateway_rejection
 
 
 class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):

@@ -92,7 +92,7 @@ ROBOTS: dict[str, type[Robot]] = {}
 # optional dependency is only needed when that backend is asked for. A new backend
 # module adds its line here.
 _BUILTIN_MODULES: dict[str, str] = {
-    "metaworld": "edge.robots.metaworld",
+    "metaworld": "edge.sim.metaworld",
     "lerobot": "edge.robots.lerobot",
     "ros2": "edge.robots.ros2.robot",
 }

@@ -42,7 +42,7 @@ from rclpy.qos import qos_profile_sensor_data
 from std_msgs.msg import Bool, Float64MultiArray
 from std_srvs.srv import Trigger
 
-from edge.robots.ros2 import convert
+from fleet import ros2_convert as convert
 from edge.robots.ros2.node import RclpyTypes
 from edge.sim.ros2_arm_config import COMMAND_NAMES, JOINT_NAMES, SimArmConfig
 
@@ -75,7 +75,7 @@ class SimArm:
     """The simulator and its ROS 2 node; ``run(stop)`` ticks at ``rate_hz`` until ``stop`` is set."""
 
     def __init__(self, cfg: SimArmConfig):
-        from edge.robots.metaworld import MetaWorldRobot
+        from edge.sim.metaworld import MetaWorldRobot
 
         self.cfg = cfg
         self.robot = MetaWorldRobot(tasks=[cfg.task], seed=cfg.seed, max_episode_steps=cfg.max_episode_steps)
@@ -83,7 +83,7 @@ class SimArm:
         self.camera = SyntheticCamera(cfg.camera_height, cfg.camera_width, cfg.seed) if cfg.camera_height else None
         self.expert = None
         if cfg.teleop:
-            from edge.operator import SimulatedOperator
+            from edge.sim.operator import SimulatedOperator
 
             self.expert = SimulatedOperator()
         self.types = RclpyTypes()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fleet.config import _require
+from fleet.config import require
 
 JOINT_NAMES = ("right_j0", "right_j1", "right_j2", "right_j3", "right_j4", "right_j5", "right_j6",
                "r_close", "l_close")
@@ -64,20 +64,20 @@ class SimArmConfig:
     """Name of the rclpy node."""
 
     def __post_init__(self) -> None:
-        _require(self.rate_hz > 0, f"rate_hz ({self.rate_hz}) must be > 0")
-        _require(self.max_episode_steps >= 1, f"max_episode_steps ({self.max_episode_steps}) must be >= 1")
-        _require(self.command_type in COMMAND_TYPES,
+        require(self.rate_hz > 0, f"rate_hz ({self.rate_hz}) must be > 0")
+        require(self.max_episode_steps >= 1, f"max_episode_steps ({self.max_episode_steps}) must be >= 1")
+        require(self.command_type in COMMAND_TYPES,
                  f"command_type ({self.command_type!r}) must be one of {COMMAND_TYPES}")
-        _require(self.command_timeout_s > 0, f"command_timeout_s ({self.command_timeout_s}) must be > 0")
-        _require((self.camera_height > 0) == (self.camera_width > 0) and self.camera_height >= 0,
+        require(self.command_timeout_s > 0, f"command_timeout_s ({self.command_timeout_s}) must be > 0")
+        require((self.camera_height > 0) == (self.camera_width > 0) and self.camera_height >= 0,
                  f"camera_height ({self.camera_height}) and camera_width ({self.camera_width}) must both be "
                  "> 0 (camera on) or both 0 (off)")
-        _require(self.stamp_lag_s >= 0, f"stamp_lag_s ({self.stamp_lag_s}) must be >= 0")
-        _require(0 < self.teleop_segment_steps < self.teleop_period_steps,
+        require(self.stamp_lag_s >= 0, f"stamp_lag_s ({self.stamp_lag_s}) must be >= 0")
+        require(0 < self.teleop_segment_steps < self.teleop_period_steps,
                  f"teleop_segment_steps ({self.teleop_segment_steps}) must be in 1..teleop_period_steps-1 "
                  f"({self.teleop_period_steps - 1})")
         for name in ("joint_state_topic", "command_topic", "reset_service", "episode_end_topic"):
-            _require(bool(getattr(self, name)), f"{name} must not be empty")
+            require(bool(getattr(self, name)), f"{name} must not be empty")
 
     def edge_ros2_section(self) -> dict[str, Any]:
         """The ``ros2`` section of an edge config that drives this arm (docs/robots.md)."""

@@ -21,7 +21,6 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import draccus
@@ -30,8 +29,8 @@ import torch
 from draccus.utils import DraccusException
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
-from safetensors.torch import load_file, save_file
 
+from fleet.convert import schema_from_dict, schema_to_dict
 from fleet.errors import ConfigError, InvalidInput
 from fleet.policies.losses import SAMPLE_LOSSES
 from fleet.policies.norm import MIN_STD, NORM_NAMES, NORM_PREFIX, NormStats
@@ -121,20 +120,6 @@ def _decode_lerobot_config(encoded: Mapping[str, Any]) -> PreTrainedConfig:
         raise ConfigError(f"manifest lerobot_config of type {encoded.get('type')!r} does not round-trip "
                           "through this LeRobot version")
     return decoded
-
-
-def _schema_to_dict(schema: Schema) -> dict[str, Any]:
-    def spec(s: FeatureSpec) -> dict[str, Any]:
-        return {"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "is_image": s.is_image}
-
-    return {"observation": [spec(s) for s in schema.observation], "action": spec(schema.action)}
-
-
-def _schema_from_dict(d: Mapping[str, Any]) -> Schema:
-    def spec(s: Mapping[str, Any]) -> FeatureSpec:
-        return FeatureSpec(s["name"], s["dtype"], tuple(s["shape"]), bool(s["is_image"]))
-
-    return Schema(tuple(spec(s) for s in d["observation"]), spec(d["action"]))
 
 
 class FleetPolicy:
@@ -378,7 +363,7 @@ class FleetPolicy:
     def manifest_config(self) -> dict[str, Any]:
         """JSON-able description from which :meth:`from_manifest` rebuilds this policy."""
         return {"lerobot_config": draccus.encode(self.model.config), "policy_config": asdict(self.config),
-                "tasks": list(self.tasks), "schema": _schema_to_dict(self.schema)}
+                "tasks": list(self.tasks), "schema": schema_to_dict(self.schema)}
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor], version: int, partial: bool = False) -> None:
         """Copy weights and stats in place (strict names and shapes; ``partial``: only those given, the rest
@@ -433,17 +418,6 @@ class FleetPolicy:
             part["policy_config"].pop("device", None)
         return mine == theirs
 
-    def copy_weights_from(self, other: FleetPolicy) -> None:
-        """Hot update in place from a policy with the same architecture, schema and tasks."""
-        mine, theirs = self.manifest_config(), other.manifest_config()
-        for part in (mine, theirs):
-            for key in _LOCAL_FIELDS:
-                part["lerobot_config"].pop(key, None)
-            part["policy_config"].pop("device", None)
-        if mine != theirs:
-            raise ConfigError("copy_weights_from: the other policy has another config, schema or task list")
-        self.load_tensors(other.tensors(), other.version)
-
     @classmethod
     def from_manifest(cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], version: int,
                       device: str | None = None) -> FleetPolicy:
@@ -452,7 +426,7 @@ class FleetPolicy:
             policy_config = PolicyConfig(**config["policy_config"])
             lerobot_dict = dict(config["lerobot_config"])
             tasks = tuple(str(t) for t in config["tasks"])
-            schema = _schema_from_dict(config["schema"])
+            schema = schema_from_dict(config["schema"])
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"malformed policy manifest config: {e!r}") from e
         if device is not None:
@@ -474,16 +448,6 @@ class FleetPolicy:
         policy = cls(policy_config, model, schema, tasks, stats, version)
         policy.load_tensors(tensors, version)
         return policy
-
-    def save_safetensors(self, path: str | Path) -> None:
-        """Write :meth:`tensors` to a safetensors file."""
-        save_file(self.tensors(), str(path))
-
-    @classmethod
-    def load_safetensors(cls, path: str | Path, config: Mapping[str, Any], version: int,
-                         device: str | None = None) -> FleetPolicy:
-        """:meth:`from_manifest` with tensors read from a safetensors file."""
-        return cls.from_manifest(config, load_file(str(path)), version, device)
 
 
 def build_policy(config: PolicyConfig, schema: Schema, tasks: Sequence[str], stats: NormStats | None = None,

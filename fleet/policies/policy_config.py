@@ -1,15 +1,19 @@
 """Which LeRobot policy the fleet trains, and the LeRobot config built from it.
 
-``PolicyConfig`` is what users set (``--policy.type smolvla``); ``lerobot_config``
-turns it, with the robot's feature sizes, into the real
-``lerobot.policies.*.configuration_*`` object.
+Users set LeRobot's own config (``fleet trainer --policy.type=act --policy.dim_model=256``: the
+``PreTrainedConfig`` choice registry, LeRobot's fields and defaults) plus the few things fleet adds
+(:class:`PolicyOptions`, ``--policy_options.*``). :meth:`PolicyConfig.from_lerobot` resolves both into a
+``PolicyConfig``, which travels in every policy manifest (it keeps the LeRobot config it came from);
+``lerobot_config`` turns it, with the robot's feature sizes, into the real
+``lerobot.policies.*.configuration_*`` object: the user's LeRobot config with its features, device and
+the fields fleet's data path needs (listed in ``FLEET_SET``) filled in.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -71,7 +75,7 @@ class PolicyConfig:
     freeze_backbone: bool = False
     """Freeze the vision backbone (ACT/Diffusion ResNet; SmolVLA: the whole VLM, train the action expert)."""
     conditioning: str = "none"
-    """Extra policy input: "none", or "advantage" (RECAP's improvement indicator; set by --algorithm recap)."""
+    """Extra policy input: "none", or "advantage" (RECAP's improvement indicator; set by --algorithm.type recap)."""
     cfg_beta: float = 1.0
     """Advantage-conditioned inference: classifier-free guidance weight (1 = plain "Advantage: positive")."""
     precision: str = "fp32"
@@ -84,6 +88,9 @@ class PolicyConfig:
     """Max global gradient norm (see FleetPolicy.clip_grad_norm_)."""
     device: str = "cpu"
     """Torch device for the model ("cpu", "cuda", "cuda:0", "mps")."""
+    lerobot: dict = field(default_factory=dict)
+    """The user's LeRobot config (draccus-encoded, without features and device) this was resolved from;
+    empty: built from the fields above alone (code and tests)."""
 
     def __post_init__(self) -> None:
         if self.type not in SUPPORTED_POLICY_TYPES:
@@ -120,6 +127,36 @@ class PolicyConfig:
         except (RuntimeError, TypeError) as e:
             raise ConfigError(f"policy.device ({self.device!r}) is not a torch device: {e}") from None
 
+    @classmethod
+    def from_lerobot(cls, lerobot: PreTrainedConfig, options: PolicyOptions | None = None) -> PolicyConfig:
+        """The fleet policy of a LeRobot config (``--policy.*``) and fleet's options (``--policy_options.*``)."""
+        import draccus
+
+        options = options or PolicyOptions()
+        kind = lerobot.type
+        if kind not in SUPPORTED_POLICY_TYPES:
+            hint = f" ({UNSUPPORTED_HINTS[kind]})" if kind in UNSUPPORTED_HINTS else ""
+            raise ConfigError(f"policy.type {kind!r} is not supported{hint}; use one of {SUPPORTED_POLICY_TYPES}")
+        own = {k: v for k, v in draccus.encode(lerobot).items() if k not in ("input_features", "output_features",
+                                                                              "device", "type")}
+        fields: dict[str, Any] = dict(
+            type=kind, n_action_steps=lerobot.n_action_steps, lr=lerobot.optimizer_lr,
+            weight_decay=lerobot.optimizer_weight_decay, device=lerobot.device or "cpu",
+            precision="bf16" if lerobot.use_amp else "fp32", use_images=options.use_images,
+            grad_clip_norm=options.grad_clip_norm, freeze_backbone=options.freeze_backbone,
+            vlm_path=options.vlm_path, lerobot=own)
+        if kind == "act":
+            fields.update(chunk_size=lerobot.chunk_size, dim_model=lerobot.dim_model, n_heads=lerobot.n_heads,
+                          dim_feedforward=lerobot.dim_feedforward, n_encoder_layers=lerobot.n_encoder_layers,
+                          n_decoder_layers=lerobot.n_decoder_layers, use_vae=lerobot.use_vae)
+        elif kind == "diffusion":
+            fields.update(chunk_size=lerobot.horizon, dim_model=lerobot.down_dims[-1])
+        else:  # smolvla
+            fields.update(chunk_size=lerobot.chunk_size, load_vlm_weights=lerobot.load_vlm_weights,
+                          vlm_layers=max(lerobot.num_vlm_layers, 0), grad_clip_norm=lerobot.optimizer_grad_clip_norm,
+                          freeze_backbone=lerobot.freeze_vision_encoder)
+        return cls(**fields)
+
     @property
     def uses_language(self) -> bool:
         """Whether the task reaches the policy as text (else as a one-hot embedding)."""
@@ -128,6 +165,27 @@ class PolicyConfig:
     @property
     def uses_images(self) -> bool:
         return self.use_images or self.type == "smolvla"
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """What fleet adds to the LeRobot policy config (LeRobot's own fields are set as --policy.<field>)."""
+
+    use_images: bool = False
+    """Feed the schema's camera images to ACT/Diffusion; SmolVLA always uses them."""
+    grad_clip_norm: float = 10.0
+    """Max global gradient norm for ACT/Diffusion (SmolVLA uses its own optimizer_grad_clip_norm)."""
+    freeze_backbone: bool = False
+    """Freeze the ACT/Diffusion vision backbone (SmolVLA: set --policy.freeze_vision_encoder)."""
+    vlm_path: str = ""
+    """SmolVLA: local directory of a SmolVLM backbone (no hub); "" = a tiny random one under FLEET_CACHE_DIR."""
+
+
+FLEET_SET = {"diffusion": dict(n_obs_steps=1, clip_sample_range=DIFFUSION_CLIP_RANGE, do_mask_loss_for_padding=True,
+                               drop_n_last_frames=0, crop_shape=None)}
+"""LeRobot fields fleet's data path sets whatever the user's config says (one observation per sample;
+actions normalized by mean/std, so denoised samples are clipped at +-3 std; chunks padded at episode ends;
+images at the robot's resolution)."""
 
 
 def input_features(config: PolicyConfig, state_dim: int, n_tasks: int,
@@ -151,6 +209,8 @@ def lerobot_config(config: PolicyConfig, features: dict[str, PolicyFeature], act
     common: dict[str, Any] = dict(input_features=features, output_features=outputs, device=config.device,
                                   n_action_steps=config.n_action_steps, optimizer_lr=config.lr,
                                   optimizer_weight_decay=config.weight_decay)
+    if config.lerobot:
+        return _from_users_config(config, common)
     try:
         if config.type == "act":
             return ACTConfig(**common, chunk_size=config.chunk_size, dim_model=config.dim_model,
@@ -169,3 +229,24 @@ def lerobot_config(config: PolicyConfig, features: dict[str, PolicyFeature], act
                                pretrained_backbone_weights=None, use_group_norm=True)
     except (ValueError, NotImplementedError) as e:
         raise ConfigError(f"LeRobot rejected policy config {config}: {e}") from e
+
+
+def _from_users_config(config: PolicyConfig, common: dict[str, Any]) -> PreTrainedConfig:
+    """The user's LeRobot config with this robot's features and device and what fleet's data path sets."""
+    import draccus
+
+    try:
+        base = draccus.decode(PreTrainedConfig, {"type": config.type, **config.lerobot})
+        changes: dict[str, Any] = dict(input_features=common["input_features"],
+                                       output_features=common["output_features"], device=config.device,
+                                       **FLEET_SET.get(config.type, {}))
+        if config.type == "smolvla":
+            from fleet.policies.smolvla import smolvla_config
+
+            fitted = smolvla_config(config, common)
+            changes.update(vlm_model_name=fitted.vlm_model_name, resize_imgs_with_padding=fitted.resize_imgs_with_padding,
+                           max_state_dim=max(base.max_state_dim, fitted.max_state_dim),
+                           max_action_dim=max(base.max_action_dim, fitted.max_action_dim))
+        return replace(base, **changes)
+    except (ValueError, NotImplementedError, draccus.utils.ParsingError) as e:
+        raise ConfigError(f"LeRobot rejected policy config {config.type} {config.lerobot}: {e}") from e

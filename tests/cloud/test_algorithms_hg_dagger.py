@@ -14,14 +14,15 @@ import torch
 from cloud.algorithms import algorithm_class
 from cloud.algorithms.base import OptimizerStep
 from cloud.algorithms.hg_dagger import HGDAgger, HGDAggerConfig
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.sampler import SamplerConfig
 from cloud.trainer import Trainer
 from edge.hotswap import PolicySlot
 from edge.loop import ControlLoop, LoopConfig
-from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
-from edge.robots.metaworld import SCHEMA, MetaWorldRobot
-from fleet.config import TrainerConfig
+from edge.operator import NoOperator, OperatorConfig
+from edge.sim.operator import SimulatedOperator
+from edge.sim.metaworld import SCHEMA, MetaWorldRobot
+from cloud.trainer_config import TrainerConfig
 from fleet.errors import ConfigError
 from fleet.policies import FleetPolicy, PolicyConfig, build_policy, set_torch_threads
 from tests.cloud.fleet_sim import IngestSink

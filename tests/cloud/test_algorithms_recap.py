@@ -17,9 +17,9 @@ from edge.agent import build_fleet_policy
 from edge.hotswap import PolicySlot
 from edge.loop import ControlLoop, LoopConfig
 from edge.operator import NoOperator
-from edge.robots.metaworld import SCHEMA as METAWORLD_SCHEMA
-from edge.robots.metaworld import MetaWorldRobot
-from fleet.config import TrainerConfig
+from edge.sim.metaworld import SCHEMA as METAWORLD_SCHEMA
+from edge.sim.metaworld import MetaWorldRobot
+from cloud.trainer_config import TrainerConfig
 from fleet.errors import ConfigError
 from fleet.policies import PolicyConfig, build_policy, set_torch_threads
 from fleet.types import FeatureSpec, Schema
@@ -121,10 +121,10 @@ def test_recap_trains_online_on_the_buffer_and_the_edge_acts_positive(redis_proc
         robot.write_episode(TASKS[task_id], *synthetic_episode(task_id, 12, interventions=[True] * 4))
         robot.write_episode(TASKS[task_id], *synthetic_episode(task_id, 15, success=False))
     cfg = TrainerConfig(redis_url=redis_proc.url, policy_dir=str(tmp_path / "policies"), tasks=TASKS,
-                        algorithm="recap", batch_size=16, seed_bc_steps=5, publish_every_steps=10,
+                        batch_size=16, seed_bc_steps=5, publish_every_steps=10,
                         min_labeled_steps=8, max_steps=25, checkpoint_every_steps=0, checkpoint_every_s=0,
                         policy=dataclasses.replace(TINY, conditioning="none"),
-                        recap=RecapConfig(n_step=3, value_warmup_steps=10, cfg_beta=1.5))
+                        algorithm=RecapConfig(n_step=3, value_warmup_steps=10, cfg_beta=1.5))
     trainer = Trainer(cfg)
     assert trainer.run().step == 25
     assert trainer.sampler.index.count("online") == 2 * (12 + 15)  # every finished episode trains

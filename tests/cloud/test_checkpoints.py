@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from cloud.checkpoints import CheckpointDir, CheckpointSchedule, capture_rng, decode_tree, encode_tree, restore_rng
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from cloud.trainer import Trainer, checkpoint_dir_for
-from fleet.config import TrainerConfig
+from cloud.trainer_config import TrainerConfig
 from fleet.errors import ConfigError, IntegrityError
 from fleet.policies import PolicyConfig
 

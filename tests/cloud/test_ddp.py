@@ -53,7 +53,7 @@ def _rank_main(rank: int, world_size: int, port: int, redis_url: str, policy_dir
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     from cloud.trainer import Trainer
-    from fleet.config import TrainerConfig
+    from cloud.trainer_config import TrainerConfig
     from fleet.policies import PolicyConfig
 
     small = PolicyConfig(chunk_size=4, n_action_steps=4, dim_model=16, n_heads=2, dim_feedforward=32,
@@ -92,6 +92,23 @@ def test_two_ranks_take_the_same_steps_and_only_rank0_publishes(redis_proc, tmp_
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")), "no checkpoint"
     status = connect(redis_proc.url).hgetall("fleet:trainer:status")
     assert int(status[b"step"]) == MAX_STEPS and int(status[b"version"]) == 3
+
+
+@pytest.mark.timeout(240)
+def test_fsdp_gathers_the_full_weights_into_a_cpu_copy_on_rank0_and_publishes_them(redis_proc, tmp_path):
+    asyncio.run(_seed(redis_proc.url))
+    policy_dir, out = tmp_path / "policies", tmp_path / "out"
+    out.mkdir()
+    mp.start_processes(_rank_main, args=(2, free_port(), redis_proc.url, str(policy_dir), str(out), "fsdp"),
+                       nprocs=2, join=True, start_method="spawn")
+    store = PolicyStore(policy_dir, connect(redis_proc.url))
+    assert store.versions() == [1, 2, 3]
+    first, published = store.tensors(1), store.tensors(3)
+    assert first.keys() == published.keys()
+    assert [n for n in published if not torch.equal(first[n], published[n])], "the gathered weights never changed"
+    assert store.manifest(3).config["policy_config"]["device"] == "cpu"  # published from rank 0's CPU copy (on this
+    # CPU-only machine the ranks train on the CPU too; on CUDA the copy is still built with device="cpu")
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())  # sharded optimizer
 
 
 def test_rank_info_comes_from_torchrun_env():

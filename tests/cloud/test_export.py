@@ -101,8 +101,8 @@ def test_lerobot_export_loads_in_lerobot_with_redis_values(buffer, redis_proc, t
     from fleet.cli import main
 
     out = tmp_path / "ds"
-    assert main(["export", "--format", "lerobot", "--out", str(out), "--redis-url", redis_proc.url,
-                 "--embodiment", "toy", "--since", "2023-11-14T22:13:00", "--min-version", "1"]) == 0
+    assert main(["export", "--format", "lerobot", "--out", str(out), "--redis_url", redis_proc.url,
+                 "--embodiment", "toy", "--since", "2023-11-14T22:13:00", "--min_version", "1"]) == 0
     refs = select_episodes(buffer, ExportFilter(embodiment="toy"))
     ds = LeRobotDataset(REPO_ID, root=out)
     assert ds.num_episodes == len(refs) == 5 and ds.fps == 20
@@ -202,7 +202,7 @@ def test_export_then_import_round_trips_as_offline_data(buffer, redis_proc, tmp_
     out = tmp_path / "ds"
     refs = select_episodes(buffer, ExportFilter(robots=("arm-b",)))
     export_lerobot(buffer, out, ExportFilter(robots=("arm-b",)))
-    assert main(["import", "--path", str(out), "--redis-url", redis_proc.url, "--robot-id", "demos-b"]) == 0
+    assert main(["import", "--path", str(out), "--redis_url", redis_proc.url, "--robot_id", "demos-b"]) == 0
     client = redis_lib.Redis.from_url(redis_proc.url)
     reg = json.loads(client.hget(ROBOTS_KEY, "demos-b"))
     assert reg["source"] == SOURCE_OFFLINE and reg["embodiment"] == "toy"  # from the export's sidecar

@@ -16,9 +16,9 @@ import pytest
 from cloud.buffer import ROBOTS_KEY
 from cloud.export import ExportFilter, iter_steps, select_episodes
 from cloud.export.lerobot import REPO_ID, SIDECAR
-from cloud.offline import seed_scripted_demos
-from edge.agent import EdgeConfig
-from edge.robots.metaworld import SCHEMA
+from edge.sim.demos import seed_scripted_demos
+from edge.loop import LoopConfig
+from edge.sim.metaworld import SCHEMA
 from fleet.cli import main
 from fleet.convert import schema_from_dict
 
@@ -30,7 +30,7 @@ EPISODES, STEPS = 2, 30
 def seed_and_export(redis_url: str, out: Path) -> None:
     seeded = seed_scripted_demos(redis_url, (TASK,), episodes_per_task=EPISODES, max_episode_steps=STEPS)
     assert seeded["episodes"] == EPISODES
-    assert main(["export", "--format", "lerobot", "--out", str(out), "--redis-url", redis_url]) == 0
+    assert main(["export", "--format", "lerobot", "--out", str(out), "--redis_url", redis_url]) == 0
 
 
 @pytest.mark.timeout(240)
@@ -40,7 +40,7 @@ def test_exported_episodes_replay_in_lerobot_as_in_redis(redis_proc, redis_clien
     out = tmp_path / "ds"
     seed_and_export(redis_proc.url, out)
     info = json.loads((out / "meta" / "info.json").read_text())
-    assert info["fps"] == EdgeConfig.control_hz == 20  # the registered rate; the demos ran at simulation speed
+    assert info["fps"] == LoopConfig.control_hz == 20  # the registered rate; the demos ran at simulation speed
     assert info["features"]["observation.state"]["shape"] == [4]  # hand xyz + gripper
     assert info["features"]["observation.environment_state"]["shape"] == [35]  # objects, previous frame, goal
     assert "observation.state" in info["features"] and len(info["features"]["observation.state"]["names"]) == 4
@@ -69,7 +69,7 @@ def test_exported_episodes_replay_in_lerobot_as_in_redis(redis_proc, redis_clien
             assert float(frame["next.reward"]) == pytest.approx(step.reward)
 
     # Imported back, the split state is one vector again: the MetaWorld trainer learns from it.
-    assert main(["import", "--path", str(out), "--redis-url", redis_proc.url, "--robot-id", "again"]) == 0
+    assert main(["import", "--path", str(out), "--redis_url", redis_proc.url, "--robot_id", "again"]) == 0
     reg = json.loads(redis_client.hget(ROBOTS_KEY, "again"))
     assert schema_from_dict(reg["schema"]) == SCHEMA and reg["control_hz"] == 20.0
     imported = select_episodes(redis_client, ExportFilter(robots=("again",)))

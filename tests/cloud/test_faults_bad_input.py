@@ -498,12 +498,12 @@ def test_a_schema_change_on_register_needs_an_operator(client, redis_proc, redis
     assert redis_client.hget(ROBOTS_KEY, "r1") == before
     client.register(RobotInfo("r1", "test-arm", SCHEMA, (TASK, "a new task"), PROTOCOL_VERSION))  # same schema: fine
 
-    assert main(["robots", "allow-schema-change", "r1", "--redis-url", redis_proc.url]) == 0
+    assert main(["robots", "allow-schema-change", "r1", "--redis_url", redis_proc.url]) == 0
     assert 0 < redis_client.ttl(RobotKeys("r1").allow_schema_change) <= 3600
     client.register(RobotInfo("r1", "test-arm", other, (TASK,), PROTOCOL_VERSION))
     assert b'"shape": [1]' in redis_client.hget(ROBOTS_KEY, "r1")
     err = refused(lambda: client.register(RobotInfo("r1", "test-arm", SCHEMA, (TASK,), PROTOCOL_VERSION)))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION  # the allowance was used up
     with pytest.raises(SystemExit) as exc:
-        main(["robots", "allow-schema-change", "nobody", "--redis-url", redis_proc.url])
+        main(["robots", "allow-schema-change", "nobody", "--redis_url", redis_proc.url])
     assert exc.value.code == 2

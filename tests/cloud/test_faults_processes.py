@@ -36,6 +36,7 @@ from fleet import PROTOCOL_VERSION
 from fleet.redis_server import RedisProcess, free_port, start_redis
 from fleet.codec import encode_image
 from fleet.types import EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
+from tests.waiting import wait_until
 
 TASK = "reach the goal"
 SCHEMA = Schema((FeatureSpec("state", "float32", (39,)),), FeatureSpec("action", "float32", (4,)))
@@ -44,15 +45,6 @@ FRAMES = [encode_image(np.full((16, 16, 3), 30 * k, np.uint8), "jpeg") for k in 
 """A camera robot's frame at episode index t is FRAMES[t % 8]: what the buffer returns can be checked."""
 EPISODE_STEPS = 40
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02) -> None:
-    """Poll a condition that lives in another process (no event to wait on)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
 
 
 # --- the network: a TCP proxy that can cut every connection and be repointed -----------------
@@ -152,9 +144,9 @@ class GatewayProcess:
     def start(self) -> None:
         log = open(self.log_dir / f"gateway-{self.name}.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleet.cli", "gateway", "--listen", f"127.0.0.1:{self.port}", "--redis-url",
-             self.redis_url, "--policy-dir", str(self.policy_dir), "--blob-url", str(self.blob_dir),
-             "--redis-timeout-s", "2", "--retry-after-s",
+            [sys.executable, "-m", "fleet.cli", "gateway", "--listen", f"127.0.0.1:{self.port}", "--redis_url",
+             self.redis_url, "--policy_dir", str(self.policy_dir), "--blob_url", str(self.blob_dir),
+             "--redis_timeout_s", "2", "--retry_after_s",
              "0.2"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
@@ -391,8 +383,8 @@ def test_redis_killed_and_restarted_from_its_aof(cloud, fresh_proxy, drivers):
 
 def _last_good_policy(state_dir: Path) -> None:
     """Leave a tiny ACT policy on the edge's disk as its last good one, so it acts at once."""
-    from edge.robots.metaworld import SCHEMA as MW_SCHEMA
-    from edge.robots.metaworld import MetaWorldRobot
+    from edge.sim.metaworld import SCHEMA as MW_SCHEMA
+    from edge.sim.metaworld import MetaWorldRobot
     from edge.updater import LastGood
     from fleet.policies import PolicyConfig, build_policy
     from fleet.weights import build_manifest
@@ -409,9 +401,9 @@ def _last_good_policy(state_dir: Path) -> None:
 def _spawn_edge(robot_id: str, target: str, state_dir: Path) -> subprocess.Popen:
     log = open(state_dir.parent / f"{robot_id}.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleet.cli", "edge", "--robot-id", robot_id, "--gateway", target, "--tasks", TASK,
-         "--state-dir", str(state_dir), "--control-hz", "100", "--max-episode-steps", "400", "--eval-every", "0",
-         "--operator", "false", "--heartbeat-interval-s", "0.5"],
+        [sys.executable, "-m", "fleet.cli", "edge", "--robot_id", robot_id, "--gateway", target, "--tasks", TASK,
+         "--state_dir", str(state_dir), "--loop.control_hz", "100", "--loop.max_episode_steps", "400",
+         "--loop.eval_every", "0", "--interventions", "false", "--heartbeat_interval_s", "0.5"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log.close()
     return proc

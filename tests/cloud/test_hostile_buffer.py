@@ -192,7 +192,7 @@ def test_unusable_records_are_skipped_and_counted_by_reason(redis_proc, redis_cl
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_real_trainer_keeps_stepping_on_a_corrupt_buffer(redis_proc, redis_client, tmp_path):
-    from cloud.offline import seed_scripted_demos
+    from edge.sim.demos import seed_scripted_demos
     from cloud.policy_store import PolicyStore
     from tests.cloud.test_recovery import TASKS as TRAINER_TASKS
     from tests.cloud.test_recovery import start_watched_trainer, status, wait_for

@@ -261,8 +261,8 @@ def test_trainer_refuses_a_publish_key_others_can_read(tmp_path: Path, capsys) -
     signing.make_publisher_key(keys)
     os.chmod(keys / signing.PRIVATE_KEY_FILE, 0o640)
     with pytest.raises(SystemExit) as info:
-        main(["trainer", "--redis-url", "redis://127.0.0.1:1/0", "--publish-key-file",
-              str(keys / signing.PRIVATE_KEY_FILE), "--policy-dir", str(tmp_path / "p")])
+        main(["trainer", "--redis_url", "redis://127.0.0.1:1/0", "--publish_key_file",
+              str(keys / signing.PRIVATE_KEY_FILE), "--policy_dir", str(tmp_path / "p")])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "publisher.key" in err and "chmod 600" in err, err
 

@@ -9,7 +9,7 @@ import pytest
 from cloud.buffer import SOURCE_OFFLINE
 from cloud.rate_limiter import RateLimiterConfig, SampleToInsertRatio
 from cloud.trainer import Trainer
-from fleet.config import TrainerConfig
+from cloud.trainer_config import TrainerConfig
 from fleet.errors import ConfigError
 from fleet.policies import PolicyConfig
 from fleet.types import FeatureSpec, Schema

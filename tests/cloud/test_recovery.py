@@ -4,6 +4,7 @@ the number of process starts, ~10 s each, down)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -18,14 +19,14 @@ import pytest
 from cloud.buffer.reader import BufferReader
 from cloud.buffer import ROBOTS_KEY, RobotKeys
 from cloud.checkpoints import TEST_PAUSE_ENV, CheckpointDir
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from cloud.trainer import TRAINER_STATUS_KEY, Trainer
 from edge.client import FleetClient
-from edge.robots.metaworld import SCHEMA
+from edge.sim.metaworld import SCHEMA
 from fleet import PROTOCOL_VERSION
-from fleet.cli import build_parser
-from fleet.config import TrainerConfig, build_config
+from cloud.trainer_config import TrainerConfig
+from fleet.cli import parse_config
 from fleet.convert import chunk_to_pb
 from fleet.types import Chunk, EpisodeSummary, RobotInfo, Step
 
@@ -33,12 +34,12 @@ TASKS = ("reach the goal", "press the button from the top")
 
 
 def trainer_args(redis_url: str, policy_dir: str, checkpoint_dir: Path, *extra: str) -> list[str]:
-    return ["trainer", "--redis-url", redis_url, "--policy-dir", policy_dir, "--checkpoint-dir", str(checkpoint_dir),
-            "--tasks", ",".join(TASKS), "--policy.dim-model", "32", "--policy.n-heads", "2",
-            "--policy.dim-feedforward", "64", "--policy.chunk-size", "5", "--policy.n-action-steps", "5",
-            "--policy.n-encoder-layers", "1", "--policy.n-decoder-layers", "1", "--batch-size", "16",
-            "--seed-bc-steps", "10", "--publish-every-steps", "10", "--min-labeled-steps", "8",
-            "--refresh-interval-s", "0.2", "--checkpoint-every-s", "0", *extra]
+    return ["trainer", "--redis_url", redis_url, "--policy_dir", policy_dir, "--checkpoint_dir", str(checkpoint_dir),
+            "--tasks", json.dumps(list(TASKS)), "--policy.dim_model", "32", "--policy.n_heads", "2",
+            "--policy.dim_feedforward", "64", "--policy.chunk_size", "5", "--policy.n_action_steps", "5",
+            "--policy.n_encoder_layers", "1", "--policy.n_decoder_layers", "1", "--batch_size", "16",
+            "--seed_bc_steps", "10", "--publish_every_steps", "10", "--min_labeled_steps", "8",
+            "--refresh_interval_s", "0.2", "--checkpoint_every_s", "0", *extra]
 
 
 def start_watched_trainer(redis_url: str, tmp_path: Path) -> tuple[subprocess.Popen, Path, int, Path]:
@@ -47,7 +48,7 @@ def start_watched_trainer(redis_url: str, tmp_path: Path) -> tuple[subprocess.Po
     from fleet.redis_server import free_port
 
     policy_dir, metrics_port, log_path = tmp_path / "policies", free_port(), tmp_path / "trainer.log"
-    trainer = start_trainer(trainer_args(redis_url, str(policy_dir), tmp_path / "ckpt", "--metrics-port",
+    trainer = start_trainer(trainer_args(redis_url, str(policy_dir), tmp_path / "ckpt", "--metrics_port",
                                          str(metrics_port)), log_path)
     return trainer, policy_dir, metrics_port, log_path
 
@@ -114,7 +115,7 @@ def test_sigkill_restart_resumes_then_sigterm_checkpoints(redis_proc, redis_clie
     seed_scripted_demos(redis_proc.url, TASKS, episodes_per_task=1, max_episode_steps=40)
     policy_dir = gateway.cfg.policy_dir
     checkpoints = CheckpointDir(tmp_path / "ckpt", keep=3)
-    args = trainer_args(redis_proc.url, policy_dir, checkpoints.root, "--checkpoint-every-steps", "20")
+    args = trainer_args(redis_proc.url, policy_dir, checkpoints.root, "--checkpoint_every_steps", "20")
     log1, log2 = tmp_path / "trainer1.log", tmp_path / "trainer2.log"
 
     first = start_trainer(args, log1)
@@ -182,7 +183,7 @@ def test_sigkill_during_checkpoint_write_uses_the_previous_one(redis_proc, tmp_p
     seed_scripted_demos(redis_proc.url, TASKS, episodes_per_task=1, max_episode_steps=40)
     checkpoints = CheckpointDir(tmp_path / "ckpt", keep=3)
     args = trainer_args(redis_proc.url, str(tmp_path / "policies"), checkpoints.root,
-                        "--checkpoint-every-steps", "15")
+                        "--checkpoint_every_steps", "15")
     marker, log = tmp_path / "paused", tmp_path / "trainer.log"
     proc = start_trainer(args, log, env={TEST_PAUSE_ENV: f"2:{marker}"})  # the 2nd save stops half-way
     try:
@@ -195,7 +196,7 @@ def test_sigkill_during_checkpoint_write_uses_the_previous_one(redis_proc, tmp_p
     assert checkpoints.steps() == [15]
 
     # Restart (in this process, with the same options): the half-written one is ignored, step 15 is used.
-    cfg = build_config(TrainerConfig, vars(build_parser().parse_args(args)))
+    cfg = parse_config(args[0], args[1:])
     trainer = Trainer(cfg)
     with caplog.at_level(logging.WARNING, logger="cloud.checkpoints"):
         trainer.setup()

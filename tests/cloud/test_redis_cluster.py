@@ -18,9 +18,10 @@ from cloud.sampler import Sampler
 from cloud.trainer import Trainer
 from edge.client import FleetClient
 from fleet import PROTOCOL_VERSION
-from fleet.config import GatewayConfig, TrainerConfig
-from fleet.convert import chunk_to_pb
 from cloud.buffer.reader import BufferReader
+from cloud.trainer_config import TrainerConfig
+from fleet.config import GatewayConfig
+from fleet.convert import chunk_to_pb
 from fleet.policies import PolicyConfig
 from fleet.redis_client import connect, connect_async, is_cluster
 from fleet.redis_server import start_redis_cluster

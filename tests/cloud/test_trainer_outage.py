@@ -10,7 +10,7 @@ import time
 import pytest
 import redis as redis_lib
 
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from fleet.redis_server import free_port, start_redis
 from tests.cloud.test_recovery import TASKS, start_trainer, start_watched_trainer, status, trainer_args, wait_for

@@ -11,8 +11,8 @@ import metaworld.policies
 import numpy as np
 import pytest
 
-from edge.operator import EXPERTS
-from edge.robots.metaworld import MetaWorldRobot, env_name_for
+from edge.sim.operator import EXPERTS
+from edge.sim.metaworld import MetaWorldRobot, env_name_for
 from fleet.types import EpisodeSummary, Step
 
 

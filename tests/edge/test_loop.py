@@ -10,7 +10,8 @@ import pytest
 
 from edge.hotswap import PolicySlot
 from edge.loop import ControlLoop, LoopConfig
-from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
+from edge.operator import NoOperator, OperatorConfig
+from edge.sim.operator import SimulatedOperator
 from fleet.errors import ConfigError
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge.robots.base import ROBOTS, Robot, make_robot
-from edge.robots.metaworld import (
+from edge.sim.metaworld import (
     INSTRUCTIONS,
     MetaWorldRobot,
     env_name_for,

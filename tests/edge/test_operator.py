@@ -7,8 +7,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from edge.operator import EXPERTS, NoOperator, OperatorConfig, SimulatedOperator
-from edge.robots.metaworld import INSTRUCTIONS, MetaWorldRobot
+from edge.operator import NoOperator, OperatorConfig
+from edge.sim.operator import EXPERTS, SimulatedOperator
+from edge.sim.metaworld import INSTRUCTIONS, MetaWorldRobot
 from fleet.errors import ConfigError
 
 ZERO = np.zeros(4, dtype=np.float32)

@@ -14,7 +14,8 @@ import pytest
 from cloud.buffer import ROBOTS_KEY
 from cloud.policy_store import PolicyStore
 from edge.agent import EdgeAgent, EdgeConfig
-from edge.robots.metaworld import SCHEMA, MetaWorldRobot
+from edge.loop import LoopConfig
+from edge.sim.metaworld import SCHEMA, MetaWorldRobot
 from edge.updater import LastGood
 from fleet.config import GatewayConfig
 from fleet.convert import decode_step
@@ -57,7 +58,7 @@ def test_edge_restarted_with_cloud_down_runs_last_good_then_updates(redis_proc, 
     save_last_good(state_dir, version=7)
     port = free_port()  # nothing listens here yet: the cloud is down
     agent = EdgeAgent(EdgeConfig(robot_id="r0", gateway=f"127.0.0.1:{port}", tasks=TASKS, state_dir=str(state_dir),
-                                 control_hz=200.0, max_episode_steps=10, eval_every=0, heartbeat_interval_s=0.5,
+                                 loop=LoopConfig(control_hz=200.0, max_episode_steps=10, eval_every=0), heartbeat_interval_s=0.5,
                                  first_policy_timeout_s=1.0))
     stop = threading.Event()
     gateway = None

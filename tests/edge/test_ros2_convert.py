@@ -21,7 +21,7 @@ from edge.images import ImageEncodingSink
 from edge.loop import ControlLoop, LoopConfig
 from edge.operator import NoOperator
 from edge.robots.base import make_robot
-from edge.robots.ros2 import convert
+from fleet import ros2_convert as convert
 from edge.robots.ros2.config import load_config
 from edge.robots.ros2.robot import Ros2Operator, Ros2Robot
 from edge.robots.ros2.sync import ApproximateTimeSync

@@ -65,7 +65,7 @@ def test_a_topic_that_never_publishes_exits_2_naming_it(tmp_path, ros_domain):
     config = {"robot_id": "ros-silent", "backend": "ros2", "tasks": [TASK], "state_dir": str(tmp_path / "edge"),
               "ros2": section(joint_state_topic="/silent/joint_states", startup_timeout_s=1.5)}
     (tmp_path / "edge.json").write_text(json.dumps(config))
-    edge = Proc(["edge", "--config", str(tmp_path / "edge.json")], tmp_path / "edge.log")
+    edge = Proc(["edge", "--config_path", str(tmp_path / "edge.json")], tmp_path / "edge.log")
     assert edge.popen.wait(90) == 2, edge.log()[-3000:]
     assert "fleet edge: error: ros2: no message on /silent/joint_states within startup_timeout_s" in edge.log()
     assert "Traceback" not in edge.log()
@@ -81,8 +81,8 @@ def run_loop(robot: Ros2Robot, spool: Spool, **loop_options) -> ControlLoop:
 
 def test_stale_sensor_data_holds_without_commanding(tmp_path, ros_domain):
     stats = tmp_path / "sim.json"
-    sim = start_sim_arm(tmp_path / "sim.log", "--stamp-lag-s", "1.0", "--stats-path", str(stats),
-                        "--node-name", "sim_stale")
+    sim = start_sim_arm(tmp_path / "sim.log", "--stamp_lag_s", "1.0", "--stats_path", str(stats),
+                        "--node_name", "sim_stale")
     robot = Ros2Robot([TASK], section(max_sensor_age_s=0.3, node_name="fleet_edge_stale"))
     spool = Spool(tmp_path / "spool.db", robot.schema)
     loop = None
@@ -102,7 +102,7 @@ def test_stale_sensor_data_holds_without_commanding(tmp_path, ros_domain):
 
 
 def test_the_driver_dying_makes_the_edge_hold_and_resume_when_it_is_back(tmp_path, ros_domain):
-    options = ("--rate-hz", "60", "--camera-height", "24", "--camera-width", "32", "--node-name", "sim_restart")
+    options = ("--rate_hz", "60", "--camera_height", "24", "--camera_width", "32", "--node_name", "sim_restart")
     first = start_sim_arm(tmp_path / "sim1.log", *options)
     cfg = SimArmConfig(rate_hz=60, camera_height=24, camera_width=32)
     robot = Ros2Robot([TASK], {**cfg.edge_ros2_section(), "node_name": "fleet_edge_restart",

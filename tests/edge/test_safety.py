@@ -14,10 +14,11 @@ from prometheus_client import REGISTRY
 from edge.client import FleetClient
 from edge.hotswap import PolicySlot
 from edge.loop import ControlLoop, LoopConfig
-from edge.operator import NoOperator, OperatorConfig, SimulatedOperator
+from edge.operator import NoOperator, OperatorConfig
+from edge.sim.operator import SimulatedOperator
 import tests.lerobot_toys  # noqa: F401  (registers toy_arm / toy_leader with LeRobot)
 from edge.robots.base import make_robot
-from edge.robots.metaworld import MetaWorldRobot
+from edge.sim.metaworld import MetaWorldRobot
 from edge.safety import ActionGuard, SafetyConfig
 from edge.updater import LastGood, Updater
 from fleet.errors import ConfigError

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,7 +129,7 @@ def test_manifest_round_trip_is_bit_identical(trained: tuple[FleetPolicy, Linear
     manifest = json.loads(json.dumps(policy.manifest_config()))
     assert manifest["lerobot_config"]["type"] == "act"
     assert manifest["schema"]["observation"][1] == {"name": "camera", "dtype": "uint8", "shape": [8, 8, 3],
-                                                   "is_image": True}
+                                                   "is_image": True, "allow_nonfinite": False}
     tensors = policy.tensors()
     assert policy.trainable_names() <= set(tensors)
     assert {k for k in tensors if k.startswith("fleet_norm.")} == {
@@ -143,21 +142,18 @@ def test_manifest_round_trip_is_bit_identical(trained: tuple[FleetPolicy, Linear
         np.testing.assert_array_equal(clone.select_action(observation(state), TASKS[1]), expected)
 
 
-def test_safetensors_and_hot_update(trained: tuple[FleetPolicy, LinearTasks, float], tmp_path: Path) -> None:
+def test_load_tensors_updates_in_place_and_checks_the_layout(trained: tuple[FleetPolicy, LinearTasks, float]) -> None:
     policy, data, _ = trained
-    path = tmp_path / "policy.safetensors"
-    policy.save_safetensors(path)
-    loaded = FleetPolicy.load_safetensors(path, policy.manifest_config(), version=3)
     fresh = build_policy(PolicyConfig(), SCHEMA, TASKS, seed=1)
-    fresh.copy_weights_from(loaded)
+    fresh.load_tensors(policy.tensors(), version=3)
     assert fresh.version == 3
     state = data.states(1)[0]
     policy.reset()
     np.testing.assert_array_equal(fresh.select_action(observation(state), TASKS[2]),
                                   policy.select_action(observation(state), TASKS[2]))
     other_tasks = build_policy(PolicyConfig(), SCHEMA, TASKS[:2])
-    with pytest.raises(ConfigError):
-        other_tasks.copy_weights_from(policy)
+    with pytest.raises(InvalidInput):  # another task count: another task-embedding shape
+        other_tasks.load_tensors(policy.tensors(), version=4)
     bad = dict(policy.tensors())
     bad.pop("fleet_norm.state_std")
     with pytest.raises(InvalidInput):
@@ -227,3 +223,19 @@ def test_norm_stats() -> None:
         NormStats.from_data(np.zeros((0, 2)), np.zeros((0, 1)))
     with pytest.raises(InvalidInput):
         build_policy(PolicyConfig(), schema, ["t"], NormStats.identity(3, 1))
+
+
+def test_manifest_keeps_allow_nonfinite_of_the_schema():
+    """One schema <-> dict (fleet.convert): the adapter's own copy dropped allow_nonfinite."""
+    from fleet.policies import PolicyConfig, build_policy
+    from fleet.types import FeatureSpec, Schema
+
+    schema = Schema((FeatureSpec("state", "float32", (3,)), FeatureSpec("depth", "float32", (2,), False, True)),
+                    FeatureSpec("action", "float32", (2,)))
+    policy = build_policy(PolicyConfig(chunk_size=2, n_action_steps=2, dim_model=16, n_heads=2, dim_feedforward=32,
+                                       n_encoder_layers=1, n_decoder_layers=1), schema, ["t"])
+    config = policy.manifest_config()
+    assert config["schema"]["observation"][1]["allow_nonfinite"] is True
+    from fleet.policies import FleetPolicy
+
+    assert FleetPolicy.from_manifest(config, policy.tensors(), version=1).schema == schema

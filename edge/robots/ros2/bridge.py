@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.robots.ros2 import convert
+from fleet import ros2_convert as convert
 from edge.robots.ros2.config import Ros2Config
 from edge.robots.ros2.sync import ApproximateTimeSync, Matched
 from fleet.errors import InvalidInput

@@ -22,7 +22,7 @@ from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 
-from edge.robots.ros2 import convert
+from fleet import ros2_convert as convert
 from edge.robots.ros2.config import Ros2Config
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import numpy as np
 
 from edge.operator import NoOperator, Operator
 from edge.robots.base import Observation, Robot, register_robot
-from edge.robots.ros2 import convert
+from fleet import ros2_convert as convert
 from edge.robots.ros2.bridge import JOINTS, Ros2Bridge, SyncedObservation
 from edge.robots.ros2.config import Ros2Config, load_config
 from fleet import metrics

@@ -9,7 +9,7 @@ robots' control loops are real-time threads; policy inference and MuJoCo
 release the GIL for most of their work.
 
 Robot i is ``<robot_id_prefix><i>``, keeps its spool and last good policy in
-``<state_root>/<robot id>``, draws initial states with seed ``seed + i`` and
+``<state_root>/<robot id>``, draws initial states and its task order with seed ``seed + i`` and
 its operator's noise with seed ``seed + 100000 + i``; everything else comes
 from the ``edge`` template.
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edge.agent import EdgeAgent, EdgeConfig
-from fleet.config import _require
+from fleet.config import require
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,14 @@ class SimFleetConfig:
     duration_s: float = 0.0
     """Stop after this many seconds of control (0 = run until SIGINT/SIGTERM)."""
     edge: EdgeConfig = field(default_factory=EdgeConfig)
-    """Template of every robot's edge config (robot_id, state_dir, seed and operator seed are set per robot)."""
+    """Template of every robot's edge config (robot_id, state_dir, seed, loop.seed and operator.seed are set per
+    robot)."""
 
     def __post_init__(self) -> None:
-        _require(self.robots >= 1, f"robots ({self.robots}) must be >= 1")
-        _require(self.first_index >= 0, f"first_index ({self.first_index}) must be >= 0")
-        _require(bool(self.robot_id_prefix), "robot_id_prefix must not be empty")
-        _require(self.duration_s >= 0, f"duration_s ({self.duration_s}) must be >= 0")
+        require(self.robots >= 1, f"robots ({self.robots}) must be >= 1")
+        require(self.first_index >= 0, f"first_index ({self.first_index}) must be >= 0")
+        require(bool(self.robot_id_prefix), "robot_id_prefix must not be empty")
+        require(self.duration_s >= 0, f"duration_s ({self.duration_s}) must be >= 0")
 
     def robot_configs(self) -> list[EdgeConfig]:
         """One EdgeConfig per robot, derived from the template."""
@@ -64,7 +65,8 @@ class SimFleetConfig:
             out.append(replace(
                 self.edge, robot_id=robot_id, state_dir=str(Path(self.state_root) / robot_id), seed=self.seed + i,
                 duration_s=0.0,
-                operator_config=replace(self.edge.operator_config, seed=self.seed + OPERATOR_SEED_OFFSET + i)))
+                loop=replace(self.edge.loop, seed=self.seed + i),
+                operator=replace(self.edge.operator, seed=self.seed + OPERATOR_SEED_OFFSET + i)))
         return out
 
 

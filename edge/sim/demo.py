@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,57 +22,71 @@ import redis as redis_lib
 from cloud.app import Child, gateway_args, spawn
 from cloud.buffer import SOURCE_ONLINE
 from cloud.buffer.reader import BufferReader
-from cloud.offline import seed_scripted_demos
+from edge.sim.demos import seed_scripted_demos
 from cloud.status import fleet_status
-from fleet.config import ALGORITHM_NAMES, DEFAULT_TASKS, _require
+from cloud.trainer_config import TrainerConfig
+from edge.agent import EdgeConfig
+from edge.loop import LoopConfig
+from edge.sim.fleet import SimFleetConfig
+from fleet.config import DEFAULT_TASKS, require
 from fleet.redis_server import free_port, start_redis
 
 log = logging.getLogger(__name__)
 
 
+def _demo_trainer() -> TrainerConfig:
+    """A small ACT (LeRobot's defaults are sized for GPUs and long chunks) that learns within minutes on a CPU."""
+    from lerobot.policies.act.configuration_act import ACTConfig
+
+    return TrainerConfig(policy=ACTConfig(chunk_size=10, n_action_steps=5, dim_model=128, n_heads=4,
+                                          dim_feedforward=512, n_encoder_layers=2, n_decoder_layers=1, use_vae=False,
+                                          optimizer_lr=3e-4, pretrained_backbone_weights=None))
+
+
+def _demo_fleet() -> SimFleetConfig:
+    return SimFleetConfig(edge=EdgeConfig(loop=LoopConfig(max_episode_steps=120, eval_every=2)))
+
+
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo: private Redis, learner and a simulated fleet on this machine."""
+    """The demo: private Redis, learner and a simulated fleet on this machine, built from the same configs as
+    `fleet trainer` and `fleet sim-fleet` (the demo sets their Redis, policy directory, gateway and tasks)."""
 
-    robots: int = 4
-    """Number of simulated robots."""
     duration_s: float = 600.0
     """How long the fleet runs, seconds (after set-up)."""
     run_dir: str = ""
     """Run directory (default: runs/demo-<time>)."""
     tasks: tuple[str, ...] = DEFAULT_TASKS
-    """MetaWorld tasks (language instructions or env names)."""
-    control_hz: float = 20.0
-    """Robot control rate (real time)."""
-    max_episode_steps: int = 120
-    """Episode length limit, steps."""
+    """MetaWorld tasks (language instructions or env names): the trainer's and every robot's."""
     demos_per_task: int = 3
     """Scripted demonstrations per task used to seed the policy."""
-    seed_bc_steps: int = 300
-    """Behaviour-cloning steps on the demos before v1."""
-    algorithm: str = "hg_dagger"
-    """Learning algorithm of the trainer: hg_dagger or recap (see docs/algorithms.md)."""
-    publish_every_steps: int = 100
-    """Trainer publishes a version every this many optimizer steps."""
-    batch_size: int = 64
-    """Trainer batch size."""
-    eval_every: int = 2
-    """Every Nth episode of each robot runs without the operator (measures autonomous success)."""
     progress_interval_s: float = 10.0
     """Seconds between progress lines."""
-    seed: int = 0
-    """Base seed (robot i uses seed + i)."""
     redis_appendfsync: str = "everysec"
     """Redis AOF fsync: everysec (acked steps survive a Redis crash, ~1 s lost on power loss) or always."""
+    trainer: TrainerConfig = field(default_factory=_demo_trainer)
+    """The trainer (`fleet trainer --help`); the demo's policy is a small ACT."""
+    fleet: SimFleetConfig = field(default_factory=_demo_fleet)
+    """The simulated robots (`fleet sim-fleet --help`); the demo runs each as its own `fleet edge` process and
+    evaluates every 2nd episode of each robot without the operator (measures autonomous success)."""
 
     def __post_init__(self) -> None:
-        _require(self.robots >= 1, f"robots ({self.robots}) must be >= 1")
-        _require(self.duration_s > 0, f"duration ({self.duration_s}) must be > 0 seconds")
-        _require(self.control_hz > 0, f"control_hz ({self.control_hz}) must be > 0")
-        _require(self.algorithm in ALGORITHM_NAMES,
-                 f"algorithm must be one of {ALGORITHM_NAMES}, got {self.algorithm!r}")
-        _require(self.redis_appendfsync in ("everysec", "always"),
-                 f"redis_appendfsync must be everysec or always, got {self.redis_appendfsync!r}")
+        require(self.duration_s > 0, f"duration_s ({self.duration_s}) must be > 0 seconds")
+        require(self.redis_appendfsync in ("everysec", "always"),
+                f"redis_appendfsync must be everysec or always, got {self.redis_appendfsync!r}")
+        require(self.fleet.edge.loop.eval_every > 0,
+                f"fleet.edge.loop.eval_every ({self.fleet.edge.loop.eval_every}) must be > 0: the demo measures "
+                "autonomous success on evaluation episodes")
+
+
+def _write_config(cfg, path: Path) -> str:
+    """``cfg`` as a JSON file a child reads with ``--config_path`` (the child validates it again; JSON as
+    LeRobot writes its configs: enums as their values)."""
+    import draccus
+
+    with open(path, "w") as fh, draccus.config_type("json"):
+        draccus.dump(cfg, fh, indent=2)
+    return str(path)
 
 
 class EpisodeLog:
@@ -152,34 +166,35 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
     echo(f"run directory: {run_dir}")
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    _write_config(cfg, run_dir / "config.json")
     redis_proc = start_redis(run_dir / "redis", appendfsync=cfg.redis_appendfsync)
     children: list[Child] = []
     client = redis_lib.Redis.from_url(redis_proc.url)
     try:
         echo(f"redis-server on port {redis_proc.port} (AOF in {redis_proc.data_dir})")
-        from edge.robots.metaworld import MetaWorldRobot
+        from edge.sim.metaworld import MetaWorldRobot
 
-        tasks = MetaWorldRobot(tasks=cfg.tasks).tasks
-        seeded = seed_scripted_demos(redis_proc.url, tasks, cfg.demos_per_task, cfg.max_episode_steps, cfg.seed)
+        tasks = tuple(MetaWorldRobot(tasks=cfg.tasks).tasks)
+        fleet_cfg = cfg.fleet
+        seeded = seed_scripted_demos(redis_proc.url, tasks, cfg.demos_per_task, fleet_cfg.edge.loop.max_episode_steps,
+                                     fleet_cfg.seed)
         echo(f"seeded {seeded['episodes']} scripted demonstrations ({seeded['steps']} steps)")
         port = free_port()
         policy_dir, blob_url = str(run_dir / "policies"), str((run_dir / "blobs").resolve())  # frames: local dir
         children.append(spawn("gateway", gateway_args(f"127.0.0.1:{port}", redis_proc.url, policy_dir,
                                                       blob_url=blob_url), logs))
-        children.append(spawn("trainer", [
-            "trainer", "--redis-url", redis_proc.url, "--blob-url", blob_url, "--policy-dir", policy_dir,
-            "--tasks", ",".join(tasks),
-            "--seed-bc-steps", str(cfg.seed_bc_steps), "--publish-every-steps", str(cfg.publish_every_steps),
-            "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), "--algorithm", cfg.algorithm], logs))
-        robot_ids = [f"robot-{i}" for i in range(cfg.robots)]
-        for i, rid in enumerate(robot_ids):
-            children.append(spawn(rid, [
-                "edge", "--robot-id", rid, "--gateway", f"127.0.0.1:{port}", "--tasks", ",".join(tasks),
-                "--state-dir", str(run_dir / "edge" / rid), "--control-hz", str(cfg.control_hz),
-                "--max-episode-steps", str(cfg.max_episode_steps), "--eval-every", str(cfg.eval_every),
-                "--seed", str(cfg.seed + i), "--operator-config.seed", str(cfg.seed + 100 + i)], logs))
-        echo(f"gateway on 127.0.0.1:{port}; trainer and {cfg.robots} robots starting (logs in {logs})")
+        trainer = replace(cfg.trainer, redis_url=redis_proc.url, blob_url=blob_url, policy_dir=policy_dir,
+                          tasks=tasks)
+        children.append(spawn("trainer", ["trainer", "--config_path",
+                                          _write_config(trainer, run_dir / "trainer.json")], logs))
+        fleet_cfg = replace(fleet_cfg, state_root=str(run_dir / "edge"),
+                            edge=replace(fleet_cfg.edge, gateway=f"127.0.0.1:{port}", tasks=tasks))
+        robots = fleet_cfg.robot_configs()
+        robot_ids = [r.robot_id for r in robots]
+        for robot in robots:
+            children.append(spawn(robot.robot_id, ["edge", "--config_path",
+                                                   _write_config(robot, run_dir / f"{robot.robot_id}.json")], logs))
+        echo(f"gateway on 127.0.0.1:{port}; trainer and {cfg.fleet.robots} robots starting (logs in {logs})")
 
         # The clock starts when the first robot acts (v1 published and swapped in).
         events = EpisodeLog(client)
@@ -238,11 +253,11 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
         "policy_versions_published": status["latest_policy_version"],
         "steps_ingested": sum(r["steps_stored"] for r in online),
         "episodes": len(events.episodes),
-        "robots": cfg.robots, "duration_s": duration, "tasks": list(tasks),
+        "robots": cfg.fleet.robots, "duration_s": duration, "tasks": list(tasks),
         "final_versions": {r["robot_id"]: r["policy_version"] for r in online},
         "curve": curve, "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False))
     plot(curve, run_dir / "learning_curve.png",
-         f"{cfg.robots} robots, {len(tasks)} MetaWorld tasks, {cfg.algorithm}")
+         f"{cfg.fleet.robots} robots, {len(tasks)} MetaWorld tasks, {cfg.trainer.algorithm.type}")
     return summary
