@@ -131,8 +131,8 @@ def gateway_rate(url: str, tmp: Path, schema: Schema, columns, robot_id: str, du
     port = free_port()
     with open(tmp / f"gateway-{robot_id}.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "gateway", "--listen", f"127.0.0.1:{port}",
-                                 "--redis-url", url, "--blob-url", str(tmp / f"blobs-{robot_id}"),
-                                 "--policy-dir", str(tmp / "policies")],
+                                 "--redis_url", url, "--blob_url", str(tmp / f"blobs-{robot_id}"),
+                                 "--policy_dir", str(tmp / "policies")],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[1]))
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")

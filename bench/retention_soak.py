@@ -1,8 +1,8 @@
 """Soak: robots keep streaming camera episodes through a real gateway; Redis memory and the buffer stay
 flat under retention, beside the same run without retention.
 
-    with       `fleet gateway` (own process) with --retention.redis-max-bytes (Redis used_memory budget)
-               and --retention.max-bytes (Redis + blob bytes), passes every second, frames in a local
+    with       `fleet gateway` (own process) with --retention.redis_max_bytes (Redis used_memory budget)
+               and --retention.max_bytes (Redis + blob bytes), passes every second, frames in a local
                blob store
     without    the same workload against a fresh Redis and a gateway without budgets (the baseline:
                what happens today, growth until maxmemory)
@@ -110,8 +110,8 @@ def start_gateway(redis_url: str, tmp: Path, extra: list[str]) -> tuple[subproce
     port = free_port()
     log = open(tmp / "gateway.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "gateway", "--listen", f"127.0.0.1:{port}",
-                             "--redis-url", redis_url, "--policy-dir", str(tmp / "policies"),
-                             "--blob-url", str(tmp / "blobs"), *extra],
+                             "--redis_url", redis_url, "--policy_dir", str(tmp / "policies"),
+                             "--blob_url", str(tmp / "blobs"), *extra],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     log.close()
@@ -128,8 +128,8 @@ def run(tmp: Path, args, retention: bool, imgs: list) -> dict:
     client = redis.Redis.from_url(redis_proc.url)
     empty = int(client.info("memory")["used_memory"])
     redis_budget = empty + args.redis_budget_mb * 1_000_000
-    extra = ["--retention.redis-max-bytes", str(redis_budget), "--retention.max-bytes",
-             str(args.buffer_budget_mb * 1_000_000), "--retention.interval-s", "1"] if retention else []
+    extra = ["--retention.redis_max_bytes", str(redis_budget), "--retention.max_bytes",
+             str(args.buffer_budget_mb * 1_000_000), "--retention.interval_s", "1"] if retention else []
     gw, target = start_gateway(redis_proc.url, tmp, extra)
     reader = BufferReader(client, open_blob_store(str(tmp / "blobs")))
     stop, counts = threading.Event(), {}

@@ -39,7 +39,7 @@ fleet:policy:{E}:latest             STRING  the same for the policy line of embo
 Blob store (``cloud/blobstore.py``): camera frames, one object per (chunk, camera) at
 :func:`frames_key` ``frames/<R>/<E>/<first seq, 20 digits>/<camera>``, holding the chunk's ``n``
 encoded frames in the frames container of :mod:`fleet.columns` (``u32 n``, ``n`` x ``u32`` end
-offsets, the frame bytes). Without a blob store (``--blob-url`` empty) the frames ride inline in
+offsets, the frame bytes). Without a blob store (``--blob_url`` empty) the frames ride inline in
 the Redis element instead (small demos, tests).
 
 The chunk element (:func:`fleet.columns.encode_element`), little-endian::

@@ -161,7 +161,7 @@ class BufferReader:
         if element.frames_where != FRAMES_BLOB:
             raise InvalidInput(f"robot {robot_id!r} episode {episode_id!r}: chunk has no frames of {camera!r}")
         if self.blobs is None:
-            raise InvalidInput("the buffer keeps frames in a blob store, but none is configured (--blob-url)")
+            raise InvalidInput("the buffer keeps frames in a blob store, but none is configured (--blob_url)")
         key = frames_key(robot_id, episode_id, element.columns.first_seq, camera)
         frames = unpack_frames(self.blobs.get(key), key)
         if len(frames) != element.columns.n:

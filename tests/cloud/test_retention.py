@@ -246,8 +246,8 @@ def test_a_gateway_with_an_impossible_retention_config_exits_2_naming_the_field(
     import sys
 
     out = subprocess.run([sys.executable, "-m", "fleet.cli", "gateway", "--listen", "127.0.0.1:0",
-                          "--redis-url", "redis://127.0.0.1:1/0", "--policy-dir", str(tmp_path / "p"),
-                          "--retention.max-bytes", "1000000", "--retention.eviction-order", "online,offline"],
+                          "--redis_url", "redis://127.0.0.1:1/0", "--policy_dir", str(tmp_path / "p"),
+                          "--retention.max_bytes", "1000000", "--retention.eviction_order", "[online,offline]"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out
     assert "retention.eviction_order (['online', 'offline']) must name each of" in out.stderr, out.stderr
