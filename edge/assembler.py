@@ -14,7 +14,7 @@ from edge.client import PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent
 from fleet import delta
 from fleet.errors import IntegrityError
 from fleet.signing import PinnedKeys
-from fleet.weights import TORCH_DTYPES, Manifest, TensorEntry, piece_digest, verify
+from fleet.weights import DTYPE_SIZES, Manifest, TensorEntry, piece_digest, verify
 
 MAX_DELTA_OVERHEAD = 4096
 """Bytes an encoded delta may exceed its tensor's raw size by (headers); the encoder keeps the smallest."""
@@ -145,7 +145,7 @@ class Assembler:
                 encoding, data = self._encoded[name]
                 self.dest_digests.pop(name, None)
                 payload[name] = delta.decode(self._held.payload.get(name), encoding, data,
-                                             TORCH_DTYPES[entry.dtype].itemsize, entry.nbytes, out=self._dest.get(name))
+                                             DTYPE_SIZES[entry.dtype], entry.nbytes, out=self._dest.get(name))
             elif name in kept and (kept[name].digest, kept[name].dtype, kept[name].shape) == (
                     entry.digest, entry.dtype, entry.shape):
                 payload[name] = self._keep(name, entry)  # unchanged: verified when it arrived

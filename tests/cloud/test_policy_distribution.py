@@ -25,6 +25,7 @@ from fleet.policies.base import NullPolicy
 from fleet.types import FeatureSpec, Schema
 from fleet.v1 import fleet_pb2 as pb
 from tests.conftest import serve_watch_policy
+from tests.waiting import wait_until
 
 SCHEMA = Schema((FeatureSpec("state", "float32", (6,)),), FeatureSpec("action", "float32", (3,)))
 TASKS = ("reach the goal",)
@@ -336,9 +337,10 @@ def test_deltas_only_from_the_parent_or_keyframe_however_many_bases_edges_ask_fo
     for step in range(1, 7):
         update(policy, seed=step)
         publisher.publish(policy, step)
+    feed = gateway.gw.feed
+    wait_until(lambda: feed.latest == 6, 30, "the gateway to hear of v6")  # pub/sub: it may lag the publish
     client = FleetClient(gateway.target, rpc_timeout_s=10.0)
     try:
-        feed = gateway.gw.feed
         manifest = store.manifest(6)
         bases = {manifest.parent_version, manifest.keyframe_version}
         assert 5 in bases and len(bases - {0}) <= 2
