@@ -5,9 +5,15 @@ a cached prefix never goes stale: an entry is topped up with one LRANGE from the
 lacks when a window reaches past it. Each entry keeps one preallocated array per feature (grown by
 doubling), so windows are gathered with numpy indexing, never per step. Entries are evicted oldest
 first once ``max_bytes`` is exceeded (RLinf keeps such a RAM FIFO cache in front of its disk
-buffer; SOP loads images only when sampled). Camera frames stay encoded (in the element, or fetched
-from the blob store per chunk and camera when first needed) until a step is used; decoded frames
-are kept too.
+buffer; SOP loads images only when sampled).
+
+Camera frames are decoded once, when an episode enters the cache or is topped up, by the sampler's
+GIL-free decode pool (``cloud.frames``) into a :class:`FrameArena`: one uint8 ``[rows, H, W, C]``
+array per camera, bounded by ``frame_bytes`` (the sampler's ``frame_cache_bytes``), so a batch's
+frames are one fancy index like the low-dim columns. When the frames do not fit, the oldest
+entries' frames are dropped first (FIFO); an entry without arena rows keeps its encoded frames (in
+the element, or fetched from the blob store per chunk and camera) and the sampler decodes the
+sampled ones into each batch.
 """
 
 from __future__ import annotations
@@ -20,13 +26,12 @@ from collections.abc import Callable
 import numpy as np
 
 from cloud.buffer.reader import BufferReader
-from fleet.codec import decode_image
+from cloud.frames import CorruptFrames, FrameDecoder
 from fleet.columns import Element, decode_element
 from fleet.errors import BlobNotFound, InvalidInput
 from fleet.types import EncodedImage, Schema
 
 log = logging.getLogger(__name__)
-
 
 
 class UnusableEpisode(Exception):
@@ -88,15 +93,59 @@ class Arena:
         self.used, self.garbage = pos, 0
 
 
+class FrameArena:
+    """The decoded camera frames of cached episodes: one uint8 ``[rows, H, W, C]`` array per camera, grown
+    by doubling up to ``max_bytes`` (RAM: ``rows * sum(H * W * C)`` bytes; 150,528 per 224x224 RGB camera
+    and step). An episode owns a run of rows (``frame_base``); freed rows are reclaimed by compaction."""
+
+    def __init__(self, schema: Schema, max_bytes: int):
+        shapes = {f.name: tuple(f.shape) for f in schema.observation if f.is_image}
+        self.row_bytes = sum(int(np.prod(shape)) for shape in shapes.values())
+        self.max_rows = max_bytes // self.row_bytes if self.row_bytes else 0
+        self.frames = {name: np.empty((0, *shape), np.uint8) for name, shape in shapes.items()}
+        self.used = 0
+        self.garbage = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.frames.values())
+
+    def alloc(self, rows: int) -> int | None:
+        """The first of ``rows`` new rows, or None when they would exceed ``max_bytes``."""
+        if self.used + rows > self.max_rows:
+            return None
+        capacity = len(next(iter(self.frames.values())))
+        if self.used + rows > capacity:
+            grown = min(self.max_rows, max(2 * capacity, self.used + rows, 256))
+            for name, a in self.frames.items():
+                out = np.empty((grown, *a.shape[1:]), np.uint8)
+                out[:self.used] = a[:self.used]
+                self.frames[name] = out
+        base, self.used = self.used, self.used + rows
+        return base
+
+    def compact(self, entries) -> None:
+        """Pack the live entries' frames to the front (call with no batch being gathered)."""
+        pos = 0
+        for entry in sorted((e for e in entries if e.frame_base >= 0), key=lambda e: e.frame_base):
+            if entry.frame_base != pos:
+                for a in self.frames.values():
+                    a[pos:pos + entry.frames_ready] = a[entry.frame_base:entry.frame_base + entry.frames_ready]
+            entry.frame_base, entry.frame_rows = pos, entry.frames_ready
+            pos += entry.frames_ready
+        self.used, self.garbage = pos, 0
+
+
 class CachedEpisode:
     """The decoded prefix of one stored episode, column by column."""
 
     def __init__(self, robot_id: str, episode_id: str, schema: Schema, arena: Arena,
-                 reader: BufferReader | None = None, on_grow=None) -> None:
+                 reader: BufferReader | None = None, on_grow: Callable[[int], None] | None = None) -> None:
         self.robot_id, self.episode_id, self.schema = robot_id, episode_id, schema
         self.arena = arena
         self._reader = reader
         self._on_grow = on_grow
+        """Told the bytes of frames fetched from the blob store (the cache's total)."""
         self.offset = 0
         """Episode index of the first decoded step (always 0: entries hold a prefix)."""
         self.length = 0
@@ -108,8 +157,15 @@ class CachedEpisode:
         self.cameras = [f.name for f in schema.observation if f.is_image]
         self._elements: list[Element] = []
         self._starts: list[int] = []
-        self._decoded: dict[tuple[int, str], np.ndarray] = {}
         self.nbytes = 0
+        self.frame_base = -1
+        """FrameArena row of step 0's frames (-1: none in the arena; the sampler decodes sampled frames)."""
+        self.frame_rows = 0
+        """FrameArena rows this episode owns (>= frames_ready)."""
+        self.frames_ready = 0
+        """Steps ``[0, frames_ready)`` have their decoded frames in the arena."""
+        self.frames_left = False
+        """The frames left the arena for lack of room (FIFO): the sampler decodes sampled ones."""
 
     @property
     def action(self) -> np.ndarray:
@@ -162,52 +218,51 @@ class CachedEpisode:
         """Episode index one past the last decoded step."""
         return self.offset + self.length
 
-    def observation(self, t: int) -> dict[str, np.ndarray]:
-        """Step ``t``'s observation: low-dim features and decoded camera frames (uint8 (H, W, C))."""
-        return {**{name: v[self.base + t] for name, v in self.arena.low.items()}, **self.images_at(t)}
-
-    def images_at(self, t: int) -> dict[str, np.ndarray]:
-        """Step ``t``'s decoded camera frames (kept once decoded)."""
-        out = {}
-        for name in self.cameras:
-            frame = self._decoded.get((t, name))
-            if frame is None:
-                frame = self._decode(t, name)
-                self._decoded[(t, name)] = frame
-                self.nbytes += frame.nbytes
-                if self._on_grow is not None:
-                    self._on_grow(frame.nbytes)
-            out[name] = frame
+    def encoded_frames(self, camera: str, first: int, end: int) -> list[bytes]:
+        """The encoded frames of steps ``[first, end)`` of ``camera`` (BlobNotFound, InvalidInput)."""
+        out: list[bytes] = []
+        k = int(np.searchsorted(self._starts, first, side="right")) - 1
+        while first < end:
+            element = self._elements[k]
+            stop = min(end, element.first_index + element.columns.n)
+            frames = self._frames_of(element, camera)
+            out.extend(frames[first - element.first_index:stop - element.first_index])
+            first, k = stop, k + 1
         return out
 
-    def encoded_frame(self, t: int, camera: str) -> EncodedImage:
-        k = int(np.searchsorted(self._starts, t, side="right")) - 1
-        element = self._elements[k]
+    def _frames_of(self, element: Element, camera: str) -> list[bytes]:
         cols = element.columns
         if camera not in cols.frames:
             if self._reader is None:
                 raise InvalidInput("frames in the blob store but no reader for it")
             cols.frames[camera] = self._reader.frames(self.robot_id, self.episode_id, element, camera)
-            self.nbytes += sum(len(f) for f in cols.frames[camera])
-        spec = self.schema.observation_spec(camera)
-        return EncodedImage(cols.encodings.get(camera, "jpeg"), spec.shape[0], spec.shape[1], spec.shape[2],
-                            cols.frames[camera][t - element.first_index])
+            grown = sum(len(f) for f in cols.frames[camera])
+            self.nbytes += grown
+            if self._on_grow is not None:
+                self._on_grow(grown)
+        return cols.frames[camera]
 
-    def _decode(self, t: int, camera: str) -> np.ndarray:
-        try:
-            return decode_image(self.encoded_frame(t, camera), f"step {t} image {camera!r}")
-        except BlobNotFound as exc:
-            raise InvalidInput(f"the frames of step {t} camera {camera!r} are missing ({exc})") from None
+    def encoded_frame(self, t: int, camera: str) -> EncodedImage:
+        k = int(np.searchsorted(self._starts, t, side="right")) - 1
+        element = self._elements[k]
+        spec = self.schema.observation_spec(camera)
+        return EncodedImage(element.columns.encodings.get(camera, "jpeg"), spec.shape[0], spec.shape[1],
+                            spec.shape[2], self._frames_of(element, camera)[t - element.first_index])
 
 
 class EpisodeCache:
     """``fetch`` returns decoded episodes covering the requested step indices (as far as they exist)."""
 
-    def __init__(self, redis, max_bytes: int, schema: Callable[[], Schema | None], blobs=None):
+    def __init__(self, redis, max_bytes: int, schema: Callable[[], Schema | None], blobs=None,
+                 frame_bytes: int = 0, decoder: FrameDecoder | None = None):
         self._reader = BufferReader(redis, blobs)
         self._schema = schema
         self.arena: Arena | None = None
+        self.frames: FrameArena | None = None
+        """Decoded camera frames (None: no decoder, or no cameras in the schema)."""
         self.max_bytes = max_bytes
+        self.frame_bytes = frame_bytes if max_bytes else 0  # nothing kept between calls: decode what is sampled
+        self._decoder = decoder
         self._entries: OrderedDict[tuple[str, str], CachedEpisode] = OrderedDict()
         self._bytes = 0
         self.lock = threading.RLock()
@@ -226,6 +281,8 @@ class EpisodeCache:
         with self.lock:
             if self.arena is None:
                 self.arena = Arena(schema)
+                if self._decoder is not None and any(f.is_image for f in schema.observation):
+                    self.frames = FrameArena(schema, self.frame_bytes)
             wanted: dict[tuple[str, str], int] = {}
             for rid, eid, _, last in needs:
                 key = (rid, eid)
@@ -241,7 +298,8 @@ class EpisodeCache:
                     entry = self._entries.get((rid, eid))
                     self._reader.queue_elements(pipe, rid, eid, entry.chunks if entry else 0)
                 for key, raws in zip(wanted, pipe.execute()):
-                    entry = self._entries.pop(key, None) or CachedEpisode(*key, schema, self.arena, self._reader, self._grow)
+                    entry = self._entries.pop(key, None) or CachedEpisode(*key, schema, self.arena, self._reader,
+                                                                             self._grow)
                     before = entry.nbytes
                     try:
                         entry.extend(raws)
@@ -252,6 +310,7 @@ class EpisodeCache:
                     self._bytes += entry.nbytes - before
                     fresh[key] = entry
                     self._entries[key] = entry
+                    self._decode_frames(entry)
             out = [self._entries.get((rid, eid)) or fresh[(rid, eid)] for rid, eid, _, _ in needs]
             for (rid, eid, _, _), entry in zip(needs, out):
                 if entry.length == 0:
@@ -266,12 +325,76 @@ class EpisodeCache:
             if entry is not None:
                 self._drop(entry)
 
+    def _grow(self, nbytes: int) -> None:
+        self._bytes += nbytes  # frames fetched under the lock (a fetch, or a gather's decode-on-sample)
+
     def _drop(self, entry: CachedEpisode) -> None:
         self._bytes -= entry.nbytes
         self.arena.garbage += entry.reserved
+        self._drop_frames(entry)
 
-    def _grow(self, nbytes: int) -> None:
-        self._bytes += nbytes  # a frame decoded by the sampling thread, the same thread that fetches
+    def _drop_frames(self, entry: CachedEpisode) -> None:
+        if entry.frame_base >= 0:
+            self.frames.garbage += entry.frame_rows
+        entry.frame_base, entry.frame_rows, entry.frames_ready, entry.frames_left = -1, 0, 0, True
+
+    def _frame_rows(self, entry: CachedEpisode, rows: int) -> int | None:
+        """``rows`` arena rows for ``entry``'s frames: after compaction, then dropping the oldest entries'
+        frames (FIFO) if need be; None if they cannot fit at all."""
+        frames = self.frames
+        if rows > frames.max_rows:
+            return None
+        base = frames.alloc(rows)
+        older = (e for e in self._entries.values() if e is not entry and e.frame_base >= 0)
+        while base is None:
+            if frames.garbage:
+                frames.compact(self._entries.values())
+            else:
+                victim = next(older, None)
+                if victim is None:
+                    return None
+                self._drop_frames(victim)
+            base = frames.alloc(rows)
+        return base
+
+    def _decode_frames(self, entry: CachedEpisode) -> None:
+        """Decode the entry's new frames into the frame arena (its frames leave the arena if they do not
+        fit: the sampler then decodes sampled ones); UnusableEpisode if a frame cannot be read."""
+        frames = self.frames
+        if frames is None or entry.frames_ready == entry.length:
+            return
+        if entry.frames_left:
+            return  # its frames left the arena for lack of room: decoded when sampled from now on
+        if entry.frame_base < 0:  # a new entry: exactly its steps
+            rows, base = entry.length, self._frame_rows(entry, entry.length)
+        else:  # topped up past its run: a larger one (its decoded frames move along)
+            rows = max(entry.length, 2 * entry.frame_rows)
+            base = self._frame_rows(entry, rows) if entry.length > entry.frame_rows else entry.frame_base
+        if base is None:
+            self._drop_frames(entry)
+            return
+        if base != entry.frame_base:
+            if entry.frame_base >= 0:
+                for a in frames.frames.values():
+                    a[base:base + entry.frames_ready] = a[entry.frame_base:entry.frame_base + entry.frames_ready]
+                frames.garbage += entry.frame_rows
+            entry.frame_base, entry.frame_rows = base, rows
+        first, end = entry.frames_ready, entry.length
+        rows = slice(entry.frame_base + first, entry.frame_base + end)
+        for camera, arena in frames.frames.items():
+            try:
+                self._decoder.decode_into(entry.encoded_frames(camera, first, end), arena[rows])
+            except CorruptFrames as exc:
+                bad = exc.errors[0]
+                detail = f"camera {camera!r} step {first + bad.index}: {bad.detail}"
+            except UNDECODABLE + (BlobNotFound,) as exc:
+                detail = f"camera {camera!r} frames cannot be read ({exc!r})"
+            else:
+                continue
+            self._entries.pop((entry.robot_id, entry.episode_id), None)
+            self._drop(entry)
+            raise UnusableEpisode(entry.robot_id, entry.episode_id, "corrupt_image", detail)
+        entry.frames_ready = end
 
     def trim(self) -> None:
         """Evict the oldest entries beyond ``max_bytes`` and reclaim arena rows (call after a batch's gather)."""
@@ -282,3 +405,6 @@ class EpisodeCache:
             arena = self.arena
             if arena is not None and arena.garbage > max(arena.used // 2, 1 << 16):
                 arena.compact(self._entries.values())
+            frames = self.frames
+            if frames is not None and frames.garbage > frames.used // 2:
+                frames.compact(self._entries.values())

@@ -12,7 +12,10 @@ online and offline samples, clipped to [min, max] (SOP: a > 1, [0.2, 0.8]).
 
 Windows ``[t, t+H)`` come from an :class:`~cloud.episode_cache.EpisodeCache`:
 decoded steps kept in RAM (bounded, FIFO), fetched from Redis with pipelined
-LRANGEs on first use; Redis stays the source of truth. A background thread
+LRANGEs on first use; Redis stays the source of truth. Camera frames are decoded
+once into the cache's frame arena (``frame_cache_bytes``) and gathered like the
+low-dim columns; frames that do not fit are decoded when sampled. With CUDA, batch
+arrays live in pinned host memory, so ``.to(device, non_blocking=True)`` is a DMA. A background thread
 (:class:`Prefetcher`) keeps a few batches ready so the trainer never waits.
 """
 
@@ -60,6 +63,11 @@ class SamplerConfig:
     """Batches kept ready by the background loader."""
     cache_bytes: int = 1 << 30
     """RAM for cached episodes (FIFO): low-dim columns and encoded frames; Redis stays the source of truth."""
+    frame_cache_bytes: int = 4 << 30
+    """RAM for cached episodes' decoded camera frames (FIFO; 150,528 B per 224x224 RGB camera and step: 4 GiB
+    holds ~28k steps of one camera, ~9.5k of three); frames past it are decoded when sampled (0: always)."""
+    pin_memory: bool = True
+    """Batch arrays in pinned host memory when CUDA is available (``.to(device, non_blocking=True)`` is a DMA)."""
     decode_workers: int = 2
     """Threads decoding camera frames into each batch (simplejpeg releases the GIL); 0 = the sampling thread."""
 
@@ -77,6 +85,8 @@ class SamplerConfig:
             raise ConfigError(f"sampler.decode_workers ({self.decode_workers}) must be >= 0")
         if self.cache_bytes < 0:
             raise ConfigError(f"sampler.cache_bytes ({self.cache_bytes}) must be >= 0")
+        if self.frame_cache_bytes < 0:
+            raise ConfigError(f"sampler.frame_cache_bytes ({self.frame_cache_bytes}) must be >= 0")
 
 
 class Sampler:
@@ -99,8 +109,11 @@ class Sampler:
         """False for a policy without cameras: frames are never decoded (batches carry no ``obs/<camera>``)."""
         self._shapes = None
         self._schema = None
-        self._decoder: FrameDecoder | None = None
-        self.cache = EpisodeCache(redis, self.config.cache_bytes, self._trainer_schema, blobs)
+        self._decoder = FrameDecoder(self.config.decode_workers) if use_images else None
+        self.cache = EpisodeCache(redis, self.config.cache_bytes, self._trainer_schema, blobs,
+                                  self.config.frame_cache_bytes, self._decoder)
+        self.pinned = self.config.pin_memory and _cuda_available()
+        """Batch arrays are allocated in pinned host memory (CUDA available and ``pin_memory``)."""
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._losses: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=self.config.window_steps))
@@ -221,30 +234,58 @@ class Sampler:
                                       f"step {t} was sampled but only {ep.end} are stored (the episode's summary "
                                       f"claims {seg.episode_len})")
 
-    def _decode_frames(self, picks, episodes, steps: list[int], prefix: str) -> dict[str, np.ndarray]:
-        """Each camera's frames of the picks, decoded into one preallocated batch array by the GIL-free
-        decode pool (``cloud.frames``); a frame that cannot be read makes its episode unusable."""
+    def _empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An uninitialised batch array, in pinned host memory when ``self.pinned``."""
+        return host_empty(shape, dtype, self.pinned)
+
+    def _take(self, column: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``column[rows]`` gathered into a batch array (pinned when ``self.pinned``)."""
+        out = self._empty((*rows.shape, *column.shape[1:]), column.dtype)
+        np.take(column, rows, axis=0, out=out, mode="clip")  # rows are in range by construction; "raise" buffers
+        return out
+
+    def _frames(self, picks, episodes, steps: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
+        """Each camera's frames of the picks: gathered from the cache's frame arena where decoded there, the
+        others decoded into the batch by the GIL-free pool (``cloud.frames``); a frame that cannot be read
+        makes its episode unusable."""
         _, images, _ = self._expected()
-        if self._decoder is None:
-            self._decoder = FrameDecoder(self.config.decode_workers)
+        arena = self.cache.frames
+        base = np.array([ep.frame_base if ep.frames_ready > s else -1 for ep, s in zip(episodes, steps.tolist())],
+                        np.int64)
+        hit = base >= 0
+        miss = np.flatnonzero(~hit)
+        rows = base + steps
         out = {}
         for name in episodes[0].cameras:
-            try:
-                blobs = [ep.encoded_frame(t, name).data for ep, t in zip(episodes, steps)]
-            except UNDECODABLE + (BlobNotFound,) as exc:
-                bad = next(i for i, (ep, t) in enumerate(zip(episodes, steps)) if not _has_frame(ep, t, name))
-                raise UnusableEpisode(picks[bad][0].robot_id, picks[bad][0].episode_id, "corrupt_image",
-                                      f"camera {name!r} frames cannot be read ({exc!r})") from None
-            frames = np.empty((len(blobs), *images[name]), np.uint8)
-            try:
-                self._decoder.decode_into(blobs, frames)
-            except CorruptFrames as exc:
-                err = exc.errors[0]
-                seg = picks[err.index][0]
-                raise UnusableEpisode(seg.robot_id, seg.episode_id, "corrupt_image",
-                                      f"camera {name!r}: {err.detail}") from None
+            frames = self._empty((len(picks), *images[name]), np.uint8)
+            if hit.all():
+                np.take(arena.frames[name], rows, axis=0, out=frames, mode="clip")
+            elif hit.any():
+                frames[hit] = arena.frames[name][rows[hit]]
+            if len(miss):
+                self._decode_into(frames, miss, [picks[i] for i in miss], [episodes[i] for i in miss],
+                                  steps[miss].tolist(), name)
             out[f"{prefix}/{name}"] = frames
         return out
+
+    def _decode_into(self, frames: np.ndarray, slots: np.ndarray, picks, episodes, steps: list[int], name: str):
+        try:
+            blobs = [ep.encoded_frame(t, name).data for ep, t in zip(episodes, steps)]
+        except UNDECODABLE + (BlobNotFound,) as exc:
+            bad = next(i for i, (ep, t) in enumerate(zip(episodes, steps)) if not _has_frame(ep, t, name))
+            raise UnusableEpisode(picks[bad][0].robot_id, picks[bad][0].episode_id, "corrupt_image",
+                                  f"camera {name!r} frames cannot be read ({exc!r})") from None
+        whole = len(slots) == len(frames)
+        target = frames if whole else np.empty((len(slots), *frames.shape[1:]), np.uint8)
+        try:
+            self._decoder.decode_into(blobs, target)
+        except CorruptFrames as exc:
+            err = exc.errors[0]
+            seg = picks[err.index][0]
+            raise UnusableEpisode(seg.robot_id, seg.episode_id, "corrupt_image",
+                                  f"camera {name!r}: {err.detail}") from None
+        if not whole:
+            frames[slots] = target
 
     def _collate(self, picks, episodes) -> dict[str, np.ndarray]:
         """Gather every window with one fancy index into the cache's arena (flat rows; no per-step Python)."""
@@ -264,22 +305,25 @@ class Sampler:
         rows = base[:, None] + np.minimum(idx, length[:, None] - 1)
         driven = arena.intervention[rows] | labels_all[:, None]  # labels only while the operator drove
         keep = inside & np.logical_and.accumulate(driven, axis=1)
-        actions = arena.action[rows]
+        actions = self._take(arena.action, rows)
         actions[~keep] = 0.0
         now = base + lt
-        batch = {f"obs/{k}": v[now] for k, v in arena.low.items()}
+        batch = {f"obs/{k}": self._take(v, now) for k, v in arena.low.items()}
+        small = {}
         if look:
             nxt = base + np.minimum(lt + look, length - 1)
-            batch.update({f"next/{k}": v[nxt] for k, v in arena.low.items()})
-            batch["has_next"] = t_all + look < np.where(episode_len > 0, episode_len, t_all - lt + length)
+            batch.update({f"next/{k}": self._take(v, nxt) for k, v in arena.low.items()})
+            small["has_next"] = t_all + look < np.where(episode_len > 0, episode_len, t_all - lt + length)
         if self.use_images and episodes[0].cameras:
-            batch.update(self._decode_frames(picks, episodes, lt.tolist(), "obs"))
+            batch.update(self._frames(picks, episodes, lt, "obs"))
             if look:
-                ahead = np.minimum(lt + look, length - 1).tolist()
-                batch.update(self._decode_frames(picks, episodes, ahead, "next"))
-        batch.update(action=actions, action_is_pad=~keep, t=t_all, episode_len=episode_len, task_index=task_index,
+                batch.update(self._frames(picks, episodes, np.minimum(lt + look, length - 1), "next"))
+        small.update(action_is_pad=~keep, t=t_all, episode_len=episode_len, task_index=task_index,
                      task_max_len=task_max_len, is_online=is_online, is_intervention=arena.intervention[now],
                      success=success)
+        if self.pinned:
+            small = {k: self._take(v, np.arange(len(v))) for k, v in small.items()}
+        batch.update(action=actions, **small)
         return batch
 
 
@@ -289,6 +333,23 @@ def _has_frame(ep, t: int, camera: str) -> bool:
         return True
     except UNDECODABLE + (BlobNotFound,):
         return False
+
+
+def _cuda_available() -> bool:
+    import torch  # the trainer's process has it loaded already
+
+    return torch.cuda.is_available()
+
+
+def host_empty(shape: tuple[int, ...], dtype, pinned: bool) -> np.ndarray:
+    """An uninitialised host array; with ``pinned``, a numpy view of a page-locked torch tensor (CUDA only),
+    which ``torch.from_numpy(a).to(device, non_blocking=True)`` copies by DMA."""
+    if not pinned:
+        return np.empty(shape, dtype)
+    import torch
+
+    dtype = np.dtype(dtype)
+    return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True).numpy()
 
 
 class Prefetcher:
