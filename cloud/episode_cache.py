@@ -8,7 +8,7 @@ first once ``max_bytes`` is exceeded (RLinf keeps such a RAM FIFO cache in front
 buffer; SOP loads images only when sampled).
 
 Camera frames are decoded once, when an episode enters the cache or is topped up, by the sampler's
-GIL-free decode pool (``cloud.frames``) into a :class:`FrameArena`: one uint8 ``[rows, H, W, C]``
+GIL-free decode pool into a :class:`~cloud.frames.FrameArena`: one uint8 ``[rows, H, W, C]``
 array per camera, bounded by ``frame_bytes`` (the sampler's ``frame_cache_bytes``), so a batch's
 frames are one fancy index like the low-dim columns. When the frames do not fit, the oldest
 entries' frames are dropped first (FIFO); an entry without arena rows keeps its encoded frames (in
@@ -26,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cloud.buffer.reader import BufferReader
-from cloud.frames import CorruptFrames, FrameDecoder
+from cloud.frames import CorruptFrames, FrameArena, FrameDecoder
 from fleet.columns import Element, decode_element
 from fleet.errors import BlobNotFound, InvalidInput
 from fleet.types import EncodedImage, Schema
@@ -90,49 +90,6 @@ class Arena:
                 self.move(entry.base, pos, entry.length)
             entry.base, entry.reserved = pos, entry.length
             pos += entry.length
-        self.used, self.garbage = pos, 0
-
-
-class FrameArena:
-    """The decoded camera frames of cached episodes: one uint8 ``[rows, H, W, C]`` array per camera, grown
-    by doubling up to ``max_bytes`` (RAM: ``rows * sum(H * W * C)`` bytes; 150,528 per 224x224 RGB camera
-    and step). An episode owns a run of rows (``frame_base``); freed rows are reclaimed by compaction."""
-
-    def __init__(self, schema: Schema, max_bytes: int):
-        shapes = {f.name: tuple(f.shape) for f in schema.observation if f.is_image}
-        self.row_bytes = sum(int(np.prod(shape)) for shape in shapes.values())
-        self.max_rows = max_bytes // self.row_bytes if self.row_bytes else 0
-        self.frames = {name: np.empty((0, *shape), np.uint8) for name, shape in shapes.items()}
-        self.used = 0
-        self.garbage = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.frames.values())
-
-    def alloc(self, rows: int) -> int | None:
-        """The first of ``rows`` new rows, or None when they would exceed ``max_bytes``."""
-        if self.used + rows > self.max_rows:
-            return None
-        capacity = len(next(iter(self.frames.values())))
-        if self.used + rows > capacity:
-            grown = min(self.max_rows, max(2 * capacity, self.used + rows, 256))
-            for name, a in self.frames.items():
-                out = np.empty((grown, *a.shape[1:]), np.uint8)
-                out[:self.used] = a[:self.used]
-                self.frames[name] = out
-        base, self.used = self.used, self.used + rows
-        return base
-
-    def compact(self, entries) -> None:
-        """Pack the live entries' frames to the front (call with no batch being gathered)."""
-        pos = 0
-        for entry in sorted((e for e in entries if e.frame_base >= 0), key=lambda e: e.frame_base):
-            if entry.frame_base != pos:
-                for a in self.frames.values():
-                    a[pos:pos + entry.frames_ready] = a[entry.frame_base:entry.frame_base + entry.frames_ready]
-            entry.frame_base, entry.frame_rows = pos, entry.frames_ready
-            pos += entry.frames_ready
         self.used, self.garbage = pos, 0
 
 

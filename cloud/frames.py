@@ -13,6 +13,8 @@ garbage, of another size or another format becomes a :class:`FrameError` naming 
 frames are still decoded, then :class:`CorruptFrames` (an ``InvalidInput``) lists every bad one, so
 the sampler can quarantine the episodes they came from (its ``corrupt_image`` reason) and redraw.
 
+:class:`FrameArena` holds decoded frames of the sampler's cached episodes (``cloud/episode_cache.py``).
+
 Usage (the sampler's collate step)::
 
     decoder = FrameDecoder(workers=2)               # once; close() (or ``with``) at shutdown
@@ -36,7 +38,7 @@ import simplejpeg
 
 from fleet.codec import decode_image
 from fleet.errors import ConfigError, InvalidInput
-from fleet.types import EncodedImage
+from fleet.types import EncodedImage, Schema
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,49 @@ class FrameDecoder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class FrameArena:
+    """The decoded camera frames of cached episodes: one uint8 ``[rows, H, W, C]`` array per camera, grown
+    by doubling up to ``max_bytes`` (RAM: ``rows * sum(H * W * C)`` bytes; 150,528 per 224x224 RGB camera
+    and step). An episode owns a run of rows (``frame_base``); freed rows are reclaimed by compaction."""
+
+    def __init__(self, schema: Schema, max_bytes: int):
+        shapes = {f.name: tuple(f.shape) for f in schema.observation if f.is_image}
+        self.row_bytes = sum(int(np.prod(shape)) for shape in shapes.values())
+        self.max_rows = max_bytes // self.row_bytes if self.row_bytes else 0
+        self.frames = {name: np.empty((0, *shape), np.uint8) for name, shape in shapes.items()}
+        self.used = 0
+        self.garbage = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.frames.values())
+
+    def alloc(self, rows: int) -> int | None:
+        """The first of ``rows`` new rows, or None when they would exceed ``max_bytes``."""
+        if self.used + rows > self.max_rows:
+            return None
+        capacity = len(next(iter(self.frames.values())))
+        if self.used + rows > capacity:
+            grown = min(self.max_rows, max(2 * capacity, self.used + rows, 256))
+            for name, a in self.frames.items():
+                out = np.empty((grown, *a.shape[1:]), np.uint8)
+                out[:self.used] = a[:self.used]
+                self.frames[name] = out
+        base, self.used = self.used, self.used + rows
+        return base
+
+    def compact(self, entries) -> None:
+        """Pack the live entries' frames to the front (call with no batch being gathered)."""
+        pos = 0
+        for entry in sorted((e for e in entries if e.frame_base >= 0), key=lambda e: e.frame_base):
+            if entry.frame_base != pos:
+                for a in self.frames.values():
+                    a[pos:pos + entry.frames_ready] = a[entry.frame_base:entry.frame_base + entry.frames_ready]
+            entry.frame_base, entry.frame_rows = pos, entry.frames_ready
+            pos += entry.frames_ready
+        self.used, self.garbage = pos, 0
 
 
 def _decode_range(frames: Sequence[bytes], out: np.ndarray, first: int, end: int) -> list[FrameError]:

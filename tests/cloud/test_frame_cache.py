@@ -14,7 +14,7 @@ from cloud.buffer import SOURCE_OFFLINE
 from cloud.sampler import Sampler, SamplerConfig, host_empty
 from fleet.codec import encode_image
 from fleet.errors import ConfigError
-from fleet.types import Chunk, EncodedImage, EpisodeSummary, FeatureSpec, Schema
+from fleet.types import Chunk, EncodedImage, FeatureSpec, Schema
 from tests.cloud.fleet_sim import IngestSink, synthetic_episode
 
 TASKS = ("task a",)
