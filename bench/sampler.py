@@ -133,6 +133,16 @@ def throughput(sampler, seconds: float, warmup_batches: int = 3) -> float:
         loader.close()
 
 
+def interleaved(ring, sampler, seconds: float, rounds: int = 4) -> tuple[float, float]:
+    """samples/s of ``ring`` and of ``sampler``, measured in alternating slices of ``seconds / rounds`` (the
+    machine's load drifts: both sides see the same mix of it)."""
+    ring_rates, sampler_rates = [], []
+    for _ in range(rounds):
+        ring_rates.append(throughput(ring, seconds / rounds))
+        sampler_rates.append(throughput(sampler, seconds / rounds))
+    return float(np.mean(ring_rates)), float(np.mean(sampler_rates))
+
+
 def warm(sampler: Sampler, patience: int = 20, limit_s: float = 120.0) -> None:
     """Draw batches until ``patience`` in a row fetch nothing new (every episode is in the cache)."""
     quiet, deadline = 0, time.monotonic() + limit_s
@@ -143,8 +153,8 @@ def warm(sampler: Sampler, patience: int = 20, limit_s: float = 120.0) -> None:
 
 
 def measure(url: str, episodes, seconds: float, image: bool) -> dict[str, float]:
-    """samples/s of each configuration (see the module docstring), each right after the ring buffer's (the
-    machine's load moves between measurements: each ratio is against the ring measured beside it)."""
+    """samples/s of each configuration (see the module docstring) and of the ring buffer, interleaved with it
+    (the machine's load moves between measurements: each ratio is against the ring measured beside it)."""
     frame_bytes = sum(len(s) for _, s, _ in episodes) * 224 * 224 * 3
     configs = {"redis": SamplerConfig()}
     if image:
@@ -160,8 +170,7 @@ def measure(url: str, episodes, seconds: float, image: bool) -> dict[str, float]
             sampler.refresh()
             if config.cache_bytes:
                 warm(sampler)
-            rates[f"{name}_ram"] = throughput(ring, seconds)
-            rates[name] = throughput(sampler, seconds)
+            rates[f"{name}_ram"], rates[name] = interleaved(ring, sampler, seconds)
         return rates
     finally:
         client.close()
@@ -214,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 target = f">= {TARGETS[kind]}" if name == "redis" else ""
                 print(f"{kind:7} {label:20} {results[f'{kind}_{name}_samples_per_s']:10.0f} {ram:9.0f}"
                       f" {ratio:6.2f} {target:>7}")
-    print("samples/s through the prefetching loader; ratio = sampler / the ram ring measured just before it; "
+    print("samples/s through the prefetching loader; ratio = sampler / the ram ring measured interleaved with it; "
           "image = one "
           "224x224 RGB JPEG camera (before the frame arena: 0.08-0.10x, the 'frames not cached' row)")
     write_json(args.json, results)
