@@ -16,7 +16,14 @@ for lost data.
 
 Steps the gateway refuses as invalid (INVALID_ARGUMENT, or NOT_FOUND again and
 again) are *quarantined*: moved to their own table, kept for inspection (up to
-``quarantine_max_bytes``, newest kept), counted, and never resent.
+``quarantine_max_bytes``, newest kept), counted, and never resent. A step that does
+not fit the robot's schema is quarantined when it is recorded (``SCHEMA_MISMATCH``).
+
+Each row is the step's columns as raw bytes in the schema's order (``fleet/rows.py``), so
+the streamer builds a chunk's columns with one join per batch, not one parse per step.
+A spool written by an older version (one ``fleet.v1.Step`` protobuf per row, no
+``meta.row_format``) is converted in place, in one transaction, when it is opened with the
+robot's schema; a row that cannot be converted is quarantined, never fatal.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet.convert import encode_step, encode_summary
-from fleet.errors import ConfigError
+from fleet.convert import decode_step, encode_step, encode_summary, schema_of_step
+from fleet.errors import ConfigError, InvalidInput
+from fleet.rows import ROW_FORMAT, RowLayout, RowMismatch
 from fleet.types import EpisodeSummary, Schema, Step
 
 log = logging.getLogger(__name__)
@@ -123,7 +131,7 @@ class Spool:
             raise ValueError(f"spool quarantine_max_bytes ({quarantine_max_bytes}) must be >= 0")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._schema = schema
+        self._layout = RowLayout(schema) if schema is not None else None
         self.max_bytes = max_bytes
         self.quarantine_max_bytes = quarantine_max_bytes
         self._lock = threading.Lock()
@@ -132,13 +140,43 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(_SCHEMA_SQL)
+        self.dropped_steps = self._meta("dropped_steps")
+        self.quarantined_steps = self._meta("quarantined_steps")
+        self._upgrade_rows()
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0), COALESCE(MAX(seq), 0) FROM steps").fetchone()
         self._steps, self._bytes, self._max_seq = int(row[0]), int(row[1]), int(row[2])
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='steps'").fetchone()
         self._next_seq = max(int(row[0]) if row else 0, self._max_seq) + 1
-        self.dropped_steps = self._meta("dropped_steps")
-        self.quarantined_steps = self._meta("quarantined_steps")
         self._disk_errors = 0
+
+    def _upgrade_rows(self) -> None:
+        """Rows of an older version (protobuf per step) -> this row format, in one transaction."""
+        if self._meta("row_format") == ROW_FORMAT:
+            return
+        old = self._db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+        if old and self._layout is None:
+            raise ConfigError(f"spool {self.path} holds {old} steps in the old per-step format; open it with the "
+                              "robot's schema (start the edge agent once) to convert them")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            bad = 0
+            for seq, blob, end_blob in self._db.execute("SELECT seq, blob, end_blob FROM steps").fetchall():
+                try:
+                    row = self._layout.encode(decode_step(blob))
+                except (InvalidInput, RowMismatch) as exc:  # keep the step for inspection
+                    bad += 1
+                    self._quarantine_locked(seq, seq, "SCHEMA_MISMATCH", f"old spool row cannot be converted: {exc}")
+                    continue
+                self._db.execute("UPDATE steps SET blob = ?, nbytes = ? WHERE seq = ?",
+                                 (row, len(row) + len(end_blob or b""), seq))
+            self._set_meta_locked("row_format", ROW_FORMAT)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        if old:
+            log.warning("spool %s: converted %d steps from the old per-step format (%d quarantined)", self.path,
+                        old - bad, bad)
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -153,11 +191,19 @@ class Spool:
                episode_end: EpisodeSummary | None) -> int:
         """Append a step durably; returns its sequence number (0 if a disk error dropped it) (StepSink)."""
         end_blob = encode_summary(episode_end) if episode_end is not None else None
+        if self._layout is None:  # a spool opened without a schema (tools, tests): the first step sets it
+            self._layout = RowLayout(schema_of_step(step))
+        try:
+            blob, misfit = self._layout.encode(step), None
+        except RowMismatch as exc:
+            blob, misfit = _as_pb(step), str(exc)
         with self._lock:
             step.seq = self._next_seq
-            blob = encode_step(step, self._schema)
             nbytes = len(blob) + (len(end_blob) if end_blob else 0)
             try:
+                if misfit is not None:
+                    self._record_misfit_locked(step, episode_id, task, evaluation, blob, end_blob, misfit)
+                    return step.seq
                 if self._bytes + nbytes > self.max_bytes:
                     self._drop_locked(self._bytes + nbytes - self.max_bytes)
                 self._db.execute(
@@ -177,6 +223,25 @@ class Spool:
             self._bytes += nbytes
             self.changed.notify_all()
             return step.seq
+
+    def _record_misfit_locked(self, step: Step, episode_id: str, task: str, evaluation: bool, blob: bytes,
+                              end_blob: bytes | None, reason: str) -> None:
+        """A step that does not fit the schema: straight to the quarantine (its seq used, its gap declared by
+        the streamer), kept as its ``fleet.v1.Step`` bytes for inspection."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(f"INSERT INTO steps ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (step.seq, episode_id, task, int(evaluation), int(step.is_intervention), blob, end_blob,
+                              len(blob) + len(end_blob or b"")))
+            self._quarantine_locked(step.seq, step.seq, "SCHEMA_MISMATCH", reason)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._next_seq += 1
+        if self.quarantined_steps in (1, 10, 100) or self.quarantined_steps % 1000 == 0:
+            log.error("spool %s: step seq %d does not fit the robot's schema (%s); quarantined (%d so far)",
+                      self.path, step.seq, reason, self.quarantined_steps)
 
     def _drop_locked(self, need_bytes: int) -> None:
         """Free at least ``need_bytes`` (plus 1% headroom): oldest non-intervention steps first."""
@@ -261,17 +326,7 @@ class Spool:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM steps WHERE seq BETWEEN ? AND ?",
-                                       (first_seq, last_seq)).fetchone()
-                moved, nbytes = int(row[0]), int(row[1])
-                self._db.execute(
-                    f"INSERT OR REPLACE INTO quarantine ({_COLUMNS}, code, reason, quarantined_s) "
-                    f"SELECT {_COLUMNS}, ?, ?, ? FROM steps WHERE seq BETWEEN ? AND ?",
-                    (code, reason[:2000], time.time(), first_seq, last_seq))
-                self._db.execute("DELETE FROM steps WHERE seq BETWEEN ? AND ?", (first_seq, last_seq))
-                self.quarantined_steps += moved
-                self._set_meta_locked("quarantined_steps", self.quarantined_steps)
-                self._trim_quarantine_locked()
+                moved, nbytes = self._quarantine_locked(first_seq, last_seq, code, reason)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -283,6 +338,21 @@ class Spool:
         log.error("spool %s: quarantined %d steps (seq %d..%d) refused with %s: %s", self.path, moved, first_seq,
                   last_seq, code, reason)
         return moved
+
+    def _quarantine_locked(self, first_seq: int, last_seq: int, code: str, reason: str) -> tuple[int, int]:
+        """Move rows to the quarantine inside the caller's transaction; returns (steps, bytes) moved."""
+        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM steps WHERE seq BETWEEN ? AND ?",
+                               (first_seq, last_seq)).fetchone()
+        moved, nbytes = int(row[0]), int(row[1])
+        self._db.execute(
+            f"INSERT OR REPLACE INTO quarantine ({_COLUMNS}, code, reason, quarantined_s) "
+            f"SELECT {_COLUMNS}, ?, ?, ? FROM steps WHERE seq BETWEEN ? AND ?",
+            (code, reason[:2000], time.time(), first_seq, last_seq))
+        self._db.execute("DELETE FROM steps WHERE seq BETWEEN ? AND ?", (first_seq, last_seq))
+        self.quarantined_steps += moved
+        self._set_meta_locked("quarantined_steps", self.quarantined_steps)
+        self._trim_quarantine_locked()
+        return moved, nbytes
 
     def _trim_quarantine_locked(self) -> None:
         total = self._db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM quarantine").fetchone()[0]
@@ -302,6 +372,17 @@ class Spool:
             rows = self._db.execute(
                 "SELECT seq, episode_id, code, reason, blob FROM quarantine ORDER BY seq").fetchall()
         return [QuarantinedStep(int(r[0]), r[1], r[2], r[3], bytes(r[4])) for r in rows]
+
+    def steps(self, batch: SpoolBatch) -> list[Step]:
+        """A batch's rows back as Steps with their seqs (tests, tools; never on a hot path)."""
+        if self._layout is None:
+            raise ConfigError(f"spool {self.path}: open it with the robot's schema to decode its steps")
+        return [self._layout.decode(row, seq=batch.first_seq + i) for i, row in enumerate(batch.step_blobs)]
+
+    @property
+    def layout(self) -> RowLayout | None:
+        """The row format of this spool's steps (None until a schema is known)."""
+        return self._layout
 
     def backlog(self) -> tuple[int, int]:
         """(steps, bytes) not yet acked."""
@@ -325,3 +406,11 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _as_pb(step: Step) -> bytes:
+    """A misfit step as ``fleet.v1.Step`` bytes for the quarantine (empty if even that fails)."""
+    try:
+        return encode_step(step)
+    except Exception:  # whatever the robot put in the step, recording must not raise into the loop
+        return b""

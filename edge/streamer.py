@@ -45,6 +45,7 @@ from fleet.convert import columns_message
 from edge.spool import Spool
 from fleet import metrics
 from fleet.errors import ConfigError
+from fleet.rows import RowLayout, RowMismatch
 from fleet.types import RobotInfo
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class Streamer:
                  not_found_quarantine: int = 3, backoff: Backoff | None = None):
         self.info = info
         self._schema_hash = schema_hash(info.schema)
+        self._layout = RowLayout(info.schema)
         self.spool = spool
         self.client = client
         self.window_chunks = window_chunks
@@ -277,8 +279,8 @@ class Streamer:
                     details, delay)
         return delay
 
-    def _quarantine(self, first: int, last: int, code: grpc.StatusCode, details: str) -> None:
-        moved = self.spool.quarantine(first, last, code.name, details)
+    def _quarantine(self, first: int, last: int, code: grpc.StatusCode | str, details: str) -> None:
+        moved = self.spool.quarantine(first, last, code if isinstance(code, str) else code.name, details)
         metrics.EDGE_SPOOL_QUARANTINED.labels(robot=self.info.robot_id).inc(moved)
 
     # --- one session ------------------------------------------------------------------
@@ -353,9 +355,14 @@ class Streamer:
                     return
                 batch = self.spool.read_after(sent, max_steps=self.max_chunk_steps,
                                               max_bytes=self._chunk_bytes) or batch
-            msg = columns_message(robot, batch.episode_id, batch.task, self.info.schema, self._schema_hash,
-                                  batch.step_blobs, batch.evaluation, gap_declared=batch.first_seq > sent + 1,
-                                  end_blob=batch.end_blob)
+            try:
+                msg = columns_message(robot, batch.episode_id, batch.task, self._layout, self._schema_hash,
+                                      batch.step_blobs, batch.first_seq, batch.evaluation,
+                                      gap_declared=batch.first_seq > sent + 1, end_blob=batch.end_blob)
+            except RowMismatch as exc:  # a row written under another schema: never sendable
+                bad = batch.first_seq + exc.index
+                self._quarantine(bad, bad, "SCHEMA_MISMATCH", str(exc))
+                continue
             with self._inflight_lock:
                 if broken.is_set():
                     return

@@ -10,6 +10,7 @@ import numpy as np
 from fleet import columns
 from fleet.codec import decode_tensor, dtype_from_pb, dtype_to_pb, encode_tensor, numpy_dtype
 from fleet.errors import InvalidInput, SchemaMismatch
+from fleet.rows import RowLayout
 from fleet.types import Chunk, EncodedImage, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 from fleet.v1 import fleet_pb2 as pb
 
@@ -270,32 +271,26 @@ def encode_summary(summary: EpisodeSummary) -> bytes:
     return summary_to_pb(summary).SerializeToString()
 
 
-def columns_message(robot_id: str, episode_id: str, task: str, schema: Schema, digest: bytes,
-                    step_blobs: list[bytes], evaluation: bool, gap_declared: bool,
+def columns_message(robot_id: str, episode_id: str, task: str, layout: RowLayout, digest: bytes,
+                    rows: list[bytes], first_seq: int, evaluation: bool, gap_declared: bool,
                     end_blob: bytes | None) -> pb.ColumnChunk:
-    """Spooled ``fleet.v1.Step`` records -> one columnar chunk, joining each feature's raw bytes (no
-    per-step array work: the spool wrote them with the schema's dtypes; a record that does not fit
-    makes a column of the wrong length, which the gateway refuses and the spool quarantines)."""
-    steps = [pb.Step.FromString(b) for b in step_blobs]
-    n = len(steps)
-    low = [f.name for f in schema.observation if not f.is_image]
-    cams = [f.name for f in schema.observation if f.is_image]
-    empty = pb.Tensor()
-    flags = np.array([[s.is_intervention for s in steps], [s.success for s in steps], [s.done for s in steps]], bool)
+    """Spooled rows (``fleet.rows`` layout) -> one columnar chunk: one join and one ``frombuffer`` for
+    the fixed columns, no per-step parsing (RowMismatch, with the row's index, if a row does not fit)."""
+    rec, frames = layout.join(rows)
+    cols = layout.columns(rec)
+    flags = cols["flags"]
+    planes = np.stack([(flags & 1).astype(bool), (flags & 2).astype(bool), (flags & 4).astype(bool)])
     msg = pb.ColumnChunk(
-        robot_id=robot_id, episode_id=episode_id, task=task, schema_hash=digest,
-        first_seq=steps[0].seq if steps else 0, n=n,
-        observation={name: b"".join(s.observation.get(name, empty).data for s in steps) for name in low},
-        action=b"".join(s.action.data for s in steps),
-        policy_action=b"".join((s.policy_action if s.HasField("policy_action") else s.action).data for s in steps),
-        reward=np.array([s.reward for s in steps], "<f4").tobytes(),
-        timestamp_s=np.array([s.timestamp_s for s in steps], "<f8").tobytes(),
-        policy_version=np.array([s.policy_version for s in steps], "<u8").tobytes(),
-        flags=np.packbits(flags, axis=1).tobytes(), gap_declared=gap_declared, evaluation=evaluation)
-    for name in cams:
-        frames = [s.images[name] if name in s.images else pb.Image() for s in steps]
-        msg.cameras[name].encoding = frames[0].encoding if frames else "jpeg"
-        msg.cameras[name].frames.extend(f.data for f in frames)
+        robot_id=robot_id, episode_id=episode_id, task=task, schema_hash=digest, first_seq=first_seq, n=len(rows),
+        observation={f.name: cols[f.name].tobytes() for f in layout.low_dim},
+        action=cols["action"].tobytes(), policy_action=cols["policy_action"].tobytes(),
+        reward=cols["reward"].tobytes(), timestamp_s=cols["timestamp_s"].tobytes(),
+        policy_version=cols["policy_version"].tobytes(), flags=np.packbits(planes, axis=1).tobytes(),
+        gap_declared=gap_declared, evaluation=evaluation)
+    for cam in layout.cameras:
+        encoding, data = frames[cam.name]
+        msg.cameras[cam.name].encoding = encoding
+        msg.cameras[cam.name].frames.extend(data)
     if end_blob is not None:
         msg.episode_end.MergeFromString(end_blob)
     return msg

@@ -17,7 +17,6 @@ from edge.recorder import Recorder
 from edge.robots.base import Observation, Robot
 from edge.spool import Spool
 from fleet import metrics
-from fleet.convert import decode_step
 from fleet.errors import ConfigError
 from fleet.policies.base import NullPolicy
 from fleet.types import EpisodeSummary, FeatureSpec, Schema, Step
@@ -39,7 +38,7 @@ def spooled(spool: Spool, ends: list[int] | None = None) -> list[tuple[int, Step
     """(seq, step) of everything in the spool, in order; the seqs carrying an episode end go to ``ends``."""
     out, seq = [], 0
     while (batch := spool.read_after(seq)) is not None:
-        out += [(batch.first_seq + i, decode_step(b)) for i, b in enumerate(batch.step_blobs)]
+        out += [(s.seq, s) for s in spool.steps(batch)]
         seq = batch.last_seq
         if batch.end_blob is not None and ends is not None:
             ends.append(seq)

@@ -18,7 +18,6 @@ from edge.loop import LoopConfig
 from edge.sim.metaworld import SCHEMA, MetaWorldRobot
 from edge.updater import LastGood
 from fleet.config import GatewayConfig
-from fleet.convert import decode_step
 from fleet.policies import PolicyConfig, build_policy
 from fleet.redis_server import free_port
 from fleet.weights import build_manifest
@@ -47,7 +46,7 @@ def save_last_good(state_dir: Path, version: int) -> LastGood:
 def spooled_versions(agent: EdgeAgent) -> set[int]:
     versions, seq = set(), 0
     while (batch := agent.spool.read_after(seq)) is not None:
-        versions |= {decode_step(b).policy_version for b in batch.step_blobs}
+        versions |= {s.policy_version for s in agent.spool.steps(batch)}
         seq = batch.last_seq
     return versions
 

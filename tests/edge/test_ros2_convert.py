@@ -27,7 +27,6 @@ from edge.robots.ros2.robot import Ros2Operator, Ros2Robot
 from edge.robots.ros2.sync import ApproximateTimeSync
 from edge.spool import Spool
 from fleet.codec import decode_image
-from fleet.convert import decode_step
 from fleet.errors import ConfigError, InvalidInput
 from fleet.policies.base import NullPolicy
 
@@ -306,8 +305,8 @@ def test_control_loop_records_interventions_from_ros_topics(tmp_path):
         assert loop.wait_episodes(2, timeout_s=30)
         loop.stop()
     assert loop.error is None
-    steps = [decode_step(b) for b in spool.read_after(0, max_steps=100).step_blobs]
-    steps += [decode_step(b) for b in spool.read_after(steps[-1].seq, max_steps=100).step_blobs]
+    steps = spool.steps(spool.read_after(0, max_steps=100))
+    steps += spool.steps(spool.read_after(steps[-1].seq, max_steps=100))
     assert len(steps) == 16
     for s in steps:
         assert set(s.observation) == {"state"} and decode_image(s.images["front"]).shape == (6, 8, 3)

@@ -19,7 +19,6 @@ from edge.loop import ControlLoop, LoopConfig  # noqa: E402
 from edge.robots.ros2.robot import Disconnected, Ros2Robot  # noqa: E402
 from edge.sim.ros2_arm_config import COMMAND_NAMES, JOINT_NAMES, SimArmConfig  # noqa: E402
 from edge.spool import Spool  # noqa: E402
-from fleet.convert import decode_step  # noqa: E402
 from fleet.errors import ConfigError  # noqa: E402
 from fleet.policies.base import NullPolicy  # noqa: E402
 from tests.ros2_procs import Proc, read_stats, start_sim_arm  # noqa: E402
@@ -35,7 +34,7 @@ def section(**overrides) -> dict:
 def spooled(spool: Spool) -> list:
     steps, seq = [], 0
     while (batch := spool.read_after(seq, max_steps=1000)) is not None:
-        steps += [decode_step(b) for b in batch.step_blobs]
+        steps += spool.steps(batch)
         seq = steps[-1].seq
     return steps
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from edge.spool import Spool
-from fleet.convert import decode_step
+from fleet.errors import ConfigError
+from fleet.convert import decode_step, encode_step
 from fleet.types import EpisodeSummary, FeatureSpec, Schema, Step
 
 SCHEMA = Schema((FeatureSpec("state", "float32", (8,)),), FeatureSpec("action", "float32", (2,)))
@@ -50,7 +51,7 @@ def test_read_after_splits_by_episode_end_and_bytes(tmp_path):
     assert small.last_seq - small.first_seq + 1 == 2
     tiny = spool.read_after(3, max_bytes=1)  # never empty: one step even if it is larger than the bound
     assert tiny.first_seq == tiny.last_seq == 4
-    assert [decode_step(b).seq for b in second.step_blobs] == [4, 5, 6, 7]
+    assert [s.seq for s in spool.steps(second)] == [4, 5, 6, 7]
 
 
 def test_full_spool_drops_oldest_autonomous_steps_first(tmp_path):
@@ -68,7 +69,7 @@ def test_full_spool_drops_oldest_autonomous_steps_first(tmp_path):
     kept = []
     seq = 0
     while (batch := spool.read_after(seq, max_steps=100)) is not None:
-        kept += [decode_step(b) for b in batch.step_blobs]
+        kept += spool.steps(batch)
         seq = batch.last_seq
     kept_seqs = {s.seq for s in kept}
     # Every intervention step survived; the autonomous ones dropped are the oldest.
@@ -91,7 +92,7 @@ def test_quarantine_moves_rows_aside_and_is_bounded(tmp_path):
     assert spool.read_after(1).first_seq == 4
     held = spool.quarantined()
     assert [(q.seq, q.code) for q in held] == [(2, "INVALID_ARGUMENT"), (3, "INVALID_ARGUMENT")]
-    assert decode_step(held[0].blob).index == 1 and "NaN" in held[0].reason
+    assert spool.layout.decode(held[0].blob).index == 1 and "NaN" in held[0].reason
     spool.close()
     reopened = Spool(tmp_path / "s.db", SCHEMA, quarantine_max_bytes=0)
     assert reopened.quarantined_steps == 2 and reopened.backlog()[0] == 4
@@ -149,3 +150,52 @@ def test_every_recorded_step_survives_kill_9(tmp_path, synchronous):
     assert printed == list(range(1, 301))
     assert set(printed) <= on_disk  # what record() returned for is durable; more may be
     assert spool.record("e", "t", False, step(0), None) == max(on_disk) + 1
+
+
+def test_a_step_that_does_not_fit_the_schema_is_quarantined_when_recorded(tmp_path):
+    spool = Spool(tmp_path / "s.db", SCHEMA)
+    spool.record("e1", "t", False, step(0), None)
+    bad = step(1)
+    bad.observation["state"] = np.zeros(7, np.float32)  # the robot sent 7 values where its schema has 8
+    assert spool.record("e1", "t", False, bad, None) == 2
+    spool.record("e1", "t", False, step(2), None)
+    assert spool.backlog()[0] == 2 and spool.quarantined_steps == 1
+    held = spool.quarantined()
+    assert [(q.seq, q.code) for q in held] == [(2, "SCHEMA_MISMATCH")] and "7 elements" in held[0].reason
+    assert decode_step(held[0].blob).index == 1  # kept as the step's protobuf for inspection
+    assert (spool.read_after(0).last_seq, spool.read_after(1).first_seq) == (1, 3)  # the streamer declares the gap
+    spool.close()
+    assert Spool(tmp_path / "s.db", SCHEMA).record("e1", "t", False, step(3), None) == 4  # seq 2 never reused
+
+
+def _old_format_spool(path, steps: list[Step]) -> None:
+    """A spool as the previous version wrote it: one fleet.v1.Step protobuf per row, no row_format."""
+    import sqlite3
+
+    from edge.spool import _SCHEMA_SQL
+
+    db = sqlite3.connect(str(path))
+    db.executescript(_SCHEMA_SQL)
+    for i, st in enumerate(steps, 1):
+        st.seq = i
+        blob = encode_step(st, SCHEMA) if st.observation else b"\xff not a step"
+        db.execute("INSERT INTO steps (seq, episode_id, task, evaluation, intervention, blob, end_blob, nbytes) "
+                   "VALUES (?, 'e1', 't', 0, 0, ?, NULL, ?)", (i, blob, len(blob)))
+    db.commit()
+    db.close()
+
+
+def test_an_old_format_spool_is_converted_on_open(tmp_path):
+    broken = step(2)
+    broken.observation = {}
+    _old_format_spool(tmp_path / "s.db", [step(0), step(1), broken, step(3)])
+    with pytest.raises(ConfigError, match="old per-step format; open it with the robot's schema"):
+        Spool(tmp_path / "s.db")  # no schema: refused with what to do, the rows left as they are
+    spool = Spool(tmp_path / "s.db", SCHEMA)
+    assert spool.backlog()[0] == 3 and [q.seq for q in spool.quarantined()] == [3]
+    got = spool.steps(spool.read_after(0)) + spool.steps(spool.read_after(3))
+    assert [(s.seq, s.index) for s in got] == [(1, 0), (2, 1), (4, 3)]
+    np.testing.assert_array_equal(got[1].observation["state"], np.full(8, 1, np.float32))
+    assert spool.record("e1", "t", False, step(4), None) == 5
+    spool.close()
+    assert Spool(tmp_path / "s.db", SCHEMA).backlog()[0] == 4  # converted once, durably

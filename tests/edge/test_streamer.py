@@ -14,7 +14,8 @@ from edge.spool import Spool
 from edge.streamer import Backoff, Streamer
 from fleet import PROTOCOL_VERSION
 from fleet.columns import schema_hash
-from fleet.convert import chunk_to_pb, columns_message, encode_step, encode_summary
+from fleet.convert import chunk_to_pb, columns_message, encode_summary
+from fleet.rows import RowLayout
 from fleet.types import EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 
 TASK = "reach the goal"
@@ -207,8 +208,23 @@ def test_spooled_steps_become_the_columnar_chunk(with_end):
     for i, st in enumerate(steps):
         st.seq, st.reward, st.timestamp_s, st.done = 5 + i, 0.5 * i, 100.0 + i, with_end and i == 2
     summary = EpisodeSummary(True, 3, 1, 1, False, 2) if with_end else None
-    blobs = [encode_step(st, sch) for st in steps]
-    msg = columns_message("r1", "e1", TASK, sch, schema_hash(sch), blobs, True, True,
+    layout = RowLayout(sch)
+    rows = [layout.encode(st) for st in steps]
+    msg = columns_message("r1", "e1", TASK, layout, schema_hash(sch), rows, 5, True, True,
                           encode_summary(summary) if summary else None)
     expected = chunk_to_pb(Chunk("r1", "e1", TASK, steps, gap_declared=True, episode_end=summary, evaluation=True), sch)
     assert msg == expected and msg.n == 3 and msg.first_seq == 5
+
+
+def test_rows_spooled_under_another_schema_are_quarantined_not_sent(make_edge, redis_client, tmp_path):
+    old = Spool(tmp_path / "r1.db", schema(4))  # the robot's schema changed with steps still spooled
+    for i in range(2):
+        old.record("e0", TASK, False, make_step(i, dim=4), None)
+    old.close()
+    edge = make_edge()
+    edge.record(3)
+    edge.streamer.start()
+    assert edge.streamer.wait_acked(5, timeout_s=20)
+    held = edge.spool.quarantined()
+    assert [(q.seq, q.code) for q in held] == [(1, "SCHEMA_MISMATCH"), (2, "SCHEMA_MISMATCH")]
+    assert stored_seqs(redis_client, "r1") == [3, 4, 5]
