@@ -154,11 +154,12 @@ def elements_for(kind: str, n: int) -> list[tuple[int, bytes]]:
             for part in (steps[i:i + CHUNK_STEPS] for i in range(0, n, CHUNK_STEPS))]
 
 
-def raw_limit(redis_url: str, elements: list[tuple[int, bytes]], robots: int) -> dict:
+def raw_limit(redis_url: str, elements: list[tuple[int, bytes]], robots: int, redis_pid: int) -> dict:
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    client.ping()
+    t0, cpu0, redis0 = time.perf_counter(), time.process_time(), cpu_s(redis_pid)
     sent = 0
     for r in range(robots):
         key = f"bench:raw:{r}"
@@ -173,11 +174,11 @@ def raw_limit(redis_url: str, elements: list[tuple[int, bytes]], robots: int) ->
             sent += n
         if queued:
             pipe.execute()
-    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    elapsed, cpu, redis_cpu = time.perf_counter() - t0, time.process_time() - cpu0, cpu_s(redis_pid) - redis0
     client.delete(*[f"bench:raw:{r}" for r in range(robots)])
     client.close()
     nbytes = sum(len(e) for _, e in elements) * robots
-    return {"steps": sent, "bytes": nbytes, "elapsed_s": elapsed, "client_cpu_s": cpu}
+    return {"steps": sent, "bytes": nbytes, "elapsed_s": elapsed, "client_cpu_s": cpu, "redis_cpu_s": redis_cpu}
 
 
 # --- edge record cost ----------------------------------------------------------------------
@@ -232,6 +233,10 @@ def rates(result: dict) -> tuple[float, float]:
     return result["steps"] / result["elapsed_s"], result["bytes"] / result["elapsed_s"] / 1e6
 
 
+def _path_cpu(r: dict) -> float:
+    return r["edge_cpu_us_per_step"] + r["gateway_cpu_us_per_step"] + r["redis_cpu_us_per_step"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps (about a minute)")
@@ -259,7 +264,7 @@ def main() -> int:
         for kind, n in steps.items():
             path = run_path(kind, target, args.robots, n, tmp / f"edge-{kind}",
                             {"gateway": gateway.pid, "redis": redis_proc.proc.pid})
-            limit = raw_limit(redis_proc.url, elements_for(kind, n), args.robots)
+            limit = raw_limit(redis_proc.url, elements_for(kind, n), args.robots, redis_proc.proc.pid)
             record = record_cost(kind, target, 3000 if kind == "lowdim" else 600, tmp / "record")
             (p_steps, p_mb), (l_steps, l_mb) = rates(path), rates(limit)
             results["kinds"][kind] = {
@@ -269,7 +274,9 @@ def main() -> int:
                 "steps": path["steps"], "elapsed_s": path["elapsed_s"],
                 **{f"{k}_cpu_us_per_step": path[f"{k}_cpu_s"] / path["steps"] * 1e6
                    for k in ("edge", "gateway", "redis")},
-                "limit_cpu_s": limit["client_cpu_s"], "edge_record_p50_ms": record["p50_ms"],
+                "limit_cpu_s": limit["client_cpu_s"],
+                "limit_cpu_us_per_step": (limit["client_cpu_s"] + limit["redis_cpu_s"]) / limit["steps"] * 1e6,
+                "edge_record_p50_ms": record["p50_ms"],
                 "edge_record_p99_ms": record["p99_ms"], "edge_record_max_ms": record["max_ms"]}
     finally:
         gateway.send_signal(signal.SIGTERM)
@@ -293,6 +300,9 @@ def main() -> int:
     print(f"\nCPU per step, us (all on the same {os.cpu_count()} cores): "
           + "; ".join(f"{kind}: edge {r['edge_cpu_us_per_step']:.1f}, gateway {r['gateway_cpu_us_per_step']:.1f}, "
                       f"redis {r['redis_cpu_us_per_step']:.1f}" for kind, r in results["kinds"].items()))
+    print("CPU per step, path (edge + gateway + redis) vs limit (redis-py client + redis), us: "
+          + "; ".join(f"{kind}: {_path_cpu(r):.1f} vs {r['limit_cpu_us_per_step']:.2f} (CPU-bound ratio "
+                      f"{r['limit_cpu_us_per_step'] / _path_cpu(r):.2f})" for kind, r in results["kinds"].items()))
     print("targets (issue 14): ratio >= 0.5 for low-dim (main measured 0.13-0.17x against one RPUSH per "
           "chunk of per-step records)")
     write_json(args.json, results)
