@@ -149,6 +149,7 @@ class Streamer:
         self.info = info
         self._schema_hash = schema_hash(info.schema)
         self._layout = RowLayout(info.schema)
+        self._quarantined_seen = spool.quarantined_steps
         self.spool = spool
         self.client = client
         self.window_chunks = window_chunks
@@ -280,8 +281,8 @@ class Streamer:
         return delay
 
     def _quarantine(self, first: int, last: int, code: grpc.StatusCode | str, details: str) -> None:
-        moved = self.spool.quarantine(first, last, code if isinstance(code, str) else code.name, details)
-        metrics.EDGE_SPOOL_QUARANTINED.labels(robot=self.info.robot_id).inc(moved)
+        self.spool.quarantine(first, last, code if isinstance(code, str) else code.name, details)
+        self._update_gauges()
 
     # --- one session ------------------------------------------------------------------
 
@@ -391,3 +392,7 @@ class Streamer:
         steps, nbytes = self.spool.backlog()
         metrics.EDGE_SPOOL_STEPS.labels(robot=robot).set(steps)
         metrics.EDGE_SPOOL_BYTES.labels(robot=robot).set(nbytes)
+        quarantined = self.spool.quarantined_steps  # also the steps the spool quarantined when recorded
+        if quarantined > self._quarantined_seen:
+            metrics.EDGE_SPOOL_QUARANTINED.labels(robot=robot).inc(quarantined - self._quarantined_seen)
+            self._quarantined_seen = quarantined

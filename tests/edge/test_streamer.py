@@ -221,10 +221,19 @@ def test_rows_spooled_under_another_schema_are_quarantined_not_sent(make_edge, r
     for i in range(2):
         old.record("e0", TASK, False, make_step(i, dim=4), None)
     old.close()
+    from fleet import metrics
+
+    counted = metrics.EDGE_SPOOL_QUARANTINED.labels(robot="r1")
+    before = counted._value.get()
     edge = make_edge()
     edge.record(3)
+    bad = make_step(99)
+    bad.observation = {}  # and one recorded now without its feature: quarantined when recorded
+    edge.spool.record("e1", TASK, False, bad, None)
+    edge.record(1)
     edge.streamer.start()
-    assert edge.streamer.wait_acked(5, timeout_s=20)
+    assert edge.streamer.wait_acked(7, timeout_s=20)
     held = edge.spool.quarantined()
-    assert [(q.seq, q.code) for q in held] == [(1, "SCHEMA_MISMATCH"), (2, "SCHEMA_MISMATCH")]
-    assert stored_seqs(redis_client, "r1") == [3, 4, 5]
+    assert [(q.seq, q.code) for q in held] == [(1, "SCHEMA_MISMATCH"), (2, "SCHEMA_MISMATCH"), (6, "SCHEMA_MISMATCH")]
+    assert stored_seqs(redis_client, "r1") == [3, 4, 5, 7]
+    assert counted._value.get() - before == 3
