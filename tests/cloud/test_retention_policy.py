@@ -7,30 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cloud.buffer.reader import EpisodeInfo
 from cloud.retention import choose_evictions, tier_of
 from fleet.config import RetentionConfig
 from fleet.errors import ConfigError
-
-try:
-    from cloud.buffer.reader import EpisodeInfo
-except ImportError:  # before the buffer package exists on this branch
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class EpisodeInfo:  # type: ignore[no-redef]
-        robot_id: str
-        episode_id: str
-        task: str
-        source: str
-        evaluation: bool
-        ended: bool
-        success: bool
-        length: int
-        redis_bytes: int
-        blob_bytes: int
-        intervention_steps: int
-        first_s: float
-        updated_s: float
 
 NOW = 1_000_000.0
 
