@@ -302,7 +302,7 @@ def delta_sizes(steps: int, warmup: int, lrs: tuple[float, ...], quick: bool, wo
     """Train ``warmup`` steps, publish, train ``steps`` more, publish: delta bytes / full bytes (bf16).
 
     ``vla_device`` (e.g. "cuda"): also SmolVLA-450M itself (frozen VLM; ~100 s per step on 2 CPU cores)."""
-    from cloud.gateway.policy_feed import encode_transfer
+    from cloud.gateway.policy_feed import Transfer, iter_transfer
     from cloud.policy_store import PolicyStore
     from fleet.policies import PolicyConfig, build_policy
     from fleet.types import FeatureSpec, Schema
@@ -351,7 +351,8 @@ def delta_sizes(steps: int, warmup: int, lrs: tuple[float, ...], quick: bool, wo
             base = publish(0)
             train(steps)
             target = publish(base)
-            transfer = encode_transfer(store, target, base)
+            transfer = Transfer(target, base)
+            transfer.fill(iter_transfer(store, transfer))  # the gateway's planner: what a robot at v`base` gets
             manifest = store.manifest(target)
             trainable = sum(t.nbytes for t in manifest.tensors if t.trainable)
             rows.append({"policy": name, "precision": precision, "lr": lr, "steps": steps, "warmup_steps": warmup,

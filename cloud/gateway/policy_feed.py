@@ -110,11 +110,6 @@ class Transfer:
             if not waiter.done():
                 waiter.set_result(None)
 
-    @property
-    def messages(self) -> list[bytes]:
-        """Every message of a transfer encoded already (``encode_transfer``), built now: tests and tools."""
-        return [m for part in self.parts for m in ([part] if isinstance(part, bytes) else part.messages())]
-
     async def stream(self) -> AsyncIterator[bytes]:
         """Every message, as soon as the encoder has its part."""
         sent = 0
@@ -198,14 +193,6 @@ def iter_transfer(store: PolicyStore, transfer: Transfer, piece_bytes: int = PIE
         payload_bytes=transfer.payload_bytes)).SerializeToString()
     yield from plan
     yield pb.PolicyUpdate(trailer=pb.PolicyTrailer(sha256=target.total_sha256)).SerializeToString()
-
-
-def encode_transfer(store: PolicyStore, version: int, base_version: int = 0,
-                    piece_bytes: int = PIECE_BYTES) -> Transfer:
-    """The whole transfer ``base_version`` -> ``version``, encoded now (a full one if the base is 0 or unknown)."""
-    transfer = Transfer(version, base_version)
-    transfer.fill(iter_transfer(store, transfer, piece_bytes))
-    return transfer
 
 
 class PolicyFeed:

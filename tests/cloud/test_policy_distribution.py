@@ -13,7 +13,6 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from cloud.gateway.policy_feed import encode_transfer
 from cloud.policy_store import PolicyStore
 from cloud.publisher import Publisher
 from edge.client import FleetClient
@@ -25,6 +24,7 @@ from fleet.policies.base import NullPolicy
 from fleet.types import FeatureSpec, Schema
 from fleet.v1 import fleet_pb2 as pb
 from tests.conftest import serve_watch_policy
+from tests.transfers import encode_transfer, messages
 from tests.waiting import wait_until
 
 SCHEMA = Schema((FeatureSpec("state", "float32", (6,)),), FeatureSpec("action", "float32", (3,)))
@@ -80,7 +80,7 @@ def assert_holds(updater: Updater, store: PolicyStore, version: int) -> None:
 
 
 def pieces(transfer) -> list[pb.TensorPiece]:
-    return [m.piece for m in map(pb.PolicyUpdate.FromString, transfer.messages) if m.WhichOneof("part") == "piece"]
+    return [m.piece for m in map(pb.PolicyUpdate.FromString, messages(transfer)) if m.WhichOneof("part") == "piece"]
 
 
 def test_deltas_carry_only_changed_trainable_tensors_and_keyframes_go_raw(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from cloud.gateway.policy_feed import encode_transfer
 from cloud.policy_store import PolicyStore
 from edge.client import FleetClient
 from edge.hotswap import PolicySlot
@@ -27,6 +26,7 @@ from fleet.policies.base import NullPolicy
 from fleet.v1 import fleet_pb2 as pb
 from tests.cloud.test_policy_distribution import SCHEMA, TASKS, act_with_frozen_encoder, assert_holds, build, update
 from tests.conftest import serve_watch_policy
+from tests.transfers import encode_transfer, messages
 
 
 def publisher_key(root: Path) -> signing.ManifestSigner:
@@ -115,7 +115,7 @@ def test_forged_header_is_refused_before_any_tensor_is_kept(tmp_path: Path) -> N
 
 
 def _header(store: PolicyStore, version: int):
-    first = pb.PolicyUpdate.FromString(encode_transfer(store, version).messages[0])
+    first = pb.PolicyUpdate.FromString(messages(encode_transfer(store, version))[0])
     return FleetClient.policy_event(first)
 
 
@@ -292,7 +292,7 @@ def test_a_replayed_older_signed_version_is_refused(tmp_path: Path) -> None:
     v1 = publish(store, policy)
     update(policy, seed=2)
     v2 = publish(store, policy)
-    hostile = ReplayingGateway(encode_transfer(store, v1).messages)  # genuine v1, signature and all
+    hostile = ReplayingGateway(messages(encode_transfer(store, v1)))  # genuine v1, signature and all
     edge = pinned_updater("replayed", hostile.target, tmp_path, keys)
     edge.last_good.save(store.manifest(v2), store.tensors(v2))  # this robot already runs v2
     edge.have_version = v2

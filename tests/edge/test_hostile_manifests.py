@@ -22,7 +22,6 @@ import psutil
 import pytest
 from prometheus_client import REGISTRY
 
-from cloud.gateway.policy_feed import encode_transfer
 from cloud.policy_store import PolicyStore
 from edge.admission import ARCHITECTURE_FILE, Admission
 from edge.client import FleetClient
@@ -34,6 +33,7 @@ from fleet.policies.base import NullPolicy
 from fleet.types import FeatureSpec, Schema
 from fleet.v1 import fleet_pb2 as pb
 from tests.conftest import serve_watch_policy
+from tests.transfers import encode_transfer, messages
 
 SCHEMA = Schema((FeatureSpec("state", "float32", (6,)),), FeatureSpec("action", "float32", (3,)))
 TASKS = ("reach the goal",)
@@ -114,7 +114,7 @@ def published(tmp_path: Path, config: PolicyConfig, version_name: str) -> tuple[
     store = PolicyStore(tmp_path / version_name)
     store.publish(build_policy(config, SCHEMA, TASKS, seed=0).tensors(),
                   build_policy(config, SCHEMA, TASKS, seed=0).manifest_config())
-    return store, list(encode_transfer(store, 1).messages)
+    return store, messages(encode_transfer(store, 1))
 
 
 def relabel(messages: list[bytes], version: int, edit_config=None) -> list[bytes]:

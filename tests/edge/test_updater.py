@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cloud.gateway.policy_feed import encode_transfer
 from cloud.policy_store import PolicyStore
 from edge.client import FleetClient, PolicyHeaderEvent, PolicyPieceEvent
 from edge.hotswap import PolicySlot
@@ -16,6 +15,7 @@ from edge.updater import Assembler, Held, LastGood, check_finite
 from fleet.errors import IntegrityError, PolicyUnusable
 from fleet.types import FeatureSpec, Schema
 from fleet.v1 import fleet_pb2 as pb
+from tests.transfers import encode_transfer, messages
 
 PIECE = 4096
 
@@ -39,7 +39,7 @@ def versions(tmp_path: Path) -> PolicyStore:
 
 def events(store: PolicyStore, version: int, base: int = 0) -> list:
     transfer = encode_transfer(store, version, base, piece_bytes=PIECE)
-    return [FleetClient.policy_event(pb.PolicyUpdate.FromString(m)) for m in transfer.messages]
+    return [FleetClient.policy_event(pb.PolicyUpdate.FromString(m)) for m in messages(transfer)]
 
 
 def assemble(evs: list, held: Held | None) -> tuple[Held, dict[str, torch.Tensor]]:
