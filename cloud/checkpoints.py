@@ -54,9 +54,6 @@ FORMAT_VERSION = 1
 DONE = "DONE"
 _PREFIX = "step-"
 _TMP_PREFIX = ".tmp-step-"
-TEST_PAUSE_ENV = "FLEET_TEST_CHECKPOINT_PAUSE"
-"""Test-only: ``N:PATH`` makes the Nth save of this process create PATH after writing half of its
-files and then block forever, so a test can SIGKILL the writer mid-checkpoint deterministically."""
 
 RESUME_HELP = """\
 Resume: the trainer checkpoints its whole training state (policy weights, optimizer, step
@@ -169,17 +166,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _test_pause(save_number: int) -> None:
-    spec = os.environ.get(TEST_PAUSE_ENV, "")
-    if not spec:
-        return
-    nth, _, marker = spec.partition(":")
-    if int(nth) == save_number:
-        log.warning("%s: pausing checkpoint %d half-written (test hook)", TEST_PAUSE_ENV, save_number)
-        Path(marker).write_text(str(os.getpid()))
-        threading.Event().wait()
-
-
 class CheckpointDir:
     """Checkpoints of one trainer in ``root``; the newest ``keep`` complete ones are kept."""
 
@@ -188,7 +174,6 @@ class CheckpointDir:
             raise ValueError(f"keep ({keep}) must be >= 1")
         self.root = Path(root)
         self.keep = keep
-        self._saves = 0
 
     def _final(self, step: int) -> Path:
         return self.root / f"{_PREFIX}{step:08d}"
@@ -215,13 +200,11 @@ class CheckpointDir:
               state_tensors: dict[str, torch.Tensor]) -> Path:
         """:meth:`save` of a state already split by :func:`encode_tree`."""
         t0 = time.perf_counter()
-        self._saves += 1
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = fresh_dir(self.root / f"{_TMP_PREFIX}{step:08d}-{os.getpid()}")
         with open(tmp / "model.safetensors", "wb") as fh:  # straight from the tensors' memory
             write_safetensors(fh, {k: v.detach().to("cpu") for k, v in policy_tensors.items()})
         (tmp / "policy.json").write_text(json.dumps(policy_config, sort_keys=True))
-        _test_pause(self._saves)
         with open(tmp / "state.safetensors", "wb") as fh:
             write_safetensors(fh, {k: v.to("cpu") for k, v in state_tensors.items()})
         (tmp / "state.json").write_text(json.dumps(encoded))

@@ -18,7 +18,7 @@ import pytest
 
 from cloud.buffer.reader import BufferReader
 from cloud.buffer import ROBOTS_KEY, RobotKeys
-from cloud.checkpoints import TEST_PAUSE_ENV, CheckpointDir
+from cloud.checkpoints import CheckpointDir
 from edge.sim.demos import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from cloud.trainer import TRAINER_STATUS_KEY, Trainer
@@ -178,30 +178,48 @@ def test_sigkill_restart_resumes_then_sigterm_checkpoints(redis_proc, redis_clie
         assert sorted(seqs) == list(range(1, last + 1)), rid
 
 
+def stop_mid_checkpoint(proc: subprocess.Popen, checkpoints: CheckpointDir, log_path: Path,
+                        timeout_s: float = 120.0) -> tuple[Path, int]:
+    """SIGSTOP the trainer while it writes a checkpoint after a complete one; returns (its temp dir, the newest
+    complete step). A save lasts milliseconds, so the directory is polled tightly; a save that completes
+    before the stop lands is let go (SIGCONT) and the next one is caught instead."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        if checkpoints.steps() and list(checkpoints.root.glob(".tmp-step-*")):
+            os.kill(proc.pid, signal.SIGSTOP)
+            half = [p for p in checkpoints.root.glob(f".tmp-step-*-{proc.pid}") if not (p / "DONE").exists()]
+            if half:
+                return half[0], checkpoints.steps()[-1]
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.001)
+    raise AssertionError(f"no checkpoint caught half-written in {timeout_s:.0f}s:\n{log_path.read_text()[-3000:]}")
+
+
 @pytest.mark.timeout(180)
 def test_sigkill_during_checkpoint_write_uses_the_previous_one(redis_proc, tmp_path, caplog):
     seed_scripted_demos(redis_proc.url, TASKS, episodes_per_task=1, max_episode_steps=40)
     checkpoints = CheckpointDir(tmp_path / "ckpt", keep=3)
     args = trainer_args(redis_proc.url, str(tmp_path / "policies"), checkpoints.root,
                         "--checkpoint_every_steps", "15")
-    marker, log = tmp_path / "paused", tmp_path / "trainer.log"
-    proc = start_trainer(args, log, env={TEST_PAUSE_ENV: f"2:{marker}"})  # the 2nd save stops half-way
+    log = tmp_path / "trainer.log"
+    proc = start_trainer(args, log)
     try:
-        wait_for(marker.exists, "the second checkpoint to be half-written", proc, log)
+        half, last_complete = stop_mid_checkpoint(proc, checkpoints, log)
     finally:
-        proc.kill()
+        proc.kill()  # SIGKILL, stopped or not: the temp directory stays as it was
         proc.wait(30)
-    half = list(checkpoints.root.glob(".tmp-step-00000030-*"))
-    assert len(half) == 1 and (half[0] / "model.safetensors").exists() and not (half[0] / "DONE").exists()
-    assert checkpoints.steps() == [15]
+    assert half.exists() and not (half / "DONE").exists()
+    assert int(half.name.split("-")[2]) > last_complete == checkpoints.steps()[-1]
 
-    # Restart (in this process, with the same options): the half-written one is ignored, step 15 is used.
+    # Restart (in this process, with the same options): the half-written one is ignored, the last complete used.
     cfg = parse_config(args[0], args[1:])
     trainer = Trainer(cfg)
     with caplog.at_level(logging.WARNING, logger="cloud.checkpoints"):
         trainer.setup()
-    assert str(half[0]) in caplog.text and not half[0].exists()
-    assert trainer.state.step == 15 and trainer.resumed_from.endswith("step-00000015")
-    saved = checkpoints.load(checkpoints.root / "step-00000015")
+    assert str(half) in caplog.text and not half.exists()
+    assert trainer.state.step == last_complete and trainer.resumed_from.endswith(f"step-{last_complete:08d}")
+    saved = checkpoints.load(checkpoints.root / f"step-{last_complete:08d}")
     restored = trainer.algorithm.state_dict()
-    assert adam_step_counts(restored) == adam_step_counts(saved.state["algorithm"]["state"]) == {15}
+    assert adam_step_counts(restored) == adam_step_counts(saved.state["algorithm"]["state"]) == {last_complete}
