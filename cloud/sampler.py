@@ -35,6 +35,7 @@ from cloud.buffer_index import BufferIndex, DataSpec, LabeledIndex, Position, Se
 from cloud.episode_cache import UNDECODABLE, EpisodeCache, UnusableEpisode
 from cloud.frames import CorruptFrames, FrameDecoder
 from fleet.errors import BlobNotFound, ConfigError
+from fleet.worker import Worker
 
 __all__ = ["BufferIndex", "DataSpec", "LabeledIndex", "Position", "Prefetcher", "Sampler", "SamplerConfig",
            "Segment"]
@@ -359,25 +360,24 @@ class Prefetcher:
         self.sampler = sampler
         self.only_source = only_source
         self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
-        self._thread.start()
+        self._worker = Worker("prefetch", self._run)
+        self._worker.start()
 
     def _run(self) -> None:
         waiting = False
-        while not self._stop.is_set():
+        while not self._worker.stopping.is_set():
             try:
                 batch = self.sampler.sample(self.only_source)
             except LookupError as exc:  # nothing usable (left): wait for robots, do not end the trainer
                 if not waiting:
                     log.warning("no batch to train on (%s): waiting for usable data", exc)
                 waiting = True
-                self._stop.wait(1.0)
+                self._worker.stopping.wait(1.0)
                 continue
             except Exception as exc:  # surfaced to the trainer on get()
                 batch = exc
             waiting = False
-            while not self._stop.is_set():
+            while not self._worker.stopping.is_set():
                 try:
                     self._q.put(batch, timeout=0.5)
                     break
@@ -391,5 +391,4 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self._worker.stop()

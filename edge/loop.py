@@ -32,6 +32,7 @@ from fleet import metrics
 from fleet.errors import ConfigError
 from fleet.policies.base import ActingPolicy
 from fleet.types import EpisodeCounts, EpisodeSummary, Step
+from fleet.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +167,12 @@ class ControlLoop:
         self._trial_version = 0  # the newly swapped-in version on trial: its own violations may roll it back
         self._trial_episodes = 0
         self._trial_violations = 0
-        self._stop = threading.Event()
+        self._worker = Worker(f"control-{robot_id}", self._run)
         self._cond = threading.Condition()
         self._stats = LoopStats(recent=deque(maxlen=config.recent_episodes))
         self._metrics = metrics.EdgeSeries(robot_id, robot.tasks)
         metrics.EDGE_CONTROL_TARGET.labels(robot=robot_id).set(config.control_hz if config.realtime else 0)
         self._episode_number = 0  # episodes started, for eval_every and round robin
-        self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         """The exception that ended the loop thread, if any."""
 
@@ -180,26 +180,16 @@ class ControlLoop:
 
     def start(self) -> None:
         """Start the control thread (once)."""
-        if self._thread is not None:
-            raise RuntimeError(f"control loop {self.robot_id!r} already started")
-        self._thread = threading.Thread(target=self._run, name=f"control-{self.robot_id}", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         """Finish the current step (not the episode) and join; True if the thread ended."""
-        self._stop.set()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            log.warning("control loop %s did not stop within %.1f s", self.robot_id, timeout_s)
-            return False
-        return True
+        return self._worker.stop(timeout_s)
 
     @property
     def running(self) -> bool:
         """Whether the control thread is alive."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._worker.running
 
     def stats(self) -> LoopStats:
         """A consistent copy of the counters."""
@@ -212,14 +202,14 @@ class ControlLoop:
         """Block until ``n`` episodes have finished in total; False on timeout or if the thread ended first."""
         with self._cond:
             self._cond.wait_for(
-                lambda: self._stats.episodes >= n or (self._thread is not None and not self.running),
+                lambda: self._stats.episodes >= n or (self._worker.thread is not None and not self.running),
                 timeout_s,
             )
             return self._stats.episodes >= n
 
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while not self._worker.stopping.is_set():
                 if self.config.max_episodes and self._episode_number >= self.config.max_episodes:
                     break
                 self.run_episode()
@@ -261,15 +251,15 @@ class ControlLoop:
             if realtime:
                 remaining = deadline - time.perf_counter()
                 if remaining > 0:
-                    self._stop.wait(remaining)  # returns at once on stop
+                    self._worker.stopping.wait(remaining)  # returns at once on stop
             if pending is not None:
-                if self._stop.is_set():
+                if self._worker.stopping.is_set():
                     return self._end(ep, pending)
                 self._record(ep, pending, None)
             tick_start = time.perf_counter()
             step, obs = self._tick(ep, t, obs)
             self._count_step(ep, tick_start - deadline if realtime else 0.0)
-            if step.success or obs.terminated or self._stop.is_set():
+            if step.success or obs.terminated or self._worker.stopping.is_set():
                 return self._end(ep, step)
             pending = step
             if realtime:

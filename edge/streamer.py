@@ -47,6 +47,7 @@ from fleet import metrics
 from fleet.errors import ConfigError
 from fleet.rows import RowLayout, RowMismatch
 from fleet.types import RobotInfo
+from fleet.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,7 @@ class Streamer:
         self.ack_timeout_s = ack_timeout_s
         self.not_found_quarantine = not_found_quarantine
         self._backoff = backoff or Backoff()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker(f"streamer-{info.robot_id}", self._run)
         self._state_lock = threading.Condition()
         self.acked_seq = 0
         self.connected = threading.Event()
@@ -178,11 +178,10 @@ class Streamer:
         self._last_ack_mono = 0.0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"streamer-{self.info.robot_id}", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
+        self._worker.stopping.set()
         call = self._call
         if call is not None:
             call.cancel()
@@ -190,8 +189,7 @@ class Streamer:
             self.spool.changed.notify_all()
         with self._inflight_lock:
             self._inflight_lock.notify_all()
-        if self._thread:
-            self._thread.join(timeout_s)
+        self._worker.stop(timeout_s)
 
     def wait_acked(self, seq: int, timeout_s: float) -> bool:
         """Block until everything up to ``seq`` is acked (tests, graceful drain)."""
@@ -202,12 +200,12 @@ class Streamer:
 
     def _run(self) -> None:
         robot = self.info.robot_id
-        while not self._stop.is_set():
+        while not self._worker.stopping.is_set():
             try:
                 self._session()
                 delay = self._backoff.next_delay()  # the gateway closed the stream cleanly (shutting down)
             except grpc.RpcError as exc:
-                if self._stop.is_set():
+                if self._worker.stopping.is_set():
                     break
                 try:
                     delay = self._after_error(exc)
@@ -219,7 +217,7 @@ class Streamer:
                 delay = self._backoff.next_delay()
             self.connected.clear()
             metrics.EDGE_CONNECTED.labels(robot=robot).set(0)
-            if self._stop.wait(delay):
+            if self._worker.stopping.wait(delay):
                 break
 
     def _after_error(self, exc: grpc.RpcError) -> float:
@@ -329,13 +327,13 @@ class Streamer:
         sent = start
         robot = self.info.robot_id
         inflight, broken = session.inflight, session.broken
-        while not self._stop.is_set() and not broken.is_set():
+        while not self._worker.stopping.is_set() and not broken.is_set():
             with self._inflight_lock:
                 self._inflight_lock.wait_for(lambda: len(inflight) < self.window_chunks or broken.is_set()
-                                             or self._stop.is_set() or self._stalled(inflight), timeout=1.0)
+                                             or self._worker.stopping.is_set() or self._stalled(inflight), timeout=1.0)
                 stalled = self._stalled(inflight)
                 full = len(inflight) >= self.window_chunks
-            if broken.is_set() or self._stop.is_set():
+            if broken.is_set() or self._worker.stopping.is_set():
                 return
             if stalled:
                 log.warning("robot %s: no ack for %.0fs with chunks in flight; reconnecting", robot,
@@ -347,12 +345,12 @@ class Streamer:
                 continue
             batch = self.spool.read_after(sent, max_steps=self.max_chunk_steps, max_bytes=self._chunk_bytes)
             if batch is None:  # rows after ``sent`` vanished (quarantined/dropped): look again shortly
-                self._stop.wait(0.05)
+                self._worker.stopping.wait(0.05)
                 continue
             if (batch.end_blob is None and len(batch.step_blobs) < self.max_chunk_steps
                     and batch.nbytes < self._chunk_bytes // 2):
                 # Let a few more steps accumulate: fewer, larger chunks.
-                if self._stop.wait(self.flush_interval_s):
+                if self._worker.stopping.wait(self.flush_interval_s):
                     return
                 batch = self.spool.read_after(sent, max_steps=self.max_chunk_steps,
                                               max_bytes=self._chunk_bytes) or batch

@@ -51,6 +51,7 @@ from fleet.errors import IntegrityError, PolicyRefused, PolicyUnusable
 from fleet.signing import PinnedKeys
 from fleet.types import Schema
 from fleet.weights import Manifest, tensor_from_bytes, verify
+from fleet.worker import Worker
 
 __all__ = ["MAX_DELTA_OVERHEAD", "Assembler", "Held", "LastGood", "TransferStats", "Updater", "check_finite"]
 
@@ -116,22 +117,19 @@ class Updater:
         """The model whose weights back ``_held``'s bytes (None: they are the held payload's own)."""
         self._want_full = False
         self._rolled_back: list[int] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker(f"updater-{self.robot_id}", self._run)
         self._call = None
         slot.add_rollback_listener(self._on_rollback)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"updater-{self.robot_id}", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
+        self._worker.stopping.set()
         call = self._call
         if call is not None:
             call.cancel()
-        if self._thread:
-            self._thread.join(timeout_s)
+        self._worker.stop(timeout_s)
 
     @property
     def held(self) -> Held | None:
@@ -216,7 +214,7 @@ class Updater:
     def _run(self) -> None:
         self._load_held()
         backoff = Backoff()
-        while not self._stop.is_set():
+        while not self._worker.stopping.is_set():
             while self._rolled_back:
                 bad = self._rolled_back.pop(0)
                 self._refuse(bad, "rolled back by the control loop")
@@ -225,7 +223,7 @@ class Updater:
             try:
                 self._watch(backoff)
             except grpc.RpcError as exc:
-                if not self._stop.is_set() and not self._rolled_back:
+                if not self._worker.stopping.is_set() and not self._rolled_back:
                     log.info("robot %s: policy watch ended (%s)", self.robot_id,
                              exc.code() if hasattr(exc, "code") else exc)
             except IntegrityError as exc:
@@ -241,14 +239,14 @@ class Updater:
                 log.exception("robot %s: updater error", self.robot_id)
             if self._rolled_back:
                 continue  # tell the gateway right away
-            if self._stop.wait(backoff.next_delay()):
+            if self._worker.stopping.wait(backoff.next_delay()):
                 break
 
     def _watch(self, backoff: Backoff) -> None:
         call = self.client.watch_policy(self.robot_id, self.have_version, want_full=self._want_full,
                                         rejected_version=self.refused_version)
         self._call = call
-        if self._stop.is_set() or self._rolled_back:  # raced with stop() / a rollback
+        if self._worker.stopping.is_set() or self._rolled_back:  # raced with stop() / a rollback
             call.cancel()
         assembler: Assembler | None = None
         target = None  # the standby model this transfer writes into

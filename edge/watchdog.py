@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 from collections.abc import Callable
+
+from fleet.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +60,16 @@ class Watchdog:
         self._healthy = healthy
         self._env = env
         self.interval_s = watchdog_interval_s(env)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("sd-watchdog", self._run)
         self.pings = 0
 
     def start(self) -> None:
         if not self.interval_s:
             return
-        self._thread = threading.Thread(target=self._run, name="sd-watchdog", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._worker.stopping.wait(self.interval_s):
             if self._healthy():
                 if notify("WATCHDOG=1", self._env):
                     self.pings += 1
@@ -78,6 +77,4 @@ class Watchdog:
                 log.error("agent unhealthy: not pinging the systemd watchdog (systemd will restart us)")
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._worker.stop()

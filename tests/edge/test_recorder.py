@@ -212,4 +212,4 @@ def test_the_control_thread_never_encodes_nor_spools(spool, monkeypatch):
     rows = spooled(spool)
     assert len(rows) == 30 and all("cam" in s.images for _, s in rows)
     assert encoders == spoolers == {recorder.thread.ident}
-    assert loop._thread.ident not in encoders
+    assert loop._worker.thread.ident not in encoders
