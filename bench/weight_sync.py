@@ -337,8 +337,8 @@ def delta_sizes(steps: int, warmup: int, lrs: tuple[float, ...], quick: bool, wo
             def train(n: int) -> None:
                 for _ in range(n):
                     with torch.autocast(policy.device.type, dtype=torch.bfloat16):  # bf16 compute (AMP)
-                        loss, _ = policy.compute_loss(policy.train_batch_to_torch(
-                            _bc_batch(rng, expert, batch, cfg.chunk_size, image)))
+                        loss = policy.sample_losses(policy.train_batch_to_torch(
+                            _bc_batch(rng, expert, batch, cfg.chunk_size, image))).mean()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -407,7 +407,8 @@ def publish_step_times(workdir: Path, steps: int, every: int, quick: bool) -> di
                 policy, opt, publisher = policies[mode], opts[mode], publishers[mode]
                 for step in range(block * steps // rounds + 1, (block + 1) * steps // rounds + 1):
                     t0 = time.perf_counter()
-                    loss, _ = policy.compute_loss(policy.train_batch_to_torch(_bc_batch(rng, expert, 16, 10, False)))
+                    batch = policy.train_batch_to_torch(_bc_batch(rng, expert, 16, 10, False))
+                    loss = policy.sample_losses(batch).mean()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()

@@ -8,7 +8,7 @@ them (a plain ``fleet trainer``) everything here is a no-op. With them:
 * the process group comes up from the environment: NCCL when the policy is on
   CUDA (each rank on ``cuda:LOCAL_RANK``), gloo on CPU;
 * the policy's per-sample loss (``policy.sample_losses``, which the algorithms
-  and ``compute_loss`` call) runs through ``DistributedDataParallel`` (or, with
+  call) runs through ``DistributedDataParallel`` (or, with
   ``strategy="fsdp"``, FSDP2 ``fully_shard`` for models whose weights, gradients
   and optimizer state do not fit one GPU, e.g. VLAs): gradients are averaged
   during ``backward``, so every rank takes the same optimizer step;

@@ -282,11 +282,6 @@ class FleetPolicy:
         self.model.train()
         return SAMPLE_LOSSES[self.config.type](self.model, batch).float()
 
-    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean of :meth:`sample_losses`; returns the loss and ``loss/*`` metrics."""
-        loss = self.sample_losses(batch).mean()
-        return loss, {"loss/bc": float(loss.detach())}
-
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
         """bf16 autocast around forward passes when ``precision`` is bf16 (AMP; no grad scaler needed)."""

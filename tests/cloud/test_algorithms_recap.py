@@ -144,7 +144,7 @@ def test_recap_trains_online_on_the_buffer_and_the_edge_acts_positive(redis_proc
         target[..., 0] = np.where(indicator == -1, 0.0, 2.0 * indicator - 1)[:, None]
         batch = {"obs/state": rng.normal(size=(32, 39)).astype(np.float32), "task_index": np.zeros(32, int),
                  "indicator": indicator, "action": target, "action_is_pad": np.zeros((32, 3), bool)}
-        loss, _ = policy.compute_loss(policy.train_batch_to_torch(batch))
+        loss = policy.sample_losses(policy.train_batch_to_torch(batch)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

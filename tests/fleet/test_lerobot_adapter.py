@@ -76,12 +76,12 @@ def fit(policy: FleetPolicy, data: LinearTasks, steps: int, batch_size: int = 32
     optimizer = policy.make_optimizer()
     losses = []
     for _ in range(steps):
-        loss, metrics = policy.compute_loss(policy.train_batch_to_torch(data.batch(batch_size)))
+        loss = policy.sample_losses(policy.train_batch_to_torch(data.batch(batch_size))).mean()
         optimizer.zero_grad()
         loss.backward()
         policy.clip_grad_norm_()
         optimizer.step()
-        losses.append(metrics["loss/bc"])
+        losses.append(float(loss.detach()))
     return losses
 
 
