@@ -143,7 +143,7 @@ class Fleet:
         import redis
 
         from cloud.policy_store import PolicyStore
-        from fleet.config import GatewayConfig
+        from fleet.gateway_config import GatewayConfig
         from fleet.redis_server import start_redis
 
         self.redis_proc = start_redis(workdir / "redis")

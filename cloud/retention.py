@@ -32,7 +32,7 @@ from typing import Protocol
 
 from cloud.buffer.layout import RETENTION_LEASE_KEY
 from fleet import metrics
-from fleet.config import TIERS, RetentionConfig
+from fleet.gateway_config import TIERS, RetentionConfig
 from fleet.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,8 @@ from edge.streamer import Backoff, Streamer, StreamerConfig
 from edge.updater import LastGood, Updater
 from edge.watchdog import Watchdog, notify
 from fleet import PROTOCOL_VERSION, __version__, metrics
-from fleet.config import DEFAULT_TASKS, ClientSecurity, require
+from fleet.config import DEFAULT_TASKS, require
+from fleet.gateway_config import ClientSecurity
 from fleet.errors import ConfigError, PolicyRefused
 from fleet.netaddr import is_loopback
 from fleet.policies.base import NullPolicy

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from fleet.config import ClientSecurity
+from fleet.gateway_config import ClientSecurity
 from fleet.convert import robot_info_to_pb
 from fleet.errors import ConfigError
 from fleet.secret_files import read_private

@@ -314,7 +314,7 @@ def _run_demo(cfg) -> int:
 
 
 def _gateway_config():
-    from fleet.config import GatewayConfig
+    from fleet.gateway_config import GatewayConfig
 
     return GatewayConfig
 

@@ -112,7 +112,7 @@ class GatewayThread:
 
 @pytest.fixture
 def gateway(redis_proc, tmp_path):
-    from fleet.config import GatewayConfig
+    from fleet.gateway_config import GatewayConfig
 
     gw = GatewayThread(GatewayConfig(listen="127.0.0.1:0", redis_url=redis_proc.url,
                                      policy_dir=str(tmp_path / "policies")))

@@ -22,7 +22,7 @@ from edge.loop import LoopConfig
 from edge.operator import OperatorConfig
 from fleet import signing
 from cloud.trainer_config import TrainerConfig
-from fleet.config import ClientSecurity
+from fleet.gateway_config import ClientSecurity
 from fleet.policies import PolicyConfig
 
 TASKS = ("reach the goal", "press the button from the top")

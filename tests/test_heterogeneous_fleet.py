@@ -27,7 +27,7 @@ from edge.robots.base import make_robot
 from fleet import PROTOCOL_VERSION
 from fleet.codec import encode_image
 from cloud.trainer_config import TrainerConfig
-from fleet.config import GatewayConfig
+from fleet.gateway_config import GatewayConfig
 from fleet.policies import PolicyConfig
 from fleet.types import Chunk, EpisodeSummary, RobotInfo, Step
 from tests.conftest import GatewayThread

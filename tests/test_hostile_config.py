@@ -80,7 +80,7 @@ def test_gateway_listens_beyond_loopback_with_insecure(redis_proc, tmp_path):
 def test_gateway_on_loopback_needs_no_flags():
     from cloud.gateway.server import protected_mode_refusal
     from fleet.netaddr import is_loopback
-    from fleet.config import GatewayConfig, GatewaySecurity
+    from fleet.gateway_config import GatewayConfig, GatewaySecurity
 
     for listen in ("127.0.0.1:0", "127.3.2.1:5", "localhost:50051", "[::1]:50051", "[::ffff:127.0.0.1]:1"):
         assert is_loopback(listen), listen
@@ -118,7 +118,8 @@ def test_edge_with_an_unreadable_publisher_key_exits_2(tmp_path):
 
 def test_edge_tls_or_loopback_needs_no_insecure():
     from edge.agent import EdgeConfig, plaintext_refusal
-    from fleet.config import ClientSecurity, parse
+    from fleet.config import parse
+    from fleet.gateway_config import ClientSecurity
     from fleet.netaddr import is_loopback
 
     for gateway in ("127.0.0.1:50051", "localhost:1", "[::1]:1"):

@@ -20,7 +20,7 @@ from cloud.gateway.auth import REVOKED_KEY, RobotLimits, TokenBucket
 from edge.client import FleetClient
 from fleet import PROTOCOL_VERSION, certs, tokens
 from fleet.cli import main as fleet_main
-from fleet.config import ClientSecurity, GatewayConfig, GatewaySecurity
+from fleet.gateway_config import ClientSecurity, GatewayConfig, GatewaySecurity
 from fleet.convert import chunk_to_pb
 from fleet.errors import Overloaded
 from fleet.healthcheck import check

@@ -38,7 +38,7 @@ import grpc
 
 from cloud.gateway.interceptors import MalformedRequests, _responses, _result, abort, status_for
 from fleet import metrics
-from fleet.config import GatewaySecurity
+from fleet.gateway_config import GatewaySecurity
 from fleet.errors import ConfigError, FleetError, Overloaded, PermissionDenied, Unauthenticated
 from fleet.secret_files import read_private
 from fleet.tokens import TokenError, load_key, verify

@@ -23,7 +23,7 @@ from cloud.gateway.servicer import FleetServicer
 from cloud.blobstore import open_blob_store
 from cloud.ingest import Ingest
 from cloud.policy_store import PolicyStore
-from fleet.config import GatewayConfig
+from fleet.gateway_config import GatewayConfig
 from fleet.netaddr import is_loopback
 from fleet.redis_client import connect, connect_async
 

@@ -20,7 +20,7 @@ from edge.client import FleetClient
 from fleet import PROTOCOL_VERSION
 from fleet.codec import encode_image
 from fleet.columns import FRAMES_BLOB, decode_element
-from fleet.config import GatewayConfig
+from fleet.gateway_config import GatewayConfig
 from fleet.convert import chunk_to_pb
 from fleet.types import Chunk, FeatureSpec, RobotInfo, Schema, Step
 from tests.conftest import GatewayThread

@@ -21,7 +21,7 @@ from cloud.buffer.reader import BufferReader
 from edge.client import FleetClient
 from fleet import PROTOCOL_VERSION
 from fleet.codec import encode_image
-from fleet.config import GatewayConfig
+from fleet.gateway_config import GatewayConfig
 from fleet.convert import chunk_to_pb
 from fleet.types import Chunk, EncodedImage, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 from fleet.v1 import fleet_pb2 as pb

@@ -21,7 +21,7 @@ from cloud.sampler import Sampler, SamplerConfig
 from edge.client import FleetClient
 from fleet import PROTOCOL_VERSION
 from fleet.codec import encode_image
-from fleet.config import GatewayConfig
+from fleet.gateway_config import GatewayConfig
 from fleet.convert import chunk_to_pb
 from fleet.types import Chunk, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 from tests.conftest import GatewayThread

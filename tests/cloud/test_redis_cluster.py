@@ -20,7 +20,7 @@ from edge.client import FleetClient
 from fleet import PROTOCOL_VERSION
 from cloud.buffer.reader import BufferReader
 from cloud.trainer_config import TrainerConfig
-from fleet.config import GatewayConfig
+from fleet.gateway_config import GatewayConfig
 from fleet.convert import chunk_to_pb
 from fleet.policies import PolicyConfig
 from fleet.redis_client import connect, connect_async, is_cluster

@@ -20,7 +20,7 @@ from cloud.sampler import Sampler
 from edge.client import FleetClient
 from fleet import PROTOCOL_VERSION
 from fleet.codec import encode_image
-from fleet.config import GatewayConfig, RetentionConfig
+from fleet.gateway_config import GatewayConfig, RetentionConfig
 from fleet.convert import chunk_to_pb
 from fleet.types import Chunk, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
 from tests.conftest import GatewayThread

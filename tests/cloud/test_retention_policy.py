@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from cloud.buffer.reader import EpisodeInfo
 from cloud.retention import choose_evictions, tier_of
-from fleet.config import RetentionConfig
+from fleet.gateway_config import RetentionConfig
 from fleet.errors import ConfigError
 
 NOW = 1_000_000.0

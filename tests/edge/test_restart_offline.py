@@ -17,7 +17,7 @@ from edge.agent import EdgeAgent, EdgeConfig
 from edge.loop import LoopConfig
 from edge.sim.metaworld import SCHEMA, MetaWorldRobot
 from edge.updater import LastGood
-from fleet.config import GatewayConfig
+from fleet.gateway_config import GatewayConfig
 from fleet.policies import PolicyConfig, build_policy
 from fleet.redis_server import free_port
 from fleet.weights import build_manifest

@@ -143,7 +143,7 @@ def test_gap_resumes_after_the_trailing_metadata_seq(make_edge, redis_client):
 
 @pytest.fixture
 def full_redis_gateway(redis_proc, tmp_path):
-    from fleet.config import GatewayConfig
+    from fleet.gateway_config import GatewayConfig
     from tests.conftest import GatewayThread
 
     gw = GatewayThread(GatewayConfig(listen="127.0.0.1:0", redis_url=redis_proc.url,
@@ -173,7 +173,7 @@ def test_redis_at_maxmemory_slows_the_robot_down_and_loses_nothing(full_redis_ga
 
 
 def test_oversize_chunks_shrink_and_a_step_too_large_is_quarantined(redis_proc, redis_client, tmp_path):
-    from fleet.config import GatewayConfig
+    from fleet.gateway_config import GatewayConfig
     from tests.conftest import GatewayThread
 
     gw = GatewayThread(GatewayConfig(listen="127.0.0.1:0", redis_url=redis_proc.url,

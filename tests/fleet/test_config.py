@@ -15,7 +15,8 @@ from edge.sim.demo import DemoConfig
 from cloud.trainer_config import TrainerConfig
 from edge.agent import EdgeConfig
 from edge.sim.fleet import SimFleetConfig
-from fleet.config import GatewayConfig, _is_choice, _is_config, field_docs, parse
+from fleet.config import _is_choice, _is_config, field_docs, parse
+from fleet.gateway_config import GatewayConfig
 
 PROCESS_CONFIGS = (GatewayConfig, TrainerConfig, EdgeConfig, SimFleetConfig, DemoConfig)
 
