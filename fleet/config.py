@@ -293,5 +293,4 @@ def _read(path: str) -> Any:
         raise ConfigError(f"config file {path}: not YAML or JSON: {e}") from None
 
 
-__all__ = ["ClientSecurity", "DEFAULT_TASKS", "GatewayConfig", "GatewaySecurity", "load", "parse", "require",
-           "suggest", "cli_value", "flag_spelling", "field"]
+__all__ = ["DEFAULT_TASKS", "load", "parse", "require", "suggest", "cli_value", "flag_spelling"]
