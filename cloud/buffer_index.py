@@ -5,7 +5,7 @@ list and episode-end ``events`` stream (plus, once per robot, its catalog, in
 case the capped stream lost old entries). What is usable is chosen by the
 algorithm's :class:`DataSpec`: operator-labelled steps (HG-DAgger), the robot's
 own successful episodes, every finished episode (RECAP), offline demos.
-Usable steps are kept as runs (:class:`Segment`) in per-(task, source) pools.
+Usable steps are kept as runs (:class:`Segment`) in per-(task, source) pools (``cloud/pools.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from cloud.buffer import SOURCE_OFFLINE, SOURCE_ONLINE
 from cloud.buffer.reader import BufferReader
+from cloud.pools import Pool, PoolSet, Segment
 from fleet import metrics
 from fleet.convert import schema_from_dict
 from fleet.types import Schema
@@ -47,89 +48,6 @@ class Position:
     robot_id: str
     episode_id: str
     index: int
-
-
-@dataclass
-class Segment:
-    """A run of consecutive usable steps of one episode."""
-
-    robot_id: str
-    episode_id: str
-    start: int
-    length: int
-    labels_all: bool
-    """Every step is a target (False: targets end where the operator handed back)."""
-    episode_len: int = 0
-    """Steps of the finished episode (0: not finished yet)."""
-    success: bool = False
-
-
-class Pool:
-    """Segments of one (task, source), sampled robot first: every robot with steps here is equally likely,
-    then uniformly over that robot's steps (one robot cannot take over a task by sending more)."""
-
-    def __init__(self) -> None:
-        self.by_robot: dict[str, list[Segment]] = {}
-        self._cum: dict[str, np.ndarray] = {}
-        self._flat: tuple | None = None
-        """(segments robot after robot, their cumulative lengths, each robot's first cumulative step and steps)"""
-
-    @property
-    def segments(self) -> list[Segment]:
-        return [seg for segs in self.by_robot.values() for seg in segs]
-
-    def add(self, seg: Segment) -> None:
-        segs = self.by_robot.setdefault(seg.robot_id, [])
-        last = segs[-1] if segs else None
-        if (last is not None and not seg.labels_all and last.episode_id == seg.episode_id
-                and last.start + last.length == seg.start):
-            last.length += seg.length  # an intervention run continued in a later chunk
-        else:
-            segs.append(seg)
-        self._cum.pop(seg.robot_id, None)
-        self._flat = None
-
-    def drop_episode(self, rid: str, eid: str) -> int:
-        """Remove one episode's segments; returns the steps removed."""
-        segs = self.by_robot.get(rid, [])
-        keep = [seg for seg in segs if seg.episode_id != eid]
-        dropped = sum(seg.length for seg in segs) - sum(seg.length for seg in keep)
-        if keep:
-            self.by_robot[rid] = keep
-        else:
-            self.by_robot.pop(rid, None)
-        self._cum.pop(rid, None)
-        self._flat = None
-        return dropped
-
-    def __len__(self) -> int:
-        cum = self._flatten()[1]
-        return int(cum[-1]) if len(cum) else 0
-
-    def cum(self, rid: str) -> np.ndarray:
-        cum = self._cum.get(rid)
-        if cum is None:
-            cum = self._cum[rid] = np.cumsum([s.length for s in self.by_robot[rid]])
-        return cum
-
-    def _flatten(self) -> tuple:
-        if self._flat is None:
-            segs = [seg for segs in self.by_robot.values() for seg in segs]
-            cum = np.cumsum([seg.length for seg in segs], dtype=np.int64)
-            totals = np.array([int(self.cum(rid)[-1]) for rid in self.by_robot], np.int64)
-            firsts = np.concatenate([[0], np.cumsum(totals)[:-1]]).astype(np.int64)
-            self._flat = (segs, cum, firsts, totals)
-        return self._flat
-
-    def sample(self, rng: np.random.Generator, n: int) -> list[tuple[Segment, int]]:
-        """``n`` (segment, step index) pairs: a uniform robot, then uniform over its steps (one searchsorted
-        over the pool's segments, robot after robot)."""
-        segs, cum, firsts, totals = self._flatten()
-        r = rng.integers(len(totals), size=n)
-        step = firsts[r] + rng.integers(totals[r])
-        seg_index = np.searchsorted(cum, step, side="right")
-        offsets = step - np.concatenate([[0], cum])[seg_index]
-        return [(segs[i], segs[i].start + o) for i, o in zip(seg_index.tolist(), offsets.tolist())]
 
 
 @dataclass
@@ -169,6 +87,34 @@ class BufferIndex:
     """Usable steps those episodes held."""
     _last_event: dict[str, bytes] = field(default_factory=dict)
     _episodes: set[tuple[str, str]] = field(default_factory=set)
+    episode_keys: list[tuple[str, str]] = field(default_factory=list)
+    """(robot_id, episode_id) of each episode number (``Segment.number``), in order of first sight."""
+    _numbers: dict[tuple[str, str], int] = field(default_factory=dict)
+    _finished_len: np.ndarray = field(default_factory=lambda: np.zeros(64, np.int64))
+    """``finished`` by episode number (0: not finished)."""
+    _pool_set: PoolSet | None = None
+
+    def number(self, rid: str, eid: str) -> int:
+        """The episode's number (assigned on first sight, never reused)."""
+        key = (rid, eid)
+        no = self._numbers.get(key)
+        if no is None:
+            no = self._numbers[key] = len(self.episode_keys)
+            self.episode_keys.append(key)
+            if no >= len(self._finished_len):
+                self._finished_len = np.concatenate([self._finished_len, np.zeros_like(self._finished_len)])
+        return no
+
+    def pool_set(self) -> PoolSet:
+        """Every pool with steps as one set of arrays (rebuilt when a pool changed)."""
+        signature = tuple((key, pool.version) for key, pool in self.pools.items())
+        if self._pool_set is None or self._pool_set.signature != signature:
+            self._pool_set = PoolSet(self.pools, signature)
+        return self._pool_set
+
+    def finished_lengths(self, numbers: np.ndarray) -> np.ndarray:
+        """``finished`` of each episode number (0: not finished)."""
+        return self._finished_len[numbers]
 
     def refresh(self, redis) -> int:
         """Pull new entries; returns how many usable steps were added. A record that cannot be used is
@@ -310,7 +256,7 @@ class BufferIndex:
                     or not self._known_task(rid, task, end - start)):
                 continue
             self.pools[(task, source)].add(Segment(rid, eid, start, end - start,
-                                                   labels_all=source == SOURCE_OFFLINE))
+                                                   labels_all=source == SOURCE_OFFLINE, number=self.number(rid, eid)))
             added += end - start
         return added
 
@@ -322,6 +268,7 @@ class BufferIndex:
                 continue
             self._evicted.add((rid, eid))
             self.finished.pop((rid, eid), None)
+            self._finished_len[self.number(rid, eid)] = 0
             dropped = sum(pool.drop_episode(rid, eid) for pool in self.pools.values())
             self.evicted_episodes += 1
             self.evicted_steps += dropped
@@ -336,6 +283,7 @@ class BufferIndex:
         if not self._known_task(rid, task, length):
             return 0
         self.finished[(rid, eid)] = length
+        self._finished_len[self.number(rid, eid)] = length
         self.task_max_len[task] = max(self.task_max_len.get(task, 0), length)
         if evaluation:  # evaluation episodes measure the policy; they do not train it
             return 0
@@ -346,7 +294,7 @@ class BufferIndex:
         if not use:
             return 0
         self.pools[(task, source)].add(Segment(rid, eid, 0, length, labels_all=True, episode_len=length,
-                                               success=success))
+                                               success=success, number=self.number(rid, eid)))
         return length
 
     def quarantine(self, rid: str, eid: str, reason: str, detail: str) -> None:

@@ -93,13 +93,57 @@ class Arena:
         self.used, self.garbage = pos, 0
 
 
+BASE, LENGTH, FRAME_BASE, FRAMES_READY = range(4)
+
+
+class EpisodeTable:
+    """Where each cached episode's rows are, one int64 row per episode number (the caller's numbering): arena
+    base, steps cached (0: not cached), frame arena base (-1: none), frames decoded. The entries read and
+    write their fields here, so a batch's picks are located with one fancy index."""
+
+    def __init__(self, rows: int = 1024):
+        self.rows = np.zeros((rows, 4), np.int64)
+        self.rows[:, FRAME_BASE] = -1
+
+    def slot(self, number: int) -> int:
+        if number >= len(self.rows):
+            grown = np.zeros((max(2 * len(self.rows), number + 1), 4), np.int64)
+            grown[:, FRAME_BASE] = -1
+            grown[:len(self.rows)] = self.rows
+            self.rows = grown
+        return number
+
+    def clear(self, number: int) -> None:
+        self.rows[number] = (0, 0, -1, 0)
+
+
+def _column(k: int, doc: str) -> property:
+    def get(self) -> int:
+        return int(self._table.rows[self._slot, k])
+
+    def set(self, value: int) -> None:
+        self._table.rows[self._slot, k] = value
+
+    return property(get, set, doc=doc)
+
+
 class CachedEpisode:
     """The decoded prefix of one stored episode, column by column."""
 
+    base = _column(BASE, "Arena row of step 0.")
+    length = _column(LENGTH, "Steps decoded.")
+    frame_base = _column(FRAME_BASE, "FrameArena row of step 0's frames (-1: none in the arena; the sampler "
+                                     "decodes sampled frames).")
+    frames_ready = _column(FRAMES_READY, "Steps ``[0, frames_ready)`` have their decoded frames in the arena.")
+
     def __init__(self, robot_id: str, episode_id: str, schema: Schema, arena: Arena,
-                 reader: BufferReader | None = None, on_grow: Callable[[int], None] | None = None) -> None:
+                 reader: BufferReader | None = None, on_grow: Callable[[int], None] | None = None,
+                 table: EpisodeTable | None = None, number: int = 0) -> None:
         self.robot_id, self.episode_id, self.schema = robot_id, episode_id, schema
         self.arena = arena
+        self._table = table or EpisodeTable(1)
+        self._slot = self._table.slot(number)
+        self.number = number
         self._reader = reader
         self._on_grow = on_grow
         """Told the bytes of frames fetched from the blob store (the cache's total)."""
@@ -108,7 +152,6 @@ class CachedEpisode:
         self.length = 0
         self.chunks = 0
         self.base = 0
-        """Arena row of step 0."""
         self.reserved = 0
         """Arena rows this episode owns (>= length)."""
         self.cameras = [f.name for f in schema.observation if f.is_image]
@@ -116,11 +159,9 @@ class CachedEpisode:
         self._starts: list[int] = []
         self.nbytes = 0
         self.frame_base = -1
-        """FrameArena row of step 0's frames (-1: none in the arena; the sampler decodes sampled frames)."""
         self.frame_rows = 0
         """FrameArena rows this episode owns (>= frames_ready)."""
         self.frames_ready = 0
-        """Steps ``[0, frames_ready)`` have their decoded frames in the arena."""
         self.frames_left = False
         """The frames left the arena for lack of room (FIFO): the sampler decodes sampled ones."""
 
@@ -222,6 +263,8 @@ class EpisodeCache:
         self._decoder = decoder
         self._entries: OrderedDict[tuple[str, str], CachedEpisode] = OrderedDict()
         self._bytes = 0
+        self.table = EpisodeTable()
+        """Where each cached episode's rows are, by the caller's episode number."""
         self.lock = threading.RLock()
         """Held by the sampler from ``fetch`` to the end of its gather (arena rows do not move meanwhile)."""
         self.hits = 0
@@ -231,50 +274,57 @@ class EpisodeCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    def fetch(self, needs: list[tuple[str, str, int, int]]) -> list[CachedEpisode]:
-        """For each (robot_id, episode_id, first, last step index needed) the episode's decoded steps: the
-        cached prefix, topped up from Redis (``max_bytes`` 0: nothing is kept between calls)."""
+    def locate(self, numbers: np.ndarray, lasts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each episode number's ``EpisodeTable`` row ([n, 4]: arena base, steps cached, frame base, frames
+        decoded) and whether step ``lasts`` is past what is cached (``fetch`` those; the others count as hits)."""
+        rows = self.table.rows[numbers]
+        missing = rows[:, LENGTH] <= lasts
+        self.hits += len(missing) - int(missing.sum())
+        return rows, missing
+
+    def fetch(self, needs: list[tuple[int, str, str, int]]) -> None:
+        """Cache (number, robot_id, episode_id, last step index needed) of each episode: its cached prefix
+        topped up from Redis as far as it exists (``max_bytes`` 0: nothing is kept between calls)."""
         schema = self._schema()
         with self.lock:
             if self.arena is None:
                 self.arena = Arena(schema)
                 if self._decoder is not None and any(f.is_image for f in schema.observation):
                     self.frames = FrameArena(schema, self.frame_bytes)
-            wanted: dict[tuple[str, str], int] = {}
-            for rid, eid, _, last in needs:
+            wanted: dict[tuple[str, str], tuple[int, int]] = {}
+            for number, rid, eid, last in needs:
                 key = (rid, eid)
                 entry = self._entries.get(key)
                 if entry is None or entry.length <= last:
-                    wanted[key] = max(wanted.get(key, -1), last)
+                    wanted[key] = (number, max(wanted.get(key, (0, -1))[1], last))
             self.misses += len(wanted)
-            self.hits += len(needs) - len(wanted)
-            fresh: dict[tuple[str, str], CachedEpisode] = {}
-            if wanted:
-                pipe = self._reader.redis.pipeline(transaction=False)
-                for rid, eid in wanted:
-                    entry = self._entries.get((rid, eid))
-                    self._reader.queue_elements(pipe, rid, eid, entry.chunks if entry else 0)
-                for key, raws in zip(wanted, pipe.execute()):
-                    entry = self._entries.pop(key, None) or CachedEpisode(*key, schema, self.arena, self._reader,
-                                                                             self._grow)
+            if not wanted:
+                return
+            pipe = self._reader.redis.pipeline(transaction=False)
+            for rid, eid in wanted:
+                entry = self._entries.get((rid, eid))
+                self._reader.queue_elements(pipe, rid, eid, entry.chunks if entry else 0)
+            for (key, (number, _)), raws in zip(wanted.items(), pipe.execute()):
+                entry = self._entries.pop(key, None) or CachedEpisode(*key, schema, self.arena, self._reader,
+                                                                         self._grow, self.table, number)
+                try:
                     before = entry.nbytes
-                    try:
-                        entry.extend(raws)
-                    except UNDECODABLE as exc:
-                        self._bytes -= before
-                        raise UnusableEpisode(*key, "corrupt_step",
-                                              f"a stored chunk cannot be decoded ({exc})") from None
-                    self._bytes += entry.nbytes - before
-                    fresh[key] = entry
-                    self._entries[key] = entry
-                    self._decode_frames(entry)
-            out = [self._entries.get((rid, eid)) or fresh[(rid, eid)] for rid, eid, _, _ in needs]
-            for (rid, eid, _, _), entry in zip(needs, out):
+                    entry.extend(raws)
+                except UNDECODABLE as exc:
+                    self._drop(entry)  # (extend kept nothing of raws)
+                    raise UnusableEpisode(*key, "corrupt_step",
+                                          f"a stored chunk cannot be decoded ({exc})") from None
+                self._bytes += entry.nbytes - before
                 if entry.length == 0:
-                    self._entries.pop((rid, eid), None)
-                    raise UnusableEpisode(rid, eid, "missing_episode", "no stored steps (evicted, or the buffer "
-                                                                       "was flushed)")
-            return out
+                    self.table.clear(entry.number)
+                    raise UnusableEpisode(*key, "missing_episode", "no stored steps (evicted, or the buffer "
+                                                                   "was flushed)")
+                self._entries[key] = entry
+                self._decode_frames(entry)
+
+    def entry(self, robot_id: str, episode_id: str) -> CachedEpisode:
+        """A cached episode (after ``fetch``, under ``lock``)."""
+        return self._entries[(robot_id, episode_id)]
 
     def forget(self, robot_id: str, episode_id: str) -> None:
         with self.lock:
@@ -289,6 +339,7 @@ class EpisodeCache:
         self._bytes -= entry.nbytes
         self.arena.garbage += entry.reserved
         self._drop_frames(entry)
+        self.table.clear(entry.number)
 
     def _drop_frames(self, entry: CachedEpisode) -> None:
         if entry.frame_base >= 0:

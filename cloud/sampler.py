@@ -32,7 +32,7 @@ import numpy as np
 
 from cloud.buffer import SOURCE_OFFLINE, SOURCE_ONLINE
 from cloud.buffer_index import BufferIndex, DataSpec, LabeledIndex, Position, Segment
-from cloud.episode_cache import UNDECODABLE, EpisodeCache, UnusableEpisode
+from cloud.episode_cache import BASE, FRAME_BASE, FRAMES_READY, LENGTH, UNDECODABLE, EpisodeCache, UnusableEpisode
 from cloud.frames import CorruptFrames, FrameDecoder
 from fleet.errors import BlobNotFound, ConfigError
 from fleet.worker import Worker
@@ -164,46 +164,52 @@ class Sampler:
         return min(max(p, cfg.min_online_fraction), cfg.max_online_fraction)
 
     # --- sampling ------------------------------------------------------------------------------------------
-    def _pick(self, n: int, only_source: str | None) -> list[tuple[Segment, int, str, str]]:
-        pools = self.index.pools
-        tasks = [t for t in self.index.tasks() if only_source is None or len(pools.get((t, only_source)) or ())]
+    def _pick(self, n: int, only_source: str | None) -> Picks:
+        """``n`` picks drawn as arrays: a uniform task with data; online with probability ``online_share``
+        (when the task has both kinds); then ``PoolSet.draw`` (a uniform robot, then uniform over its steps)."""
+        pools = self.index.pool_set()
+        tasks = [t for t in self.index.tasks() if only_source is None or (t, only_source) in pools.group]
         if not tasks:
             raise LookupError(f"the buffer holds no usable {only_source or ''} steps yet".replace("  ", " "))
-        counts = np.bincount(self._rng.integers(len(tasks), size=n), minlength=len(tasks))
-        out = []
-        for task, k in zip(tasks, counts):
-            online, offline = pools.get((task, SOURCE_ONLINE)), pools.get((task, SOURCE_OFFLINE))
-            if only_source is not None:
-                n_online = k if only_source == SOURCE_ONLINE else 0
-            elif not online or not offline:
-                n_online = k if online else 0
-            else:
-                n_online = int(self._rng.binomial(k, self.online_share(task)))
-            for source, m in ((SOURCE_ONLINE, n_online), (SOURCE_OFFLINE, k - n_online)):
-                if m:
-                    out.extend((seg, t, task, source) for seg, t in pools[(task, source)].sample(self._rng, int(m)))
-        order = self._rng.permutation(len(out))
-        return [out[i] for i in order]
+        online_group = np.array([pools.group.get((t, SOURCE_ONLINE), -1) for t in tasks])
+        offline_group = np.array([pools.group.get((t, SOURCE_OFFLINE), -1) for t in tasks])
+        if only_source is not None:
+            share = np.full(len(tasks), float(only_source == SOURCE_ONLINE))
+        else:
+            share = np.array([self.online_share(t) if on >= 0 and off >= 0 else float(on >= 0)
+                              for t, on, off in zip(tasks, online_group.tolist(), offline_group.tolist())])
+        task = self._rng.integers(len(tasks), size=n)
+        online = self._rng.random(n) < share[task]
+        seg, t = pools.draw(self._rng, np.where(online, online_group[task], offline_group[task]))
+        task_ids = {name: i for i, name in enumerate(self.tasks)}
+        task_index = np.array([task_ids.get(name, -1) for name in tasks], np.int64)[task]
+        max_len = np.array([self.index.task_max_len.get(name, -1) for name in tasks], np.int64)[task]
+        episode_len = pools.episode_len[seg]
+        return Picks(pools.number[seg], t, task_index, online, pools.labels_all[seg], episode_len,
+                     pools.success[seg], np.where(max_len >= 0, max_len, episode_len))
 
     def sample(self, only_source: str | None = None) -> dict[str, np.ndarray]:
         """One batch. ``only_source`` restricts to online or offline data (e.g. seed BC on demos).
 
         An episode whose stored steps cannot be decoded or do not fit the schema is quarantined (counted
         by reason, never sampled again) and the batch drawn again; LookupError if no usable steps remain."""
+        reach = max(self.horizon - 1, self.spec.lookahead_steps)
         for _ in range(MAX_REDRAWS):
             with self._lock:
                 picks = self._pick(self.batch_size, only_source)
-            look, finished = self.spec.lookahead_steps, self.index.finished
-            need = []
-            for seg, t, _, _ in picks:
-                last = t + max(self.horizon - 1, look)
-                length = finished.get((seg.robot_id, seg.episode_id))
-                need.append((seg.robot_id, seg.episode_id, t, min(last, length - 1) if length else last))
+                finished = self.index.finished_lengths(picks.number)
+                keys = self.index.episode_keys
+            last = picks.t + reach
+            last = np.where(finished > 0, np.minimum(last, finished - 1), last)
             try:
                 with self.cache.lock:  # arena rows stay put from the fetch to the end of the gather
-                    episodes = self.cache.fetch(need)
-                    self._check_fits(picks, episodes)
-                    batch = self._collate(picks, episodes)
+                    rows, missing = self.cache.locate(picks.number, last)
+                    if missing.any():
+                        self.cache.fetch([(no, *keys[no], end) for no, end in
+                                          zip(picks.number[missing].tolist(), last[missing].tolist())])
+                        rows = self.cache.table.rows[picks.number]
+                    self._check_fits(picks, rows, keys)
+                    batch = self._collate(picks, rows, keys)
                 self.cache.trim()
                 return batch
             except UnusableEpisode as bad:
@@ -227,13 +233,14 @@ class Sampler:
                             {f.name: f.shape for f in schema.observation if f.is_image}, schema.action.shape)
         return self._shapes
 
-    def _check_fits(self, picks, episodes) -> None:
+    def _check_fits(self, picks: Picks, rows: np.ndarray, keys) -> None:
         """Raise UnusableEpisode for the first pick past what its episode stores (a summary claimed more)."""
-        for (seg, t, _, _), ep in zip(picks, episodes):
-            if not 0 <= t - ep.offset < ep.length:
-                raise UnusableEpisode(seg.robot_id, seg.episode_id, "length_mismatch",
-                                      f"step {t} was sampled but only {ep.end} are stored (the episode's summary "
-                                      f"claims {seg.episode_len})")
+        past = np.flatnonzero(picks.t >= rows[:, LENGTH])
+        if len(past):
+            i = past[0]
+            raise UnusableEpisode(*keys[picks.number[i]], "length_mismatch",
+                                  f"step {picks.t[i]} was sampled but only {rows[i, LENGTH]} are stored (the "
+                                  f"episode's summary claims {picks.episode_len[i]})")
 
     def _empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         """An uninitialised batch array, in pinned host memory when ``self.pinned``."""
@@ -245,36 +252,37 @@ class Sampler:
         np.take(column, rows, axis=0, out=out, mode="clip")  # rows are in range by construction; "raise" buffers
         return out
 
-    def _frames(self, picks, episodes, steps: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
+    def _frames(self, picks: Picks, rows: np.ndarray, keys, steps: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
         """Each camera's frames of the picks: gathered from the cache's frame arena where decoded there, the
         others decoded into the batch by the GIL-free pool (``cloud.frames``); a frame that cannot be read
         makes its episode unusable."""
         _, images, _ = self._expected()
         arena = self.cache.frames
-        base = np.array([ep.frame_base if ep.frames_ready > s else -1 for ep, s in zip(episodes, steps.tolist())],
-                        np.int64)
-        hit = base >= 0
+        hit = rows[:, FRAMES_READY] > steps
         miss = np.flatnonzero(~hit)
-        rows = base + steps
+        at = rows[:, FRAME_BASE] + steps
+        misses = [(keys[no], t) for no, t in zip(picks.number[miss].tolist(), steps[miss].tolist())]
         out = {}
-        for name in episodes[0].cameras:
-            frames = self._empty((len(picks), *images[name]), np.uint8)
+        for name in images:
+            frames = self._empty((len(steps), *images[name]), np.uint8)
             if hit.all():
-                np.take(arena.frames[name], rows, axis=0, out=frames, mode="clip")
+                np.take(arena.frames[name], at, axis=0, out=frames, mode="clip")
             elif hit.any():
-                frames[hit] = arena.frames[name][rows[hit]]
+                frames[hit] = arena.frames[name][at[hit]]
             if len(miss):
-                self._decode_into(frames, miss, [picks[i] for i in miss], [episodes[i] for i in miss],
-                                  steps[miss].tolist(), name)
+                self._decode_into(frames, miss, misses, name)
             out[f"{prefix}/{name}"] = frames
         return out
 
-    def _decode_into(self, frames: np.ndarray, slots: np.ndarray, picks, episodes, steps: list[int], name: str):
+    def _decode_into(self, frames: np.ndarray, slots: np.ndarray, misses: list, name: str):
+        """Decode the (episode key, step) ``misses`` of camera ``name`` into ``frames[slots]``."""
+        episodes = [self.cache.entry(*key) for key, _ in misses]
+        steps = [t for _, t in misses]
         try:
             blobs = [ep.encoded_frame(t, name).data for ep, t in zip(episodes, steps)]
         except UNDECODABLE + (BlobNotFound,) as exc:
             bad = next(i for i, (ep, t) in enumerate(zip(episodes, steps)) if not _has_frame(ep, t, name))
-            raise UnusableEpisode(picks[bad][0].robot_id, picks[bad][0].episode_id, "corrupt_image",
+            raise UnusableEpisode(*misses[bad][0], "corrupt_image",
                                   f"camera {name!r} frames cannot be read ({exc!r})") from None
         whole = len(slots) == len(frames)
         target = frames if whole else np.empty((len(slots), *frames.shape[1:]), np.uint8)
@@ -282,50 +290,54 @@ class Sampler:
             self._decoder.decode_into(blobs, target)
         except CorruptFrames as exc:
             err = exc.errors[0]
-            seg = picks[err.index][0]
-            raise UnusableEpisode(seg.robot_id, seg.episode_id, "corrupt_image",
-                                  f"camera {name!r}: {err.detail}") from None
+            raise UnusableEpisode(*misses[err.index][0], "corrupt_image", f"camera {name!r}: {err.detail}") from None
         if not whole:
             frames[slots] = target
 
-    def _collate(self, picks, episodes) -> dict[str, np.ndarray]:
-        """Gather every window with one fancy index into the cache's arena (flat rows; no per-step Python)."""
-        B, H, look = len(picks), self.horizon, self.spec.lookahead_steps
-        arena = episodes[0].arena
-        task_ids = {task: i for i, task in enumerate(self.tasks)}
-        max_len = self.index.task_max_len
-        cols = list(zip(*[(t, seg.labels_all, seg.episode_len, ep.base, ep.length, t - ep.offset,
-                           task_ids.get(task, -1), source == SOURCE_ONLINE, seg.success,
-                           max_len.get(task, seg.episode_len))
-                          for (seg, t, task, source), ep in zip(picks, episodes)]))
-        t_all, episode_len, base, length, lt, task_index, task_max_len = (
-            np.array(cols[k], np.int64) for k in (0, 2, 3, 4, 5, 6, 9))
-        labels_all, is_online, success = (np.array(cols[k], bool) for k in (1, 7, 8))
-        idx = lt[:, None] + np.arange(H)
+    def _collate(self, picks: Picks, rows: np.ndarray, keys) -> dict[str, np.ndarray]:
+        """Gather every window with one fancy index into the cache's arena (flat rows; no per-pick Python)."""
+        H, look = self.horizon, self.spec.lookahead_steps
+        arena = self.cache.arena
+        t_all, base, length = picks.t, rows[:, BASE], rows[:, LENGTH]
+        idx = t_all[:, None] + np.arange(H)
         inside = idx < length[:, None]
-        rows = base[:, None] + np.minimum(idx, length[:, None] - 1)
-        driven = arena.intervention[rows] | labels_all[:, None]  # labels only while the operator drove
+        flat = base[:, None] + np.minimum(idx, length[:, None] - 1)
+        driven = arena.intervention[flat] | picks.labels_all[:, None]  # labels only while the operator drove
         keep = inside & np.logical_and.accumulate(driven, axis=1)
-        actions = self._take(arena.action, rows)
+        actions = self._take(arena.action, flat)
         actions[~keep] = 0.0
-        now = base + lt
+        now = base + t_all
         batch = {f"obs/{k}": self._take(v, now) for k, v in arena.low.items()}
         small = {}
         if look:
-            nxt = base + np.minimum(lt + look, length - 1)
+            nxt = base + np.minimum(t_all + look, length - 1)
             batch.update({f"next/{k}": self._take(v, nxt) for k, v in arena.low.items()})
-            small["has_next"] = t_all + look < np.where(episode_len > 0, episode_len, t_all - lt + length)
-        if self.use_images and episodes[0].cameras:
-            batch.update(self._frames(picks, episodes, lt, "obs"))
+            small["has_next"] = t_all + look < np.where(picks.episode_len > 0, picks.episode_len, length)
+        if self.use_images and self._expected()[1]:
+            batch.update(self._frames(picks, rows, keys, t_all, "obs"))
             if look:
-                batch.update(self._frames(picks, episodes, np.minimum(lt + look, length - 1), "next"))
-        small.update(action_is_pad=~keep, t=t_all, episode_len=episode_len, task_index=task_index,
-                     task_max_len=task_max_len, is_online=is_online, is_intervention=arena.intervention[now],
-                     success=success)
+                batch.update(self._frames(picks, rows, keys, np.minimum(t_all + look, length - 1), "next"))
+        small.update(action_is_pad=~keep, t=t_all, episode_len=picks.episode_len, task_index=picks.task_index,
+                     task_max_len=picks.task_max_len, is_online=picks.online, is_intervention=arena.intervention[now],
+                     success=picks.success)
         if self.pinned:
             small = {k: self._take(v, np.arange(len(v))) for k, v in small.items()}
         batch.update(action=actions, **small)
         return batch
+
+
+@dataclass(frozen=True)
+class Picks:
+    """A batch's picks, one array per field (episode number: ``BufferIndex.episode_keys``)."""
+
+    number: np.ndarray
+    t: np.ndarray
+    task_index: np.ndarray
+    online: np.ndarray
+    labels_all: np.ndarray
+    episode_len: np.ndarray
+    success: np.ndarray
+    task_max_len: np.ndarray
 
 
 def _has_frame(ep, t: int, camera: str) -> bool:
