@@ -2,12 +2,17 @@
 same-run baselines: a bare interpreter, and an interpreter that imports torch (what the gateway paid
 when it imported torch for dtype sizes). Target: under 1 s on an idle core.
 
+Besides wall-clock time, each start reports the CPU seconds the process used until then (user + system,
+from /proc): on a loaded machine the wall clock includes waiting for a core, the CPU time is what an
+idle core would spend (plus a little disk I/O from a warm page cache).
+
     python bench/gateway_startup.py [--runs 7] [--json bench/results/gateway_startup.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -21,17 +26,25 @@ from bench.report import write_json  # noqa: E402
 from fleet.redis_server import free_port, start_redis  # noqa: E402
 
 
-def _time_until(argv: list[str], marker: str | None) -> float:
-    """Seconds from spawning ``argv`` until it prints ``marker`` (None: until it exits)."""
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (and its waited-for children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _time_until(argv: list[str], marker: str | None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) from spawning ``argv`` until it prints ``marker`` (None: until it exits)."""
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         if marker is None:
-            proc.wait(120)
-            return time.monotonic() - t0
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return time.monotonic() - t0, usage.ru_utime + usage.ru_stime
         for line in proc.stdout:  # type: ignore[union-attr]
             if marker in line:
-                return time.monotonic() - t0
+                return time.monotonic() - t0, _cpu_s(proc.pid)
         raise RuntimeError(f"{argv[:4]} exited with {proc.wait()} before printing {marker!r}")
     finally:
         proc.terminate()
@@ -56,13 +69,14 @@ def main() -> None:
             }
             results = {}
             for name, run in kinds.items():
-                times = [run() for _ in range(args.runs)]
-                results[name] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+                wall, cpu = zip(*[run() for _ in range(args.runs)])
+                results[name] = {"median_s": statistics.median(wall), "min_s": min(wall), "max_s": max(wall),
+                                 "median_cpu_s": statistics.median(cpu)}
         finally:
             redis_proc.stop()
-    print(f"{'start':32s} {'median s':>9s} {'min s':>7s} {'max s':>7s}")
+    print(f"{'start':32s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'median CPU s':>13s}")
     for name, r in results.items():
-        print(f"{name:32s} {r['median_s']:9.2f} {r['min_s']:7.2f} {r['max_s']:7.2f}")
+        print(f"{name:32s} {r['median_s']:9.2f} {r['min_s']:7.2f} {r['max_s']:7.2f} {r['median_cpu_s']:13.2f}")
     write_json(args.json, {"runs": args.runs, "results": results,
                            "target": "fleet gateway serving in < 1 s on an idle core"})
 
