@@ -124,13 +124,14 @@ class Bench:
 
     def start_edges(self) -> None:
         from edge.agent import EdgeAgent, EdgeConfig
+        from edge.robots.config import MetaWorldConfig
         from edge.loop import LoopConfig
         from edge.operator import OperatorConfig
 
         stop = threading.Event()
         for i in range(self.robots):
             agent = EdgeAgent(EdgeConfig(robot_id=f"r{i}", gateway=f"127.0.0.1:{self.port}", tasks=TASKS,
-                                         state_dir=str(self.run_dir / "edge" / f"r{i}"), loop=LoopConfig(control_hz=30.0, max_episode_steps=30, eval_every=0), seed=i, heartbeat_interval_s=1.0,
+                                         state_dir=str(self.run_dir / "edge" / f"r{i}"), loop=LoopConfig(control_hz=30.0, max_episode_steps=30, eval_every=0), backend=MetaWorldConfig(seed=i), heartbeat_interval_s=1.0,
                                          operator=OperatorConfig(seed=i, segment_steps=10)))
             self.agents.append(agent)
         starters = [threading.Thread(target=a.start, args=(stop,)) for a in self.agents]

@@ -132,7 +132,7 @@ def run_ros2(steps: int, tmp: Path) -> dict:
                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        robot = Ros2Robot([TASK], {**cfg.edge_ros2_section(), "startup_timeout_s": 60.0, "node_name": "bench_edge"})
+        robot = Ros2Robot([TASK], {**cfg.edge_backend_section(), "startup_timeout_s": 60.0, "node_name": "bench_edge"})
         robot.connect()
         try:
             timed, result = drive(robot, steps, tmp, "ros2")

@@ -14,7 +14,6 @@ version from the cloud.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -29,6 +28,7 @@ from edge.loop import ControlLoop, LoopConfig
 from edge.operator import NoOperator, OperatorConfig
 from edge.recorder import Recorder
 from edge.robots.base import make_robot
+from edge.robots.config import BackendConfig, MetaWorldConfig
 from edge.safety import ActionGuard, SafetyConfig
 from edge.spool import Spool, SpoolConfig
 from edge.streamer import Backoff, Streamer, StreamerConfig
@@ -37,7 +37,7 @@ from edge.watchdog import Watchdog, notify
 from fleet import PROTOCOL_VERSION, __version__, metrics
 from fleet.config import DEFAULT_TASKS, require
 from fleet.gateway_config import ClientSecurity
-from fleet.errors import ConfigError, PolicyRefused
+from fleet.errors import PolicyRefused
 from fleet.netaddr import is_loopback
 from fleet.policies.base import NullPolicy
 from fleet.signing import PinnedKeys
@@ -45,9 +45,6 @@ from fleet.types import EpisodeSummary, RobotInfo
 from fleet.weights import Manifest
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("metaworld", "lerobot", "ros2")
-
 
 @dataclass(frozen=True)
 class EdgeConfig:
@@ -57,12 +54,9 @@ class EdgeConfig:
     """Unique id of this robot in the fleet."""
     gateway: str = "127.0.0.1:50051"
     """host:port of the cloud gateway (or its load balancer)."""
-    backend: str = "metaworld"
-    """Robot backend: metaworld (simulation), lerobot (a LeRobot robot + teleoperator), ros2 (rclpy node)."""
-    lerobot: dict = field(default_factory=dict)
-    """backend=lerobot: {"robot": {"type": "so101_follower", ...}, "teleop": {...}, ...} (docs/robots.md)."""
-    ros2: dict = field(default_factory=dict)
-    """backend=ros2: topics, joint names, cameras, action message type (docs/robots.md)."""
+    backend: BackendConfig = field(default_factory=MetaWorldConfig)
+    """The robot: --backend.type=metaworld (simulation), lerobot (LeRobot's --backend.robot.* and
+    --backend.teleop.*) or ros2 (topics, joints, cameras: a config file), each with its own fields (docs/robots.md)."""
     image_encoding: str = "jpeg"
     """How camera frames travel and are stored: jpeg (small, lossy) or png (lossless)."""
     tasks: tuple[str, ...] = DEFAULT_TASKS
@@ -82,8 +76,6 @@ class EdgeConfig:
     """The on-disk spool of steps not yet acked by the cloud."""
     streamer: StreamerConfig = field(default_factory=StreamerConfig)
     """How the spool is streamed to the gateway (window, chunk size, ack timeout, backoff)."""
-    seed: int = 0
-    """Seed of the simulated robot's initial states (backend metaworld)."""
     duration_s: float = 0.0
     """Stop after this many seconds (0 = run until SIGINT/SIGTERM)."""
     first_policy_timeout_s: float = 600.0
@@ -105,20 +97,16 @@ class EdgeConfig:
     insecure: bool = False
     """Talk to a non-loopback gateway without TLS (plaintext: trusted networks and development only)."""
 
+    MOVED_KEYS = {"lerobot": 'backend, with "type: lerobot" and its robot/teleop (docs/robots.md)',
+                  "ros2": 'backend, with "type: ros2" and its topics (docs/robots.md)',
+                  "seed": "backend.seed (backend.type=metaworld)"}
+    """Keys of older config files and where their content lives now (named in the error)."""
+
     def __post_init__(self) -> None:
         require(bool(self.robot_id), "robot_id must not be empty")
         require(":" in self.gateway, f"gateway must be host:port, got {self.gateway!r}")
-        require(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        for name in ("lerobot", "ros2"):
-            section = getattr(self, name)
-            if isinstance(section, str):  # given on the command line as JSON
-                try:
-                    object.__setattr__(self, name, json.loads(section) if section else {})
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{name} must be a JSON object, got {section!r}: {e}") from None
-            require(isinstance(getattr(self, name), dict), f"{name} must be a JSON object, got {section!r}")
-        require(self.backend != "lerobot" or "robot" in self.lerobot,
-                 'backend=lerobot needs a "lerobot" section with a "robot" config (docs/robots.md)')
+        require(isinstance(self.backend, BackendConfig),
+                f"backend must be a backend config (--backend.type=...), got {self.backend!r}")
         require(self.image_encoding in ("jpeg", "png"),
                  f"image_encoding must be jpeg or png, got {self.image_encoding!r}")
         require(self.recorder_max_steps >= 1, f"recorder_max_steps ({self.recorder_max_steps}) must be >= 1")
@@ -142,9 +130,9 @@ def plaintext_refusal(cfg: EdgeConfig) -> str | None:
 
 def _robot_args(cfg: EdgeConfig) -> dict:
     """Constructor arguments of the configured backend."""
-    if cfg.backend == "metaworld":
-        return {"tasks": cfg.tasks, "seed": cfg.seed, "max_episode_steps": cfg.loop.max_episode_steps}
-    return {"tasks": cfg.tasks, "config": getattr(cfg, cfg.backend)}
+    if isinstance(cfg.backend, MetaWorldConfig):
+        return {"tasks": cfg.tasks, "seed": cfg.backend.seed, "max_episode_steps": cfg.loop.max_episode_steps}
+    return {"tasks": cfg.tasks, "config": cfg.backend}
 
 
 def build_fleet_policy(manifest: Manifest, tensors):
@@ -169,7 +157,7 @@ class EdgeAgent:
                      " or ".join(self.pinned_keys.key_ids))
         state = Path(cfg.state_dir)
         state.mkdir(parents=True, exist_ok=True)
-        self.robot = make_robot(cfg.backend, **_robot_args(cfg))
+        self.robot = make_robot(cfg.backend.type, **_robot_args(cfg))
         self.info = RobotInfo(robot_id=cfg.robot_id, embodiment=self.robot.embodiment, schema=self.robot.schema,
                               tasks=tuple(self.robot.tasks), protocol_version=PROTOCOL_VERSION,
                               software_version=__version__, control_hz=cfg.loop.control_hz)
@@ -190,7 +178,7 @@ class EdgeAgent:
                                pinned_keys=self.pinned_keys)
         if not cfg.interventions:
             operator = NoOperator()
-        elif cfg.backend == "metaworld":  # simulation only: a real robot's edge never imports edge.sim
+        elif isinstance(cfg.backend, MetaWorldConfig):  # simulation only: a real robot's edge never imports edge.sim
             from edge.sim.operator import SimulatedOperator
 
             operator = SimulatedOperator(cfg.operator)
@@ -200,7 +188,7 @@ class EdgeAgent:
                                  self.spool.skip, cfg.robot_id, max_steps=cfg.recorder_max_steps)
         self.guard = ActionGuard(cfg.safety, tuple(self.robot.schema.action.shape), cfg.loop.control_hz, cfg.robot_id,
                                  dtype=self.robot.schema.action.dtype)
-        if not cfg.safety.has_limits and cfg.backend != "metaworld":
+        if not cfg.safety.has_limits and not isinstance(cfg.backend, MetaWorldConfig):
             log.warning("robot %s: no safety limits configured: actions are only checked for NaN/Inf (set "
                         "safety.position_min/max, max_velocity: docs/robots.md)", cfg.robot_id)
         self.robot.action_filter = self.guard.operator_filter

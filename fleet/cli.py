@@ -6,7 +6,7 @@
     fleet trainer   the trainer alone
     fleet edge      one robot's edge agent
     fleet sim-fleet N simulated robots (full edge agents) on threads of one process
-    fleet ros2-sim-robot  a simulated arm as a ROS 2 driver, for `fleet edge --backend ros2`
+    fleet ros2-sim-robot  a simulated arm as a ROS 2 driver, for `fleet edge --backend.type=ros2`
     fleet status    the fleet as seen from Redis
     fleet seed      write scripted MetaWorld demonstrations into the buffer as offline data
     fleet export    buffer episodes as a LeRobotDataset v3 or an MCAP rosbag2

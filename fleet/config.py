@@ -30,6 +30,7 @@ import functools
 import inspect
 import sys
 import textwrap
+import types
 import typing
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -87,18 +88,19 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 def _choice(tp: type, data: Any, default: Any, path: str) -> type:
     """The class a choice field ``tp`` picks: ``data["type"]`` if given, else the default's class."""
-    known = tp.get_known_choices()
     name = data.get("type") if isinstance(data, dict) else None
     if name is None:
         if isinstance(default, tp):
             return type(default)
         name = tp.default_choice_name()
         if name is None:
-            raise ConfigError(f"{path}.type is required: one of {', '.join(sorted(known))}")
-    if name not in known:
+            raise ConfigError(f"{path}.type is required: one of {', '.join(sorted(tp.get_known_choices()))}")
+    try:
+        return tp.get_choice_class(name)  # a registry may import its classes on demand (edge/robots/config.py)
+    except KeyError:
+        known = tp.get_known_choices()
         raise ConfigError(f'{path}.type "{name}" is not one of: {", ".join(sorted(known))}'
-                          f"{suggest(str(name), known, quote=chr(34))}")
-    return known[name]
+                          f"{suggest(str(name), known, quote=chr(34))}") from None
 
 
 def _complete(cls: type, data: Any, path: str = "") -> dict:
@@ -117,10 +119,13 @@ def _complete(cls: type, data: Any, path: str = "") -> dict:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             prefix = f"{path}." if path else ""
-            hint = (f' (did you mean "{prefix}{close[0]}"?)' if close
+            moved = getattr(cls, "MOVED_KEYS", {}).get(key)
+            hint = (f" (now {moved})" if moved else f' (did you mean "{prefix}{close[0]}"?)' if close
                     else f" (not a {cls.__name__} field; valid: {', '.join(fields)})")
             raise ConfigError(f'unknown key "{full}"{hint}')
-        tp = hints[key]
+        tp = _optional_of(hints[key]) if value is not None else hints[key]
+        if _is_choice(tp) and isinstance(value, str):  # a bare choice name: "backend": "ros2"
+            value = {"type": value}
         if _is_choice(tp):
             sub = _choice(tp, value, _default_of(fields[key]), full)
             inner = {k: v for k, v in value.items() if k != "type"} if isinstance(value, dict) else value
@@ -130,6 +135,14 @@ def _complete(cls: type, data: Any, path: str = "") -> dict:
         else:
             out[key] = value
     return out
+
+
+def _optional_of(tp: Any) -> Any:
+    """``X`` for ``X | None``, else ``tp``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return tp
 
 
 def _overlay(base: Any, over: Any) -> Any:
@@ -176,17 +189,21 @@ def _field_type(cls: type, parts: Sequence[str], values: dict[str, Any]) -> Any:
     for i, part in enumerate(parts):
         if _is_choice(tp):
             name = values.get(".".join(parts[:i] + ["type"]))
-            tp = tp.get_known_choices().get(name, tp) if name else tp
+            try:
+                tp = tp.get_choice_class(name) if name else tp
+            except KeyError:
+                return None
         if not _is_config(tp):
             return None
         f = {f.name: f for f in dataclasses.fields(tp)}.get(part)
         if f is None:
             return None
-        if _is_choice(typing.get_type_hints(tp)[part]) and values.get(".".join(parts[:i + 1] + ["type"])) is None:
+        hint = _optional_of(typing.get_type_hints(tp)[part])
+        if _is_choice(hint) and values.get(".".join(parts[:i + 1] + ["type"])) is None:
             default = _default_of(f)
-            tp = type(default) if dataclasses.is_dataclass(default) else typing.get_type_hints(tp)[part]
+            tp = type(default) if dataclasses.is_dataclass(default) else hint
         else:
-            tp = typing.get_type_hints(tp)[part]
+            tp = hint
     return tp
 
 
@@ -226,10 +243,23 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _help_of(cls: type, dest: str) -> str:
+    """The docstring of the field ``dest`` (dotted), looked up in every choice class that may own it."""
     *parents, name = dest.split(".")
-    owner = _field_type(cls, parents, {}) if parents else cls
-    owners = list(owner.get_known_choices().values()) if _is_choice(owner) else [owner]
-    return next((field_docs(o)[name] for o in owners if _is_config(o) and name in field_docs(o)), "")
+    owners: list[Any] = [cls]
+    for part in [*parents, name]:
+        found = []
+        for owner in owners:
+            for klass in (owner.get_known_choices().values() if _is_choice(owner) else [owner]):
+                if not _is_config(klass) or part not in {f.name for f in dataclasses.fields(klass)}:
+                    continue
+                if part == name:
+                    doc = field_docs(klass).get(name)
+                    if doc:
+                        return doc
+                else:
+                    found.append(_optional_of(typing.get_type_hints(klass)[part]))
+        owners = found
+    return ""
 
 
 def parse(cls: type[T], args: Sequence[str], prog: str, description: str | None = None,
@@ -268,7 +298,7 @@ def parse(cls: type[T], args: Sequence[str], prog: str, description: str | None 
         for key, text in values.items():
             tp = _field_type(cls, key.split("."), values)
             if _is_config(tp) and not key.endswith(".type"):  # draccus: --section=file for one nested section
-                flags[key] = _read(text)
+                flags[key] = {"type": text} if _is_choice_name(cls, key, text) else _read(text)
             else:
                 flags[key] = cli_value(tp, text)
         merged = _overlay(data, deflatten(flags, sep=".")) if isinstance(data, dict) else data
@@ -278,6 +308,16 @@ def parse(cls: type[T], args: Sequence[str], prog: str, description: str | None 
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _is_choice_name(cls: type, key: str, text: str) -> bool:
+    """Whether ``--key=text`` names a class of the choice field ``key`` (``--backend=ros2``), not a file."""
+    *parents, name = key.split(".")
+    owner = _field_type(cls, parents, {}) if parents else cls
+    if not _is_config(owner):
+        return False
+    hint = _optional_of(typing.get_type_hints(owner).get(name))
+    return _is_choice(hint) and text in hint.get_known_choices()
 
 
 def _read(path: str) -> Any:

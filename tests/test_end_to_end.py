@@ -18,6 +18,7 @@ from edge.sim.demos import seed_scripted_demos
 from cloud.policy_store import PolicyStore
 from cloud.trainer import Trainer
 from edge.agent import EdgeAgent, EdgeConfig
+from edge.robots.config import MetaWorldConfig
 from edge.loop import LoopConfig
 from edge.operator import OperatorConfig
 from fleet import signing
@@ -46,7 +47,7 @@ def test_two_robots_learn_and_swap(redis_proc, redis_client, gateway, tmp_path):
     trainer_thread.start()
 
     agents = [EdgeAgent(EdgeConfig(robot_id=f"r{i}", gateway=gateway.target, tasks=TASKS,
-                                   state_dir=str(tmp_path / f"edge{i}"), loop=LoopConfig(control_hz=100.0, max_episode_steps=25, eval_every=0), seed=i, heartbeat_interval_s=0.5,
+                                   state_dir=str(tmp_path / f"edge{i}"), loop=LoopConfig(control_hz=100.0, max_episode_steps=25, eval_every=0), backend=MetaWorldConfig(seed=i), heartbeat_interval_s=0.5,
                                    operator=OperatorConfig(seed=i, segment_steps=10),
                                    security=ClientSecurity(policy_public_key_files=(
                                        str(tmp_path / "keys" / signing.PUBLIC_KEY_FILE),))))

@@ -24,6 +24,7 @@ from edge.agent import EdgeAgent, EdgeConfig
 from edge.loop import LoopConfig
 from edge.operator import OperatorConfig
 from edge.robots.base import make_robot
+from edge.robots.lerobot import load_backend_config
 from fleet import PROTOCOL_VERSION
 from fleet.codec import encode_image
 from cloud.trainer_config import TrainerConfig
@@ -97,8 +98,8 @@ def test_two_embodiments_train_and_receive_their_own_policies(redis_proc, redis_
                                  loop=LoopConfig(control_hz=100.0, max_episode_steps=25, eval_every=0),
                                  operator=OperatorConfig(divergence_threshold=0.15, agree_threshold=0.05,
                                                                 divergence_steps=1, segment_steps=5), **common)),
-        TOY: EdgeAgent(EdgeConfig(robot_id="toy-1", gateway=gateways[TOY].target, backend="lerobot",
-                                  tasks=(TOY_TASK,), lerobot=toy_section(tmp_path),
+        TOY: EdgeAgent(EdgeConfig(robot_id="toy-1", gateway=gateways[TOY].target, tasks=(TOY_TASK,),
+                                  backend=load_backend_config(toy_section(tmp_path)),
                                   state_dir=str(tmp_path / "edge-toy"),
                                   loop=LoopConfig(control_hz=100.0, max_episode_steps=15, eval_every=0), **common)),
     }

@@ -167,3 +167,38 @@ def test_unknown_flag_suggests_closest(argv, bad, suggestion):
     assert out.returncode == 2, out
     last = out.stderr.strip().splitlines()[-1]
     assert f"fleet {argv[0]}: error: unrecognized arguments: {bad} (did you mean {suggestion}?)" in last, last
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backend.type", "ros3"], "invalid choice: 'ros3' (choose from 'metaworld', 'lerobot', 'ros2')"),
+    (["--backend.type", "ros2"], "backend: Missing required field(s) `joint_names`"),
+    (["--backend.type", "ros2", "--backend.joint_names", "[a]", "--backend.queue_size", "x"],
+     "backend.queue_size: Couldn't parse 'x' into an int"),
+    (["--backend.type", "lerobot", "--backend.robot.type", "so101_follower"], "backend.robot: Missing required"),
+    (["--backend.type", "lerobot", "--backend.robot.type", "so101_follower", "--backend.robot.port", "p",
+      "--backend.intervention", "motion"], "backend.intervention='motion' needs a backend.teleop device"),
+    (["--config_path", "{old}"], 'unknown key "lerobot" (now backend, with "type: lerobot"'),
+])
+def test_edge_backend_is_a_choice_with_only_its_own_fields(argv, message, tmp_path, capsys):
+    from fleet.cli import parse_config
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"backend": "lerobot", "lerobot": {"robot": {"type": "so101_follower"}}}))
+    with pytest.raises(SystemExit) as exit_:
+        parse_config("edge", [a.format(old=old) for a in argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_edge_backend_takes_lerobot_configs_and_bare_names():
+    from fleet.cli import parse_config
+
+    cfg = parse_config("edge", ["--backend.type=lerobot", "--backend.robot.type=so101_follower",
+                                "--backend.robot.port=/dev/ttyACM0", "--backend.teleop.type=so101_leader",
+                                "--backend.teleop.port=/dev/ttyACM1", "--backend.intervention=motion"])
+    assert cfg.backend.type == "lerobot" and type(cfg.backend.robot).__name__ == "SOFollowerRobotConfig"
+    assert cfg.backend.robot.port == "/dev/ttyACM0"
+    assert type(cfg.backend.teleop).__name__ == "SOLeaderTeleopConfig" and cfg.backend.teleop.port == "/dev/ttyACM1"
+    cfg = parse_config("edge", ["--backend", "ros2", "--backend.joint_names", "[j1, j2]"])
+    assert cfg.backend.type == "ros2" and cfg.backend.joint_names == ("j1", "j2")
+    assert parse_config("edge", ["--backend.seed", "3"]).backend.seed == 3

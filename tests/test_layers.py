@@ -118,9 +118,12 @@ def test_the_gateway_imports_no_torch():
 @pytest.mark.parametrize("backend", ["lerobot", "ros2"])
 def test_a_real_robots_edge_loads_no_simulator(backend):
     robot_module = {"lerobot": "edge.robots.lerobot", "ros2": "edge.robots.ros2.robot"}[backend]
+    extra = {"lerobot": ["--backend.robot.type", "so101_follower", "--backend.robot.port", "/dev/ttyACM0",
+                         "--backend.teleop.type", "so101_leader", "--backend.teleop.port", "/dev/ttyACM1"],
+             "ros2": ["--backend.joint_names", "[j1, j2]"]}
     if backend == "ros2":
         pytest.importorskip("rclpy")
     loaded = _loaded_after(f"import edge.agent, edge.loop, {robot_module}\n"
                            f"from fleet.cli import parse_config\n"
-                           f"parse_config('edge', ['--backend', '{backend}', '--lerobot', '{{robot: {{type: x}}}}'])")
+                           f"parse_config('edge', ['--backend.type', '{backend}', *{extra[backend]!r}])")
     assert not loaded & {"mujoco", "metaworld", "edge.sim", "cloud"}, sorted(loaded & {"mujoco", "metaworld"})

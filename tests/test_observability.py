@@ -327,6 +327,7 @@ def live(tmp_path_factory):
     from cloud.app import spawn
     from edge.sim.demos import seed_scripted_demos
     from edge.agent import EdgeAgent, EdgeConfig
+    from edge.robots.config import MetaWorldConfig
     from edge.loop import LoopConfig
     from edge.operator import OperatorConfig
     from fleet.redis_server import free_port, start_redis
@@ -362,7 +363,7 @@ def live(tmp_path_factory):
         for i in range(2):
             agents.append(EdgeAgent(EdgeConfig(
                 robot_id=f"live-{i}", gateway=f"127.0.0.1:{grpc_port}", tasks=TASKS, state_dir=str(root / f"edge{i}"),
-                loop=LoopConfig(control_hz=40.0, max_episode_steps=25, eval_every=2), seed=i, heartbeat_interval_s=0.5,
+                loop=LoopConfig(control_hz=40.0, max_episode_steps=25, eval_every=2), backend=MetaWorldConfig(seed=i), heartbeat_interval_s=0.5,
                 first_policy_timeout_s=180.0, operator=OperatorConfig(seed=i, segment_steps=10))))
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # robots connect at once, no backoff
             grpc.channel_ready_future(channel).result(timeout=120)

@@ -1,5 +1,5 @@
 """End to end over DDS: the simulated arm as a ROS 2 driver with a scripted teleop station
-(`fleet ros2-sim-robot`, a process), `fleet edge --backend ros2` (a process: a real rclpy node),
+(`fleet ros2-sim-robot`, a process), `fleet edge --backend.type=ros2` (a process: a real rclpy node),
 the gateway and the trainer (in this process) and a real redis-server. Steps arrive exactly
 once with the joint state and camera frame, operator segments from the ROS teleop topics are
 labeled with the operator's command as the executed action, and a newer policy version
@@ -58,7 +58,7 @@ def demos(schema, episodes: int = 2, steps: int = 8):
 def test_ros2_robot_learns_over_dds(redis_proc, redis_client, gateway, tmp_path, ros_domain):
     sim_cfg = SimArmConfig(rate_hz=60, camera_height=H, camera_width=W, teleop=True, teleop_period_steps=20,
                            teleop_segment_steps=6)
-    ros2 = {**sim_cfg.edge_ros2_section(), "node_name": "fleet_edge_e2e"}
+    ros2 = {**sim_cfg.edge_backend_section(), "node_name": "fleet_edge_e2e"}
     schema = schema_for(load_config(ros2))
     assert asyncio.run(write_offline(redis_proc.url, "demos-ros2", demos(schema), schema, (TASK,), EMBODIMENT)) == 16
 
@@ -73,9 +73,9 @@ def test_ros2_robot_learns_over_dds(redis_proc, redis_client, gateway, tmp_path,
     trainer_thread = threading.Thread(target=trainer.run, daemon=True)
     trainer_thread.start()
     rid = "ros-arm-1"
-    config = {"robot_id": rid, "gateway": gateway.target, "backend": "ros2", "tasks": [TASK], "loop": {"control_hz": 30,
+    config = {"robot_id": rid, "gateway": gateway.target, "tasks": [TASK], "loop": {"control_hz": 30,
               "max_episode_steps": 20, "eval_every": 0}, "heartbeat_interval_s": 0.5, "first_policy_timeout_s": 90,
-              "state_dir": str(tmp_path / "edge"), "ros2": ros2}
+              "state_dir": str(tmp_path / "edge"), "backend": ros2}
     (tmp_path / "edge.json").write_text(json.dumps(config))
     edge = Proc(["edge", "--config_path", str(tmp_path / "edge.json")], tmp_path / "edge.log")
     keys = RobotKeys(rid)

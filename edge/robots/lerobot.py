@@ -1,12 +1,10 @@
 """Any LeRobot robot (SO-100/101, Koch, LeKiwi, ...) with a LeRobot teleoperator as the operator.
 
-Configured the LeRobot way: the ``lerobot`` section of the edge config holds a
-``robot`` and an optional ``teleop`` (and ``events``) config, each chosen by its
-registered ``type`` and carrying that type's own fields (``RobotConfig`` and
-``TeleoperatorConfig`` are draccus choice registries), e.g.::
+Configured the LeRobot way (``lerobot_config.py``): the edge config's ``backend`` with
+``type: lerobot`` embeds LeRobot's ``RobotConfig`` and ``TeleoperatorConfig`` choice registries, e.g.::
 
-    "lerobot": {"robot": {"type": "so101_follower", "port": "/dev/ttyACM0", "id": "follower"},
-                "teleop": {"type": "so101_leader", "port": "/dev/ttyACM1", "id": "leader"}}
+    --backend.type=lerobot --backend.robot.type=so101_follower --backend.robot.port=/dev/ttyACM0
+    --backend.teleop.type=so101_leader --backend.teleop.port=/dev/ttyACM1
 
 Mapping to the fleet schema: the robot's scalar observation features (``"shoulder_pan.pos"``,
 ...) become one float32 ``state`` vector in ``observation_features`` order; each camera (a
@@ -21,7 +19,6 @@ up), always, or never. Success/failure/terminate events end the episode with tha
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -32,117 +29,23 @@ import numpy as np
 
 from edge.operator import NoOperator, Operator
 from edge.robots.base import Observation, Robot, register_robot
+from edge.robots.lerobot_config import LeRobotBackendConfig
 from edge.robots.lerobot_teleop import TeleopLink, TeleopOperator
 from fleet.errors import ConfigError, InvalidInput
 from fleet.types import FeatureSpec, Schema
 
 log = logging.getLogger(__name__)
 
-TRIGGERS = ("auto", "events", "motion", "always", "never")
 STATE = "state"
 ACTION = "action"
 
-# Sub-packages of lerobot.robots / .teleoperators / .cameras whose configs register a ``type``
-# on import (what lerobot-record imports); imported only when a config names an unknown type.
-_DEVICE_MODULES = tuple(
-    [f"lerobot.cameras.{m}" for m in ("opencv", "realsense", "reachy2_camera", "zmq")]
-    + [f"lerobot.robots.{m}" for m in ("so_follower", "koch_follower", "omx_follower", "lekiwi", "hope_jr",
-                                       "bi_so_follower", "reachy2", "openarm_follower", "bi_openarm_follower",
-                                       "earthrover_mini_plus", "unitree_g1")]
-    + [f"lerobot.teleoperators.{m}" for m in ("so_leader", "koch_leader", "omx_leader", "gamepad", "keyboard",
-                                              "homunculus", "bi_so_leader", "reachy2_teleoperator",
-                                              "openarm_leader", "bi_openarm_leader", "openarm_mini", "phone")]
-)
-
-
-@dataclass
-class LeRobotBackendConfig:
-    """The ``lerobot`` section of an edge config."""
-
-    robot: Any
-    """LeRobot ``RobotConfig`` chosen by ``type`` (so101_follower, koch_follower, ...) with its fields."""
-    teleop: Any = None
-    """LeRobot ``TeleoperatorConfig`` (so101_leader, gamepad, ...): the operator's device; none = no interventions."""
-    events: Any = None
-    """Optional second ``TeleoperatorConfig`` whose ``get_teleop_events()`` give intervention/success/failure
-    (e.g. keyboard_ee beside a leader arm); default: the teleop itself when it has events."""
-    intervention: str = "auto"
-    """Who holds control: auto (events if there are any, else motion), events, motion, always, never."""
-    motion_threshold: float = 2.0
-    """motion: take over when a teleop action value moves more than this between two ticks (its units)."""
-    release_steps: int = 20
-    """motion: hand control back after this many ticks without such motion."""
-    calibrate: bool = True
-    """Let LeRobot calibrate devices on connect when they need it (interactive)."""
-    reset_time_s: float = 0.0
-    """Between episodes, the teleop drives the robot for this long to reset the scene (not recorded)."""
-    reset_hz: float = 30.0
-    """Rate of that reset teleoperation, ticks per second."""
-
-    def __post_init__(self) -> None:
-        if self.intervention not in TRIGGERS:
-            raise ConfigError(f"lerobot.intervention ({self.intervention!r}) must be one of {TRIGGERS}")
-        if not self.motion_threshold > 0:
-            raise ConfigError(f"lerobot.motion_threshold ({self.motion_threshold}) must be > 0")
-        if self.release_steps < 1:
-            raise ConfigError(f"lerobot.release_steps ({self.release_steps}) must be >= 1")
-        if self.reset_time_s < 0 or not self.reset_hz > 0:
-            raise ConfigError(f"lerobot.reset_time_s ({self.reset_time_s}) must be >= 0 and reset_hz "
-                              f"({self.reset_hz}) > 0")
-        if self.intervention in ("events", "motion", "always") and self.teleop is None:
-            raise ConfigError(f"lerobot.intervention={self.intervention!r} needs a lerobot.teleop device")
-
-
-def _register_builtin_devices() -> None:
-    """Import LeRobot's device packages (and installed plugins) so their ``type`` names exist."""
-    for name in _DEVICE_MODULES:
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # noqa: BLE001 - an optional SDK missing for one device must not stop the others
-            log.debug("LeRobot device module %s not importable: %s", name, e)
-    from lerobot.utils.import_utils import register_third_party_plugins
-
-    register_third_party_plugins()
-
-
-def _types_known(section: Mapping[str, Any]) -> bool:
-    """Whether every device ``type`` the section names (robot, teleop, events, cameras) is registered."""
-    from lerobot.cameras import CameraConfig
-    from lerobot.robots import RobotConfig
-    from lerobot.teleoperators import TeleoperatorConfig
-
-    wanted = [(RobotConfig, section.get("robot"))]
-    wanted += [(TeleoperatorConfig, section.get(k)) for k in ("teleop", "events")]
-    cameras = section.get("robot", {}).get("cameras") if isinstance(section.get("robot"), Mapping) else None
-    wanted += [(CameraConfig, c) for c in (cameras.values() if isinstance(cameras, Mapping) else ())]
-    return all(not isinstance(cfg, Mapping) or cfg.get("type") in registry.get_known_choices()
-               for registry, cfg in wanted)
-
-
 def load_backend_config(section: Mapping[str, Any] | LeRobotBackendConfig) -> LeRobotBackendConfig:
-    """Decode the ``lerobot`` config section (a dict as in the JSON file) with draccus."""
+    """The ``backend`` section with ``type: lerobot`` (a mapping as in a config file, without ``type``)."""
     if isinstance(section, LeRobotBackendConfig):
         return section
-    import draccus
-    from draccus.utils import DraccusException
-    from lerobot.robots import RobotConfig
-    from lerobot.teleoperators import TeleoperatorConfig
+    from fleet.config import load
 
-    if not isinstance(section, Mapping) or "robot" not in section:
-        raise ConfigError(f"the lerobot config section needs a 'robot' entry with a 'type', got {section!r}")
-    typed = dataclass(type("LeRobotSection", (LeRobotBackendConfig,), {
-        "__annotations__": {"robot": RobotConfig, "teleop": TeleoperatorConfig | None,
-                            "events": TeleoperatorConfig | None}}))
-    if not _types_known(section):
-        _register_builtin_devices()  # the type may live in a LeRobot package not imported yet
-    try:
-        decoded = draccus.decode(typed, dict(section))
-    except DraccusException as e:
-        if isinstance(e.__cause__, ConfigError):  # our own validation, wrapped by draccus
-            raise e.__cause__ from None
-        raise ConfigError(f"lerobot config section: {e}") from None
-    fields = {name: getattr(decoded, name) for name in LeRobotBackendConfig.__dataclass_fields__}
-    return LeRobotBackendConfig(**fields)
+    return load(LeRobotBackendConfig, {k: v for k, v in dict(section).items() if k != "type"}, "backend")
 
 
 @dataclass(frozen=True)
@@ -224,7 +127,7 @@ class LeRobotRobot(Robot):
     """A ``lerobot.robots.Robot`` (and its teleoperators) behind the fleet's Robot seam."""
 
     def __init__(self, tasks: Sequence[str], config: Mapping[str, Any] | LeRobotBackendConfig):
-        """``config``: the ``lerobot`` section (dict, decoded with draccus) or a LeRobotBackendConfig."""
+        """``config``: the edge config's ``backend`` (a LeRobotBackendConfig, or its fields as a mapping)."""
         if isinstance(tasks, str) or len(tasks) == 0:
             raise ConfigError(f"tasks ({tasks!r}) must be a non-empty sequence of instructions")
         from lerobot.robots import make_robot_from_config

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edge.agent import EdgeAgent, EdgeConfig
+from edge.robots.config import MetaWorldConfig
 from fleet.config import require
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,8 @@ class SimFleetConfig:
         for i in range(self.first_index, self.first_index + self.robots):
             robot_id = f"{self.robot_id_prefix}{i}"
             out.append(replace(
-                self.edge, robot_id=robot_id, state_dir=str(Path(self.state_root) / robot_id), seed=self.seed + i,
-                duration_s=0.0,
+                self.edge, robot_id=robot_id, state_dir=str(Path(self.state_root) / robot_id),
+                backend=MetaWorldConfig(seed=self.seed + i), duration_s=0.0,
                 loop=replace(self.edge.loop, seed=self.seed + i),
                 operator=replace(self.edge.operator, seed=self.seed + OPERATOR_SEED_OFFSET + i)))
         return out

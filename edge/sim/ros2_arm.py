@@ -1,7 +1,7 @@
 """``fleet ros2-sim-robot``: a MetaWorld Sawyer behind the ROS 2 interfaces of a ros2_control arm.
 
 A separate process (a ROS 2 node of its own; this module is never imported on a real
-robot's path), so that ``fleet edge --backend ros2`` can be tried, tested and measured over
+robot's path), so that ``fleet edge --backend.type=ros2`` can be tried, tested and measured over
 real DDS without hardware. At ``rate_hz`` it steps MetaWorld with the latest command and
 publishes what a ros2_control arm driver publishes:
 

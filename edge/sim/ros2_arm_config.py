@@ -79,9 +79,9 @@ class SimArmConfig:
         for name in ("joint_state_topic", "command_topic", "reset_service", "episode_end_topic"):
             require(bool(getattr(self, name)), f"{name} must not be empty")
 
-    def edge_ros2_section(self) -> dict[str, Any]:
-        """The ``ros2`` section of an edge config that drives this arm (docs/robots.md)."""
-        section: dict[str, Any] = {
+    def edge_backend_section(self) -> dict[str, Any]:
+        """The ``backend`` section (``type: ros2``) of an edge config that drives this arm (docs/robots.md)."""
+        section: dict[str, Any] = {"type": "ros2",
             "embodiment": EMBODIMENT, "joint_names": list(JOINT_NAMES), "joint_fields": ["position", "velocity"],
             "joint_state_topic": self.joint_state_topic, "action_joint_names": list(COMMAND_NAMES),
             "action_type": self.command_type, "action_topic": self.command_topic,

@@ -1,6 +1,6 @@
 """The LeRobot backend against hardware-free LeRobot devices (tests/lerobot_toys), registered
 through LeRobot's own ``register_subclass``: schema mapping, triggers, config errors, and the
-whole edge (``fleet edge --backend lerobot --config_path FILE``) streaming to a real gateway."""
+whole edge (``fleet edge --config_path FILE``, ``backend.type: lerobot``) streaming to a real gateway."""
 
 from __future__ import annotations
 
@@ -135,9 +135,9 @@ def test_fleet_edge_cli_runs_a_lerobot_robot_with_interventions(gateway, redis_c
     policy = build_policy(SMALL, robot.schema, [TASK], seed=0)
     PolicyStore(gateway.cfg.policy_dir, redis_client).publish(policy.tensors(), policy.manifest_config(),
                                                               policy.trainable_names())
-    config = {"robot_id": "so-toy", "gateway": gateway.target, "backend": "lerobot", "tasks": [TASK],
+    config = {"robot_id": "so-toy", "gateway": gateway.target, "tasks": [TASK],
               "state_dir": str(tmp_path / "edge"), "loop": {"control_hz": 60, "max_episode_steps": 20, "eval_every": 3},
-              "heartbeat_interval_s": 0.5, "first_policy_timeout_s": 60, "lerobot": section(tmp_path)}
+              "heartbeat_interval_s": 0.5, "first_policy_timeout_s": 60, "backend": {"type": "lerobot", **section(tmp_path)}}
     path = tmp_path / "so101.json"
     path.write_text(json.dumps(config))
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -1,7 +1,7 @@
 """The ROS 2 backend over real DDS (rclpy from the ``ros2`` extra; skipped without it): bad and
 missing input against real processes. The driver is `fleet ros2-sim-robot` (a MetaWorld arm
 as a ROS 2 driver, its own process); the edge is a real rclpy node in this process, or
-`fleet edge --backend ros2` as a process where the exit status is the point."""
+`fleet edge --backend.type=ros2` as a process where the exit status is the point."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def section(**overrides) -> dict:
-    return {**SimArmConfig().edge_ros2_section(), "startup_timeout_s": 10.0, **overrides}
+    return {**SimArmConfig().edge_backend_section(), "startup_timeout_s": 10.0, **overrides}
 
 
 def spooled(spool: Spool) -> list:
@@ -61,8 +61,8 @@ def test_wrong_message_type_on_a_configured_topic_is_refused_at_start(ros_domain
 
 
 def test_a_topic_that_never_publishes_exits_2_naming_it(tmp_path, ros_domain):
-    config = {"robot_id": "ros-silent", "backend": "ros2", "tasks": [TASK], "state_dir": str(tmp_path / "edge"),
-              "ros2": section(joint_state_topic="/silent/joint_states", startup_timeout_s=1.5)}
+    config = {"robot_id": "ros-silent", "tasks": [TASK], "state_dir": str(tmp_path / "edge"),
+              "backend": section(joint_state_topic="/silent/joint_states", startup_timeout_s=1.5)}
     (tmp_path / "edge.json").write_text(json.dumps(config))
     edge = Proc(["edge", "--config_path", str(tmp_path / "edge.json")], tmp_path / "edge.log")
     assert edge.popen.wait(90) == 2, edge.log()[-3000:]
@@ -104,7 +104,7 @@ def test_the_driver_dying_makes_the_edge_hold_and_resume_when_it_is_back(tmp_pat
     options = ("--rate_hz", "60", "--camera_height", "24", "--camera_width", "32", "--node_name", "sim_restart")
     first = start_sim_arm(tmp_path / "sim1.log", *options)
     cfg = SimArmConfig(rate_hz=60, camera_height=24, camera_width=32)
-    robot = Ros2Robot([TASK], {**cfg.edge_ros2_section(), "node_name": "fleet_edge_restart",
+    robot = Ros2Robot([TASK], {**cfg.edge_backend_section(), "node_name": "fleet_edge_restart",
                                "observation_timeout_s": 0.3, "reset_timeout_s": 2.0})
     spool = Spool(tmp_path / "spool.db", robot.schema)
     second = loop = None

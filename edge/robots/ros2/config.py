@@ -1,4 +1,5 @@
-"""What the ROS 2 backend subscribes to and publishes: the ``ros2`` section of an edge config."""
+"""What the ROS 2 backend subscribes to and publishes: the edge config's ``backend`` with ``type: ros2``
+(nested camera lists are easiest in a config file: ``--config_path``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from edge.robots.config import BackendConfig
 from fleet.errors import ConfigError
 
 ACTION_TYPES = ("joint_state", "float64_multi_array", "joint_trajectory")
@@ -36,8 +38,9 @@ class CameraTopic:
             raise ConfigError(f"camera {self.topic!r}: height ({self.height}) and width ({self.width}) must be >= 1")
 
 
+@BackendConfig.register_subclass("ros2")
 @dataclass(frozen=True)
-class Ros2Config:
+class Ros2Config(BackendConfig):
     """Topics, message types and timing of one ROS 2 robot."""
 
     joint_names: tuple[str, ...]
@@ -92,28 +95,28 @@ class Ros2Config:
 
     def __post_init__(self) -> None:
         if not self.joint_names or len(set(self.joint_names)) != len(self.joint_names):
-            raise ConfigError(f"ros2.joint_names ({self.joint_names!r}) must be non-empty and distinct")
+            raise ConfigError(f"backend.joint_names ({self.joint_names!r}) must be non-empty and distinct")
         if not self.joint_fields or set(self.joint_fields) - set(JOINT_FIELDS):
-            raise ConfigError(f"ros2.joint_fields ({self.joint_fields!r}) must be a subset of {JOINT_FIELDS}")
+            raise ConfigError(f"backend.joint_fields ({self.joint_fields!r}) must be a subset of {JOINT_FIELDS}")
         if self.action_type not in ACTION_TYPES:
-            raise ConfigError(f"ros2.action_type ({self.action_type!r}) must be one of {ACTION_TYPES}")
+            raise ConfigError(f"backend.action_type ({self.action_type!r}) must be one of {ACTION_TYPES}")
         if self.teleop_type not in TELEOP_TYPES:
-            raise ConfigError(f"ros2.teleop_type ({self.teleop_type!r}) must be one of {TELEOP_TYPES}")
+            raise ConfigError(f"backend.teleop_type ({self.teleop_type!r}) must be one of {TELEOP_TYPES}")
         if "state" in self.cameras:
-            raise ConfigError("ros2.cameras: 'state' is the name of the joint state feature")
+            raise ConfigError("backend.cameras: 'state' is the name of the joint state feature")
         for name, value in ("slop_s", self.slop_s), ("observation_timeout_s", self.observation_timeout_s), \
                 ("teleop_timeout_s", self.teleop_timeout_s), ("reset_timeout_s", self.reset_timeout_s), \
                 ("startup_timeout_s", self.startup_timeout_s):
             if not value > 0:
-                raise ConfigError(f"ros2.{name} ({value}) must be > 0")
+                raise ConfigError(f"backend.{name} ({value}) must be > 0")
         if not self.max_sensor_age_s >= 0:
-            raise ConfigError(f"ros2.max_sensor_age_s ({self.max_sensor_age_s}) must be >= 0")
+            raise ConfigError(f"backend.max_sensor_age_s ({self.max_sensor_age_s}) must be >= 0")
         if self.queue_size < 1:
-            raise ConfigError(f"ros2.queue_size ({self.queue_size}) must be >= 1")
+            raise ConfigError(f"backend.queue_size ({self.queue_size}) must be >= 1")
         if self.trajectory_time_from_start_s < 0:
-            raise ConfigError(f"ros2.trajectory_time_from_start_s ({self.trajectory_time_from_start_s}) must be >= 0")
+            raise ConfigError(f"backend.trajectory_time_from_start_s ({self.trajectory_time_from_start_s}) must be >= 0")
         if not self.action_topic or not self.joint_state_topic:
-            raise ConfigError("ros2.action_topic and ros2.joint_state_topic must not be empty")
+            raise ConfigError("backend.action_topic and backend.joint_state_topic must not be empty")
 
     @property
     def action_names(self) -> tuple[str, ...]:
@@ -122,12 +125,13 @@ class Ros2Config:
 
 
 def load_config(section: Mapping[str, Any] | Ros2Config) -> Ros2Config:
-    """The ``ros2`` section (a dict as in the JSON config file) -> Ros2Config, with clear errors."""
+    """The ``backend`` section with ``type: ros2`` (a mapping as in a config file) -> Ros2Config, with clear errors."""
     if isinstance(section, Ros2Config):
         return section
     if not isinstance(section, Mapping):
         raise ConfigError(f"the ros2 config section must be an object, got {section!r}")
     known = {f.name for f in fields(Ros2Config)}
+    section = {k: v for k, v in section.items() if k != "type"}
     unknown = sorted(set(section) - known)
     if unknown:
         raise ConfigError(f"ros2 config: unknown field(s) {unknown}; known: {sorted(known)}")
@@ -139,7 +143,7 @@ def load_config(section: Mapping[str, Any] | Ros2Config) -> Ros2Config:
             values[key] = tuple(values[key])
     cameras = values.get("cameras", {})
     if not isinstance(cameras, Mapping):
-        raise ConfigError(f"ros2.cameras must map names to topics, got {cameras!r}")
+        raise ConfigError(f"backend.cameras must map names to topics, got {cameras!r}")
     try:
         values["cameras"] = {name: c if isinstance(c, CameraTopic) else CameraTopic(**c)
                              for name, c in cameras.items()}
