@@ -96,7 +96,7 @@ def test_sim_fleet_derives_each_robots_id_state_dir_and_seeds(tmp_path):
     cfg = SimFleetConfig(robots=3, first_index=2, state_root=str(tmp_path), seed=1000)
     robots = cfg.robot_configs()
     assert [r.robot_id for r in robots] == ["robot-2", "robot-3", "robot-4"]
-    assert [r.seed for r in robots] == [1002, 1003, 1004]
+    assert [r.backend.seed for r in robots] == [1002, 1003, 1004]
     assert [r.operator.seed for r in robots] == [1000 + OPERATOR_SEED_OFFSET + i for i in (2, 3, 4)]
     assert robots[1].state_dir == str(tmp_path / "robot-3")
     with pytest.raises(ConfigError, match=r"robots \(0\) must be >= 1"):
