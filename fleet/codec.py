@@ -89,10 +89,6 @@ def decode_tensor(tensor: pb.Tensor, what: str = "tensor") -> np.ndarray:
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
 
 
-def tensor_dtype_name(tensor: pb.Tensor) -> str:
-    return dtype_from_pb(tensor.dtype)
-
-
 def encode_image(pixels: np.ndarray, encoding: str = "png", quality: int = 90) -> EncodedImage:
     """(H, W, C) uint8 pixels -> PNG (Pillow) or JPEG bytes (simplejpeg, 4:2:0 like Pillow's default, but
     1.5-1.7x faster: bench/jpeg_decode.py). JPEG carries 1 or 3 channels, PNG also 4."""

@@ -278,10 +278,6 @@ def decode_element(data: bytes, schema: Schema, what: str = "element") -> Elemen
     return Element(first_index, cols, where, len(data))
 
 
-def element_first_index(data: bytes) -> int:
-    return struct.unpack_from("<I", data)[0] if len(data) >= 4 else 0
-
-
 def _compress(codec: str, body: bytes) -> bytes:
     if codec == "zstd":
         import zstandard

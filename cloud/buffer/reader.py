@@ -172,12 +172,6 @@ class BufferReader:
         """The episode as per-step records with their frames (export and tools; not a hot path)."""
         return list(self.iter_steps(robot_id, episode_id, schema))
 
-    def first_timestamp(self, robot_id: str, episode_id: str, schema: Schema) -> float | None:
-        raw = self.elements(robot_id, episode_id, 0, 0)
-        if not raw:
-            return None
-        return float(decode_element(raw[0], schema).columns.timestamp_s[0])
-
     def episodes(self, robot_ids: list[str] | None = None) -> list[EpisodeInfo]:
         """Every catalog entry (of ``robot_ids``, default all registered robots); unreadable ones skipped."""
         regs = self.registrations()
