@@ -12,7 +12,8 @@ policy, checkpointing. The bench SIGKILLs the gateway and restarts it at once
 
 Baselines measured in the same run: the cold start of each process (spawn ->
 first ack / first optimizer step); the table shows recovery / cold start.
-Targets (issue 4): gateway <= 5 s, trainer <= 30 s for the small sim policy.
+Targets (issue 17, on an idle machine): gateway <= 2 s, trainer <= 15 s for the small sim policy, 0 lost or
+duplicated (issue 4's were 5 s and 30 s). The load average is printed: on a loaded machine both take longer.
 
     python bench/recovery.py --quick --json runs/bench/recovery.json
 """
@@ -26,6 +27,7 @@ import os
 import platform
 import resource
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -47,7 +49,7 @@ from cloud.buffer.reader import BufferReader  # noqa: E402
 from fleet.redis_server import free_port, start_redis  # noqa: E402
 
 TASKS = ("reach the goal", "press the button from the top")
-TARGETS = {"gateway_back_s": 5.0, "trainer_back_s": 30.0, "lost_steps": 0, "duplicate_steps": 0}
+TARGETS = {"gateway_back_s": 2.0, "trainer_back_s": 15.0, "lost_steps": 0, "duplicate_steps": 0}
 POLL_S = 0.01
 
 
@@ -84,6 +86,11 @@ def cli_start_s() -> tuple[float, float]:
     wall = time.monotonic() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def trainer_status(client) -> dict[str, str]:
@@ -146,11 +153,12 @@ class Bench:
         t_kill = time.time()
         self.gateway.kill()
         self.spawn_gateway()
+        listening = wait(lambda: port_open(self.port), "the new gateway to listen", 120, self.children()) - t_kill
         back = []
         for agent, (reg, acked) in zip(self.agents, marks):
             back.append(wait(lambda: agent.streamer.registration is not reg and agent.streamer.acked_seq > acked,
                              f"{agent.cfg.robot_id} to be acked by the new gateway", 120, self.children()) - t_kill)
-        return {"gateway_back_s": max(back), "per_robot_s": back}
+        return {"gateway_back_s": max(back), "per_robot_s": back, "gateway_listening_s": listening}
 
     def kill_trainer(self) -> dict:
         before = trainer_status(self.client)
@@ -257,9 +265,12 @@ def run(quick: bool, robots: int, cycles: int, run_dir: Path) -> dict:
 
 def print_table(r: dict) -> None:
     rows = [
-        ("gateway back after SIGKILL (worst robot)", f"{r['gateway_back_s']:.2f} s", "<= 5 s",
+        ("gateway back after SIGKILL (worst robot)", f"{r['gateway_back_s']:.2f} s", "<= 2 s",
          f"cold start {r['gateway_cold_start_s']:.2f} s ({r['gateway_back_vs_cold_start']:.2f}x)"),
-        ("trainer back after SIGKILL (next step)", f"{r['trainer_back_s']:.2f} s", "<= 30 s",
+        ("  of which: until the new gateway listens",
+         f"{max(g['gateway_listening_s'] for g in r['gateway_runs']):.2f} s", "",
+         "process start + imports + Redis; the rest is the robots reconnecting"),
+        ("trainer back after SIGKILL (next step)", f"{r['trainer_back_s']:.2f} s", "<= 15 s",
          f"cold start {r['trainer_cold_start_s']:.2f} s ({r['trainer_back_vs_cold_start']:.2f}x)"),
         ("  of which: process start + imports", f"{max(t['trainer_imports_s'] for t in r['trainer_runs']):.2f} s",
          "", "until the Trainer object exists"),

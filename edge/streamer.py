@@ -81,6 +81,9 @@ class StreamerConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"streamer.{name} ({getattr(self, name)}) must be > 0")
 
+RECONNECT_JITTER_S = 0.25
+"""Spread of the reconnects when a gateway comes back (a fleet should not arrive in one instant)."""
+
 
 class Backoff:
     """Exponential backoff with full jitter."""
@@ -176,6 +179,7 @@ class Streamer:
         self._not_found: tuple[int, int] = (0, 0)  # (first seq of the refused chunk, times in a row)
         self._in_stream = False  # the current session got past Register
         self._last_ack_mono = 0.0
+        self._gateway_gone = False  # the last session failed for want of a gateway (no retry-after hint)
 
     def start(self) -> None:
         self._worker.start()
@@ -217,8 +221,21 @@ class Streamer:
                 delay = self._backoff.next_delay()
             self.connected.clear()
             metrics.EDGE_CONNECTED.labels(robot=robot).set(0)
-            if self._worker.stopping.wait(delay):
+            if self._pause(delay):
                 break
+
+    def _pause(self, delay: float) -> bool:
+        """Wait before the next session; True when stopping. After the gateway went away, go as soon as it
+        accepts connections again (plus a little jitter, so a fleet does not arrive at once) instead of sleeping
+        the backoff out: a restarted gateway is streamed to within ~1 s of listening."""
+        stop = self._worker.stopping
+        if self._gateway_gone:
+            self._gateway_gone = False
+            t0 = time.monotonic()
+            if self.client.wait_connected(delay, stop):
+                return stop.wait(random.uniform(0.0, RECONNECT_JITTER_S))
+            delay -= time.monotonic() - t0
+        return stop.wait(max(0.0, delay))
 
     def _after_error(self, exc: grpc.RpcError) -> float:
         """Act on a failed session; returns how long to wait before the next one."""
@@ -274,6 +291,7 @@ class Streamer:
         hint_s = _float(md.get("fleet-retry-after-s"))  # e.g. UNAVAILABLE while the gateway's Redis is down
         if hint_s is not None:
             delay = max(delay, hint_s * random.uniform(1.0, 1.5))
+        self._gateway_gone = code == grpc.StatusCode.UNAVAILABLE and hint_s is None
         log.warning("robot %s: experience stream ended (%s: %s); reconnecting in %.2fs", robot, code.name,
                     details, delay)
         return delay

@@ -120,7 +120,7 @@ def gateway(redis_proc, tmp_path):
     gw.stop()
 
 
-def serve_watch_policy(watch) -> tuple:
+def serve_watch_policy(watch, port: int = 0) -> tuple:
     """A real gRPC server on loopback answering only ``WatchPolicy`` with ``watch(request_bytes, context)``
     (raw bytes both ways): a hostile gateway, or a proxy that tampers with transfers. Returns (server, target)."""
     from concurrent import futures
@@ -131,7 +131,7 @@ def serve_watch_policy(watch) -> tuple:
         "fleet.v1.FleetService", {"WatchPolicy": grpc.unary_stream_rpc_method_handler(watch)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((handler,))
-    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    target = f"127.0.0.1:{server.add_insecure_port(f'127.0.0.1:{port}')}"
     server.start()
     return server, target
 

@@ -237,3 +237,57 @@ def test_rows_spooled_under_another_schema_are_quarantined_not_sent(make_edge, r
     assert [(q.seq, q.code) for q in held] == [(1, "SCHEMA_MISMATCH"), (2, "SCHEMA_MISMATCH"), (6, "SCHEMA_MISMATCH")]
     assert stored_seqs(redis_client, "r1") == [3, 4, 5, 7]
     assert counted._value.get() - before == 3
+
+
+def test_a_restarted_gateway_is_streamed_to_at_once_not_after_the_backoff(redis_proc, redis_client, tmp_path):
+    """The gateway dies and comes back on its port: the streamer waits on the channel, not on its backoff."""
+    import random
+    import threading
+
+    from fleet.gateway_config import GatewayConfig
+    from fleet.redis_server import free_port
+    from tests.conftest import GatewayThread
+
+    seed = next(s for s in range(100) if random.Random(s).uniform(0, 600) > 300)  # first backoff draw > 300 s
+    cfg = GatewayConfig(listen=f"127.0.0.1:{free_port()}", redis_url=redis_proc.url,
+                        policy_dir=str(tmp_path / "policies"))
+    gw = GatewayThread(cfg)
+    edge = Edge(tmp_path, gw.target, backoff=Backoff(base_s=600.0, max_s=600.0, seed=seed))
+    try:
+        edge.streamer.start()
+        edge.record(5)
+        assert edge.streamer.wait_acked(edge.recorded[-1], 30)
+        gw.stop()
+        edge.record(5)
+        assert not edge.client.wait_connected(0.5, threading.Event()), "the gateway is down"
+        gw = GatewayThread(cfg)
+        assert edge.streamer.wait_acked(edge.recorded[-1], 30), "not streamed to the restarted gateway"
+        assert stored_seqs(redis_client, "r1") == edge.recorded
+        assert edge.client.wait_connected(5, threading.Event()) is None, "connected already: None, not True"
+    finally:
+        edge.close()
+        gw.stop()
+
+
+def test_wait_connected_returns_once_a_server_listens(tmp_path):
+    import threading
+
+    from fleet.redis_server import free_port
+    from tests.conftest import serve_watch_policy
+
+    port = free_port()
+    client = FleetClient(f"127.0.0.1:{port}")
+    stop = threading.Event()
+    try:
+        assert client.wait_connected(0.3, stop) is False
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.append(client.wait_connected(30, stop)))
+        waiter.start()
+        server, _ = serve_watch_policy(lambda request, context: iter(()), port=port)
+        waiter.join(35)
+        assert got == [True]
+        server.stop(0)
+        stop.set()
+        assert client.wait_connected(30, stop) is False, "a set stop event ends the wait"
+    finally:
+        client.close()
