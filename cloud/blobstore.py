@@ -319,7 +319,16 @@ class S3BlobStore(BlobStore):
 # --- URL ----------------------------------------------------------------------------------------------
 
 def open_blob_store(url: str) -> BlobStore:
-    """The store a URL names: ``file:///abs/dir`` or a plain path (local), ``s3://bucket/prefix[?endpoint=URL]``."""
+    """The store a URL names: ``file:///abs/dir`` or a plain path (local), ``s3://bucket/prefix[?endpoint=URL]``.
+
+    Its call counters exist from the start (at 0), so dashboards and alerts see the store before its first call."""
+    store = _open(url)
+    for kind in metrics.BLOB_STORE_KINDS:
+        metrics.BLOB_STORE_OPERATIONS.labels(mode=store.mode, kind=kind, outcome="ok")
+    return store
+
+
+def _open(url: str) -> BlobStore:
     if not isinstance(url, str) or not url.strip():
         raise ConfigError(f"blob store URL must be a non-empty string, got {url!r}")
     parts = urllib.parse.urlsplit(url)

@@ -342,7 +342,10 @@ def live(tmp_path_factory):
         policy_dir, logs = str(root / "policies"), root / "logs"
         children.append(spawn("gateway", ["gateway", "--listen", f"127.0.0.1:{grpc_port}", "--redis_url",
                                           redis_proc.url, "--policy_dir", policy_dir, "--metrics_port",
-                                          str(gw_metrics), "--shutdown_grace_s", "1"], logs))
+                                          str(gw_metrics), "--shutdown_grace_s", "1",
+                                          # a blob store and a byte budget nothing here reaches: their series exist
+                                          "--blob_url", str(root / "blobs"), "--retention.max_bytes", str(1 << 30),
+                                          "--retention.interval_s", "1"], logs))
         children.append(spawn("trainer", [
             "trainer", "--redis_url", redis_proc.url, "--policy_dir", policy_dir, "--tasks", json.dumps(list(TASKS)),
             "--metrics_port", str(tr_metrics), "--batch_size", "16", "--seed_bc_steps", "10",
