@@ -4,8 +4,9 @@
              filled beforehand) -> one `fleet gateway` process (grpc.aio, validation incl. JPEG
              decode, atomic Lua write) -> a private redis-server (AOF, appendfsync everysec by
              default); a step counts once its ack came back (acks follow Redis' reply)
-    limit    the same bytes the buffer stores (one columnar element per chunk of 256 steps, the
-             streamer's chunk size; frames inline, as the gateway runs here without a blob store)
+    limit    the same bytes the buffer stores (one columnar element per chunk, cut as the streamer cuts
+             them: at episode ends and at its chunk size; frames inline, as the gateway runs here without
+             a blob store)
              written by raw redis-py from one process: one RPUSH per chunk, 16 chunks per pipeline
     record   per-step cost of Spool.record on the edge (encode + SQLite WAL insert) while a streamer
              sends and acks concurrently: p50/p99/max
@@ -39,7 +40,7 @@ from bench.report import write_json  # noqa: E402
 
 from edge.client import FleetClient  # noqa: E402
 from edge.spool import Spool  # noqa: E402
-from edge.streamer import Backoff, Streamer  # noqa: E402
+from edge.streamer import Backoff, Streamer, StreamerConfig  # noqa: E402
 from fleet import PROTOCOL_VERSION  # noqa: E402
 from fleet.codec import encode_image  # noqa: E402
 from fleet.columns import encode_element, from_steps  # noqa: E402
@@ -48,7 +49,7 @@ from fleet.types import EncodedImage, EpisodeSummary, FeatureSpec, RobotInfo, Sc
 
 TASK = "reach the goal"
 EPISODE_STEPS = 500
-CHUNK_STEPS = 256
+CHUNK_STEPS = StreamerConfig.max_chunk_steps
 LOWDIM = Schema((FeatureSpec("state", "float32", (39,)),), FeatureSpec("action", "float32", (4,)))
 JPEG = Schema((FeatureSpec("state", "float32", (39,)), FeatureSpec("cam", "uint8", (128, 128, 3), is_image=True)),
               FeatureSpec("action", "float32", (4,)))
@@ -150,8 +151,9 @@ def elements_for(kind: str, n: int) -> list[tuple[int, bytes]]:
         step = make_step(kind, t, rng, frames)
         step.seq = t + 1
         steps.append(step)
-    return [(len(part), encode_element(from_steps(part, schema), schema))
-            for part in (steps[i:i + CHUNK_STEPS] for i in range(0, n, CHUNK_STEPS))]
+    parts = [steps[e + i:min(e + i + CHUNK_STEPS, e + EPISODE_STEPS, n)]
+             for e in range(0, n, EPISODE_STEPS) for i in range(0, EPISODE_STEPS, CHUNK_STEPS) if e + i < n]
+    return [(len(part), encode_element(from_steps(part, schema), schema)) for part in parts]
 
 
 def raw_limit(redis_url: str, elements: list[tuple[int, bytes]], robots: int, redis_pid: int) -> dict:

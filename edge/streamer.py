@@ -60,8 +60,8 @@ class StreamerConfig:
 
     window_chunks: int = 8
     """Chunks sent and not yet acked at once (more in flight: more throughput over long round trips)."""
-    max_chunk_steps: int = 256
-    """Steps per chunk at most."""
+    max_chunk_steps: int = 1024
+    """Steps per chunk at most (a chunk never spans episodes; the gateway accepts up to 1024)."""
     max_chunk_bytes: int = 4 * 1024 * 1024
     """Encoded bytes per chunk at most (stay well below the gateway's max_message_bytes)."""
     flush_interval_s: float = 0.2
