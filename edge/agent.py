@@ -162,7 +162,8 @@ class EdgeAgent:
                               tasks=tuple(self.robot.tasks), protocol_version=PROTOCOL_VERSION,
                               software_version=__version__, control_hz=cfg.loop.control_hz)
         self.spool = Spool(state / "spool.db", self.robot.schema, max_bytes=cfg.spool.max_bytes,
-                           synchronous=cfg.spool.synchronous, quarantine_max_bytes=cfg.spool.quarantine_max_bytes)
+                           synchronous=cfg.spool.synchronous, quarantine_max_bytes=cfg.spool.quarantine_max_bytes,
+                           chunk_steps=cfg.streamer.max_chunk_steps)
         self.client = FleetClient(cfg.gateway, security=cfg.security)
         sc = cfg.streamer
         self.streamer = Streamer(self.info, self.spool, self.client, window_chunks=sc.window_chunks,

@@ -347,7 +347,7 @@ class Streamer:
             if batch is None:  # rows after ``sent`` vanished (quarantined/dropped): look again shortly
                 self._worker.stopping.wait(0.05)
                 continue
-            if (batch.end_blob is None and len(batch.step_blobs) < self.max_chunk_steps
+            if (batch.end_blob is None and batch.n < self.max_chunk_steps
                     and batch.nbytes < self._chunk_bytes // 2):
                 # Let a few more steps accumulate: fewer, larger chunks.
                 if self._worker.stopping.wait(self.flush_interval_s):
@@ -356,7 +356,7 @@ class Streamer:
                                               max_bytes=self._chunk_bytes) or batch
             try:
                 msg = columns_message(robot, batch.episode_id, batch.task, self._layout, self._schema_hash,
-                                      batch.step_blobs, batch.first_seq, batch.evaluation,
+                                      batch.parts, batch.first_seq, batch.evaluation,
                                       gap_declared=batch.first_seq > sent + 1, end_blob=batch.end_blob)
             except RowMismatch as exc:  # a row written under another schema: never sendable
                 bad = batch.first_seq + exc.index
