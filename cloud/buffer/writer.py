@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # ARGV: 1 first_seq, 2 n, 3 gap_declared, 4 episode_id, 5 task, 6 source, 7 evaluation,
 #       8 ends_episode, 9 success, 10 policy_version, 11 now_s, 12 first_index the element carries,
 #       13 intervention steps, 14 episode summary JSON (or ""), 15 element bytes, 16 blob bytes,
-#       17 the episode's number the label runs carry, 18... label runs "number|start|end"
+#       17 the episode's number the label runs carry, 18 the chunk's label runs "number|s|e|s|e..." (or "")
 # Replies {status, seq, extra, number, len}: 1 stored; 0 duplicate; -1 gap; -2 unregistered; -3 summary
 # disagrees; -4 overlaps the stored steps (extra = steps already stored: resend the tail); -5 the
 # element's first_index or the runs' episode number is stale (number, len: the episode's).
@@ -79,7 +79,7 @@ if eplen ~= tonumber(ARGV[12]) or number ~= tonumber(ARGV[17]) then
   return refuse(-5, last, 0, number, eplen)
 end
 if new_episode then redis.call('RPUSH', KEYS[8], ARGV[4] .. '|' .. ARGV[5]) end
-if #ARGV > 17 then redis.call('RPUSH', KEYS[4], unpack(ARGV, 18)) end
+if ARGV[18] ~= '' then redis.call('RPUSH', KEYS[4], ARGV[18]) end
 redis.call('SET', KEYS[1], final)
 local ninter = tonumber(ARGV[13])
 local nbytes = tonumber(ARGV[15])
@@ -125,18 +125,16 @@ return {bytes, tonumber(entry.blob_bytes or 0) or 0, tonumber(entry.len or 0) or
 """
 
 
-def label_runs(labels: np.ndarray) -> list[tuple[int, int]]:
-    """``(start, end)`` of every run of True in ``labels`` (vectorised: no per-step Python)."""
-    if not labels.any():
-        return []
+def label_runs(labels: np.ndarray) -> np.ndarray:
+    """``[k, 2]`` (start, end) of every run of True in ``labels`` (vectorised: no per-step Python)."""
     edges = np.diff(np.concatenate([[0], labels.view(np.int8), [0]]))
-    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+    return np.stack([np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)], axis=1)
 
 
 @dataclass(frozen=True)
 class ChunkWrite:
     """Everything the atomic write needs, already encoded: the element (its first_index set to
-    ``first_index``) and its label runs relative to the chunk."""
+    ``first_index``) and its label runs ``[k, 2]`` relative to the chunk."""
 
     robot_id: str
     episode_id: str
@@ -144,7 +142,7 @@ class ChunkWrite:
     first_seq: int
     n: int
     element: bytes
-    runs: list[tuple[int, int]]
+    runs: np.ndarray
     intervention_steps: int
     gap_declared: bool = False
     evaluation: bool = False
@@ -169,8 +167,9 @@ class ChunkWrite:
                 int(self.evaluation), int(end is not None), int(bool(end and end.success)), self.policy_version,
                 f"{now_s:.3f}", self.first_index, self.intervention_steps, summary, len(self.element),
                 self.blob_bytes, self.number]
-        base = self.first_index
-        return keys, args + [f"{self.number}|{base + s}|{base + e}" for s, e in self.runs]
+        runs = np.asarray(self.runs, np.int64).ravel()
+        labeled = "|".join(map(str, [self.number, *(runs + self.first_index).tolist()])) if len(runs) else ""
+        return keys, args + [labeled]  # one labeled entry per chunk
 
 
 @dataclass(frozen=True)
@@ -243,9 +242,10 @@ class BufferWriter:
                 pipe.eval(WRITE_CHUNK_LUA, len(keys), *keys, *args)
                 _, reply = await pipe.execute()
             status, acked, extra, number, length = (int(x) for x in reply)
-            if status in (1, -5):
+            if status == 1:
                 self._remember(robot_id, episode_id, number, length, episode_end is not None)
-            if status == -5 and stale < 3:  # our idea of the episode was stale: now it is not
+            if status == -5 and stale < 3:  # our idea of the episode was stale: the reply says how it stands
+                self._episodes[episode] = (number, length)
                 stale += 1
                 continue
             if status != -4:
@@ -261,7 +261,8 @@ class BufferWriter:
             self._episodes.pop((robot_id, episode_id), None)
         else:
             self._episodes[(robot_id, episode_id)] = (number, length)
-        self._numbers[robot_id] = max(self._numbers.get(robot_id, 0), number + 1)
+        if number + 1 > self._numbers.get(robot_id, 0):
+            self._numbers[robot_id] = number + 1
 
     async def _schema(self, robot_id: str) -> Schema | None:
         return await _registered_schema(self._redis, robot_id)

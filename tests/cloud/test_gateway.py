@@ -59,9 +59,9 @@ def test_ack_only_after_redis_and_exactly_once(client, redis_client):
     assert [(s.seq, s.index, s.observation["state"][0]) for s in stored] == [(i, i - 1, i) for i in range(1, 8)]
     assert redis_client.llen(RobotKeys("r1").episode("e1")) == 2  # the overlap's new tail is its own element
     assert client.register(info()).last_acked_seq == 7
-    # Label runs "<episode number>|start|end" cover the intervention steps.
+    # Label runs "<episode number>|start|end[|start|end...]", one entry per chunk, cover the intervention steps.
     labeled = [x.decode() for x in redis_client.lrange(RobotKeys("r1").labeled, 0, -1)]
-    assert labeled == ["0|0|1", "0|2|3", "0|4|5", "0|5|6"]  # episode number 0: its id and task are stored once
+    assert labeled == ["0|0|1|2|3|4|5", "0|5|6"]  # episode number 0: its id and task are stored once
     assert redis_client.lrange(RobotKeys("r1").episode_ids, 0, -1) == [f"e1|{TASK}".encode()]
 
 
@@ -228,7 +228,10 @@ def test_two_gateways_writing_one_episode_in_turn_keep_indexes_and_label_runs_ri
     reader = BufferReader(redis_client)
     assert [(s.seq, s.index) for s in reader.steps("r1", "e1", SCHEMA)] == [(i, i - 1) for i in range(1, 19)]
     assert [(s.seq, s.index) for s in reader.steps("r1", "e2", SCHEMA)] == [(i, i - 19) for i in range(19, 23)]
-    runs = [tuple(int(x) for x in raw.split(b"|")) for raw in redis_client.lrange(RobotKeys("r1").labeled, 0, -1)]
+    from cloud.buffer.reader import parse_label_runs
+
+    runs = [(number, start, end) for raw in redis_client.lrange(RobotKeys("r1").labeled, 0, -1)
+            for number, pairs in [parse_label_runs(raw)] for start, end in pairs]
     e1 = [(start, end) for number, start, end in runs if number == 0]
     assert e1 == [(i, i + 1) for k in range(6) for i in (3 * k, 3 * k + 2)]  # steps 0 and 2 of every chunk
     assert sorted(start for number, start, _ in runs if number == 1) == [0, 2]
