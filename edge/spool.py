@@ -320,7 +320,7 @@ class Spool:
             for k in sizes:
                 part = blob[first * size:(first + k) * size]
                 last = first + k == n
-                flags = self._layout.flags(part) if self._layout is not None else [0]
+                flags = part[size - 1::size]  # a row's last byte is its flags (fleet/rows.py), bit 0 intervention
                 end = end_blob if last else None
                 self._db.execute(f"INSERT INTO steps ({_COLUMNS}, n) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                  (seq + first, episode_id, task, evaluation, int(any(f & 1 for f in flags)), part,

@@ -98,10 +98,6 @@ class RowLayout:
         """Every row has the same size (no cameras): rows may be stored and joined back to back."""
         return not self.cameras
 
-    def flags(self, rows: bytes) -> list[int]:
-        """The flags byte of each of the same-size ``rows`` stored back to back."""
-        return np.frombuffer(rows, self.dtype)["flags"].tolist()
-
     def join(self, rows: list[bytes]) -> tuple[np.ndarray, dict[str, tuple[str, list[bytes]]]]:
         """``n`` rows -> (structured ``[n]`` array of the fixed columns, {camera: (encoding, frames)}).
 
