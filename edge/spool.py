@@ -28,7 +28,8 @@ into one row (``n`` steps, the rows back to back) in one transaction, unless the
 any of them already. A backlog then streams as one SQLite read and one delete per chunk, not per
 step (reading + deleting per-step rows cost ~2.5 us a step, more than the gateway and Redis
 together). Everything that works on single steps (an ack or a resume point inside a chunk row,
-dropping, quarantine) first splits the chunk row at that step, so the rules below hold per step.
+dropping, quarantine) first splits the chunk row at that step, so the rules below hold per step
+(the tables and the chunk-row operations: ``edge/spool_rows.py``).
 A spool written by an older version (one ``fleet.v1.Step`` protobuf per row, no
 ``meta.row_format``) is converted in place, in one transaction, when it is opened with the
 robot's schema; a row that cannot be converted is quarantined, never fatal.
@@ -40,9 +41,12 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from edge.spool_rows import COLUMNS as _COLUMNS
+from edge.spool_rows import SCHEMA_SQL as _SCHEMA_SQL
+from edge.spool_rows import Run, expand, fold, split
 from fleet.convert import decode_step, encode_step, encode_summary, schema_of_step
 from fleet.errors import ConfigError, InvalidInput
 from fleet.rows import ROW_FORMAT, RowLayout, RowMismatch
@@ -50,34 +54,6 @@ from fleet.types import EpisodeSummary, Schema, Step
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = "seq, episode_id, task, evaluation, intervention, blob, end_blob, nbytes"
-_SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS steps (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    episode_id TEXT NOT NULL,
-    task TEXT NOT NULL,
-    evaluation INTEGER NOT NULL,
-    intervention INTEGER NOT NULL,
-    blob BLOB NOT NULL,
-    end_blob BLOB,
-    nbytes INTEGER NOT NULL,
-    n INTEGER NOT NULL DEFAULT 1
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    seq INTEGER PRIMARY KEY,
-    episode_id TEXT NOT NULL,
-    task TEXT NOT NULL,
-    evaluation INTEGER NOT NULL,
-    intervention INTEGER NOT NULL,
-    blob BLOB NOT NULL,
-    end_blob BLOB,
-    nbytes INTEGER NOT NULL,
-    code TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    quarantined_s REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-"""
 
 
 @dataclass(frozen=True)
@@ -161,7 +137,7 @@ class Spool:
         self.max_bytes = max_bytes
         self.quarantine_max_bytes = quarantine_max_bytes
         self.chunk_steps, self.chunk_bytes = max(1, chunk_steps), chunk_bytes  # fold size: the streamer's chunk
-        self._run: _Run | None = None  # step rows of one episode recorded in a row, not read yet: to fold
+        self._run: Run | None = None  # step rows of one episode recorded in a row, not read yet: to fold
         self._read_hi = 0  # highest seq read_after handed out (rows up to it are never folded)
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)  # notified on record and ack
@@ -262,76 +238,17 @@ class Spool:
                          end_blob: bytes | None) -> None:
         run = self._run
         if run is None or run.episode_id != episode_id or run.last_seq + 1 != seq:
-            run = self._run = _Run(episode_id, seq, seq - 1)
+            run = self._run = Run(episode_id, seq, seq - 1)
         run.rows.append(blob)
         run.last_seq, run.intervention, run.nbytes = seq, run.intervention or intervention, run.nbytes + len(blob)
         if end_blob is not None or len(run.rows) >= self.chunk_steps or run.nbytes >= self.chunk_bytes:
             self._run = None
             if len(run.rows) > 1 and run.first_seq > self._read_hi:
-                self._fold_locked(run, end_blob)
-
-    def _fold_locked(self, run: _Run, end_blob: bytes | None) -> None:
-        """Replace the run's step rows by one chunk row, in one transaction (left as they are if any of them
-        changed meanwhile: acked, dropped or quarantined)."""
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                head = self._db.execute("SELECT task, evaluation FROM steps WHERE seq = ?", (run.first_seq,)).fetchone()
-                cur = self._db.execute("DELETE FROM steps WHERE seq BETWEEN ? AND ? AND n = 1",
-                                       (run.first_seq, run.last_seq))
-                if head is None or cur.rowcount != len(run.rows):
-                    self._db.execute("ROLLBACK")
-                    return
-                self._db.execute(f"INSERT INTO steps ({_COLUMNS}, n) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                 (run.first_seq, run.episode_id, head[0], head[1], int(run.intervention),
-                                  b"".join(run.rows), end_blob, run.nbytes + len(end_blob or b""), len(run.rows)))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:  # the step rows stay as they are: nothing lost, only not folded
-            log.warning("spool %s: cannot fold steps %d..%d into one row (%s)", self.path, run.first_seq,
-                        run.last_seq, exc)
-
-    def _split_locked(self, at: int) -> None:
-        """Make ``at`` the first seq of a row: split the chunk row that holds steps on both sides of it."""
-        row = self._db.execute(f"SELECT {_COLUMNS}, n FROM steps WHERE seq < ? ORDER BY seq DESC LIMIT 1",
-                               (at,)).fetchone()
-        if row is None or row[0] + row[8] - 1 < at:
-            return
-        self._rewrite_locked(row, [at - row[0], row[0] + row[8] - at])
-
-    def _expand_locked(self, seq: int) -> None:
-        """Turn the chunk row starting at ``seq`` back into one row per step."""
-        row = self._db.execute(f"SELECT {_COLUMNS}, n FROM steps WHERE seq = ?", (seq,)).fetchone()
-        if row is not None and row[8] > 1:
-            self._rewrite_locked(row, [1] * row[8])
-
-    def _rewrite_locked(self, row: tuple, sizes: list[int]) -> None:
-        """Replace a chunk row by rows of ``sizes`` steps each (one transaction; the step flags are in the rows)."""
-        seq, episode_id, task, evaluation, _, blob, end_blob, _, n = row
-        size = len(blob) // n
-        own = self._db.in_transaction
-        if not own:
-            self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute("DELETE FROM steps WHERE seq = ?", (seq,))
-            first = 0
-            for k in sizes:
-                part = blob[first * size:(first + k) * size]
-                last = first + k == n
-                flags = part[size - 1::size]  # a row's last byte is its flags (fleet/rows.py), bit 0 intervention
-                end = end_blob if last else None
-                self._db.execute(f"INSERT INTO steps ({_COLUMNS}, n) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                 (seq + first, episode_id, task, evaluation, int(any(f & 1 for f in flags)), part,
-                                  end, len(part) + len(end or b""), k))
-                first += k
-            if not own:
-                self._db.execute("COMMIT")
-        except BaseException:
-            if not own:
-                self._db.execute("ROLLBACK")
-            raise
+                try:
+                    fold(self._db, run, end_blob)
+                except sqlite3.Error as exc:  # the step rows stay as they are: nothing lost, only not folded
+                    log.warning("spool %s: cannot fold steps %d..%d into one row (%s)", self.path, run.first_seq,
+                                run.last_seq, exc)
 
     def _record_misfit_locked(self, step: Step, episode_id: str, task: str, evaluation: bool, blob: bytes,
                               end_blob: bytes | None, reason: str) -> None:
@@ -373,7 +290,7 @@ class Spool:
                     self._db.execute(f"DELETE FROM steps WHERE ({where}) AND seq <= ?", (last,))
                 if split is None:
                     break
-                self._expand_locked(split)
+                expand(self._db, split)
         self._steps -= dropped
         self._bytes -= freed
         self._max_seq = self._db.execute("SELECT COALESCE(MAX(seq + n - 1), 0) FROM steps").fetchone()[0]
@@ -411,14 +328,14 @@ class Spool:
         The batch holds at least one step, and more only while it stays within ``max_steps`` and
         ``max_bytes`` (a chunk row larger than that is split first)."""
         with self._lock:
-            self._split_locked(seq + 1)
+            split(self._db, seq + 1)
             query = ("SELECT seq, episode_id, task, evaluation, blob, end_blob, nbytes, n FROM steps WHERE seq > ? "
                      "ORDER BY seq LIMIT ?")
             first = self._db.execute(query, (seq, 1)).fetchone()
             if first is None:
                 return None
             if first[7] > 1 and (first[7] > max_steps or first[6] > max_bytes):
-                self._split_locked(first[0] + max(1, min(max_steps, first[7] * max_bytes // max(1, first[6]))))
+                split(self._db, first[0] + max(1, min(max_steps, first[7] * max_bytes // max(1, first[6]))))
                 first = self._db.execute(query, (seq, 1)).fetchone()
             parts, counts, end_blob, last, total, steps = [], [], None, first[0] - 1, 0, 0
             for row in self._db.execute(query, (seq, max_steps)):  # lazily: stops at the first row not taken
@@ -438,7 +355,7 @@ class Spool:
     def ack(self, seq: int) -> None:
         """Delete everything up to and including ``seq``: the gateway has it durably."""
         with self._lock:
-            self._split_locked(seq + 1)
+            split(self._db, seq + 1)
             row = self._db.execute("SELECT COALESCE(SUM(n), 0), COALESCE(SUM(nbytes), 0) FROM steps WHERE seq <= ?",
                                    (seq,)).fetchone()
             if row[0]:
@@ -453,11 +370,11 @@ class Spool:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._run = None
-                self._split_locked(first_seq)
-                self._split_locked(last_seq + 1)
+                split(self._db, first_seq)
+                split(self._db, last_seq + 1)
                 for (chunk,) in self._db.execute("SELECT seq FROM steps WHERE seq BETWEEN ? AND ? AND n > 1",
                                                  (first_seq, last_seq)).fetchall():
-                    self._expand_locked(chunk)
+                    expand(self._db, chunk)
                 moved, nbytes = self._quarantine_locked(first_seq, last_seq, code, reason)
                 self._db.execute("COMMIT")
             except BaseException:
@@ -538,18 +455,6 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-@dataclass
-class _Run:
-    """Step rows of one episode recorded one after another, not read by the streamer yet."""
-
-    episode_id: str
-    first_seq: int
-    last_seq: int
-    rows: list[bytes] = field(default_factory=list)
-    intervention: bool = False
-    nbytes: int = 0
 
 
 def _as_pb(step: Step) -> bytes:
