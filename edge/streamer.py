@@ -267,9 +267,10 @@ class Streamer:
                 self._resume_after = self.acked_seq if in_stream else None
                 return retry_s * random.uniform(1.0, 1.5)
             if culprit is not None:  # no hint: grpc's message size limit
-                if culprit.first_seq == culprit.last_seq:
+                if culprit.first_seq == culprit.last_seq and self._chunks_per_message == 1:
                     self._quarantine(culprit.first_seq, culprit.last_seq, code, details)
-                else:
+                else:  # one chunk a message from now on (until the next Register), and smaller chunks
+                    self._chunks_per_message = 1
                     self._chunk_bytes = max(MIN_CHUNK_BYTES, self._chunk_bytes // 2)
                     log.warning("robot %s: chunk too large for the gateway (%s); chunks now <= %d bytes", robot,
                                 details, self._chunk_bytes)
