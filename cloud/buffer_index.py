@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cloud.buffer import SOURCE_OFFLINE, SOURCE_ONLINE
-from cloud.buffer.reader import BufferReader
+from cloud.buffer.reader import BufferReader, parse_label_runs
 from cloud.pools import Pool, PoolSet, Segment
 from fleet import metrics
 from fleet.convert import schema_from_dict
@@ -242,22 +242,22 @@ class BufferIndex:
             return 0
         added, names = 0, self._episode_names.get(rid, [])
         for raw in entries:
-            try:  # "<episode number>|<start>|<end>": steps [start, end) of that episode
-                number, start, end = (int(x) for x in raw.decode().split("|"))
+            try:  # "<episode number>|<start>|<end>[|<start>|<end>...]": steps [start, end) of that episode
+                number, runs = parse_label_runs(raw)
                 eid, task = names[number] if 0 <= number < len(names) else (None, None)
                 if eid is None:
                     raise ValueError(f"episode number {number} is not in episode_ids")
-                if not 0 <= start < end:
-                    raise ValueError(f"run [{start}, {end})")
             except (ValueError, AttributeError) as exc:
                 self._skip(rid, "corrupt_labeled", f"labeled entry {raw[:80]!r} cannot be read ({exc!r})")
                 continue
+            steps = sum(end - start for start, end in runs)
             if ((rid, eid) in self._quarantined or (rid, eid) in self._evicted
-                    or not self._known_task(rid, task, end - start)):
+                    or not self._known_task(rid, task, steps)):
                 continue
-            self.pools[(task, source)].add(Segment(rid, eid, start, end - start,
-                                                   labels_all=source == SOURCE_OFFLINE, number=self.number(rid, eid)))
-            added += end - start
+            pool, number = self.pools[(task, source)], self.number(rid, eid)
+            for start, end in runs:
+                pool.add(Segment(rid, eid, start, end - start, labels_all=source == SOURCE_OFFLINE, number=number))
+            added += steps
         return added
 
     def _evict(self, rid: str, evicted: list[bytes]) -> None:

@@ -162,12 +162,14 @@ class EdgeAgent:
                               tasks=tuple(self.robot.tasks), protocol_version=PROTOCOL_VERSION,
                               software_version=__version__, control_hz=cfg.loop.control_hz)
         self.spool = Spool(state / "spool.db", self.robot.schema, max_bytes=cfg.spool.max_bytes,
-                           synchronous=cfg.spool.synchronous, quarantine_max_bytes=cfg.spool.quarantine_max_bytes)
+                           synchronous=cfg.spool.synchronous, quarantine_max_bytes=cfg.spool.quarantine_max_bytes,
+                           chunk_steps=cfg.streamer.max_chunk_steps)
         self.client = FleetClient(cfg.gateway, security=cfg.security)
         sc = cfg.streamer
         self.streamer = Streamer(self.info, self.spool, self.client, window_chunks=sc.window_chunks,
                                  max_chunk_steps=sc.max_chunk_steps, flush_interval_s=sc.flush_interval_s,
                                  max_chunk_bytes=sc.max_chunk_bytes, ack_timeout_s=sc.ack_timeout_s,
+                                 chunks_per_message=sc.chunks_per_message,
                                  backoff=Backoff(sc.backoff_base_s, sc.backoff_max_s))
         self.last_good = LastGood(state / "policy", self.pinned_keys)
         self.admission = Admission(cfg.policy_max_bytes, state, cfg.policy_architecture_file)

@@ -48,6 +48,8 @@ class Registration:
     last_acked_seq: int
     latest_policy_version: int
     gateway_id: str
+    max_chunks_per_message: int = 1
+    """Chunks the gateway reads from one message (``ColumnChunk.more``); 1 for a gateway that predates it."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,8 @@ class FleetClient:
     def register(self, info: RobotInfo) -> Registration:
         resp = self._stub.Register(robot_info_to_pb(info), timeout=self.rpc_timeout_s, wait_for_ready=False,
                                    metadata=self._metadata)
-        return Registration(resp.last_acked_seq, resp.latest_policy_version, resp.gateway_id)
+        return Registration(resp.last_acked_seq, resp.latest_policy_version, resp.gateway_id,
+                            max(1, resp.max_chunks_per_message))
 
     def heartbeat(self, robot_id: str, policy_version: int, spool_steps: int, spool_bytes: int, state: str,
                   task: str, steps_per_s: float, intervention_rate: float) -> int:

@@ -21,6 +21,15 @@ not fit the robot's schema is quarantined when it is recorded (``SCHEMA_MISMATCH
 
 Each row is the step's columns as raw bytes in the schema's order (``fleet/rows.py``), so
 the streamer builds a chunk's columns with one join per batch, not one parse per step.
+
+Chunk rows: for a schema without cameras (every row the same size), once ``chunk_steps``
+consecutive steps of one episode are recorded (or the episode ends), ``record`` folds their rows
+into one row (``n`` steps, the rows back to back) in one transaction, unless the streamer has read
+any of them already. A backlog then streams as one SQLite read and one delete per chunk, not per
+step (reading + deleting per-step rows cost ~2.5 us a step, more than the gateway and Redis
+together). Everything that works on single steps (an ack or a resume point inside a chunk row,
+dropping, quarantine) first splits the chunk row at that step, so the rules below hold per step
+(the tables and the chunk-row operations: ``edge/spool_rows.py``).
 A spool written by an older version (one ``fleet.v1.Step`` protobuf per row, no
 ``meta.row_format``) is converted in place, in one transaction, when it is opened with the
 robot's schema; a row that cannot be converted is quarantined, never fatal.
@@ -35,6 +44,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.spool_rows import COLUMNS as _COLUMNS
+from edge.spool_rows import SCHEMA_SQL as _SCHEMA_SQL
+from edge.spool_rows import Run, expand, fold, split
 from fleet.convert import decode_step, encode_step, encode_summary, schema_of_step
 from fleet.errors import ConfigError, InvalidInput
 from fleet.rows import ROW_FORMAT, RowLayout, RowMismatch
@@ -42,33 +54,6 @@ from fleet.types import EpisodeSummary, Schema, Step
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = "seq, episode_id, task, evaluation, intervention, blob, end_blob, nbytes"
-_SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS steps (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    episode_id TEXT NOT NULL,
-    task TEXT NOT NULL,
-    evaluation INTEGER NOT NULL,
-    intervention INTEGER NOT NULL,
-    blob BLOB NOT NULL,
-    end_blob BLOB,
-    nbytes INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    seq INTEGER PRIMARY KEY,
-    episode_id TEXT NOT NULL,
-    task TEXT NOT NULL,
-    evaluation INTEGER NOT NULL,
-    intervention INTEGER NOT NULL,
-    blob BLOB NOT NULL,
-    end_blob BLOB,
-    nbytes INTEGER NOT NULL,
-    code TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    quarantined_s REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-"""
 
 
 @dataclass(frozen=True)
@@ -80,12 +65,27 @@ class SpoolBatch:
     evaluation: bool
     first_seq: int
     last_seq: int
-    step_blobs: list[bytes]
+    parts: list[bytes]
+    """The rows back to back, one part per spool row (a chunk row holds several same-size rows)."""
     end_blob: bytes | None
+    counts: list[int] | None = None
+    """Steps in each part (None: one each)."""
+
+    @property
+    def n(self) -> int:
+        return self.last_seq - self.first_seq + 1
 
     @property
     def nbytes(self) -> int:
-        return sum(len(b) for b in self.step_blobs) + len(self.end_blob or b"")
+        return sum(len(b) for b in self.parts) + len(self.end_blob or b"")
+
+    @property
+    def step_blobs(self) -> list[bytes]:
+        """One row per step (tests, tools; the streamer joins ``parts`` directly)."""
+        if self.counts is None:
+            return list(self.parts)
+        return [part[i * (len(part) // k):(i + 1) * (len(part) // k)]
+                for part, k in zip(self.parts, self.counts) for i in range(k)]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ class SpoolConfig:
     """Spool bound; when full, oldest non-intervention steps are dropped first."""
     synchronous: str = "NORMAL"
     """Durability: NORMAL survives a crash of the edge process (kill -9), FULL also a power loss."""
+
     quarantine_max_bytes: int = 64 * 1024 * 1024
     """Bound of the quarantine of steps the cloud refused (kept for inspection)."""
 
@@ -122,7 +123,8 @@ class Spool:
 
     def __init__(self, path: str | Path, schema: Schema | None = None, max_bytes: int = SpoolConfig.max_bytes,
                  synchronous: str = SpoolConfig.synchronous,
-                 quarantine_max_bytes: int = SpoolConfig.quarantine_max_bytes):
+                 quarantine_max_bytes: int = SpoolConfig.quarantine_max_bytes,
+                 chunk_steps: int = 1024, chunk_bytes: int = 1 << 20):
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
         if max_bytes <= 0:
@@ -134,16 +136,22 @@ class Spool:
         self._layout = RowLayout(schema) if schema is not None else None
         self.max_bytes = max_bytes
         self.quarantine_max_bytes = quarantine_max_bytes
+        self.chunk_steps, self.chunk_bytes = max(1, chunk_steps), chunk_bytes  # fold size: the streamer's chunk
+        self._run: Run | None = None  # step rows of one episode recorded in a row, not read yet: to fold
+        self._read_hi = 0  # highest seq read_after handed out (rows up to it are never folded)
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)  # notified on record and ack
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(_SCHEMA_SQL)
+        if "n" not in {r[1] for r in self._db.execute("PRAGMA table_info(steps)")}:  # a spool of an older version
+            self._db.execute("ALTER TABLE steps ADD COLUMN n INTEGER NOT NULL DEFAULT 1")
         self.dropped_steps = self._meta("dropped_steps")
         self.quarantined_steps = self._meta("quarantined_steps")
         self._upgrade_rows()
-        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0), COALESCE(MAX(seq), 0) FROM steps").fetchone()
+        row = self._db.execute("SELECT COALESCE(SUM(n), 0), COALESCE(SUM(nbytes), 0), COALESCE(MAX(seq + n - 1), 0) "
+                               "FROM steps").fetchone()
         self._steps, self._bytes, self._max_seq = int(row[0]), int(row[1]), int(row[2])
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='steps'").fetchone()
         self._next_seq = max(int(row[0]) if row else 0, self._max_seq) + 1
@@ -221,8 +229,26 @@ class Spool:
             self._max_seq = step.seq
             self._steps += 1
             self._bytes += nbytes
+            if self._layout.fixed_rows:
+                self._grow_run_locked(episode_id, step.seq, blob, bool(step.is_intervention), end_blob)
             self.changed.notify_all()
             return step.seq
+
+    def _grow_run_locked(self, episode_id: str, seq: int, blob: bytes, intervention: bool,
+                         end_blob: bytes | None) -> None:
+        run = self._run
+        if run is None or run.episode_id != episode_id or run.last_seq + 1 != seq:
+            run = self._run = Run(episode_id, seq, seq - 1)
+        run.rows.append(blob)
+        run.last_seq, run.intervention, run.nbytes = seq, run.intervention or intervention, run.nbytes + len(blob)
+        if end_blob is not None or len(run.rows) >= self.chunk_steps or run.nbytes >= self.chunk_bytes:
+            self._run = None
+            if len(run.rows) > 1 and run.first_seq > self._read_hi:
+                try:
+                    fold(self._db, run, end_blob)
+                except sqlite3.Error as exc:  # the step rows stay as they are: nothing lost, only not folded
+                    log.warning("spool %s: cannot fold steps %d..%d into one row (%s)", self.path, run.first_seq,
+                                run.last_seq, exc)
 
     def _record_misfit_locked(self, step: Step, episode_id: str, task: str, evaluation: bool, blob: bytes,
                               end_blob: bytes | None, reason: str) -> None:
@@ -247,19 +273,27 @@ class Spool:
         """Free at least ``need_bytes`` (plus 1% headroom): oldest non-intervention steps first."""
         target = need_bytes + self.max_bytes // 100
         freed = dropped = 0
+        self._run = None
         for where in ("intervention = 0", "1 = 1"):
-            last = None
-            for seq, nbytes in self._db.execute(f"SELECT seq, nbytes FROM steps WHERE {where} ORDER BY seq"):
-                if freed >= target:
+            while freed < target:  # chunk rows holding operator steps are split into steps, as far as needed
+                last, split = None, None
+                for seq, nbytes, n, inter in self._db.execute(
+                        f"SELECT seq, nbytes, n, intervention FROM steps WHERE {where} OR n > 1 ORDER BY seq"):
+                    if freed >= target:
+                        break
+                    if n > 1 and inter and where == "intervention = 0":
+                        split = seq
+                        break
+                    if not inter or where != "intervention = 0":
+                        last, freed, dropped = seq, freed + nbytes, dropped + n
+                if last is not None:
+                    self._db.execute(f"DELETE FROM steps WHERE ({where}) AND seq <= ?", (last,))
+                if split is None:
                     break
-                last, freed, dropped = seq, freed + nbytes, dropped + 1
-            if last is not None:
-                self._db.execute(f"DELETE FROM steps WHERE {where} AND seq <= ?", (last,))
-            if freed >= target:
-                break
+                expand(self._db, split)
         self._steps -= dropped
         self._bytes -= freed
-        self._max_seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM steps").fetchone()[0]
+        self._max_seq = self._db.execute("SELECT COALESCE(MAX(seq + n - 1), 0) FROM steps").fetchone()[0]
         self.dropped_steps += dropped
         self._set_meta_locked("dropped_steps", self.dropped_steps)
         log.warning("spool full (%d bytes max): dropped %d oldest steps (%d dropped in total)", self.max_bytes,
@@ -286,34 +320,43 @@ class Spool:
         recorder's full queue). The streamer declares the gap as it does for the spool's own drops."""
         with self._lock:
             self._next_seq += n
+            self._run = None
 
     def read_after(self, seq: int, max_steps: int = 64, max_bytes: int = 4 * 1024 * 1024) -> SpoolBatch | None:
         """The next consecutive run of one episode's steps with seq > ``seq`` (None if none).
 
-        The batch holds at least one step, and more only while it stays within ``max_bytes``."""
+        The batch holds at least one step, and more only while it stays within ``max_steps`` and
+        ``max_bytes`` (a chunk row larger than that is split first)."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, episode_id, task, evaluation, blob, end_blob, nbytes FROM steps WHERE seq > ? "
-                "ORDER BY seq LIMIT ?", (seq, max_steps)).fetchall()
-        if not rows:
-            return None
-        first = rows[0]
-        blobs, end_blob, last, total = [], None, first[0], 0
-        for row in rows:
-            if row[1] != first[1] or (blobs and row[0] != last + 1) or (blobs and total + row[6] > max_bytes):
-                break
-            blobs.append(row[4])
-            last, total = row[0], total + row[6]
-            if row[5] is not None:
-                end_blob = row[5]
-                break
+            split(self._db, seq + 1)
+            query = ("SELECT seq, episode_id, task, evaluation, blob, end_blob, nbytes, n FROM steps WHERE seq > ? "
+                     "ORDER BY seq LIMIT ?")
+            first = self._db.execute(query, (seq, 1)).fetchone()
+            if first is None:
+                return None
+            if first[7] > 1 and (first[7] > max_steps or first[6] > max_bytes):
+                split(self._db, first[0] + max(1, min(max_steps, first[7] * max_bytes // max(1, first[6]))))
+                first = self._db.execute(query, (seq, 1)).fetchone()
+            parts, counts, end_blob, last, total, steps = [], [], None, first[0] - 1, 0, 0
+            for row in self._db.execute(query, (seq, max_steps)):  # lazily: stops at the first row not taken
+                if row[1] != first[1] or (parts and row[0] != last + 1) or (parts and total + row[6] > max_bytes) \
+                        or (parts and steps + row[7] > max_steps):
+                    break
+                parts.append(row[4])
+                counts.append(row[7])
+                last, total, steps = row[0] + row[7] - 1, total + row[6], steps + row[7]
+                if row[5] is not None:
+                    end_blob = row[5]
+                    break
+            self._read_hi = max(self._read_hi, last)  # the streamer has these rows now: never fold them
         return SpoolBatch(episode_id=first[1], task=first[2], evaluation=bool(first[3]), first_seq=first[0],
-                          last_seq=last, step_blobs=blobs, end_blob=end_blob)
+                          last_seq=last, parts=parts, end_blob=end_blob, counts=counts)
 
     def ack(self, seq: int) -> None:
         """Delete everything up to and including ``seq``: the gateway has it durably."""
         with self._lock:
-            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM steps WHERE seq <= ?",
+            split(self._db, seq + 1)
+            row = self._db.execute("SELECT COALESCE(SUM(n), 0), COALESCE(SUM(nbytes), 0) FROM steps WHERE seq <= ?",
                                    (seq,)).fetchone()
             if row[0]:
                 self._db.execute("DELETE FROM steps WHERE seq <= ?", (seq,))
@@ -326,6 +369,12 @@ class Spool:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._run = None
+                split(self._db, first_seq)
+                split(self._db, last_seq + 1)
+                for (chunk,) in self._db.execute("SELECT seq FROM steps WHERE seq BETWEEN ? AND ? AND n > 1",
+                                                 (first_seq, last_seq)).fetchall():
+                    expand(self._db, chunk)
                 moved, nbytes = self._quarantine_locked(first_seq, last_seq, code, reason)
                 self._db.execute("COMMIT")
             except BaseException:
@@ -333,7 +382,7 @@ class Spool:
                 raise
             self._steps -= moved
             self._bytes -= nbytes
-            self._max_seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM steps").fetchone()[0]
+            self._max_seq = self._db.execute("SELECT COALESCE(MAX(seq + n - 1), 0) FROM steps").fetchone()[0]
             self.changed.notify_all()
         log.error("spool %s: quarantined %d steps (seq %d..%d) refused with %s: %s", self.path, moved, first_seq,
                   last_seq, code, reason)
@@ -341,8 +390,8 @@ class Spool:
 
     def _quarantine_locked(self, first_seq: int, last_seq: int, code: str, reason: str) -> tuple[int, int]:
         """Move rows to the quarantine inside the caller's transaction; returns (steps, bytes) moved."""
-        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM steps WHERE seq BETWEEN ? AND ?",
-                               (first_seq, last_seq)).fetchone()
+        row = self._db.execute("SELECT COALESCE(SUM(n), 0), COALESCE(SUM(nbytes), 0) FROM steps "
+                               "WHERE seq BETWEEN ? AND ?", (first_seq, last_seq)).fetchone()
         moved, nbytes = int(row[0]), int(row[1])
         self._db.execute(
             f"INSERT OR REPLACE INTO quarantine ({_COLUMNS}, code, reason, quarantined_s) "

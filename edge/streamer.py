@@ -60,10 +60,13 @@ class StreamerConfig:
 
     window_chunks: int = 8
     """Chunks sent and not yet acked at once (more in flight: more throughput over long round trips)."""
-    max_chunk_steps: int = 256
-    """Steps per chunk at most."""
+    max_chunk_steps: int = 1024
+    """Steps per chunk at most (a chunk never spans episodes; the gateway accepts up to 1024)."""
     max_chunk_bytes: int = 4 * 1024 * 1024
-    """Encoded bytes per chunk at most (stay well below the gateway's max_message_bytes)."""
+    """Encoded bytes per message at most (stay well below the gateway's max_message_bytes)."""
+    chunks_per_message: int = 4
+    """Whole chunks of a backlog (short episodes) sent in one message, if the gateway reads that many:
+    one message's gRPC work on both sides instead of several."""
     flush_interval_s: float = 0.2
     """A partial chunk is sent after this long without filling up, seconds."""
     ack_timeout_s: float = 60.0
@@ -74,7 +77,7 @@ class StreamerConfig:
     """Longest reconnect delay, seconds."""
 
     def __post_init__(self) -> None:
-        for name in ("window_chunks", "max_chunk_steps", "max_chunk_bytes"):
+        for name in ("window_chunks", "max_chunk_steps", "max_chunk_bytes", "chunks_per_message"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"streamer.{name} ({getattr(self, name)}) must be >= 1")
         for name in ("flush_interval_s", "ack_timeout_s", "backoff_base_s", "backoff_max_s"):
@@ -149,7 +152,8 @@ class Streamer:
                  window_chunks: int = StreamerConfig.window_chunks, max_chunk_steps: int = StreamerConfig.max_chunk_steps,
                  flush_interval_s: float = StreamerConfig.flush_interval_s,
                  max_chunk_bytes: int = StreamerConfig.max_chunk_bytes, ack_timeout_s: float = StreamerConfig.ack_timeout_s,
-                 not_found_quarantine: int = 3, backoff: Backoff | None = None):
+                 not_found_quarantine: int = 3, backoff: Backoff | None = None,
+                 chunks_per_message: int = StreamerConfig.chunks_per_message):
         self.info = info
         self._schema_hash = schema_hash(info.schema)
         self._layout = RowLayout(info.schema)
@@ -175,6 +179,8 @@ class Streamer:
         self._inflight: deque[_Sent] = deque()
         self._inflight_lock = threading.Condition()
         self._chunk_bytes = max_chunk_bytes
+        self.chunks_per_message = chunks_per_message
+        self._chunks_per_message = 1  # what the gateway reads (Register says), at most chunks_per_message
         self._resume_after: int | None = None  # set: skip Register and resume after this seq
         self._not_found: tuple[int, int] = (0, 0)  # (first seq of the refused chunk, times in a row)
         self._in_stream = False  # the current session got past Register
@@ -278,9 +284,10 @@ class Streamer:
                 self._resume_after = self.acked_seq if in_stream else None
                 return retry_s * random.uniform(1.0, 1.5)
             if culprit is not None:  # no hint: grpc's message size limit
-                if culprit.first_seq == culprit.last_seq:
+                if culprit.first_seq == culprit.last_seq and self._chunks_per_message == 1:
                     self._quarantine(culprit.first_seq, culprit.last_seq, code, details)
-                else:
+                else:  # one chunk a message from now on (until the next Register), and smaller chunks
+                    self._chunks_per_message = 1
                     self._chunk_bytes = max(MIN_CHUNK_BYTES, self._chunk_bytes // 2)
                     log.warning("robot %s: chunk too large for the gateway (%s); chunks now <= %d bytes", robot,
                                 details, self._chunk_bytes)
@@ -308,6 +315,7 @@ class Streamer:
         if self._resume_after is None:
             reg = self.client.register(self.info)
             self.registration = reg
+            self._chunks_per_message = max(1, min(self.chunks_per_message, reg.max_chunks_per_message))
             start = reg.last_acked_seq
             self.spool.ensure_after(start)
         else:
@@ -365,7 +373,7 @@ class Streamer:
             if batch is None:  # rows after ``sent`` vanished (quarantined/dropped): look again shortly
                 self._worker.stopping.wait(0.05)
                 continue
-            if (batch.end_blob is None and len(batch.step_blobs) < self.max_chunk_steps
+            if (batch.end_blob is None and batch.n < self.max_chunk_steps
                     and batch.nbytes < self._chunk_bytes // 2):
                 # Let a few more steps accumulate: fewer, larger chunks.
                 if self._worker.stopping.wait(self.flush_interval_s):
@@ -373,19 +381,40 @@ class Streamer:
                 batch = self.spool.read_after(sent, max_steps=self.max_chunk_steps,
                                               max_bytes=self._chunk_bytes) or batch
             try:
-                msg = columns_message(robot, batch.episode_id, batch.task, self._layout, self._schema_hash,
-                                      batch.step_blobs, batch.first_seq, batch.evaluation,
-                                      gap_declared=batch.first_seq > sent + 1, end_blob=batch.end_blob)
+                msg = self._message(batch, sent)
             except RowMismatch as exc:  # a row written under another schema: never sendable
                 bad = batch.first_seq + exc.index
                 self._quarantine(bad, bad, "SCHEMA_MISMATCH", str(exc))
                 continue
+            batches = [batch]
+            room = self._chunk_bytes - batch.nbytes
+            while len(batches) < self._chunks_per_message and self._complete(batches[-1]) and room > 0:
+                # A backlog of short episodes: more whole chunks in the same message (acked together).
+                more = self.spool.read_after(batches[-1].last_seq, max_steps=self.max_chunk_steps, max_bytes=room)
+                if more is None or more.nbytes > room or not self._complete(more):
+                    break
+                try:
+                    msg.more.append(self._message(more, batches[-1].last_seq))
+                except RowMismatch:  # sent on its own next time round, and quarantined there
+                    break
+                batches.append(more)
+                room -= more.nbytes
             with self._inflight_lock:
                 if broken.is_set():
                     return
-                inflight.append(_Sent(batch.first_seq, batch.last_seq, time.monotonic()))
-            sent = batch.last_seq
+                now = time.monotonic()
+                inflight.extend(_Sent(b.first_seq, b.last_seq, now) for b in batches)
+            sent = batches[-1].last_seq
             yield msg
+
+    def _message(self, batch, after: int):
+        return columns_message(self.info.robot_id, batch.episode_id, batch.task, self._layout, self._schema_hash,
+                               batch.parts, batch.first_seq, batch.evaluation, gap_declared=batch.first_seq > after + 1,
+                               end_blob=batch.end_blob)
+
+    def _complete(self, batch) -> bool:
+        """A chunk that will not grow: its episode ended, or it is as long as a chunk gets."""
+        return batch.end_blob is not None or batch.n >= self.max_chunk_steps
 
     def _stalled(self, inflight: deque[_Sent]) -> bool:
         """Chunks in flight and no ack for ``ack_timeout_s`` (call with ``_inflight_lock`` held)."""

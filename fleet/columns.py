@@ -217,6 +217,13 @@ def encode_element(cols: Columns, schema: Schema, codec: str = "zstd", frames_in
     return b"".join(out)
 
 
+def set_first_index(element: bytes, first_index: int) -> bytes:
+    """The element with its first_index field set (a copy only when it changes)."""
+    if struct.unpack_from("<I", element)[0] == first_index:
+        return element
+    return struct.pack("<I", first_index) + element[4:]
+
+
 @dataclass
 class Element:
     """A decoded buffer element: where it sits in its episode, its columns, where its frames are."""

@@ -281,7 +281,7 @@ def columns_message(robot_id: str, episode_id: str, task: str, layout: RowLayout
     flags = cols["flags"]
     planes = np.stack([(flags & 1).astype(bool), (flags & 2).astype(bool), (flags & 4).astype(bool)])
     msg = pb.ColumnChunk(
-        robot_id=robot_id, episode_id=episode_id, task=task, schema_hash=digest, first_seq=first_seq, n=len(rows),
+        robot_id=robot_id, episode_id=episode_id, task=task, schema_hash=digest, first_seq=first_seq, n=len(rec),
         observation={f.name: cols[f.name].tobytes() for f in layout.low_dim},
         action=cols["action"].tobytes(), policy_action=cols["policy_action"].tobytes(),
         reward=cols["reward"].tobytes(), timestamp_s=cols["timestamp_s"].tobytes(),

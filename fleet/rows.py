@@ -93,13 +93,22 @@ class RowLayout:
 
     # --- the streamer ------------------------------------------------------------------
 
+    @property
+    def fixed_rows(self) -> bool:
+        """Every row has the same size (no cameras): rows may be stored and joined back to back."""
+        return not self.cameras
+
     def join(self, rows: list[bytes]) -> tuple[np.ndarray, dict[str, tuple[str, list[bytes]]]]:
-        """``n`` rows -> (structured ``[n]`` array of the fixed columns, {camera: (encoding, frames)})."""
+        """``n`` rows -> (structured ``[n]`` array of the fixed columns, {camera: (encoding, frames)}).
+
+        Without cameras a part may hold several rows back to back (a spool chunk row)."""
         if not self.cameras:
-            for i, row in enumerate(rows):
-                if len(row) != self.fixed:
-                    raise RowMismatch(f"row of {len(row)} bytes, the schema's rows have {self.fixed}", i)
-            return np.frombuffer(b"".join(rows), self.dtype), {}
+            steps = 0
+            for row in rows:
+                if not row or len(row) % self.fixed:
+                    raise RowMismatch(f"row of {len(row)} bytes, the schema's rows have {self.fixed}", steps)
+                steps += len(row) // self.fixed
+            return np.frombuffer(rows[0] if len(rows) == 1 else b"".join(rows), self.dtype), {}
         frames: dict[str, tuple[str, list[bytes]]] = {}
         for i, row in enumerate(rows):
             for name, (enc, data) in self._frames(row, i).items():

@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("rclpy", reason="rclpy missing: pip install -e '.[ros2]'")
 
-from cloud.buffer.reader import BufferReader
+from cloud.buffer.reader import BufferReader, parse_label_runs
 from cloud.buffer import RobotKeys  # noqa: E402
 from cloud.offline import write_episodes as write_offline  # noqa: E402
 from cloud.trainer import Trainer  # noqa: E402
@@ -121,7 +121,8 @@ def test_ros2_robot_learns_over_dds(redis_proc, redis_client, gateway, tmp_path,
     assert int(redis_client.hget(keys.stats, "intervention_steps")) == len(intervention)
     # ... and labeled for the trainer (HG-DAgger's targets): one index entry per operator-driven step.
     names = [raw.decode().split("|", 1)[0] for raw in redis_client.lrange(keys.episode_ids, 0, -1)]
-    runs = (raw.decode().split("|") for raw in redis_client.lrange(keys.labeled, 0, -1))  # "n|start|end"
+    runs = ((n, start, end) for raw in redis_client.lrange(keys.labeled, 0, -1)  # "n|start|end[|start|end...]"
+            for n, pairs in [parse_label_runs(raw)] for start, end in pairs)
     labeled = {(names[int(n)], i) for n, start, end in runs for i in range(int(start), int(end))}
     driven = {(eid.decode(), s.index) for eid in redis_client.hkeys(keys.catalog)
               for s in BufferReader(redis_client).steps(keys.robot_id, eid.decode(), BufferReader(redis_client).schema(keys.robot_id)) if s.is_intervention}

@@ -21,7 +21,8 @@ fleet:{r:R}:catalog                 HASH    E -> JSON {task, len, chunks, source
                                             redis_bytes, blob_bytes, first_s, updated_s}
 fleet:{r:R}:episode_ids             LIST    entry n: "E|task" of the robot's n-th episode (id and task
                                             stored once per episode; E cannot contain "|")
-fleet:{r:R}:labeled                 LIST    label runs "n|start|end": steps [start, end) of episode n
+fleet:{r:R}:labeled                 LIST    label runs "n|start|end[|start|end...]", one entry per chunk:
+                                            steps [start, end) of episode n
                                             are supervised labels (an operator drove them, or they are
                                             offline demonstrations); append-only, so samplers mirror it
                                             incrementally; consecutive runs of one episode join up

@@ -120,10 +120,10 @@ class BufferReader:
         total = 0
         for raw in self.redis.lrange(RobotKeys(robot_id).labeled, 0, -1):
             try:
-                _, start, end = (int(x) for x in raw.split(b"|"))
-                total += max(0, end - start)
+                _, runs = parse_label_runs(raw)
             except ValueError:
                 continue
+            total += sum(end - start for start, end in runs)
         return total
 
     def catalog(self, robot_id: str) -> dict:
@@ -194,3 +194,16 @@ class BufferReader:
                 except (ValueError, KeyError, TypeError) as exc:
                     log.debug("robot %s: catalog entry %r unreadable (%r)", rid, eid, exc)
         return out
+
+
+def parse_label_runs(raw: bytes) -> tuple[int, list[tuple[int, int]]]:
+    """A ``labeled`` entry ``"<episode number>|start|end[|start|end...]"`` -> (number, runs); ValueError
+    if it is not one (each run 0 <= start < end)."""
+    fields = [int(x) for x in raw.split(b"|")]
+    if len(fields) < 3 or len(fields) % 2 != 1:
+        raise ValueError(f"{len(fields)} fields; expected the episode number and start|end pairs")
+    runs = list(zip(fields[1::2], fields[2::2]))
+    for start, end in runs:
+        if not 0 <= start < end:
+            raise ValueError(f"run [{start}, {end})")
+    return fields[0], runs

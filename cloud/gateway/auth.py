@@ -493,7 +493,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 self.audit.refused(context, method, msg.robot_id, exc)
                 raise
             nbytes = msg.ByteSize() if self.limits.counts_bytes else 0
-            steps = min(msg.n, 1024) if hasattr(msg, "n") else len(msg.steps)  # columnar (protocol 2) or per-step
+            steps = min(msg.n, 1024) + sum(min(m.n, 1024) for m in msg.more) if hasattr(msg, "n") \
+                else len(msg.steps)  # columnar (protocol 2; ``more``: further chunks) or per-step
             delay = self.limits.delay_s(msg.robot_id, steps, nbytes)
             if delay > 0:
                 log.debug("robot %s over its rate: holding its stream %.3fs", msg.robot_id, delay)

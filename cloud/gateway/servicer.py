@@ -34,6 +34,9 @@ from fleet.v1 import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+MAX_CHUNKS_PER_MESSAGE = 16
+"""Chunks one StreamColumns message may carry (the first and ``more``); Register tells the edge."""
+
 
 _count_rejection = metrics.count_gateway_rejection
 
@@ -59,7 +62,7 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
         log.info("robot %s registered (%s, %d tasks), last acked seq %d", info.robot_id, info.embodiment,
                  len(info.tasks), last)
         return pb.RegisterResponse(last_acked_seq=last, latest_policy_version=self._feed.latest,
-                                   gateway_id=self.gateway_id)
+                                   gateway_id=self.gateway_id, max_chunks_per_message=MAX_CHUNKS_PER_MESSAGE)
 
     @map_errors(_count_rejection)
     async def StreamExperience(self, request_iterator, context):
@@ -76,28 +79,41 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
             try:
                 async for msg in request_iterator:
                     nbytes = msg.ByteSize()
+                    parts = [msg, *msg.more] if msg.more else [msg]
+                    if len(parts) > MAX_CHUNKS_PER_MESSAGE or any(part.more for part in parts[1:]):
+                        raise InvalidInput(f"a message carries at most {MAX_CHUNKS_PER_MESSAGE} chunks, none of the "
+                                           f"further ones with more of its own (got {len(parts)})")
+                    acked, duplicates, failed = None, 0, None
                     # Held from here to the write's reply: bounds memory, and while a chunk waits for room
                     # nothing more is read from this stream (flow control slows the robot down).
                     async with self._limiter.hold(msg.robot_id, nbytes):
                         t0 = time.perf_counter()
-                        if robot_id is not None and msg.robot_id != robot_id:
-                            raise InvalidInput(f"one stream carries one robot: got {shown(msg.robot_id)} after "
-                                               f"{robot_id!r}")
-                        cc, info = await self._accept(msg)
-                        if robot_id is None:
-                            robot_id = cc.robot_id
-                            metrics.GATEWAY_ROBOT_STREAMS.opened(robot_id)
                         metrics.GATEWAY_INFLIGHT_BYTES.inc(nbytes)
                         try:
-                            result = await self._ingest.store(cc, info)
+                            for part in parts:
+                                if robot_id is not None and part.robot_id != robot_id:
+                                    raise InvalidInput(f"one stream carries one robot: got {shown(part.robot_id)} "
+                                                       f"after {robot_id!r}")
+                                cc, info = await self._accept(part)
+                                if robot_id is None:
+                                    robot_id = cc.robot_id
+                                    metrics.GATEWAY_ROBOT_STREAMS.opened(robot_id)
+                                result = await self._ingest.store(cc, info)
+                                acked, duplicates = result.acked_seq, duplicates + result.duplicate_steps
+                                task = metrics.task_label(cc.task)
+                                metrics.GATEWAY_STEPS.labels(robot=robot_id, task=task).inc(result.stored_steps)
+                        except FleetError as exc:
+                            if acked is None:
+                                raise
+                            failed = exc  # ack the chunks stored before it, then fail the stream with it
                         finally:
                             metrics.GATEWAY_INFLIGHT_BYTES.dec(nbytes)
                     metrics.GATEWAY_INGEST.observe(time.perf_counter() - t0)
-                    task = metrics.task_label(cc.task)
-                    metrics.GATEWAY_STEPS.labels(robot=robot_id, task=task).inc(result.stored_steps)
-                    metrics.GATEWAY_DUPLICATE_STEPS.labels(robot=robot_id).inc(result.duplicate_steps)
-                    metrics.GATEWAY_BYTES.labels(robot=robot_id, task=task).inc(nbytes)
-                    yield pb.Ack(acked_seq=result.acked_seq, duplicate_steps=result.duplicate_steps)
+                    metrics.GATEWAY_DUPLICATE_STEPS.labels(robot=robot_id).inc(duplicates)
+                    metrics.GATEWAY_BYTES.labels(robot=robot_id, task=metrics.task_label(msg.task)).inc(nbytes)
+                    yield pb.Ack(acked_seq=acked, duplicate_steps=duplicates)
+                    if failed is not None:
+                        raise failed
             finally:
                 self._limiter.close_stream()
                 if robot_id is not None:

@@ -97,14 +97,16 @@ class RegisterRequest(_message.Message):
     def __init__(self, robot_id: _Optional[str] = ..., embodiment: _Optional[str] = ..., schema: _Optional[_Union[Schema, _Mapping]] = ..., tasks: _Optional[_Iterable[str]] = ..., protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ..., control_hz: _Optional[float] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("last_acked_seq", "latest_policy_version", "gateway_id")
+    __slots__ = ("last_acked_seq", "latest_policy_version", "gateway_id", "max_chunks_per_message")
     LAST_ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     LATEST_POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNKS_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     last_acked_seq: int
     latest_policy_version: int
     gateway_id: str
-    def __init__(self, last_acked_seq: _Optional[int] = ..., latest_policy_version: _Optional[int] = ..., gateway_id: _Optional[str] = ...) -> None: ...
+    max_chunks_per_message: int
+    def __init__(self, last_acked_seq: _Optional[int] = ..., latest_policy_version: _Optional[int] = ..., gateway_id: _Optional[str] = ..., max_chunks_per_message: _Optional[int] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("seq", "index", "observation", "images", "policy_action", "action", "is_intervention", "reward", "success", "done", "policy_version", "timestamp_s")
@@ -199,7 +201,7 @@ class CameraFrames(_message.Message):
     def __init__(self, encoding: _Optional[str] = ..., frames: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ColumnChunk(_message.Message):
-    __slots__ = ("robot_id", "episode_id", "task", "schema_hash", "first_seq", "n", "observation", "action", "policy_action", "reward", "timestamp_s", "policy_version", "flags", "cameras", "gap_declared", "episode_end", "evaluation")
+    __slots__ = ("robot_id", "episode_id", "task", "schema_hash", "first_seq", "n", "observation", "action", "policy_action", "reward", "timestamp_s", "policy_version", "flags", "cameras", "gap_declared", "episode_end", "evaluation", "more")
     class ObservationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +233,7 @@ class ColumnChunk(_message.Message):
     GAP_DECLARED_FIELD_NUMBER: _ClassVar[int]
     EPISODE_END_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     episode_id: str
     task: str
@@ -248,7 +251,8 @@ class ColumnChunk(_message.Message):
     gap_declared: bool
     episode_end: EpisodeEnd
     evaluation: bool
-    def __init__(self, robot_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_hash: _Optional[bytes] = ..., first_seq: _Optional[int] = ..., n: _Optional[int] = ..., observation: _Optional[_Mapping[str, bytes]] = ..., action: _Optional[bytes] = ..., policy_action: _Optional[bytes] = ..., reward: _Optional[bytes] = ..., timestamp_s: _Optional[bytes] = ..., policy_version: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., cameras: _Optional[_Mapping[str, CameraFrames]] = ..., gap_declared: _Optional[bool] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ..., evaluation: _Optional[bool] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[ColumnChunk]
+    def __init__(self, robot_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_hash: _Optional[bytes] = ..., first_seq: _Optional[int] = ..., n: _Optional[int] = ..., observation: _Optional[_Mapping[str, bytes]] = ..., action: _Optional[bytes] = ..., policy_action: _Optional[bytes] = ..., reward: _Optional[bytes] = ..., timestamp_s: _Optional[bytes] = ..., policy_version: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., cameras: _Optional[_Mapping[str, CameraFrames]] = ..., gap_declared: _Optional[bool] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ..., evaluation: _Optional[bool] = ..., more: _Optional[_Iterable[_Union[ColumnChunk, _Mapping]]] = ...) -> None: ...
 
 class WatchPolicyRequest(_message.Message):
     __slots__ = ("robot_id", "have_version", "want_full", "rejected_version")

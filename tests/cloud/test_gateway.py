@@ -59,9 +59,9 @@ def test_ack_only_after_redis_and_exactly_once(client, redis_client):
     assert [(s.seq, s.index, s.observation["state"][0]) for s in stored] == [(i, i - 1, i) for i in range(1, 8)]
     assert redis_client.llen(RobotKeys("r1").episode("e1")) == 2  # the overlap's new tail is its own element
     assert client.register(info()).last_acked_seq == 7
-    # Label runs "<episode number>|start|end" cover the intervention steps.
+    # Label runs "<episode number>|start|end[|start|end...]", one entry per chunk, cover the intervention steps.
     labeled = [x.decode() for x in redis_client.lrange(RobotKeys("r1").labeled, 0, -1)]
-    assert labeled == ["0|0|1", "0|2|3", "0|4|5", "0|5|6"]  # episode number 0: its id and task are stored once
+    assert labeled == ["0|0|1|2|3|4|5", "0|5|6"]  # episode number 0: its id and task are stored once
     assert redis_client.lrange(RobotKeys("r1").episode_ids, 0, -1) == [f"e1|{TASK}".encode()]
 
 
@@ -201,3 +201,39 @@ def test_task_labels_stay_bounded_however_many_tasks_robots_send(client, redis_c
     assert len(values - {"other"}) <= metrics.MAX_TASK_LABELS and "other" in values
     ours = sum(s.value for s in samples if s.labels["robot"].startswith("many-"))
     assert ours == 5 * 64
+
+
+def test_two_gateways_writing_one_episode_in_turn_keep_indexes_and_label_runs_right(redis_proc, redis_client):
+    """Each writer sends the element's first_index and the label runs from its own idea of the episode;
+    when another replica wrote meanwhile the write is refused inside the transaction and redone."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from cloud.ingest import Ingest
+
+    async def run():
+        clients = [aioredis.Redis.from_url(redis_proc.url) for _ in range(2)]
+        a, b = (Ingest(c) for c in clients)
+        await a.register(info())
+        for k, writer in enumerate([a, b, b, a, a, b]):
+            result = await writer.write(Chunk("r1", "e1", TASK, steps(1 + 3 * k, 3)))
+            assert (result.stored_steps, result.acked_seq) == (3, 3 * k + 3)
+        await b.write(Chunk("r1", "e2", TASK, steps(19, 2)))
+        await a.write(Chunk("r1", "e2", TASK, steps(21, 2)))
+        for c in clients:
+            await c.aclose()
+
+    asyncio.run(run())
+    reader = BufferReader(redis_client)
+    assert [(s.seq, s.index) for s in reader.steps("r1", "e1", SCHEMA)] == [(i, i - 1) for i in range(1, 19)]
+    assert [(s.seq, s.index) for s in reader.steps("r1", "e2", SCHEMA)] == [(i, i - 19) for i in range(19, 23)]
+    from cloud.buffer.reader import parse_label_runs
+
+    runs = [(number, start, end) for raw in redis_client.lrange(RobotKeys("r1").labeled, 0, -1)
+            for number, pairs in [parse_label_runs(raw)] for start, end in pairs]
+    e1 = [(start, end) for number, start, end in runs if number == 0]
+    assert e1 == [(i, i + 1) for k in range(6) for i in (3 * k, 3 * k + 2)]  # steps 0 and 2 of every chunk
+    assert sorted(start for number, start, _ in runs if number == 1) == [0, 2]
+    assert redis_client.lrange(RobotKeys("r1").episode_ids, 0, -1) == [f"e1|{TASK}".encode(), f"e2|{TASK}".encode()]
+    assert redis_client.llen(RobotKeys("r1").episode("e1")) == 6  # nothing left over from a refused try

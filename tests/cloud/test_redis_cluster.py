@@ -68,7 +68,7 @@ def test_every_atomic_write_stays_in_one_slot_and_robots_spread(cluster, cluster
     assert is_cluster(cluster.url)
     nodes = set()
     for rid in ROBOTS:
-        write = ChunkWrite(rid, "e1", TASK, 1, 1, b"x", "0:1,", 1)
+        write = ChunkWrite(rid, "e1", TASK, 1, 1, b"x", [(0, 1)], 1)
         keys, _ = write.keys_and_args(0.0)
         assert len({cluster_client.keyslot(k) for k in keys}) == 1, keys
         nodes.add(cluster_client.get_node_from_key(keys[0]).port)

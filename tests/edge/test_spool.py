@@ -54,11 +54,12 @@ def test_read_after_splits_by_episode_end_and_bytes(tmp_path):
     assert [s.seq for s in spool.steps(second)] == [4, 5, 6, 7]
 
 
-def test_full_spool_drops_oldest_autonomous_steps_first(tmp_path):
+@pytest.mark.parametrize("chunk_steps", [1024, 3])  # 3: most steps sit in chunk rows (folded when recorded)
+def test_full_spool_drops_oldest_autonomous_steps_first(tmp_path, chunk_steps):
     probe = Spool(tmp_path / "probe.db", SCHEMA)
     probe.record("e", "t", False, step(25, intervention=True), None)  # the largest row of this test
     row_bytes = probe.backlog()[1]
-    spool = Spool(tmp_path / "s.db", SCHEMA, max_bytes=row_bytes * 20)
+    spool = Spool(tmp_path / "s.db", SCHEMA, max_bytes=row_bytes * 20, chunk_steps=chunk_steps)
     for i in range(20):
         spool.record("e1", "t", False, step(i, intervention=i % 4 == 0), None)
     assert spool.dropped_steps == 0
@@ -81,8 +82,9 @@ def test_full_spool_drops_oldest_autonomous_steps_first(tmp_path):
     assert Spool(tmp_path / "s.db", SCHEMA).dropped_steps == 30 - steps
 
 
-def test_quarantine_moves_rows_aside_and_is_bounded(tmp_path):
-    spool = Spool(tmp_path / "s.db", SCHEMA, quarantine_max_bytes=10_000)
+@pytest.mark.parametrize("chunk_steps", [1024, 4])
+def test_quarantine_moves_rows_aside_and_is_bounded(tmp_path, chunk_steps):
+    spool = Spool(tmp_path / "s.db", SCHEMA, quarantine_max_bytes=10_000, chunk_steps=chunk_steps)
     for i in range(6):
         spool.record("e1", "t", False, step(i), None)
     assert spool.quarantine(2, 3, "INVALID_ARGUMENT", "observation 'state' contains NaN") == 2
@@ -117,14 +119,15 @@ def test_bad_settings_are_refused(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
-def test_every_recorded_step_survives_kill_9(tmp_path, synchronous):
-    """A child records steps and prints each seq once ``record`` returned; SIGKILL; all are on disk."""
+@pytest.mark.parametrize("synchronous,chunk_steps", [("NORMAL", 1024), ("FULL", 1024), ("NORMAL", 7)])
+def test_every_recorded_step_survives_kill_9(tmp_path, synchronous, chunk_steps):
+    """A child records steps and prints each seq once ``record`` returned; SIGKILL; all are on disk, each
+    once (with chunk_steps 7 the child is killed while it folds rows into chunk rows)."""
     code = textwrap.dedent(f"""
         import sys, numpy as np
         from edge.spool import Spool
         from fleet.types import Step
-        spool = Spool({str(tmp_path / 's.db')!r}, synchronous={synchronous!r})
+        spool = Spool({str(tmp_path / 's.db')!r}, synchronous={synchronous!r}, chunk_steps={chunk_steps})
         i = 0
         while True:
             s = Step(0, i, {{"state": np.zeros(8, np.float32)}}, np.zeros(2, np.float32), np.zeros(2, np.float32),
@@ -141,15 +144,40 @@ def test_every_recorded_step_survives_kill_9(tmp_path, synchronous):
             child.kill()
             break
     child.wait(10)
-    spool = Spool(tmp_path / "s.db")
-    on_disk = set()
+    spool = Spool(tmp_path / "s.db", SCHEMA)
+    on_disk = []
     seq = 0
     while (batch := spool.read_after(seq, max_steps=1000)) is not None:
-        on_disk.update(range(batch.first_seq, batch.last_seq + 1))
+        on_disk += [(s.seq, s.index + 1) for s in spool.steps(batch)]  # the child's step i has seq i + 1
         seq = batch.last_seq
+    assert on_disk == [(i, i) for i in range(1, len(on_disk) + 1)]  # none twice, none missing
+    on_disk = {seq for seq, _ in on_disk}
     assert printed == list(range(1, 301))
     assert set(printed) <= on_disk  # what record() returned for is durable; more may be
     assert spool.record("e", "t", False, step(0), None) == max(on_disk) + 1
+
+
+def test_a_backlog_is_folded_into_chunk_rows_and_split_where_one_step_matters(tmp_path):
+    spool = Spool(tmp_path / "s.db", SCHEMA, chunk_steps=4)
+    for i in range(10):
+        spool.record("e1", "t", False, step(i, intervention=i % 3 == 0),
+                     EpisodeSummary(False, 10, 4, 4, False, 1) if i == 9 else None)
+    spool.record("e2", "t", False, step(0), None)
+    whole = spool.read_after(0, max_steps=100)
+    assert (whole.first_seq, whole.last_seq, len(whole.parts), whole.end_blob is not None) == (1, 10, 3, True)
+    got = spool.steps(whole)
+    assert [(s.seq, s.index, s.is_intervention) for s in got] == [(i + 1, i, i % 3 == 0) for i in range(10)]
+    assert [(b.first_seq, b.last_seq) for b in (spool.read_after(0, max_steps=3), spool.read_after(3, max_steps=100))] \
+        == [(1, 3), (4, 10)]  # a chunk row longer than the streamer asks for is split, never cut short
+    spool.ack(5)  # inside a chunk row
+    assert spool.backlog()[0] == 6 and spool.read_after(5).first_seq == 6
+    assert spool.quarantine(7, 7, "INVALID_ARGUMENT", "NaN") == 1
+    assert [(b.first_seq, b.last_seq) for b in (spool.read_after(5), spool.read_after(7))] == [(6, 6), (8, 10)]
+    assert spool.layout.decode(spool.quarantined()[0].blob).index == 6
+    spool.close()
+    again = Spool(tmp_path / "s.db", SCHEMA, chunk_steps=4)
+    assert again.backlog()[0] == 5 and again.last_seq() == 11
+    assert [s.seq for s in again.steps(again.read_after(7, max_steps=100))] == [8, 9, 10]
 
 
 def test_a_step_that_does_not_fit_the_schema_is_quarantined_when_recorded(tmp_path):

@@ -115,6 +115,36 @@ def test_chunk_level_rejection_quarantines_the_whole_chunk(make_edge, redis_clie
     assert stored_seqs(redis_client, "r1") == [1, 2, 3, 8, 9, 10]
 
 
+def test_a_backlog_of_short_episodes_goes_several_chunks_a_message_and_a_bad_one_is_told_apart(make_edge,
+                                                                                             redis_client):
+    """Whole chunks of a backlog share a message (ColumnChunk.more); the gateway acks the chunks it stored
+    before a refused one, so only the refused chunk is quarantined."""
+    edge = make_edge(chunks_per_message=4)
+    messages = []
+    requests = edge.streamer._requests
+
+    def counted(start, session):
+        for msg in requests(start, session):
+            messages.append([msg.first_seq] + [m.first_seq for m in msg.more])
+            yield msg
+
+    edge.streamer._requests = counted
+    for k in range(6):
+        if k == 2:  # a task the robot never registered: the whole chunk is to blame
+            for i in range(3):
+                edge.spool.record("bad", "juggle", False, make_step(i), None if i < 2 else
+                                  EpisodeSummary(False, 3, 0, 0, False, 1))
+        else:
+            edge.record(3, episode=f"e{k}", end=True)
+    last = edge.spool.assigned_seq()
+    edge.streamer.start()
+    assert edge.streamer.wait_acked(last, timeout_s=20)
+    assert [q.seq for q in edge.spool.quarantined()] == [7, 8, 9]
+    assert stored_seqs(redis_client, "r1") == [s for s in range(1, 19) if s not in (7, 8, 9)]
+    assert messages[0] == [1, 4, 7, 10]  # one message, four chunks; after the refusal the rest is resent
+    assert edge.spool.backlog() == (0, 0)
+
+
 def test_not_found_after_redis_wipe_registers_again(make_edge, redis_client):
     edge = make_edge()
     edge.record(4)
