@@ -43,9 +43,10 @@ def receive(address: tuple[str, int], ticket: bytes, robot_id: str, assembler: A
     rid = robot_id.encode()
     with sock, ThreadPoolExecutor(1, thread_name_prefix="piece-check") as checker:
         pending: Future | None = None
+        frames = 0
         try:
             sock.sendall(MAGIC + ticket + struct.pack("<H", len(rid)) + rid)
-            received, frames, scratch = 0, 0, None
+            received, scratch = 0, None
             step = assembler.manifest.piece_bytes or PIECE_BYTES
             while True:
                 head = _recv(sock, FRAME.size, first=frames == 0)
@@ -61,7 +62,7 @@ def receive(address: tuple[str, int], ticket: bytes, robot_id: str, assembler: A
                 entry = assembler.entry(name)
                 if encoding == delta.RAW:
                     dest = assembler.raw_into(name, length)
-                    for offset in range(0, length, step):
+                    for offset in range(0, max(length, 1), step):  # an empty tensor: one empty piece
                         n = min(step, length - offset)
                         if dest is not None:
                             _recv_into(sock, dest[offset:offset + n])
@@ -90,6 +91,8 @@ def receive(address: tuple[str, int], ticket: bytes, robot_id: str, assembler: A
         except socket.timeout as exc:
             raise IntegrityError(f"side channel stalled: {exc}") from None
         except OSError as exc:
+            if frames == 0:  # e.g. reset while presenting the ticket
+                raise SideChannelUnavailable(f"weight side channel {address}: {exc}") from exc
             raise IntegrityError(f"side channel broken mid-transfer: {exc}") from None
         finally:
             if pending is not None:

@@ -112,6 +112,36 @@ def test_bad_reused_expired_and_foreign_tickets_are_refused_and_counted(side_gat
         receive(("127.0.0.1", channel.port), good.ticket, "r1", Assembler(good, None))
 
 
+def test_every_dtype_and_an_empty_tensor_arrive_in_memory_or_through_the_piece_buffer(side_gateway, redis_client
+                                                                                      ) -> None:
+    import torch
+
+    store = PolicyStore(side_gateway.cfg.policy_dir, redis_client, piece_bytes=4096)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(64, 65, generator=gen).bfloat16(), "b": torch.randn(7, generator=gen),
+               "steps": torch.tensor([7], dtype=torch.int64), "mask": torch.rand(50, generator=gen) > 0.5,
+               "empty": torch.zeros(0)}
+    store.publish(tensors, {"kind": "test"})
+    expected = store.payload(1)
+    for into_memory in (False, True):
+        client = FleetClient(side_gateway.target)
+        call = client.watch_policy("r1", 0, side_channel=True)
+        events = iter(call)
+        header = next(events)
+        assembler = Assembler(header, None)
+        memory = {name: memoryview(bytearray(len(data))) for name, data in expected.items()}
+        if into_memory:  # a standby model's weights
+            assembler.write_into(memory, {})
+        port = client.side_channel_address(header.side_channel_address)
+        assert receive(port, header.ticket, "r1", assembler) == sum(map(len, expected.values()))
+        held, _ = assembler.finish(next(events))
+        call.cancel()
+        client.close()
+        for name, data in expected.items():
+            assert bytes(held.payload[name]) == bytes(data), name
+            assert bytes(memory[name]) == (bytes(data) if into_memory else bytes(len(data))), name
+
+
 class SideChannelMitm:
     """In the middle of both channels: a WatchPolicy relay that points headers' side-channel address at a TCP
     proxy, which forwards to the gateway's side channel and, while armed, flips a byte of (or cuts off) the next
