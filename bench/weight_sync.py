@@ -6,7 +6,8 @@ Measured in one run, on the same bytes:
 * ``full_push``: publish into the policy store (Redis pointer) -> gateway process (plans once, hands out a
   ticket on WatchPolicy, ``sendfile``s the stored file over the weight side channel) -> one edge process
   (``recv_into`` its standby memory, every BLAKE3 piece digest checked as it arrives): published -> swap-ready;
-  ``publish_to_ready`` adds the store write (hash, safetensors write, fsync, rename, announce);
+  ``publish_to_ready`` adds the store write (hash, safetensors write, fsync, rename, announce), which
+  ``publish_profile`` times step by step on the same tensors;
 * ``grpc_push``: the same push with the tensors in gRPC messages (the path without a side channel);
 * ``lerobot``: LeRobot's transport on the same tensors: ``torch.save`` + 2 MB chunks over its gRPC
   ``LearnerService.StreamParameters`` -> ``torch.load`` on the receiving process;
@@ -211,6 +212,33 @@ class Fleet:
         self.gateway.join(30)
         self.redis.close()
         self.redis_proc.kill()
+
+
+def publish_profile(tensors: dict[str, torch.Tensor], workdir: Path) -> dict:
+    """Where a store publish goes, step by step, as ``DirectoryBackend.put`` does it (no Redis): the piece
+    digests, the safetensors write from memory, the fsyncs, the rename."""
+    from fleet.atomic import fsync_path
+    from fleet.weights import build_manifest, write_safetensors
+
+    tmp, final = workdir / "profile-tmp", workdir / "profile-final"
+    tmp.mkdir()
+    t0 = time.perf_counter()
+    manifest, _ = build_manifest(1, 0, tensors, {}, None, created_s=0.0)
+    t1 = time.perf_counter()
+    with open(tmp / "model.safetensors", "wb") as fh:
+        write_safetensors(fh, tensors)
+    (tmp / "manifest.json").write_text(manifest.to_json())
+    t2 = time.perf_counter()
+    for f in tmp.iterdir():
+        fsync_path(f)
+    t3 = time.perf_counter()
+    os.rename(tmp, final)
+    fsync_path(workdir)
+    t4 = time.perf_counter()
+    for f in final.iterdir():
+        f.unlink()
+    final.rmdir()
+    return {"digests_s": t1 - t0, "write_s": t2 - t1, "fsync_s": t3 - t2, "rename_s": t4 - t3}
 
 
 # --- LeRobot's transport ---------------------------------------------------------
@@ -469,6 +497,7 @@ def run(args: argparse.Namespace) -> dict:
                      "piece_bytes": 1 << 20}
         raw_s = min(raw_copy(nbytes) for _ in range(2))
         out.update(raw_copy_s=raw_s, raw_copy_gbps=nbytes / raw_s / GB)
+        out["publish_profile"] = publish_profile(tensors, workdir)
         fleet = Fleet(workdir, out["piece_bytes"])
         try:
             single = [fleet.push(tensors, 1, f"single{i}") for i in range(args.repeats)]
@@ -515,6 +544,8 @@ def table(out: dict) -> str:
                                          f"({out['ratio_to_raw']:.2f}x raw)"),
             ("  store write (publish)", f"{out['store_publish_s']:.3f} s"),
             ("  publish start -> ready", f"{out['publish_to_ready_s']:.3f} s"),
+            ("  store write, step by step", ", ".join(f"{k.removesuffix('_s')} {v:.3f} s"
+                                                      for k, v in out["publish_profile"].items())),
             ("  CPU per GB (1 edge)", f"edge {out['edge_cpu_s_per_gb']:.2f} s, gateway "
                                       f"{out['single_gateway_cpu_s_per_gb']:.2f} s"),
             ("  same push over gRPC", f"{out['grpc_push_s']:.3f} s; CPU per GB edge "
