@@ -77,7 +77,7 @@ class WeightChannel:
         self.refused: Counter[str] = Counter()
         """Connections refused, by reason (bad_hello, unknown_ticket, expired, wrong_robot, busy)."""
         self.served = 0
-        """Transfers sent in full."""
+        """Transfers sent in full (counted before their end frame goes out)."""
         self._thread = threading.Thread(target=self._accept, name="weight-channel", daemon=True)
         self._thread.start()
         log.info("weight side channel listening on %s:%d", host, self.port)
@@ -159,8 +159,9 @@ class WeightChannel:
             conn.settimeout(self.timeout_s)
             t0 = time.perf_counter()
             sent = self._send(conn, ticket)
-            self.served += 1
+            self.served += 1  # counted before the end frame: an edge that has the transfer sees it counted
             metrics.GATEWAY_POLICY_BYTES.labels(kind="delta" if ticket.base_version else "full").inc(sent)
+            conn.sendall(FRAME.pack(0, 0, 0))
             log.info("weight side channel: sent v%d (from v%d) to %s: %.1f MB in %.2f s", ticket.version,
                      ticket.base_version, robot, sent / 1e6, time.perf_counter() - t0)
         except OSError as exc:  # the edge went away or stalled: it retries (over gRPC if need be)
@@ -191,7 +192,6 @@ class WeightChannel:
             else:
                 conn.sendall(part.data)
             sent += len(part.data)
-        conn.sendall(FRAME.pack(0, 0, 0))
         return sent
 
 
