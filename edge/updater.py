@@ -299,6 +299,8 @@ class Updater:
                     backoff.reset()
             if assembler is not None:
                 raise IntegrityError(f"stream ended in the middle of v{assembler.manifest.version}")
+        except weight_channel.SideChannelUnavailable:
+            raise  # before any byte was written: the held version is intact, the delta comes over gRPC
         except BaseException:
             if target is not None and target is self._held_policy:  # its weights were the base: no longer
                 self._held, self._held_policy, self._want_full = None, None, True

@@ -24,6 +24,7 @@ from fleet.gateway_config import GatewayConfig, GatewaySecurity
 from fleet.v1 import fleet_pb2 as pb
 from tests.cloud.test_policy_distribution import act_with_frozen_encoder, assert_holds, make_updater, update
 from tests.conftest import GatewayThread, serve_watch_policy
+from tests.waiting import wait_until
 
 MAGIC = b"FLW1"
 
@@ -151,7 +152,7 @@ class SideChannelMitm:
     def __init__(self, upstream: str, side_port: int, mode: str, skip: int = 256):
         self.mode, self.skip, self.side_port = mode, skip, side_port
         self.armed, self.tampered = threading.Event(), threading.Event()
-        self.connections = 0
+        self.connections = self.watches = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -160,6 +161,7 @@ class SideChannelMitm:
         self.server, self.target = serve_watch_policy(self._relay)
 
     def _relay(self, request: bytes, context):
+        self.watches += 1
         call = self._watch(request)
         context.add_callback(call.cancel)
         try:
@@ -239,7 +241,8 @@ def test_corrupt_or_truncated_side_channel_is_refused_then_retried(side_gateway,
 def test_weights_over_grpc_without_a_side_channel_or_when_it_is_unreachable(redis_proc, side_gateway, redis_client,
                                                                           tmp_path: Path) -> None:
     store = PolicyStore(side_gateway.cfg.policy_dir, redis_client)
-    version = Publisher(store, every_steps=1).publish(act_with_frozen_encoder(), 1).version
+    publisher, policy = Publisher(store, every_steps=1), act_with_frozen_encoder()
+    version = publisher.publish(policy, 1).version
     without = GatewayThread(GatewayConfig(listen="127.0.0.1:0", redis_url=redis_proc.url,
                                           policy_dir=side_gateway.cfg.policy_dir))  # the same store, no side channel
     assert without.gw.weights is None
@@ -255,9 +258,19 @@ def test_weights_over_grpc_without_a_side_channel_or_when_it_is_unreachable(redi
             edge.start()
         for edge in edges:
             assert edge.wait_version(version, timeout_s=30)
-            assert_holds(edge, store, version)
-            assert edge.rejected == 0
+            assert edge.rejected == 0 and edge.slot.pending_version == version  # not swapped in: the next
+            # version is written over that model, the held one
         assert side_gateway.gw.weights.served == 0 and mitm.connections == 0
+        cut_off._side_channel_off_until = 0.0  # try the side channel again (on a new watch): unreachable with
+        cut_off._call.cancel()  # a version held
+        assert wait_until(lambda: mitm.watches >= 3, 30, "the cut-off edge to watch again")
+        update(policy, seed=2)
+        v2 = publisher.publish(policy, 2).version
+        for edge in edges:
+            assert edge.wait_version(v2, timeout_s=30)
+            assert edge.last_transfer.base_version == version and edge.rejected == 0  # a delta, over gRPC
+            assert_holds(edge, store, v2)
+        assert side_gateway.gw.weights.served == 0
     finally:
         for edge in edges:
             edge.stop()
