@@ -3,8 +3,12 @@
 Measured in one run, on the same bytes:
 
 * ``raw_copy``: a plain TCP loopback copy of the state dict's bytes between two processes (the limit);
-* ``full_push``: publish into the policy store (Redis pointer) -> gateway process (encodes once) -> one edge
-  process (assembles, verifies every sha256): publish -> swap-ready;
+* ``full_push``: publish into the policy store (Redis pointer) -> gateway process (plans once, hands out a
+  ticket on WatchPolicy, ``sendfile``s the stored file over the weight side channel) -> one edge process
+  (``recv_into`` its standby memory, every BLAKE3 piece digest checked as it arrives): published -> swap-ready;
+  ``publish_to_ready`` adds the store write (hash, safetensors write, fsync, rename, announce), which
+  ``publish_profile`` times step by step on the same tensors;
+* ``grpc_push``: the same push with the tensors in gRPC messages (the path without a side channel);
 * ``lerobot``: LeRobot's transport on the same tensors: ``torch.save`` + 2 MB chunks over its gRPC
   ``LearnerService.StreamParameters`` -> ``torch.load`` on the receiving process;
 * ``fanout8``: the full push to 8 edge processes at once; the gateway's CPU seconds per GB sent;
@@ -104,24 +108,28 @@ def _gateway_main(cfg, conn) -> None:
     asyncio.run(serve())
 
 
-def _edge_main(target: str, robot_id: str, after: int, versions: int, results, standby_bytes: int) -> None:
+def _edge_main(target: str, robot_id: str, after: int, versions: int, results, standby_bytes: int,
+               side_channel: bool = True) -> None:
     """Watch for full versions newer than ``after``; report when each of ``versions`` was verified (swap-ready).
 
     As on a running robot, the bytes go into a standby model's memory, resident already (allocated and
     touched before the watch starts): the tensors are views of it, written in place."""
     from edge.client import FleetClient, PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent
     from edge.updater import Assembler
+    from edge.weight_channel import receive
 
     standby = memoryview(torch.zeros(standby_bytes, dtype=torch.uint8).numpy())
     client = FleetClient(target)
     held, done = None, 0
-    for event in client.watch_policy(robot_id, after, want_full=True):
+    for event in client.watch_policy(robot_id, after, want_full=True, side_channel=side_channel):
         if isinstance(event, PolicyHeaderEvent):
             header_s, header_cpu_s = time.time(), _cpu_s()
             assembler, views, offset = Assembler(event, held), {}, 0
             for e in assembler.manifest.tensors:
                 views[e.name], offset = standby[offset:offset + e.nbytes], offset + e.nbytes
             assembler.write_into(views, {})
+            if event.ticket:
+                receive(client.side_channel_address(event.side_channel_address), event.ticket, robot_id, assembler)
         elif isinstance(event, PolicyPieceEvent):
             assembler.add(event)
         elif isinstance(event, PolicyTrailerEvent):
@@ -150,7 +158,8 @@ class Fleet:
         self.redis = redis.Redis.from_url(self.redis_proc.url)
         self.store = PolicyStore(workdir / "policies", self.redis)
         cfg = GatewayConfig(listen="127.0.0.1:0", redis_url=self.redis_proc.url, policy_dir=str(workdir / "policies"),
-                            policy_cache_bytes=1 << 30)  # one 0.9 GB version at a time: the machine has 24 GB
+                            policy_cache_bytes=1 << 30,  # one 0.9 GB version at a time: the machine has 24 GB
+                            weights_listen="127.0.0.1:0")
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.gateway = ctx.Process(target=_gateway_main, args=(cfg, child))
@@ -160,12 +169,14 @@ class Fleet:
         self.ctx = ctx
         del piece_bytes  # the gateway uses its default (1 MiB); kept for the JSON
 
-    def push(self, tensors: dict[str, torch.Tensor], edges: int, tag: str) -> dict:
-        """Start ``edges`` watchers, publish one version, wait until every edge has verified it."""
+    def push(self, tensors: dict[str, torch.Tensor], edges: int, tag: str, side_channel: bool = True) -> dict:
+        """Start ``edges`` watchers, publish one version, wait until every edge has verified it (tensors over the
+        weight side channel, or gRPC)."""
         ids = [f"{tag}-{i}" for i in range(edges)]
         after = self.store.latest_version()
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        procs = [self.ctx.Process(target=_edge_main, args=(self.target, rid, after, 1, self.results, nbytes))
+        procs = [self.ctx.Process(target=_edge_main,
+                                  args=(self.target, rid, after, 1, self.results, nbytes, side_channel))
                  for rid in ids]
         for p in procs:
             p.start()
@@ -201,6 +212,33 @@ class Fleet:
         self.gateway.join(30)
         self.redis.close()
         self.redis_proc.kill()
+
+
+def publish_profile(tensors: dict[str, torch.Tensor], workdir: Path) -> dict:
+    """Where a store publish goes, step by step, as ``DirectoryBackend.put`` does it (no Redis): the piece
+    digests, the safetensors write from memory, the fsyncs, the rename."""
+    from fleet.atomic import fsync_path
+    from fleet.weights import build_manifest, write_safetensors
+
+    tmp, final = workdir / "profile-tmp", workdir / "profile-final"
+    tmp.mkdir()
+    t0 = time.perf_counter()
+    manifest, _ = build_manifest(1, 0, tensors, {}, None, created_s=0.0)
+    t1 = time.perf_counter()
+    with open(tmp / "model.safetensors", "wb") as fh:
+        write_safetensors(fh, tensors)
+    (tmp / "manifest.json").write_text(manifest.to_json())
+    t2 = time.perf_counter()
+    for f in tmp.iterdir():
+        fsync_path(f)
+    t3 = time.perf_counter()
+    os.rename(tmp, final)
+    fsync_path(workdir)
+    t4 = time.perf_counter()
+    for f in final.iterdir():
+        f.unlink()
+    final.rmdir()
+    return {"digests_s": t1 - t0, "write_s": t2 - t1, "fsync_s": t3 - t2, "rename_s": t4 - t3}
 
 
 # --- LeRobot's transport ---------------------------------------------------------
@@ -459,6 +497,7 @@ def run(args: argparse.Namespace) -> dict:
                      "piece_bytes": 1 << 20}
         raw_s = min(raw_copy(nbytes) for _ in range(2))
         out.update(raw_copy_s=raw_s, raw_copy_gbps=nbytes / raw_s / GB)
+        out["publish_profile"] = publish_profile(tensors, workdir)
         fleet = Fleet(workdir, out["piece_bytes"])
         try:
             single = [fleet.push(tensors, 1, f"single{i}") for i in range(args.repeats)]
@@ -467,6 +506,9 @@ def run(args: argparse.Namespace) -> dict:
                        publish_to_ready_s=best["publish_to_ready_s"], store_publish_s=best["store_publish_s"],
                        single_runs_s=[round(r["push_s"], 3) for r in single],
                        edge_cpu_s_per_gb=best["edge_cpu_s_per_gb"], single_gateway_cpu_s_per_gb=best["gateway_cpu_s_per_gb"])
+            over_grpc = fleet.push(tensors, 1, "grpc", side_channel=False)  # the same push without the side channel
+            out.update(grpc_push_s=over_grpc["push_s"], grpc_edge_cpu_s_per_gb=over_grpc["edge_cpu_s_per_gb"],
+                       grpc_gateway_cpu_s_per_gb=over_grpc["gateway_cpu_s_per_gb"])
             if args.edges > 1:
                 fan = fleet.push(tensors, args.edges, "fan")
                 out.update({f"fanout{args.edges}_s": fan["push_s"], "fanout_edges": args.edges,
@@ -502,8 +544,13 @@ def table(out: dict) -> str:
                                          f"({out['ratio_to_raw']:.2f}x raw)"),
             ("  store write (publish)", f"{out['store_publish_s']:.3f} s"),
             ("  publish start -> ready", f"{out['publish_to_ready_s']:.3f} s"),
+            ("  store write, step by step", ", ".join(f"{k.removesuffix('_s')} {v:.3f} s"
+                                                      for k, v in out["publish_profile"].items())),
             ("  CPU per GB (1 edge)", f"edge {out['edge_cpu_s_per_gb']:.2f} s, gateway "
                                       f"{out['single_gateway_cpu_s_per_gb']:.2f} s"),
+            ("  same push over gRPC", f"{out['grpc_push_s']:.3f} s; CPU per GB edge "
+                                      f"{out['grpc_edge_cpu_s_per_gb']:.2f} s, gateway "
+                                      f"{out['grpc_gateway_cpu_s_per_gb']:.2f} s"),
             ("LeRobot transport", f"{out['lerobot_push_s']:.3f} s  {out['lerobot_gbps']:.2f} GB/s  "
                                   f"(fleet is {out['lerobot_push_s'] / out['full_push_s']:.2f}x faster)")]
     if "fanout_ratio" in out:

@@ -29,7 +29,8 @@ from safetensors import safe_open
 from cloud.buffer import POLICY_COUNTER_KEY, policy_keys
 from fleet.signing import ManifestSigner
 from fleet.atomic import commit_dir, fresh_dir
-from fleet.weights import PIECE_BYTES, Manifest, build_manifest, read_safetensors_raw, write_safetensors
+from fleet.weights import (PIECE_BYTES, Manifest, build_manifest, read_safetensors_raw, safetensors_ranges,
+                           write_safetensors)
 
 if TYPE_CHECKING:  # the gateway serves raw bytes (read_safetensors_raw) and never imports torch
     import torch
@@ -109,6 +110,11 @@ class DirectoryBackend:
 
     def payload(self, version: int) -> dict[str, memoryview]:
         return read_safetensors_raw(self._file(version, "model.safetensors"))
+
+    def payload_file(self, version: int) -> tuple[Path, dict[str, tuple[int, int]]]:
+        """The file holding ``payload(version)`` and each tensor's (start, end) offsets in it."""
+        path = self._file(version, "model.safetensors")
+        return path, safetensors_ranges(path)
 
 
 class PolicyStore:
@@ -198,3 +204,9 @@ class PolicyStore:
     def payload(self, version: int) -> dict[str, memoryview]:
         """Raw bytes of each tensor, as the manifest's checksums cover them."""
         return self.backend.payload(version)
+
+    def payload_file(self, version: int) -> tuple[Path, dict[str, tuple[int, int]]] | None:
+        """Where ``payload(version)`` lies in a local file (what the weight side channel sendfile()s), or None
+        for a backend without one."""
+        payload_file = getattr(self.backend, "payload_file", None)
+        return payload_file(version) if payload_file is not None else None

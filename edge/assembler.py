@@ -71,10 +71,41 @@ class Assembler:
                       if name in self._entries and len(view) == self._entries[name].nbytes}
         self.dest_digests = dest_digests
 
-    def add(self, piece: PolicyPieceEvent) -> None:
-        entry = self._entries.get(piece.name)
+    def entry(self, name: str) -> TensorEntry:
+        entry = self._entries.get(name)
         if entry is None:
-            raise IntegrityError(f"piece for unknown tensor {piece.name!r}")
+            raise IntegrityError(f"piece for unknown tensor {name!r}")
+        return entry
+
+    def raw_into(self, name: str, nbytes: int) -> memoryview | None:
+        """Tensor ``name`` comes raw, all ``nbytes`` of it (the side channel): the standby model's memory to
+        receive it into, each piece then checked there with ``check_in_place``; None without a standby
+        tensor (its pieces then go through ``add``)."""
+        entry = self.entry(name)
+        if nbytes != entry.nbytes:
+            raise IntegrityError(f"raw tensor {name!r} comes with {nbytes} bytes, manifest says {entry.nbytes}")
+        if name in self._encoded or name in self._raw:
+            raise IntegrityError(f"tensor {name!r} arrives twice")
+        if name not in self._dest:
+            return None
+        self.dest_digests.pop(name, None)  # being rewritten: holds no known version until verified
+        self._raw[name], self._raw_received[name] = self._dest[name], 0
+        return self._dest[name]
+
+    def check_in_place(self, name: str, offset: int, length: int) -> None:
+        """Bytes [offset, offset + length) of ``name`` were received into ``raw_into``'s memory: check them
+        (in order; BLAKE3 releases the GIL, so this may run on another thread while the next piece arrives)."""
+        entry, received = self._entries[name], self._raw_received[name]
+        step = self.manifest.piece_bytes
+        if offset != received or (step and length != min(step, entry.nbytes - offset)):
+            raise IntegrityError(f"raw piece of {name!r} at byte {offset} (+{length}) is not the next of the "
+                                 f"manifest's pieces")
+        self._check_piece(entry, offset, self._raw[name][offset:offset + length])
+        self._raw_received[name] = offset + length
+        self.payload_bytes += length
+
+    def add(self, piece: PolicyPieceEvent) -> None:
+        entry = self.entry(piece.name)
         if piece.encoding == delta.RAW:
             self._add_raw(entry, piece)
         else:
@@ -112,13 +143,16 @@ class Assembler:
         self._raw_received[name] = end
         self._take(entry, offset, data)
 
-    def _take(self, entry: TensorEntry, offset: int, data) -> None:
-        """Check one raw piece against the manifest (with piece hashes), then keep it."""
+    def _check_piece(self, entry: TensorEntry, offset: int, data) -> None:
         if self.manifest.piece_bytes and entry.nbytes:  # (an empty tensor is one empty piece, no digest)
             digest = piece_digest(self.manifest.hash, data)
             if digest != entry.pieces[offset // self.manifest.piece_bytes]:
                 raise IntegrityError(f"policy v{self.manifest.version}: tensor {entry.name!r} piece at byte {offset} "
                                      f"{self.manifest.hash} {digest[:12]} != manifest (corrupt transfer)")
+
+    def _take(self, entry: TensorEntry, offset: int, data) -> None:
+        """Check one raw piece against the manifest (with piece hashes), then keep it."""
+        self._check_piece(entry, offset, data)
         buf = self._raw[entry.name]
         if isinstance(buf, bytearray):
             buf += data  # grows with what arrived: a manifest's claim allocates nothing

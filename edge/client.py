@@ -17,6 +17,7 @@ import grpc
 from fleet.gateway_config import ClientSecurity
 from fleet.convert import robot_info_to_pb
 from fleet.errors import ConfigError
+from fleet.netaddr import split_host_port
 from fleet.secret_files import read_private
 from fleet.tokens import read_token_file
 from fleet.types import RobotInfo
@@ -58,6 +59,9 @@ class PolicyHeaderEvent:
     base_version: int
     manifest_json: str
     payload_bytes: int
+    ticket: bytes = b""
+    """Set when the tensors come over the weight side channel (``edge.weight_channel``), not as pieces."""
+    side_channel_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,9 @@ class FleetClient:
         self._channel = _channel(target, security)
         self._unsubscribed_mono = -1.0  # when wait_connected last stopped watching the channel
         self._stub = pb_grpc.FleetServiceStub(self._channel)
+        self.side_channel = not security.ca_file
+        """Whether to ask for the weight side channel: plaintext TCP, so only when this channel is plaintext
+        too (with TLS the weights stay on it)."""
         self._watch_events = self._channel.unary_stream(  # policy events straight from the received bytes
             "/fleet.v1.FleetService/WatchPolicy", request_serializer=pb.WatchPolicyRequest.SerializeToString,
             response_deserializer=policy_event_from_wire)
@@ -181,19 +188,28 @@ class FleetClient:
         ``cancel()`` to end)."""
         return self._stub.StreamColumns(requests, metadata=self._metadata)
 
-    def watch_policy(self, robot_id: str, have_version: int, want_full: bool = False, rejected_version: int = 0):
+    def watch_policy(self, robot_id: str, have_version: int, want_full: bool = False, rejected_version: int = 0,
+                     side_channel: bool = False):
         """Server stream of policy events (PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent); the
-        returned call can be cancelled."""
+        returned call can be cancelled. ``side_channel``: ask for tickets to the weight side channel (only
+        honoured on a plaintext channel, see ``self.side_channel``)."""
         return self._watch_events(pb.WatchPolicyRequest(robot_id=robot_id, have_version=have_version,
-                                                        want_full=want_full, rejected_version=rejected_version),
+                                                        want_full=want_full, rejected_version=rejected_version,
+                                                        side_channel=side_channel and self.side_channel),
                                   metadata=self._metadata)
+
+    def side_channel_address(self, advertised: str) -> tuple[str, int]:
+        """Where to connect for a header's side channel: its host, or this channel's (":port")."""
+        host, port = split_host_port(advertised)
+        return host or split_host_port(self.target)[0], port
 
     @staticmethod
     def policy_event(msg: pb.PolicyUpdate):
         kind = msg.WhichOneof("part")
         if kind == "header":
             h = msg.header
-            return PolicyHeaderEvent(h.version, h.base_version, h.manifest_json, h.payload_bytes)
+            return PolicyHeaderEvent(h.version, h.base_version, h.manifest_json, h.payload_bytes, h.ticket,
+                                     h.side_channel_address)
         if kind == "piece":
             p = msg.piece
             return PolicyPieceEvent(p.name, p.offset, p.data, p.encoding or "raw")

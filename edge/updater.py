@@ -19,6 +19,11 @@ header, before a byte of its tensors is kept (the signature covers every piece's
 newer than the one held is refused too: a gateway never sends one, so it can only be a replay of an
 older (validly signed) version.
 
+When the gateway runs the weight side channel (``edge.weight_channel``) and this robot's gRPC channel is
+plaintext, the header brings a ticket and the tensors come over it, received into the standby model's
+memory and checked piece by piece just the same; if it cannot be reached (or refuses the ticket) the
+same version is fetched over gRPC at once, and gRPC is used for ``SIDE_CHANNEL_RETRY_S``.
+
 A corrupt or truncated transfer is rejected, the old policy keeps running and
 the watch is retried (a failed delta is retried as a full transfer). A version
 that fails to build, acts with NaN, or is rolled back by the control loop is
@@ -39,6 +44,7 @@ import grpc
 import numpy as np
 import torch
 
+from edge import weight_channel
 from edge.admission import Admission
 from edge.assembler import MAX_DELTA_OVERHEAD, Assembler, Held
 from edge.client import FleetClient, PolicyHeaderEvent, PolicyPieceEvent, PolicyTrailerEvent
@@ -56,6 +62,9 @@ from fleet.worker import Worker
 __all__ = ["MAX_DELTA_OVERHEAD", "Assembler", "Held", "LastGood", "TransferStats", "Updater", "check_finite"]
 
 log = logging.getLogger(__name__)
+
+SIDE_CHANNEL_RETRY_S = 300.0
+"""After the weight side channel failed (unreachable, ticket refused), how long to take versions over gRPC."""
 
 PolicyBuilder = Callable[[Manifest, dict[str, torch.Tensor]], object]
 
@@ -116,6 +125,8 @@ class Updater:
         self._held_policy = None
         """The model whose weights back ``_held``'s bytes (None: they are the held payload's own)."""
         self._want_full = False
+        self._side_channel_off_until = 0.0
+        """Until then (monotonic s) the weights come over gRPC: the side channel failed."""
         self._rolled_back: list[int] = []
         self._worker = Worker(f"updater-{self.robot_id}", self._run)
         self._call = None
@@ -222,6 +233,11 @@ class Updater:
                     self._restore(bad)
             try:
                 self._watch(backoff)
+            except weight_channel.SideChannelUnavailable as exc:
+                self._side_channel_off_until = time.monotonic() + SIDE_CHANNEL_RETRY_S
+                log.warning("robot %s: %s; policies over gRPC for %.0f s", self.robot_id, exc,
+                            SIDE_CHANNEL_RETRY_S)
+                continue  # the same version, over gRPC, right away
             except grpc.RpcError as exc:
                 if not self._worker.stopping.is_set() and not self._rolled_back:
                     log.info("robot %s: policy watch ended (%s)", self.robot_id,
@@ -244,7 +260,8 @@ class Updater:
 
     def _watch(self, backoff: Backoff) -> None:
         call = self.client.watch_policy(self.robot_id, self.have_version, want_full=self._want_full,
-                                        rejected_version=self.refused_version)
+                                        rejected_version=self.refused_version,
+                                        side_channel=time.monotonic() >= self._side_channel_off_until)
         self._call = call
         if self._worker.stopping.is_set() or self._rolled_back:  # raced with stop() / a rollback
             call.cancel()
@@ -263,6 +280,9 @@ class Updater:
                     target = self.standby.claim(assembler.manifest)
                     if target is not None:
                         assembler.write_into(self.standby.views(target), self.standby.digests(target))
+                    if event.ticket:  # the tensors come over the side channel; the trailer on this stream
+                        weight_channel.receive(self.client.side_channel_address(event.side_channel_address),
+                                               event.ticket, self.robot_id, assembler)
                 elif isinstance(event, PolicyPieceEvent):
                     if assembler is None:
                         raise IntegrityError("policy piece before its header")
@@ -279,6 +299,8 @@ class Updater:
                     backoff.reset()
             if assembler is not None:
                 raise IntegrityError(f"stream ended in the middle of v{assembler.manifest.version}")
+        except weight_channel.SideChannelUnavailable:
+            raise  # before any byte was written: the held version is intact, the delta comes over gRPC
         except BaseException:
             if target is not None and target is self._held_policy:  # its weights were the base: no longer
                 self._held, self._held_policy, self._want_full = None, None, True

@@ -189,6 +189,11 @@ class GatewayConfig:
     """Extra plaintext host:port serving only grpc.health.v1 (for kubelet probes when TLS is on; "" = off)."""
     policy_cache_bytes: int = 4 * 1024**3
     """Encoded policy transfers (full and delta) kept for robots, bytes (the newest is kept whatever its size)."""
+    weights_listen: str = ""
+    """host:port of the weight side channel (plaintext TCP + sendfile for WatchPolicy ticket holders; port 0 = a
+    free one; "" = off; refused with TLS; docs/policy-distribution.md)."""
+    weights_ticket_s: float = 30.0
+    """How long a side-channel ticket stays valid, seconds (each is single use)."""
     security: GatewaySecurity = field(default_factory=GatewaySecurity)
     """TLS, mutual TLS, robot tokens and per-robot limits."""
     retention: RetentionConfig = field(default_factory=RetentionConfig)
@@ -212,5 +217,11 @@ class GatewayConfig:
                  f"redis_full_retry_after_s ({self.redis_full_retry_after_s}) must be > 0")
         require(self.buffer_codec in ("zstd", "lz4", "raw"),
                 f"buffer_codec ({self.buffer_codec!r}) must be zstd, lz4 or raw")
+        require(not self.weights_listen or ":" in self.weights_listen,
+                 f"weights_listen must be host:port or empty, got {self.weights_listen!r}")
+        require(not (self.weights_listen and self.security.tls_cert_file),
+                 f"weights_listen ({self.weights_listen!r}) serves plaintext TCP and this gateway uses TLS: the "
+                 "weights would leave the encrypted channel. Unset weights_listen (they then go over gRPC with TLS)")
+        require(self.weights_ticket_s > 0, f"weights_ticket_s ({self.weights_ticket_s}) must be > 0")
         require(not self.health_listen or ":" in self.health_listen,
                  f"health_listen must be host:port or empty, got {self.health_listen!r}")

@@ -1,9 +1,19 @@
-"""Network addresses: whether a ``host:port`` stays on this machine (shared by the gateway's protected mode
-and the edge's refusal to talk plaintext beyond loopback)."""
+"""Network addresses: ``host:port`` parsed, and whether one stays on this machine (shared by the gateway's
+protected mode and the edge's refusal to talk plaintext beyond loopback)."""
 
 from __future__ import annotations
 
 import ipaddress
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``; host may be empty) as (host without brackets, port); ValueError if not."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{address!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
 
 
 def is_loopback(address: str) -> bool:

@@ -286,12 +286,9 @@ _SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF
                        "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
 
 
-def read_safetensors_raw(path: str | Path) -> dict[str, memoryview]:
-    """Each tensor's raw bytes in a safetensors file, as read-only views into the memory-mapped file (no
-    torch, no copy; the mapping lives as long as a view does)."""
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+def _safetensors_ranges(path, data) -> dict[str, tuple[int, int]]:
+    """Each tensor's (start, end) byte offsets within the safetensors file whose first bytes are ``data``
+    (at least the header), checked against the file's ``size``."""
     if len(data) < 8:
         raise IntegrityError(f"{path}: too short for a safetensors file ({len(data)} bytes)")
     (header_len,) = struct.unpack_from("<Q", data)
@@ -299,7 +296,7 @@ def read_safetensors_raw(path: str | Path) -> dict[str, memoryview]:
         header = json.loads(data[8:8 + header_len])
     except ValueError as exc:
         raise IntegrityError(f"{path}: malformed safetensors header: {exc}") from None
-    body = memoryview(data)[8 + header_len:]
+    body, size = 8 + header_len, os.path.getsize(path)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -307,10 +304,30 @@ def read_safetensors_raw(path: str | Path) -> dict[str, memoryview]:
         if info.get("dtype") not in _SAFETENSORS_DTYPES:
             raise IntegrityError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
         start, end = info["data_offsets"]
-        if not 0 <= start <= end <= len(body):
+        if not 0 <= start <= end <= size - body:
             raise IntegrityError(f"{path}: tensor {name!r} lies outside the file ({start}..{end})")
-        out[name] = body[start:end]
+        out[name] = (body + start, body + end)
     return out
+
+
+def read_safetensors_raw(path: str | Path) -> dict[str, memoryview]:
+    """Each tensor's raw bytes in a safetensors file, as read-only views into the memory-mapped file (no
+    torch, no copy; the mapping lives as long as a view does)."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    view = memoryview(data)
+    return {name: view[start:end] for name, (start, end) in _safetensors_ranges(path, data).items()}
+
+
+def safetensors_ranges(path: str | Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's (start, end) byte offsets within a safetensors file (reads only its header): what
+    ``os.sendfile`` serves."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) == 8:
+            head += fh.read(min(struct.unpack_from("<Q", head)[0], 1 << 28))
+    return _safetensors_ranges(path, head)
 
 
 _SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}

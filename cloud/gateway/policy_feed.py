@@ -47,12 +47,13 @@ CACHE_BYTES = 4 << 30
 
 class Part:
     """One tensor of a transfer: its bytes (a view of the stored file, or a delta's encoding) and how they are
-    cut into messages."""
+    cut into messages; ``file``: where raw bytes lie in the stored file (path, offset), for ``os.sendfile``."""
 
-    __slots__ = ("name", "data", "encoding", "piece_bytes")
+    __slots__ = ("name", "data", "encoding", "piece_bytes", "file")
 
-    def __init__(self, name: str, data: memoryview, encoding: str, piece_bytes: int):
-        self.name, self.data, self.encoding, self.piece_bytes = name, data, encoding, piece_bytes
+    def __init__(self, name: str, data: memoryview, encoding: str, piece_bytes: int,
+                 file: tuple[str, int] | None = None):
+        self.name, self.data, self.encoding, self.piece_bytes, self.file = name, data, encoding, piece_bytes, file
 
     def messages(self) -> Iterator[bytes]:
         data, step = self.data, self.piece_bytes
@@ -109,6 +110,15 @@ class Transfer:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    async def wait_done(self) -> None:
+        """Until every part is planned (raises the encoder's error)."""
+        while not self.done and self.error is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        if self.error is not None:
+            raise self.error
 
     async def stream(self) -> AsyncIterator[bytes]:
         """Every message, as soon as the encoder has its part."""
@@ -168,6 +178,7 @@ def iter_transfer(store: PolicyStore, transfer: Transfer, piece_bytes: int = PIE
             log.info("base v%d is not in the store: sending v%d in full", transfer.base_version, transfer.version)
             transfer.base_version = 0
     payload = store.payload(transfer.version)
+    located = store.payload_file(transfer.version)
     old = {e.name: e for e in base.tensors} if base else {}
     element_deltas = base is not None and transfer.base_version >= target.keyframe_version
     base_payload = None
@@ -178,13 +189,14 @@ def iter_transfer(store: PolicyStore, transfer: Transfer, piece_bytes: int = PIE
         if same_layout and prev.digest == entry.digest:
             continue  # the edge has these bytes already
         data, encoding = memoryview(payload[entry.name]), delta.RAW
+        file = (str(located[0]), located[1][entry.name][0]) if located else None
         if element_deltas and same_layout:
             if base_payload is None:
                 base_payload = store.payload(transfer.base_version)
             encoded = delta.encode(base_payload[entry.name], data, DTYPE_SIZES[entry.dtype])
-            data, encoding = memoryview(encoded.data), encoded.encoding
+            data, encoding, file = memoryview(encoded.data), encoded.encoding, None
         step = target.piece_bytes if encoding == delta.RAW and target.piece_bytes else piece_bytes
-        plan.append(Part(entry.name, data, encoding, step))
+        plan.append(Part(entry.name, data, encoding, step, file))
     transfer.payload_bytes = sum(len(part.data) for part in plan)
     transfer.full_bytes = target.total_bytes
     transfer.tensors_sent = len(plan)

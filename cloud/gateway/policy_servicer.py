@@ -7,7 +7,9 @@ The edge says which version it holds; it gets a delta from that version (or a
 full transfer when it holds none, asks for one, or its version is unknown).
 Transfers are pre-serialized by the PolicyFeed and shared by every robot, so
 ``add_fleet_service`` registers WatchPolicy with a pass-through serializer.
-Per robot, the gateway records what it delivered in ``fleet:{r:<id>}:status``
+An edge that asks for the weight side channel (``side_channel``; the gateway runs one with
+``weights_listen``) gets the header with a ticket and the trailer on this stream, and the tensors over
+``cloud.gateway.weight_channel``. Per robot, the gateway records what it delivered in ``fleet:{r:<id>}:status``
 (``policy_delivered_version``, ``policy_delivered_s``; ``policy_refused_version``
 when the edge refused one) and exports the lag in versions as a gauge.
 """
@@ -65,7 +67,8 @@ def add_fleet_service(servicer, server) -> None:
 
 
 class PolicyServicerMixin:
-    """Needs ``self._feed`` (a PolicyFeed), ``self._redis`` (async) and ``self._watch_timeout_s``."""
+    """Needs ``self._feed`` (a PolicyFeed), ``self._redis`` (async), ``self._watch_timeout_s`` and ``self._weights``
+    (a WeightChannel or None)."""
 
     async def _record(self, robot_id: str, fields: dict) -> None:
         if not robot_id:
@@ -98,11 +101,21 @@ class PolicyServicerMixin:
                 if robot:
                     metrics.GATEWAY_POLICY_LAG.labels(robot=robot).set(latest - have)
                 transfer = await self._feed.transfer_for(latest, have, want_full)
-                async for msg in transfer.stream():
-                    yield msg
-                metrics.GATEWAY_POLICY_BYTES.labels(kind=transfer.kind).inc(transfer.payload_bytes)
-                log.info("sent policy v%d to %s (%s from v%d: %.1f of %.1f MB)", latest, robot or "?", transfer.kind,
-                         transfer.base_version, transfer.payload_bytes / 1e6, transfer.full_bytes / 1e6)
+                if request.side_channel and self._weights is not None:
+                    await transfer.wait_done()  # a ticket covers the whole transfer
+                    header = pb.PolicyUpdate.FromString(transfer.parts[0])
+                    header.header.ticket = self._weights.issue(robot, transfer)
+                    header.header.side_channel_address = self._weights.address
+                    yield header.SerializeToString()
+                    yield transfer.parts[-1]  # the trailer; the tensors go over the side channel
+                    how = "ticket for the side channel"
+                else:
+                    async for msg in transfer.stream():
+                        yield msg
+                    metrics.GATEWAY_POLICY_BYTES.labels(kind=transfer.kind).inc(transfer.payload_bytes)
+                    how = "sent"
+                log.info("%s: policy v%d to %s (%s from v%d: %.1f of %.1f MB)", how, latest, robot or "?",
+                         transfer.kind, transfer.base_version, transfer.payload_bytes / 1e6, transfer.full_bytes / 1e6)
                 have = floor = latest
                 want_full = False
                 await self._delivered(robot, have)

@@ -20,6 +20,7 @@ from cloud.gateway.health import GatewayHealth
 from cloud.gateway.policy_feed import PolicyFeed
 from cloud.gateway.policy_servicer import add_fleet_service
 from cloud.gateway.servicer import FleetServicer
+from cloud.gateway.weight_channel import WeightChannel
 from cloud.blobstore import open_blob_store
 from cloud.ingest import Ingest
 from cloud.policy_store import PolicyStore
@@ -36,6 +37,10 @@ PROTECTED_MODE_FLAGS = ("--security.tls_cert_file", "--security.tls_key_file", "
 
 def protected_mode_refusal(cfg: GatewayConfig) -> str | None:
     """The one-line reason to refuse ``cfg`` (non-loopback listen without TLS and robot tokens), else None."""
+    if cfg.weights_listen and not is_loopback(cfg.weights_listen) and not cfg.insecure:
+        return (f"refusing to serve policy weights in plaintext on {cfg.weights_listen} (weights_listen, not "
+                "loopback): unset weights_listen (with TLS the weights go over gRPC), or pass --insecure "
+                "(a trusted network; the signed manifests still protect their integrity)")
     if is_loopback(cfg.listen) or (cfg.security.tls_cert_file and cfg.security.token_key_file):
         return None
     missing = [name for name, have in (("TLS", cfg.security.tls_cert_file),
@@ -70,6 +75,7 @@ class RunningGateway:
     health_server_port: int = 0
     revoked: object | None = None
     retention: object | None = None
+    weights: WeightChannel | None = None
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self.retention is not None:
@@ -77,6 +83,8 @@ class RunningGateway:
         if self.health is not None:
             await self.health.stop()  # NOT_SERVING first: load balancers stop sending new streams
         await self.server.stop(grace_s)
+        if self.weights is not None:
+            self.weights.stop()
         if self.health_server is not None:
             await self.health_server.stop(0)
         if self.revoked is not None:
@@ -97,7 +105,8 @@ async def start_gateway(cfg: GatewayConfig) -> RunningGateway:
     await feed.start()
     limiter = InflightLimiter(cfg.max_inflight_bytes, cfg.robot_max_inflight_bytes, cfg.max_experience_streams,
                               cfg.inflight_wait_s, cfg.retry_after_s)
-    servicer = FleetServicer(ingest, feed, redis, limiter=limiter)
+    weights = WeightChannel(cfg.weights_listen, cfg.weights_ticket_s) if cfg.weights_listen else None
+    servicer = FleetServicer(ingest, feed, redis, limiter=limiter, weights=weights)
     interceptors, revoked = build_interceptors(cfg.security, redis)
     if revoked is not None:
         await revoked.start()
@@ -124,11 +133,12 @@ async def start_gateway(cfg: GatewayConfig) -> RunningGateway:
         from cloud.retention import start_retention
 
         retention = start_retention(cfg.redis_url, ingest.writer, blobs, cfg.retention)
-    log.info("gateway %s listening on port %d (%s; redis %s)", servicer.gateway_id, port,
-             "mutual TLS" if cfg.security.client_ca_file else "TLS" if creds else "plaintext", cfg.redis_url)
+    log.info("gateway %s listening on port %d (%s; redis %s; weights %s)", servicer.gateway_id, port,
+             "mutual TLS" if cfg.security.client_ca_file else "TLS" if creds else "plaintext", cfg.redis_url,
+             f"also on side channel port {weights.port}" if weights else "over gRPC only")
     return RunningGateway(server=server, port=port, feed=feed, redis=redis, health=health,
                           health_server=health_server, health_server_port=health_port, revoked=revoked,
-                          retention=retention)
+                          retention=retention, weights=weights)
 
 
 async def serve_forever(cfg: GatewayConfig, ready=None) -> None:

@@ -43,8 +43,10 @@ _count_rejection = metrics.count_gateway_rejection
 
 class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
     def __init__(self, ingest: Ingest, feed: PolicyFeed, redis, watch_timeout_s: float = 15.0,
-                 limiter: InflightLimiter | None = None):
+                 limiter: InflightLimiter | None = None, weights=None):
         self._ingest = ingest
+        self._weights = weights
+        """The weight side channel (cloud.gateway.weight_channel), or None: weights over gRPC only."""
         self._limiter = limiter or InflightLimiter(256 << 20, 32 << 20, max_streams=2048, wait_s=5.0,
                                                    retry_after_s=1.0)
         self._feed = feed

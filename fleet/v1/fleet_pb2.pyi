@@ -255,28 +255,34 @@ class ColumnChunk(_message.Message):
     def __init__(self, robot_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_hash: _Optional[bytes] = ..., first_seq: _Optional[int] = ..., n: _Optional[int] = ..., observation: _Optional[_Mapping[str, bytes]] = ..., action: _Optional[bytes] = ..., policy_action: _Optional[bytes] = ..., reward: _Optional[bytes] = ..., timestamp_s: _Optional[bytes] = ..., policy_version: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., cameras: _Optional[_Mapping[str, CameraFrames]] = ..., gap_declared: _Optional[bool] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ..., evaluation: _Optional[bool] = ..., more: _Optional[_Iterable[_Union[ColumnChunk, _Mapping]]] = ...) -> None: ...
 
 class WatchPolicyRequest(_message.Message):
-    __slots__ = ("robot_id", "have_version", "want_full", "rejected_version")
+    __slots__ = ("robot_id", "have_version", "want_full", "rejected_version", "side_channel")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     WANT_FULL_FIELD_NUMBER: _ClassVar[int]
     REJECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     have_version: int
     want_full: bool
     rejected_version: int
-    def __init__(self, robot_id: _Optional[str] = ..., have_version: _Optional[int] = ..., want_full: _Optional[bool] = ..., rejected_version: _Optional[int] = ...) -> None: ...
+    side_channel: bool
+    def __init__(self, robot_id: _Optional[str] = ..., have_version: _Optional[int] = ..., want_full: _Optional[bool] = ..., rejected_version: _Optional[int] = ..., side_channel: _Optional[bool] = ...) -> None: ...
 
 class PolicyHeader(_message.Message):
-    __slots__ = ("version", "base_version", "manifest_json", "payload_bytes")
+    __slots__ = ("version", "base_version", "manifest_json", "payload_bytes", "ticket", "side_channel_address")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     version: int
     base_version: int
     manifest_json: str
     payload_bytes: int
-    def __init__(self, version: _Optional[int] = ..., base_version: _Optional[int] = ..., manifest_json: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    ticket: bytes
+    side_channel_address: str
+    def __init__(self, version: _Optional[int] = ..., base_version: _Optional[int] = ..., manifest_json: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., ticket: _Optional[bytes] = ..., side_channel_address: _Optional[str] = ...) -> None: ...
 
 class TensorPiece(_message.Message):
     __slots__ = ("name", "offset", "data", "encoding")

@@ -1,0 +1,117 @@
+"""The edge end of the weight side channel (``cloud.gateway.weight_channel`` has the protocol).
+
+With a ticket in a transfer's header, the tensors are fetched over plain TCP: each raw tensor is received
+with ``recv_into`` straight into the standby model's memory, one manifest piece at a time, and each piece's
+BLAKE3 digest is checked on a helper thread while the next piece arrives (both release the GIL). Without a
+standby tensor (the first version), pieces go through one reused buffer into ``Assembler.add``; a delta's
+encoded bytes (at most the tensor's size) are received whole. The manifest came signed on the gRPC stream,
+so a corrupt or truncated side channel raises IntegrityError exactly like a corrupt gRPC transfer.
+
+``SideChannelUnavailable``: no connection, or closed before the first tensor (a refused ticket): the
+updater then takes the same version over gRPC.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from edge.assembler import MAX_DELTA_OVERHEAD, Assembler
+from edge.client import PolicyPieceEvent
+from fleet import delta
+from fleet.errors import IntegrityError
+from fleet.weights import PIECE_BYTES
+
+MAGIC = b"FLW1"
+FRAME = struct.Struct("<HBQ")
+"""Per tensor: len(name), len(encoding), len(data) (as the gateway sends it)."""
+
+
+class SideChannelUnavailable(Exception):
+    """The side channel could not be used for this transfer (fall back to gRPC)."""
+
+
+def receive(address: tuple[str, int], ticket: bytes, robot_id: str, assembler: Assembler,
+            timeout_s: float = 30.0) -> int:
+    """Fetch the transfer of ``ticket`` into ``assembler`` (then ``finish`` it with the gRPC trailer); returns
+    the tensor bytes received."""
+    try:
+        sock = socket.create_connection(address, timeout=timeout_s)
+    except OSError as exc:
+        raise SideChannelUnavailable(f"cannot connect to the weight side channel {address}: {exc}") from exc
+    rid = robot_id.encode()
+    with sock, ThreadPoolExecutor(1, thread_name_prefix="piece-check") as checker:
+        pending: Future | None = None
+        frames = 0
+        try:
+            sock.sendall(MAGIC + ticket + struct.pack("<H", len(rid)) + rid)
+            received, scratch = 0, None
+            step = assembler.manifest.piece_bytes or PIECE_BYTES
+            while True:
+                head = _recv(sock, FRAME.size, first=frames == 0)
+                name_len, enc_len, length = FRAME.unpack(head)
+                if name_len == 0:
+                    break
+                text = _recv(sock, name_len + enc_len)
+                try:
+                    name, encoding = text[:name_len].decode(), text[name_len:].decode()
+                except UnicodeDecodeError:
+                    raise IntegrityError("side channel: undecodable tensor name") from None
+                frames += 1
+                entry = assembler.entry(name)
+                if encoding == delta.RAW:
+                    dest = assembler.raw_into(name, length)
+                    for offset in range(0, max(length, 1), step):  # an empty tensor: one empty piece
+                        n = min(step, length - offset)
+                        if dest is not None:
+                            _recv_into(sock, dest[offset:offset + n])
+                            if pending is not None:
+                                pending.result()
+                            pending = checker.submit(assembler.check_in_place, name, offset, n)
+                        else:
+                            if pending is not None:
+                                pending, _ = None, pending.result()
+                            scratch = scratch if scratch is not None else memoryview(bytearray(step))
+                            _recv_into(sock, scratch[:n])
+                            assembler.add(PolicyPieceEvent(name, offset, scratch[:n], delta.RAW))
+                else:
+                    if length > entry.nbytes + MAX_DELTA_OVERHEAD:
+                        raise IntegrityError(f"{encoding} delta of {name!r} is larger than the tensor's "
+                                             f"{entry.nbytes} bytes")
+                    data = bytearray(length)
+                    _recv_into(sock, memoryview(data))
+                    if pending is not None:
+                        pending, _ = None, pending.result()
+                    assembler.add(PolicyPieceEvent(name, 0, data, encoding))
+                received += length
+            if pending is not None:
+                pending.result()
+            return received
+        except socket.timeout as exc:
+            raise IntegrityError(f"side channel stalled: {exc}") from None
+        except OSError as exc:
+            if frames == 0:  # e.g. reset while presenting the ticket
+                raise SideChannelUnavailable(f"weight side channel {address}: {exc}") from exc
+            raise IntegrityError(f"side channel broken mid-transfer: {exc}") from None
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+
+def _recv(sock: socket.socket, n: int, first: bool = False) -> bytes:
+    buf = bytearray(n)
+    _recv_into(sock, memoryview(buf), first)
+    return bytes(buf)
+
+
+def _recv_into(sock: socket.socket, view: memoryview, first: bool = False) -> None:
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            if first and got == 0:
+                raise SideChannelUnavailable("the gateway closed the weight side channel before sending (ticket "
+                                             "refused or expired?)")
+            raise IntegrityError(f"side channel transfer truncated ({got} of {n} bytes of a frame)")
+        got += k
