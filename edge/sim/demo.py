@@ -3,8 +3,8 @@
 Starts a private redis-server (AOF in the run directory), seeds scripted
 demonstrations, starts the gateway and the trainer (behaviour cloning on the
 demos publishes v1: weak but not random), then N simulated robots in real time
-with a simulated operator (HG-DAgger). Shows live progress, and at the end
-writes ``summary.json`` and ``learning_curve.png`` to the run directory.
+with a simulated operator (HG-DAgger). Shows live progress (``edge/sim/demo_view.py``), and at the
+end writes ``summary.json`` and ``learning_curve.png`` to the run directory.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import redis as redis_lib
 from cloud.app import Child, gateway_args, spawn
 from cloud.buffer import SOURCE_ONLINE
 from cloud.buffer.reader import BufferReader
+from edge.sim.demo_view import RECENT_S, DemoView, Snapshot
 from edge.sim.demos import seed_scripted_demos
-from cloud.status import fleet_status
+from cloud.status import fleet_status, online_robots
 from cloud.trainer_config import TrainerConfig
 from edge.agent import EdgeConfig
 from edge.loop import LoopConfig
@@ -61,7 +62,7 @@ class DemoConfig:
     demos_per_task: int = 3
     """Scripted demonstrations per task used to seed the policy."""
     progress_interval_s: float = 10.0
-    """Seconds between progress lines."""
+    """Seconds between progress lines when stdout is not a terminal (on one, a live table is redrawn twice a second)."""
     redis_appendfsync: str = "everysec"
     """Redis AOF fsync: everysec (acked steps survive a Redis crash, ~1 s lost on power loss) or always."""
     trainer: TrainerConfig = field(default_factory=_demo_trainer)
@@ -160,12 +161,27 @@ def _json_safe(value):
     return value
 
 
-def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
-    """Run the demo; returns the summary (also written to ``run_dir/summary.json``)."""
-    run_dir = Path(cfg.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+def run_dir_of(cfg: DemoConfig) -> Path:
+    """The run directory: ``cfg.run_dir``, or runs/demo-<time>, absolute."""
+    return Path(cfg.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+
+
+def _raise_if_a_child_died(children: list[Child]) -> None:
+    dead = [c for c in children if c.proc.poll() is not None]
+    if dead:
+        raise RuntimeError(f"{dead[0].name} exited with {dead[0].proc.returncode}; see {dead[0].log_path}")
+
+
+def run_demo(cfg: DemoConfig, stop: threading.Event, view: DemoView | None = None) -> dict:
+    """Run the demo, showing it in ``view`` (default: progress lines); returns the summary (also written to
+    ``run_dir/summary.json``)."""
+    view = view or DemoView(live=False, progress_interval_s=cfg.progress_interval_s)
+    echo = view.echo
+    run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
     echo(f"run directory: {run_dir}")
+    echo(f"logs: {logs}/ (one file per process)")
     _write_config(cfg, run_dir / "config.json")
     redis_proc = start_redis(run_dir / "redis", appendfsync=cfg.redis_appendfsync)
     children: list[Child] = []
@@ -194,40 +210,32 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
         for robot in robots:
             children.append(spawn(robot.robot_id, ["edge", "--config_path",
                                                    _write_config(robot, run_dir / f"{robot.robot_id}.json")], logs))
-        echo(f"gateway on 127.0.0.1:{port}; trainer and {cfg.fleet.robots} robots starting (logs in {logs})")
+        echo(f"gateway on 127.0.0.1:{port}; trainer and {cfg.fleet.robots} robots starting")
+        view.footer = f"logs: {logs}/ | Ctrl-C stops early"
 
-        # The clock starts when the first robot acts (v1 published and swapped in).
         events = EpisodeLog(client)
-        while not stop.is_set():
-            if any(c.proc.poll() is not None for c in children):
-                dead = [c for c in children if c.proc.poll() is not None]
-                raise RuntimeError(f"{dead[0].name} exited with {dead[0].proc.returncode}; see {dead[0].log_path}")
-            status = fleet_status(client)
-            if any(r["steps_stored"] for r in status["robots"] if r["source"] == SOURCE_ONLINE):
-                break
-            stop.wait(0.5)
-        start = time.time()
-        end = start
-        events.poll(robot_ids)
-        status = fleet_status(client)
-        echo(f"fleet running for {cfg.duration_s:.0f}s; Ctrl-C stops early")
-        while not stop.wait(min(cfg.progress_interval_s, max(0.1, start + cfg.duration_s - time.time()))):
+        with view:
+            # The clock starts when the first robot acts (v1 published and swapped in).
+            while not stop.is_set():
+                _raise_if_a_child_died(children)
+                status = fleet_status(client, window_s=RECENT_S)
+                if any(r["steps_stored"] for r in online_robots(status)):
+                    break
+                view.show(Snapshot(status, [], time.time()))
+                stop.wait(0.5)
+            start = time.time()
+            end = start
             events.poll(robot_ids)
-            now = time.time()
-            dead = [c for c in children if c.proc.poll() is not None]
-            if dead:
-                raise RuntimeError(f"{dead[0].name} exited with {dead[0].proc.returncode}; see {dead[0].log_path}")
             status = fleet_status(client)
-            online = [r for r in status["robots"] if r["source"] == SOURCE_ONLINE]
-            s, i, n, _ = _rates(events.episodes, now - 120, now)
-            versions = " ".join(f"{r['robot_id'][6:]}:v{r['policy_version']}" for r in online)
-            steps = sum(r["steps_stored"] for r in online)
-            rate = sum(r["steps_per_s"] for r in online)
-            echo(f"[{now - start:5.0f}s] latest v{status['latest_policy_version']} | robots {versions} | "
-                 f"success(2min) {s:.2f} (n={n}) | interventions {i:.2f} | {rate:.0f} steps/s | "
-                 f"{steps} steps stored | trainer step {status['trainer'].get('step', 0)}")
-            if now - start >= cfg.duration_s:
-                break
+            echo(f"fleet running for {cfg.duration_s:.0f}s; Ctrl-C stops early")
+            while not stop.wait(min(view.poll_s, max(0.1, start + cfg.duration_s - time.time()))):
+                events.poll(robot_ids)
+                now = time.time()
+                _raise_if_a_child_died(children)
+                status = fleet_status(client, window_s=RECENT_S)
+                view.show(Snapshot(status, events.episodes, now, now - start, cfg.duration_s))
+                if now - start >= cfg.duration_s:
+                    break
         end = time.time()
         events.poll(robot_ids)
         status = fleet_status(client)
