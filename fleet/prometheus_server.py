@@ -1,12 +1,15 @@
-"""Find and run a private Prometheus (the observability tests).
+"""Find and run a private Prometheus for ``fleet demo --monitor`` and the observability tests.
 
 The binary comes from PATH (Debian's ``prometheus``). The server gets its own directory (config,
 TSDB, log), a free loopback port, a short retention, and the recording rules and alerts of
-``deploy/prometheus/rules``; it never touches a shared Prometheus.
+``deploy/prometheus/rules``; it never touches a shared Prometheus. ``deploy_scrape_configs`` turns
+``deploy/prometheus/prometheus.yml``'s jobs (fleet-gateway, fleet-trainer, fleet-edge) into ones
+that scrape given ports, so the demo runs the same config as a one-machine deployment.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -30,6 +33,22 @@ def find_prometheus() -> str | None:
 def rule_files() -> list[str]:
     """Absolute paths of deploy/prometheus/rules/*.yml (recording rules and alerts)."""
     return [str(p) for p in sorted((PROM_DIR / "rules").glob("*.yml"))]
+
+
+def deploy_scrape_configs(targets: dict[str, list[str]]) -> list[dict]:
+    """The scrape jobs of deploy/prometheus/prometheus.yml with their targets replaced: job name -> host:port list.
+
+    A job of the file not in ``targets`` is left out; a name in ``targets`` the file lacks is a KeyError."""
+    import yaml
+
+    jobs = {j["job_name"]: j for j in yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())["scrape_configs"]}
+    out = []
+    for name, addresses in targets.items():
+        job = copy.deepcopy(jobs[name])
+        labels = job["static_configs"][0].get("labels", {})
+        job["static_configs"] = [{"targets": list(addresses), **({"labels": labels} if labels else {})}]
+        out.append(job)
+    return out
 
 
 class PrometheusProcess:
