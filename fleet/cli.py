@@ -17,12 +17,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from fleet.errors import ConfigError
 
@@ -42,9 +44,32 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+def _setup_logging(verbose: bool, path: Path | None = None, replay: list[logging.LogRecord] = ()) -> None:
+    """Log to stderr, or only to the file ``path`` (with Python's warnings); then hand ``replay`` (records
+    logged before logging was set up) to the new handler."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path) if path is not None else logging.StreamHandler()
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.captureWarnings(path is not None)
+    for record in replay:
+        if record.levelno >= logging.getLogger().level:
+            handler.handle(record)
+
+
+@contextlib.contextmanager
+def _records_held():
+    """Hold the log records of the block (LeRobot's configs log while they are built) for ``_setup_logging``."""
+    held: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = held.append
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield held
+    finally:
+        root.removeHandler(handler)
 
 
 def _run_gateway(cfg) -> int:
@@ -296,11 +321,22 @@ def _fmt(x) -> str:
     return "  n/a" if x is None or x != x else f"{x:.2f}"
 
 
+def _demo_log_file(cfg):
+    """The demo logs to <run_dir>/logs/demo.log (the terminal shows its view); its run directory is fixed here."""
+    from dataclasses import replace
+
+    from edge.sim.demo import run_dir_of
+
+    cfg = replace(cfg, run_dir=str(run_dir_of(cfg)))
+    return cfg, Path(cfg.run_dir) / "logs" / "demo.log"
+
+
 def _run_demo(cfg) -> int:
     from edge.sim.demo import run_demo
+    from edge.sim.demo_view import DemoView
 
     stop = _stop_on_signals()
-    summary = run_demo(cfg, stop)
+    summary = run_demo(cfg, stop, DemoView.for_stdout(cfg.progress_interval_s))
     print()
     print("                      start    end")
     print(f"autonomous success    {_fmt(summary['success_rate_start'])}     {_fmt(summary['success_rate_end'])}")
@@ -364,6 +400,9 @@ CONFIG_COMMANDS = {
 the config class (imported only when the command runs: a gateway never imports the trainer's torch)
 and the runner."""
 
+LOG_FILES = {"demo": _demo_log_file}
+"""Commands that log to a file instead of stderr: config -> (config, log file)."""
+
 
 def parse_config(command: str, argv: list[str], exit_on_error: bool = True):
     """The config of ``fleet <command> <argv>`` (exit 2 on a bad one, or ConfigError without ``exit_on_error``)."""
@@ -377,9 +416,13 @@ def parse_config(command: str, argv: list[str], exit_on_error: bool = True):
 
 def run_config_command(command: str, argv: list[str], verbose: bool = False) -> int:
     """Parse ``argv`` into the command's config (exit 2 on a bad one) and run it."""
-    cfg = parse_config(command, argv)
+    with _records_held() as held:
+        cfg = parse_config(command, argv)
+    log_file = None
+    if command in LOG_FILES:
+        cfg, log_file = LOG_FILES[command](cfg)
     runner = CONFIG_COMMANDS[command][2]
-    _setup_logging(verbose)
+    _setup_logging(verbose, log_file, held)
     try:
         return runner(cfg)
     except ConfigError as exc:

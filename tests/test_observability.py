@@ -25,8 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +35,12 @@ import redis as redis_lib
 import yaml
 
 from fleet import metrics
+from fleet.prometheus_server import APT_HINT, PROM_DIR, PrometheusProcess, find_prometheus
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
-PROM_DIR = REPO / "deploy" / "prometheus"
 GRAFANA_DIR = REPO / "deploy" / "grafana"
-PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
-APT_HINT = "install it with `apt-get install -y prometheus` (Debian/Ubuntu)"
+PROMETHEUS, PROMTOOL = find_prometheus(), shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason=f"promtool is not on PATH; {APT_HINT}")
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason=f"prometheus is not on PATH; {APT_HINT}")
 
@@ -237,7 +234,7 @@ class LiveFleet:
     edge_metrics_port: int
     agents: list
     seeded_steps: int
-    prometheus: Prometheus | None = None
+    prometheus: PrometheusProcess | None = None
     children: list = field(default_factory=list)
     _stopped: bool = False
 
@@ -251,55 +248,6 @@ class LiveFleet:
             t.start()
         for t in threads:
             t.join(60)
-
-
-class Prometheus:
-    """A real prometheus on a free loopback port with a temp storage dir; killed at the end."""
-
-    def __init__(self, workdir: Path, scrape_configs: list[dict]):
-        from fleet.redis_server import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
-                  "rule_files": [str(p) for p in sorted((PROM_DIR / "rules").glob("*.yml"))],
-                  "scrape_configs": scrape_configs}
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = open(workdir / "prometheus.log", "wb")
-        self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def get(self, path: str, **params: str) -> dict:
-        url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:  # 400/422: a bad query; the body says why
-            return json.loads(exc.read())
-
-    def query(self, expr: str) -> dict:
-        return self.get("/api/v1/query", query=expr)
-
-    def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"prometheus exited with {self.proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def kubernetes_like_targets(ports: dict[str, int], grpc_port: int) -> list[dict]:
@@ -361,7 +309,7 @@ def live(tmp_path_factory):
             (root / "targets.json").write_text(json.dumps(kubernetes_like_targets(
                 {"gateway": gw_metrics, "trainer": tr_metrics, "edge": edge_metrics}, grpc_port)))
             k8s["file_sd_configs"] = [{"files": [str(root / "targets.json")], "refresh_interval": "1s"}]
-            prometheus = Prometheus(root, [k8s])
+            prometheus = PrometheusProcess(root / "prometheus", [k8s])
         stop = threading.Event()
         for i in range(2):
             agents.append(EdgeAgent(EdgeConfig(

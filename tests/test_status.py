@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import uuid
@@ -137,6 +138,59 @@ def test_table_shows_robots_lag_backlog_and_tasks(fleet, redis_client):
     assert not any(line.startswith("demos") for line in lines)
     task_line = next(line for line in lines if line.startswith(REACH))
     assert task_line.split()[-4:] == ["0.50", "0.40", "4", "0.4000"]
+
+
+def _cells(text: str, first: str) -> list[str]:
+    """The cells of the table row of ``text`` whose first cell is ``first`` (cells are 2+ spaces apart)."""
+    for line in text.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first!r} in:\n{text}")
+
+
+def test_demo_view_shows_a_row_per_robot_and_the_learner_from_status(fleet, redis_client):
+    """`fleet demo`'s view, rendered without a terminal, from the real status and episode events."""
+    from io import StringIO
+
+    from cloud.status import TRAINER_STATUS_KEY
+
+    redis_client.hset(TRAINER_STATUS_KEY, mapping={"step": 340, "loss": 0.0123, "samples_per_s": 512.0})
+    now, status = time.time(), fleet_status(redis_client)  # before the imports (seconds): robots still connected
+
+    from rich.console import Console
+
+    from edge.sim.demo import EpisodeLog
+    from edge.sim.demo_view import DemoView, Snapshot, render
+
+    events = EpisodeLog(redis_client)
+    events.poll(["robot-a", "robot-b"])
+    snap = Snapshot(status, events.episodes, now, elapsed_s=42.0, duration_s=600.0)
+    console = Console(file=StringIO(), width=200, record=True)
+    console.print(render(snap, footer="logs: /run/logs/"))
+    text = console.export_text()
+    assert text.splitlines()[0] == "42s of 600s | latest v5" and "logs: /run/logs/" in text
+    # robot, policy, episodes, success (eval) so far, recent, take-overs, operator share, spool, steps/s
+    assert _cells(text, "robot-a") == ["robot-a", "v5", "2", "1.00", "1.00 n=1", "1", "0.40", "3", "19.5"]
+    assert _cells(text, "robot-b") == ["robot-b", "v2", "2", "0.00", "0.00 n=1", "1", "1.00", "0", "19.5"]
+    assert not any(line.startswith("demos") for line in text.splitlines())  # an offline source, not a robot
+    # learner: step, loss, versions published, buffer steps (robots' 16 + 20 and the 7 seeded), samples/s
+    assert _cells(text, "trainer") == ["trainer", "340", "0.0123", "5", "43", "512"]
+
+    lines: list[str] = []  # stdout not a terminal: a progress line per interval
+    plain = DemoView(live=False, progress_interval_s=60.0, write=lines.append)
+    plain.show(snap)
+    plain.show(snap)
+    assert len(lines) == 1 and "robots a:v5 b:v2" in lines[0] and "success(2min) 0.50 (n=2)" in lines[0]
+    assert "43 steps stored | trainer step 340 loss 0.0123" in lines[0]
+
+    buf = StringIO()  # a terminal: the live table, with lines printed above it
+    live = DemoView(live=True, _console=Console(file=buf, force_terminal=True, width=200))
+    with live:
+        live.echo("fleet running for 600s")
+        live.show(snap)
+    out = buf.getvalue()
+    assert "fleet running for 600s" in out and "robot-b" in out and "0.0123" in out and lines == lines[:1]
 
 
 def test_cli_json_lists_the_fleets_robots_and_watch_refreshes_until_stopped(fleet, redis_proc, redis_client,

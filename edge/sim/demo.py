@@ -3,8 +3,10 @@
 Starts a private redis-server (AOF in the run directory), seeds scripted
 demonstrations, starts the gateway and the trainer (behaviour cloning on the
 demos publishes v1: weak but not random), then N simulated robots in real time
-with a simulated operator (HG-DAgger). Shows live progress, and at the end
-writes ``summary.json`` and ``learning_curve.png`` to the run directory.
+with a simulated operator (HG-DAgger). Shows live progress (``edge/sim/demo_view.py``), and at the
+end writes ``summary.json`` and ``learning_curve.png`` to the run directory. With ``monitor``, a
+private Prometheus (``fleet/prometheus_server.py``) scrapes every process with the rules and alerts
+of ``deploy/prometheus``.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import redis as redis_lib
 from cloud.app import Child, gateway_args, spawn
 from cloud.buffer import SOURCE_ONLINE
 from cloud.buffer.reader import BufferReader
+from edge.sim.demo_view import RECENT_S, DemoView, Snapshot
 from edge.sim.demos import seed_scripted_demos
-from cloud.status import fleet_status
+from cloud.status import fleet_status, online_robots
 from cloud.trainer_config import TrainerConfig
 from edge.agent import EdgeConfig
 from edge.loop import LoopConfig
 from edge.sim.fleet import SimFleetConfig
 from fleet.config import DEFAULT_TASKS, require
+from fleet.prometheus_server import APT_HINT, PrometheusProcess, deploy_scrape_configs, find_prometheus
 from fleet.redis_server import free_port, start_redis
 
 log = logging.getLogger(__name__)
@@ -61,7 +65,10 @@ class DemoConfig:
     demos_per_task: int = 3
     """Scripted demonstrations per task used to seed the policy."""
     progress_interval_s: float = 10.0
-    """Seconds between progress lines."""
+    """Seconds between progress lines when stdout is not a terminal (on one, a live table is redrawn twice a second)."""
+    monitor: bool = False
+    """Also run a local Prometheus (`prometheus` on PATH) scraping every process with deploy/prometheus's rules and
+    alerts; prints its URL and stops it at the end (without the binary: a one-line note, the demo runs on)."""
     redis_appendfsync: str = "everysec"
     """Redis AOF fsync: everysec (acked steps survive a Redis crash, ~1 s lost on power loss) or always."""
     trainer: TrainerConfig = field(default_factory=_demo_trainer)
@@ -160,15 +167,59 @@ def _json_safe(value):
     return value
 
 
-def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
-    """Run the demo; returns the summary (also written to ``run_dir/summary.json``)."""
-    run_dir = Path(cfg.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+MONITOR_SCRAPE_S = 2.0
+"""Scrape and rule-evaluation interval of the demo's Prometheus, seconds."""
+
+
+def run_dir_of(cfg: DemoConfig) -> Path:
+    """The run directory: ``cfg.run_dir``, or runs/demo-<time>, absolute."""
+    return Path(cfg.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+
+
+def _raise_if_a_child_died(children: list[Child]) -> None:
+    dead = [c for c in children if c.proc.poll() is not None]
+    if dead:
+        raise RuntimeError(f"{dead[0].name} exited with {dead[0].proc.returncode}; see {dead[0].log_path}")
+
+
+def _start_monitor(run_dir: Path, ports: dict[str, list[int]], echo) -> PrometheusProcess | None:
+    """A private Prometheus scraping ``ports`` (deploy/prometheus job name -> ports), or None with a note why."""
+    binary = find_prometheus()
+    if binary is None:
+        echo(f"monitor: prometheus is not on PATH ({APT_HINT}); the demo runs without it")
+        return None
+    try:
+        scrape = deploy_scrape_configs({job: [f"127.0.0.1:{p}" for p in ps] for job, ps in ports.items()})
+        prom = PrometheusProcess(run_dir / "prometheus", scrape, interval_s=MONITOR_SCRAPE_S, binary=binary)
+    except OSError as exc:  # deploy/prometheus missing (not a source checkout), or the binary will not start
+        echo(f"monitor: cannot start prometheus ({exc}); the demo runs without it")
+        return None
+    try:
+        prom.wait_ready(30.0)
+    except RuntimeError as exc:
+        prom.stop()
+        echo(f"monitor: {exc}; the demo runs without it")
+        return None
+    targets = sum(len(ps) for ps in ports.values())
+    echo(f"prometheus: {prom.url} (scrapes {targets} processes every {MONITOR_SCRAPE_S:g}s with the rules and "
+         f"alerts of deploy/prometheus; data in {prom.workdir})")
+    return prom
+
+
+def run_demo(cfg: DemoConfig, stop: threading.Event, view: DemoView | None = None) -> dict:
+    """Run the demo, showing it in ``view`` (default: progress lines); returns the summary (also written to
+    ``run_dir/summary.json``)."""
+    view = view or DemoView(live=False, progress_interval_s=cfg.progress_interval_s)
+    echo = view.echo
+    run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
     echo(f"run directory: {run_dir}")
+    echo(f"logs: {logs}/ (one file per process)")
     _write_config(cfg, run_dir / "config.json")
     redis_proc = start_redis(run_dir / "redis", appendfsync=cfg.redis_appendfsync)
     children: list[Child] = []
+    prometheus: PrometheusProcess | None = None
     client = redis_lib.Redis.from_url(redis_proc.url)
     try:
         echo(f"redis-server on port {redis_proc.port} (AOF in {redis_proc.data_dir})")
@@ -180,60 +231,64 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
                                      fleet_cfg.seed)
         echo(f"seeded {seeded['episodes']} scripted demonstrations ({seeded['steps']} steps)")
         port = free_port()
+        # --monitor: every process serves /metrics on a port of its own (0 = off otherwise).
+        metrics = {"fleet-gateway": [free_port()], "fleet-trainer": [cfg.trainer.metrics_port or free_port()],
+                   "fleet-edge": []} if cfg.monitor else {}
         policy_dir, blob_url = str(run_dir / "policies"), str((run_dir / "blobs").resolve())  # frames: local dir
         children.append(spawn("gateway", gateway_args(f"127.0.0.1:{port}", redis_proc.url, policy_dir,
+                                                      metrics["fleet-gateway"][0] if metrics else 0,
                                                       blob_url=blob_url), logs))
         trainer = replace(cfg.trainer, redis_url=redis_proc.url, blob_url=blob_url, policy_dir=policy_dir,
-                          tasks=tasks)
+                          tasks=tasks, metrics_port=metrics["fleet-trainer"][0] if metrics else cfg.trainer.metrics_port)
         children.append(spawn("trainer", ["trainer", "--config_path",
                                           _write_config(trainer, run_dir / "trainer.json")], logs))
         fleet_cfg = replace(fleet_cfg, state_root=str(run_dir / "edge"),
                             edge=replace(fleet_cfg.edge, gateway=f"127.0.0.1:{port}", tasks=tasks))
         robots = fleet_cfg.robot_configs()
+        if metrics:
+            robots = [replace(r, metrics_port=free_port()) for r in robots]
+            metrics["fleet-edge"] = [r.metrics_port for r in robots]
         robot_ids = [r.robot_id for r in robots]
         for robot in robots:
             children.append(spawn(robot.robot_id, ["edge", "--config_path",
                                                    _write_config(robot, run_dir / f"{robot.robot_id}.json")], logs))
-        echo(f"gateway on 127.0.0.1:{port}; trainer and {cfg.fleet.robots} robots starting (logs in {logs})")
+        echo(f"gateway on 127.0.0.1:{port}; trainer and {cfg.fleet.robots} robots starting")
+        if metrics:
+            prometheus = _start_monitor(run_dir, metrics, echo)
+        view.footer = f"logs: {logs}/" + (f" | prometheus: {prometheus.url}" if prometheus else "") + \
+            " | Ctrl-C stops early"
 
-        # The clock starts when the first robot acts (v1 published and swapped in).
         events = EpisodeLog(client)
-        while not stop.is_set():
-            if any(c.proc.poll() is not None for c in children):
-                dead = [c for c in children if c.proc.poll() is not None]
-                raise RuntimeError(f"{dead[0].name} exited with {dead[0].proc.returncode}; see {dead[0].log_path}")
-            status = fleet_status(client)
-            if any(r["steps_stored"] for r in status["robots"] if r["source"] == SOURCE_ONLINE):
-                break
-            stop.wait(0.5)
-        start = time.time()
-        end = start
-        events.poll(robot_ids)
-        status = fleet_status(client)
-        echo(f"fleet running for {cfg.duration_s:.0f}s; Ctrl-C stops early")
-        while not stop.wait(min(cfg.progress_interval_s, max(0.1, start + cfg.duration_s - time.time()))):
+        with view:
+            # The clock starts when the first robot acts (v1 published and swapped in).
+            while not stop.is_set():
+                _raise_if_a_child_died(children)
+                status = fleet_status(client, window_s=RECENT_S)
+                if any(r["steps_stored"] for r in online_robots(status)):
+                    break
+                view.show(Snapshot(status, [], time.time()))
+                stop.wait(0.5)
+            start = time.time()
+            end = start
             events.poll(robot_ids)
-            now = time.time()
-            dead = [c for c in children if c.proc.poll() is not None]
-            if dead:
-                raise RuntimeError(f"{dead[0].name} exited with {dead[0].proc.returncode}; see {dead[0].log_path}")
             status = fleet_status(client)
-            online = [r for r in status["robots"] if r["source"] == SOURCE_ONLINE]
-            s, i, n, _ = _rates(events.episodes, now - 120, now)
-            versions = " ".join(f"{r['robot_id'][6:]}:v{r['policy_version']}" for r in online)
-            steps = sum(r["steps_stored"] for r in online)
-            rate = sum(r["steps_per_s"] for r in online)
-            echo(f"[{now - start:5.0f}s] latest v{status['latest_policy_version']} | robots {versions} | "
-                 f"success(2min) {s:.2f} (n={n}) | interventions {i:.2f} | {rate:.0f} steps/s | "
-                 f"{steps} steps stored | trainer step {status['trainer'].get('step', 0)}")
-            if now - start >= cfg.duration_s:
-                break
+            echo(f"fleet running for {cfg.duration_s:.0f}s; Ctrl-C stops early")
+            while not stop.wait(min(view.poll_s, max(0.1, start + cfg.duration_s - time.time()))):
+                events.poll(robot_ids)
+                now = time.time()
+                _raise_if_a_child_died(children)
+                status = fleet_status(client, window_s=RECENT_S)
+                view.show(Snapshot(status, events.episodes, now, now - start, cfg.duration_s))
+                if now - start >= cfg.duration_s:
+                    break
         end = time.time()
         events.poll(robot_ids)
         status = fleet_status(client)
     finally:
         for child in reversed(children):  # robots first, then trainer, then gateway
             child.terminate()
+        if prometheus is not None:
+            prometheus.stop()
         client.close()
         redis_proc.stop()
 
