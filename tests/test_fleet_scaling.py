@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.scaling.analysis import (_speedup, aggregate, effort_bins, summarize_run, time_to, time_to_sustained,
-                                    version_at)
+from bench.scaling.analysis import (_speedup, aggregate, effort_bins, speedup_interval, summarize_run, time_to,
+                                    time_to_sustained, version_at)
 from bench.scaling.config import QUICK, StudyConfig
 from edge.sim.fleet import OPERATOR_SEED_OFFSET, SimFleetConfig
 from fleet.errors import ConfigError
@@ -63,6 +63,15 @@ def test_effort_bins_count_interventions_and_rohe_per_bin():
     assert bins["intervention_steps_per_episode"] == [30.0, 0.0]
     assert bins["intervention_share"] == [0.3, 0.0]
     assert bins["rohe"] == [1 / 60, None]
+
+
+def test_speedup_interval_bootstraps_over_seeds_and_refuses_censored_runs():
+    ci = speedup_interval([100.0, 120.0, 80.0], [25.0, 30.0, 20.0])
+    assert ci["lower"] < 4.0 < ci["upper"] and ci["lower"] > 2.0 and ci["upper"] < 8.0
+    same = speedup_interval([100.0, 100.0], [50.0, 50.0])
+    assert same["lower"] == same["upper"] == 2.0
+    assert speedup_interval([100.0, None], [50.0, 40.0])["lower"] is None  # censored: no value to resample
+    assert speedup_interval([100.0], [50.0])["upper"] is None  # one seed: no spread
 
 
 def test_aggregate_gives_every_fleet_size_its_numbers():
