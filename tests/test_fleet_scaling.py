@@ -14,6 +14,8 @@ import pytest
 from bench.scaling.analysis import (_speedup, aggregate, effort_bins, speedup_interval, summarize_run, time_to,
                                     time_to_sustained, version_at)
 from bench.scaling.config import QUICK, StudyConfig
+from edge.agent import EdgeConfig
+from edge.robots.config import MetaWorldConfig
 from edge.sim.fleet import OPERATOR_SEED_OFFSET, SimFleetConfig
 from fleet.errors import ConfigError
 
@@ -108,6 +110,9 @@ def test_sim_fleet_derives_each_robots_id_state_dir_and_seeds(tmp_path):
     assert [r.backend.seed for r in robots] == [1002, 1003, 1004]
     assert [r.operator.seed for r in robots] == [1000 + OPERATOR_SEED_OFFSET + i for i in (2, 3, 4)]
     assert robots[1].state_dir == str(tmp_path / "robot-3")
+    assert all(r.backend.held_out_eval for r in robots)  # evaluation episodes from held-out variants
+    plain = SimFleetConfig(edge=EdgeConfig(backend=MetaWorldConfig(held_out_eval=False))).robot_configs()
+    assert not plain[0].backend.held_out_eval  # the template's choice reaches every robot
     with pytest.raises(ConfigError, match=r"robots \(0\) must be >= 1"):
         SimFleetConfig(robots=0)
 
