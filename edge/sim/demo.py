@@ -106,30 +106,61 @@ class EpisodeLog:
                 self.episodes.append(summary)
 
 
-def _rates(episodes: list[dict], t0: float, t1: float) -> tuple[float, float, int, int]:
-    """(autonomous success rate on eval episodes, intervention rate on operator episodes, n_eval, n_op)."""
+Z95 = 1.959964
+"""Two-sided 95% normal quantile."""
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (NaNs without trials)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def ratio_interval(num: np.ndarray, den: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of sum(num)/sum(den) over episodes (NaNs without episodes)."""
+    if len(den) == 0 or den.sum() == 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(den), size=(resamples, len(den)))
+    d = den[idx].sum(axis=1)
+    r = num[idx].sum(axis=1) / np.where(d > 0, d, 1)
+    return float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))
+
+
+def _rates(episodes: list[dict], t0: float, t1: float) -> dict:
+    """Autonomous success on evaluation episodes and intervention rate (share of steps the operator drove) on
+    operator episodes in [t0, t1), each with its 95% interval (Wilson; bootstrap over episodes)."""
     ev = [e for e in episodes if e["evaluation"] and t0 <= e["ts"] < t1]
     op = [e for e in episodes if not e["evaluation"] and t0 <= e["ts"] < t1]
-    succ = float(np.mean([e["success"] for e in ev])) if ev else float("nan")
-    steps = sum(e["num_steps"] for e in op)
-    inter = sum(e["intervention_steps"] for e in op) / steps if steps else float("nan")
-    return succ, inter, len(ev), len(op)
+    wins = sum(bool(e["success"]) for e in ev)
+    steps = np.array([e["num_steps"] for e in op], dtype=float)
+    inter = np.array([e["intervention_steps"] for e in op], dtype=float)
+    return {"success": wins / len(ev) if ev else float("nan"), "success_ci": wilson(wins, len(ev)),
+            "intervention": float(inter.sum() / steps.sum()) if steps.sum() else float("nan"),
+            "intervention_ci": ratio_interval(inter, steps), "n_eval": len(ev), "n_op": len(op)}
 
 
 def curves(episodes: list[dict], start: float, end: float, bins: int = 10) -> dict:
     edges = np.linspace(start, end, bins + 1)
-    out = {"t_s": [], "success_rate": [], "intervention_rate": [], "eval_episodes": [], "episodes": []}
+    out = {"t_s": [], "success_rate": [], "success_ci": [], "intervention_rate": [], "intervention_ci": [],
+           "eval_episodes": [], "episodes": []}
     for a, b in zip(edges[:-1], edges[1:]):
-        s, i, n_ev, n_op = _rates(episodes, a, b)
+        r = _rates(episodes, a, b)
         out["t_s"].append(float((a + b) / 2 - start))
-        out["success_rate"].append(s)
-        out["intervention_rate"].append(i)
-        out["eval_episodes"].append(n_ev)
-        out["episodes"].append(n_ev + n_op)
+        out["success_rate"].append(r["success"])
+        out["success_ci"].append(list(r["success_ci"]))
+        out["intervention_rate"].append(r["intervention"])
+        out["intervention_ci"].append(list(r["intervention_ci"]))
+        out["eval_episodes"].append(r["n_eval"])
+        out["episodes"].append(r["n_eval"] + r["n_op"])
     return out
 
 
 def plot(curve: dict, path: Path, title: str) -> None:
+    """Autonomous success (held-out evaluation episodes) and human effort over time, with 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,13 +168,17 @@ def plot(curve: dict, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     t = np.asarray(curve["t_s"]) / 60.0
-    ax.plot(t, curve["success_rate"], "o-", label="autonomous success (eval episodes)")
-    ax.plot(t, curve["intervention_rate"], "s-", label="intervention rate (share of steps)")
+    for key, fmt, label in (("success", "o-", "autonomous success (held-out eval episodes)"),
+                            ("intervention", "s-", "human effort: intervention rate (share of steps)")):
+        y = np.asarray(curve[f"{key}_rate"], dtype=float)
+        ci = np.asarray(curve[f"{key}_ci"], dtype=float).reshape(-1, 2)
+        err = np.nan_to_num(np.abs(np.stack([y - ci[:, 0], ci[:, 1] - y])))
+        ax.errorbar(t, y, yerr=err, fmt=fmt, capsize=3, label=label)
     ax.set_xlabel("wall-clock time (min)")
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(loc="center right")
-    ax.set_title(title)
+    ax.legend(loc="center right", fontsize=8)
+    ax.set_title(f"{title} (bars: 95% intervals)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -219,7 +254,8 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
                 raise RuntimeError(f"{dead[0].name} exited with {dead[0].proc.returncode}; see {dead[0].log_path}")
             status = fleet_status(client)
             online = [r for r in status["robots"] if r["source"] == SOURCE_ONLINE]
-            s, i, n, _ = _rates(events.episodes, now - 120, now)
+            recent = _rates(events.episodes, now - 120, now)
+            s, i, n = recent["success"], recent["intervention"], recent["n_eval"]
             versions = " ".join(f"{r['robot_id'][6:]}:v{r['policy_version']}" for r in online)
             steps = sum(r["steps_stored"] for r in online)
             rate = sum(r["steps_per_s"] for r in online)
@@ -242,14 +278,16 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, echo=print) -> dict:
     # improves within minutes, so a wider window would hide where it started.
     quarter = duration / 4
     first = min(max(60.0, duration / 10), quarter)
-    s0, i0, n0, _ = _rates(events.episodes, start, start + first)
-    s1, i1, n1, _ = _rates(events.episodes, end - quarter, end + 60)
+    r0 = _rates(events.episodes, start, start + first)
+    r1 = _rates(events.episodes, end - quarter, end + 60)
     curve = curves(events.episodes, start, end)
     online = [r for r in status["robots"] if r["source"] == SOURCE_ONLINE]
     summary = {
-        "success_rate_start": s0, "success_rate_end": s1,
-        "intervention_rate_start": i0, "intervention_rate_end": i1,
-        "eval_episodes_start": n0, "eval_episodes_end": n1,
+        "success_rate_start": r0["success"], "success_rate_end": r1["success"],
+        "success_rate_start_ci": r0["success_ci"], "success_rate_end_ci": r1["success_ci"],
+        "intervention_rate_start": r0["intervention"], "intervention_rate_end": r1["intervention"],
+        "intervention_rate_start_ci": r0["intervention_ci"], "intervention_rate_end_ci": r1["intervention_ci"],
+        "eval_episodes_start": r0["n_eval"], "eval_episodes_end": r1["n_eval"],
         "policy_versions_published": status["latest_policy_version"],
         "steps_ingested": sum(r["steps_stored"] for r in online),
         "episodes": len(events.episodes),
