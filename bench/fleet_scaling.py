@@ -102,7 +102,8 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 def table(result: dict) -> str:
     """The per-fleet-size table (markdown)."""
-    head = ("| robots | time to 0.8 (s) | speed-up | final success | interv. steps/episode (first → last bin) "
+    head = ("| robots | time to 0.8 (s) | speed-up [95% bootstrap over seeds] | final success "
+            "| interv. steps/episode (first → last bin) "
             "| ROHE (succ./1000 interv. steps) | learner steps/s | samples per fresh label | robots real-time "
             "| bottleneck |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -112,7 +113,9 @@ def table(result: dict) -> str:
         if t["mean_s"] is not None and t["std_s"] and len(result["seeds"]) > 1:
             time_s += f" ± {t['std_s']:.0f}"
         sp, b = result["speedup_to_0_8"][n], result["speedup_bounds"][n]
-        speed = (_fmt(sp) + "x" if sp is not None else f">= {b['lower']:.2f}x" if b["lower"] is not None
+        ci = result.get("speedup_ci95", {}).get(n, {})
+        speed = (_fmt(sp) + "x" + (f" [{ci['lower']:.2f}, {ci['upper']:.2f}]" if ci.get("lower") is not None else "")
+                 if sp is not None else f">= {b['lower']:.2f}x" if b["lower"] is not None
                  else f"<= {b['upper']:.2f}x" if b["upper"] is not None else "-")
         f = result["final_success"][n]
         final = _fmt(f["mean"]) + (f" ± {f['std']:.2f}" if len(result["seeds"]) > 1 else "")

@@ -56,6 +56,9 @@ class TimedRobot:
         self.pairs: list[tuple[int, int]] = []  # ros2: (observation stamp, action stamp)
         self.in_episode: list[bool] = []
 
+    def set_evaluation(self, evaluation):
+        self.inner.set_evaluation(evaluation)
+
     def reset(self, task):
         obs = self.inner.reset(task)
         self.obs_ready.append(time.perf_counter())

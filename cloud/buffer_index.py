@@ -268,7 +268,8 @@ class BufferIndex:
                 continue
             self._evicted.add((rid, eid))
             self.finished.pop((rid, eid), None)
-            self._finished_len[self.number(rid, eid)] = 0
+            no = self.number(rid, eid)  # first: it may grow _finished_len (a[f()] = x reads a before f())
+            self._finished_len[no] = 0
             dropped = sum(pool.drop_episode(rid, eid) for pool in self.pools.values())
             self.evicted_episodes += 1
             self.evicted_steps += dropped
@@ -283,7 +284,8 @@ class BufferIndex:
         if not self._known_task(rid, task, length):
             return 0
         self.finished[(rid, eid)] = length
-        self._finished_len[self.number(rid, eid)] = length
+        no = self.number(rid, eid)  # first: it may grow _finished_len (a[f()] = x reads a before f())
+        self._finished_len[no] = length
         self.task_max_len[task] = max(self.task_max_len.get(task, 0), length)
         if evaluation:  # evaluation episodes measure the policy; they do not train it
             return 0

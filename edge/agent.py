@@ -131,7 +131,8 @@ def plaintext_refusal(cfg: EdgeConfig) -> str | None:
 def _robot_args(cfg: EdgeConfig) -> dict:
     """Constructor arguments of the configured backend."""
     if isinstance(cfg.backend, MetaWorldConfig):
-        return {"tasks": cfg.tasks, "seed": cfg.backend.seed, "max_episode_steps": cfg.loop.max_episode_steps}
+        return {"tasks": cfg.tasks, "seed": cfg.backend.seed, "max_episode_steps": cfg.loop.max_episode_steps,
+                "held_out_eval": cfg.backend.held_out_eval}
     return {"tasks": cfg.tasks, "config": cfg.backend}
 
 

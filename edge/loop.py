@@ -238,6 +238,7 @@ class ControlLoop:
         self.slot.current.reset()
         ep.operator.reset(ep.task)
         self.guard.start_episode()  # before reset: a backend teleoperating during its reset goes through it
+        self.robot.set_evaluation(evaluation)
         obs = self.robot.reset(ep.task)
         with self._cond:
             self._stats.current_task = ep.task

@@ -107,3 +107,11 @@ def test_bad_config_value_is_a_clear_cli_error():
     proc = subprocess.run([*FLEET, "demo", "--fleet.robots", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "robots (0) must be >= 1" in proc.stderr
+
+
+def test_evaluation_that_would_skip_tasks_is_a_clear_cli_error():
+    # Round robin over 4 tasks with every 2nd episode evaluated would only ever evaluate 2 of them.
+    proc = subprocess.run([*FLEET, "demo", "--tasks", '["reach-v3", "drawer-open-v3", "window-open-v3", '
+                           '"drawer-close-v3"]'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "would evaluate only 2 of them" in proc.stderr

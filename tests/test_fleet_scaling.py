@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.scaling.analysis import (_speedup, aggregate, effort_bins, summarize_run, time_to, time_to_sustained,
-                                    version_at)
+from bench.scaling.analysis import (_speedup, aggregate, effort_bins, speedup_interval, summarize_run, time_to,
+                                    time_to_sustained, version_at)
 from bench.scaling.config import QUICK, StudyConfig
+from edge.agent import EdgeConfig
+from edge.robots.config import MetaWorldConfig
 from edge.sim.fleet import OPERATOR_SEED_OFFSET, SimFleetConfig
 from fleet.errors import ConfigError
 
@@ -65,6 +67,15 @@ def test_effort_bins_count_interventions_and_rohe_per_bin():
     assert bins["rohe"] == [1 / 60, None]
 
 
+def test_speedup_interval_bootstraps_over_seeds_and_refuses_censored_runs():
+    ci = speedup_interval([100.0, 120.0, 80.0], [25.0, 30.0, 20.0])
+    assert ci["lower"] < 4.0 < ci["upper"] and ci["lower"] > 2.0 and ci["upper"] < 8.0
+    same = speedup_interval([100.0, 100.0], [50.0, 50.0])
+    assert same["lower"] == same["upper"] == 2.0
+    assert speedup_interval([100.0, None], [50.0, 40.0])["lower"] is None  # censored: no value to resample
+    assert speedup_interval([100.0], [50.0])["upper"] is None  # one seed: no spread
+
+
 def test_aggregate_gives_every_fleet_size_its_numbers():
     cfg = StudyConfig(fleet_sizes=(1, 2), seeds=(0,), budget_s=100.0, tasks=("reach-v3",), eval_points=4,
                       effort_bins=2, batch_size=10)
@@ -99,6 +110,9 @@ def test_sim_fleet_derives_each_robots_id_state_dir_and_seeds(tmp_path):
     assert [r.backend.seed for r in robots] == [1002, 1003, 1004]
     assert [r.operator.seed for r in robots] == [1000 + OPERATOR_SEED_OFFSET + i for i in (2, 3, 4)]
     assert robots[1].state_dir == str(tmp_path / "robot-3")
+    assert all(r.backend.held_out_eval for r in robots)  # evaluation episodes from held-out variants
+    plain = SimFleetConfig(edge=EdgeConfig(backend=MetaWorldConfig(held_out_eval=False))).robot_configs()
+    assert not plain[0].backend.held_out_eval  # the template's choice reaches every robot
     with pytest.raises(ConfigError, match=r"robots \(0\) must be >= 1"):
         SimFleetConfig(robots=0)
 

@@ -170,6 +170,22 @@ def _speedup(t1: dict, tn: dict) -> tuple[float | None, float | None, float | No
     return None, None, None
 
 
+def speedup_interval(t1: list[float | None], tn: list[float | None], resamples: int = 10_000,
+                     seed: int = 0) -> dict:
+    """95% percentile-bootstrap interval of mean(t1) / mean(tn) over seeds (each size resampled on its own).
+
+    None where a run never reached the threshold (a censored time has no value to resample) or a size has
+    one seed only (no spread to resample)."""
+    if any(t is None for t in (*t1, *tn)) or len(t1) < 2 or len(tn) < 2:
+        return {"lower": None, "upper": None, "resamples": 0}
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(t1, dtype=float), np.asarray(tn, dtype=float)
+    ratio = (a[rng.integers(0, len(a), (resamples, len(a)))].mean(1)
+             / b[rng.integers(0, len(b), (resamples, len(b)))].mean(1))
+    return {"lower": float(np.percentile(ratio, 2.5)), "upper": float(np.percentile(ratio, 97.5)),
+            "resamples": resamples}
+
+
 def aggregate(summaries: list[dict], cfg: StudyConfig) -> dict:
     """Per fleet size over seeds: the fields of the study's JSON (keys are fleet sizes as strings)."""
     sizes = sorted({s["fleet_size"] for s in summaries})
@@ -205,13 +221,15 @@ def aggregate(summaries: list[dict], cfg: StudyConfig) -> dict:
                      "per_seed": [r["rohe"] for r in runs]}
         learner[key] = {k: _mean(r["learner"][k] for r in runs) for k in runs[0]["learner"] if k != "bottleneck"}
         learner[key]["bottleneck"] = [r["learner"]["bottleneck"] for r in runs]
-    speedup, bounds = {}, {}
+    speedup, bounds, intervals = {}, {}, {}
     for n in sizes:
         if 1 not in by:
             speedup[str(n)], bounds[str(n)] = None, {"lower": None, "upper": None}
+            intervals[str(n)] = speedup_interval([None], [None])
             continue
         value, lower, upper = _speedup(t_to["1"], t_to[str(n)])
         speedup[str(n)], bounds[str(n)] = value, {"lower": lower, "upper": upper}
+        intervals[str(n)] = speedup_interval(t_to["1"]["per_seed_s"], t_to[str(n)]["per_seed_s"])
     return {"success_curves": curves, "time_to_0_8_s": t_to, "speedup_to_0_8": speedup,
-            "speedup_bounds": bounds, "final_success": final, "human_effort": effort, "rohe": rohe,
-            "learner": learner}
+            "speedup_bounds": bounds, "speedup_ci95": intervals, "final_success": final, "human_effort": effort,
+            "rohe": rohe, "learner": learner}

@@ -64,6 +64,10 @@ class Robot(abc.ABC):
     def reset(self, task: str) -> Observation:
         """Start an episode of ``task`` (one of ``tasks``) and return its first observation."""
 
+    def set_evaluation(self, evaluation: bool) -> None:
+        """The next ``reset`` starts an evaluation episode (or not). A simulator may then draw its initial
+        state from held-out variants; a real robot ignores it (the default)."""
+
     @abc.abstractmethod
     def observe(self) -> Observation:
         """Return the current observation without acting."""

@@ -61,3 +61,6 @@ class MetaWorldConfig(BackendConfig):
 
     seed: int = 0
     """Seed of the simulated robot's initial states."""
+    held_out_eval: bool = True
+    """Evaluation episodes start from held-out task variants (odd), never from the training ones (even) the
+    operator and the seeded demos use: autonomous success measures generalisation, not memory."""

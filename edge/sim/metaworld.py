@@ -6,7 +6,10 @@ seed=variant_seed)`` (the same construction MT10 uses, but one environment at a
 time: MT10 builds all ten, about 6 s). Training robots draw episodes from the
 variants with an **even** index (0, 2, ..., 48); ``held_out=True`` robots draw
 from the **odd** ones (1, 3, ..., 49), so evaluation on held-out robots never
-starts from a state the learner was trained on. Within its set a robot picks a
+starts from a state the learner was trained on. A robot built with
+``held_out_eval=True`` (the simulated fleet's default) draws its evaluation episodes
+(announced by the control loop with ``set_evaluation``) from the odd variants and
+its operator-supervised ones from the even. Within its set a robot picks a
 variant uniformly at random with its own seeded generator.
 
 Tasks are addressed by language instruction (``INSTRUCTIONS``); the MetaWorld
@@ -122,9 +125,11 @@ class MetaWorldRobot(Robot):
         max_episode_steps: int = 150,
         held_out: bool = False,
         variant_seed: int = 0,
+        held_out_eval: bool = False,
     ):
         """``seed`` drives this robot's variant choice; ``variant_seed`` which 50 variants
-        exist (keep it equal across the fleet so train and held-out sets stay disjoint)."""
+        exist (keep it equal across the fleet so train and held-out sets stay disjoint);
+        ``held_out_eval``: episodes announced with ``set_evaluation(True)`` draw held-out variants."""
         if isinstance(tasks, str) or len(tasks) == 0:
             raise ConfigError(f"tasks ({tasks!r}) must be a non-empty sequence of MT10 tasks")
         if max_episode_steps <= 0:
@@ -137,6 +142,8 @@ class MetaWorldRobot(Robot):
         self._env_names = env_names
         self._variant_seed = variant_seed
         self._allowed_variants = variant_indices(held_out)
+        self.held_out_eval = held_out_eval
+        self._evaluation = False
         self._rng = np.random.default_rng(seed)
         self._envs: dict[str, _TaskEnv] = {}
         self._connected = False
@@ -172,13 +179,18 @@ class MetaWorldRobot(Robot):
         if env_name not in self._env_names:
             raise ConfigError(f"task {task!r} is not one of this robot's tasks {self.tasks}")
         entry = self._env(env_name)
-        variant = int(self._rng.choice(self._allowed_variants))
+        allowed = variant_indices(True) if self._evaluation and self.held_out_eval else self._allowed_variants
+        variant = int(self._rng.choice(allowed))
         entry.env.set_task(entry.variants[variant])
         raw, _info = entry.env.reset()
         self._current = entry
         self.current_env_name = env_name
         self.current_variant = variant
         return self._observe_raw(raw, reward=0.0, success=False, terminated=False)
+
+    def set_evaluation(self, evaluation: bool) -> None:
+        """Whether the next episodes are evaluation episodes (held-out variants when ``held_out_eval``)."""
+        self._evaluation = evaluation
 
     def observe(self) -> Observation:
         """The observation after the last reset or action."""

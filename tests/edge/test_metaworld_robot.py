@@ -83,6 +83,21 @@ def test_held_out_variants_are_disjoint_from_training(make_robot_connected) -> N
     assert not train_goals & held_goals  # the initial states themselves differ
 
 
+def test_evaluation_episodes_draw_held_out_variants(make_robot_connected) -> None:
+    robot = make_robot_connected(("reach-v3",), seed=5, held_out_eval=True)
+    drawn = {True: set(), False: set()}
+    for i in range(40):
+        evaluation = i % 2 == 0
+        robot.set_evaluation(evaluation)
+        robot.reset("reach-v3")
+        drawn[evaluation].add(robot.current_variant)
+    assert drawn[True] <= set(variant_indices(True)) and len(drawn[True]) > 5
+    assert drawn[False] <= set(variant_indices(False)) and len(drawn[False]) > 5
+    plain = make_robot_connected(("reach-v3",), seed=5)  # held_out_eval off: evaluation changes nothing
+    plain.set_evaluation(True)
+    assert {(plain.reset("reach-v3"), plain.current_variant)[1] for _ in range(20)} <= set(variant_indices(False))
+
+
 def test_variant_choice_is_seeded(make_robot_connected) -> None:
     def sequence(seed: int) -> list[int | None]:
         robot = make_robot_connected(("reach-v3",), seed=seed)
