@@ -276,20 +276,46 @@ def named_choices() -> frozenset[str] | None:
     return _NAMED_CHOICES.get()
 
 
-def _flag_parser(cls: type, prog: str, description: str | None, named: frozenset[str] | None):
+_HELP_WANTED: contextvars.ContextVar[bool] = contextvars.ContextVar("help_wanted", default=True)
+
+
+def _docstrings_only_for_help() -> None:
+    """draccus reads every field's docstring from its class's source (``inspect.getsource`` and a tokenizer
+    per field: about a second for an edge config) to make help text. Only ``--help`` shows it: without it
+    draccus gets an empty docstring, and with it each one is read once per process."""
+    from draccus.wrappers import docstring
+
+    read = docstring.get_attribute_docstring
+    if getattr(read, "fleet_wrapped", False):
+        return
+    cached = functools.lru_cache(maxsize=None)(read)
+
+    def get_attribute_docstring(some_dataclass: type, field_name: str) -> Any:
+        if not _HELP_WANTED.get():
+            return docstring.AttributeDocString()
+        return cached(some_dataclass, field_name)
+
+    get_attribute_docstring.fleet_wrapped = True  # type: ignore[attr-defined]
+    docstring.get_attribute_docstring = get_attribute_docstring
+
+
+def _flag_parser(cls: type, prog: str, description: str | None, named: frozenset[str] | None, helping: bool):
     from draccus.argparsing import ArgumentParser
 
-    token = _NAMED_CHOICES.set(named)
+    _docstrings_only_for_help()
+    tokens = _NAMED_CHOICES.set(named), _HELP_WANTED.set(helping)
     try:
         parser = ArgumentParser(cls, prog=prog, description=description, preferred_help="below").parser
         parser.usage = f"{prog} [-h] [--config_path FILE] [--FIELD=VALUE ...]"
         for action in parser._actions:
             if action.dest not in ("help", "config_path") and not action.dest.endswith(".type"):
-                action.help = _help_of(cls, action.dest) or action.help
+                if helping:
+                    action.help = _help_of(cls, action.dest) or action.help
                 if _field_type(cls, action.dest.split("."), {}) is bool:  # a bare --flag means true
                     action.nargs, action.const = "?", "true"
     finally:
-        _NAMED_CHOICES.reset(token)
+        _NAMED_CHOICES.reset(tokens[0])
+        _HELP_WANTED.reset(tokens[1])
     return parser
 
 
@@ -302,18 +328,18 @@ def parse(cls: type[T], args: Sequence[str], prog: str, description: str | None 
 
     args = list(args)
     helping = "--help" in args or "-h" in args
-    named = None if helping else frozenset(a.split("=", 1)[-1] for a in args)
-    parser = _flag_parser(cls, prog, description, named)
     unknown = None
-    if named is not None:
+    if not helping:
+        parser = _flag_parser(cls, prog, description, frozenset(a.split("=", 1)[-1] for a in args), helping)
         _raw_text(parser)
         parser.exit_on_error = False
         try:
             namespace, unknown = parser.parse_known_args(args)
         except argparse.ArgumentError:  # e.g. a misspelt choice: the full parser lists them all
             pass
-    if unknown is None or unknown and named is not None:  # a flag of a class not named: build with them all
-        parser = _flag_parser(cls, prog, description, None)
+    if unknown is None or any("." in flag_spelling(a) for a in unknown if a.startswith("--")):
+        # --help, or a flag of a choice class the command line did not name (--backend.robot.port): all of them
+        parser = _flag_parser(cls, prog, description, None, helping)
         if not helping:
             _raw_text(parser)
         namespace, unknown = parser.parse_known_args(args)
