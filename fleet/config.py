@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextvars
 import dataclasses
 import difflib
 import functools
@@ -262,28 +263,86 @@ def _help_of(cls: type, dest: str) -> str:
     return ""
 
 
+_NAMED_CHOICES: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("named_choices",
+                                                                                      default=None)
+
+
+def named_choices() -> frozenset[str] | None:
+    """While ``parse`` builds its flag parser: the words of the command line (a superset of the choice names
+    it gives, ``--backend.type=ros2``); else None, meaning all. draccus lists every registered class of a
+    choice field to make its flags; a registry that imports its classes on demand (edge/robots/config.py)
+    imports only the named ones then, so ``fleet edge`` of a simulated robot never imports LeRobot's device
+    packages. A flag of a class named only in a ``--config_path`` file is found by a second, full build."""
+    return _NAMED_CHOICES.get()
+
+
+_HELP_WANTED: contextvars.ContextVar[bool] = contextvars.ContextVar("help_wanted", default=True)
+
+
+def _docstrings_only_for_help() -> None:
+    """draccus reads every field's docstring from its class's source (``inspect.getsource`` and a tokenizer
+    per field: about a second for an edge config) to make help text. Only ``--help`` shows it: without it
+    draccus gets an empty docstring, and with it each one is read once per process."""
+    from draccus.wrappers import docstring
+
+    read = docstring.get_attribute_docstring
+    if getattr(read, "fleet_wrapped", False):
+        return
+    cached = functools.lru_cache(maxsize=None)(read)
+
+    def get_attribute_docstring(some_dataclass: type, field_name: str) -> Any:
+        if not _HELP_WANTED.get():
+            return docstring.AttributeDocString()
+        return cached(some_dataclass, field_name)
+
+    get_attribute_docstring.fleet_wrapped = True  # type: ignore[attr-defined]
+    docstring.get_attribute_docstring = get_attribute_docstring
+
+
+def _flag_parser(cls: type, prog: str, description: str | None, named: frozenset[str] | None, helping: bool):
+    from draccus.argparsing import ArgumentParser
+
+    _docstrings_only_for_help()
+    tokens = _NAMED_CHOICES.set(named), _HELP_WANTED.set(helping)
+    try:
+        parser = ArgumentParser(cls, prog=prog, description=description, preferred_help="below").parser
+        parser.usage = f"{prog} [-h] [--config_path FILE] [--FIELD=VALUE ...]"
+        for action in parser._actions:
+            if action.dest not in ("help", "config_path") and not action.dest.endswith(".type"):
+                if helping:
+                    action.help = _help_of(cls, action.dest) or action.help
+                if _field_type(cls, action.dest.split("."), {}) is bool:  # a bare --flag means true
+                    action.nargs, action.const = "?", "true"
+    finally:
+        _NAMED_CHOICES.reset(tokens[0])
+        _HELP_WANTED.reset(tokens[1])
+    return parser
+
+
 def parse(cls: type[T], args: Sequence[str], prog: str, description: str | None = None,
           exit_on_error: bool = True) -> T:
     """``cls`` from command-line ``args`` (draccus flags, ``--config_path``); exits 2 with one line naming
     the key on an unknown key, a bad type or a bad value (``exit_on_error=False``: raises ConfigError
     for those found after flag parsing), and 0 after ``--help``."""
-    from draccus.argparsing import ArgumentParser
     from draccus.utils import deflatten
 
-    wrapper = ArgumentParser(cls, prog=prog, description=description, preferred_help="below")
-    parser = wrapper.parser
-    parser.usage = f"{prog} [-h] [--config_path FILE] [--FIELD=VALUE ...]"
-    for action in parser._actions:
-        if action.dest not in ("help", "config_path") and not action.dest.endswith(".type"):
-            action.help = _help_of(cls, action.dest) or action.help
-            if _field_type(cls, action.dest.split("."), {}) is bool:  # a bare --flag means true
-                action.nargs, action.const = "?", "true"
     args = list(args)
-    if "--help" not in args and "-h" not in args:
-        for action in parser._actions:  # as draccus does: raw text in, decoding below (defaults are the config's)
-            action.default = argparse.SUPPRESS
-            action.type = str
-    namespace, unknown = parser.parse_known_args(args)
+    helping = "--help" in args or "-h" in args
+    unknown = None
+    if not helping:
+        parser = _flag_parser(cls, prog, description, frozenset(a.split("=", 1)[-1] for a in args), helping)
+        _raw_text(parser)
+        parser.exit_on_error = False
+        try:
+            namespace, unknown = parser.parse_known_args(args)
+        except argparse.ArgumentError:  # e.g. a misspelt choice: the full parser lists them all
+            pass
+    if unknown is None or any("." in flag_spelling(a) for a in unknown if a.startswith("--")):
+        # --help, or a flag of a choice class the command line did not name (--backend.robot.port): all of them
+        parser = _flag_parser(cls, prog, description, None, helping)
+        if not helping:
+            _raw_text(parser)
+        namespace, unknown = parser.parse_known_args(args)
     if unknown:
         options = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--")})
         parts = [a + (suggest(flag_spelling(a), options) if a.startswith("--") else "") for a in unknown]
@@ -310,6 +369,13 @@ def parse(cls: type[T], args: Sequence[str], prog: str, description: str | None 
         raise SystemExit(2) from None
 
 
+def _raw_text(parser: argparse.ArgumentParser) -> None:
+    """As draccus does: raw text in, decoding in ``load`` (defaults are the config's)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+        action.type = str
+
+
 def _is_choice_name(cls: type, key: str, text: str) -> bool:
     """Whether ``--key=text`` names a class of the choice field ``key`` (``--backend=ros2``), not a file."""
     *parents, name = key.split(".")
@@ -333,4 +399,4 @@ def _read(path: str) -> Any:
         raise ConfigError(f"config file {path}: not YAML or JSON: {e}") from None
 
 
-__all__ = ["DEFAULT_TASKS", "load", "parse", "require", "suggest", "cli_value", "flag_spelling"]
+__all__ = ["DEFAULT_TASKS", "load", "named_choices", "parse", "require", "suggest", "cli_value", "flag_spelling"]

@@ -115,6 +115,14 @@ def test_the_gateway_imports_no_torch():
     assert not loaded & {"torch", "lerobot", "edge", "mujoco", "metaworld"}, sorted(loaded & {"torch", "lerobot"})
 
 
+def test_a_simulated_robots_edge_parses_its_config_without_lerobots_device_packages():
+    loaded = _loaded_after("from fleet.cli import parse_config\n"
+                           "cfg = parse_config('edge', ['--robot_id', 'r1', '--backend.seed', '3'])\n"
+                           "assert cfg.backend.type == 'metaworld', cfg.backend")
+    devices = {"edge.robots.lerobot_config", "lerobot.robots", "lerobot.teleoperators", "lerobot.cameras"}
+    assert not loaded & devices, sorted(loaded & devices)
+
+
 @pytest.mark.parametrize("backend", ["lerobot", "ros2"])
 def test_a_real_robots_edge_loads_no_simulator(backend):
     robot_module = {"lerobot": "edge.robots.lerobot", "ros2": "edge.robots.ros2.robot"}[backend]

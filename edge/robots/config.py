@@ -5,8 +5,9 @@
 ``RobotConfig``/``TeleoperatorConfig`` registries), ``--backend.joint_names='[j1, j2]'`` (ros2).
 
 A backend's config class lives beside its backend and is imported only when it is asked for
-(``get_choice_class``) or when all are listed (``--help``): the MetaWorld one is here, so that a real
-robot's edge never imports the simulator, and LeRobot's device registries are only imported for
+(``get_choice_class``) or when all are listed (``--help``, or draccus building the flags of a command line
+that names it: ``fleet.config.named_choices``): the MetaWorld one is here, so that a real robot's edge never
+imports the simulator, and LeRobot's device registries (about a second to import) are only imported for
 ``type=lerobot`` or ``--help``.
 """
 
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import draccus
+
+from fleet.config import named_choices
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,10 @@ class BackendConfig(draccus.ChoiceRegistry):
 
     @classmethod
     def get_known_choices(cls) -> dict[str, Any]:
+        named = named_choices()  # while a command line is parsed: only the backends it names
         for name in _MODULES:
-            _load(name)
+            if named is None or name in named:
+                _load(name)
         return super().get_known_choices()
 
     @property
