@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +43,10 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.initial_window_size", 16 * 1024 * 1024),
     ("grpc.http2.bdp_probe", 0),
 ]
+
+
+RECONNECT_JITTER_S = 0.25
+"""Spread of the reconnects when a gateway comes back (a fleet should not arrive in one instant)."""
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,17 @@ class FleetClient:
         finally:
             self._channel.unsubscribe(watch)
             self._unsubscribed_mono = time.monotonic()
+
+    def wait_retry(self, delay_s: float, stop: threading.Event, gateway_gone: bool) -> bool:
+        """Wait before retrying a failed call; True when ``stop`` was set. After the gateway went away
+        (``gateway_gone``: UNAVAILABLE without a retry-after hint), go as soon as the channel connects again, plus
+        0-``RECONNECT_JITTER_S`` so a fleet does not arrive at once, instead of sleeping ``delay_s`` out."""
+        if gateway_gone:
+            t0 = time.monotonic()
+            if self.wait_connected(delay_s, stop):
+                return stop.wait(random.uniform(0.0, RECONNECT_JITTER_S))
+            delay_s -= time.monotonic() - t0
+        return stop.wait(max(0.0, delay_s))
 
     def close(self) -> None:
         # gRPC's connectivity poller notices an unsubscribe only after its 0.2 s watch; closing the channel inside

@@ -84,10 +84,6 @@ class StreamerConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"streamer.{name} ({getattr(self, name)}) must be > 0")
 
-RECONNECT_JITTER_S = 0.25
-"""Spread of the reconnects when a gateway comes back (a fleet should not arrive in one instant)."""
-
-
 class Backoff:
     """Exponential backoff with full jitter."""
 
@@ -227,21 +223,9 @@ class Streamer:
                 delay = self._backoff.next_delay()
             self.connected.clear()
             metrics.EDGE_CONNECTED.labels(robot=robot).set(0)
-            if self._pause(delay):
+            gone, self._gateway_gone = self._gateway_gone, False
+            if self.client.wait_retry(delay, self._worker.stopping, gone):
                 break
-
-    def _pause(self, delay: float) -> bool:
-        """Wait before the next session; True when stopping. After the gateway went away, go as soon as it
-        accepts connections again (plus a little jitter, so a fleet does not arrive at once) instead of sleeping
-        the backoff out: a restarted gateway is streamed to within ~1 s of listening."""
-        stop = self._worker.stopping
-        if self._gateway_gone:
-            self._gateway_gone = False
-            t0 = time.monotonic()
-            if self.client.wait_connected(delay, stop):
-                return stop.wait(random.uniform(0.0, RECONNECT_JITTER_S))
-            delay -= time.monotonic() - t0
-        return stop.wait(max(0.0, delay))
 
     def _after_error(self, exc: grpc.RpcError) -> float:
         """Act on a failed session; returns how long to wait before the next one."""
