@@ -5,7 +5,9 @@ verified bytes go straight into the standby model's weights (its memory, through
 ``FleetPolicy.weight_views``); it is offered to the PolicySlot and swapped in at
 an episode boundary, and the model it replaced becomes the next standby. No
 model is built per version: only for the first one, or when the architecture
-changes (``models_built`` counts them).
+changes (``models_built`` counts them). Weights the edge cannot view as host bytes (a model on a GPU)
+are received into host buffers and copied into the standby model's tensors by ``load_tensors``
+(``load_state_dict``'s in-place copy): still no model per version.
 
 Which model is the standby, in order: the one the updater holds already (a
 transfer failed or a version was refused), the slot's previous model (after a
@@ -79,8 +81,8 @@ class Standby:
             if candidate is None:
                 continue
             same = getattr(candidate, "same_architecture", None)
-            views = self.views(candidate)
-            if same is not None and views and same(manifest.config) and all(
+            views = self.views(candidate)  # {} for weights not in host memory (a GPU): loaded in place instead
+            if same is not None and same(manifest.config) and all(
                     len(views[e.name]) == e.nbytes for e in manifest.tensors if e.name in views):
                 self.policy = candidate
                 return candidate

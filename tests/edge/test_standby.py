@@ -68,3 +68,26 @@ def test_versions_go_into_the_standby_model_and_rollback_reloads_from_disk(gatew
         assert edge.standby.models_built == 2 and live_models() - baseline <= 2
     finally:
         edge.stop()
+
+
+@pytest.mark.timeout(90)
+def test_weights_without_host_views_are_loaded_in_place_not_rebuilt(gateway, redis_client, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """A model whose weights have no host view (on a GPU ``weight_views`` is {}) is reused all the same: the
+    bytes are loaded into it through ``load_tensors``, no model is built per version."""
+    monkeypatch.setattr(FleetPolicy, "weight_views", lambda self: {})
+    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
+    publisher = Publisher(store, every_steps=1, full_every_versions=0)
+    trainer_policy = act_with_frozen_encoder()
+    edge = make_updater("standby-nv", gateway.target, tmp_path)
+    slot = edge.slot
+    edge.start()
+    try:
+        for seed in range(1, 5):
+            update(trainer_policy, seed=seed)
+            version = publisher.publish(trainer_policy, seed).version
+            assert edge.wait_version(version, timeout_s=30) and slot.swap_if_pending()
+            assert weights_of(slot.current, store, version)
+        assert edge.standby.models_built == 2 and edge.rejected == 0  # v1's and v2's, then reused
+    finally:
+        edge.stop()
