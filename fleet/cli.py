@@ -139,7 +139,7 @@ def _cmd_learner(args) -> int:
 
 
 def _run_edge(cfg) -> int:
-    from edge.agent import EdgeAgent, plaintext_refusal
+    from edge.config import plaintext_refusal
     from fleet import metrics
 
     refusal = None if cfg.insecure else plaintext_refusal(cfg)
@@ -149,6 +149,8 @@ def _run_edge(cfg) -> int:
         from fleet.signing import PinnedKeys
 
         PinnedKeys.from_files(cfg.security.policy_public_key_files)
+    from edge.agent import EdgeAgent  # torch and the policy code: only for a config that passed
+
     metrics.serve(cfg.metrics_port)
     stop = _stop_on_signals()
     EdgeAgent(cfg).run(stop)
@@ -363,7 +365,7 @@ def _trainer_config():
 
 
 def _edge_config():
-    from edge.agent import EdgeConfig
+    from edge.config import EdgeConfig  # no torch: a bad config exits 2 before the agent's imports
 
     return EdgeConfig
 

@@ -38,7 +38,7 @@ def parse_fleet(argv: list[str]):
         return build_parser().parse_args(argv)
     cfg = parse_config(argv[0], argv[1:], exit_on_error=False)
     if argv[0] == "edge":
-        from edge.agent import plaintext_refusal
+        from edge.config import plaintext_refusal
 
         refusal = None if cfg.insecure else plaintext_refusal(cfg)  # as `fleet edge` does: a robot would exit 2
         if refusal:

@@ -117,7 +117,7 @@ def test_edge_with_an_unreadable_publisher_key_exits_2(tmp_path):
 
 
 def test_edge_tls_or_loopback_needs_no_insecure():
-    from edge.agent import EdgeConfig, plaintext_refusal
+    from edge.config import EdgeConfig, plaintext_refusal
     from fleet.config import parse
     from fleet.gateway_config import ClientSecurity
     from fleet.netaddr import is_loopback
