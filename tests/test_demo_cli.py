@@ -44,7 +44,12 @@ def test_demo_runs_to_completion_and_writes_summary_and_png(tmp_path):
                              "the demo's Prometheus URL", poll_s=0.2)
 
             def every_process_up():
-                active = _get_json(f"{url}/api/v1/targets?state=active")["data"]["activeTargets"]
+                assert proc.poll() is None, "the demo ended before Prometheus saw every process up:\n" + \
+                    "\n".join(lines[-40:])
+                try:
+                    active = _get_json(f"{url}/api/v1/targets?state=active")["data"]["activeTargets"]
+                except OSError:  # between two scrapes of a loaded machine Prometheus may be slow to answer
+                    return None
                 health = sorted((t["labels"]["job"], t["health"]) for t in active)
                 return active if health == [("fleet-edge", "up"), ("fleet-gateway", "up"), ("fleet-trainer", "up")] \
                     else None
