@@ -72,9 +72,10 @@ def spawn(name: str, args: list[str], log_dir: Path, env: dict | None = None) ->
 
 
 def gateway_args(listen: str, redis_url: str, policy_dir: str, metrics_port: int = 0,
-                 embodiment: str = "", insecure: bool = False, blob_url: str = "") -> list[str]:
+                 embodiment: str = "", insecure: bool = False, blob_url: str = "", weights_listen: str = "") -> list[str]:
     return ["gateway", "--listen", listen, "--redis_url", redis_url, "--policy_dir", policy_dir,
             *(["--blob_url", blob_url] if blob_url else []),
+            *(["--weights_listen", weights_listen] if weights_listen else []),
             "--metrics_port", str(metrics_port), *(["--embodiment", embodiment] if embodiment else []),
             *(["--insecure"] if insecure else [])]
 

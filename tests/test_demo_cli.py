@@ -77,6 +77,7 @@ def test_demo_runs_to_completion_and_writes_summary_and_png(tmp_path):
     assert [l for l in lines if l.startswith("[") and "steps stored" in l], out  # progress lines
     assert not [l for l in lines if re.search(r"(^|\s)(DEBUG|INFO|WARNING|ERROR)[: ]", l)], out  # logs: in run_dir
     assert "INFO" in (run_dir / "logs" / "demo.log").read_text()
+    assert "weight side channel: sent v1" in (run_dir / "logs" / "gateway.log").read_text()  # policies: sendfile
     assert f"learning curve: {run_dir}/learning_curve.png" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("success_rate_start", "success_rate_end", "intervention_rate_start", "intervention_rate_end",

@@ -296,7 +296,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, view: DemoView | None = Non
         policy_dir, blob_url = str(run_dir / "policies"), str((run_dir / "blobs").resolve())  # frames: local dir
         children.append(spawn("gateway", gateway_args(f"127.0.0.1:{port}", redis_proc.url, policy_dir,
                                                       metrics["fleet-gateway"][0] if metrics else 0,
-                                                      blob_url=blob_url), logs))
+                                                      blob_url=blob_url, weights_listen="127.0.0.1:0"), logs))
         trainer = replace(cfg.trainer, redis_url=redis_proc.url, blob_url=blob_url, policy_dir=policy_dir,
                           tasks=tasks, metrics_port=metrics["fleet-trainer"][0] if metrics else cfg.trainer.metrics_port)
         children.append(spawn("trainer", ["trainer", "--config_path",
