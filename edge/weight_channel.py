@@ -40,6 +40,12 @@ def receive(address: tuple[str, int], ticket: bytes, robot_id: str, assembler: A
         sock = socket.create_connection(address, timeout=timeout_s)
     except OSError as exc:
         raise SideChannelUnavailable(f"cannot connect to the weight side channel {address}: {exc}") from exc
+    # Blocking, with the timeout in the kernel (SO_RCVTIMEO/SO_SNDTIMEO): each recv then fills a whole piece
+    # (MSG_WAITALL) instead of returning what one poll found, ~16x fewer system calls.
+    timeval = struct.pack("ll", int(timeout_s), int(timeout_s % 1 * 1e6))
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     rid = robot_id.encode()
     with sock, ThreadPoolExecutor(1, thread_name_prefix="piece-check") as checker:
         pending: Future | None = None
@@ -88,8 +94,8 @@ def receive(address: tuple[str, int], ticket: bytes, robot_id: str, assembler: A
             if pending is not None:
                 pending.result()
             return received
-        except socket.timeout as exc:
-            raise IntegrityError(f"side channel stalled: {exc}") from None
+        except (socket.timeout, BlockingIOError) as exc:  # SO_RCVTIMEO passed: EAGAIN
+            raise IntegrityError(f"side channel stalled for {timeout_s:g} s: {exc}") from None
         except OSError as exc:
             if frames == 0:  # e.g. reset while presenting the ticket
                 raise SideChannelUnavailable(f"weight side channel {address}: {exc}") from exc
@@ -108,7 +114,7 @@ def _recv(sock: socket.socket, n: int, first: bool = False) -> bytes:
 def _recv_into(sock: socket.socket, view: memoryview, first: bool = False) -> None:
     got, n = 0, len(view)
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
         if k == 0:
             if first and got == 0:
                 raise SideChannelUnavailable("the gateway closed the weight side channel before sending (ticket "
