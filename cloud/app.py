@@ -19,6 +19,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet.subprocs import stop_process
+
 log = logging.getLogger(__name__)
 
 
@@ -31,15 +33,7 @@ class Child:
     log_path: Path
 
     def terminate(self, timeout_s: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0fs; killing it", self.name, timeout_s)
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout_s, self.name)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -20,6 +20,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from fleet.subprocs import stop_process
+
 PROM_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 """The deployment's Prometheus config and rules (a source checkout; not in a wheel)."""
 APT_HINT = "install it with `apt-get install -y prometheus` (Debian/Ubuntu)"
@@ -111,10 +113,4 @@ class PrometheusProcess:
             time.sleep(0.1)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout_s, "prometheus")

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet.subprocs import stop_process
+
 log = logging.getLogger(__name__)
 
 
@@ -65,12 +67,7 @@ class RedisProcess:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Graceful: SIGTERM lets Redis flush its AOF."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, timeout_s, "redis-server")
 
 
 def start_redis(data_dir: str | os.PathLike, port: int | None = None, appendfsync: str = "everysec",
