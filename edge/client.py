@@ -49,6 +49,21 @@ RECONNECT_JITTER_S = 0.25
 """Spread of the reconnects when a gateway comes back (a fleet should not arrive in one instant)."""
 
 
+def trailing_metadata(exc: grpc.RpcError) -> dict[str, str]:
+    """The string trailing metadata of a failed call ({} for a locally generated error)."""
+    try:
+        return {k: v for k, v in (exc.trailing_metadata() or ()) if isinstance(v, str)}
+    except Exception:  # a locally generated error may carry none
+        return {}
+
+
+def gateway_gone(error: BaseException | None) -> bool:
+    """UNAVAILABLE without a retry-after hint: no gateway answered (down or restarting). A gateway that is up but
+    cannot serve (its Redis is down) says UNAVAILABLE with ``fleet-retry-after-s``, which the backoff honours."""
+    return (isinstance(error, grpc.RpcError) and hasattr(error, "code") and error.code() == grpc.StatusCode.UNAVAILABLE
+            and "fleet-retry-after-s" not in trailing_metadata(error))
+
+
 @dataclass(frozen=True)
 class Registration:
     last_acked_seq: int
@@ -246,11 +261,11 @@ class FleetClient:
             self._channel.unsubscribe(watch)
             self._unsubscribed_mono = time.monotonic()
 
-    def wait_retry(self, delay_s: float, stop: threading.Event, gateway_gone: bool) -> bool:
-        """Wait before retrying a failed call; True when ``stop`` was set. After the gateway went away
-        (``gateway_gone``: UNAVAILABLE without a retry-after hint), go as soon as the channel connects again, plus
-        0-``RECONNECT_JITTER_S`` so a fleet does not arrive at once, instead of sleeping ``delay_s`` out."""
-        if gateway_gone:
+    def wait_retry(self, delay_s: float, stop: threading.Event, error: BaseException | None = None) -> bool:
+        """Wait before retrying after ``error``; True when ``stop`` was set. When the gateway went away
+        (``gateway_gone(error)``), go as soon as the channel connects again, plus 0-``RECONNECT_JITTER_S`` so a
+        fleet does not arrive at once, instead of sleeping ``delay_s`` out."""
+        if gateway_gone(error):
             t0 = time.monotonic()
             if self.wait_connected(delay_s, stop):
                 return stop.wait(random.uniform(0.0, RECONNECT_JITTER_S))

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from edge.client import FleetClient
+from edge.client import FleetClient, trailing_metadata
 from fleet.columns import schema_hash
 from fleet.convert import columns_message
 from edge.spool import Spool
@@ -120,13 +120,6 @@ class _Session:
     call: object | None = None
 
 
-def _metadata(exc: grpc.RpcError) -> dict[str, str]:
-    try:
-        return {k: v for k, v in (exc.trailing_metadata() or ()) if isinstance(v, str)}
-    except Exception:  # a locally generated error may carry none
-        return {}
-
-
 def _int(value: str | None) -> int | None:
     try:
         return int(value) if value is not None else None
@@ -181,7 +174,6 @@ class Streamer:
         self._not_found: tuple[int, int] = (0, 0)  # (first seq of the refused chunk, times in a row)
         self._in_stream = False  # the current session got past Register
         self._last_ack_mono = 0.0
-        self._gateway_gone = False  # the last session failed for want of a gateway (no retry-after hint)
 
     def start(self) -> None:
         self._worker.start()
@@ -207,12 +199,14 @@ class Streamer:
     def _run(self) -> None:
         robot = self.info.robot_id
         while not self._worker.stopping.is_set():
+            error = None
             try:
                 self._session()
                 delay = self._backoff.next_delay()  # the gateway closed the stream cleanly (shutting down)
             except grpc.RpcError as exc:
                 if self._worker.stopping.is_set():
                     break
+                error = exc
                 try:
                     delay = self._after_error(exc)
                 except Exception:  # this thread must never die: the robot's data would stop flowing
@@ -223,8 +217,7 @@ class Streamer:
                 delay = self._backoff.next_delay()
             self.connected.clear()
             metrics.EDGE_CONNECTED.labels(robot=robot).set(0)
-            gone, self._gateway_gone = self._gateway_gone, False
-            if self.client.wait_retry(delay, self._worker.stopping, gone):
+            if self.client.wait_retry(delay, self._worker.stopping, error):
                 break
 
     def _after_error(self, exc: grpc.RpcError) -> float:
@@ -232,7 +225,7 @@ class Streamer:
         robot = self.info.robot_id
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        md = _metadata(exc)
+        md = trailing_metadata(exc)
         metrics.EDGE_STREAM_ERRORS.labels(robot=robot, code=code.name).inc()
         with self._inflight_lock:
             culprit = self._inflight[0] if self._inflight else None
@@ -282,7 +275,6 @@ class Streamer:
         hint_s = _float(md.get("fleet-retry-after-s"))  # e.g. UNAVAILABLE while the gateway's Redis is down
         if hint_s is not None:
             delay = max(delay, hint_s * random.uniform(1.0, 1.5))
-        self._gateway_gone = code == grpc.StatusCode.UNAVAILABLE and hint_s is None
         log.warning("robot %s: experience stream ended (%s: %s); reconnecting in %.2fs", robot, code.name,
                     details, delay)
         return delay

@@ -231,7 +231,7 @@ class Updater:
                 self._refuse(bad, "rolled back by the control loop")
                 if self.slot.current.version == bad:  # not rolled back in memory: from disk
                     self._restore(bad)
-            gone = False  # the gateway went away: watch again as soon as it is back
+            error = None  # the gateway went away (client.gateway_gone): watch again as soon as it is back
             try:
                 self._watch(backoff)
             except weight_channel.SideChannelUnavailable as exc:
@@ -240,7 +240,7 @@ class Updater:
                             SIDE_CHANNEL_RETRY_S)
                 continue  # the same version, over gRPC, right away
             except grpc.RpcError as exc:
-                gone = exc.code() == grpc.StatusCode.UNAVAILABLE if hasattr(exc, "code") else False
+                error = exc
                 if not self._worker.stopping.is_set() and not self._rolled_back:
                     log.info("robot %s: policy watch ended (%s)", self.robot_id,
                              exc.code() if hasattr(exc, "code") else exc)
@@ -257,7 +257,7 @@ class Updater:
                 log.exception("robot %s: updater error", self.robot_id)
             if self._rolled_back:
                 continue  # tell the gateway right away
-            if self.client.wait_retry(backoff.next_delay(), self._worker.stopping, gone):
+            if self.client.wait_retry(backoff.next_delay(), self._worker.stopping, error):
                 break
 
     def _watch(self, backoff: Backoff) -> None:
