@@ -38,10 +38,21 @@ def side_gateway(redis_proc, tmp_path):
 
 
 def header_with_ticket(target: str, robot: str) -> PolicyHeaderEvent:
+    """The header (with its ticket) of a fresh WatchPolicy stream. The gateway frees a cancelled stream's slot
+    when its handler notices the cancel, so a stream opened right after may be refused RESOURCE_EXHAUSTED
+    (2 per robot): that is retried until the slot is free."""
+    return wait_until(lambda: _header_or_none(target, robot), 30, f"a WatchPolicy slot for {robot!r}")
+
+
+def _header_or_none(target: str, robot: str) -> PolicyHeaderEvent | None:
     client = FleetClient(target)
     call = client.watch_policy(robot, 0, side_channel=True)
     try:
         header = next(iter(call))
+    except grpc.RpcError as e:
+        if e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return None
+        raise
     finally:
         call.cancel()
         client.close()
