@@ -4,6 +4,7 @@
     fleet learner   the cloud side: gateway + trainer (two processes)
     fleet gateway   the gRPC gateway alone (run several replicas behind a load balancer)
     fleet trainer   the trainer alone
+    fleet operators M operators shared by the robots: allocator, operator console, metrics
     fleet edge      one robot's edge agent
     fleet sim-fleet N simulated robots (full edge agents) on threads of one process
     fleet ros2-sim-robot  a simulated arm as a ROS 2 driver, for `fleet edge --backend.type=ros2`
@@ -117,6 +118,16 @@ def _run_trainer(cfg) -> int:
         pass
     finally:
         done.set()
+    return 0
+
+
+def _run_operators(cfg) -> int:
+    from cloud.operators.service import OperatorsService
+    from fleet import metrics
+
+    metrics.serve(cfg.metrics_port)
+    stop = _stop_on_signals()
+    OperatorsService(cfg).run(stop)
     return 0
 
 
@@ -364,6 +375,12 @@ def _trainer_config():
     return TrainerConfig, RESUME_HELP
 
 
+def _operators_config():
+    from cloud.operators.config import OperatorsConfig
+
+    return OperatorsConfig, "See docs/operators.md."
+
+
 def _edge_config():
     from edge.config import EdgeConfig  # no torch: a bad config exits 2 before the agent's imports
 
@@ -392,6 +409,8 @@ CONFIG_COMMANDS = {
     "demo": ("run the whole system on this machine and show the policy improving", _demo_config, _run_demo),
     "gateway": ("the gRPC gateway (stateless; run several behind a load balancer)", _gateway_config, _run_gateway),
     "trainer": ("the trainer: sample from Redis, train, publish versions", _trainer_config, _run_trainer),
+    "operators": ("M operators shared by the robots: who helps which robot now, the operator console",
+                  _operators_config, _run_operators),
     "edge": ("one robot's edge agent", _edge_config, _run_edge),
     "sim-fleet": ("N simulated robots (full edge agents) on threads of one process", _sim_fleet_config,
                   _run_sim_fleet),

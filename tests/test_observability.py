@@ -45,7 +45,8 @@ needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason=f"promtool is not o
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason=f"prometheus is not on PATH; {APT_HINT}")
 
 TASKS = ("reach the goal", "press the button from the top")
-BOUNDED_LABELS = {"robot", "task", "source", "code", "outcome", "rpc", "reason", "term", "kind", "mode", "node"}
+BOUNDED_LABELS = {"robot", "task", "source", "code", "outcome", "rpc", "reason", "term", "kind", "mode", "node",
+                  "operator"}
 NON_BASE_UNITS = ("_ms", "_milliseconds", "_microseconds", "_kb", "_mb", "_kilobytes", "_megabytes", "_percent",
                   "_minutes", "_hours")
 
