@@ -101,7 +101,8 @@ def test_monitor_without_prometheus_is_one_line_and_the_demo_goes_on(tmp_path, m
     assert not (tmp_path / "prometheus").exists()
 
 
-@pytest.mark.parametrize("command", ["demo", "learner", "gateway", "trainer", "edge", "sim-fleet", "status", "seed"])
+@pytest.mark.parametrize("command", ["demo", "learner", "gateway", "trainer", "operators", "edge", "sim-fleet", "status",
+                                     "seed"])
 def test_every_subcommand_has_help(command):
     proc = subprocess.run([*FLEET, command, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

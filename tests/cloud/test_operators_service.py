@@ -155,3 +155,25 @@ def test_bad_config_exits_2_naming_the_field():
         done = subprocess.run([sys.executable, "-m", "fleet.cli", "operators", *args], capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 2 and needle in done.stderr, (args, done.stderr)
+
+
+def test_run_learner_starts_the_operators_service_as_a_third_child(redis_proc, redis_client, tmp_path):
+    import threading
+
+    from cloud.app import operators_args, run_learner
+
+    stop, codes = threading.Event(), []
+    heartbeat(redis_client, "r1", time.time(), score=0.8, wanted=True)
+    learner = threading.Thread(target=lambda: codes.append(run_learner(
+        f"127.0.0.1:{free_port()}", redis_proc.url, str(tmp_path / "policies"), ["--seed_bc_steps", "0"],
+        tmp_path / "logs", stop, operator_args=operators_args(redis_proc.url, "alice", ["--period_s", "0.1"]))))
+    learner.start()
+    try:
+        wait_until(lambda: assigned(redis_client).get("r1", {}).get("operator") == "alice", 60,
+                   "the learner's operators child to assign r1")
+    finally:
+        stop.set()
+        learner.join(timeout=90)
+    assert len(codes) == 1  # (the trainer, stopped while still importing torch, may end by the signal: -15)
+    assert "operators service: 1 operators (alice)" in (tmp_path / "logs" / "operators.log").read_text()
+    assert not redis_client.exists(OPS_ASSIGNMENTS_KEY)  # the operators child stopped gracefully
