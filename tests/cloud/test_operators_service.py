@@ -177,3 +177,20 @@ def test_run_learner_starts_the_operators_service_as_a_third_child(redis_proc, r
     assert len(codes) == 1  # (the trainer, stopped while still importing torch, may end by the signal: -15)
     assert "operators service: 1 operators (alice)" in (tmp_path / "logs" / "operators.log").read_text()
     assert not redis_client.exists(OPS_ASSIGNMENTS_KEY)  # the operators child stopped gracefully
+
+
+def test_demo_operators_values_are_checked():
+    import dataclasses
+
+    from edge.operator import OperatorConfig
+    from fleet.cli import parse_config
+
+    for argv, needle in ((["--operators", "-1"], "operators (-1) must be >= 0"),
+                         (["--operators", "2", "--operator_policy", "fifo"], "operator_policy must be one of")):
+        with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            parse_config("demo", argv, exit_on_error=False)
+    if "allocation" not in {f.name for f in dataclasses.fields(OperatorConfig)}:  # the edge's allocated mode
+        with pytest.raises(ConfigError, match="allocated operator mode"):
+            parse_config("demo", ["--operators", "2"], exit_on_error=False)
+    else:
+        assert parse_config("demo", ["--operators", "2"], exit_on_error=False).operators == 2
