@@ -194,3 +194,37 @@ def test_demo_operators_values_are_checked():
             parse_config("demo", ["--operators", "2"], exit_on_error=False)
     else:
         assert parse_config("demo", ["--operators", "2"], exit_on_error=False).operators == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_redis_outage_is_waited_out(tmp_path):
+    import threading
+
+    import redis as redis_lib
+
+    from fleet.redis_server import start_redis
+
+    redis_proc = start_redis(tmp_path / "redis", appendfsync="always")
+    client = redis_lib.Redis.from_url(redis_proc.url)
+    service = OperatorsService(OperatorsConfig(redis_url=redis_proc.url, operators="1", period_s=0.05))
+    stop = threading.Event()
+    runner = threading.Thread(target=service.run, args=(stop,))
+    runner.start()
+    try:
+        heartbeat(client, "r1", time.time(), score=0.8, wanted=True)
+        wait_until(lambda: "r1" in assigned(client), 10, "r1 assigned")
+        redis_proc.kill()  # SIGKILL
+        wait_until(lambda: sample("fleet_operators_redis_up") == 0, 10, "fleet_operators_redis_up 0")
+        assert runner.is_alive()
+        redis_proc = start_redis(redis_proc.data_dir, port=redis_proc.port, appendfsync="always")
+        heartbeat(client, "r2", time.time(), score=0.9, wanted=True, holding=True)
+        heartbeat(client, "r1", time.time(), score=0.8, wanted=True)
+        wait_until(lambda: sample("fleet_operators_redis_up") == 1 and assigned(client), 20,
+                   "the service back, writing assignments")
+        assert runner.is_alive()
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+        client.close()
+        redis_proc.kill()
+    assert not runner.is_alive()
