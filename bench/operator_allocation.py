@@ -437,9 +437,9 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    conds = result["conditions"]
-    ms = sorted({c["operators"] for c in conds.values()})
-    fig, axes = plt.subplots(1, len(ms) + 1, figsize=(5 * (len(ms) + 1), 4))
+    conds, robots = result["conditions"], result["config"]["robots"]
+    ms = sorted({c["operators"] for c in conds.values() if c["operators"] != robots})
+    fig, axes = plt.subplots(1, len(ms) + 1, figsize=(5.5 * (len(ms) + 1), 4.2))
     for ax, m in zip(axes, ms):
         for label, c in conds.items():
             if c["operators"] != m and not label.startswith("unlimited"):
@@ -448,8 +448,8 @@ def plot(result: dict, path: Path) -> None:
             mids = (edges[:-1] + edges[1:]) / 2
             ys = np.array([np.nan if v is None else v for v in c["success_curve"]])
             ax.plot(mids, ys, marker="o", label=label, linestyle="--" if label.startswith("unlimited") else "-")
-        ax.set(title=f"autonomous success, M = {m}" if m != result["config"]["robots"] else "unlimited",
-               xlabel="simulated time (s)", ylabel="success", ylim=(-0.02, 1.02))
+        ax.set(title=f"autonomous success, M = {m} (dashed: M = N = {robots})", xlabel="simulated time (s)",
+               ylabel="held-out success (eval episodes)", ylim=(-0.02, 1.02))
         ax.legend(fontsize=7)
     ax = axes[-1]
     labels = list(conds)
