@@ -31,7 +31,13 @@ fleet:{r:R}:evicted                 LIST    "E" per episode deleted by retention
 fleet:{r:R}:events                  STREAM  one entry per finished episode (capped)
 fleet:{r:R}:stats                   HASH    counters: steps, intervention_steps, episodes, successes,
                                             chunks, bytes (Redis element bytes), blob_bytes...
-fleet:{r:R}:status                  HASH    last heartbeat (policy version, spool backlog, ...)
+fleet:{r:R}:status                  HASH    last heartbeat (policy version, spool backlog, ...) and the
+                                            robot's help signal: help_score, help_uncertainty, help_stall,
+                                            help_risk (floats), help_wanted, holding, intervening ("1"/"0"),
+                                            wanted_for_s (float), operator (the operator id the edge acts on)
+fleet:{r:R}:thumb                   STRING  last JPEG thumbnail of R's first camera, from its heartbeat (EX 60 s)
+fleet:ops:assignments               HASH    robot_id -> JSON {"operator": str, "since_s": float, "manual": bool},
+                                            written only by the operators service; no entry = no operator
 fleet:retention:lease               STRING  id of the gateway running retention passes (expires; cloud/retention.py)
 fleet:policy:latest                 STRING  newest published policy version (see cloud/policy_store.py)
 fleet:policy:{E}:latest             STRING  the same for the policy line of embodiment E (``--embodiment``)
@@ -110,6 +116,9 @@ RETENTION_LEASE_KEY = "fleet:retention:lease"
 POLICY_LATEST_KEY = "fleet:policy:latest"
 POLICY_CHANNEL = "fleet:policy:published"
 POLICY_COUNTER_KEY = "fleet:policy:counter"
+OPS_ASSIGNMENTS_KEY = "fleet:ops:assignments"
+"""HASH robot_id -> JSON {"operator", "since_s", "manual"}: who operates which robot (docs/operators.md)."""
+THUMBNAIL_TTL_S = 60
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,11 @@ class RobotKeys:
     @property
     def status(self) -> str:
         return f"{self.prefix}:status"
+
+    @property
+    def thumb(self) -> str:
+        """STRING: the last JPEG thumbnail the robot's heartbeat carried (expires after THUMBNAIL_TTL_S)."""
+        return f"{self.prefix}:thumb"
 
 
 
