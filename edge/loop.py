@@ -331,6 +331,7 @@ class ControlLoop:
             done=False,
             policy_version=version,
             timestamp_s=tick_wall_s,
+            help_score=signal.score if signal is not None else 0.0,
         )
         return step, new_obs
 

@@ -239,7 +239,8 @@ def columns_to_pb(cc: columns.ColumnChunk) -> pb.ColumnChunk:
         reward=cols.reward.astype("<f4").tobytes(), timestamp_s=cols.timestamp_s.astype("<f8").tobytes(),
         policy_version=cols.policy_version.astype("<u8").tobytes(), flags=columns.pack_flags(cols),
         cameras={k: pb.CameraFrames(encoding=cols.encodings.get(k, "jpeg"), frames=v) for k, v in cols.frames.items()},
-        gap_declared=cc.gap_declared, evaluation=cc.evaluation)
+        gap_declared=cc.gap_declared, evaluation=cc.evaluation,
+        help=cols.help.astype("<f4").tobytes() if cols.help is not None else b"")
     if cc.episode_end is not None:
         msg.episode_end.CopyFrom(summary_to_pb(cc.episode_end))
     return msg
@@ -285,7 +286,8 @@ def columns_from_pb(msg: pb.ColumnChunk, schema: Schema) -> columns.ColumnChunk:
         reward=_column(msg.reward, "float32", (), n, f"{where} reward"),
         timestamp_s=_column(msg.timestamp_s, "float64", (), n, f"{where} timestamp_s"),
         policy_version=_column(msg.policy_version, "int64", (), n, f"{where} policy_version").view(np.uint64),
-        intervention=inter, success=success, done=done, frames=frames, encodings=encodings)
+        intervention=inter, success=success, done=done, frames=frames, encodings=encodings,
+        help=_column(msg.help, "float32", (), n, f"{where} help") if msg.help else None)
     return columns.ColumnChunk(msg.robot_id, msg.episode_id, msg.task, msg.schema_hash, cols, msg.gap_declared,
                                msg.evaluation, summary_from_pb(msg.episode_end) if msg.HasField("episode_end")
                                else None)
@@ -328,7 +330,7 @@ def columns_message(robot_id: str, episode_id: str, task: str, layout: RowLayout
         action=cols["action"].tobytes(), policy_action=cols["policy_action"].tobytes(),
         reward=cols["reward"].tobytes(), timestamp_s=cols["timestamp_s"].tobytes(),
         policy_version=cols["policy_version"].tobytes(), flags=np.packbits(planes, axis=1).tobytes(),
-        gap_declared=gap_declared, evaluation=evaluation)
+        help=cols["help"].tobytes(), gap_declared=gap_declared, evaluation=evaluation)
     for cam in layout.cameras:
         encoding, data = frames[cam.name]
         msg.cameras[cam.name].encoding = encoding

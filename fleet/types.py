@@ -70,6 +70,8 @@ class Step:
     policy_version: int
     timestamp_s: float
     images: dict[str, EncodedImage] = field(default_factory=dict)
+    help_score: float = 0.0
+    """The robot's need-for-help score at this step (0..1, edge/help.py; 0 when not computed)."""
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ class CameraFrames(_message.Message):
     def __init__(self, encoding: _Optional[str] = ..., frames: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ColumnChunk(_message.Message):
-    __slots__ = ("robot_id", "episode_id", "task", "schema_hash", "first_seq", "n", "observation", "action", "policy_action", "reward", "timestamp_s", "policy_version", "flags", "cameras", "gap_declared", "episode_end", "evaluation", "more")
+    __slots__ = ("robot_id", "episode_id", "task", "schema_hash", "first_seq", "n", "observation", "action", "policy_action", "reward", "timestamp_s", "policy_version", "flags", "cameras", "gap_declared", "episode_end", "evaluation", "more", "help")
     class ObservationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class ColumnChunk(_message.Message):
     EPISODE_END_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    HELP_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     episode_id: str
     task: str
@@ -252,7 +253,8 @@ class ColumnChunk(_message.Message):
     episode_end: EpisodeEnd
     evaluation: bool
     more: _containers.RepeatedCompositeFieldContainer[ColumnChunk]
-    def __init__(self, robot_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_hash: _Optional[bytes] = ..., first_seq: _Optional[int] = ..., n: _Optional[int] = ..., observation: _Optional[_Mapping[str, bytes]] = ..., action: _Optional[bytes] = ..., policy_action: _Optional[bytes] = ..., reward: _Optional[bytes] = ..., timestamp_s: _Optional[bytes] = ..., policy_version: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., cameras: _Optional[_Mapping[str, CameraFrames]] = ..., gap_declared: _Optional[bool] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ..., evaluation: _Optional[bool] = ..., more: _Optional[_Iterable[_Union[ColumnChunk, _Mapping]]] = ...) -> None: ...
+    help: bytes
+    def __init__(self, robot_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_hash: _Optional[bytes] = ..., first_seq: _Optional[int] = ..., n: _Optional[int] = ..., observation: _Optional[_Mapping[str, bytes]] = ..., action: _Optional[bytes] = ..., policy_action: _Optional[bytes] = ..., reward: _Optional[bytes] = ..., timestamp_s: _Optional[bytes] = ..., policy_version: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., cameras: _Optional[_Mapping[str, CameraFrames]] = ..., gap_declared: _Optional[bool] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ..., evaluation: _Optional[bool] = ..., more: _Optional[_Iterable[_Union[ColumnChunk, _Mapping]]] = ..., help: _Optional[bytes] = ...) -> None: ...
 
 class WatchPolicyRequest(_message.Message):
     __slots__ = ("robot_id", "have_version", "want_full", "rejected_version", "side_channel")

@@ -179,3 +179,6 @@ def test_allocated_sim_robot_holds_then_is_driven_by_a_manual_assignment(gateway
     assert len(held) >= 40 and len(driven) >= 30
     assert all(not s.action.any() for s in held) and any(s.policy_action.any() for s in held)
     assert all(s.action.any() for s in driven)
+    scores = np.array([s.help_score for s in steps])  # recorded with every step: wanted (threshold 0), stalled
+    assert ((scores >= 0) & (scores <= 1)).all() and scores.max() > 0.1
+    assert np.isclose(np.diff(scores), 0.8 / 60, atol=1e-4).sum() > 20  # stall: +1/60 per tick held, weight 0.8
