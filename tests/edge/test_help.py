@@ -19,6 +19,7 @@ from edge.agent import EdgeAgent, EdgeConfig
 from edge.help import HelpBoard, HelpConfig, HelpScorer
 from edge.loop import LoopConfig
 from edge.operator import AllocatedOperator, Operator, OperatorConfig
+from edge.sim.fleet import SimFleetConfig
 from edge.sim.metaworld import SCHEMA
 from fleet.convert import JPEG_MAGIC, MAX_THUMBNAIL_BYTES
 from fleet.errors import ConfigError
@@ -89,6 +90,12 @@ def test_bad_allocation_config_is_refused():
         OperatorConfig(allocation="shared")
     with pytest.raises(ConfigError, match="operator.hold"):
         OperatorConfig(hold="panic")
+
+
+def test_a_simulated_fleet_runs_its_robots_allocated():
+    fleet = SimFleetConfig(robots=3, edge=EdgeConfig(operator=OperatorConfig(allocation="allocated", hold="policy")))
+    assert {(c.operator.allocation, c.operator.hold) for c in fleet.robot_configs()} == {("allocated", "policy")}
+    assert len({c.operator.seed for c in fleet.robot_configs()}) == 3
 
 
 def test_board_thumbnail_and_heartbeat_interval():
