@@ -118,7 +118,7 @@ class EdgeAgent:
         self.loop = ControlLoop(cfg.robot_id, self.robot, self.slot, operator, self.recorder,
                                 cfg.loop,
                                 on_episode_end=self._on_episode_end, guard=self.guard,
-                                help=HelpScorer(cfg.help_signal), board=self.help_board)
+                                scorer=HelpScorer(cfg.help_signal), board=self.help_board)
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._last_counts = (0, 0, 0)

@@ -136,10 +136,10 @@ class HelpScorer:
         self._since_progress = 0 if progressed else self._since_progress + 1
         return min(self._since_progress / cfg.stall_window_steps, 1.0)
 
-    def update(self, features: dict, reward: float, policy, now_s: float, *, holding: bool = False,
-               intervening: bool = False) -> HelpSignal:
+    def update(self, features: dict, reward: float, policy, now_s: float) -> HelpSignal:
         """This tick's signal: ``features``/``reward`` of the observation the policy acted on, ``policy`` the
-        acting policy (read for ``action_disagreement`` and ``failure_risk``), ``now_s`` a monotonic clock."""
+        acting policy (read for ``action_disagreement`` and ``failure_risk``), ``now_s`` a monotonic clock.
+        ``holding`` and ``intervening`` are the control loop's to set (they depend on this signal)."""
         cfg = self.config
         disagreement = getattr(policy, "action_disagreement", 0.0)
         uncertainty = _unit(_unit_free(disagreement) / cfg.uncertainty_scale)
@@ -154,7 +154,6 @@ class HelpScorer:
         elif self._wanted_since is None:
             self._wanted_since = now_s
         return HelpSignal(score=score, uncertainty=uncertainty, stall=stall, risk=risk, wanted=wanted,
-                          holding=holding and wanted, intervening=intervening,
                           wanted_for_s=now_s - self._wanted_since if wanted else 0.0)
 
 

@@ -140,7 +140,7 @@ class ControlLoop:
     """Runs episodes on ``robot`` at ``config.control_hz`` on its own daemon thread.
 
     The robot must be connected. ``on_episode_end(summary, task)`` is called on the
-    control thread after each episode's last step has been recorded. With a ``help`` scorer the loop
+    control thread after each episode's last step has been recorded. With a help ``scorer`` the loop
     computes the help signal every tick and publishes it on ``board`` (edge/help.py); an
     :class:`AllocatedOperator` with no operator assigned then holds while help is wanted.
     """
@@ -155,7 +155,7 @@ class ControlLoop:
         config: LoopConfig,
         on_episode_end: Callable[[EpisodeSummary, str], None] | None = None,
         guard: ActionGuard | None = None,
-        help: HelpScorer | None = None,
+        scorer: HelpScorer | None = None,
         board: HelpBoard | None = None,
     ):
         if not robot.tasks:
@@ -168,7 +168,7 @@ class ControlLoop:
         self.config = config
         self.on_episode_end = on_episode_end
         self._no_operator = NoOperator()
-        self.help = help
+        self.scorer = scorer
         self.board = board
         self._camera = next((f.name for f in robot.schema.observation if f.is_image), None)
         self._rng = np.random.default_rng(config.seed)
@@ -250,8 +250,8 @@ class ControlLoop:
         )
         self.slot.current.reset()
         ep.operator.reset(ep.task)
-        if self.help is not None:
-            self.help.reset()
+        if self.scorer is not None:
+            self.scorer.reset()
         self.guard.start_episode()  # before reset: a backend teleoperating during its reset goes through it
         self.robot.set_evaluation(evaluation)
         obs = self.robot.reset(ep.task)
@@ -290,7 +290,7 @@ class ControlLoop:
         version = policy.version
         policy_action = self._policy_action(policy, obs, ep)
 
-        signal = self.help.update(obs.features, obs.reward, policy, time.monotonic()) if self.help else None
+        signal = self.scorer.update(obs.features, obs.reward, policy, time.monotonic()) if self.scorer else None
 
         op_action = ep.operator.decide(obs, policy_action)
         intervening = op_action is not None

@@ -144,7 +144,7 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
             raise InvalidInput(f"robot {info.robot_id!r} heartbeat task {shown(request.task)} is not among the "
                                "tasks it registered")
         check_id(request.operator_id, f"robot {info.robot_id!r} heartbeat operator_id", allow_empty=True)
-        help = help_from_pb(request.help, f"robot {info.robot_id!r} heartbeat")
+        signal = help_from_pb(request.help, f"robot {info.robot_id!r} heartbeat")
         thumbnail = check_thumbnail(request.thumbnail, f"robot {info.robot_id!r} heartbeat")
         now = time.time()
         with self._ingest.redis_errors(f"heartbeat of robot {request.robot_id!r}"):
@@ -153,9 +153,9 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
                 "spool_bytes": request.spool_bytes, "state": request.state, "task": request.task,
                 "steps_per_s": request.steps_per_s, "intervention_rate": request.intervention_rate,
                 "gateway_id": self.gateway_id,
-                "help_score": help.score, "help_uncertainty": help.uncertainty, "help_stall": help.stall,
-                "help_risk": help.risk, "help_wanted": int(help.wanted), "holding": int(help.holding),
-                "intervening": int(help.intervening), "wanted_for_s": help.wanted_for_s,
+                "help_score": signal.score, "help_uncertainty": signal.uncertainty, "help_stall": signal.stall,
+                "help_risk": signal.risk, "help_wanted": int(signal.wanted), "holding": int(signal.holding),
+                "intervening": int(signal.intervening), "wanted_for_s": signal.wanted_for_s,
                 "operator": request.operator_id}, thumbnail)
         return pb.HeartbeatResponse(latest_policy_version=self._feed.latest, server_time_s=now,
                                     assignment=assignment_to_pb(self._assignment(info.robot_id, raw)))
