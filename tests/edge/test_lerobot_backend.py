@@ -20,7 +20,7 @@ from edge.robots.base import make_robot
 from edge.robots.lerobot import LeRobotRobot, feature_map
 from edge.help import HelpBoard
 from edge.robots.lerobot_teleop import TeleopLink, TeleopOperator
-from fleet.types import OperatorAssignment
+from fleet.types import EncodedImage, OperatorAssignment
 from fleet.codec import decode_image
 from fleet.errors import ConfigError
 from fleet.policies import PolicyConfig, build_policy
@@ -187,3 +187,7 @@ def test_fleet_edge_cli_runs_a_lerobot_robot_with_interventions(gateway, redis_c
             assert steps[-1].success and steps[-1].done and len(steps) < 20
     assert interventions > 0 and successes > 0
     assert BufferReader(redis_client).labeled_steps("so-toy") == interventions
+    # its heartbeat carried the help signal and a thumbnail of its first camera
+    thumb = redis_client.get(keys.thumb)
+    assert thumb.startswith(b"\xff\xd8\xff") and decode_image(EncodedImage("jpeg", 12, 16, 3, thumb)).shape == (12, 16, 3)
+    assert 0.0 <= float(redis_client.hget(keys.status, "help_score")) <= 1.0
