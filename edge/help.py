@@ -70,19 +70,19 @@ class HelpConfig:
         for name in ("threshold", "weight_uncertainty", "weight_stall", "weight_risk"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ConfigError(f"help.{name} ({value!r}) must be a number in [0, 1]")
+                raise ConfigError(f"help_signal.{name} ({value!r}) must be a number in [0, 1]")
         if not (math.isfinite(self.uncertainty_scale) and self.uncertainty_scale > 0):
-            raise ConfigError(f"help.uncertainty_scale ({self.uncertainty_scale}) must be > 0")
+            raise ConfigError(f"help_signal.uncertainty_scale ({self.uncertainty_scale}) must be > 0")
         if self.stall_window_steps < 1:
-            raise ConfigError(f"help.stall_window_steps ({self.stall_window_steps}) must be >= 1")
+            raise ConfigError(f"help_signal.stall_window_steps ({self.stall_window_steps}) must be >= 1")
         for name in ("stall_min_improvement", "stall_min_motion"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"help.{name} ({value}) must be a finite number >= 0")
+                raise ConfigError(f"help_signal.{name} ({value}) must be a finite number >= 0")
         if not (math.isfinite(self.heartbeat_s) and self.heartbeat_s > 0):
-            raise ConfigError(f"help.heartbeat_s ({self.heartbeat_s}) must be > 0")
+            raise ConfigError(f"help_signal.heartbeat_s ({self.heartbeat_s}) must be > 0")
         if self.thumbnail_width < 0:
-            raise ConfigError(f"help.thumbnail_width ({self.thumbnail_width}) must be >= 0")
+            raise ConfigError(f"help_signal.thumbnail_width ({self.thumbnail_width}) must be >= 0")
 
 
 def _unit(value) -> float:

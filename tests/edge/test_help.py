@@ -81,7 +81,7 @@ def test_risk_passes_through_and_the_score_is_a_noisy_or():
                                     {"stall_window_steps": 0}, {"stall_min_motion": math.nan}, {"heartbeat_s": 0.0},
                                     {"thumbnail_width": -1}])
 def test_bad_help_config_is_refused(kwargs):
-    with pytest.raises(ConfigError, match=f"help.{next(iter(kwargs))}"):
+    with pytest.raises(ConfigError, match=f"help_signal.{next(iter(kwargs))}"):
         HelpConfig(**kwargs)
 
 
