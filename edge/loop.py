@@ -310,8 +310,8 @@ class ControlLoop:
         else:
             chosen = policy_action
         executed, violations = self.guard.apply(chosen, "operator" if intervening else "policy")
-        if violations:
-            self._safety_violation(ep, version, intervening)
+        if violations:  # a hold's stop action is not the policy's: it never counts toward a trial rollback
+            self._safety_violation(ep, version, intervening or (ep.holding and operator.hold == "stop"))
         if signal is not None and self.board is not None:
             if ep.holding or intervening:
                 signal = dataclasses.replace(signal, holding=ep.holding, intervening=intervening)
