@@ -52,7 +52,7 @@ the Redis element instead (small demos, tests).
 The chunk element (:func:`fleet.columns.encode_element`), little-endian::
 
     u32  first_index   step index of the chunk's first step in its episode (set by the Lua write)
-    3s   magic "FC2"
+    3s   magic "FC3" (with the help score column), "FC2" (without: chunks of edges that predate it)
     u8   codec         0 raw, 1 zstd, 2 lz4: the body is compressed only when that saves >= 10 %
     u8   frames        0 no cameras, 1 inline (after the body), 2 in the blob store (frames_key)
     u32  n             steps in the chunk
@@ -60,12 +60,12 @@ The chunk element (:func:`fleet.columns.encode_element`), little-endian::
     u32  raw_len       body bytes before compression
     u32  body_len      then the body: the columns back to back, each [n, *shape] of the registered
                        dtype, in schema order: low-dim observation features, action, policy action,
-                       reward f32, timestamp f64, policy version u64, then 3 bit planes of ceil(n/8)
-                       bytes (intervention, success, done)
+                       reward f32, timestamp f64, policy version u64, help score f32 (FC3 only), then
+                       3 bit planes of ceil(n/8) bytes (intervention, success, done)
     per camera (frames = 1 only), in schema order: u8 len + encoding, u32 len + frames container
 
 No dtype or shape is stored: they are the robot's registration's, so a low-dim step costs its raw
-array bytes plus 20 (reward, timestamp, version) plus the ~30-byte header and Redis's per-element
+array bytes plus 24 (reward, timestamp, version, help score) plus the ~30-byte header and Redis's per-element
 overhead amortised over the chunk.
 
 Exactly-once: a chunk carries steps with contiguous sequence numbers. The script
