@@ -13,11 +13,12 @@ labels the learner trains on); while help is wanted and nobody is assigned, it H
 robot time); otherwise the policy acts. Every 2nd episode of a robot is an evaluation episode (no
 operator, no help asked, a held-out task variant): its outcome is the autonomous success over time.
 
-The help score (a stand-in until the edge's ``edge/help.py`` is on main, same construction): a noisy OR,
+The help score is the edge's own (``edge/help.py`` HelpScorer, its defaults but two): a noisy OR,
 ``1 - (1 - u)(1 - 0.8 s)``, of **uncertainty** u (the RMS disagreement, in action standard deviations,
 between the previous action chunk's prediction of the ticks the new chunk predicts again) and **stall** s
-(ticks since the last progress, reward up by 0.05 over its best, over 40 ticks, capped at 1: reward only,
-since a failing policy keeps moving); help is wanted at >= 0.6. No risk term (no value function here).
+(ticks since the last progress, reward up by 0.05 over its best, over ``stall_window_steps`` = 40 ticks,
+capped at 1; reward only, ``stall_min_motion`` 0, since a failing policy keeps moving); help is wanted at
+>= 0.6. No risk term (no value function on the robot).
 
 Simplifications for a study on 2 CPU cores, in one process and in simulated time (ticks of 1/20 s, not
 wall-clock): the robots act with the learner's latest weights (no publication delay), chunks for all
@@ -99,6 +100,7 @@ class StudyRobot:
     """A MetaWorld robot with its operator gating and help signal (kept across conditions: env set-up is slow)."""
 
     def __init__(self, index: int, cfg: StudyConfig):
+        from edge.help import HelpConfig, HelpScorer
         from edge.operator import OperatorConfig
         from edge.sim.metaworld import MetaWorldRobot
         from edge.sim.operator import SimulatedOperator
@@ -109,13 +111,14 @@ class StudyRobot:
                                     held_out_eval=True)
         self.robot.connect()
         self.operator = SimulatedOperator(OperatorConfig(seed=index))
+        self.help = HelpScorer(HelpConfig(threshold=cfg.help_threshold, stall_window_steps=cfg.stall_window_steps,
+                                          stall_min_motion=0.0))
 
     def start(self, seed: int) -> None:
         """A fresh condition: reseed the variant choice and start the first episode."""
         self.robot._rng = np.random.default_rng(1000 * seed + self.index)  # reseed without rebuilding the envs
         self.episodes_done = 0
         self.next_task = self.index % len(self.robot.tasks)
-        self.wanted_since: float | None = None
         self.holding = False
         self._new_episode()
 
@@ -128,9 +131,10 @@ class StudyRobot:
         self.episode = Episode(task_index, evaluation)
         self.queue: list[np.ndarray] = []
         self.previous_chunk: np.ndarray | None = None
-        self.uncertainty = 0.0
-        self.t = self.progress_t = 0
-        self.best_reward = -np.inf
+        self.action_disagreement = 0.0  # what HelpScorer reads from the acting policy
+        self.help.reset()
+        self.wanted = False
+        self.t = 0
         self.was_driven = False
 
     # help signal ---------------------------------------------------------------------------------------------
@@ -138,18 +142,18 @@ class StudyRobot:
         if self.previous_chunk is not None:  # the ticks both chunks predicted: previous[n:], new[:-n]
             overlap = len(chunk) - n_action_steps
             diff = (self.previous_chunk[n_action_steps:] - chunk[:overlap]) / action_std
-            self.uncertainty = float(min(np.sqrt(np.mean(diff ** 2)), 1.0))
+            self.action_disagreement = float(np.sqrt(np.mean(diff ** 2)))
         self.previous_chunk = chunk
         self.queue = list(chunk[:n_action_steps])
 
-    def stall(self) -> float:
-        return min((self.t - self.progress_t) / self.cfg.stall_window_steps, 1.0)
+    def need(self, now_s: float):
+        """This tick's help signal as the allocator's Need (evaluation episodes never ask for help)."""
+        from cloud.operators.allocator import Need
 
-    def score(self) -> float:
-        return 1.0 - (1.0 - self.uncertainty) * (1.0 - 0.8 * self.stall())
-
-    def wants_help(self) -> bool:
-        return not self.episode.evaluation and self.score() >= self.cfg.help_threshold
+        sig = self.help.update(self.obs.features, self.obs.reward, self, now_s)
+        self.wanted = sig.wanted and not self.episode.evaluation
+        return Need(self.id, sig.score, sig.uncertainty, sig.stall, sig.risk, self.wanted,
+                    self.wanted and self.holding, sig.wanted_for_s if self.wanted else 0.0)
 
     # one tick ------------------------------------------------------------------------------------------------
     def act(self, assigned: bool, now_s: float) -> dict | None:
@@ -161,7 +165,7 @@ class StudyRobot:
             driven = self.operator.decide(self.obs, policy_action)
         if driven is not None:
             action = driven
-        elif self.wants_help() and not assigned:
+        elif self.wanted and not assigned:
             action, self.holding = np.zeros_like(policy_action), True
             self.queue = []  # the chunk is stale once the robot has stood still
         else:
@@ -175,9 +179,6 @@ class StudyRobot:
         ep.labels.append(driven is not None)
         self.obs = self.robot.act(action)
         self.t += 1
-        if self.obs.reward > self.best_reward + 0.05:
-            self.best_reward = self.obs.reward
-            self.progress_t = self.t
         done = self.obs.success or self.obs.terminated or self.t >= self.cfg.max_episode_steps
         if not done:
             return None
@@ -284,7 +285,7 @@ def demonstrations(cfg: StudyConfig, chunk: int) -> dict:
 def run_condition(cfg: StudyConfig, robots: list[StudyRobot], demos: dict, policy: str, operators: int,
                   seed: int) -> dict:
     """N robots, M operators under ``policy``, from the seed's start policy, for ``cfg.ticks`` ticks."""
-    from cloud.operators.allocator import Allocator, Need
+    from cloud.operators.allocator import Allocator
 
     learner = Learner(cfg, robots[0].robot.tasks, demos, seed)
     allocator = Allocator([f"operator-{i + 1}" for i in range(operators)], policy, cfg.min_hold_s, seed)
@@ -302,12 +303,7 @@ def run_condition(cfg: StudyConfig, robots: list[StudyRobot], demos: dict, polic
                                      np.array([r.episode.task_index for r in refill]))
             for r, chunk in zip(refill, chunks):
                 r.take_chunk(chunk, learner.action_std, learner.n_action_steps)
-        needs = {}
-        for r in robots:
-            wanted = r.wants_help()
-            r.wanted_since = (r.wanted_since if r.wanted_since is not None else now) if wanted else None
-            needs[r.id] = Need(r.id, r.score(), r.uncertainty, r.stall(), 0.0, wanted, wanted and r.holding,
-                               now - r.wanted_since if wanted else 0.0)
+        needs = {r.id: r.need(now) for r in robots}
         before = assignments
         assignments = allocator.step(needs, now)
         waits += [needs[rid].wanted_for_s for rid, a in assignments.items()
