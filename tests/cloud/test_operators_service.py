@@ -180,20 +180,13 @@ def test_run_learner_starts_the_operators_service_as_a_third_child(redis_proc, r
 
 
 def test_demo_operators_values_are_checked():
-    import dataclasses
-
-    from edge.operator import OperatorConfig
     from fleet.cli import parse_config
 
     for argv, needle in ((["--operators", "-1"], "operators (-1) must be >= 0"),
                          (["--operators", "2", "--operator_policy", "fifo"], "operator_policy must be one of")):
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             parse_config("demo", argv, exit_on_error=False)
-    if "allocation" not in {f.name for f in dataclasses.fields(OperatorConfig)}:  # the edge's allocated mode
-        with pytest.raises(ConfigError, match="allocated operator mode"):
-            parse_config("demo", ["--operators", "2"], exit_on_error=False)
-    else:
-        assert parse_config("demo", ["--operators", "2"], exit_on_error=False).operators == 2
+    assert parse_config("demo", ["--operators", "2"], exit_on_error=False).operators == 2
 
 
 @pytest.mark.timeout(60)
