@@ -103,6 +103,8 @@ class ConsoleServer:
         self.token = token
         self.loopback_only = is_loopback(listen)
         self.page = PAGE_FILE.read_bytes()
+        self.address: tuple[str, int] | None = None
+        """The bound (host, port) while serving."""
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -120,13 +122,21 @@ class ConsoleServer:
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="operator-console", daemon=True)
         self._thread.start()
-        bound_host, bound_port = httpd.server_address[:2]
-        log.info("operator console on http://%s/", _url_host(bound_host, bound_port))
-        return bound_host, bound_port
+        self.address = httpd.server_address[:2]
+        log.info("operator console on %s", self.url)
+        return self.address
+
+    @property
+    def url(self) -> str:
+        """The page's address while serving (``http://host:port/``), else ""."""
+        if self.address is None:
+            return ""
+        host, port = self.address
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
     def stop(self) -> None:
         """Stop serving and close the socket (idempotent)."""
-        httpd, self._httpd = self._httpd, None
+        httpd, self._httpd, self.address = self._httpd, None, None
         if httpd is None:
             return
         httpd.shutdown()
@@ -140,10 +150,6 @@ class ConsoleServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _url_host(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _HttpError(Exception):

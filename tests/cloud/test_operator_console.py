@@ -88,9 +88,10 @@ def backend():
 def console(backend):
     server = ConsoleServer(backend, "127.0.0.1:0")
     host, port = server.start()
-    server.url = f"http://{host}:{port}"
+    assert server.url == f"http://{host}:{port}/"
     yield server
     server.stop()
+    assert server.url == ""
 
 
 def call(url: str, body=None, *, raw: bytes | None = None, content_type: str = "application/json",
@@ -115,7 +116,7 @@ def error_of(reply: tuple[int, str, bytes]) -> tuple[int, str]:
 
 def test_state_is_the_backends_snapshot_as_json(console, backend):
     backend.scores["r-broken"] = float("nan")  # a non-finite value must not make the page's JSON.parse fail
-    status, ctype, body = call(console.url + "/api/state")
+    status, ctype, body = call(console.url + "api/state")
     assert (status, ctype) == (200, "application/json")
     state = json.loads(body)  # strict: json.loads accepts NaN, so check there is none below
     assert "NaN" not in body.decode()
@@ -126,7 +127,7 @@ def test_state_is_the_backends_snapshot_as_json(console, backend):
 
 
 def test_the_page_is_self_contained(console):
-    status, ctype, page = call(console.url + "/")
+    status, ctype, page = call(console.url)
     assert status == 200 and ctype.startswith("text/html")
     text = page.decode()
     assert "/api/state" in text and "take-over" in text and "hand-back" in text
@@ -134,25 +135,25 @@ def test_the_page_is_self_contained(console):
 
 
 def test_take_over_and_hand_back_reach_the_backend(console, backend):
-    status, _, body = call(console.url + "/api/take_over", {"operator": "bob", "robot": "r-unsure"})
+    status, _, body = call(console.url + "api/take_over", {"operator": "bob", "robot": "r-unsure"})
     assert status == 200 and json.loads(body) == {"ok": True, "operator": "bob", "robot": "r-unsure"}
     assert backend.calls == [("take_over", "bob", "r-unsure")]
-    state = json.loads(call(console.url + "/api/state")[2])
+    state = json.loads(call(console.url + "api/state")[2])
     held = {r["robot_id"]: (r["operator"], r["manual"]) for r in state["robots"]}
     assert held["r-unsure"] == ("bob", True) and held["r-stuck"] == ("", False)
-    assert call(console.url + "/api/hand_back", {"operator": "bob", "robot": "r-unsure"})[0] == 200
+    assert call(console.url + "api/hand_back", {"operator": "bob", "robot": "r-unsure"})[0] == 200
     assert backend.calls[-1] == ("hand_back", "bob", "r-unsure") and not backend.held
 
 
 def test_thumbnail_is_served_as_jpeg(console, backend):
     jpeg = encode_image(np.full((48, 64, 3), 128, np.uint8), "jpeg").data
     backend.thumbs["r-stuck"] = jpeg
-    assert call(console.url + "/api/thumb/r-stuck") == (200, "image/jpeg", jpeg)
-    status, message = error_of(call(console.url + "/api/thumb/r-calm"))
+    assert call(console.url + "api/thumb/r-stuck") == (200, "image/jpeg", jpeg)
+    status, message = error_of(call(console.url + "api/thumb/r-calm"))
     assert status == 404 and "no thumbnail" in message
-    status, message = error_of(call(console.url + "/api/thumb/nobody"))
+    status, message = error_of(call(console.url + "api/thumb/nobody"))
     assert status == 404 and "nobody" in message
-    assert error_of(call(console.url + "/api/thumb/%2E%2E%2Fetc"))[0] == 400
+    assert error_of(call(console.url + "api/thumb/%2E%2E%2Fetc"))[0] == 400
 
 
 @pytest.mark.parametrize("raw, content_type, status, words", [
@@ -168,34 +169,34 @@ def test_thumbnail_is_served_as_jpeg(console, backend):
     (b"{}" + b" " * 5000, "application/json", 413, "at most"),
 ])
 def test_bad_action_bodies_are_refused_with_a_message(console, backend, raw, content_type, status, words):
-    got = error_of(call(console.url + "/api/take_over", raw=raw, content_type=content_type))
+    got = error_of(call(console.url + "api/take_over", raw=raw, content_type=content_type))
     assert got[0] == status and words in got[1], got
     assert not backend.calls
-    assert call(console.url + "/api/state")[0] == 200  # still serving
+    assert call(console.url + "api/state")[0] == 200  # still serving
 
 
 def test_unknown_ids_and_paths_are_404(console, backend):
-    status, message = error_of(call(console.url + "/api/take_over", {"operator": "mallory", "robot": "r-calm"}))
+    status, message = error_of(call(console.url + "api/take_over", {"operator": "mallory", "robot": "r-calm"}))
     assert status == 404 and "mallory" in message
-    status, message = error_of(call(console.url + "/api/hand_back", {"operator": "alice", "robot": "r-ghost"}))
+    status, message = error_of(call(console.url + "api/hand_back", {"operator": "alice", "robot": "r-ghost"}))
     assert status == 404 and "r-ghost" in message
-    assert error_of(call(console.url + "/api/nothing"))[0] == 404
-    assert error_of(call(console.url + "/api/reboot", {"operator": "alice", "robot": "r-calm"}))[0] == 404
+    assert error_of(call(console.url + "api/nothing"))[0] == 404
+    assert error_of(call(console.url + "api/reboot", {"operator": "alice", "robot": "r-calm"}))[0] == 404
     assert not backend.calls
 
 
 def test_a_failing_backend_is_a_503_and_the_server_lives_on(console, backend):
     backend.fail_with = ConnectionError("redis went away")
-    status, message = error_of(call(console.url + "/api/state"))
+    status, message = error_of(call(console.url + "api/state"))
     assert status == 503 and "redis went away" in message
     backend.fail_with = None
-    assert call(console.url + "/api/state")[0] == 200
+    assert call(console.url + "api/state")[0] == 200
 
 
 def test_a_foreign_host_header_is_refused_on_loopback(console):
-    status, message = error_of(call(console.url + "/api/state", headers={"Host": "evil.example:80"}))
+    status, message = error_of(call(console.url + "api/state", headers={"Host": "evil.example:80"}))
     assert status == 403 and "loopback" in message
-    assert call(console.url + "/api/state", headers={"Host": "localhost"})[0] == 200
+    assert call(console.url + "api/state", headers={"Host": "localhost"})[0] == 200
 
 
 def test_a_token_guards_the_api_but_not_the_page(backend, tmp_path):
@@ -237,6 +238,19 @@ def test_listen_rules(backend, tmp_path):
     assert read_token_file("") == ""
 
 
+def test_ipv6_loopback(backend):
+    server = ConsoleServer(backend, "[::1]:0")
+    try:
+        server.start()
+    except ConfigError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    try:
+        assert server.url.startswith("http://[::1]:")
+        assert call(server.url + "api/state")[0] == 200
+    finally:
+        server.stop()
+
+
 # --- the page in real headless Chromium ---------------------------------------------------------------------
 
 
@@ -250,7 +264,7 @@ def test_browser_lists_robots_by_need_and_take_over_uses_the_chosen_operator(con
 
     backend.thumbs["r-stuck"] = encode_image(np.full((48, 64, 3), 200, np.uint8), "jpeg").data
     with headless_chromium() as driver:
-        driver.get(console.url + "/")
+        driver.get(console.url + "")
         wait_until(lambda: _ranked_rows(driver) == ["r-stuck", "r-unsure", "r-calm"], 10, "the ranked robots")
         # the camera thumbnail arrives as a real decoded image
         wait_until(lambda: driver.execute_script(
