@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 PAGE_FILE = Path(__file__).with_name("console.html")
 MAX_BODY_BYTES = 4096
 """A take-over/hand-back body is two ids; anything longer is refused unread (413)."""
+IDLE_TIMEOUT_S = 30.0
+"""A connection silent this long is closed (the page asks every 0.5 s; a stalled client holds no thread)."""
 
 
 class ConsoleBackend(Protocol):
@@ -111,9 +113,7 @@ class ConsoleServer:
     def start(self) -> tuple[str, int]:
         """Bind and serve on a daemon thread; returns the bound (host, port). ConfigError if it cannot bind."""
         host, port = split_host_port(self.listen)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_cls = type("_ConsoleHTTPServer", (ThreadingHTTPServer,),
-                          {"address_family": family, "daemon_threads": True, "allow_reuse_address": True})
+        server_cls = _HTTPServer6 if ":" in host else _HTTPServer
         try:
             httpd = server_cls((host, port), _handler_for(self))
         except OSError as exc:
@@ -141,6 +141,7 @@ class ConsoleServer:
             return
         httpd.shutdown()
         httpd.server_close()
+        httpd.close_connections()  # a browser's keep-alive connection must not outlive the server
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -150,6 +151,42 @@ class ConsoleServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """One daemon thread per connection; ``close_connections`` ends those still open (keep-alive), which
+    ``server_close`` alone would wait for (or leave serving) while a browser tab stays open."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args, **kwargs):
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self._open_lock:
+            open_now = list(self._open)
+        for sock in open_now:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
 
 
 class _HttpError(Exception):
@@ -200,6 +237,7 @@ def _handler_for(console: ConsoleServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "fleet-console"
         protocol_version = "HTTP/1.1"
+        timeout = IDLE_TIMEOUT_S
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002 (the stdlib's name)
             log.debug("console %s: " + format, self.address_string(), *args)

@@ -4,6 +4,7 @@ page itself in real headless Chromium (tests/browser.py)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import threading
@@ -236,6 +237,22 @@ def test_listen_rules(backend, tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         read_token_file(str(tmp_path / "missing"))
     assert read_token_file("") == ""
+
+
+def test_stop_ends_open_keep_alive_connections(backend):
+    server = ConsoleServer(backend, "127.0.0.1:0")
+    host, port = server.start()
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("GET", "/api/state")
+    assert conn.getresponse().read() and conn.sock is not None  # HTTP/1.1: the connection stays open
+    stopping = threading.Thread(target=server.stop)
+    stopping.start()
+    stopping.join(5)
+    assert not stopping.is_alive(), "stop() waited on a browser's open connection"
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        conn.request("GET", "/api/state")
+        conn.getresponse()
+    conn.close()
 
 
 def test_ipv6_loopback(backend):
