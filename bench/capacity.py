@@ -84,7 +84,7 @@ def robot(kind: str, height: int, width: int) -> tuple[Schema, callable]:
                        timestamp_s=1.7e9 + t / 30.0, policy_version=np.ones(n, np.uint64), intervention=t % 5 == 0,
                        success=np.zeros(n, bool), done=np.zeros(n, bool),
                        frames={c: [f[(first_seq + k) % CHUNK] for k in range(n)] for c, f in frames.items()},
-                       encodings={c: "jpeg" for c in frames})
+                       encodings={c: "jpeg" for c in frames}, help=np.zeros(n, np.float32))
 
     return schema, columns
 

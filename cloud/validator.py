@@ -40,6 +40,10 @@ def check_columns(cc: ColumnChunk, info: RobotInfo) -> None:
         bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
         if bad.any():
             _blame(cols.first_seq + int(np.argmax(bad)), f"{where}: {name} contains NaN or Inf")
+    if cols.help is not None:
+        bad = ~(np.isfinite(cols.help) & (cols.help >= 0) & (cols.help <= 1))
+        if bad.any():
+            _blame(cols.first_seq + int(np.argmax(bad)), f"{where}: help score is not a number in [0, 1]")
     if cols.done[:-1].any():
         seq = cols.first_seq + int(np.argmax(cols.done[:-1]))
         _blame(seq, f"step seq={seq} is done but is not the chunk's last step")

@@ -22,10 +22,11 @@ from pathlib import Path
 from edge.admission import Admission
 from edge.client import FleetClient
 from edge.config import EdgeConfig
+from edge.help import HelpBoard, HelpScorer
 from edge.hotswap import PolicySlot
 from edge.images import ImageEncodingSink
 from edge.loop import ControlLoop
-from edge.operator import NoOperator
+from edge.operator import AllocatedOperator, NoOperator
 from edge.recorder import Recorder
 from edge.robots.base import make_robot
 from edge.robots.config import MetaWorldConfig
@@ -38,7 +39,7 @@ from fleet import PROTOCOL_VERSION, __version__, metrics
 from fleet.errors import PolicyRefused
 from fleet.policies.base import NullPolicy
 from fleet.signing import PinnedKeys
-from fleet.types import EpisodeSummary, RobotInfo
+from fleet.types import NO_ASSIGNMENT, EpisodeSummary, RobotInfo
 from fleet.weights import Manifest
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ class EdgeAgent:
             operator = SimulatedOperator(cfg.operator)
         else:  # the robot's own intervention source: a teleoperator or an intervention topic
             operator = self.robot.make_operator()
+        self.help_board = HelpBoard(cfg.help_signal)
+        if cfg.interventions and cfg.operator.allocation == "allocated":
+            operator = AllocatedOperator(operator, self.help_board, cfg.operator.hold)
         self.recorder = Recorder(ImageEncodingSink(self.spool, self.robot.schema, cfg.image_encoding),
                                  self.spool.skip, cfg.robot_id, max_steps=cfg.recorder_max_steps)
         self.guard = ActionGuard(cfg.safety, tuple(self.robot.schema.action.shape), cfg.loop.control_hz, cfg.robot_id,
@@ -113,7 +117,8 @@ class EdgeAgent:
         self.robot.action_filter = self.guard.operator_filter
         self.loop = ControlLoop(cfg.robot_id, self.robot, self.slot, operator, self.recorder,
                                 cfg.loop,
-                                on_episode_end=self._on_episode_end, guard=self.guard)
+                                on_episode_end=self._on_episode_end, guard=self.guard,
+                                scorer=HelpScorer(cfg.help_signal), board=self.help_board)
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._last_counts = (0, 0, 0)
@@ -152,7 +157,12 @@ class EdgeAgent:
     def _heartbeat_loop(self) -> None:
         last_steps, last_t = 0, time.monotonic()
         dropped_seen = self.spool.dropped_steps
-        while not self._stop.wait(self.cfg.heartbeat_interval_s):
+        board = self.help_board
+        while True:
+            board.wake.wait(board.interval_s(self.cfg.heartbeat_interval_s))  # help wanted / assigned: sooner
+            board.wake.clear()
+            if self._stop.is_set():
+                return
             stats = self.loop.stats()
             now = time.monotonic()
             rate = (stats.steps - last_steps) / max(now - last_t, 1e-6)
@@ -165,11 +175,14 @@ class EdgeAgent:
             metrics.EDGE_SPOOL_DROPPED.labels(robot=self.cfg.robot_id).inc(max(dropped - dropped_seen, 0))
             dropped_seen = dropped
             try:
-                self.client.heartbeat(self.cfg.robot_id, self.slot.current.version, steps, nbytes, "running",
-                                      stats.current_task, rate,
-                                      stats.intervention_steps / max(stats.steps, 1))
+                reply = self.client.heartbeat(self.cfg.robot_id, self.slot.current.version, steps, nbytes, "running",
+                                              stats.current_task, rate,
+                                              stats.intervention_steps / max(stats.steps, 1), help=board.signal,
+                                              thumbnail=board.thumbnail(), operator_id=board.operator_id)
+                board.assign(reply.assignment)
             except Exception as exc:  # the cloud may be down; the robot carries on
                 log.debug("heartbeat failed: %s", exc)
+                board.assign(NO_ASSIGNMENT)  # nobody can hand back through a cloud we cannot reach
 
     def start(self, stop: threading.Event | None = None) -> None:
         """Connect the robot, start the network threads, get a policy, start the loop.
@@ -201,6 +214,7 @@ class EdgeAgent:
     def stop(self, drain_timeout_s: float = 5.0) -> None:
         """Reverse build order: loop, recorder (bounded drain), then wait (bounded) for acks, network, robot."""
         self._stop.set()
+        self.help_board.wake.set()
         notify("STOPPING=1")
         self.watchdog.stop()
         if self.loop.running:

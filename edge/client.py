@@ -16,12 +16,12 @@ from pathlib import Path
 import grpc
 
 from fleet.gateway_config import ClientSecurity
-from fleet.convert import robot_info_to_pb
+from fleet.convert import assignment_from_pb, help_to_pb, robot_info_to_pb
 from fleet.errors import ConfigError
 from fleet.netaddr import split_host_port
 from fleet.secret_files import read_private
 from fleet.tokens import read_token_file
-from fleet.types import RobotInfo
+from fleet.types import HelpSignal, OperatorAssignment, RobotInfo
 from fleet.v1 import fleet_pb2 as pb
 from fleet.v1 import fleet_pb2_grpc as pb_grpc
 
@@ -62,6 +62,13 @@ def gateway_gone(error: BaseException | None) -> bool:
     cannot serve (its Redis is down) says UNAVAILABLE with ``fleet-retry-after-s``, which the backoff honours."""
     return (isinstance(error, grpc.RpcError) and hasattr(error, "code") and error.code() == grpc.StatusCode.UNAVAILABLE
             and "fleet-retry-after-s" not in trailing_metadata(error))
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    latest_policy_version: int
+    assignment: OperatorAssignment
+    """The operator the cloud assigns to this robot now (``operator_id`` "" = none)."""
 
 
 @dataclass(frozen=True)
@@ -196,12 +203,16 @@ class FleetClient:
                             max(1, resp.max_chunks_per_message))
 
     def heartbeat(self, robot_id: str, policy_version: int, spool_steps: int, spool_bytes: int, state: str,
-                  task: str, steps_per_s: float, intervention_rate: float) -> int:
+                  task: str, steps_per_s: float, intervention_rate: float, help: HelpSignal | None = None,
+                  thumbnail: bytes = b"", operator_id: str = "") -> HeartbeatReply:
+        """Report the robot's state (and its need for help, a JPEG thumbnail, the operator it acts on); the
+        reply carries the newest policy version and the operator assigned to it."""
         resp = self._stub.Heartbeat(pb.HeartbeatRequest(
             robot_id=robot_id, policy_version=policy_version, spool_steps=spool_steps, spool_bytes=spool_bytes,
-            state=state, task=task, steps_per_s=steps_per_s, intervention_rate=intervention_rate),
+            state=state, task=task, steps_per_s=steps_per_s, intervention_rate=intervention_rate,
+            help=help_to_pb(help) if help is not None else None, thumbnail=thumbnail, operator_id=operator_id),
             timeout=self.rpc_timeout_s, metadata=self._metadata)
-        return resp.latest_policy_version
+        return HeartbeatReply(resp.latest_policy_version, assignment_from_pb(resp.assignment))
 
     def stream_experience(self, requests: Iterator[pb.ColumnChunk]):
         """Open the bidi stream of columnar chunks (protocol 2); returns the call (iterate it for acks;

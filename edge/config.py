@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edge.help import HelpConfig
 from edge.loop import LoopConfig
 from edge.operator import OperatorConfig
 from edge.robots.config import BackendConfig, MetaWorldConfig
@@ -41,7 +42,11 @@ class EdgeConfig:
     interventions: bool = True
     """Interventions on: the simulated operator (metaworld) or the teleoperator / intervention topic."""
     operator: OperatorConfig = field(default_factory=OperatorConfig)
-    """Gating rule of the simulated operator (backend metaworld)."""
+    """Who may take over (allocation: own or allocated, and the hold while waiting) and the gating rule of the
+    simulated operator (backend metaworld)."""
+    help_signal: HelpConfig = field(default_factory=HelpConfig)
+    """The need-for-help score (threshold, weights) and the heartbeat interval while help is wanted or an operator
+    is assigned (docs/operators.md)."""
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     """The on-disk spool of steps not yet acked by the cloud."""
     streamer: StreamerConfig = field(default_factory=StreamerConfig)

@@ -12,6 +12,7 @@ still be recorded as the episode's last one with ``done=True``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import threading
@@ -24,8 +25,9 @@ from typing import Protocol
 
 import numpy as np
 
+from edge.help import HelpBoard, HelpScorer
 from edge.hotswap import PolicySlot
-from edge.operator import NoOperator, Operator
+from edge.operator import AllocatedOperator, NoOperator, Operator
 from edge.robots.base import Observation, Robot
 from edge.safety import ActionGuard, SafetyConfig
 from fleet import metrics
@@ -102,6 +104,8 @@ class LoopStats(EpisodeCounts):
     max_tick_jitter_s: float = 0.0
     tick_overruns: int = 0
     """Ticks whose work ran past the next tick's deadline (missed deadlines are skipped)."""
+    holding_steps: int = 0
+    """Steps the robot held still (or fell back to its policy) wanting help with no operator assigned."""
     bad_actions: int = 0
     """Policy actions with NaN/Inf, a wrong shape, or an exception (replaced by the operator's or zeros)."""
     safety_violations: int = 0
@@ -128,13 +132,17 @@ class _Episode:
     intervention_steps: int = 0
     warned_bad_action: bool = False
     safety_violations: int = 0
+    holding: bool = False
+    """The last tick held (help wanted, no operator assigned)."""
 
 
 class ControlLoop:
     """Runs episodes on ``robot`` at ``config.control_hz`` on its own daemon thread.
 
     The robot must be connected. ``on_episode_end(summary, task)`` is called on the
-    control thread after each episode's last step has been recorded.
+    control thread after each episode's last step has been recorded. With a help ``scorer`` the loop
+    computes the help signal every tick and publishes it on ``board`` (edge/help.py); an
+    :class:`AllocatedOperator` with no operator assigned then holds while help is wanted.
     """
 
     def __init__(
@@ -147,6 +155,8 @@ class ControlLoop:
         config: LoopConfig,
         on_episode_end: Callable[[EpisodeSummary, str], None] | None = None,
         guard: ActionGuard | None = None,
+        scorer: HelpScorer | None = None,
+        board: HelpBoard | None = None,
     ):
         if not robot.tasks:
             raise ConfigError(f"robot {robot_id!r} offers no tasks")
@@ -158,6 +168,9 @@ class ControlLoop:
         self.config = config
         self.on_episode_end = on_episode_end
         self._no_operator = NoOperator()
+        self.scorer = scorer
+        self.board = board
+        self._camera = next((f.name for f in robot.schema.observation if f.is_image), None)
         self._rng = np.random.default_rng(config.seed)
         self._period_s = 1.0 / config.control_hz
         self._action_shape = tuple(robot.schema.action.shape)
@@ -237,6 +250,8 @@ class ControlLoop:
         )
         self.slot.current.reset()
         ep.operator.reset(ep.task)
+        if self.scorer is not None:
+            self.scorer.reset()
         self.guard.start_episode()  # before reset: a backend teleoperating during its reset goes through it
         self.robot.set_evaluation(evaluation)
         obs = self.robot.reset(ep.task)
@@ -275,6 +290,8 @@ class ControlLoop:
         version = policy.version
         policy_action = self._policy_action(policy, obs, ep)
 
+        signal = self.scorer.update(obs.features, obs.reward, policy, time.monotonic()) if self.scorer else None
+
         op_action = ep.operator.decide(obs, policy_action)
         intervening = op_action is not None
         ep.took_over = intervening and not ep.was_intervening
@@ -283,10 +300,23 @@ class ControlLoop:
         ep.was_intervening = intervening
         ep.interventions += int(ep.took_over)
         ep.intervention_steps += int(intervening)
-        chosen = np.array(op_action, dtype=self._action_dtype) if intervening else policy_action
+        operator = ep.operator if isinstance(ep.operator, AllocatedOperator) else None
+        ep.holding = (signal is not None and signal.wanted and not intervening and operator is not None
+                      and not operator.acting_for)
+        if intervening:
+            chosen = np.array(op_action, dtype=self._action_dtype)
+        elif ep.holding and operator.hold == "stop":
+            chosen = self._hold_action(policy_action)
+        else:
+            chosen = policy_action
         executed, violations = self.guard.apply(chosen, "operator" if intervening else "policy")
-        if violations:
-            self._safety_violation(ep, version, intervening)
+        if violations:  # a hold's stop action is not the policy's: it never counts toward a trial rollback
+            self._safety_violation(ep, version, intervening or (ep.holding and operator.hold == "stop"))
+        if signal is not None and self.board is not None:
+            if ep.holding or intervening:
+                signal = dataclasses.replace(signal, holding=ep.holding, intervening=intervening)
+            self.board.publish(signal, obs.features.get(self._camera) if self._camera else None,
+                               operator.acting_for if operator is not None else "")
 
         new_obs = self.robot.act(executed)
         step = Step(
@@ -301,6 +331,7 @@ class ControlLoop:
             done=False,
             policy_version=version,
             timestamp_s=tick_wall_s,
+            help_score=signal.score if signal is not None else 0.0,
         )
         return step, new_obs
 
@@ -332,6 +363,14 @@ class ControlLoop:
             )
         ep.warned_bad_action = True
         return np.zeros(self._action_shape, dtype=self._action_dtype)
+
+    def _hold_action(self, policy_action: np.ndarray) -> np.ndarray:
+        """What keeps the robot still (``Robot.stop_action``): zeros, or the last action sent (the policy's
+        action when nothing was sent yet this episode: there is no position to hold)."""
+        if self.robot.stop_action == "zero":
+            return np.zeros(self._action_shape, dtype=self._action_dtype)
+        last = self.guard.last_sent
+        return policy_action if last is None else last.astype(self._action_dtype).reshape(self._action_shape)
 
     def _safety_violation(self, ep: _Episode, version: int, intervening: bool) -> None:
         """Count it; a version on trial whose own actions keep violating the limits is rolled back."""
@@ -398,6 +437,7 @@ class ControlLoop:
             s = self._stats
             s.steps += 1
             s.intervention_steps += int(ep.was_intervening)
+            s.holding_steps += int(ep.holding)
             s.interventions += int(ep.took_over)
             s.last_tick_jitter_s = jitter_s
             s.max_tick_jitter_s = max(s.max_tick_jitter_s, jitter_s)

@@ -33,6 +33,11 @@ class Operator(abc.ABC):
     def is_intervening(self) -> bool:
         """Whether the operator holds control right now."""
 
+    def command(self, observation: Observation, policy_action: np.ndarray) -> np.ndarray | None:
+        """The operator's action now whatever its gating (a console take-over: the human drives every step);
+        None if it has none. By default its gated ``decide``."""
+        return self.decide(observation, policy_action)
+
 
 class NoOperator(Operator):
     """Never intervenes (evaluation episodes, autonomous deployment)."""
@@ -50,9 +55,14 @@ class NoOperator(Operator):
         return False
 
 
+ALLOCATIONS = ("own", "allocated")
+HOLD_MODES = ("stop", "policy")
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
-    """When the simulated operator takes over and how long it drives."""
+    """Who may take over this robot (allocation) and when the simulated operator takes over, and for how long."""
+
 
     divergence_threshold: float = 0.8
     """L2 distance between the policy's and the expert's (clipped) actions that counts as divergent."""
@@ -71,8 +81,18 @@ class OperatorConfig:
     """Std of Gaussian noise added to the operator's action (humans are imperfect)."""
     seed: int = 0
     """Seed of the noise generator."""
+    allocation: str = "own"
+    """own: the robot's operator (teleop, intervention topic, simulated) always watches it; allocated: it may act
+    only while the cloud assigns an operator to this robot (docs/operators.md)."""
+    hold: str = "stop"
+    """allocated only, while help is wanted and no operator is assigned: stop (hold still through the safety
+    guard) or policy (keep acting)."""
 
     def __post_init__(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"operator.allocation ({self.allocation!r}) must be one of {ALLOCATIONS}")
+        if self.hold not in HOLD_MODES:
+            raise ConfigError(f"operator.hold ({self.hold!r}) must be one of {HOLD_MODES}")
         if not self.divergence_threshold > 0:
             raise ConfigError(f"divergence_threshold ({self.divergence_threshold}) must be > 0")
         if self.divergence_steps < 1:
@@ -90,3 +110,44 @@ class OperatorConfig:
             raise ConfigError(f"segment_steps ({self.segment_steps}) must be >= 1")
         if not self.noise_std >= 0:
             raise ConfigError(f"noise_std ({self.noise_std}) must be >= 0")
+
+
+class AllocatedOperator(Operator):
+    """The robot's operator (``inner``: teleop, intervention topic, simulated) as one of a few shared humans: it
+    acts only while the cloud assigns an operator to this robot (``board.assignment``, from the heartbeat).
+
+    * manual assignment (a console take-over): ``inner.command`` drives every step until hand-back;
+    * automatic assignment (the allocator): ``inner.decide``, the operator's own gating;
+    * no assignment: None; the control loop holds (``hold``) while help is wanted.
+
+    The assignment is read once per tick (one reference; the heartbeat thread swaps it)."""
+
+    def __init__(self, inner: Operator, board, hold: str = "stop"):
+        if hold not in HOLD_MODES:
+            raise ConfigError(f"operator.hold ({hold!r}) must be one of {HOLD_MODES}")
+        self.inner = inner
+        self.board = board
+        self.hold = hold
+        self.acting_for = ""
+        """The operator id of the assignment at the last ``decide`` ("" = none)."""
+        self._intervening = False
+
+    def reset(self, task: str) -> None:
+        self.inner.reset(task)
+        self._intervening = False
+
+    def decide(self, observation: Observation, policy_action: np.ndarray) -> np.ndarray | None:
+        assignment = self.board.assignment
+        self.acting_for = assignment.operator_id
+        if not assignment.operator_id:
+            action = None
+        elif assignment.manual:
+            action = self.inner.command(observation, policy_action)
+        else:
+            action = self.inner.decide(observation, policy_action)
+        self._intervening = action is not None
+        return action
+
+    @property
+    def is_intervening(self) -> bool:
+        return self._intervening

@@ -128,6 +128,11 @@ class ActionGuard:
                               f"dimensions (give {n}, or one for all)")
         return np.broadcast_to(np.asarray(values, dtype=np.float64), (n,)).copy()
 
+    @property
+    def last_sent(self) -> np.ndarray | None:
+        """The last action sent this episode (None before the first)."""
+        return self._previous
+
     def start_episode(self) -> None:
         """Forget the last action sent (the robot is reset) and the episode's counts."""
         self._previous = None

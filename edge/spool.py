@@ -31,8 +31,9 @@ together). Everything that works on single steps (an ack or a resume point insid
 dropping, quarantine) first splits the chunk row at that step, so the rules below hold per step
 (the tables and the chunk-row operations: ``edge/spool_rows.py``).
 A spool written by an older version (one ``fleet.v1.Step`` protobuf per row, no
-``meta.row_format``) is converted in place, in one transaction, when it is opened with the
-robot's schema; a row that cannot be converted is quarantined, never fatal.
+``meta.row_format``; or rows without the help score, row format 2) is converted in place, in one
+transaction, when it is opened with the robot's schema; a row that cannot be converted is
+quarantined, never fatal.
 """
 
 from __future__ import annotations
@@ -158,22 +159,27 @@ class Spool:
         self._disk_errors = 0
 
     def _upgrade_rows(self) -> None:
-        """Rows of an older version (protobuf per step) -> this row format, in one transaction."""
-        if self._meta("row_format") == ROW_FORMAT:
+        """Rows of an older version -> this row format, in one transaction: one protobuf per step (format 1), or
+        rows without the help score (format 2)."""
+        version = self._meta("row_format")
+        if version == ROW_FORMAT:
             return
         old = self._db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
         if old and self._layout is None:
-            raise ConfigError(f"spool {self.path} holds {old} steps in the old per-step format; open it with the "
-                              "robot's schema (start the edge agent once) to convert them")
+            what = "per-step format" if version < 2 else f"row format {version}"
+            raise ConfigError(f"spool {self.path} holds {old} rows in the old {what}; open it with the robot's "
+                              "schema (start the edge agent once) to convert them")
         self._db.execute("BEGIN IMMEDIATE")
         try:
             bad = 0
-            for seq, blob, end_blob in self._db.execute("SELECT seq, blob, end_blob FROM steps").fetchall():
+            for seq, blob, end_blob, n in self._db.execute("SELECT seq, blob, end_blob, n FROM steps").fetchall():
                 try:
-                    row = self._layout.encode(decode_step(blob))
+                    row = (self._layout.upgrade_v2(blob, n) if version == 2
+                           else self._layout.encode(decode_step(blob)))
                 except (InvalidInput, RowMismatch) as exc:  # keep the step for inspection
-                    bad += 1
-                    self._quarantine_locked(seq, seq, "SCHEMA_MISMATCH", f"old spool row cannot be converted: {exc}")
+                    bad += n
+                    self._quarantine_locked(seq, seq + n - 1, "SCHEMA_MISMATCH",
+                                            f"old spool row cannot be converted: {exc}")
                     continue
                 self._db.execute("UPDATE steps SET blob = ?, nbytes = ? WHERE seq = ?",
                                  (row, len(row) + len(end_blob or b""), seq))
@@ -183,8 +189,8 @@ class Spool:
             self._db.execute("ROLLBACK")
             raise
         if old:
-            log.warning("spool %s: converted %d steps from the old per-step format (%d quarantined)", self.path,
-                        old - bad, bad)
+            log.warning("spool %s: converted %d rows from row format %d (%d steps quarantined)", self.path,
+                        old, max(version, 1), bad)
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

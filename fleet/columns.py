@@ -4,7 +4,8 @@ in the buffer and in the sampler (Reverb's chunked trajectory columns).
 :class:`Columns` holds ``n`` consecutive steps of one episode: each low-dim feature as one
 ``[n, *shape]`` array of its registered dtype, action / policy action ``[n, A]``, reward
 (float32), timestamp (float64), policy version (uint64), the intervention/success/done flags
-as bool arrays, and every camera's ``n`` encoded frames.
+as bool arrays, every camera's ``n`` encoded frames, and the robot's help score (float32; None
+for chunks of edges that do not record it).
 
 Two byte formats live here (both little-endian, both read only after their lengths are checked):
 
@@ -33,6 +34,8 @@ CODEC_RAW, CODEC_ZSTD, CODEC_LZ4 = 0, 1, 2
 CODECS = {"raw": CODEC_RAW, "zstd": CODEC_ZSTD, "lz4": CODEC_LZ4}
 FRAMES_NONE, FRAMES_INLINE, FRAMES_BLOB = 0, 1, 2
 ELEMENT_MAGIC = b"FC2"
+ELEMENT_MAGIC_HELP = b"FC3"
+"""An element whose body carries the help score column (after policy version, before the flags)."""
 _HEAD = struct.Struct("<I3sBBIQI")  # first_index (set by the Lua write), magic, codec, frames, n, first_seq, raw_len
 HEAD_BYTES = _HEAD.size
 MAX_FRAMES = 1 << 16
@@ -63,6 +66,8 @@ class Columns:
     done: np.ndarray
     frames: dict[str, list[bytes]] = field(default_factory=dict)
     encodings: dict[str, str] = field(default_factory=dict)
+    help: np.ndarray | None = None
+    """The robot's need-for-help score per step (float32 [n], edge/help.py); None: not recorded."""
 
     @property
     def n(self) -> int:
@@ -75,7 +80,8 @@ class Columns:
                        action=self.action[skip:], policy_action=self.policy_action[skip:], reward=self.reward[skip:],
                        timestamp_s=self.timestamp_s[skip:], policy_version=self.policy_version[skip:],
                        intervention=self.intervention[skip:], success=self.success[skip:], done=self.done[skip:],
-                       frames={k: v[skip:] for k, v in self.frames.items()})
+                       frames={k: v[skip:] for k, v in self.frames.items()},
+                       help=self.help[skip:] if self.help is not None else None)
 
     def steps(self, first_index: int, schema: Schema) -> list[Step]:
         """Back to per-step records (export, tools; never on a hot path)."""
@@ -91,7 +97,7 @@ class Columns:
                             is_intervention=bool(self.intervention[i]), reward=float(self.reward[i]),
                             success=bool(self.success[i]), done=bool(self.done[i]),
                             policy_version=int(self.policy_version[i]), timestamp_s=float(self.timestamp_s[i]),
-                            images=images))
+                            images=images, help_score=float(self.help[i]) if self.help is not None else 0.0))
         return out
 
 
@@ -133,7 +139,7 @@ def from_steps(steps: list[Step], schema: Schema) -> Columns:
         policy_version=np.array([s.policy_version for s in steps], np.uint64),
         intervention=np.array([s.is_intervention for s in steps], bool),
         success=np.array([s.success for s in steps], bool), done=np.array([s.done for s in steps], bool),
-        frames=frames, encodings=encodings)
+        frames=frames, encodings=encodings, help=np.array([s.help_score for s in steps], np.float32))
 
 
 def pack_flags(cols: Columns) -> bytes:
@@ -185,10 +191,11 @@ def cameras(schema: Schema) -> list[str]:
     return [f.name for f in schema.observation if f.is_image]
 
 
-def step_bytes(schema: Schema) -> int:
-    """Bytes one step's columns take in an element body (before compression)."""
+def step_bytes(schema: Schema, help: bool = False) -> int:
+    """Bytes one step's columns take in an element body (before compression), with or without the help score."""
     per = sum(math.prod(f.shape) * numpy_dtype(f.dtype).itemsize for f in _low_dim(schema))
-    return per + 2 * math.prod(schema.action.shape) * numpy_dtype(schema.action.dtype).itemsize + 4 + 8 + 8
+    per += 2 * math.prod(schema.action.shape) * numpy_dtype(schema.action.dtype).itemsize + 4 + 8 + 8
+    return per + 4 * help
 
 
 def encode_element(cols: Columns, schema: Schema, codec: str = "zstd", frames_inline: bool = True,
@@ -198,7 +205,10 @@ def encode_element(cols: Columns, schema: Schema, codec: str = "zstd", frames_in
     parts = [np.ascontiguousarray(cols.observation[f.name]).tobytes() for f in _low_dim(schema)]
     parts += [np.ascontiguousarray(a).tobytes() for a in (cols.action, cols.policy_action)]
     parts += [cols.reward.astype("<f4").tobytes(), cols.timestamp_s.astype("<f8").tobytes(),
-              cols.policy_version.astype("<u8").tobytes(), pack_flags(cols)]
+              cols.policy_version.astype("<u8").tobytes()]
+    if cols.help is not None:
+        parts.append(cols.help.astype("<f4").tobytes())
+    parts.append(pack_flags(cols))
     body = b"".join(parts)
     raw_len, used = len(body), CODEC_RAW
     if codec != "raw" and len(body) > 256:
@@ -207,7 +217,8 @@ def encode_element(cols: Columns, schema: Schema, codec: str = "zstd", frames_in
             body, used = packed, CODECS[codec]
     names = cameras(schema)
     where = FRAMES_NONE if not names else (FRAMES_INLINE if frames_inline else FRAMES_BLOB)
-    head = _HEAD.pack(0, ELEMENT_MAGIC, used, where, cols.n, cols.first_seq, raw_len)
+    magic = ELEMENT_MAGIC if cols.help is None else ELEMENT_MAGIC_HELP
+    head = _HEAD.pack(0, magic, used, where, cols.n, cols.first_seq, raw_len)
     out = [head, struct.pack("<I", len(body)), body]
     if where == FRAMES_INLINE:
         for name in names:
@@ -239,8 +250,9 @@ def decode_element(data: bytes, schema: Schema, what: str = "element") -> Elemen
     if len(data) < HEAD_BYTES + 4:
         raise InvalidInput(f"{what}: {len(data)} bytes, too short")
     first_index, magic, codec, where, n, first_seq, raw_len = _HEAD.unpack_from(data)
-    if magic != ELEMENT_MAGIC:
+    if magic not in (ELEMENT_MAGIC, ELEMENT_MAGIC_HELP):
         raise InvalidInput(f"{what}: not a chunk element (magic {magic!r})")
+    has_help = magic == ELEMENT_MAGIC_HELP
     (blen,) = struct.unpack_from("<I", data, HEAD_BYTES)
     pos = HEAD_BYTES + 4
     body = data[pos:pos + blen]
@@ -249,7 +261,7 @@ def decode_element(data: bytes, schema: Schema, what: str = "element") -> Elemen
         raise InvalidInput(f"{what}: body truncated")
     if codec != CODEC_RAW:
         body = _decompress(codec, body, raw_len, what)
-    expected = n * step_bytes(schema) + 3 * ((n + 7) // 8)
+    expected = n * step_bytes(schema, has_help) + 3 * ((n + 7) // 8)
     if len(body) != expected or raw_len != expected:
         raise InvalidInput(f"{what}: {len(body)} body bytes for {n} steps; the schema needs {expected}")
     off = 0
@@ -265,6 +277,7 @@ def decode_element(data: bytes, schema: Schema, what: str = "element") -> Elemen
     adt = numpy_dtype(schema.action.dtype)
     action, policy_action = take(adt, schema.action.shape), take(adt, schema.action.shape)
     reward, ts, version = take(np.dtype("<f4"), ()), take(np.dtype("<f8"), ()), take(np.dtype("<u8"), ())
+    help = take(np.dtype("<f4"), ()) if has_help else None
     inter, success, done = unpack_flags(body[off:], n)
     frames, encodings = {}, {}
     if where == FRAMES_INLINE:
@@ -281,7 +294,8 @@ def decode_element(data: bytes, schema: Schema, what: str = "element") -> Elemen
             pos += 4 + flen
             if len(frames[name]) != n:
                 raise InvalidInput(f"{what}: camera {name!r} holds {len(frames[name])} frames for {n} steps")
-    cols = Columns(first_seq, obs, action, policy_action, reward, ts, version, inter, success, done, frames, encodings)
+    cols = Columns(first_seq, obs, action, policy_action, reward, ts, version, inter, success, done, frames, encodings,
+                   help)
     return Element(first_index, cols, where, len(data))
 
 

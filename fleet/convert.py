@@ -11,7 +11,8 @@ from fleet import columns
 from fleet.codec import decode_tensor, dtype_from_pb, dtype_to_pb, encode_tensor, numpy_dtype
 from fleet.errors import InvalidInput, SchemaMismatch
 from fleet.rows import RowLayout
-from fleet.types import Chunk, EncodedImage, EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
+from fleet.types import (Chunk, EncodedImage, EpisodeSummary, FeatureSpec, HelpSignal, OperatorAssignment, RobotInfo,
+                         Schema, Step)
 from fleet.v1 import fleet_pb2 as pb
 
 
@@ -98,6 +99,47 @@ def robot_info_from_pb(msg: pb.RegisterRequest) -> RobotInfo:
         software_version=msg.software_version,
         control_hz=msg.control_hz,
     )
+
+
+MAX_THUMBNAIL_BYTES = 64 * 1024
+"""Largest camera thumbnail a heartbeat may carry."""
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def help_to_pb(h: HelpSignal) -> pb.HelpSignal:
+    return pb.HelpSignal(score=h.score, uncertainty=h.uncertainty, stall=h.stall, risk=h.risk, wanted=h.wanted,
+                         holding=h.holding, intervening=h.intervening, wanted_for_s=h.wanted_for_s)
+
+
+def help_from_pb(msg: pb.HelpSignal, where: str = "heartbeat") -> HelpSignal:
+    """Decode a help signal; InvalidInput naming the field if a score is not a finite number in [0, 1] or
+    ``wanted_for_s`` is negative or not finite."""
+    for name in ("score", "uncertainty", "stall", "risk"):
+        value = getattr(msg, name)
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise InvalidInput(f"{where} help.{name} ({value}) must be a finite number in [0, 1]")
+    if not (math.isfinite(msg.wanted_for_s) and msg.wanted_for_s >= 0):
+        raise InvalidInput(f"{where} help.wanted_for_s ({msg.wanted_for_s}) must be a finite number >= 0")
+    return HelpSignal(score=msg.score, uncertainty=msg.uncertainty, stall=msg.stall, risk=msg.risk,
+                      wanted=msg.wanted, holding=msg.holding, intervening=msg.intervening,
+                      wanted_for_s=msg.wanted_for_s)
+
+
+def check_thumbnail(data: bytes, where: str = "heartbeat") -> bytes:
+    """The thumbnail, if it is a JPEG of at most :data:`MAX_THUMBNAIL_BYTES` (or empty: none); else InvalidInput."""
+    if data and len(data) > MAX_THUMBNAIL_BYTES:
+        raise InvalidInput(f"{where} thumbnail is {len(data)} bytes; at most {MAX_THUMBNAIL_BYTES} allowed")
+    if data and not data.startswith(JPEG_MAGIC):
+        raise InvalidInput(f"{where} thumbnail is not a JPEG (starts with {bytes(data[:4])!r})")
+    return data
+
+
+def assignment_to_pb(a: OperatorAssignment) -> pb.OperatorAssignment:
+    return pb.OperatorAssignment(operator_id=a.operator_id, manual=a.manual, since_s=a.since_s)
+
+
+def assignment_from_pb(msg: pb.OperatorAssignment) -> OperatorAssignment:
+    return OperatorAssignment(operator_id=msg.operator_id, manual=msg.manual, since_s=msg.since_s)
 
 
 def image_to_pb(img: EncodedImage) -> pb.Image:
@@ -197,7 +239,8 @@ def columns_to_pb(cc: columns.ColumnChunk) -> pb.ColumnChunk:
         reward=cols.reward.astype("<f4").tobytes(), timestamp_s=cols.timestamp_s.astype("<f8").tobytes(),
         policy_version=cols.policy_version.astype("<u8").tobytes(), flags=columns.pack_flags(cols),
         cameras={k: pb.CameraFrames(encoding=cols.encodings.get(k, "jpeg"), frames=v) for k, v in cols.frames.items()},
-        gap_declared=cc.gap_declared, evaluation=cc.evaluation)
+        gap_declared=cc.gap_declared, evaluation=cc.evaluation,
+        help=cols.help.astype("<f4").tobytes() if cols.help is not None else b"")
     if cc.episode_end is not None:
         msg.episode_end.CopyFrom(summary_to_pb(cc.episode_end))
     return msg
@@ -243,7 +286,8 @@ def columns_from_pb(msg: pb.ColumnChunk, schema: Schema) -> columns.ColumnChunk:
         reward=_column(msg.reward, "float32", (), n, f"{where} reward"),
         timestamp_s=_column(msg.timestamp_s, "float64", (), n, f"{where} timestamp_s"),
         policy_version=_column(msg.policy_version, "int64", (), n, f"{where} policy_version").view(np.uint64),
-        intervention=inter, success=success, done=done, frames=frames, encodings=encodings)
+        intervention=inter, success=success, done=done, frames=frames, encodings=encodings,
+        help=_column(msg.help, "float32", (), n, f"{where} help") if msg.help else None)
     return columns.ColumnChunk(msg.robot_id, msg.episode_id, msg.task, msg.schema_hash, cols, msg.gap_declared,
                                msg.evaluation, summary_from_pb(msg.episode_end) if msg.HasField("episode_end")
                                else None)
@@ -286,7 +330,7 @@ def columns_message(robot_id: str, episode_id: str, task: str, layout: RowLayout
         action=cols["action"].tobytes(), policy_action=cols["policy_action"].tobytes(),
         reward=cols["reward"].tobytes(), timestamp_s=cols["timestamp_s"].tobytes(),
         policy_version=cols["policy_version"].tobytes(), flags=np.packbits(planes, axis=1).tobytes(),
-        gap_declared=gap_declared, evaluation=evaluation)
+        help=cols["help"].tobytes(), gap_declared=gap_declared, evaluation=evaluation)
     for cam in layout.cameras:
         encoding, data = frames[cam.name]
         msg.cameras[cam.name].encoding = encoding

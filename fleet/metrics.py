@@ -107,6 +107,8 @@ GATEWAY_POLICY_LAG = Gauge("fleet_gateway_policy_lag_versions",
                            "Versions between the newest policy and the one each watching robot holds", ["robot"])
 GATEWAY_POLICY_REFUSED = Counter("fleet_gateway_policy_refused_versions_total",
                                  "Versions a robot reported it refused (load failure, NaN actions)", ["robot"])
+GATEWAY_BAD_ASSIGNMENTS = Counter("fleet_gateway_bad_assignments_total",
+                                  "Malformed fleet:ops:assignments entries a heartbeat met (answered: no operator)")
 
 
 def count_gateway_rejection(code) -> None:

@@ -3,8 +3,8 @@
 A row holds the step's low-dim observation features in the registered schema's order and
 dtypes (little-endian, C order), then action, policy action (the action's dtype), reward
 ``<f4``, timestamp ``<f8``, policy version ``<u8``, the step's index in its episode ``<i8``
-(kept for inspection; the gateway assigns indexes) and a flags byte (bit 0 intervention,
-bit 1 success, bit 2 done). This fixed-size prefix is followed, per camera in schema order,
+(kept for inspection; the gateway assigns indexes), the help score ``<f4`` (row format 3) and
+a flags byte (bit 0 intervention, bit 1 success, bit 2 done), always the prefix's last byte. This fixed-size prefix is followed, per camera in schema order,
 by ``u8 encoding length, encoding, u32 frame length, frame bytes``.
 
 All rows of one schema share the prefix size, so ``n`` rows become a chunk's ``[n, ...]``
@@ -25,10 +25,12 @@ import numpy as np
 from fleet.codec import numpy_dtype
 from fleet.types import EncodedImage, Schema, Step
 
-ROW_FORMAT = 2
-"""The spool's ``meta.row_format`` for rows in this layout (1, implicit: one ``fleet.v1.Step`` per row)."""
+ROW_FORMAT = 3
+"""The spool's ``meta.row_format`` for rows in this layout (1, implicit: one ``fleet.v1.Step`` per row; 2: this
+layout without the help score)."""
 
-_TAIL = struct.Struct("<fdQqB")  # reward, timestamp, policy version, index, flags
+_TAIL = struct.Struct("<fdQqfB")  # reward, timestamp, policy version, index, help score, flags
+HELP_BYTES = 4
 _U32 = struct.Struct("<I")
 
 
@@ -52,7 +54,8 @@ class RowLayout:
         self._act = (adt, math.prod(schema.action.shape))
         fields = [(f"o{i}", numpy_dtype(f.dtype), f.shape) for i, f in enumerate(self.low_dim)]
         fields += [("action", adt, schema.action.shape), ("policy_action", adt, schema.action.shape),
-                   ("reward", "<f4"), ("timestamp_s", "<f8"), ("policy_version", "<u8"), ("index", "<i8"), ("flags", "u1")]
+                   ("reward", "<f4"), ("timestamp_s", "<f8"), ("policy_version", "<u8"), ("index", "<i8"),
+                   ("help", "<f4"), ("flags", "u1")]
         self.dtype = np.dtype(fields)  # packed: no alignment padding, so itemsize is the prefix size
         self.fixed = self.dtype.itemsize
 
@@ -67,7 +70,7 @@ class RowLayout:
         policy = step.policy_action if step.policy_action is not None else step.action
         parts.append(self._array(policy, dt, size, "policy_action"))
         try:
-            parts.append(_TAIL.pack(step.reward, step.timestamp_s, step.policy_version, step.index,
+            parts.append(_TAIL.pack(step.reward, step.timestamp_s, step.policy_version, step.index, step.help_score,
                                     bool(step.is_intervention) | bool(step.success) << 1 | bool(step.done) << 2))
         except (struct.error, TypeError) as exc:
             raise RowMismatch(f"reward/timestamp/policy version do not fit: {exc}") from None
@@ -136,7 +139,7 @@ class RowLayout:
         """The fixed columns of a joined batch by name: observation features, action, ... flags."""
         out = {f.name: rec[f"o{i}"] for i, f in enumerate(self.low_dim)}
         return out | {name: rec[name] for name in ("action", "policy_action", "reward", "timestamp_s",
-                                                   "policy_version", "index", "flags")}
+                                                   "policy_version", "index", "help", "flags")}
 
     def decode(self, row: bytes, seq: int = 0) -> Step:
         """A row back as a Step (tests, tools; never on a hot path)."""
@@ -149,4 +152,17 @@ class RowLayout:
                     policy_action=cols["policy_action"][0].copy(), action=cols["action"][0].copy(),
                     is_intervention=bool(flags & 1), reward=float(cols["reward"][0]), success=bool(flags & 2),
                     done=bool(flags & 4), policy_version=int(cols["policy_version"][0]),
-                    timestamp_s=float(cols["timestamp_s"][0]), images=images)
+                    timestamp_s=float(cols["timestamp_s"][0]), images=images, help_score=float(cols["help"][0]))
+
+    def upgrade_v2(self, blob: bytes, n: int) -> bytes:
+        """A row (``n`` steps) of row format 2 (no help score) in this format, help score 0; RowMismatch if its
+        size does not fit the schema."""
+        old = self.fixed - HELP_BYTES
+        if self.fixed_rows:
+            if not blob or len(blob) != n * old:
+                raise RowMismatch(f"format-2 row of {len(blob)} bytes for {n} steps of {old} bytes")
+            rows = np.frombuffer(blob, np.uint8).reshape(n, old)
+            return np.concatenate([rows[:, :-1], np.zeros((n, HELP_BYTES), np.uint8), rows[:, -1:]], axis=1).tobytes()
+        if n != 1 or len(blob) < old:
+            raise RowMismatch(f"format-2 row of {len(blob)} bytes for {n} steps of at least {old} bytes")
+        return blob[:old - 1] + bytes(HELP_BYTES) + blob[old - 1:]

@@ -70,6 +70,8 @@ class Step:
     policy_version: int
     timestamp_s: float
     images: dict[str, EncodedImage] = field(default_factory=dict)
+    help_score: float = 0.0
+    """The robot's need-for-help score at this step (0..1, edge/help.py; 0 when not computed)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,42 @@ class Chunk:
     gap_declared: bool = False
     episode_end: EpisodeSummary | None = None
     evaluation: bool = False
+
+
+@dataclass(frozen=True)
+class HelpSignal:
+    """A robot's need for a human operator, computed each control tick (``edge/help.py``, docs/operators.md)."""
+
+    score: float = 0.0
+    """0..1, the combined need (what the allocator ranks by by default)."""
+    uncertainty: float = 0.0
+    """0..1, the policy's uncertainty (disagreement across its action chunk's re-predictions)."""
+    stall: float = 0.0
+    """0..1, lack of progress."""
+    risk: float = 0.0
+    """0..1, predicted failure (RECAP's value function when the policy provides it; else 0)."""
+    wanted: bool = False
+    """score >= the robot's help threshold."""
+    holding: bool = False
+    """The robot stopped (or fell back) because it wants help and has no operator."""
+    intervening: bool = False
+    """A human (or stand-in) drives right now."""
+    wanted_for_s: float = 0.0
+    """Seconds help has been wanted continuously (0 if not wanted)."""
+
+
+@dataclass(frozen=True)
+class OperatorAssignment:
+    """The operator the cloud assigned to a robot (``operator_id`` "" = none)."""
+
+    operator_id: str = ""
+    manual: bool = False
+    """A console take-over: the operator drives every step until hand-back."""
+    since_s: float = 0.0
+    """Wall-clock time the assignment began."""
+
+
+NO_ASSIGNMENT = OperatorAssignment()
 
 
 @dataclass(frozen=True)

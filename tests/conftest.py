@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import json
 import os
 import random
+import subprocess
+import sys
 import threading
 
 import hypothesis  # noqa: F401  (import before any test starts threads: CPython 3.11.7's ast.parse is
@@ -148,3 +151,30 @@ def cli_main():
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+CLI_COMMANDS = ("demo", "learner", "gateway", "trainer", "edge", "sim-fleet", "status", "seed")
+_HELP_SCRIPT = """
+import contextlib, io, json, sys
+from fleet.cli import main
+out = {}
+for command in sys.argv[1:]:
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            code = main([command, "--help"])
+    except SystemExit as e:
+        code = e.code
+    out[command] = [code or 0, buf.getvalue()]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="session")
+def cli_help() -> dict[str, tuple[int, str]]:
+    """``fleet <command> --help`` for every command: (exit code, stdout), from ONE fresh interpreter (each
+    command's help in its own would pay torch's and LeRobot's import again: ~10 s each on 2 cores)."""
+    proc = subprocess.run([sys.executable, "-c", _HELP_SCRIPT, *CLI_COMMANDS], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return {command: (code, text) for command, (code, text) in json.loads(proc.stdout.splitlines()[-1]).items()}

@@ -98,7 +98,7 @@ def test_valid_robot_streams_and_impostors_are_refused(secure_gateway, pki, redi
     good = robot_client(secure_gateway, root, "r1", "r1")
     assert good.register(info("r1")).last_acked_seq == 0
     assert stream(good, chunk("r1", 1)) == [3]
-    assert good.heartbeat("r1", 1, 0, 0, "running", TASK, 1.0, 0.0) == 0
+    assert good.heartbeat("r1", 1, 0, 0, "running", TASK, 1.0, 0.0).latest_policy_version == 0
     assert BufferReader(redis_client).episode_length("r1", "e1") == 3
 
     # No client certificate, or one from another CA: the TLS handshake refuses the connection, so the

@@ -31,7 +31,13 @@ fleet:{r:R}:evicted                 LIST    "E" per episode deleted by retention
 fleet:{r:R}:events                  STREAM  one entry per finished episode (capped)
 fleet:{r:R}:stats                   HASH    counters: steps, intervention_steps, episodes, successes,
                                             chunks, bytes (Redis element bytes), blob_bytes...
-fleet:{r:R}:status                  HASH    last heartbeat (policy version, spool backlog, ...)
+fleet:{r:R}:status                  HASH    last heartbeat (policy version, spool backlog, ...) and the
+                                            robot's help signal: help_score, help_uncertainty, help_stall,
+                                            help_risk (floats), help_wanted, holding, intervening ("1"/"0"),
+                                            wanted_for_s (float), operator (the operator id the edge acts on)
+fleet:{r:R}:thumb                   STRING  last JPEG thumbnail of R's first camera, from its heartbeat (EX 60 s)
+fleet:ops:assignments               HASH    robot_id -> JSON {"operator": str, "since_s": float, "manual": bool},
+                                            written only by the operators service; no entry = no operator
 fleet:retention:lease               STRING  id of the gateway running retention passes (expires; cloud/retention.py)
 fleet:policy:latest                 STRING  newest published policy version (see cloud/policy_store.py)
 fleet:policy:{E}:latest             STRING  the same for the policy line of embodiment E (``--embodiment``)
@@ -46,7 +52,7 @@ the Redis element instead (small demos, tests).
 The chunk element (:func:`fleet.columns.encode_element`), little-endian::
 
     u32  first_index   step index of the chunk's first step in its episode (set by the Lua write)
-    3s   magic "FC2"
+    3s   magic "FC3" (with the help score column), "FC2" (without: chunks of edges that predate it)
     u8   codec         0 raw, 1 zstd, 2 lz4: the body is compressed only when that saves >= 10 %
     u8   frames        0 no cameras, 1 inline (after the body), 2 in the blob store (frames_key)
     u32  n             steps in the chunk
@@ -54,12 +60,12 @@ The chunk element (:func:`fleet.columns.encode_element`), little-endian::
     u32  raw_len       body bytes before compression
     u32  body_len      then the body: the columns back to back, each [n, *shape] of the registered
                        dtype, in schema order: low-dim observation features, action, policy action,
-                       reward f32, timestamp f64, policy version u64, then 3 bit planes of ceil(n/8)
-                       bytes (intervention, success, done)
+                       reward f32, timestamp f64, policy version u64, help score f32 (FC3 only), then
+                       3 bit planes of ceil(n/8) bytes (intervention, success, done)
     per camera (frames = 1 only), in schema order: u8 len + encoding, u32 len + frames container
 
 No dtype or shape is stored: they are the robot's registration's, so a low-dim step costs its raw
-array bytes plus 20 (reward, timestamp, version) plus the ~30-byte header and Redis's per-element
+array bytes plus 24 (reward, timestamp, version, help score) plus the ~30-byte header and Redis's per-element
 overhead amortised over the chunk.
 
 Exactly-once: a chunk carries steps with contiguous sequence numbers. The script
@@ -110,6 +116,9 @@ RETENTION_LEASE_KEY = "fleet:retention:lease"
 POLICY_LATEST_KEY = "fleet:policy:latest"
 POLICY_CHANNEL = "fleet:policy:published"
 POLICY_COUNTER_KEY = "fleet:policy:counter"
+OPS_ASSIGNMENTS_KEY = "fleet:ops:assignments"
+"""HASH robot_id -> JSON {"operator", "since_s", "manual"}: who operates which robot (docs/operators.md)."""
+THUMBNAIL_TTL_S = 60
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,11 @@ class RobotKeys:
     @property
     def status(self) -> str:
         return f"{self.prefix}:status"
+
+    @property
+    def thumb(self) -> str:
+        """STRING: the last JPEG thumbnail the robot's heartbeat carried (expires after THUMBNAIL_TTL_S)."""
+        return f"{self.prefix}:thumb"
 
 
 

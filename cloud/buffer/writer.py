@@ -7,15 +7,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from cloud.buffer.layout import ROBOTS_KEY, SOURCE_ONLINE, RobotKeys, frames_key
+from cloud.buffer.layout import OPS_ASSIGNMENTS_KEY, ROBOTS_KEY, SOURCE_ONLINE, THUMBNAIL_TTL_S, RobotKeys, frames_key
 from fleet.columns import FRAMES_BLOB, Columns, cameras, encode_element, pack_frames, set_first_index
 from fleet.convert import schema_from_dict
 from fleet.errors import BackendUnavailable, InvalidInput, SequenceGap, UnknownRobot
-from fleet.types import EpisodeSummary, Schema
+from fleet.names import is_id, shown
+from fleet.types import EpisodeSummary, OperatorAssignment, Schema
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,18 @@ class BufferWriter:
         """The robot's last heartbeat / delivery state (``fleet status`` reads it)."""
         await self._redis.hset(RobotKeys(robot_id).status, mapping=fields)
 
+    async def heartbeat(self, robot_id: str, fields: dict, thumbnail: bytes = b"") -> bytes | None:
+        """One heartbeat in one round trip: the status fields, the thumbnail (if any, expiring), and the robot's
+        entry in the operator assignments (raw JSON, or None: no operator)."""
+        keys = RobotKeys(robot_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(keys.status, mapping=fields)
+        if thumbnail:
+            pipe.set(keys.thumb, thumbnail, ex=THUMBNAIL_TTL_S)
+        pipe.hget(OPS_ASSIGNMENTS_KEY, robot_id)
+        replies = await pipe.execute()
+        return replies[-1]
+
     async def write(self, robot_id: str, episode_id: str, task: str, cols: Columns, schema: Schema, *, source: str,
                     labels: np.ndarray, gap_declared: bool, evaluation: bool, episode_end: EpisodeSummary | None,
                     now_s: float) -> WriteResult:
@@ -307,6 +321,21 @@ async def _registered_schema(redis, robot_id: str) -> Schema | None:
         return schema_from_dict(json.loads(raw)["schema"]) if raw else None
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def assignment_from_json(raw: bytes | str) -> OperatorAssignment:
+    """An entry of ``fleet:ops:assignments`` (JSON {"operator", "since_s", "manual"}); ValueError if malformed."""
+    entry = json.loads(raw)
+    if not isinstance(entry, dict):
+        raise ValueError(f"not a JSON object: {shown(str(raw))}")
+    operator, since_s, manual = entry.get("operator"), entry.get("since_s", 0.0), entry.get("manual", False)
+    if not isinstance(operator, str) or not is_id(operator):
+        raise ValueError(f"operator {operator!r} is not an id")
+    if isinstance(since_s, bool) or not isinstance(since_s, (int, float)) or not math.isfinite(since_s):
+        raise ValueError(f"since_s {since_s!r} is not a finite number")
+    if not isinstance(manual, bool):
+        raise ValueError(f"manual {manual!r} is not a boolean")
+    return OperatorAssignment(operator_id=operator, manual=manual, since_s=float(since_s))
 
 
 def interpret(status: int, acked: int, extra: int, write: ChunkWrite, skipped: int = 0) -> WriteResult:

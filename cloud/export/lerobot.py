@@ -9,7 +9,8 @@ Columns: ``observation.state`` (the schema's ``state``; other vector features be
 ``observation.<name>``; an embodiment's split in ``layout.py`` may cut a vector into
 ``observation.state`` and ``observation.environment_state``, as MetaWorld's is),
 ``observation.images.<camera>``, ``action`` (what was executed), ``policy_action``, ``is_intervention``, ``policy_version``, ``next.reward``,
-``next.success``, ``next.done``, ``wall_time_ns`` (the robot's clock). Which robot and
+``next.success``, ``next.done``, ``wall_time_ns`` (the robot's clock), ``help_score`` (the robot's need for a
+human at the step, docs/operators.md; 0 where not recorded). Which robot and
 buffer episode each dataset episode came from is in ``meta/fleet_episodes.jsonl``.
 """
 
@@ -64,7 +65,8 @@ def lerobot_features(schema: Schema, video: bool, split: dict[str, tuple[Part, .
     features["action"] = action
     features["policy_action"] = dict(action)
     for name, dtype in (("is_intervention", "bool"), ("policy_version", "int64"), ("next.reward", "float32"),
-                        ("next.success", "bool"), ("next.done", "bool"), ("wall_time_ns", "int64")):
+                        ("next.success", "bool"), ("next.done", "bool"), ("wall_time_ns", "int64"),
+                        ("help_score", "float32")):
         features[name] = {"dtype": dtype, "shape": (1,), "names": None}
     return features
 
@@ -90,6 +92,7 @@ def frame_of(step: Step, schema: Schema, task: str, split: dict[str, tuple[Part,
     frame["next.success"] = np.array([step.success])
     frame["next.done"] = np.array([step.done])
     frame["wall_time_ns"] = np.array([round(step.timestamp_s * 1e9)], dtype=np.int64)
+    frame["help_score"] = np.array([step.help_score], dtype=np.float32)
     return frame
 
 

@@ -13,6 +13,7 @@ topic                                       type                        holds
 /fleet/R/is_intervention                    std_msgs/Bool               the operator drove this step
 /fleet/R/reward                             std_msgs/Float32            reward of the step
 /fleet/R/policy_version                     std_msgs/Int64              policy version that acted
+/fleet/R/help_score                         std_msgs/Float32            the robot's need for a human (0..1)
 /fleet/R/episode                            std_msgs/String             JSON events: start / end
 ==========================================  ==========================  ==============================
 
@@ -133,3 +134,4 @@ def _write_step(write, types: convert.MessageTypes, base: str, ref: EpisodeRef, 
     write(f"{base}/is_intervention", convert.BOOL, types.new(convert.BOOL, data=bool(step.is_intervention)), time_ns)
     write(f"{base}/reward", FLOAT32, types.new(FLOAT32, data=float(step.reward)), time_ns)
     write(f"{base}/policy_version", INT64, types.new(INT64, data=int(step.policy_version)), time_ns)
+    write(f"{base}/help_score", FLOAT32, types.new(FLOAT32, data=float(step.help_score)), time_ns)

@@ -25,10 +25,11 @@ from cloud.ingest import Ingest
 from cloud.validator import check_columns
 from fleet import PROTOCOL_VERSION, metrics
 from fleet.columns import ColumnChunk
-from fleet.convert import columns_from_pb, robot_info_from_pb
+from cloud.buffer.writer import assignment_from_json
+from fleet.convert import assignment_to_pb, check_thumbnail, columns_from_pb, help_from_pb, robot_info_from_pb
 from fleet.errors import FleetError, IncompatiblePeer, InvalidInput
 from fleet.names import check_id, shown
-from fleet.types import RobotInfo
+from fleet.types import NO_ASSIGNMENT, OperatorAssignment, RobotInfo
 from fleet.v1 import fleet_pb2 as pb
 from fleet.v1 import fleet_pb2_grpc as pb_grpc
 
@@ -142,11 +143,32 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
         if request.task and request.task not in info.tasks:
             raise InvalidInput(f"robot {info.robot_id!r} heartbeat task {shown(request.task)} is not among the "
                                "tasks it registered")
+        check_id(request.operator_id, f"robot {info.robot_id!r} heartbeat operator_id", allow_empty=True)
+        signal = help_from_pb(request.help, f"robot {info.robot_id!r} heartbeat")
+        thumbnail = check_thumbnail(request.thumbnail, f"robot {info.robot_id!r} heartbeat")
         now = time.time()
         with self._ingest.redis_errors(f"heartbeat of robot {request.robot_id!r}"):
-            await self._ingest.writer.set_status(request.robot_id, {
+            raw = await self._ingest.writer.heartbeat(request.robot_id, {
                 "last_seen_s": now, "policy_version": request.policy_version, "spool_steps": request.spool_steps,
                 "spool_bytes": request.spool_bytes, "state": request.state, "task": request.task,
                 "steps_per_s": request.steps_per_s, "intervention_rate": request.intervention_rate,
-                "gateway_id": self.gateway_id})
-        return pb.HeartbeatResponse(latest_policy_version=self._feed.latest, server_time_s=now)
+                "gateway_id": self.gateway_id,
+                "help_score": signal.score, "help_uncertainty": signal.uncertainty, "help_stall": signal.stall,
+                "help_risk": signal.risk, "help_wanted": int(signal.wanted), "holding": int(signal.holding),
+                "intervening": int(signal.intervening), "wanted_for_s": signal.wanted_for_s,
+                "operator": request.operator_id}, thumbnail)
+        return pb.HeartbeatResponse(latest_policy_version=self._feed.latest, server_time_s=now,
+                                    assignment=assignment_to_pb(self._assignment(info.robot_id, raw)))
+
+    @staticmethod
+    def _assignment(robot_id: str, raw: bytes | None) -> OperatorAssignment:
+        """The robot's entry in fleet:ops:assignments; a malformed one is no operator (counted, logged)."""
+        if raw is None:
+            return NO_ASSIGNMENT
+        try:
+            return assignment_from_json(raw)
+        except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
+            metrics.GATEWAY_BAD_ASSIGNMENTS.inc()
+            log.warning("robot %s: malformed operator assignment %s ignored (no operator): %s", robot_id,
+                        shown(str(raw)), exc)
+            return NO_ASSIGNMENT

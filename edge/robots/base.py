@@ -49,6 +49,9 @@ class Robot(abc.ABC):
     schema: Schema
     tasks: tuple[str, ...]
     action_filter: Callable[[np.ndarray], np.ndarray] | None = None
+    stop_action: str = "last"
+    """How the robot holds still (an allocated robot waiting for an operator): "last" repeats the last action sent
+    (position-commanded arms stay where they are); "zero" sends zeros (delta- or velocity-commanded robots)."""
     """Set by the agent (the safety guard): a backend that sends actions on its own (e.g. teleoperation during
     its reset) passes each through it."""
 

@@ -134,6 +134,13 @@ class TeleopOperator(Operator):
         self._intervening = intervening
         return action if intervening else None
 
+    def command(self, observation: Observation, policy_action: np.ndarray) -> np.ndarray | None:
+        """The teleop's action whatever the trigger (a console take-over); None without a teleop."""
+        self.link.poll_events()
+        action = self.link.read_action()
+        self._intervening = action is not None
+        return action
+
     @property
     def is_intervening(self) -> bool:
         """Whether the operator held control at the last ``decide``."""

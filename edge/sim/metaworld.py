@@ -117,6 +117,7 @@ class MetaWorldRobot(Robot):
     """A MetaWorld Sawyer that can do any of ``tasks`` (MT10 env names or instructions)."""
 
     embodiment = "metaworld-sawyer"
+    stop_action = "zero"  # actions are hand position deltas (and the gripper effort)
 
     def __init__(
         self,

@@ -125,6 +125,13 @@ class SimulatedOperator(Operator):
         self._take_over(reason)
         return self._drive(expert)
 
+    def command(self, observation: Observation, policy_action: np.ndarray) -> np.ndarray | None:
+        """The expert's action (plus noise) whatever the gating: the simulated human at the console drives."""
+        expert = self.expert_action(observation)
+        self.last_expert_action = expert
+        self.intervention_steps += 1
+        return self._noisy(expert)
+
     def _take_over(self, reason: str) -> None:
         log.debug("operator takes over: %s", reason)
         self.interventions += 1
@@ -140,6 +147,9 @@ class SimulatedOperator(Operator):
     def _drive(self, expert: np.ndarray) -> np.ndarray:
         self._segment_left -= 1
         self.intervention_steps += 1
+        return self._noisy(expert)
+
+    def _noisy(self, expert: np.ndarray) -> np.ndarray:
         if self.config.noise_std > 0:
             noisy = expert + self._rng.normal(0.0, self.config.noise_std, size=expert.shape)
             return np.clip(noisy, -1.0, 1.0).astype(np.float32)

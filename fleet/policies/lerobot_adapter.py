@@ -164,6 +164,43 @@ class FleetPolicy:
         self._lock = threading.RLock()
         if config.freeze_backbone:
             self._freeze_backbone()
+        self.action_disagreement = 0.0
+        """RMS difference (in action standard deviations) between the newest action chunk and what the chunk
+        before it predicted for the same ticks; 0 when they do not overlap (edge/help.py reads it)."""
+        self._ticks = 0  # select_action calls since reset
+        self._last_chunk: tuple[int, np.ndarray] | None = None  # (tick it was predicted at, [T, A] normalized)
+        self._watch_chunks()
+
+    def _watch_chunks(self) -> None:
+        """Route the chunks LeRobot's select_action predicts through :meth:`_on_chunk` (an instance attribute
+        in front of the model's own method; the state dict and training are untouched)."""
+        name = "_get_action_chunk" if hasattr(self.model, "_get_action_chunk") else "predict_action_chunk"
+        predict = getattr(self.model, name, None)
+        if predict is None:
+            return
+
+        def predicted(*args, **kwargs):
+            chunk = predict(*args, **kwargs)
+            self._on_chunk(chunk)
+            return chunk
+
+        setattr(self.model, name, predicted)
+
+    def _on_chunk(self, chunk: torch.Tensor) -> None:
+        """Compare a freshly predicted chunk with the previous one over the ticks both cover."""
+        if chunk.ndim != 3:
+            return
+        guided = self.config.conditioning == "advantage" and self.config.cfg_beta != 1.0 and chunk.shape[0] > 1
+        rows = chunk[1] + self.config.cfg_beta * (chunk[0] - chunk[1]) if guided else chunk[0]
+        new = rows.detach().to("cpu", torch.float32).numpy()
+        tick = self._ticks
+        if self._last_chunk is not None:
+            then, old = self._last_chunk
+            offset = tick - then
+            overlap = min(len(old) - offset, len(new))
+            self.action_disagreement = (float(np.sqrt(np.mean((old[offset:offset + overlap] - new[:overlap]) ** 2)))
+                                        if 0 <= offset and overlap > 0 else 0.0)
+        self._last_chunk = (tick, new)
 
     def _freeze_backbone(self) -> None:
         """ACT/Diffusion: the ResNet image encoder (SmolVLA freezes its VLM through its own config)."""
@@ -315,6 +352,7 @@ class FleetPolicy:
         conditioned and the unconditioned rows together and returns u + beta * (c - u) (classifier-free
         guidance on the action chunk)."""
         with self._lock, torch.no_grad():
+            self._ticks += 1
             guided = self.config.conditioning == "advantage" and self.config.cfg_beta != 1.0
             indicator = [INDICATOR_POSITIVE, INDICATOR_NONE] if guided else [INDICATOR_POSITIVE]
             n = len(indicator)
@@ -336,6 +374,7 @@ class FleetPolicy:
         """Clear LeRobot's queues (episode start, or control handed back by an operator)."""
         with self._lock:
             self.model.reset()
+            self._ticks, self._last_chunk, self.action_disagreement = 0, None, 0.0
 
     # ----- serialization ------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -386,6 +425,7 @@ class FleetPolicy:
                 self._norm[name].clamp_(min=MIN_STD)
             self.version = version
             self.model.reset()
+            self._ticks, self._last_chunk, self.action_disagreement = 0, None, 0.0
 
     def weight_views(self) -> dict[str, memoryview]:
         """Writable raw bytes of the model's weights, by name, sharing their memory (CPU, contiguous, not

@@ -201,7 +201,7 @@ class CameraFrames(_message.Message):
     def __init__(self, encoding: _Optional[str] = ..., frames: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ColumnChunk(_message.Message):
-    __slots__ = ("robot_id", "episode_id", "task", "schema_hash", "first_seq", "n", "observation", "action", "policy_action", "reward", "timestamp_s", "policy_version", "flags", "cameras", "gap_declared", "episode_end", "evaluation", "more")
+    __slots__ = ("robot_id", "episode_id", "task", "schema_hash", "first_seq", "n", "observation", "action", "policy_action", "reward", "timestamp_s", "policy_version", "flags", "cameras", "gap_declared", "episode_end", "evaluation", "more", "help")
     class ObservationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class ColumnChunk(_message.Message):
     EPISODE_END_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    HELP_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     episode_id: str
     task: str
@@ -252,7 +253,8 @@ class ColumnChunk(_message.Message):
     episode_end: EpisodeEnd
     evaluation: bool
     more: _containers.RepeatedCompositeFieldContainer[ColumnChunk]
-    def __init__(self, robot_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_hash: _Optional[bytes] = ..., first_seq: _Optional[int] = ..., n: _Optional[int] = ..., observation: _Optional[_Mapping[str, bytes]] = ..., action: _Optional[bytes] = ..., policy_action: _Optional[bytes] = ..., reward: _Optional[bytes] = ..., timestamp_s: _Optional[bytes] = ..., policy_version: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., cameras: _Optional[_Mapping[str, CameraFrames]] = ..., gap_declared: _Optional[bool] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ..., evaluation: _Optional[bool] = ..., more: _Optional[_Iterable[_Union[ColumnChunk, _Mapping]]] = ...) -> None: ...
+    help: bytes
+    def __init__(self, robot_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_hash: _Optional[bytes] = ..., first_seq: _Optional[int] = ..., n: _Optional[int] = ..., observation: _Optional[_Mapping[str, bytes]] = ..., action: _Optional[bytes] = ..., policy_action: _Optional[bytes] = ..., reward: _Optional[bytes] = ..., timestamp_s: _Optional[bytes] = ..., policy_version: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., cameras: _Optional[_Mapping[str, CameraFrames]] = ..., gap_declared: _Optional[bool] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ..., evaluation: _Optional[bool] = ..., more: _Optional[_Iterable[_Union[ColumnChunk, _Mapping]]] = ..., help: _Optional[bytes] = ...) -> None: ...
 
 class WatchPolicyRequest(_message.Message):
     __slots__ = ("robot_id", "have_version", "want_full", "rejected_version", "side_channel")
@@ -313,7 +315,7 @@ class PolicyUpdate(_message.Message):
     def __init__(self, header: _Optional[_Union[PolicyHeader, _Mapping]] = ..., piece: _Optional[_Union[TensorPiece, _Mapping]] = ..., trailer: _Optional[_Union[PolicyTrailer, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("robot_id", "policy_version", "spool_steps", "spool_bytes", "state", "task", "steps_per_s", "intervention_rate")
+    __slots__ = ("robot_id", "policy_version", "spool_steps", "spool_bytes", "state", "task", "steps_per_s", "intervention_rate", "help", "thumbnail", "operator_id")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     SPOOL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -322,6 +324,9 @@ class HeartbeatRequest(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_S_FIELD_NUMBER: _ClassVar[int]
     INTERVENTION_RATE_FIELD_NUMBER: _ClassVar[int]
+    HELP_FIELD_NUMBER: _ClassVar[int]
+    THUMBNAIL_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     policy_version: int
     spool_steps: int
@@ -330,12 +335,47 @@ class HeartbeatRequest(_message.Message):
     task: str
     steps_per_s: float
     intervention_rate: float
-    def __init__(self, robot_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., spool_steps: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., state: _Optional[str] = ..., task: _Optional[str] = ..., steps_per_s: _Optional[float] = ..., intervention_rate: _Optional[float] = ...) -> None: ...
+    help: HelpSignal
+    thumbnail: bytes
+    operator_id: str
+    def __init__(self, robot_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., spool_steps: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., state: _Optional[str] = ..., task: _Optional[str] = ..., steps_per_s: _Optional[float] = ..., intervention_rate: _Optional[float] = ..., help: _Optional[_Union[HelpSignal, _Mapping]] = ..., thumbnail: _Optional[bytes] = ..., operator_id: _Optional[str] = ...) -> None: ...
+
+class HelpSignal(_message.Message):
+    __slots__ = ("score", "uncertainty", "stall", "risk", "wanted", "holding", "intervening", "wanted_for_s")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
+    STALL_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    WANTED_FIELD_NUMBER: _ClassVar[int]
+    HOLDING_FIELD_NUMBER: _ClassVar[int]
+    INTERVENING_FIELD_NUMBER: _ClassVar[int]
+    WANTED_FOR_S_FIELD_NUMBER: _ClassVar[int]
+    score: float
+    uncertainty: float
+    stall: float
+    risk: float
+    wanted: bool
+    holding: bool
+    intervening: bool
+    wanted_for_s: float
+    def __init__(self, score: _Optional[float] = ..., uncertainty: _Optional[float] = ..., stall: _Optional[float] = ..., risk: _Optional[float] = ..., wanted: _Optional[bool] = ..., holding: _Optional[bool] = ..., intervening: _Optional[bool] = ..., wanted_for_s: _Optional[float] = ...) -> None: ...
+
+class OperatorAssignment(_message.Message):
+    __slots__ = ("operator_id", "manual", "since_s")
+    OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    MANUAL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_S_FIELD_NUMBER: _ClassVar[int]
+    operator_id: str
+    manual: bool
+    since_s: float
+    def __init__(self, operator_id: _Optional[str] = ..., manual: _Optional[bool] = ..., since_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("latest_policy_version", "server_time_s")
+    __slots__ = ("latest_policy_version", "server_time_s", "assignment")
     LATEST_POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     latest_policy_version: int
     server_time_s: float
-    def __init__(self, latest_policy_version: _Optional[int] = ..., server_time_s: _Optional[float] = ...) -> None: ...
+    assignment: OperatorAssignment
+    def __init__(self, latest_policy_version: _Optional[int] = ..., server_time_s: _Optional[float] = ..., assignment: _Optional[_Union[OperatorAssignment, _Mapping]] = ...) -> None: ...

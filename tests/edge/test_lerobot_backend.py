@@ -15,10 +15,12 @@ import tests.lerobot_toys  # noqa: F401  (registers toy_arm / toy_leader with Le
 from cloud.buffer.reader import BufferReader
 from cloud.buffer import ROBOTS_KEY, RobotKeys
 from cloud.policy_store import PolicyStore
-from edge.operator import NoOperator
+from edge.operator import AllocatedOperator, NoOperator
 from edge.robots.base import make_robot
 from edge.robots.lerobot import LeRobotRobot, feature_map
+from edge.help import HelpBoard
 from edge.robots.lerobot_teleop import TeleopLink, TeleopOperator
+from fleet.types import EncodedImage, OperatorAssignment
 from fleet.codec import decode_image
 from fleet.errors import ConfigError
 from fleet.policies import PolicyConfig, build_policy
@@ -97,6 +99,19 @@ def test_motion_trigger_takes_over_on_movement_and_releases_when_still():
     assert decided[3][0] == 10.0 and op.interventions == 1
 
 
+def test_a_console_take_over_reads_the_teleop_whatever_its_trigger():
+    """Allocated mode, manual assignment: the teleop's action every step, even while its motion trigger is off."""
+    fm = feature_map({"a": float}, {"a": float})
+    link = TeleopLink(_Stick([3.0] * 4), None, "auto", fm, motion_threshold=1.0, release_steps=3)
+    op = AllocatedOperator(TeleopOperator(link), HelpBoard())
+    op.reset(TASK)
+    assert op.decide(None, np.zeros(1, np.float32)) is None  # nobody assigned
+    op.board.assign(OperatorAssignment("op-1", manual=False))
+    assert op.decide(None, np.zeros(1, np.float32)) is None  # assigned, but the stick does not move
+    op.board.assign(OperatorAssignment("op-1", manual=True))
+    assert [float(op.decide(None, np.zeros(1, np.float32))[0]) for _ in range(2)] == [3.0, 3.0]
+
+
 class _Events:
     def __init__(self, script: list[dict]):
         self.script = script
@@ -172,3 +187,7 @@ def test_fleet_edge_cli_runs_a_lerobot_robot_with_interventions(gateway, redis_c
             assert steps[-1].success and steps[-1].done and len(steps) < 20
     assert interventions > 0 and successes > 0
     assert BufferReader(redis_client).labeled_steps("so-toy") == interventions
+    # its heartbeat carried the help signal and a thumbnail of its first camera
+    thumb = redis_client.get(keys.thumb)
+    assert thumb.startswith(b"\xff\xd8\xff") and decode_image(EncodedImage("jpeg", 12, 16, 3, thumb)).shape == (12, 16, 3)
+    assert 0.0 <= float(redis_client.hget(keys.status, "help_score")) <= 1.0

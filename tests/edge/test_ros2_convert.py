@@ -19,7 +19,8 @@ from PIL import Image
 from edge.hotswap import PolicySlot
 from edge.images import ImageEncodingSink
 from edge.loop import ControlLoop, LoopConfig
-from edge.operator import NoOperator
+from edge.help import HelpBoard
+from edge.operator import AllocatedOperator, NoOperator
 from edge.robots.base import make_robot
 from fleet import ros2_convert as convert
 from edge.robots.ros2.config import load_config
@@ -29,6 +30,7 @@ from edge.spool import Spool
 from fleet.codec import decode_image
 from fleet.errors import ConfigError, InvalidInput
 from fleet.policies.base import NullPolicy
+from fleet.types import OperatorAssignment
 
 TYPES = convert.RosbagsTypes()
 STORE = TYPES.typestore
@@ -274,6 +276,19 @@ def test_missing_camera_ends_the_episode_instead_of_hanging():
     transport.skew = 40 * MS
     obs = robot.act(np.zeros(3, np.float32))
     assert obs.terminated and not obs.success
+
+
+def test_a_console_take_over_reads_the_teleop_topic_whatever_the_intervention_topic_says():
+    """Allocated mode, manual assignment: the teleop topic's command drives, the intervention topic is not asked."""
+    robot = Ros2Robot(["wave"], load_config({**ROS_CFG, "reset_service": ""}), transport=None)
+    operator = AllocatedOperator(robot.make_operator(), HelpBoard())
+    robot.bridge.on_teleop(wire(convert.multi_array_msg(TYPES, np.array([0.25, 0.5, 0.75])),
+                                convert.FLOAT64_MULTI_ARRAY))
+    assert not robot.bridge.intervening
+    operator.board.assign(OperatorAssignment("op-1", manual=False))
+    assert operator.decide(None, np.zeros(3, np.float32)) is None  # its own gating: the topic says no
+    operator.board.assign(OperatorAssignment("op-1", manual=True))
+    np.testing.assert_allclose(operator.decide(None, np.zeros(3, np.float32)), [0.25, 0.5, 0.75])
 
 
 def test_control_loop_records_interventions_from_ros_topics(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 
 from edge.spool import Spool
 from fleet.errors import ConfigError
+from fleet.rows import RowLayout
 from fleet.convert import decode_step, encode_step
 from fleet.types import EpisodeSummary, FeatureSpec, Schema, Step
 
@@ -227,3 +228,36 @@ def test_an_old_format_spool_is_converted_on_open(tmp_path):
     assert spool.record("e1", "t", False, step(4), None) == 5
     spool.close()
     assert Spool(tmp_path / "s.db", SCHEMA).backlog()[0] == 4  # converted once, durably
+
+
+def test_a_row_format_2_spool_gets_the_help_score_column_on_open(tmp_path):
+    """Rows written before the help score (row format 2: the flags byte right after the index) are converted in
+    place, chunk rows included, help score 0; new steps carry theirs."""
+    import sqlite3
+
+    spool = Spool(tmp_path / "s.db", SCHEMA, chunk_steps=3)
+    for i in range(7):
+        spool.record("e1", "t", False, step(i, intervention=i == 4), None)
+    spool.close()
+    db = sqlite3.connect(str(tmp_path / "s.db"))
+    fixed = RowLayout(SCHEMA).fixed
+    for seq, blob, n in db.execute("SELECT seq, blob, n FROM steps").fetchall():
+        rows = np.frombuffer(blob, np.uint8).reshape(n, fixed)
+        old = np.concatenate([rows[:, :-5], rows[:, -1:]], axis=1).tobytes()  # drop the 4 help bytes
+        db.execute("UPDATE steps SET blob = ?, nbytes = ? WHERE seq = ?", (old, len(old), seq))
+    assert db.execute("SELECT MAX(n) FROM steps").fetchone()[0] == 3  # chunk rows among them
+    db.execute("UPDATE meta SET value = 2 WHERE key = 'row_format'")
+    db.commit()
+    db.close()
+    with pytest.raises(ConfigError, match="old row format 2; open it with the robot's schema"):
+        Spool(tmp_path / "s.db")
+    spool = Spool(tmp_path / "s.db", SCHEMA, chunk_steps=3)
+    got = spool.steps(spool.read_after(0, max_steps=100))
+    assert [(s.seq, s.index, s.is_intervention, s.help_score) for s in got] == [
+        (i + 1, i, i == 4, 0.0) for i in range(7)]
+    np.testing.assert_array_equal(got[5].observation["state"], np.full(8, 5, np.float32))
+    new = step(7)
+    new.help_score = 0.75
+    assert spool.record("e1", "t", False, new, None) == 8
+    assert spool.steps(spool.read_after(7))[0].help_score == 0.75
+    assert spool.quarantined_steps == 0

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 import typing
 
 import pytest
@@ -115,13 +113,12 @@ def test_nested_defaults_are_the_nested_classes_own():
                     assert value == type(value)(), f"{cls.__name__}.{f.name} re-sets defaults of {type(value).__name__}"
 
 
-def test_help_shows_one_spelling_per_flag_with_its_docstring():
-    out = subprocess.run([sys.executable, "-m", "fleet.cli", "edge", "--help"], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "--streamer.window_chunks" in out.stdout and "--streamer.window-chunks" not in out.stdout
-    assert "--redis" not in out.stdout and "--state-dir" not in out.stdout and "--state_dir" in out.stdout
-    assert "Chunks sent and not yet acked at once" in out.stdout
+def test_help_shows_one_spelling_per_flag_with_its_docstring(cli_help):
+    code, text = cli_help["edge"]
+    assert code == 0
+    assert "--streamer.window_chunks" in text and "--streamer.window-chunks" not in text
+    assert "--redis" not in text and "--state-dir" not in text and "--state_dir" in text
+    assert "Chunks sent and not yet acked at once" in text
 
 
 def test_the_demo_hands_its_children_configs_that_read_back_equal(tmp_path):

@@ -81,6 +81,7 @@ def assert_fits_schema(cc: ColumnChunk, info: RobotInfo = INFO) -> None:
     assert set(cols.observation) == {f.name for f in info.schema.observation if not f.is_image}
     assert set(cols.frames) == {"cam"} and len(cols.frames["cam"]) == n
     assert not cols.done[:-1].any()
+    assert cols.help is None or (cols.help.shape == (n,) and ((cols.help >= 0) & (cols.help <= 1)).all())
     # What the buffer stores comes back unchanged.
     back = decode_element(encode_element(cols, info.schema), info.schema).columns
     for name in cols.observation:
@@ -88,6 +89,9 @@ def assert_fits_schema(cc: ColumnChunk, info: RobotInfo = INFO) -> None:
     np.testing.assert_array_equal(back.action, cols.action)
     np.testing.assert_array_equal(back.intervention, cols.intervention)
     assert back.frames == cols.frames and back.first_seq == cols.first_seq
+    assert (back.help is None) == (cols.help is None)
+    if cols.help is not None:
+        np.testing.assert_array_equal(back.help, cols.help)
 
 
 def test_the_valid_chunk_passes():

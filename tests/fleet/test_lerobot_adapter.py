@@ -114,6 +114,29 @@ def test_bc_fit_tracks_each_task(trained: tuple[FleetPolicy, LinearTasks, float]
         assert np.mean(errors) < 0.35 * untrained_error, (task, np.mean(errors), untrained_error)
 
 
+def test_action_disagreement_rises_when_chunk_re_predictions_disagree(
+        trained: tuple[FleetPolicy, LinearTasks, float]) -> None:
+    """ACT predicts 10 actions and executes 5: the next chunk re-predicts the last 5 ticks of the previous one.
+    A steady state gives agreeing re-predictions; a state that jumps between chunks makes them disagree."""
+    policy, data, _ = trained
+    steady, jumps = data.states(1)[0], data.states(8)
+
+    def disagreements(states) -> list[float]:
+        policy.reset()
+        assert policy.action_disagreement == 0.0
+        seen = []
+        for tick in range(40):
+            policy.select_action(observation(states[(tick // 5) % len(states)]), TASKS[0])
+            if tick % 5 == 0:  # a new chunk was predicted at this tick
+                seen.append(policy.action_disagreement)
+        return seen[1:]  # the first chunk has nothing to disagree with
+
+    calm, jumpy = disagreements([steady]), disagreements(jumps)
+    assert max(calm) < 0.2 and min(jumpy) > 2 * max(calm) and np.mean(jumpy) > 0.4, (calm, jumpy)
+    policy.reset()
+    assert policy.action_disagreement == 0.0
+
+
 def test_task_conditioning_matters(trained: tuple[FleetPolicy, LinearTasks, float]) -> None:
     policy, data, _ = trained
     state = data.states(1)[0]

@@ -102,6 +102,13 @@ class Ros2Operator(Operator):
         self._intervening = command is not None
         return command
 
+    def command(self, observation: Observation, policy_action: np.ndarray) -> np.ndarray | None:
+        """The teleop topic's command whatever the intervention topic says (a console take-over); None if no
+        fresh one arrived within ``teleop_timeout_s``."""
+        command = self.bridge.teleop_command(self.bridge.config.teleop_timeout_s)
+        self._intervening = command is not None
+        return command
+
     @property
     def is_intervening(self) -> bool:
         return self._intervening
