@@ -2,10 +2,11 @@
 
     gateway (gRPC, asyncio; ingest -> Redis buffer; policy feed <- store)
     trainer (sampler <- Redis; algorithm; publisher -> policy store + Redis pointer)
+    operators (optional: robots' help signals <- Redis; allocator; assignments -> Redis; console)
 
 They are separate processes (the GIL: ingest must not stall behind a training
 step) and meet only in Redis and the policy store directory. ``run_learner``
-starts both as child processes and stops them in reverse order.
+starts them as child processes and stops them in reverse order.
 """
 
 from __future__ import annotations
@@ -74,23 +75,33 @@ def gateway_args(listen: str, redis_url: str, policy_dir: str, metrics_port: int
             *(["--insecure"] if insecure else [])]
 
 
+def operators_args(redis_url: str, operators: str, extra: list[str] = ()) -> list[str]:
+    """``fleet operators`` for ``operators`` (a count or names) on ``redis_url``, then ``extra`` flags."""
+    return ["operators", "--redis_url", redis_url, "--operators", operators, *extra]
+
+
 def run_learner(listen: str, redis_url: str, policy_dir: str, trainer_args: list[str], log_dir: Path,
                 stop: threading.Event, gateway_metrics_port: int = 0, embodiment: str = "",
-                insecure: bool = False) -> int:
-    """Gateway and trainer as children until ``stop``; returns the first non-zero exit code.
+                insecure: bool = False, operator_args: list[str] | None = None) -> int:
+    """Gateway and trainer (and, given ``operator_args``, the operators service) as children until ``stop``;
+    returns the first non-zero exit code.
 
     ``embodiment``: both serve/train that embodiment's policy line (one learner per embodiment).
-    ``insecure``: the gateway child may serve a non-loopback ``listen`` without TLS and tokens."""
+    ``insecure``: the gateway child may serve a non-loopback ``listen`` without TLS and tokens.
+    ``operator_args``: the `fleet operators` command line (:func:`operators_args`); None = no shared operators."""
     gateway = spawn("gateway", gateway_args(listen, redis_url, policy_dir, gateway_metrics_port, embodiment,
                                             insecure), log_dir)
     line = ["--embodiment", embodiment] if embodiment else []
     trainer = spawn("trainer", ["trainer", "--redis_url", redis_url, "--policy_dir", policy_dir, *line,
                                 *trainer_args], log_dir)
-    log.info("learner: gateway pid %d, trainer pid %d, logs in %s", gateway.proc.pid, trainer.proc.pid, log_dir)
+    children = [gateway, trainer]
+    if operator_args is not None:
+        children.append(spawn("operators", operator_args, log_dir))
+    log.info("learner: %s, logs in %s", ", ".join(f"{c.name} pid {c.proc.pid}" for c in children), log_dir)
     while not stop.wait(1.0):
-        for child in (gateway, trainer):
+        for child in children:
             if child.proc.poll() is not None:
                 log.error("%s exited with %s; see %s", child.name, child.proc.returncode, child.log_path)
                 stop.set()
-    codes = [trainer.terminate(), gateway.terminate()]
+    codes = [child.terminate() for child in reversed(children)]
     return next((c for c in codes if c), 0)

@@ -31,9 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from redis.exceptions import BusyLoadingError, RedisError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from cloud import fleet_metrics
 from cloud.algorithms.base import algorithm_class
@@ -52,17 +50,13 @@ from fleet import metrics
 from cloud.trainer_config import TrainerConfig
 from fleet.errors import ConfigError
 from fleet.policies import FleetPolicy, NormStats, build_policy, set_torch_threads
-from fleet.redis_client import connect
+from fleet.redis_client import REDIS_UNAVAILABLE, connect, wait_out_outage
 from fleet.signing import ManifestSigner
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATUS_KEY = "fleet:trainer:status"
 
-REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
-"""Redis errors that mean "not reachable right now" (down, restarting, LOADING its AOF): waited out, not raised."""
-OUTAGE_BACKOFF_S = (0.25, 10.0)
-"""First and largest wait between Redis reconnection attempts (doubling in between)."""
 PUBLISH_RETRY_S = (1.0, 60.0)
 """First and largest wait before retrying a publish the policy directory refused (OSError)."""
 
@@ -286,22 +280,12 @@ class Trainer:
         metrics.TRAINER_REDIS_UP.set(0)
         log.warning("Redis is unavailable (%s: %s) during %s: pausing sampling and publishing until it is back",
                     type(exc).__name__, exc, during)
-        t0, delay = time.monotonic(), OUTAGE_BACKOFF_S[0]
-        attempts = 0
-        while not self.stop.wait(delay):
-            attempts += 1
-            try:
-                self.redis.ping()
-                self.redis.exists(TRAINER_STATUS_KEY)  # a data command: refused with LOADING until the AOF is read
-            except REDIS_UNAVAILABLE as again:
-                log.debug("Redis still unavailable after %d attempts: %s", attempts, again)
-                delay = min(delay * 2, OUTAGE_BACKOFF_S[1])
-                continue
-            metrics.TRAINER_REDIS_UP.set(1)
-            log.info("Redis is back after %.1f s (%d attempts): resuming at step %d", time.monotonic() - t0,
-                     attempts, self.state.step)
-            return True
-        return False
+        back, attempts, waited_s = wait_out_outage(self.redis, self.stop, TRAINER_STATUS_KEY)
+        if not back:
+            return False
+        metrics.TRAINER_REDIS_UP.set(1)
+        log.info("Redis is back after %.1f s (%d attempts): resuming at step %d", waited_s, attempts, self.state.step)
+        return True
 
     def _new_prefetcher(self, old: Prefetcher | None, **kwargs) -> Prefetcher:
         """A fresh prefetcher (the old one's queue may hold batches or errors from before an outage)."""

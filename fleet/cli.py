@@ -1,9 +1,10 @@
 """``fleet``: one command, one subcommand per process.
 
     fleet demo      the whole system on this machine (private Redis, learner, simulated fleet)
-    fleet learner   the cloud side: gateway + trainer (two processes)
+    fleet learner   the cloud side: gateway + trainer (+ operators), as child processes
     fleet gateway   the gRPC gateway alone (run several replicas behind a load balancer)
     fleet trainer   the trainer alone
+    fleet operators M operators shared by the robots: allocator, operator console, metrics
     fleet edge      one robot's edge agent
     fleet sim-fleet N simulated robots (full edge agents) on threads of one process
     fleet ros2-sim-robot  a simulated arm as a ROS 2 driver, for `fleet edge --backend.type=ros2`
@@ -120,6 +121,16 @@ def _run_trainer(cfg) -> int:
     return 0
 
 
+def _run_operators(cfg) -> int:
+    from cloud.operators.service import OperatorsService
+    from fleet import metrics
+
+    metrics.serve(cfg.metrics_port)
+    stop = _stop_on_signals()
+    OperatorsService(cfg).run(stop)
+    return 0
+
+
 def _cmd_learner(args) -> int:
     from pathlib import Path
 
@@ -132,10 +143,18 @@ def _cmd_learner(args) -> int:
                               "which `fleet learner` cannot set: pass --insecure, use a loopback --listen, or run "
                               "`fleet gateway` with --security.tls_cert_file, --security.tls_key_file and "
                               "--security.token_key_file and `fleet trainer` separately")
+    operator_args = None
+    if args.operators:
+        from cloud.app import operators_args
+
+        extra = ["--policy", args.operator_policy, "--metrics_port", str(args.operators_metrics_port),
+                 *(["--console_listen", args.console_listen] if args.console_listen else [])]
+        operator_args = operators_args(args.redis_url, args.operators, extra)
+        parse_config("operators", operator_args[1:], exit_on_error=False)  # a bad value exits 2 before anything starts
     stop = _stop_on_signals()
     passthrough = [a for a in args.trainer_args if a != "--"]
     return run_learner(args.listen, args.redis_url, args.policy_dir, passthrough, Path(args.log_dir), stop,
-                       args.gateway_metrics_port, args.embodiment, args.insecure)
+                       args.gateway_metrics_port, args.embodiment, args.insecure, operator_args)
 
 
 def _run_edge(cfg) -> int:
@@ -364,6 +383,12 @@ def _trainer_config():
     return TrainerConfig, RESUME_HELP
 
 
+def _operators_config():
+    from cloud.operators.config import OperatorsConfig
+
+    return OperatorsConfig, "See docs/operators.md."
+
+
 def _edge_config():
     from edge.config import EdgeConfig  # no torch: a bad config exits 2 before the agent's imports
 
@@ -392,6 +417,8 @@ CONFIG_COMMANDS = {
     "demo": ("run the whole system on this machine and show the policy improving", _demo_config, _run_demo),
     "gateway": ("the gRPC gateway (stateless; run several behind a load balancer)", _gateway_config, _run_gateway),
     "trainer": ("the trainer: sample from Redis, train, publish versions", _trainer_config, _run_trainer),
+    "operators": ("M operators shared by the robots: who helps which robot now, the operator console",
+                  _operators_config, _run_operators),
     "edge": ("one robot's edge agent", _edge_config, _run_edge),
     "sim-fleet": ("N simulated robots (full edge agents) on threads of one process", _sim_fleet_config,
                   _run_sim_fleet),
@@ -456,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, _, _) in CONFIG_COMMANDS.items():  # parsed by fleet.config.parse (draccus)
         sub.add_parser(name, help=help_text, add_help=False)
 
-    p = sub.add_parser("learner", help="the cloud side: gateway + trainer as two processes",
+    p = sub.add_parser("learner", help="the cloud side: gateway + trainer (+ operators) as child processes",
                        description="Start the gateway and the trainer as child processes sharing Redis and "
                        "the policy store. Trainer options go after '--' (see `fleet trainer --help`). The "
                        "trainer checkpoints into <policy-dir>-checkpoints and resumes from "
@@ -473,6 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway_metrics_port", type=int, default=0, help="gateway /metrics port (0 = off)")
     p.add_argument("--embodiment", default="", help="serve and train only this embodiment's policy line (run one "
                    "learner, with its own --listen and --policy_dir, per embodiment; docs/robots.md)")
+    p.add_argument("--operators", default="", help="share this many operators (or these names, comma-separated) "
+                   "among the robots: also starts `fleet operators` (docs/operators.md); default: none")
+    p.add_argument("--operator_policy", default="priority", help="with --operators: priority, round_robin or random")
+    p.add_argument("--console_listen", default="", help="with --operators: host:port of the operator console "
+                   "(loopback; e.g. 127.0.0.1:8470)")
+    p.add_argument("--operators_metrics_port", type=int, default=0, help="with --operators: its /metrics port (0 = off)")
     p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="options passed to `fleet trainer`")
     p.set_defaults(func=_cmd_learner)
 

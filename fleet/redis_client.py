@@ -10,7 +10,21 @@ both; pipelines over many robots are split per node by the cluster client.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from urllib.parse import urlsplit, urlunsplit
+
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger(__name__)
+
+REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
+"""Redis errors that mean "not reachable right now" (down, restarting, LOADING its AOF): waited out, not raised."""
+OUTAGE_BACKOFF_S = (0.25, 10.0)
+"""First and largest wait between Redis reconnection attempts (doubling in between)."""
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # Client options that only single-node clients accept.
@@ -61,3 +75,22 @@ def connect_async(url: str, **kwargs):
     for name in _SINGLE_ONLY:
         kwargs.pop(name, None)
     return RedisCluster.from_url(base, startup_nodes=[ClusterNode(h, p) for h, p in nodes], **kwargs)
+
+
+def wait_out_outage(client, stop: threading.Event, probe_key: str) -> tuple[bool, int, float]:
+    """Redis is unreachable: retry PING and a data command (``EXISTS probe_key``: refused with LOADING until the
+    AOF is read) with capped exponential backoff (``OUTAGE_BACKOFF_S``) until it answers. Returns (answered,
+    attempts, seconds waited); answered is False if ``stop`` was set first. The caller logs the outage."""
+    t0, delay = time.monotonic(), OUTAGE_BACKOFF_S[0]
+    attempts = 0
+    while not stop.wait(delay):
+        attempts += 1
+        try:
+            client.ping()
+            client.exists(probe_key)
+        except REDIS_UNAVAILABLE as again:
+            log.debug("Redis still unavailable after %d attempts: %s", attempts, again)
+            delay = min(delay * 2, OUTAGE_BACKOFF_S[1])
+            continue
+        return True, attempts, time.monotonic() - t0
+    return False, attempts, time.monotonic() - t0

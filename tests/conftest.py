@@ -153,7 +153,7 @@ def cli_main():
     root.setLevel(level)
 
 
-CLI_COMMANDS = ("demo", "learner", "gateway", "trainer", "edge", "sim-fleet", "status", "seed")
+CLI_COMMANDS = ("demo", "learner", "gateway", "trainer", "operators", "edge", "sim-fleet", "status", "seed")
 _HELP_SCRIPT = """
 import contextlib, io, json, sys
 from fleet.cli import main

@@ -215,3 +215,7 @@ def frames_key(robot_id: str, episode_id: str, first_seq: int, camera: str) -> s
 def frames_prefix(robot_id: str, episode_id: str) -> str:
     """Blob key prefix of every frame object of one episode."""
     return f"frames/{robot_id}/{episode_id}/"
+
+
+OPS_OPERATORS_KEY = "fleet:ops:operators"
+"""HASH operator_id -> JSON {"kind": "sim"|"human", "since_s"}: the operators the service shares (docs/operators.md)."""

@@ -8,7 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-from cloud.buffer.layout import ROBOTS_KEY, SOURCE_ONLINE, RobotKeys, frames_key
+from cloud.buffer.layout import OPS_ASSIGNMENTS_KEY, OPS_OPERATORS_KEY, ROBOTS_KEY, SOURCE_ONLINE, RobotKeys, frames_key
 from fleet.columns import FRAMES_BLOB, FRAMES_INLINE, Element, decode_element, unpack_frames
 from fleet.convert import schema_from_dict
 from fleet.errors import InvalidInput
@@ -92,6 +92,37 @@ class BufferReader:
         pipe.hgetall(k.status)
         pipe.hgetall(k.stats)
         pipe.get(k.seq)
+
+    # --- operators (cloud/operators) ------------------------------------------------------------------------------
+    def robot_needs(self) -> dict[str, dict[str, str]]:
+        """Online robot id -> its status hash (last heartbeat with its help signal), decoded; one round trip
+        after the registrations. The operators service turns it into ``Need``s."""
+        regs = self.registrations()
+        rids = sorted(r for r, reg in regs.items() if (reg or {}).get("source", SOURCE_ONLINE) == SOURCE_ONLINE)
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in rids:
+            pipe.hgetall(RobotKeys(rid).status)
+        return {rid: {_text(k): _text(v) for k, v in status.items()}
+                for rid, status in zip(rids, pipe.execute() if rids else [])}
+
+    def thumbnail(self, robot_id: str) -> bytes | None:
+        """The last JPEG thumbnail robot ``robot_id``'s heartbeat carried (None: none in the last minute)."""
+        return self.redis.get(RobotKeys(robot_id).thumb)
+
+    def thumbnails_present(self, robot_ids: list[str]) -> list[str]:
+        """Those of ``robot_ids`` that have a thumbnail now (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in robot_ids:
+            pipe.exists(RobotKeys(rid).thumb)
+        return [rid for rid, n in zip(robot_ids, pipe.execute() if robot_ids else []) if n]
+
+    def assignments(self) -> dict[str, bytes]:
+        """robot id -> its raw JSON entry of the operator assignments (``fleet:ops:assignments``)."""
+        return {_text(k): v for k, v in self.redis.hgetall(OPS_ASSIGNMENTS_KEY).items()}
+
+    def operators(self) -> dict[str, bytes]:
+        """operator id -> its raw JSON entry (``fleet:ops:operators``)."""
+        return {_text(k): v for k, v in self.redis.hgetall(OPS_OPERATORS_KEY).items()}
 
     def schema(self, robot_id: str) -> Schema | None:
         raw = self.redis.hget(ROBOTS_KEY, robot_id)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cloud.buffer.layout import OPS_ASSIGNMENTS_KEY, ROBOTS_KEY, SOURCE_ONLINE, THUMBNAIL_TTL_S, RobotKeys, frames_key
+from cloud.buffer.layout import (OPS_ASSIGNMENTS_KEY, OPS_OPERATORS_KEY, ROBOTS_KEY, SOURCE_ONLINE, THUMBNAIL_TTL_S,
+                                 RobotKeys, frames_key)
 from fleet.columns import FRAMES_BLOB, Columns, cameras, encode_element, pack_frames, set_first_index
 from fleet.convert import schema_from_dict
 from fleet.errors import BackendUnavailable, InvalidInput, SequenceGap, UnknownRobot
@@ -321,6 +322,20 @@ async def _registered_schema(redis, robot_id: str) -> Schema | None:
         return schema_from_dict(json.loads(raw)["schema"]) if raw else None
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def write_operator_state(redis, assignments: dict[str, str], operators: dict[str, str], ttl_s: float = 0.0) -> None:
+    """Replace the operator assignments (robot id -> JSON) and the operators (operator id -> JSON) with these,
+    each hash in one MULTI (the gateway never reads a half-written one), expiring after ``ttl_s`` unless written
+    again (0 = never). Synchronous: the operators service's client; only that service writes these keys."""
+    for key, mapping in ((OPS_ASSIGNMENTS_KEY, assignments), (OPS_OPERATORS_KEY, operators)):
+        pipe = redis.pipeline(transaction=True)
+        pipe.delete(key)
+        if mapping:
+            pipe.hset(key, mapping=mapping)
+            if ttl_s > 0:
+                pipe.pexpire(key, int(ttl_s * 1000))
+        pipe.execute()
 
 
 def assignment_from_json(raw: bytes | str) -> OperatorAssignment:

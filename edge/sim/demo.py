@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import redis as redis_lib
 
-from cloud.app import Child, gateway_args, spawn
+from cloud.app import Child, gateway_args, operators_args, spawn
 from cloud.buffer import SOURCE_ONLINE
 from cloud.buffer.reader import BufferReader
 from edge.sim.demo_view import RECENT_S, DemoView, Snapshot
@@ -31,6 +31,7 @@ from edge.sim.demos import seed_scripted_demos
 from cloud.status import fleet_status, online_robots
 from cloud.trainer_config import TrainerConfig
 from edge.agent import EdgeConfig
+from edge.help import HelpConfig
 from edge.loop import LoopConfig
 from edge.sim.fleet import SimFleetConfig
 from fleet.config import require
@@ -66,7 +67,12 @@ def _demo_trainer() -> TrainerConfig:
 
 
 def _demo_fleet() -> SimFleetConfig:
-    return SimFleetConfig(edge=EdgeConfig(loop=LoopConfig(max_episode_steps=120, eval_every=2)))
+    """120-step episodes, every 2nd one evaluated. The help signal counts only reward as progress, over 40 ticks:
+    a failing MetaWorld policy keeps the arm moving, so motion hides its stalls (in bench/operator_allocation.py,
+    counting motion over 60 ticks left one operator for 8 robots busy 36% of the time instead of ~70%). It
+    matters with --operators."""
+    return SimFleetConfig(edge=EdgeConfig(loop=LoopConfig(max_episode_steps=120, eval_every=2),
+                                          help_signal=HelpConfig(stall_window_steps=40, stall_min_motion=0.0)))
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,12 @@ class DemoConfig:
     alerts; prints its URL and stops it at the end (without the binary: a one-line note, the demo runs on)."""
     redis_appendfsync: str = "everysec"
     """Redis AOF fsync: everysec (acked steps survive a Redis crash, ~1 s lost on power loss) or always."""
+    operators: int = 0
+    """Share this many simulated operators among the robots: `fleet operators` runs as another child and the robots
+    run in allocated mode (an operator acts on a robot only while assigned to it; docs/operators.md). 0 = every robot
+    has its own operator, always watching."""
+    operator_policy: str = "priority"
+    """With operators: who gets one (priority, round_robin or random)."""
     trainer: TrainerConfig = field(default_factory=_demo_trainer)
     """The trainer (`fleet trainer --help`); the demo's policy is a small ACT."""
     fleet: SimFleetConfig = field(default_factory=_demo_fleet)
@@ -98,6 +110,12 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         require(self.duration_s > 0, f"duration_s ({self.duration_s}) must be > 0 seconds")
+        require(self.operators >= 0, f"operators ({self.operators}) must be >= 0 (0 = one operator per robot)")
+        if self.operators:
+            from cloud.operators.allocator import POLICIES
+
+            require(self.operator_policy in POLICIES,
+                    f"operator_policy must be one of {', '.join(POLICIES)}, got {self.operator_policy!r}")
         require(self.redis_appendfsync in ("everysec", "always"),
                 f"redis_appendfsync must be everysec or always, got {self.redis_appendfsync!r}")
         require(self.fleet.edge.loop.eval_every > 0,
@@ -301,8 +319,15 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, view: DemoView | None = Non
                           tasks=tasks, metrics_port=metrics["fleet-trainer"][0] if metrics else cfg.trainer.metrics_port)
         children.append(spawn("trainer", ["trainer", "--config_path",
                                           _write_config(trainer, run_dir / "trainer.json")], logs))
-        fleet_cfg = replace(fleet_cfg, state_root=str(run_dir / "edge"),
-                            edge=replace(fleet_cfg.edge, gateway=f"127.0.0.1:{port}", tasks=tasks))
+        edge = replace(fleet_cfg.edge, gateway=f"127.0.0.1:{port}", tasks=tasks)
+        if cfg.operators:  # M simulated operators shared by the robots, allocated by `fleet operators`
+            if metrics:
+                metrics["fleet-operators"] = [free_port()]
+            children.append(spawn("operators", operators_args(redis_proc.url, str(cfg.operators), [
+                "--kind", "sim", "--policy", cfg.operator_policy,
+                "--metrics_port", str(metrics["fleet-operators"][0] if metrics else 0)]), logs))
+            edge = replace(edge, operator=replace(edge.operator, allocation="allocated"))
+        fleet_cfg = replace(fleet_cfg, state_root=str(run_dir / "edge"), edge=edge)
         robots = fleet_cfg.robot_configs()
         if metrics:
             robots = [replace(r, metrics_port=free_port()) for r in robots]
@@ -311,7 +336,8 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, view: DemoView | None = Non
         for robot in robots:
             children.append(spawn(robot.robot_id, ["edge", "--config_path",
                                                    _write_config(robot, run_dir / f"{robot.robot_id}.json")], logs))
-        echo(f"gateway on 127.0.0.1:{port}; trainer and {cfg.fleet.robots} robots starting")
+        echo(f"gateway on 127.0.0.1:{port}; trainer and {cfg.fleet.robots} robots starting" +
+             (f"; {cfg.operators} operators shared ({cfg.operator_policy})" if cfg.operators else ""))
         if metrics:
             prometheus = _start_monitor(run_dir, metrics, echo)
         view.footer = f"logs: {logs}/" + (f" | prometheus: {prometheus.url}" if prometheus else "") + \

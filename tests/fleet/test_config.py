@@ -10,13 +10,14 @@ import typing
 import pytest
 
 from edge.sim.demo import DemoConfig
+from cloud.operators.config import OperatorsConfig
 from cloud.trainer_config import TrainerConfig
 from edge.agent import EdgeConfig
 from edge.sim.fleet import SimFleetConfig
 from fleet.config import _is_choice, _is_config, field_docs, parse
 from fleet.gateway_config import GatewayConfig
 
-PROCESS_CONFIGS = (GatewayConfig, TrainerConfig, EdgeConfig, SimFleetConfig, DemoConfig)
+PROCESS_CONFIGS = (GatewayConfig, TrainerConfig, EdgeConfig, SimFleetConfig, DemoConfig, OperatorsConfig)
 
 
 def _exit_code(cls, argv, capsys) -> tuple[int, str]:
