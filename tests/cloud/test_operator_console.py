@@ -239,6 +239,27 @@ def test_listen_rules(backend, tmp_path):
     assert read_token_file("") == ""
 
 
+def test_the_operators_config_and_the_learner_refuse_a_remote_console_up_front(cli_main, capsys):
+    from cloud.app import operators_args
+    from cloud.operators.config import OperatorsConfig
+    from fleet.cli import parse_config
+
+    with pytest.raises(ConfigError, match="not loopback.*--console_insecure"):
+        OperatorsConfig(console_listen="0.0.0.0:8470")
+    assert OperatorsConfig(console_listen="0.0.0.0:8470", console_insecure=True).console_insecure
+    with pytest.raises(ConfigError, match="not host:port"):
+        parse_config("operators", ["--console_listen", "nowhere"], exit_on_error=False)
+    # `fleet learner --operators` checks its child's console flags before starting anything
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["learner", "--operators", "1", "--console_listen", "0.0.0.0:8470"])
+    assert exc.value.code == 2 and "refusing to serve the operator console" in capsys.readouterr().err
+    # the flags the learner passes on to its operators child when given --console_insecure / --console_token_file
+    cfg = parse_config("operators", operators_args("redis://127.0.0.1:1/0", "1", [
+        "--console_listen", "0.0.0.0:8470", "--console_insecure", "true", "--console_token_file", "/x"])[1:],
+        exit_on_error=False)
+    assert (cfg.console_insecure, cfg.console_token_file) == (True, "/x")
+
+
 def test_stop_ends_open_keep_alive_connections(backend):
     server = ConsoleServer(backend, "127.0.0.1:0")
     host, port = server.start()
