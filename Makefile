@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) redis system-tools
 
 # Optional system tools some tests use (each test skips, naming the package, when its tool is missing):
-# prometheus/promtool (observability tests), systemd-analyze (unit lint). Installed with apt when we may.
-APT_TOOLS := prometheus:prometheus promtool:prometheus systemd-analyze:systemd
+# prometheus/promtool (observability tests), systemd-analyze (unit lint), chromium/chromedriver (the operator
+# console's browser tests). Installed with apt when we may.
+APT_TOOLS := prometheus:prometheus promtool:prometheus systemd-analyze:systemd chromium:chromium \
+	chromedriver:chromium-driver
 system-tools:
 	@missing=""; for pair in $(APT_TOOLS); do tool=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$tool >/dev/null || missing="$$missing $$pkg"; done; \

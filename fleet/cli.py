@@ -148,7 +148,9 @@ def _cmd_learner(args) -> int:
         from cloud.app import operators_args
 
         extra = ["--policy", args.operator_policy, "--metrics_port", str(args.operators_metrics_port),
-                 *(["--console_listen", args.console_listen] if args.console_listen else [])]
+                 *(["--console_listen", args.console_listen] if args.console_listen else []),
+                 *(["--console_insecure", "true"] if args.console_insecure else []),
+                 *(["--console_token_file", args.console_token_file] if args.console_token_file else [])]
         operator_args = operators_args(args.redis_url, args.operators, extra)
         parse_config("operators", operator_args[1:], exit_on_error=False)  # a bad value exits 2 before anything starts
     stop = _stop_on_signals()
@@ -505,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operator_policy", default="priority", help="with --operators: priority, round_robin or random")
     p.add_argument("--console_listen", default="", help="with --operators: host:port of the operator console "
                    "(loopback; e.g. 127.0.0.1:8470)")
+    p.add_argument("--console_insecure", action="store_true", help="with --console_listen: let the console listen "
+                   "beyond loopback (plain HTTP; take-over moves robots): trusted networks only")
+    p.add_argument("--console_token_file", default="", help="with --console_listen: file holding the bearer token "
+                   "every console API call must carry (docs/operators.md, Console)")
     p.add_argument("--operators_metrics_port", type=int, default=0, help="with --operators: its /metrics port (0 = off)")
     p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="options passed to `fleet trainer`")
     p.set_defaults(func=_cmd_learner)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cloud.operators.allocator import POLICIES
+from cloud.operators.console import console_refusal
 from fleet.config import require
 from fleet.names import is_id
-from fleet.netaddr import split_host_port
 
 OPERATOR_KINDS = ("human", "sim")
 
@@ -72,8 +72,6 @@ class OperatorsConfig:
         require(self.stale_after_s > 0, f"stale_after_s ({self.stale_after_s}) must be > 0")
         require(self.wait_alert_s > 0, f"wait_alert_s ({self.wait_alert_s}) must be > 0")
         require(0 <= self.metrics_port <= 65535, f"metrics_port ({self.metrics_port}) must be in [0, 65535]")
-        if self.console_listen:
-            try:
-                split_host_port(self.console_listen)
-            except ValueError as exc:
-                require(False, f"console_listen: {exc}")
+        if self.console_listen:  # a bad address or a non-loopback one without console_insecure: exit 2 up front
+            refusal = console_refusal(self.console_listen, self.console_insecure)
+            require(refusal is None, refusal or "")
