@@ -88,6 +88,7 @@ class OperatorsService:
         self._now = self.started_s
         self._last_tick: float | None = None
         self._skips = 0
+        metrics.init_operators()
         self._busy = {op: metrics.OPERATOR_BUSY.labels(operator=op) for op in self.operator_ids}
         metrics.OPERATORS.set(len(self.operator_ids))
         metrics.OPERATORS_WAIT_ALERT.set(cfg.wait_alert_s)
