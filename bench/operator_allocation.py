@@ -243,7 +243,8 @@ class Learner:
         parts = []
         if n_online:
             idx = self.rng.integers(0, len(self.online["state"]), n_online)
-            parts.append({k: np.asarray(v)[idx] for k, v in self.online.items()} | {"is_online": np.ones(n_online, bool)})
+            online = {k: np.asarray(v)[idx] for k, v in self.online.items()}
+            parts.append(online | {"is_online": np.ones(n_online, bool)})
         idx = self.rng.integers(0, len(self.demos["state"]), n - n_online)
         parts.append({k: self.demos[k][idx] for k in self.online} | {"is_online": np.zeros(n - n_online, bool)})
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -420,10 +421,12 @@ def table(result: dict) -> str:
             m, s = c[key]["mean"], c[key]["std"]
             return "-" if m is None else f"{m * scale:{spec}} ± {s * scale:{spec}}"
         curve = " ".join(_fmt(v) for v in c["success_curve"])
+        driving = c["operator_driving"]["mean"]
+        p50, p99 = c["time_to_help_p50_s"]["mean"], c["time_to_help_p99_s"]["mean"]
         lines.append(f"| {label} | {ms('final_autonomous_success')} | {curve} | {ms('intervention_steps', spec='.0f')} "
                      f"| {ms('rohe', 1000, '.1f')} | {ms('idle_robot_time', 100, '.0f')}% "
-                     f"| {ms('operator_utilisation', 100, '.0f')}% ({_fmt(c['operator_driving']['mean'] and 100 * c['operator_driving']['mean'], '.0f')}%) "
-                     f"| {_fmt(c['time_to_help_p50_s']['mean'], '.1f')} / {_fmt(c['time_to_help_p99_s']['mean'], '.1f')} |")
+                     f"| {ms('operator_utilisation', 100, '.0f')}% ({_fmt(driving and 100 * driving, '.0f')}%) "
+                     f"| {_fmt(p50, '.1f')} / {_fmt(p99, '.1f')} |")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Prometheus metrics of every process, declared once: ``fleet_`` prefix, base units, bounded labels.
 
 Labels are robot id, operator id (one of the configured M), task, source (online/offline), gRPC status code,
-outcome, rpc, reason, term, kind or mode: never episode ids or sequence numbers (tests/test_observability.py checks it). Each process serves its metrics with ``serve(port)``;
+outcome, rpc, reason, term, kind or mode: never episode ids or sequence numbers (tests/test_observability.py
+checks it). Each process serves its metrics with ``serve(port)``;
 the fleet-level series computed from Redis (``fleet_robot_*``, ``fleet_window_*``, ``fleet_buffer_*``,
 ``fleet_redis_*``) come from ``cloud/fleet_metrics.py``, served by the trainer.
 docs/observability.md lists every series.
@@ -154,26 +155,45 @@ TRAINER_PUBLISH_FAILURES = Counter("fleet_trainer_publish_failures_total",
                                    "Publishes postponed because the policy store refused the write (OSError)")
 
 # --- operators (cloud/operators/service.py: `fleet operators`) ---------------------
+# Registered only in the operators process (``init_operators``): every other process would export these
+# unlabelled series at 0, and the rules over them (a utilisation average, the wait alert) would see those too.
 OPERATOR_MODES = ("automatic", "manual")
-OPERATORS = Gauge("fleet_operators", "Operators the allocator shares among the robots (M)")
-OPERATORS_ASSIGNED = Gauge("fleet_operators_assigned", "Operators holding a robot now")
-OPERATORS_UTILISATION = Gauge("fleet_operators_utilisation_ratio", "Share of the operators holding a robot now")
-OPERATOR_BUSY = Counter("fleet_operator_busy_seconds", "Seconds each operator held a robot", ["operator"])
-OPERATORS_QUEUE = Gauge("fleet_operators_queue_robots", "Robots that want help and have no operator (the queue)")
-OPERATORS_WANTING = Gauge("fleet_operators_wanting_robots", "Robots that want help, with or without an operator")
+_OPS = {"registry": None}
+OPERATORS = Gauge("fleet_operators", "Operators the allocator shares among the robots (M)", **_OPS)
+OPERATORS_ASSIGNED = Gauge("fleet_operators_assigned", "Operators holding a robot now", **_OPS)
+OPERATORS_UTILISATION = Gauge("fleet_operators_utilisation_ratio", "Share of the operators holding a robot now",
+                              **_OPS)
+OPERATOR_BUSY = Counter("fleet_operator_busy_seconds", "Seconds each operator held a robot", ["operator"], **_OPS)
+OPERATORS_QUEUE = Gauge("fleet_operators_queue_robots", "Robots that want help and have no operator (the queue)",
+                        **_OPS)
+OPERATORS_WANTING = Gauge("fleet_operators_wanting_robots", "Robots that want help, with or without an operator",
+                          **_OPS)
 OPERATORS_HOLDING = Gauge("fleet_operators_holding_robots",
-                          "Robots stopped (or on their fallback) because they want help and have no operator")
+                          "Robots stopped (or on their fallback) because they want help and have no operator", **_OPS)
 OPERATORS_LONGEST_WAIT = Gauge("fleet_operators_longest_wait_seconds",
-                               "Longest time a robot in the queue has wanted help (0: queue empty)")
+                               "Longest time a robot in the queue has wanted help (0: queue empty)", **_OPS)
 OPERATORS_WAIT_ALERT = Gauge("fleet_operators_wait_alert_seconds",
-                             "The service's --wait_alert_s: FleetRobotWaitingForOperator fires above it")
+                             "The service's --wait_alert_s: FleetRobotWaitingForOperator fires above it", **_OPS)
 OPERATORS_TIME_TO_HELP = Histogram("fleet_operators_time_to_help_seconds",
                                    "From wanting help to getting an operator (the robot's wanted_for_s then)",
-                                   buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600))
+                                   buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600), **_OPS)
 OPERATORS_ASSIGNMENTS = Counter("fleet_operators_assignments", "Operators put on a robot, by mode (automatic: the "
-                                "allocator; manual: a take-over in the console)", ["mode"])
+                                "allocator; manual: a take-over in the console)", ["mode"], **_OPS)
 OPERATORS_REDIS_UP = Gauge("fleet_operators_redis_up", "1 while the operators service reaches Redis; 0 while it "
-                           "waits out an outage (assignments keep their last state in Redis)")
+                           "waits out an outage (assignments keep their last state in Redis)", **_OPS)
+_OPERATOR_SERIES = (OPERATORS, OPERATORS_ASSIGNED, OPERATORS_UTILISATION, OPERATOR_BUSY, OPERATORS_QUEUE,
+                    OPERATORS_WANTING, OPERATORS_HOLDING, OPERATORS_LONGEST_WAIT, OPERATORS_WAIT_ALERT,
+                    OPERATORS_TIME_TO_HELP, OPERATORS_ASSIGNMENTS, OPERATORS_REDIS_UP)
+_operators_registered = threading.Lock()
+
+
+def init_operators() -> None:
+    """Register the operator series with the default registry (once per process: the operators service)."""
+    from prometheus_client import REGISTRY
+
+    if _operators_registered.acquire(blocking=False):
+        for metric in _OPERATOR_SERIES:
+            REGISTRY.register(metric)
 
 
 # --- blob store (cloud/blobstore.py; gateway, trainer, retention) --------------

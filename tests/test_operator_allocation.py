@@ -21,7 +21,8 @@ def test_quick_study_writes_json_table_and_png(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| unlimited M=3 |" in printed and "[4/4] seed 0 unlimited M=3" in printed
     for run in result["runs"]:
-        assert 0.0 <= run["idle_robot_time"] <= 1.0 and 0.0 <= run["operator_driving"] <= run["operator_utilisation"] <= 1.0
+        assert 0.0 <= run["idle_robot_time"] <= 1.0
+        assert 0.0 <= run["operator_driving"] <= run["operator_utilisation"] <= 1.0
         assert run["rohe"] == pytest.approx(run["successes"] / (1 + run["intervention_steps"]))
         assert run["episodes"] >= 3 and run["learner_updates"] > 0
     unlimited = result["runs"][-1]

@@ -32,7 +32,6 @@ from cloud.buffer.writer import write_operator_state
 from cloud.operators.allocator import Allocator, Assignment, Need
 from cloud.operators.config import OperatorsConfig
 from fleet import metrics
-from fleet.errors import ConfigError
 from fleet.redis_client import REDIS_UNAVAILABLE, connect, wait_out_outage
 
 log = logging.getLogger(__name__)
@@ -89,6 +88,7 @@ class OperatorsService:
         self._now = self.started_s
         self._last_tick: float | None = None
         self._skips = 0
+        metrics.init_operators()
         self._busy = {op: metrics.OPERATOR_BUSY.labels(operator=op) for op in self.operator_ids}
         metrics.OPERATORS.set(len(self.operator_ids))
         metrics.OPERATORS_WAIT_ALERT.set(cfg.wait_alert_s)
@@ -155,11 +155,8 @@ class OperatorsService:
 
     def start_console(self) -> tuple[str, int]:
         """Serve the operator console on ``console_listen``; returns its bound (host, port)."""
-        try:
-            from cloud.operators.console import ConsoleServer, read_token_file
-        except ImportError as exc:
-            raise ConfigError(f"console_listen is set but the operator console (cloud/operators/console.py) is not "
-                              f"installed here: {exc}") from None
+        from cloud.operators.console import ConsoleServer, read_token_file  # only a service with a console needs it
+
         self.console = ConsoleServer(self, self.cfg.console_listen, insecure=self.cfg.console_insecure,
                                      token=read_token_file(self.cfg.console_token_file))
         return self.console.start()

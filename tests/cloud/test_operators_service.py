@@ -221,3 +221,12 @@ def test_a_redis_outage_is_waited_out(tmp_path):
         client.close()
         redis_proc.kill()
     assert not runner.is_alive()
+
+
+def test_other_processes_do_not_export_the_operator_series():
+    """Unlabelled series would be exported at 0 by every process (and seen by the rules over them)."""
+    code = ("from prometheus_client import generate_latest; from fleet import metrics; "
+            "before = generate_latest().decode(); metrics.init_operators(); metrics.init_operators(); "
+            "after = generate_latest().decode(); print('fleet_operators_' in before, 'fleet_operators_' in after)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["False", "True"], done.stderr
