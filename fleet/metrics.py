@@ -117,32 +117,52 @@ def count_gateway_rejection(code) -> None:
     GATEWAY_REJECTED.labels(code=code.name).inc()
 
 
+_OWNED = {"registry": None}
+"""Constructor argument of series that only the process owning them exports (registered by ``_register_owned``)."""
+_registered_groups: set[str] = set()
+_registering = threading.Lock()
+
+
+def _register_owned(group: str, series) -> None:
+    """Register ``series`` (built with ``**_OWNED``) with the default registry, once per process."""
+    from prometheus_client import REGISTRY
+
+    with _registering:
+        if group not in _registered_groups:
+            _registered_groups.add(group)
+            for metric in series:
+                REGISTRY.register(metric)
+
+
 # --- trainer -------------------------------------------------------------------
 SOURCES = ("online", "offline")
-
-TRAINER_STEPS = Counter("fleet_trainer_optimizer_steps_total", "Optimizer steps")
+# The unlabelled trainer series marked **_OWNED are registered only in the trainer's process (``init_trainer``):
+# every other process (gateway, edge, operators) would export them at 0, and the alerts over them (trainer not
+# stepping, trainer's Redis down, checkpoint too old) would fire for each of those targets.
+TRAINER_STEPS = Counter("fleet_trainer_optimizer_steps_total", "Optimizer steps", **_OWNED)
 TRAINER_SAMPLES = Counter("fleet_trainer_samples_total", "Samples consumed, by task and source", ["task", "source"])
 TRAINER_UPDATE = Histogram("fleet_trainer_update_duration_seconds", "One optimizer step (forward, backward, step)",
-                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), **_OWNED)
 TRAINER_LOSS = Gauge("fleet_trainer_loss", "Loss of the latest batch, by term", ["term"])
 TRAINER_TASK_LOSS = Gauge("fleet_trainer_task_loss", "Mean per-sample loss of the latest batch, by task and source",
                           ["task", "source", "term"])
 TRAINER_ONLINE_SHARE = Gauge("fleet_trainer_online_share", "Share of a task's samples the sampler draws online",
                              ["task"])
-TRAINER_VERSIONS = Counter("fleet_trainer_published_versions_total", "Policy versions published")
+TRAINER_VERSIONS = Counter("fleet_trainer_published_versions_total", "Policy versions published", **_OWNED)
 TRAINER_PUBLISH = Histogram("fleet_trainer_publish_duration_seconds", "Time to publish a version",
-                            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-TRAINER_LATEST_VERSION = Gauge("fleet_trainer_latest_version", "Newest policy version this trainer published")
+                            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), **_OWNED)
+TRAINER_LATEST_VERSION = Gauge("fleet_trainer_latest_version", "Newest policy version this trainer published", **_OWNED)
 TRAINER_TRAINABLE_STEPS = Gauge("fleet_trainer_trainable_steps",
                                 "Steps the sampler can draw (labels; whole episodes for episode-based algorithms)",
                                 ["task", "source"])
 TRAINER_CHECKPOINT = Histogram("fleet_trainer_checkpoint_duration_seconds", "Time to write one checkpoint",
-                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), **_OWNED)
 TRAINER_LAST_CHECKPOINT = Gauge("fleet_trainer_last_checkpoint_timestamp_seconds",
-                                "Unix time of the last complete checkpoint (0 = none yet; age: time() - this)")
+                                "Unix time of the last complete checkpoint (0 = none yet; age: time() - this)",
+                                **_OWNED)
 TRAINER_REDIS_UP = Gauge("fleet_trainer_redis_up",
                          "1 while the trainer's own Redis connection works; 0 while it waits out an outage "
-                         "(sampling and publishing paused)")
+                         "(sampling and publishing paused)", **_OWNED)
 TRAINER_SKIPPED_RECORDS = Counter("fleet_trainer_skipped_records_total",
                                   "Buffer records the trainer could not use and skipped, by reason", ["reason"])
 SKIPPED_RECORD_REASONS = ("corrupt_registration", "other_schema", "schema_changed", "corrupt_labeled",
@@ -150,15 +170,20 @@ SKIPPED_RECORD_REASONS = ("corrupt_registration", "other_schema", "schema_change
                           "schema_mismatch", "length_mismatch", "missing_episode")
 """Every ``reason`` of TRAINER_SKIPPED_RECORDS (docs/learner-recovery.md): the label stays bounded."""
 TRAINER_EVICTED_EPISODES = Counter("fleet_trainer_evicted_episodes_total",
-                                   "Episodes retention deleted from the buffer that the trainer's index dropped")
+                                   "Episodes retention deleted from the buffer that the trainer's index dropped",
+                                   **_OWNED)
 TRAINER_PUBLISH_FAILURES = Counter("fleet_trainer_publish_failures_total",
-                                   "Publishes postponed because the policy store refused the write (OSError)")
+                                   "Publishes postponed because the policy store refused the write (OSError)", **_OWNED)
+
+_TRAINER_SERIES = (TRAINER_STEPS, TRAINER_UPDATE, TRAINER_VERSIONS, TRAINER_PUBLISH, TRAINER_LATEST_VERSION,
+                   TRAINER_CHECKPOINT, TRAINER_LAST_CHECKPOINT, TRAINER_REDIS_UP, TRAINER_EVICTED_EPISODES,
+                   TRAINER_PUBLISH_FAILURES)
 
 # --- operators (cloud/operators/service.py: `fleet operators`) ---------------------
 # Registered only in the operators process (``init_operators``): every other process would export these
 # unlabelled series at 0, and the rules over them (a utilisation average, the wait alert) would see those too.
 OPERATOR_MODES = ("automatic", "manual")
-_OPS = {"registry": None}
+_OPS = _OWNED
 OPERATORS = Gauge("fleet_operators", "Operators the allocator shares among the robots (M)", **_OPS)
 OPERATORS_ASSIGNED = Gauge("fleet_operators_assigned", "Operators holding a robot now", **_OPS)
 OPERATORS_UTILISATION = Gauge("fleet_operators_utilisation_ratio", "Share of the operators holding a robot now",
@@ -184,16 +209,11 @@ OPERATORS_REDIS_UP = Gauge("fleet_operators_redis_up", "1 while the operators se
 _OPERATOR_SERIES = (OPERATORS, OPERATORS_ASSIGNED, OPERATORS_UTILISATION, OPERATOR_BUSY, OPERATORS_QUEUE,
                     OPERATORS_WANTING, OPERATORS_HOLDING, OPERATORS_LONGEST_WAIT, OPERATORS_WAIT_ALERT,
                     OPERATORS_TIME_TO_HELP, OPERATORS_ASSIGNMENTS, OPERATORS_REDIS_UP)
-_operators_registered = threading.Lock()
 
 
 def init_operators() -> None:
     """Register the operator series with the default registry (once per process: the operators service)."""
-    from prometheus_client import REGISTRY
-
-    if _operators_registered.acquire(blocking=False):
-        for metric in _OPERATOR_SERIES:
-            REGISTRY.register(metric)
+    _register_owned("operators", _OPERATOR_SERIES)
 
 
 # --- blob store (cloud/blobstore.py; gateway, trainer, retention) --------------
@@ -274,7 +294,9 @@ class EdgeSeries:
 
 
 def init_trainer(tasks: Sequence[str]) -> None:
-    """Create the trainer's per-task series at 0 (a task without online data yet shows 0, not nothing)."""
+    """Register the trainer's own series (once per process) and create its per-task series at 0 (a task without
+    online data yet shows 0, not nothing)."""
+    _register_owned("trainer", _TRAINER_SERIES)
     for task in tasks:
         for source in SOURCES:
             TRAINER_SAMPLES.labels(task=task, source=source)

@@ -223,10 +223,14 @@ def test_a_redis_outage_is_waited_out(tmp_path):
     assert not runner.is_alive()
 
 
-def test_other_processes_do_not_export_the_operator_series():
-    """Unlabelled series would be exported at 0 by every process (and seen by the rules over them)."""
+@pytest.mark.parametrize("init, series", [("init_operators()", "fleet_operators_"),
+                                          ("init_trainer(())", "fleet_trainer_redis_up"),
+                                          ("init_trainer(())", "fleet_trainer_optimizer_steps_total")])
+def test_only_the_owning_process_exports_its_unlabelled_series(init, series):
+    """Unlabelled series would be exported at 0 by every process, and the rules over them would see those too
+    (the trainer-not-stepping and trainer-Redis-down alerts fired for every gateway and edge target)."""
     code = ("from prometheus_client import generate_latest; from fleet import metrics; "
-            "before = generate_latest().decode(); metrics.init_operators(); metrics.init_operators(); "
-            "after = generate_latest().decode(); print('fleet_operators_' in before, 'fleet_operators_' in after)")
+            f"before = generate_latest().decode(); metrics.{init}; metrics.{init}; "
+            f"after = generate_latest().decode(); print({series!r} in before, {series!r} in after)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["False", "True"], done.stderr
