@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 from cloud.gateway.backpressure import InflightLimiter
-from cloud.gateway.interceptors import map_errors
+from cloud.gateway.interceptors import map_errors, request_bytes
 from cloud.gateway.policy_feed import PolicyFeed
 from cloud.gateway.policy_servicer import PolicyServicerMixin
 from cloud.ingest import Ingest
@@ -81,7 +81,7 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
             self._limiter.open_stream()
             try:
                 async for msg in request_iterator:
-                    nbytes = msg.ByteSize()
+                    nbytes = request_bytes(msg)
                     parts = [msg, *msg.more] if msg.more else [msg]
                     if len(parts) > MAX_CHUNKS_PER_MESSAGE or any(part.more for part in parts[1:]):
                         raise InvalidInput(f"a message carries at most {MAX_CHUNKS_PER_MESSAGE} chunks, none of the "

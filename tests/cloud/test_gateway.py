@@ -237,3 +237,20 @@ def test_two_gateways_writing_one_episode_in_turn_keep_indexes_and_label_runs_ri
     assert sorted(start for number, start, _ in runs if number == 1) == [0, 2]
     assert redis_client.lrange(RobotKeys("r1").episode_ids, 0, -1) == [f"e1|{TASK}".encode(), f"e2|{TASK}".encode()]
     assert redis_client.llen(RobotKeys("r1").episode("e1")) == 6  # nothing left over from a refused try
+
+
+def test_ingested_bytes_are_each_messages_wire_size(client):
+    """The gateway counts (and holds in flight, and rate-limits) each message by the size it arrived with,
+    read from the wire as it is parsed, not recomputed: messages of different sizes on one stream each count
+    their own."""
+    from prometheus_client import REGISTRY
+
+    def ingested():
+        return REGISTRY.get_sample_value("fleet_gateway_bytes_ingested_total", {"robot": "r1", "task": TASK}) or 0.0
+
+    client.register(info())
+    chunks = [Chunk("r1", "e1", TASK, steps(1, 3)), Chunk("r1", "e1", TASK, steps(4, 40)),
+              Chunk("r1", "e1", TASK, steps(44, 1))]
+    before = ingested()
+    assert [a.acked_seq for a in send(client, *chunks)] == [3, 43, 44]
+    assert ingested() - before == sum(chunk_to_pb(c, SCHEMA).ByteSize() for c in chunks)
