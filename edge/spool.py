@@ -342,12 +342,13 @@ class Spool:
             split(self._db, seq + 1)
             query = ("SELECT seq, episode_id, task, evaluation, blob, end_blob, nbytes, n FROM steps WHERE seq > ? "
                      "ORDER BY seq LIMIT ?")
-            first = self._db.execute(query, (seq, 1)).fetchone()
+            head = query.replace("blob, end_blob", "NULL, NULL")  # the first row's place and size, not its blob
+            first = self._db.execute(head, (seq, 1)).fetchone()
             if first is None:
                 return None
             if first[7] > 1 and (first[7] > max_steps or first[6] > max_bytes):
                 split(self._db, first[0] + max(1, min(max_steps, first[7] * max_bytes // max(1, first[6]))))
-                first = self._db.execute(query, (seq, 1)).fetchone()
+                first = self._db.execute(head, (seq, 1)).fetchone()
             parts, counts, end_blob, last, total, steps = [], [], None, first[0] - 1, 0, 0
             for row in self._db.execute(query, (seq, max_steps)):  # lazily: stops at the first row not taken
                 if row[1] != first[1] or (parts and row[0] != last + 1) or (parts and total + row[6] > max_bytes) \
