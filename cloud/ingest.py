@@ -20,12 +20,13 @@ from collections.abc import Iterator
 
 import redis.exceptions as redis_errors
 
-from cloud.buffer import SOURCE_ONLINE, BufferWriter, WriteResult
+from cloud.buffer import SOURCE_ONLINE, BufferWriter, ChunkToWrite, WriteResult
 from cloud.validator import MAX_IMAGE_PIXELS, check_columns
 from fleet import PROTOCOL_VERSION, metrics
 from fleet.columns import MAX_STEPS_PER_CHUNK, ColumnChunk, from_chunk, schema_hash
 from fleet.convert import schema_from_dict, schema_to_dict
-from fleet.errors import BackendUnavailable, IncompatiblePeer, InvalidInput, Overloaded, SchemaMismatch, UnknownRobot
+from fleet.errors import (BackendUnavailable, FleetError, IncompatiblePeer, InvalidInput, Overloaded, SchemaMismatch,
+                          UnknownRobot)
 from fleet.names import check_id, check_task
 from fleet.types import Chunk, RobotInfo
 
@@ -172,10 +173,37 @@ class Ingest:
         await self.validate(cc, info)
         return await self.store(cc, info)
 
+    async def store_many(self, chunks: list[tuple[ColumnChunk, RobotInfo]]
+                         ) -> tuple[list[WriteResult], FleetError | None]:
+        """Store validated consecutive chunks of one robot (one message's) in one Redis round trip when all goes
+        well; returns the results of the chunks stored or acked, in order, and the error that stopped the rest
+        (None: all stored). Everything returned is durable (ack-safe)."""
+        if len(chunks) == 1:
+            try:
+                return [await self.store(*chunks[0])], None
+            except FleetError as exc:
+                return [], exc
+        robot_id, first = chunks[0][0].robot_id, chunks[0][0].columns.first_seq
+        todo = [ChunkToWrite(cc.episode_id, cc.task, cc.columns, info.schema, self._labels(cc), cc.gap_declared,
+                             cc.evaluation, cc.episode_end) for cc, info in chunks]
+        results: list[WriteResult] = []
+        try:
+            with self.redis_errors(f"robot {robot_id!r} chunks from seq {first}"):
+                results, error = await self.writer.write_many(robot_id, todo, source=self._source, now_s=time.time())
+                if error is not None:
+                    raise error
+        except FleetError as exc:
+            return results, exc
+        return results, None
+
+    def _labels(self, cc: ColumnChunk):
+        cols = cc.columns
+        return cols.intervention if self._source == SOURCE_ONLINE else cols.done | True
+
     async def store(self, cc: ColumnChunk, info: RobotInfo) -> WriteResult:
         """Store a validated chunk; returns once its frames and its Redis write are durable (ack-safe)."""
         cols = cc.columns
-        labels = cols.intervention if self._source == SOURCE_ONLINE else cols.done | True
+        labels = self._labels(cc)
         with self.redis_errors(f"robot {cc.robot_id!r} chunk at seq {cols.first_seq}"):
             return await self.writer.write(
                 cc.robot_id, cc.episode_id, cc.task, cols, info.schema, source=self._source, labels=labels,

@@ -35,13 +35,16 @@ def check_columns(cc: ColumnChunk, info: RobotInfo) -> None:
         checks.append((cols.action, "action"))
     checks.append((cols.reward, "reward"))
     for values, name in checks:
-        if values.dtype.kind != "f":
+        # A NaN or Inf anywhere makes the sum NaN or Inf: one pass, no temporaries, for the common case.
+        # (A sum that overflows with finite values only costs the exact check.)
+        if values.dtype.kind != "f" or np.isfinite(np.add.reduce(values, axis=None)):
             continue
         bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
         if bad.any():
             _blame(cols.first_seq + int(np.argmax(bad)), f"{where}: {name} contains NaN or Inf")
-    if cols.help is not None:
-        bad = ~(np.isfinite(cols.help) & (cols.help >= 0) & (cols.help <= 1))
+    help = cols.help
+    if help is not None and len(help) and not (help.min() >= 0 and help.max() <= 1):  # NaN fails both
+        bad = ~(np.isfinite(help) & (help >= 0) & (help <= 1))
         if bad.any():
             _blame(cols.first_seq + int(np.argmax(bad)), f"{where}: help score is not a number in [0, 1]")
     if cols.done[:-1].any():

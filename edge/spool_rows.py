@@ -76,9 +76,12 @@ def fold(db: sqlite3.Connection, run: Run, end_blob: bytes | None) -> bool:
 
 def split(db: sqlite3.Connection, at: int) -> None:
     """Make ``at`` the first seq of a row: split the chunk row that holds steps on both sides of it."""
-    row = db.execute(f"SELECT {COLUMNS}, n FROM steps WHERE seq < ? ORDER BY seq DESC LIMIT 1", (at,)).fetchone()
-    if row is None or row[0] + row[8] - 1 < at:
+    # The row's seq and size first: reading its blob (~100 kB for a chunk row) only when it must be split. Every
+    # read and every ack asks, and almost always the row before ``at`` ends right before it.
+    head = db.execute("SELECT seq, n FROM steps WHERE seq < ? ORDER BY seq DESC LIMIT 1", (at,)).fetchone()
+    if head is None or head[0] + head[1] - 1 < at:
         return
+    row = db.execute(f"SELECT {COLUMNS}, n FROM steps WHERE seq = ?", (head[0],)).fetchone()
     _rewrite(db, row, [at - row[0], row[0] + row[8] - at])
 
 

@@ -45,6 +45,7 @@ from fleet.convert import columns_message
 from edge.spool import Spool
 from fleet import metrics
 from fleet.errors import ConfigError
+from fleet.malloc import keep_freed_memory
 from fleet.rows import RowLayout, RowMismatch
 from fleet.types import RobotInfo
 from fleet.worker import Worker
@@ -143,6 +144,7 @@ class Streamer:
                  max_chunk_bytes: int = StreamerConfig.max_chunk_bytes, ack_timeout_s: float = StreamerConfig.ack_timeout_s,
                  not_found_quarantine: int = 3, backoff: Backoff | None = None,
                  chunks_per_message: int = StreamerConfig.chunks_per_message):
+        keep_freed_memory()  # each message is a few hundred kB: reuse freed blocks (fleet/malloc.py)
         self.info = info
         self._schema_hash = schema_hash(info.schema)
         self._layout = RowLayout(info.schema)

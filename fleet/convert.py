@@ -321,7 +321,9 @@ def columns_message(robot_id: str, episode_id: str, task: str, layout: RowLayout
     """Spooled rows (``fleet.rows`` layout) -> one columnar chunk: one join and one ``frombuffer`` for
     the fixed columns, no per-step parsing (RowMismatch, with the row's index, if a row does not fit)."""
     rec, frames = layout.join(rows)
-    cols = layout.columns(rec)
+    # A field of the structured rows is strided: ndarray.tobytes copies such an array element by element
+    # (~90 us for 500 x 39 floats), ascontiguousarray by rows (~8 us), so make each column contiguous first.
+    cols = {name: np.ascontiguousarray(col) for name, col in layout.columns(rec).items()}
     flags = cols["flags"]
     planes = np.stack([(flags & 1).astype(bool), (flags & 2).astype(bool), (flags & 4).astype(bool)])
     msg = pb.ColumnChunk(

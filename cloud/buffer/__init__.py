@@ -16,8 +16,9 @@ from cloud.buffer.layout import (
     policy_keys,
     robot_prefix,
 )
-from cloud.buffer.writer import WRITE_CHUNK_LUA, BufferWriter, ChunkWrite, EvictedEpisode, WriteResult, interpret
+from cloud.buffer.writer import (WRITE_CHUNK_LUA, BufferWriter, ChunkToWrite, ChunkWrite, EvictedEpisode,
+                                 WriteResult, interpret)
 
-__all__ = ["EVENTS_MAXLEN", "POLICY_CHANNEL", "POLICY_COUNTER_KEY", "POLICY_LATEST_KEY", "ROBOTS_KEY",
+__all__ = ["ChunkToWrite", "EVENTS_MAXLEN", "POLICY_CHANNEL", "POLICY_COUNTER_KEY", "POLICY_LATEST_KEY", "ROBOTS_KEY",
            "SOURCE_OFFLINE", "SOURCE_ONLINE", "WRITE_CHUNK_LUA", "BufferWriter", "ChunkWrite", "EvictedEpisode",
            "PolicyKeys", "RobotKeys", "WriteResult", "frames_key", "interpret", "policy_keys", "robot_prefix"]

@@ -32,10 +32,12 @@ log = logging.getLogger(__name__)
 # ARGV: 1 first_seq, 2 n, 3 gap_declared, 4 episode_id, 5 task, 6 source, 7 evaluation,
 #       8 ends_episode, 9 success, 10 policy_version, 11 now_s, 12 first_index the element carries,
 #       13 intervention steps, 14 episode summary JSON (or ""), 15 element bytes, 16 blob bytes,
-#       17 the episode's number the label runs carry, 18 the chunk's label runs "number|s|e|s|e..." (or "")
+#       17 the episode's number the label runs carry, 18 the chunk's label runs "number|s|e|s|e..." (or ""),
+#       19 the last stored seq this write requires (or "": any; a batch's later chunks name the chunk before)
 # Replies {status, seq, extra, number, len}: 1 stored; 0 duplicate; -1 gap; -2 unregistered; -3 summary
 # disagrees; -4 overlaps the stored steps (extra = steps already stored: resend the tail); -5 the
-# element's first_index or the runs' episode number is stale (number, len: the episode's).
+# element's first_index or the runs' episode number is stale (number, len: the episode's); -6 the last
+# stored seq is not the one ARGV[19] requires (the chunk before it in the batch was not stored).
 WRITE_CHUNK_LUA = r"""
 local function refuse(status, seq, extra, number, len)
   redis.call('LTRIM', KEYS[2], 0, -2)
@@ -45,6 +47,9 @@ if redis.call('EXISTS', KEYS[7]) == 0 then
   return refuse(-2, 0, 0)
 end
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+if ARGV[19] ~= '' and last ~= tonumber(ARGV[19]) then
+  return refuse(-6, last, 0)
+end
 local first = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
 local final = first + n - 1
@@ -156,6 +161,8 @@ class ChunkWrite:
     first_index: int = 0
     number: int = 0
     """Where the episode stands as the writer believes (the script refuses the write if it does not)."""
+    after: int | None = None
+    """Store only if the robot's last stored seq is this (a batch's chunk after the first: the one before it)."""
 
     def keys_and_args(self, now_s: float) -> tuple[list[str], list]:
         k = RobotKeys(self.robot_id)
@@ -172,7 +179,21 @@ class ChunkWrite:
                 self.blob_bytes, self.number]
         runs = np.asarray(self.runs, np.int64).ravel()
         labeled = "|".join(map(str, [self.number, *(runs + self.first_index).tolist()])) if len(runs) else ""
-        return keys, args + [labeled]  # one labeled entry per chunk
+        return keys, args + [labeled, "" if self.after is None else self.after]  # one labeled entry per chunk
+
+
+@dataclass(frozen=True)
+class ChunkToWrite:
+    """One chunk of a batch for :meth:`BufferWriter.write_many` (what :meth:`BufferWriter.write` takes)."""
+
+    episode_id: str
+    task: str
+    cols: Columns
+    schema: Schema
+    labels: np.ndarray
+    gap_declared: bool = False
+    evaluation: bool = False
+    episode_end: EpisodeSummary | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +288,51 @@ class BufferWriter:
                 return interpret(status, acked, extra, write, skipped)
             skipped += extra  # the stored part of an overlapping resend: store the rest as its own element
             cols, element = cols.tail(extra), None
+
+    async def write_many(self, robot_id: str, chunks: list[ChunkToWrite], *, source: str,
+                         now_s: float) -> tuple[list[WriteResult], Exception | None]:
+        """Store consecutive chunks of one robot (one message's) exactly once, in one MULTI/EXEC: one Redis
+        round trip instead of one per chunk. Each chunk after the first is stored only if the one before it
+        was (the script's ``after`` check), so the batch stores a prefix; from the first chunk the batch did
+        not store on, the chunks go one by one through :meth:`write` (retries, overlaps, precise errors).
+        Returns the results of the chunks stored or acked (in order) and the error that stopped the rest, if
+        any: the caller acks the ones before it."""
+        writes, episodes, numbers, after = [], {}, {}, None
+        for c in chunks:
+            blob_bytes = await self._put_frames(robot_id, c.episode_id, c.cols, c.schema)
+            element = encode_element(c.cols, c.schema, self._codec, frames_inline=self._blobs is None)
+            episode = (robot_id, c.episode_id)
+            number, first_index = episodes.get(episode) or self._episodes.get(episode) or (
+                numbers.get(robot_id, self._numbers.get(robot_id, 0)), 0)
+            writes.append(ChunkWrite(
+                robot_id, c.episode_id, c.task, c.cols.first_seq, c.cols.n, set_first_index(element, first_index),
+                label_runs(c.labels), int(np.count_nonzero(c.cols.intervention)), c.gap_declared, c.evaluation,
+                c.episode_end, int(c.cols.policy_version[-1]), source, blob_bytes, first_index, number, after))
+            # Where the episode stands once this chunk is stored: what the next chunk of the batch assumes.
+            episodes[episode] = (number, first_index + c.cols.n)
+            numbers[robot_id] = max(numbers.get(robot_id, 0), self._numbers.get(robot_id, 0), number + 1)
+            after = c.cols.first_seq + c.cols.n - 1
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for w in writes:
+                keys, args = w.keys_and_args(now_s)
+                pipe.rpush(keys[1], w.element)
+                pipe.eval(WRITE_CHUNK_LUA, len(keys), *keys, *args)
+            replies = (await pipe.execute())[1::2]
+        results: list[WriteResult] = []
+        for c, w, reply in zip(chunks, writes, replies):
+            status, acked, extra, number, length = (int(x) for x in reply)
+            if status != 1:
+                break
+            self._remember(robot_id, c.episode_id, number, length, c.episode_end is not None)
+            results.append(interpret(status, acked, extra, w))
+        for c in chunks[len(results):]:
+            try:
+                results.append(await self.write(
+                    robot_id, c.episode_id, c.task, c.cols, c.schema, source=source, labels=c.labels,
+                    gap_declared=c.gap_declared, evaluation=c.evaluation, episode_end=c.episode_end, now_s=now_s))
+            except Exception as exc:  # the caller acks what was stored before it, then reports it
+                return results, exc
+        return results, None
 
     def _remember(self, robot_id: str, episode_id: str, number: int, length: int, ended: bool) -> None:
         """Where an episode stands after a write (the next chunk's first_index and runs follow from it)."""

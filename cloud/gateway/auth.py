@@ -36,7 +36,7 @@ from pathlib import Path
 
 import grpc
 
-from cloud.gateway.interceptors import MalformedRequests, _responses, _result, abort, status_for
+from cloud.gateway.interceptors import MalformedRequests, _responses, _result, abort, request_bytes, status_for
 from fleet import metrics
 from fleet.gateway_config import GatewaySecurity
 from fleet.errors import ConfigError, FleetError, Overloaded, PermissionDenied, Unauthenticated
@@ -492,7 +492,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             except FleetError as exc:
                 self.audit.refused(context, method, msg.robot_id, exc)
                 raise
-            nbytes = msg.ByteSize() if self.limits.counts_bytes else 0
+            nbytes = request_bytes(msg) if self.limits.counts_bytes else 0
             steps = min(msg.n, 1024) + sum(min(m.n, 1024) for m in msg.more) if hasattr(msg, "n") \
                 else len(msg.steps)  # columnar (protocol 2; ``more``: further chunks) or per-step
             delay = self.limits.delay_s(msg.robot_id, steps, nbytes)

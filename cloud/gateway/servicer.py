@@ -3,7 +3,8 @@
 Experience (protocol 2) arrives as columnar chunks (``StreamColumns``): the registration is
 looked up by robot, the chunk's schema hash compared with it, the columns decoded against the
 registered schema (byte lengths; no copies), checked by the one validator
-(:func:`cloud.validator.check_columns`: whole columns at once) and stored. Chunks with camera
+(:func:`cloud.validator.check_columns`: whole columns at once) and stored: a message's chunks
+in one Redis transaction (:meth:`cloud.ingest.Ingest.store_many`), acked together. Chunks with camera
 frames are checked on a small thread pool, off the event loop. Protocol 1's per-step
 ``StreamExperience`` answers FAILED_PRECONDITION telling the edge to upgrade.
 """
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 from cloud.gateway.backpressure import InflightLimiter
-from cloud.gateway.interceptors import map_errors
+from cloud.gateway.interceptors import map_errors, request_bytes
 from cloud.gateway.policy_feed import PolicyFeed
 from cloud.gateway.policy_servicer import PolicyServicerMixin
 from cloud.ingest import Ingest
@@ -81,7 +82,7 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
             self._limiter.open_stream()
             try:
                 async for msg in request_iterator:
-                    nbytes = msg.ByteSize()
+                    nbytes = request_bytes(msg)
                     parts = [msg, *msg.more] if msg.more else [msg]
                     if len(parts) > MAX_CHUNKS_PER_MESSAGE or any(part.more for part in parts[1:]):
                         raise InvalidInput(f"a message carries at most {MAX_CHUNKS_PER_MESSAGE} chunks, none of the "
@@ -93,22 +94,28 @@ class FleetServicer(PolicyServicerMixin, pb_grpc.FleetServiceServicer):
                         t0 = time.perf_counter()
                         metrics.GATEWAY_INFLIGHT_BYTES.inc(nbytes)
                         try:
-                            for part in parts:
-                                if robot_id is not None and part.robot_id != robot_id:
-                                    raise InvalidInput(f"one stream carries one robot: got {shown(part.robot_id)} "
-                                                       f"after {robot_id!r}")
-                                cc, info = await self._accept(part)
-                                if robot_id is None:
-                                    robot_id = cc.robot_id
-                                    metrics.GATEWAY_ROBOT_STREAMS.opened(robot_id)
-                                result = await self._ingest.store(cc, info)
+                            accepted = []  # the chunks before the first invalid one, all stored in one round trip
+                            try:
+                                for part in parts:
+                                    if robot_id is not None and part.robot_id != robot_id:
+                                        raise InvalidInput(f"one stream carries one robot: got "
+                                                           f"{shown(part.robot_id)} after {robot_id!r}")
+                                    accepted.append(await self._accept(part))
+                                    if robot_id is None:
+                                        robot_id = accepted[0][0].robot_id
+                                        metrics.GATEWAY_ROBOT_STREAMS.opened(robot_id)
+                            except FleetError as exc:
+                                if not accepted:
+                                    raise
+                                failed = exc
+                            results, error = await self._ingest.store_many(accepted)
+                            if error is not None and not results:
+                                raise error
+                            failed = error or failed  # ack the chunks stored before it, then fail the stream
+                            for (cc, _), result in zip(accepted, results):
                                 acked, duplicates = result.acked_seq, duplicates + result.duplicate_steps
-                                task = metrics.task_label(cc.task)
-                                metrics.GATEWAY_STEPS.labels(robot=robot_id, task=task).inc(result.stored_steps)
-                        except FleetError as exc:
-                            if acked is None:
-                                raise
-                            failed = exc  # ack the chunks stored before it, then fail the stream with it
+                                metrics.GATEWAY_STEPS.labels(robot=robot_id, task=metrics.task_label(cc.task)).inc(
+                                    result.stored_steps)
                         finally:
                             metrics.GATEWAY_INFLIGHT_BYTES.dec(nbytes)
                     metrics.GATEWAY_INGEST.observe(time.perf_counter() - t0)

@@ -237,3 +237,73 @@ def test_two_gateways_writing_one_episode_in_turn_keep_indexes_and_label_runs_ri
     assert sorted(start for number, start, _ in runs if number == 1) == [0, 2]
     assert redis_client.lrange(RobotKeys("r1").episode_ids, 0, -1) == [f"e1|{TASK}".encode(), f"e2|{TASK}".encode()]
     assert redis_client.llen(RobotKeys("r1").episode("e1")) == 6  # nothing left over from a refused try
+
+
+def test_ingested_bytes_are_each_messages_wire_size(client):
+    """The gateway counts (and holds in flight, and rate-limits) each message by the size it arrived with,
+    read from the wire as it is parsed, not recomputed: messages of different sizes on one stream each count
+    their own."""
+    from prometheus_client import REGISTRY
+
+    def ingested():
+        return REGISTRY.get_sample_value("fleet_gateway_bytes_ingested_total", {"robot": "r1", "task": TASK}) or 0.0
+
+    client.register(info())
+    chunks = [Chunk("r1", "e1", TASK, steps(1, 3)), Chunk("r1", "e1", TASK, steps(4, 40)),
+              Chunk("r1", "e1", TASK, steps(44, 1))]
+    before = ingested()
+    assert [a.acked_seq for a in send(client, *chunks)] == [3, 43, 44]
+    assert ingested() - before == sum(chunk_to_pb(c, SCHEMA).ByteSize() for c in chunks)
+
+
+def test_a_messages_chunks_are_stored_in_one_transaction_and_a_refused_one_stops_the_batch(redis_proc, redis_client):
+    """Ingest.store_many writes a message's chunks in one MULTI/EXEC; a chunk after the first is stored only if
+    the one before it was. Here the first is refused (another replica wrote its episode meanwhile), so the
+    others must not be stored in that transaction: the second declares a spool gap, and stored right after
+    the refused chunk it would have declared that chunk's steps dropped too (and the refused chunk, resent,
+    would count as a duplicate: lost). They go one by one instead, exactly once."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from cloud.ingest import Ingest
+    from fleet.columns import from_chunk
+
+    def execs():
+        return redis_client.info("commandstats").get("cmdstat_exec", {}).get("calls", 0)
+
+    batch = [Chunk("r1", "e1", TASK, steps(7, 3)), Chunk("r1", "e1", TASK, steps(12, 2), gap_declared=True),
+             Chunk("r1", "e2", TASK, steps(14, 2))]
+
+    async def run():
+        clients = [aioredis.Redis.from_url(redis_proc.url) for _ in range(2)]
+        a, b = (Ingest(c) for c in clients)
+        await a.register(info())
+        await a.write(Chunk("r1", "e1", TASK, steps(1, 3)))
+        await b.write(Chunk("r1", "e1", TASK, steps(4, 3)))  # a's idea of e1 is stale now
+        results, error = await a.store_many([(from_chunk(c, SCHEMA), info()) for c in batch])
+        assert error is None
+        assert [(r.stored_steps, r.acked_seq) for r in results] == [(3, 9), (2, 13), (2, 15)]
+        again, error = await a.store_many([(from_chunk(c, SCHEMA), info()) for c in batch])  # a resend
+        assert error is None
+        assert [(r.stored_steps, r.duplicate_steps, r.acked_seq) for r in again] == [(0, 3, 15), (0, 2, 15),
+                                                                                      (0, 2, 15)]
+        before = execs()
+        fresh = [Chunk("r1", "e3", TASK, steps(16, 3)), Chunk("r1", "e3", TASK, steps(19, 3)),
+                 Chunk("r1", "e4", TASK, steps(22, 2))]
+        results, error = await a.store_many([(from_chunk(c, SCHEMA), info()) for c in fresh])
+        assert error is None and [r.acked_seq for r in results] == [18, 21, 23]
+        assert execs() - before == 1  # all three in one transaction
+        for c in clients:
+            await c.aclose()
+
+    asyncio.run(run())
+    reader = BufferReader(redis_client)
+    e1 = [*range(1, 10), 12, 13]
+    assert [(s.seq, s.index) for s in reader.steps("r1", "e1", SCHEMA)] == [(seq, i) for i, seq in enumerate(e1)]
+    assert [(s.seq, s.index) for s in reader.steps("r1", "e2", SCHEMA)] == [(14, 0), (15, 1)]
+    assert [(s.seq, s.index) for s in reader.steps("r1", "e3", SCHEMA)] == [(i, i - 16) for i in range(16, 22)]
+    assert int(redis_client.hget(RobotKeys("r1").stats, "dropped_steps")) == 2  # seqs 10 and 11, nothing more
+    assert redis_client.llen(RobotKeys("r1").episode("e1")) == 4  # nothing left over from the refused try
+    assert redis_client.lrange(RobotKeys("r1").episode_ids, 0, -1) == [
+        f"e{i}|{TASK}".encode() for i in range(1, 5)]

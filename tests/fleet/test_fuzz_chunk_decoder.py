@@ -213,3 +213,24 @@ def test_episode_ids_follow_the_name_rule(episode_id):
     msg = valid_chunk()
     msg.episode_id = episode_id
     assert (gateway_check(msg) is not None) == is_id(episode_id, MAX_EPISODE_ID_CHARS)
+
+
+def test_finite_values_whose_sum_overflows_pass_and_one_inf_or_bad_help_score_is_blamed_on_its_step():
+    """The validator's quick pass sums each column (NaN or Inf anywhere makes the sum so); a sum that overflows
+    with finite values only sends it to the exact check, which accepts them."""
+    big = valid_chunk(4)
+    big.observation["state"] = np.full((4, 3), 3e38, np.float32).tobytes()  # finite; their sum is inf in float32
+    check_columns(columns_from_pb(big, SCHEMA), INFO)
+    bad = valid_chunk(4)
+    state = np.zeros((4, 3), np.float32)
+    state[2, 1] = np.inf
+    bad.observation["state"] = state.tobytes()
+    with pytest.raises(InvalidInput, match="contains NaN or Inf") as err:
+        check_columns(columns_from_pb(bad, SCHEMA), INFO)
+    assert err.value.step_seq == 3
+    for score in (np.nan, 1.5, -0.1):
+        bad = valid_chunk(4)
+        bad.help = np.array([0.0, score, 0.5, 1.0], np.float32).tobytes()
+        with pytest.raises(InvalidInput, match="help score") as err:
+            check_columns(columns_from_pb(bad, SCHEMA), INFO)
+        assert err.value.step_seq == 2
