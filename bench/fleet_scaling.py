@@ -26,6 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import fmt  # noqa: E402
 from bench.scaling.config import FULL, QUICK, StudyConfig  # noqa: E402
 
 log = logging.getLogger("fleet_scaling")
@@ -96,10 +97,6 @@ def run_study(cfg: StudyConfig) -> dict:
     return result
 
 
-def _fmt(x, spec: str = ".2f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def table(result: dict) -> str:
     """The per-fleet-size table (markdown)."""
     head = ("| robots | time to 0.8 (s) | speed-up [95% bootstrap over seeds] | final success "
@@ -109,24 +106,24 @@ def table(result: dict) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for n in map(str, result["fleet_sizes"]):
         t = result["time_to_0_8_s"][n]
-        time_s = _fmt(t["mean_s"], ".0f") if t["mean_s"] is not None else f"> {t['lower_bound_s']:.0f} ({t['reached']})"
+        time_s = fmt(t["mean_s"], ".0f") if t["mean_s"] is not None else f"> {t['lower_bound_s']:.0f} ({t['reached']})"
         if t["mean_s"] is not None and t["std_s"] and len(result["seeds"]) > 1:
             time_s += f" ± {t['std_s']:.0f}"
         sp, b = result["speedup_to_0_8"][n], result["speedup_bounds"][n]
         ci = result.get("speedup_ci95", {}).get(n, {})
-        speed = (_fmt(sp) + "x" + (f" [{ci['lower']:.2f}, {ci['upper']:.2f}]" if ci.get("lower") is not None else "")
+        speed = (fmt(sp) + "x" + (f" [{ci['lower']:.2f}, {ci['upper']:.2f}]" if ci.get("lower") is not None else "")
                  if sp is not None else f">= {b['lower']:.2f}x" if b["lower"] is not None
                  else f"<= {b['upper']:.2f}x" if b["upper"] is not None else "-")
         f = result["final_success"][n]
-        final = _fmt(f["mean"]) + (f" ± {f['std']:.2f}" if len(result["seeds"]) > 1 else "")
+        final = fmt(f["mean"]) + (f" ± {f['std']:.2f}" if len(result["seeds"]) > 1 else "")
         eff = [x for x in result["human_effort"][n]["intervention_steps_per_episode"] if x is not None]
         effort = f"{eff[0]:.1f} → {eff[-1]:.1f}" if eff else "-"
         rohe = result["rohe"][n]["mean"]
         learner = result["learner"][n]
-        lines.append(f"| {n} | {time_s} | {speed} | {final} | {effort} | {_fmt(rohe * 1000 if rohe else None, '.1f')}"
-                     f" | {_fmt(learner['trainer_steps_per_s'], '.1f')} | "
-                     f"{_fmt(learner['samples_per_fresh_labeled_step'], '.1f')} | "
-                     f"{_fmt(learner['robot_realtime_ratio'])} | {', '.join(sorted(set(learner['bottleneck'])))} |")
+        lines.append(f"| {n} | {time_s} | {speed} | {final} | {effort} | {fmt(rohe * 1000 if rohe else None, '.1f')}"
+                     f" | {fmt(learner['trainer_steps_per_s'], '.1f')} | "
+                     f"{fmt(learner['samples_per_fresh_labeled_step'], '.1f')} | "
+                     f"{fmt(learner['robot_realtime_ratio'])} | {', '.join(sorted(set(learner['bottleneck'])))} |")
     return "\n".join(lines)
 
 

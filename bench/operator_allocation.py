@@ -49,7 +49,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import write_json  # noqa: E402
+from bench.report import fmt, write_json  # noqa: E402
 
 log = logging.getLogger("operator_allocation")
 
@@ -378,7 +378,7 @@ def run_study(cfg: StudyConfig, progress=print) -> dict:
         result = run_condition(cfg, robots, demos, policy, m, seed)
         runs.append({"condition": label, "policy": policy, "operators": m, "seed": seed, **result})
         progress(f"[{i + 1}/{len(todo)}] seed {seed} {label}: final autonomous success "
-                 f"{_fmt(result['final_autonomous_success'])}, human effort {result['intervention_steps']} steps, "
+                 f"{fmt(result['final_autonomous_success'])}, human effort {result['intervention_steps']} steps, "
                  f"ROHE {result['rohe'] * 1000:.1f}/1000, idle {100 * result['idle_robot_time']:.0f}%, "
                  f"operators busy {100 * result['operator_utilisation']:.0f}% ({result['wall_s']:.0f}s)")
     for r in robots:
@@ -407,10 +407,6 @@ def aggregate(cfg: StudyConfig, runs: list[dict]) -> dict:
     return out
 
 
-def _fmt(x, spec: str = ".2f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def table(result: dict) -> str:
     head = ("| condition | final autonomous success | success over time (per bin) | human effort (steps) "
             "| ROHE (succ./1000 interv. steps) | idle robot time | operator utilisation (driving) "
@@ -420,13 +416,13 @@ def table(result: dict) -> str:
         def ms(key, scale=1.0, spec=".2f"):
             m, s = c[key]["mean"], c[key]["std"]
             return "-" if m is None else f"{m * scale:{spec}} ± {s * scale:{spec}}"
-        curve = " ".join(_fmt(v) for v in c["success_curve"])
+        curve = " ".join(fmt(v) for v in c["success_curve"])
         driving = c["operator_driving"]["mean"]
         p50, p99 = c["time_to_help_p50_s"]["mean"], c["time_to_help_p99_s"]["mean"]
         lines.append(f"| {label} | {ms('final_autonomous_success')} | {curve} | {ms('intervention_steps', spec='.0f')} "
                      f"| {ms('rohe', 1000, '.1f')} | {ms('idle_robot_time', 100, '.0f')}% "
-                     f"| {ms('operator_utilisation', 100, '.0f')}% ({_fmt(driving and 100 * driving, '.0f')}%) "
-                     f"| {_fmt(p50, '.1f')} / {_fmt(p99, '.1f')} |")
+                     f"| {ms('operator_utilisation', 100, '.0f')}% ({fmt(driving and 100 * driving, '.0f')}%) "
+                     f"| {fmt(p50, '.1f')} / {fmt(p99, '.1f')} |")
     return "\n".join(lines)
 
 
