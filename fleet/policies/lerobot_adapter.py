@@ -36,8 +36,6 @@ from fleet.convert import schema_from_dict, schema_to_dict
 from fleet.errors import ConfigError, InvalidInput
 from fleet.policies.losses import SAMPLE_LOSSES
 from fleet.policies.norm import MIN_STD, NORM_NAMES, NORM_PREFIX, NormStats
-from fleet.policies.value import PREFIX as VALUE_PREFIX
-from fleet.policies.value import ValueFunction, value_input
 from fleet.policies.policy_config import (
     ACTION,
     OBS_ENV_STATE,
@@ -48,6 +46,8 @@ from fleet.policies.policy_config import (
     input_features,
     lerobot_config,
 )
+from fleet.policies.value import PREFIX as VALUE_PREFIX
+from fleet.policies.value import ValueFunction, value_input
 from fleet.types import FeatureSpec, Schema
 
 logger = logging.getLogger(__name__)
@@ -428,15 +428,15 @@ class FleetPolicy:
 
     # ----- serialization ------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The LeRobot state_dict plus ``fleet_norm.*`` stats, as they are (on the policy's device, no copy):
-        what a snapshot copies once (``cloud.snapshot``)."""
+        """The LeRobot state_dict plus ``fleet_norm.*`` stats (and ``fleet_value.*``), as they are (on the
+        policy's device, no copy): what a snapshot copies once (``cloud.snapshot``)."""
         with self._lock:
             out = {k: v.detach() for k, v in self._state_dict().items()}
             out.update({NORM_PREFIX + k: v.detach() for k, v in self._norm.items()})
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the LeRobot state_dict plus ``fleet_norm.*`` stats."""
+        """CPU copies of the LeRobot state_dict plus ``fleet_norm.*`` stats (and ``fleet_value.*``)."""
         with self._lock:
             out = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self._state_dict().items()}
             out.update({NORM_PREFIX + k: v.detach().to("cpu", copy=True) for k, v in self._norm.items()})
@@ -544,8 +544,9 @@ class FleetPolicy:
             stats = NormStats(*(tensors[NORM_PREFIX + n].cpu().numpy() for n in NORM_NAMES))
         except KeyError as e:
             raise InvalidInput(f"policy tensors lack normalization stats {e}") from None
+        # before allocating: a config may claim a model far larger than its tensors
         states, _ = _features(schema, tasks, policy_config)
-        _check_layout(lerobot, policy_config, sum(math.prod(s.shape) for s in states), len(tasks), tensors)  # before allocating: a config may claim a model far larger than its tensors
+        _check_layout(lerobot, policy_config, sum(math.prod(s.shape) for s in states), len(tasks), tensors)
         model = _new_model(lerobot, seed=0)  # weights are overwritten below
         policy = cls(policy_config, model, schema, tasks, stats, version)
         policy.load_tensors(tensors, version)
