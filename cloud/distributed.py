@@ -175,6 +175,9 @@ class Distributed:
             yield None
             return
         self._shadow.model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=True)
+        if getattr(policy, "value", None) is not None and self._shadow.value is not None:
+            # RECAP's value function is not sharded (it is not in the loss module): rank 0's own weights
+            self._shadow.value.load_state_dict(policy.value.state_dict())
         self._shadow.version = policy.version
         yield self._shadow
         policy.version = self._shadow.version

@@ -12,15 +12,21 @@ Three inputs the edge already has, each in [0, 1]:
   ``stall_min_improvement``, or the low-dim state moving ``stall_min_motion`` (L2) away from where it
   was at the last progress (a robot without a reward signal still makes progress by moving). Stall is
   the ticks since the last progress over ``stall_window_steps``, capped at 1.
-* **risk**: predicted failure. RECAP's value function stays in the cloud (it is the algorithm's state,
-  not part of the published policy); a policy that carries a failure predictor exposes
-  ``policy.failure_risk`` in [0, 1] and the scorer passes it through; otherwise 0.
+* **risk**: predicted failure, ``policy.failure_risk`` in [0, 1], passed through. A policy trained by RECAP
+  carries RECAP's value function (it is published with the weights, fleet/policies/value.py), and
+  :class:`~fleet.policies.FleetPolicy` sets ``failure_risk`` in each ``select_action`` (before the scorer
+  runs on the same observation) from one small MLP forward on the normalised state and task one-hot: the
+  probability that the episode's normalised return lies below tau = -L_max / (L_max + C), where only failed
+  episodes' returns can be (the distributional head's mass on those bins; for the scalar head the least
+  failure probability its mean allows). Any other policy (HG-DAgger's, the null policy) gives 0.
 
 The score combines them as a noisy OR, ``1 - prod(1 - w_i * x_i)``: any one strong reason is enough,
 several weak ones add up, and the result stays in [0, 1]. Help is ``wanted`` while
 ``score >= threshold``.
 
-Cost per tick: a few float operations and one L2 norm of the low-dim state; no allocation beyond the
+Cost per tick: a few float operations and one L2 norm of the low-dim state (plus, in the policy, the value
+function's forward pass: about (state + tasks) x 256 + 256 x 256 + 256 x 201 multiply-adds with RECAP's
+defaults); no allocation beyond the
 small :class:`~fleet.types.HelpSignal` it returns. :class:`HelpBoard` hands the newest signal (and the
 newest camera frame) to the heartbeat thread and the cloud's assignment back, by swapping one
 reference each way: no lock on the control thread.

@@ -3,7 +3,7 @@
 Every finished episode trains (autonomous rollouts, operator corrections, offline demos).
 Each update, on one batch of windows starting at step t:
 
-1. value function (cloud/algorithms/value.py) on normalised returns, reward -1 per step plus a
+1. value function (fleet/policies/value.py) on normalised returns, reward -1 per step plus a
    failure penalty:  v_t = -(L - t + C * [failed]) / (L_max(task) + C)      loss/value
 2. advantage with the current value function, N-step (N = 0: Monte Carlo):
        A_t = r_{t:t+N} + V(o_{t+N}) - V(o_t),  r_{t:t+N} = -min(N, L - t) (- C if the episode ends failed
@@ -18,10 +18,14 @@ Each update, on one batch of windows starting at step t:
 The edge acts with I = positive (policy.conditioning = "advantage"), optionally with classifier-free
 guidance a = u + beta * (c - u) (policy.cfg_beta; SOP: 1.0 for rollouts, 1.5-2.5 for evaluation).
 Unlike SOP (a frozen pre-trained value function), the value function keeps learning online here.
+It is deployed with the policy (``policy.value``, ``PolicyConfig.value_*``): published with the weights, it
+gives the edge its predicted failure for the help signal (edge/help.py). Each update also sets each task's
+failure threshold tau = -L_max / (L_max + C), below which only failed episodes' returns lie.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass, replace
@@ -30,10 +34,12 @@ import numpy as np
 import torch
 
 from cloud.algorithms.base import Algorithm, AlgorithmConfig, OptimizerStep, Update, register_algorithm
-from cloud.algorithms.value import HEADS, ValueFunction, value_input
 from cloud.sampler import DataSpec
 from fleet.errors import ConfigError
 from fleet.policies.lerobot_adapter import INDICATOR_NONE, INDICATOR_POSITIVE
+from fleet.policies.value import HEADS, failure_threshold
+
+log = logging.getLogger(__name__)
 
 
 @AlgorithmConfig.register_subclass("recap")
@@ -105,8 +111,16 @@ class Recap(Algorithm):
         self.policy = policy
         self.config = cfg = config or RecapConfig()
         self.data = DataSpec(interventions=False, episodes=True, offline=True, lookahead_steps=cfg.n_step)
-        self.value = ValueFunction(policy.state_dim + len(policy.tasks), cfg.value_hidden_dim, cfg.value_layers,
-                                   cfg.value_head, cfg.value_bins).to(policy.device)
+        wanted = (cfg.value_head, cfg.value_hidden_dim, cfg.value_layers, cfg.value_bins)
+        if policy.value is None:  # a conditioned policy built without one (code, tests, older versions)
+            policy.add_value_function(*wanted, seed=seed)
+        elif wanted != (policy.config.value_head, policy.config.value_hidden_dim, policy.config.value_layers,
+                        policy.config.value_bins):
+            log.warning("the policy's value function (%s, hidden %d, layers %d, bins %d) is not the one "
+                        "--algorithm.value_* asks for; training the policy's", policy.config.value_head,
+                        policy.config.value_hidden_dim, policy.config.value_layers, policy.config.value_bins)
+        self.value = policy.value
+        """The value function, the policy's own module: it is published with the policy's weights."""
         value_params = list(self.value.parameters())
         self.value_step = OptimizerStep(value_params, torch.optim.AdamW(value_params, lr=cfg.value_lr),
                                         accumulation_steps, clip_norm=1.0)
@@ -120,7 +134,10 @@ class Recap(Algorithm):
 
     @classmethod
     def policy_config(cls, policy, cfg):
-        return replace(policy, conditioning="advantage", cfg_beta=cfg.algorithm.cfg_beta)
+        algo = cfg.algorithm
+        return replace(policy, conditioning="advantage", cfg_beta=algo.cfg_beta, value_head=algo.value_head,
+                       value_hidden_dim=algo.value_hidden_dim, value_layers=algo.value_layers,
+                       value_bins=algo.value_bins)
 
     @classmethod
     def from_config(cls, policy, cfg) -> Recap:
@@ -128,9 +145,17 @@ class Recap(Algorithm):
 
     def _value_input(self, batch: dict[str, np.ndarray], prefix: str) -> torch.Tensor:
         n = len(batch["task_index"])
-        state = self.policy.normalized_state(lambda name: batch[f"{prefix}{name}"], (n,))
-        task = torch.from_numpy(np.asarray(batch["task_index"], dtype=np.int64)).to(state.device)
-        return value_input(state, task, len(self.policy.tasks))
+        return self.policy.value_input(lambda name: batch[f"{prefix}{name}"], (n,), batch["task_index"])
+
+    def _set_failure_thresholds(self, batch: dict[str, np.ndarray], finished: np.ndarray) -> None:
+        """Each task's tau = -L_max / (L_max + C) from this batch's longest episodes (the returns' own scale)."""
+        longest = np.maximum(np.asarray(batch["task_max_len"], dtype=np.float64),
+                             np.asarray(batch["episode_len"], dtype=np.float64))
+        task_index = np.asarray(batch["task_index"])
+        tau = self.value.failure_threshold
+        for ti in np.unique(task_index[finished & (task_index >= 0)]):
+            rows = finished & (task_index == ti)
+            tau[int(ti)] = failure_threshold(float(longest[rows].max()), self.config.failure_penalty_steps)
 
     def returns(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(normalised return v_t, normalised N-step reward sum, whether to bootstrap from o_{t+N})."""
@@ -159,6 +184,7 @@ class Recap(Algorithm):
         v_losses = self.value.loss(x, torch.from_numpy(value_target).float().to(device))
         v_loss = (v_losses * mask).sum() / mask.sum().clamp(min=1)
         value_stats = self.value_step(v_loss)
+        self._set_failure_thresholds(batch, finished)
 
         # 2. advantages with the current value function
         with torch.no_grad():
@@ -205,7 +231,8 @@ class Recap(Algorithm):
     def load_state_dict(self, state: dict) -> None:
         self.step.load_state_dict(state["step"])
         self.value_step.load_state_dict(state["value_step"])
-        self.value.load_state_dict(state["value"])
+        # a checkpoint from before the failure thresholds existed keeps the defaults (C = L_max: -1/2)
+        self.value.load_state_dict({**self.value.state_dict(), **state["value"]})
         self.updates = int(state["updates"])
         self._rng.bit_generator.state = state["rng"]
         self._advantages.clear()

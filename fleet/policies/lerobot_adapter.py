@@ -9,8 +9,10 @@ embedding in ``observation.environment_state``. An advantage-conditioned policy
 "Advantage: negative" after the task, or two extra environment-state inputs;
 no indicator (dropped out) is plain text / zeros. LeRobot 0.4 keeps
 normalization outside the policy, so mean/std normalization lives here and
-travels with the weights as ``fleet_norm.*`` tensors. Weights move as
-safetensors; no pickle anywhere.
+travels with the weights as ``fleet_norm.*`` tensors. A policy trained by RECAP
+also carries its value function (``PolicyConfig.value_head``; fleet/policies/value.py)
+as ``fleet_value.*`` tensors, so the edge predicts failure each tick
+(``failure_risk``). Weights move as safetensors; no pickle anywhere.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from fleet.policies.policy_config import (
     input_features,
     lerobot_config,
 )
+from fleet.policies.value import PREFIX as VALUE_PREFIX
+from fleet.policies.value import ValueFunction, value_input
 from fleet.types import FeatureSpec, Schema
 
 logger = logging.getLogger(__name__)
@@ -96,12 +100,27 @@ def _new_model(config: PreTrainedConfig, seed: int) -> PreTrainedPolicy:
         return _policy_class(config.type)(config)
 
 
-def _check_layout(config: PreTrainedConfig, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Build the model on the meta device (shapes only, no memory) and raise InvalidInput unless its tensor
-    names and shapes are those of ``tensors`` (normalization stats aside)."""
+def _new_value(config: PolicyConfig, state_dim: int, n_tasks: int, seed: int = 0) -> ValueFunction | None:
+    """The value function ``config`` deploys with the policy (None without ``value_head``); seeded, leaving
+    the global torch RNG as it was."""
+    if config.value_head == "none":
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ValueFunction(state_dim, n_tasks, config.value_hidden_dim, config.value_layers, config.value_head,
+                             config.value_bins)
+
+
+def _check_layout(config: PreTrainedConfig, policy_config: PolicyConfig, state_dim: int, n_tasks: int,
+                  tensors: Mapping[str, torch.Tensor]) -> None:
+    """Build the model (and value function) on the meta device (shapes only, no memory) and raise InvalidInput
+    unless its tensor names and shapes are those of ``tensors`` (normalization stats aside)."""
     with torch.device("meta"), torch.random.fork_rng(devices=[]):
         meta = _policy_class(config.type)(config)
+        value = _new_value(policy_config, state_dim, n_tasks)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    if value is not None:
+        expected.update({VALUE_PREFIX + k: tuple(v.shape) for k, v in value.state_dict().items()})
     got = {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith(NORM_PREFIX)}
     if got != expected:
         diff = sorted(set(got.items()) ^ set(expected.items()))[:5]
@@ -130,7 +149,7 @@ class FleetPolicy:
     """
 
     def __init__(self, config: PolicyConfig, model: PreTrainedPolicy, schema: Schema, tasks: Sequence[str],
-                 stats: NormStats, version: int = 0) -> None:
+                 stats: NormStats, version: int = 0, seed: int = 0) -> None:
         self.config = config
         self.schema = schema
         self.tasks: tuple[str, ...] = tuple(tasks)
@@ -152,6 +171,11 @@ class FleetPolicy:
                                f"match state {self.state_dim} / action {self.action_dim}")
         self.device = torch.device(lr_cfg.device)
         self.model = model.to(self.device)
+        self.value = _new_value(config, self.state_dim, len(self.tasks), seed)
+        """RECAP's value function deployed with the policy (``config.value_head``), else None. Not part of
+        ``model``: the policy's optimizer and DDP/FSDP never see it; RECAP trains it with its own optimizer."""
+        if self.value is not None:
+            self.value.to(self.device)
         self.horizon: int = lr_cfg.horizon if config.type == "diffusion" else lr_cfg.chunk_size
         self.version = version
         self._norm = {name: torch.from_numpy(getattr(stats, name).copy()).to(self.device) for name in NORM_NAMES}
@@ -167,6 +191,9 @@ class FleetPolicy:
         self.action_disagreement = 0.0
         """RMS difference (in action standard deviations) between the newest action chunk and what the chunk
         before it predicted for the same ticks; 0 when they do not overlap (edge/help.py reads it)."""
+        self.failure_risk = 0.0
+        """Predicted probability (0..1) that the episode fails, from the value function at the last
+        ``select_action`` (fleet/policies/value.py); 0 without one (edge/help.py reads it)."""
         self._ticks = 0  # select_action calls since reset
         self._last_chunk: tuple[int, np.ndarray] | None = None  # (tick it was predicted at, [T, A] normalized)
         self._watch_chunks()
@@ -357,9 +384,12 @@ class FleetPolicy:
             indicator = [INDICATOR_POSITIVE, INDICATOR_NONE] if guided else [INDICATOR_POSITIVE]
             n = len(indicator)
             single = {name: np.repeat(np.asarray(v)[None], n, axis=0) for name, v in observation.items()}
+            task_id = self._task_id(task)
             batch = {OBS_STATE: self.normalized_state(single.__getitem__, (n,)),
                      **self._images(single.__getitem__, (n,)),
-                     **self._task_inputs(np.full((n,), self._task_id(task)), np.array(indicator))}
+                     **self._task_inputs(np.full((n,), task_id), np.array(indicator))}
+            if self.value is not None:  # one small MLP forward on what the policy already has
+                self.failure_risk = self._failure_risk(batch[OBS_STATE][:1], task_id)
             was_training = self.model.training
             try:
                 action = self.model.select_action(batch)
@@ -370,31 +400,61 @@ class FleetPolicy:
             action = action * self._norm["action_std"] + self._norm["action_mean"]
             return action[0].to("cpu", torch.float32).numpy()
 
+    def _failure_risk(self, state: torch.Tensor, task_id: int) -> float:
+        task = torch.tensor([task_id], device=self.device)
+        risk = float(self.value.failure_risk(value_input(state, task, len(self.tasks)), task)[0])
+        return risk if math.isfinite(risk) else 0.0
+
+    def value_input(self, get: Callable[[str], Any], lead: tuple[int, ...], task_index: np.ndarray) -> torch.Tensor:
+        """The value function's input for a batch of observations: [normalised state, task one-hot]."""
+        task = torch.from_numpy(np.asarray(task_index, dtype=np.int64)).to(self.device)
+        return value_input(self.normalized_state(get, lead), task, len(self.tasks))
+
     def reset(self) -> None:
         """Clear LeRobot's queues (episode start, or control handed back by an operator)."""
         with self._lock:
             self.model.reset()
-            self._ticks, self._last_chunk, self.action_disagreement = 0, None, 0.0
+            self._ticks, self._last_chunk, self.action_disagreement, self.failure_risk = 0, None, 0.0, 0.0
+
+    def add_value_function(self, head: str, hidden_dim: int, layers: int, bins: int, seed: int = 0) -> ValueFunction:
+        """Deploy a new value function with this policy (RECAP given a policy built without one): it joins the
+        config (``value_*``) and the state dict."""
+        with self._lock:
+            config = replace(self.config, value_head=head, value_hidden_dim=hidden_dim, value_layers=layers,
+                             value_bins=bins)
+            self.value = _new_value(config, self.state_dim, len(self.tasks), seed).to(self.device)
+            self.config = config
+        return self.value
 
     # ----- serialization ------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The LeRobot state_dict plus ``fleet_norm.*`` stats, as they are (on the policy's device, no copy):
-        what a snapshot copies once (``cloud.snapshot``)."""
+        """The LeRobot state_dict plus ``fleet_norm.*`` stats (and ``fleet_value.*``), as they are (on the
+        policy's device, no copy): what a snapshot copies once (``cloud.snapshot``)."""
         with self._lock:
-            out = {k: v.detach() for k, v in self.model.state_dict().items()}
+            out = {k: v.detach() for k, v in self._state_dict().items()}
             out.update({NORM_PREFIX + k: v.detach() for k, v in self._norm.items()})
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the LeRobot state_dict plus ``fleet_norm.*`` stats."""
+        """CPU copies of the LeRobot state_dict plus ``fleet_norm.*`` stats (and ``fleet_value.*``)."""
         with self._lock:
-            out = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
+            out = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self._state_dict().items()}
             out.update({NORM_PREFIX + k: v.detach().to("cpu", copy=True) for k, v in self._norm.items()})
         return out
 
+    def _state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict plus the value function's (``fleet_value.*``), sharing their memory."""
+        out = self.model.state_dict()
+        if self.value is not None:
+            out.update({VALUE_PREFIX + k: v for k, v in self.value.state_dict().items()})
+        return out
+
     def trainable_names(self) -> set[str]:
-        """Names in :meth:`tensors` that the optimizer updates."""
-        return {name for name, p in self.model.named_parameters() if p.requires_grad}
+        """Names in :meth:`tensors` that an optimizer updates (the policy's, and RECAP's value function's)."""
+        names = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        if self.value is not None:
+            names |= {VALUE_PREFIX + name for name, _ in self.value.named_parameters()}
+        return names
 
     def manifest_config(self) -> dict[str, Any]:
         """JSON-able description from which :meth:`from_manifest` rebuilds this policy."""
@@ -404,7 +464,7 @@ class FleetPolicy:
     def load_tensors(self, tensors: Mapping[str, torch.Tensor], version: int, partial: bool = False) -> None:
         """Copy weights and stats in place (strict names and shapes; ``partial``: only those given, the rest
         written already, e.g. through :meth:`weight_views`); clears the action queue."""
-        own = self.model.state_dict()
+        own = self._state_dict()
         expected = {k: tuple(v.shape) for k, v in own.items()}
         expected.update({NORM_PREFIX + k: tuple(v.shape) for k, v in self._norm.items()})
         got = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -417,7 +477,11 @@ class FleetPolicy:
                     if name in own:
                         own[name].copy_(value)
             else:
-                self.model.load_state_dict({k: tensors[k] for k in own}, strict=True)
+                self.model.load_state_dict({k: v for k, v in tensors.items() if k in own
+                                            and not k.startswith(VALUE_PREFIX)}, strict=True)
+                if self.value is not None:
+                    self.value.load_state_dict({k.removeprefix(VALUE_PREFIX): v for k, v in tensors.items()
+                                                if k.startswith(VALUE_PREFIX)}, strict=True)
             for name, value in self._norm.items():
                 if NORM_PREFIX + name in tensors:
                     value.copy_(tensors[NORM_PREFIX + name])
@@ -425,7 +489,7 @@ class FleetPolicy:
                 self._norm[name].clamp_(min=MIN_STD)
             self.version = version
             self.model.reset()
-            self._ticks, self._last_chunk, self.action_disagreement = 0, None, 0.0
+            self._ticks, self._last_chunk, self.action_disagreement, self.failure_risk = 0, None, 0.0, 0.0
 
     def weight_views(self) -> dict[str, memoryview]:
         """Writable raw bytes of the model's weights, by name, sharing their memory (CPU, contiguous, not
@@ -434,7 +498,7 @@ class FleetPolicy:
         from fleet.weights import tensor_view
 
         out, seen = {}, set()
-        for name, t in self.model.state_dict().items():
+        for name, t in self._state_dict().items():
             if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
                 continue
             if t.data_ptr() in seen:  # tied weights: one name writes them
@@ -480,7 +544,9 @@ class FleetPolicy:
             stats = NormStats(*(tensors[NORM_PREFIX + n].cpu().numpy() for n in NORM_NAMES))
         except KeyError as e:
             raise InvalidInput(f"policy tensors lack normalization stats {e}") from None
-        _check_layout(lerobot, tensors)  # before allocating: a config may claim a model far larger than its tensors
+        # before allocating: a config may claim a model far larger than its tensors
+        states, _ = _features(schema, tasks, policy_config)
+        _check_layout(lerobot, policy_config, sum(math.prod(s.shape) for s in states), len(tasks), tensors)
         model = _new_model(lerobot, seed=0)  # weights are overwritten below
         policy = cls(policy_config, model, schema, tasks, stats, version)
         policy.load_tensors(tensors, version)
@@ -496,7 +562,7 @@ def build_policy(config: PolicyConfig, schema: Schema, tasks: Sequence[str], sta
     model = _new_model(lerobot_config(config, features, action_dim), seed)
     if stats is None:
         stats = NormStats.identity(state_dim, action_dim)
-    return FleetPolicy(config, model, schema, tasks, stats)
+    return FleetPolicy(config, model, schema, tasks, stats, seed=seed)
 
 
 def set_torch_threads(n: int) -> None:

@@ -30,6 +30,7 @@ SUPPORTED_POLICY_TYPES = ("act", "diffusion", "smolvla")
 LANGUAGE_POLICY_TYPES = ("smolvla",)
 """Types that read the task as text; the others get a one-hot task embedding."""
 CONDITIONING = ("none", "advantage")
+VALUE_HEADS = ("none", "distributional", "scalar")
 PRECISIONS = ("fp32", "bf16")
 UNSUPPORTED_HINTS = {
     name: f"LeRobot's {name} needs its patched transformers build and the PaliGemma tokenizer from the "
@@ -78,6 +79,15 @@ class PolicyConfig:
     """Extra policy input: "none", or "advantage" (RECAP's improvement indicator; set by --algorithm.type recap)."""
     cfg_beta: float = 1.0
     """Advantage-conditioned inference: classifier-free guidance weight (1 = plain "Advantage: positive")."""
+    value_head: str = "none"
+    """A value function deployed with the policy (fleet/policies/value.py; set by --algorithm.type recap):
+    "none", "distributional" or "scalar". The edge reads its predicted failure (``FleetPolicy.failure_risk``)."""
+    value_hidden_dim: int = 256
+    """Width of the value function's MLP (with value_head)."""
+    value_layers: int = 2
+    """Hidden layers of the value function's MLP (with value_head)."""
+    value_bins: int = 201
+    """Bins of the distributional value head."""
     precision: str = "fp32"
     """Training compute: fp32, or bf16 autocast (AMP; meant for CUDA, also runs on CPU)."""
     lr: float = 3e-4
@@ -112,6 +122,12 @@ class PolicyConfig:
             raise ConfigError(f"policy.vlm_layers ({self.vlm_layers!r}) must be an integer >= 0")
         if self.conditioning not in CONDITIONING:
             raise ConfigError(f"policy.conditioning ({self.conditioning!r}) must be one of {CONDITIONING}")
+        if self.value_head not in VALUE_HEADS:
+            raise ConfigError(f"policy.value_head ({self.value_head!r}) must be one of {VALUE_HEADS}")
+        for name, least in (("value_hidden_dim", 1), ("value_layers", 1), ("value_bins", 2)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < least:
+                raise ConfigError(f"policy.{name} ({value!r}) must be an integer >= {least}")
         if not (math.isfinite(self.cfg_beta) and self.cfg_beta >= 1.0):
             raise ConfigError(f"policy.cfg_beta ({self.cfg_beta!r}) must be a number >= 1")
         if self.precision not in PRECISIONS:

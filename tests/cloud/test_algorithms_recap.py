@@ -131,6 +131,8 @@ def test_recap_trains_online_on_the_buffer_and_the_edge_acts_positive(redis_proc
     manifest = trainer.store.manifest(trainer.store.latest_version())
     assert manifest.config["policy_config"]["conditioning"] == "advantage"
     assert manifest.config["policy_config"]["cfg_beta"] == 1.5
+    assert manifest.config["policy_config"]["value_head"] == "distributional"  # its value function rides along
+    assert "fleet_value.failure_threshold" in {t.name for t in manifest.tensors}
     assert np.isfinite(trainer.state.last_loss)
 
     # A conditioned policy whose action is +1 for "positive", -1 for "negative", 0 without the indicator.
