@@ -110,15 +110,22 @@ def test_every_subcommand_has_help(command, cli_help):
     assert len(text) > 300
 
 
-def test_bad_config_value_is_a_clear_cli_error():
-    proc = subprocess.run([*FLEET, "demo", "--fleet.robots", "0"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "robots (0) must be >= 1" in proc.stderr
+def _demo_exit(cli_main, capsys, *argv: str) -> tuple[int, str]:
+    """``fleet demo <argv>`` in this process (the torch/LeRobot import is paid once per session): exit code, stderr."""
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["demo", *argv])
+    return exc.value.code, capsys.readouterr().err
 
 
-def test_evaluation_that_would_skip_tasks_is_a_clear_cli_error():
+def test_bad_config_value_is_a_clear_cli_error(cli_main, capsys):
+    code, err = _demo_exit(cli_main, capsys, "--fleet.robots", "0")
+    assert code == 2
+    assert "robots (0) must be >= 1" in err
+
+
+def test_evaluation_that_would_skip_tasks_is_a_clear_cli_error(cli_main, capsys):
     # Round robin over 4 tasks with every 2nd episode evaluated would only ever evaluate 2 of them.
-    proc = subprocess.run([*FLEET, "demo", "--tasks", '["reach-v3", "drawer-open-v3", "window-open-v3", '
-                           '"drawer-close-v3"]'], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "would evaluate only 2 of them" in proc.stderr
+    code, err = _demo_exit(cli_main, capsys, "--tasks",
+                           '["reach-v3", "drawer-open-v3", "window-open-v3", "drawer-close-v3"]')
+    assert code == 2
+    assert "would evaluate only 2 of them" in err
