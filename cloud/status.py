@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from cloud.buffer import POLICY_LATEST_KEY, SOURCE_ONLINE
-from cloud.buffer.reader import BufferReader
+from cloud.buffer.reader import BufferReader, status_number as _num
 from fleet.types import EpisodeCounts
 
 CONNECTED_WITHIN_S = 10.0
@@ -37,13 +37,6 @@ TRAINER_STATUS_KEY = "fleet:trainer:status"
 def _dec(d: dict) -> dict:
     return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in d.items()}
-
-
-def _num(value, default: float = 0.0) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 from cloud.buffer.layout import OPS_ASSIGNMENTS_KEY, OPS_OPERATORS_KEY, ROBOTS_KEY, SOURCE_ONLINE, RobotKeys, frames_key
@@ -39,6 +40,16 @@ class EpisodeInfo:
 
 def _text(value) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def status_number(value, default: float = 0.0, low: float = -math.inf, high: float = math.inf) -> float:
+    """A field of a status hash (a robot's heartbeat, the trainer's status) as a finite float clipped to
+    [low, high]; missing, malformed or not finite: ``default``. Whatever Redis holds, readers do not crash."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return default
+    return min(max(x, low), high) if math.isfinite(x) else default
 
 
 class BufferReader:

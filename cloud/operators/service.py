@@ -27,7 +27,7 @@ from collections.abc import Callable
 from redis.exceptions import RedisError
 
 from cloud.buffer.layout import OPS_ASSIGNMENTS_KEY
-from cloud.buffer.reader import BufferReader
+from cloud.buffer.reader import BufferReader, status_number
 from cloud.buffer.writer import write_operator_state
 from cloud.operators.allocator import Allocator, Assignment, Need
 from cloud.operators.config import OperatorsConfig
@@ -40,13 +40,9 @@ ASSIGNMENTS_TTL_PERIODS = 20
 ASSIGNMENTS_TTL_MIN_S = 5.0
 
 
-def _num(value, low: float = 0.0, high: float = math.inf) -> float:
-    """A status field as a finite float clipped to [low, high] (missing or malformed: low)."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return low
-    return min(max(x, low), high) if math.isfinite(x) else low
+def _num(value, high: float = math.inf) -> float:
+    """A status field as a finite float in [0, high] (missing, malformed or not finite: 0)."""
+    return status_number(value, 0.0, 0.0, high)
 
 
 def _flag(value) -> bool:
