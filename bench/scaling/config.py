@@ -92,8 +92,13 @@ class StudyConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+ACT_SHAPE = ("--policy.chunk_size", "10", "--policy.n_action_steps", "5", "--policy.use_vae", "false")
+"""The demo's action chunking (``edge/sim/demo.py``): 10-step chunks, 5 executed, no VAE. LeRobot's ACT defaults
+(100-step chunks executed open loop, a 4-layer VAE encoder over them) cost ~15x the learner time per step on a
+CPU and react to the operator's corrections only every 100 ticks."""
+
 SMALL_POLICY = ("--policy.dim_model", "64", "--policy.dim_feedforward", "256", "--policy.n_heads", "4",
-                "--policy.n_encoder_layers", "1", "--policy.optimizer_lr", "1e-3")
+                "--policy.n_encoder_layers", "1", "--policy.optimizer_lr", "1e-3", *ACT_SHAPE)
 """A small ACT for a 2-core CPU: the learner and the robots share the two cores."""
 
 STRICT_OPERATOR = ("--edge.operator.divergence_threshold", "0.5", "--edge.operator.stall_steps", "15")
@@ -112,7 +117,7 @@ QUICK = StudyConfig(
 FULL = StudyConfig(
     fleet_sizes=(1, 2, 4, 8), seeds=(0, 1, 2), budget_s=3600.0, tasks=MT10, control_hz=20.0,
     max_episode_steps=150, demos_per_task=5, seed_bc_steps=500, batch_size=256, publish_every_steps=50,
-    device="cuda", edge_args=STRICT_OPERATOR, eval_episodes_per_task=20, eval_points=24, eval_workers=8, effort_bins=12,
+    device="cuda", policy_args=ACT_SHAPE, edge_args=STRICT_OPERATOR, eval_episodes_per_task=20, eval_points=24, eval_workers=8, effort_bins=12,
     out_dir="runs/fleet-scaling-full",
 )
 """A GPU machine: MT10, 1/2/4/8 robots, 3 seeds, one hour per run (12 runs: about 13 hours)."""
