@@ -164,8 +164,13 @@ class Trainer:
     def _init_policy(self) -> None:
         latest = 0 if self.fresh else self.store.latest_version()
         if latest:
-            manifest = self.store.manifest(latest)
-            self.policy = FleetPolicy.from_manifest(manifest.config, self.store.tensors(latest), version=latest)
+            try:
+                manifest, tensors = self.store.manifest(latest), self.store.tensors(latest)
+            except KeyError:
+                raise ConfigError(f"Redis says policy v{latest} is the latest published, but the policy store "
+                                  f"{self.cfg.policy_dir} does not hold it: point --policy_dir at the store used "
+                                  "with this Redis, or start with a fresh Redis database") from None
+            self.policy = FleetPolicy.from_manifest(manifest.config, tensors, version=latest)
             log.info("no checkpoint in %s: resuming the weights of published v%d (new optimizer)",
                      self.checkpoints.root, latest)
             self.state.version = latest

@@ -202,3 +202,19 @@ def test_edge_backend_takes_lerobot_configs_and_bare_names():
     cfg = parse_config("edge", ["--backend", "ros2", "--backend.joint_names", "[j1, j2]"])
     assert cfg.backend.type == "ros2" and cfg.backend.joint_names == ("j1", "j2")
     assert parse_config("edge", ["--backend.seed", "3"]).backend.seed == 3
+
+
+def test_trainer_exits_2_when_redis_names_a_version_its_policy_dir_lacks(redis_proc, tmp_path):
+    """Redis of one deployment, the policy directory of another: a precise exit 2, not a KeyError traceback."""
+    import redis
+
+    from cloud.policy_store import PolicyStore
+
+    r = redis.Redis.from_url(redis_proc.url)
+    r.set(PolicyStore(tmp_path / "elsewhere", r).keys.latest, 3)
+    out = fleet("trainer", "--redis_url", redis_proc.url, "--policy_dir", str(tmp_path / "policies"),
+                "--metrics_port", "0", timeout=90)
+    assert out.returncode == 2, out
+    last = out.stderr.strip().splitlines()[-1]
+    assert "policy v3 is the latest published" in last and str(tmp_path / "policies") in last, last
+    assert "Traceback" not in out.stderr, out.stderr
