@@ -158,6 +158,10 @@ def policy_event_from_wire(raw: bytes):
     return PolicyPieceEvent(piece["name"], piece["offset"], piece["data"], piece["encoding"] or "raw")
 
 
+def _wire(request: pb.ColumnChunk | bytes) -> bytes:
+    return request if isinstance(request, bytes) else request.SerializeToString()
+
+
 class FleetClient:
     """One channel to one gateway target (a load-balanced address for several replicas)."""
 
@@ -174,6 +178,8 @@ class FleetClient:
         self._watch_events = self._channel.unary_stream(  # policy events straight from the received bytes
             "/fleet.v1.FleetService/WatchPolicy", request_serializer=pb.WatchPolicyRequest.SerializeToString,
             response_deserializer=policy_event_from_wire)
+        self._stream_columns = self._channel.stream_stream(  # chunks as the streamer wrote their wire bytes
+            "/fleet.v1.FleetService/StreamColumns", request_serializer=_wire, response_deserializer=pb.Ack.FromString)
         self._token_file = security.token_file
         self._token_stamp: tuple[int, int] | None = None
         self._token_metadata: tuple = ()
@@ -214,10 +220,11 @@ class FleetClient:
             timeout=self.rpc_timeout_s, metadata=self._metadata)
         return HeartbeatReply(resp.latest_policy_version, assignment_from_pb(resp.assignment))
 
-    def stream_experience(self, requests: Iterator[pb.ColumnChunk]):
-        """Open the bidi stream of columnar chunks (protocol 2); returns the call (iterate it for acks;
-        ``cancel()`` to end)."""
-        return self._stub.StreamColumns(requests, metadata=self._metadata)
+    def stream_experience(self, requests: Iterator[pb.ColumnChunk | bytes]):
+        """Open the bidi stream of columnar chunks (protocol 2): messages, or a ColumnChunk's protobuf bytes
+        (``fleet.convert.message_wire``), sent as they are; returns the call (iterate it for acks; ``cancel()``
+        to end)."""
+        return self._stream_columns(requests, metadata=self._metadata)
 
     def watch_policy(self, robot_id: str, have_version: int, want_full: bool = False, rejected_version: int = 0,
                      side_channel: bool = False):

@@ -41,7 +41,7 @@ import grpc
 
 from edge.client import FleetClient, trailing_metadata
 from fleet.columns import schema_hash
-from fleet.convert import columns_message
+from fleet.convert import columns_wire, message_wire
 from edge.spool import Spool
 from fleet import metrics
 from fleet.errors import ConfigError
@@ -359,7 +359,7 @@ class Streamer:
                 batch = self.spool.read_after(sent, max_steps=self.max_chunk_steps,
                                               max_bytes=self._chunk_bytes) or batch
             try:
-                msg = self._message(batch, sent)
+                chunks = [self._message(batch, sent)]
             except RowMismatch as exc:  # a row written under another schema: never sendable
                 bad = batch.first_seq + exc.index
                 self._quarantine(bad, bad, "SCHEMA_MISMATCH", str(exc))
@@ -372,7 +372,7 @@ class Streamer:
                 if more is None or more.nbytes > room or not self._complete(more):
                     break
                 try:
-                    msg.more.append(self._message(more, batches[-1].last_seq))
+                    chunks.append(self._message(more, batches[-1].last_seq))
                 except RowMismatch:  # sent on its own next time round, and quarantined there
                     break
                 batches.append(more)
@@ -383,10 +383,11 @@ class Streamer:
                 now = time.monotonic()
                 inflight.extend(_Sent(b.first_seq, b.last_seq, now) for b in batches)
             sent = batches[-1].last_seq
-            yield msg
+            yield message_wire(chunks)  # the ColumnChunk's bytes (the client sends them as they are)
 
-    def _message(self, batch, after: int):
-        return columns_message(self.info.robot_id, batch.episode_id, batch.task, self._layout, self._schema_hash,
+    def _message(self, batch, after: int) -> list:
+        """One chunk's wire parts (fleet.convert.columns_wire)."""
+        return columns_wire(self.info.robot_id, batch.episode_id, batch.task, self._layout, self._schema_hash,
                                batch.parts, batch.first_seq, batch.evaluation, gap_declared=batch.first_seq > after + 1,
                                end_blob=batch.end_blob)
 

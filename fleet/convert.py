@@ -318,25 +318,83 @@ def encode_summary(summary: EpisodeSummary) -> bytes:
 def columns_message(robot_id: str, episode_id: str, task: str, layout: RowLayout, digest: bytes,
                     rows: list[bytes], first_seq: int, evaluation: bool, gap_declared: bool,
                     end_blob: bytes | None) -> pb.ColumnChunk:
-    """Spooled rows (``fleet.rows`` layout) -> one columnar chunk: one join and one ``frombuffer`` for
-    the fixed columns, no per-step parsing (RowMismatch, with the row's index, if a row does not fit)."""
+    """:func:`columns_wire` as a message (tests, tools; the streamer sends the wire bytes)."""
+    return pb.ColumnChunk.FromString(message_wire([columns_wire(robot_id, episode_id, task, layout, digest, rows,
+                                                                first_seq, evaluation, gap_declared, end_blob)]))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, data) -> list:
+    """A length-delimited field (bytes, string, message): tag, length, the bytes (not copied here)."""
+    return [_varint(number << 3 | 2), _varint(len(data)), data]
+
+
+def _wire_len(parts: list) -> int:
+    return sum(len(p) for p in parts)
+
+
+def columns_wire(robot_id: str, episode_id: str, task: str, layout: RowLayout, digest: bytes,
+                 rows: list[bytes], first_seq: int, evaluation: bool, gap_declared: bool,
+                 end_blob: bytes | None) -> list:
+    """Spooled rows (``fleet.rows`` layout) -> one ``fleet.v1.ColumnChunk`` in protobuf's wire format, as parts
+    to join (:func:`message_wire`): one join and one ``frombuffer`` for the fixed columns, no per-step parsing
+    (RowMismatch, with the row's index, if a row does not fit).
+
+    Written field by field rather than built as a message: a column is copied once, from its contiguous array
+    into the message's bytes, where building one copied it four times (``tobytes``, into the message, into the
+    message holding ``more`` chunks, ``SerializeToString``): ~60 of a 500-step chunk's ~90 us on the edge. The
+    wire format is protobuf's (fields in number order; empty ones left out, as proto3 writes them), so the
+    gateway parses it like any other message, and ``columns_message`` is this, parsed."""
     rec, frames = layout.join(rows)
     # A field of the structured rows is strided: ndarray.tobytes copies such an array element by element
     # (~90 us for 500 x 39 floats), ascontiguousarray by rows (~8 us), so make each column contiguous first.
-    cols = {name: np.ascontiguousarray(col) for name, col in layout.columns(rec).items()}
-    flags = cols["flags"]
+    cols = {name: memoryview(np.ascontiguousarray(col)).cast("B") for name, col in layout.columns(rec).items()}
+    flags = np.frombuffer(cols["flags"], np.uint8)
     planes = np.stack([(flags & 1).astype(bool), (flags & 2).astype(bool), (flags & 4).astype(bool)])
-    msg = pb.ColumnChunk(
-        robot_id=robot_id, episode_id=episode_id, task=task, schema_hash=digest, first_seq=first_seq, n=len(rec),
-        observation={f.name: cols[f.name].tobytes() for f in layout.low_dim},
-        action=cols["action"].tobytes(), policy_action=cols["policy_action"].tobytes(),
-        reward=cols["reward"].tobytes(), timestamp_s=cols["timestamp_s"].tobytes(),
-        policy_version=cols["policy_version"].tobytes(), flags=np.packbits(planes, axis=1).tobytes(),
-        help=cols["help"].tobytes(), gap_declared=gap_declared, evaluation=evaluation)
-    for cam in layout.cameras:
+    parts: list = []
+    for number, text in ((1, robot_id), (2, episode_id), (3, task)):
+        if text:
+            parts += _field(number, text.encode())
+    if digest:
+        parts += _field(4, digest)
+    if first_seq:
+        parts += [b"\x28", _varint(first_seq)]  # 5: first_seq
+    parts += [b"\x30", _varint(len(rec))]  # 6: n
+    for f in layout.low_dim:  # 7: observation, a map entry {1: name, 2: column} per feature
+        entry = [*_field(1, f.name.encode()), *_field(2, cols[f.name])]
+        parts += [b"\x3a", _varint(_wire_len(entry)), *entry]
+    for number, name in ((8, "action"), (9, "policy_action"), (10, "reward"), (11, "timestamp_s"),
+                         (12, "policy_version")):
+        parts += _field(number, cols[name])
+    parts += _field(13, np.packbits(planes, axis=1).tobytes())
+    for cam in layout.cameras:  # 14: cameras, {1: name, 2: CameraFrames {1: encoding, 2: frame, ...}}
         encoding, data = frames[cam.name]
-        msg.cameras[cam.name].encoding = encoding
-        msg.cameras[cam.name].frames.extend(data)
+        value = _field(1, encoding.encode()) if encoding else []
+        for frame in data:
+            value += _field(2, frame)
+        entry = [*_field(1, cam.name.encode()), b"\x12", _varint(_wire_len(value)), *value]
+        parts += [b"\x72", _varint(_wire_len(entry)), *entry]
+    if gap_declared:
+        parts.append(b"\x78\x01")  # 15: gap_declared
     if end_blob is not None:
-        msg.episode_end.MergeFromString(end_blob)
-    return msg
+        parts += _field(16, end_blob)  # the spool keeps the EpisodeEnd message's bytes
+    if evaluation:
+        parts.append(b"\x88\x01\x01")  # 17: evaluation
+    parts += _field(19, cols["help"])
+    return parts
+
+
+def message_wire(chunks: list[list]) -> bytes:
+    """Chunks from :func:`columns_wire` -> one message's bytes: the first chunk, the others in its ``more`` (18)."""
+    parts = list(chunks[0])
+    for more in chunks[1:]:
+        parts += [b"\x92\x01", _varint(_wire_len(more)), *more]
+    return b"".join(parts)

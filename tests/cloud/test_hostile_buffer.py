@@ -223,3 +223,20 @@ def test_a_real_trainer_keeps_stepping_on_a_corrupt_buffer(redis_proc, redis_cli
     finally:
         trainer.kill()
         trainer.wait(30)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(st.booleans(), max_size=64))
+def test_label_runs_are_the_runs_of_true(flags):
+    """The writer's label runs (one (start, end) pair per run of labelled steps, end exclusive) for any flags."""
+    from cloud.buffer.writer import label_runs
+
+    expected, start = [], None
+    for i, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            expected.append((start, i))
+            start = None
+    runs = label_runs(np.array(flags, bool))
+    assert runs.shape == (len(expected), 2) and [tuple(r) for r in runs.tolist()] == expected

@@ -17,6 +17,7 @@ from fleet.columns import schema_hash
 from fleet.convert import chunk_to_pb, columns_message, encode_summary
 from fleet.rows import RowLayout
 from fleet.types import EpisodeSummary, FeatureSpec, RobotInfo, Schema, Step
+from fleet.v1 import fleet_pb2 as pb
 
 TASK = "reach the goal"
 pytestmark = pytest.mark.timeout(60)
@@ -124,9 +125,10 @@ def test_a_backlog_of_short_episodes_goes_several_chunks_a_message_and_a_bad_one
     requests = edge.streamer._requests
 
     def counted(start, session):
-        for msg in requests(start, session):
+        for wire in requests(start, session):  # the message's protobuf bytes, as the streamer wrote them
+            msg = pb.ColumnChunk.FromString(wire)
             messages.append([msg.first_seq] + [m.first_seq for m in msg.more])
-            yield msg
+            yield wire
 
     edge.streamer._requests = counted
     for k in range(6):
@@ -244,6 +246,38 @@ def test_spooled_steps_become_the_columnar_chunk(with_end):
                           encode_summary(summary) if summary else None)
     expected = chunk_to_pb(Chunk("r1", "e1", TASK, steps, gap_declared=True, episode_end=summary, evaluation=True), sch)
     assert msg == expected and msg.n == 3 and msg.first_seq == 5
+
+
+def test_the_wire_bytes_parse_as_the_chunks_stacked_from_their_steps_cameras_and_more_included():
+    """The streamer writes a message's protobuf bytes itself (fleet.convert.columns_wire): parsed, they are the
+    message built from the steps, for a schema with a camera and help scores, with further chunks in ``more``."""
+    from fleet.codec import encode_image
+    from fleet.convert import columns_wire, message_wire
+    from fleet.types import Chunk
+
+    sch = Schema((FeatureSpec("state", "float32", (5,)), FeatureSpec("cam", "uint8", (4, 4, 3), is_image=True)),
+                 FeatureSpec("action", "float32", (2,)))
+    layout, digest = RowLayout(sch), schema_hash(sch)
+    chunks, wire = [], []
+    for c, (n, end) in enumerate([(3, True), (1, False), (4, True)]):
+        steps = [make_step(i, dim=5) for i in range(n)]
+        for i, st in enumerate(steps):
+            st.seq, st.done, st.help_score = 10 * c + 1 + i, end and i == n - 1, 0.25 * (i % 4)
+            st.images = {"cam": encode_image(np.full((4, 4, 3), 40 * i + c, np.uint8), "png")}
+        summary = EpisodeSummary(c == 0, n, 1, 1, c == 2, 3) if end else None
+        chunk = Chunk("robot-é", f"e{c}", TASK, steps, gap_declared=c == 1, episode_end=summary, evaluation=c == 2)
+        chunks.append(chunk_to_pb(chunk, sch))
+        wire.append(columns_wire("robot-é", f"e{c}", TASK, layout, digest, [layout.encode(st) for st in steps],
+                                 steps[0].seq, c == 2, c == 1, encode_summary(summary) if summary else None))
+    for chunk in chunks:
+        chunk.schema_hash = digest
+    expected = pb.ColumnChunk()
+    expected.CopyFrom(chunks[0])
+    expected.more.extend(chunks[1:])
+    got = pb.ColumnChunk.FromString(message_wire(wire))
+    assert got == expected and len(got.more) == 2 and got.HasField("episode_end") and not got.more[0].HasField(
+        "episode_end") and got.more[1].episode_end.evaluation and len(got.cameras["cam"].frames) == 3 and got.help
+    assert pb.ColumnChunk.FromString(message_wire(wire[1:2])) == chunks[1]
 
 
 def test_rows_spooled_under_another_schema_are_quarantined_not_sent(make_edge, redis_client, tmp_path):

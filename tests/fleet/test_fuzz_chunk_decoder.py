@@ -234,3 +234,34 @@ def test_finite_values_whose_sum_overflows_pass_and_one_inf_or_bad_help_score_is
         with pytest.raises(InvalidInput, match="help score") as err:
             check_columns(columns_from_pb(bad, SCHEMA), INFO)
         assert err.value.step_seq == 2
+
+
+def test_elements_encoded_and_decoded_on_several_threads_at_once_round_trip():
+    """The zstd contexts are kept per thread (fleet/columns.py): threads encoding and decoding at the same time
+    (the gateway's event loop, the sampler's decode workers) each get their own, and every element comes back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    schema = Schema((FeatureSpec("state", "float32", (39,)),), FeatureSpec("action", "float32", (4,)))
+    rng = np.random.default_rng(0)
+
+    def chunk(k: int):
+        steps = [Step(seq=1 + i, index=i, observation={"state": np.full(39, k + i % 7, np.float32)},
+                      policy_action=np.zeros(4, np.float32), action=rng.standard_normal(4).astype(np.float32),
+                      is_intervention=i % 5 == 0, reward=0.0, success=False, done=False, policy_version=1,
+                      timestamp_s=1.0 + i) for i in range(200)]
+        return columns_from_pb(chunk_to_pb(Chunk("r1", "e1", TASK, steps), schema), schema).columns
+
+    chunks = [chunk(k) for k in range(16)]
+
+    def round_trip(k: int) -> bool:
+        for _ in range(20):
+            element = encode_element(chunks[k], schema)
+            assert element[7] == 1  # zstd paid: the body is compressed
+            back = decode_element(element, schema).columns
+            if not (np.array_equal(back.observation["state"], chunks[k].observation["state"])
+                    and np.array_equal(back.action, chunks[k].action)):
+                return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(round_trip, range(16)))
