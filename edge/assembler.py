@@ -94,7 +94,7 @@ class Assembler:
 
     def check_in_place(self, name: str, offset: int, length: int) -> None:
         """Bytes [offset, offset + length) of ``name`` were received into ``raw_into``'s memory: check them
-        (in order; BLAKE3 releases the GIL, so this may run on another thread while the next piece arrives)."""
+        (in order, right after each piece arrives)."""
         entry, received = self._entries[name], self._raw_received[name]
         step = self.manifest.piece_bytes
         if offset != received or (step and length != min(step, entry.nbytes - offset)):

@@ -29,7 +29,7 @@ import mmap
 import os
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -80,6 +80,9 @@ class TensorEntry:
     """Digest of each ``Manifest.piece_bytes`` slice of the raw bytes, in order (empty: no piece hashes)."""
 
 
+_ENTRY_FIELDS = fields(TensorEntry)
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a policy version is: its tensors (in order) and the config to rebuild the policy."""
@@ -106,8 +109,11 @@ class Manifest:
         return sum(t.nbytes for t in self.tensors)
 
     def to_json(self) -> str:
-        data = asdict(self)
-        data["tensors"] = [asdict(t) for t in self.tensors]
+        # The fields as they are (json.dumps writes tuples as lists), not dataclasses.asdict: that deep-copies
+        # every tensor's piece digests first, ~4x the time for a 450M-parameter manifest (the gateway writes
+        # one header per transfer, the store one file per version).
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["tensors"] = [{f.name: getattr(t, f.name) for f in _ENTRY_FIELDS} for t in self.tensors]
         return json.dumps(data, sort_keys=True)
 
     @staticmethod
