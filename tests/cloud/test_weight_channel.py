@@ -111,17 +111,19 @@ def test_bad_reused_expired_and_foreign_tickets_are_refused_and_counted(side_gat
             assert sock.recv(1) == b""
         except ConnectionResetError:  # closed with our bytes unread
             pass
+    # Each header below for a robot of its own: this test is about tickets, not about how soon the gateway
+    # frees a cancelled WatchPolicy stream's slot (2 per robot; under a loaded suite that once took > 30 s).
     channel.ticket_s = -1.0
-    expired = header_with_ticket(side_gateway.target, "r1")
-    assert present(channel.port, expired.ticket, "r1") == b""
+    expired = header_with_ticket(side_gateway.target, "r3")
+    assert present(channel.port, expired.ticket, "r3") == b""
     assert channel.refused == {"unknown_ticket": 2, "wrong_robot": 1, "bad_hello": 1, "expired": 1}
     channel.ticket_s = 30.0
-    good = header_with_ticket(side_gateway.target, "r1")  # the gateway still serves
+    good = header_with_ticket(side_gateway.target, "r4")  # the gateway still serves
     assembler = Assembler(good, None)
-    assert receive(("127.0.0.1", channel.port), good.ticket, "r1", assembler) == store.manifest(1).total_bytes
+    assert receive(("127.0.0.1", channel.port), good.ticket, "r4", assembler) == store.manifest(1).total_bytes
     assert channel.served == 1
     with pytest.raises(SideChannelUnavailable, match="closed the weight side channel before sending"):
-        receive(("127.0.0.1", channel.port), good.ticket, "r1", Assembler(good, None))
+        receive(("127.0.0.1", channel.port), good.ticket, "r4", Assembler(good, None))
 
 
 def test_every_dtype_and_an_empty_tensor_arrive_in_memory_or_through_the_piece_buffer(side_gateway, redis_client
