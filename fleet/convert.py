@@ -332,9 +332,24 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+_CHUNK = {f.name: f.number for f in pb.ColumnChunk.DESCRIPTOR.fields}
+_FRAMES = {f.name: f.number for f in pb.CameraFrames.DESCRIPTOR.fields}
+"""Field numbers, from the generated schema (protos/ stays the one place they are written)."""
+
+
+def _scalar(number: int, value: int) -> list:
+    """A varint field (integers, bools): tag, value."""
+    return [_varint(number << 3), _varint(value)]
+
+
 def _field(number: int, data) -> list:
     """A length-delimited field (bytes, string, message): tag, length, the bytes (not copied here)."""
     return [_varint(number << 3 | 2), _varint(len(data)), data]
+
+
+def _message_field(number: int, parts: list) -> list:
+    """A length-delimited field whose value is ``parts`` (a nested message's wire parts), not joined here."""
+    return [_varint(number << 3 | 2), _varint(_wire_len(parts)), *parts]
 
 
 def _wire_len(parts: list) -> int:
@@ -351,7 +366,8 @@ def columns_wire(robot_id: str, episode_id: str, task: str, layout: RowLayout, d
     Written field by field rather than built as a message: a column is copied once, from its contiguous array
     into the message's bytes, where building one copied it four times (``tobytes``, into the message, into the
     message holding ``more`` chunks, ``SerializeToString``): ~60 of a 500-step chunk's ~90 us on the edge. The
-    wire format is protobuf's (fields in number order; empty ones left out, as proto3 writes them), so the
+    wire format is protobuf's, with the field numbers read from the generated schema (fields in number order;
+    empty ones left out, as proto3 writes them), so the
     gateway parses it like any other message, and ``columns_message`` is this, parsed."""
     rec, frames = layout.join(rows)
     # A field of the structured rows is strided: ndarray.tobytes copies such an array element by element
@@ -360,35 +376,32 @@ def columns_wire(robot_id: str, episode_id: str, task: str, layout: RowLayout, d
     flags = np.frombuffer(cols["flags"], np.uint8)
     planes = np.stack([(flags & 1).astype(bool), (flags & 2).astype(bool), (flags & 4).astype(bool)])
     parts: list = []
-    for number, text in ((1, robot_id), (2, episode_id), (3, task)):
+    for name, text in (("robot_id", robot_id), ("episode_id", episode_id), ("task", task)):
         if text:
-            parts += _field(number, text.encode())
+            parts += _field(_CHUNK[name], text.encode())
     if digest:
-        parts += _field(4, digest)
+        parts += _field(_CHUNK["schema_hash"], digest)
     if first_seq:
-        parts += [b"\x28", _varint(first_seq)]  # 5: first_seq
-    parts += [b"\x30", _varint(len(rec))]  # 6: n
-    for f in layout.low_dim:  # 7: observation, a map entry {1: name, 2: column} per feature
-        entry = [*_field(1, f.name.encode()), *_field(2, cols[f.name])]
-        parts += [b"\x3a", _varint(_wire_len(entry)), *entry]
-    for number, name in ((8, "action"), (9, "policy_action"), (10, "reward"), (11, "timestamp_s"),
-                         (12, "policy_version")):
-        parts += _field(number, cols[name])
-    parts += _field(13, np.packbits(planes, axis=1).tobytes())
-    for cam in layout.cameras:  # 14: cameras, {1: name, 2: CameraFrames {1: encoding, 2: frame, ...}}
+        parts += _scalar(_CHUNK["first_seq"], first_seq)
+    parts += _scalar(_CHUNK["n"], len(rec))
+    for f in layout.low_dim:  # observation: a map entry {1: name, 2: column} per feature
+        parts += _message_field(_CHUNK["observation"], [*_field(1, f.name.encode()), *_field(2, cols[f.name])])
+    for name in ("action", "policy_action", "reward", "timestamp_s", "policy_version"):
+        parts += _field(_CHUNK[name], cols[name])
+    parts += _field(_CHUNK["flags"], np.packbits(planes, axis=1).tobytes())
+    for cam in layout.cameras:  # cameras: a map entry {1: name, 2: CameraFrames} per camera
         encoding, data = frames[cam.name]
-        value = _field(1, encoding.encode()) if encoding else []
+        value = _field(_FRAMES["encoding"], encoding.encode()) if encoding else []
         for frame in data:
-            value += _field(2, frame)
-        entry = [*_field(1, cam.name.encode()), b"\x12", _varint(_wire_len(value)), *value]
-        parts += [b"\x72", _varint(_wire_len(entry)), *entry]
+            value += _field(_FRAMES["frames"], frame)
+        parts += _message_field(_CHUNK["cameras"], [*_field(1, cam.name.encode()), *_message_field(2, value)])
     if gap_declared:
-        parts.append(b"\x78\x01")  # 15: gap_declared
+        parts += _scalar(_CHUNK["gap_declared"], 1)
     if end_blob is not None:
-        parts += _field(16, end_blob)  # the spool keeps the EpisodeEnd message's bytes
+        parts += _field(_CHUNK["episode_end"], end_blob)  # the spool keeps the EpisodeEnd message's bytes
     if evaluation:
-        parts.append(b"\x88\x01\x01")  # 17: evaluation
-    parts += _field(19, cols["help"])
+        parts += _scalar(_CHUNK["evaluation"], 1)
+    parts += _field(_CHUNK["help"], cols["help"])
     return parts
 
 
@@ -396,5 +409,5 @@ def message_wire(chunks: list[list]) -> bytes:
     """Chunks from :func:`columns_wire` -> one message's bytes: the first chunk, the others in its ``more`` (18)."""
     parts = list(chunks[0])
     for more in chunks[1:]:
-        parts += [b"\x92\x01", _varint(_wire_len(more)), *more]
+        parts += _message_field(_CHUNK["more"], more)
     return b"".join(parts)
