@@ -200,12 +200,13 @@ class EdgeAgent:
         if self.slot.current.version == 0:
             log.info("robot %s: waiting for a first policy from %s", self.cfg.robot_id, self.cfg.gateway)
             deadline = time.monotonic() + self.cfg.first_policy_timeout_s
-            while not self.updater.wait_version(1, timeout_s=0.5):
-                if stop.is_set():
+            # Until the first version is acting: the updater may have taken the pending model back to write a
+            # newer version into it just as the first arrived (then swap_if_pending finds nothing to swap).
+            while not (self.updater.wait_version(1, timeout_s=0.5) and self.slot.swap_if_pending()):
+                if stop.wait(0.01):
                     return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no policy from {self.cfg.gateway} within {self.cfg.first_policy_timeout_s}s")
-            self.slot.swap_if_pending()
         self.loop.start()
         notify(f"STATUS=control loop running with policy v{self.slot.current.version}")
         log.info("robot %s: control loop running at %.0f Hz with policy v%d", self.cfg.robot_id,
