@@ -49,7 +49,7 @@ def _robot_args(cfg: EdgeConfig) -> dict:
     """Constructor arguments of the configured backend."""
     if isinstance(cfg.backend, MetaWorldConfig):
         return {"tasks": cfg.tasks, "seed": cfg.backend.seed, "max_episode_steps": cfg.loop.max_episode_steps,
-                "held_out_eval": cfg.backend.held_out_eval}
+                "held_out_eval": cfg.backend.held_out_eval, "fresh_variants": cfg.backend.fresh_variants}
     return {"tasks": cfg.tasks, "config": cfg.backend}
 
 

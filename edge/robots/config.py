@@ -69,3 +69,7 @@ class MetaWorldConfig(BackendConfig):
     held_out_eval: bool = True
     """Evaluation episodes start from held-out task variants (odd), never from the training ones (even) the
     operator and the seeded demos use: autonomous success measures generalisation, not memory."""
+    fresh_variants: bool = False
+    """Training episodes start from a freshly sampled initial state each (MetaWorld's task distribution) instead
+    of one of the 25 fixed training variants: a fleet of N robots then covers N times as many initial states per
+    minute (bench/fleet_scaling.py). Evaluation episodes stay on the fixed held-out variants."""

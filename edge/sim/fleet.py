@@ -58,9 +58,10 @@ class SimFleetConfig:
         require(bool(self.robot_id_prefix), "robot_id_prefix must not be empty")
         require(self.duration_s >= 0, f"duration_s ({self.duration_s}) must be >= 0")
 
-    def _held_out_eval(self) -> bool:
-        backend = self.edge.backend
-        return backend.held_out_eval if isinstance(backend, MetaWorldConfig) else MetaWorldConfig.held_out_eval
+    def _backend(self, seed: int) -> MetaWorldConfig:
+        """The template's MetaWorld settings (the defaults if it names another backend) with this robot's seed."""
+        backend = self.edge.backend if isinstance(self.edge.backend, MetaWorldConfig) else MetaWorldConfig()
+        return replace(backend, seed=seed)
 
     def robot_configs(self) -> list[EdgeConfig]:
         """One EdgeConfig per robot, derived from the template."""
@@ -69,7 +70,7 @@ class SimFleetConfig:
             robot_id = f"{self.robot_id_prefix}{i}"
             out.append(replace(
                 self.edge, robot_id=robot_id, state_dir=str(Path(self.state_root) / robot_id),
-                backend=MetaWorldConfig(seed=self.seed + i, held_out_eval=self._held_out_eval()), duration_s=0.0,
+                backend=self._backend(self.seed + i), duration_s=0.0,
                 loop=replace(self.edge.loop, seed=self.seed + i),
                 operator=replace(self.edge.operator, seed=self.seed + OPERATOR_SEED_OFFSET + i)))
         return out

@@ -98,6 +98,34 @@ def test_evaluation_episodes_draw_held_out_variants(make_robot_connected) -> Non
     assert {(plain.reset("reach-v3"), plain.current_variant)[1] for _ in range(20)} <= set(variant_indices(False))
 
 
+def test_fresh_variants_sample_new_training_states_and_keep_held_out_fixed(make_robot_connected) -> None:
+    """fresh_variants: every training episode starts from a new goal (seeded); evaluation still draws the
+    fixed held-out variants, so no training episode can start from an evaluation state."""
+    def goals(seed: int, evaluation: bool, n: int = 30) -> list[tuple[float, ...]]:
+        robot = make_robot_connected(("reach-v3",), seed=seed, held_out_eval=True, fresh_variants=True)
+        robot.set_evaluation(evaluation)
+        out = []
+        for _ in range(n):
+            robot.reset("reach-v3")
+            assert robot.current_variant == (-1 if not evaluation else robot.current_variant)
+            out.append(tuple(np.round(robot.current_raw_obs[-3:], 6)))
+            if evaluation:
+                assert robot.current_variant in variant_indices(True)
+        return out
+
+    fresh = goals(7, evaluation=False)
+    assert len(set(fresh)) == len(fresh)  # a new initial state every episode
+    assert goals(7, evaluation=False) == fresh and goals(8, evaluation=False) != fresh  # seeded
+    fixed = make_robot_connected(("reach-v3",), seed=7)
+    fixed_goals = set()
+    for _ in range(60):
+        fixed.reset("reach-v3")
+        fixed_goals.add(tuple(np.round(fixed.current_raw_obs[-3:], 6)))
+    assert len(fixed_goals) <= 25 and not fixed_goals & set(fresh)  # without it: the 25 training variants
+    held = set(goals(7, evaluation=True))
+    assert not held & set(fresh) and len(held) > 5
+
+
 def test_variant_choice_is_seeded(make_robot_connected) -> None:
     def sequence(seed: int) -> list[int | None]:
         robot = make_robot_connected(("reach-v3",), seed=seed)
