@@ -16,6 +16,7 @@ when the edge refused one) and exports the lag in versions as a gauge.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -35,6 +36,15 @@ SERVICE = "fleet.v1.FleetService"
 
 
 _count_rejection = metrics.count_gateway_rejection
+
+
+def _end_if_cancelled() -> None:
+    """Raise CancelledError if this handler's task was cancelled (the edge cancelled the call) but the error got
+    lost: redis-py's async client can swallow it during a command (the status write after each delivery), and
+    the handler would then wait for the next version, holding the robot's WatchPolicy slot until one came."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError("the call was cancelled while a Redis command ran")
 
 
 def _wire(msg: bytes | pb.PolicyUpdate) -> bytes:
@@ -95,6 +105,7 @@ class PolicyServicerMixin:
         await self._delivered(robot, have)
         with metrics.stream_scope("WatchPolicy", metrics.GATEWAY_POLICY_STREAMS, passthrough=(FleetError,)):
             while not context.done():
+                _end_if_cancelled()
                 latest = await self._feed.wait_newer(floor, self._watch_timeout_s)
                 if latest <= floor:
                     continue
