@@ -7,7 +7,7 @@ starting from the same weak behaviour-cloned policy. After each run, the
 versions it published are evaluated on held-out initial states with the
 operator off. Writes a JSON with every number and a PNG, and prints a table.
 
-    python bench/fleet_scaling.py --quick --json quick.json --plot quick.png   # ~10 min, 2 CPU cores
+    python bench/fleet_scaling.py --quick --json quick.json --plot quick.png   # ~18 min, 2 CPU cores
     python bench/fleet_scaling.py --device cuda --json full.json --plot full.png  # MT10, GPU machine
 
 See docs/fleet-scaling.md.
@@ -42,7 +42,7 @@ def _targets(result: dict) -> dict:
         if value is not None:
             return value >= goal
         if bounds["lower"] is not None and bounds["lower"] >= goal:
-            return True
+            return True  # 1 robot censored: even the lower bound is there
         if bounds["upper"] is not None and bounds["upper"] < goal:
             return False
         return None
@@ -81,6 +81,7 @@ def run_study(cfg: StudyConfig) -> dict:
             evals[1] = start_eval
             summary = summarize_run(run, evals, cfg)
             summary["run_dir"] = str(run_dir)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))  # kept if a later run fails
             summaries.append(summary)
             log.info("%d robots seed %d: final success %.2f, time to %.0f%%: %s, %d episodes, %d intervention "
                      "steps, learner %.1f steps/s", n, seed, summary["final_success"], 100 * cfg.success_threshold,
@@ -111,9 +112,11 @@ def table(result: dict) -> str:
             time_s += f" ± {t['std_s']:.0f}"
         sp, b = result["speedup_to_0_8"][n], result["speedup_bounds"][n]
         ci = result.get("speedup_ci95", {}).get(n, {})
+        lci = result.get("speedup_lower_bound_ci95", {}).get(n, {})
         speed = (fmt(sp) + "x" + (f" [{ci['lower']:.2f}, {ci['upper']:.2f}]" if ci.get("lower") is not None else "")
-                 if sp is not None else f">= {b['lower']:.2f}x" if b["lower"] is not None
-                 else f"<= {b['upper']:.2f}x" if b["upper"] is not None else "-")
+                 if sp is not None else f">= {b['lower']:.2f}x" + (
+                     f" [{lci['lower']:.2f}, {lci['upper']:.2f}]" if lci.get("lower") is not None else "")
+                 if b["lower"] is not None else f"<= {b['upper']:.2f}x" if b["upper"] is not None else "-")
         f = result["final_success"][n]
         final = fmt(f["mean"]) + (f" ± {f['std']:.2f}" if len(result["seeds"]) > 1 else "")
         eff = [x for x in result["human_effort"][n]["intervention_steps_per_episode"] if x is not None]
@@ -133,7 +136,7 @@ def _csv(kind):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the ~10 minute preset for 2 CPU cores (default: full)")
+    p.add_argument("--quick", action="store_true", help="the ~18 minute preset for 2 CPU cores (default: full)")
     p.add_argument("--json", type=Path, help="where to write the JSON (default: <out-dir>/fleet_scaling.json)")
     p.add_argument("--plot", type=Path, help="where to write the PNG (default: <out-dir>/fleet_scaling.png)")
     p.add_argument("--fleet-sizes", type=_csv(int), help="comma-separated fleet sizes, e.g. 1,2,4,8")
@@ -145,8 +148,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        ("eval_workers", int), ("effort_bins", int), ("device", str), ("out_dir", str)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
                        help=f"override the preset's {name} (see bench/scaling/config.py)")
+    p.add_argument("--fresh-variants", dest="fresh_variants", action="store_true", default=None,
+                   help="robots start training episodes from freshly sampled initial states (see the config)")
+    p.add_argument("--reanalyse", type=Path, metavar="JSON",
+                   help="recompute the aggregates, targets, table and plot of a finished study's JSON (runs not rerun)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
+
+
+def reanalyse(result: dict) -> dict:
+    """``result`` (a study's JSON) with its aggregates and targets recomputed from its runs by this code."""
+    from bench.scaling.analysis import aggregate
+
+    cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
+    result = {**result, **aggregate(result["runs"], cfg)}
+    result["targets"] = _targets(result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("edge.loop").setLevel(logging.WARNING)  # one line per evaluation episode otherwise
     base = QUICK if args.quick else FULL
     cfg = base.with_overrides(**{k: v for k, v in vars(args).items() if k in StudyConfig.__dataclass_fields__})
+    if args.reanalyse:
+        result = reanalyse(json.loads(args.reanalyse.read_text()))
+        cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
     json_path = args.json or Path(cfg.out_dir) / "fleet_scaling.json"
     plot_path = args.plot or Path(cfg.out_dir) / "fleet_scaling.png"
-    result = run_study(cfg)
+    if not args.reanalyse:
+        result = run_study(cfg)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
     from bench.scaling.plot import plot_study

@@ -54,6 +54,9 @@ def test_speedup_is_a_ratio_or_honest_bounds_when_a_run_never_reached_the_thresh
     assert _speedup(censored, {"mean_s": 50.0, "lower_bound_s": 50.0}) == (None, 6.0, None)  # at least 6x
     assert _speedup(known, censored) == (None, None, 100.0 / 300.0)  # at most 1/3x
     assert _speedup(censored, censored) == (None, None, None)
+    at_start = {"mean_s": 0.0, "lower_bound_s": 0.0}  # the start policy was at the threshold already
+    assert _speedup(known, at_start) == _speedup(at_start, at_start) == (None, None, None)
+    assert speedup_interval([100.0, 90.0], [0.0, 20.0])["lower"] is None
 
 
 def test_effort_bins_count_interventions_and_rohe_per_bin():
@@ -73,6 +76,8 @@ def test_speedup_interval_bootstraps_over_seeds_and_refuses_censored_runs():
     same = speedup_interval([100.0, 100.0], [50.0, 50.0])
     assert same["lower"] == same["upper"] == 2.0
     assert speedup_interval([100.0, None], [50.0, 40.0])["lower"] is None  # censored: no value to resample
+    bound = speedup_interval([100.0, None], [50.0, 40.0], censored_t1_s=300.0)  # a lower bound's interval
+    assert bound == speedup_interval([100.0, 300.0], [50.0, 40.0]) and bound["lower"] >= 100.0 / 50.0
     assert speedup_interval([100.0], [50.0])["upper"] is None  # one seed: no spread
 
 
@@ -112,7 +117,9 @@ def test_sim_fleet_derives_each_robots_id_state_dir_and_seeds(tmp_path):
     assert robots[1].state_dir == str(tmp_path / "robot-3")
     assert all(r.backend.held_out_eval for r in robots)  # evaluation episodes from held-out variants
     plain = SimFleetConfig(edge=EdgeConfig(backend=MetaWorldConfig(held_out_eval=False))).robot_configs()
-    assert not plain[0].backend.held_out_eval  # the template's choice reaches every robot
+    assert not plain[0].backend.held_out_eval  # the template's choices reach every robot
+    fresh = SimFleetConfig(robots=2, edge=EdgeConfig(backend=MetaWorldConfig(fresh_variants=True))).robot_configs()
+    assert [(r.backend.fresh_variants, r.backend.seed) for r in fresh] == [(True, 0), (True, 1)]
     with pytest.raises(ConfigError, match=r"robots \(0\) must be >= 1"):
         SimFleetConfig(robots=0)
 

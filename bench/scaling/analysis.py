@@ -159,7 +159,11 @@ def summarize_run(run: dict, evals: dict[int, dict[str, float]], cfg: StudyConfi
 
 
 def _speedup(t1: dict, tn: dict) -> tuple[float | None, float | None, float | None]:
-    """(speed-up, lower bound, upper bound) of fleet n over 1 robot from their time-to-threshold entries."""
+    """(speed-up, lower bound, upper bound) of fleet n over 1 robot from their time-to-threshold entries.
+
+    None where fleet n was at the threshold from t = 0 (the start policy already was: nothing to speed up)."""
+    if tn["mean_s"] == 0:
+        return None, None, None
     if t1["mean_s"] is not None and tn["mean_s"] is not None:
         value = t1["mean_s"] / tn["mean_s"]
         return value, value, value
@@ -171,12 +175,17 @@ def _speedup(t1: dict, tn: dict) -> tuple[float | None, float | None, float | No
 
 
 def speedup_interval(t1: list[float | None], tn: list[float | None], resamples: int = 10_000,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, censored_t1_s: float | None = None) -> dict:
     """95% percentile-bootstrap interval of mean(t1) / mean(tn) over seeds (each size resampled on its own).
 
-    None where a run never reached the threshold (a censored time has no value to resample) or a size has
-    one seed only (no spread to resample)."""
-    if any(t is None for t in (*t1, *tn)) or len(t1) < 2 or len(tn) < 2:
+    None where a run never reached the threshold (a censored time has no value to resample), a size has
+    one seed only (no spread to resample) or a fleet-n run was at the threshold from t = 0.
+
+    ``censored_t1_s`` (the budget): a 1-robot run that never got there counts as reaching it then. It needed
+    longer, so every resampled ratio, and the interval, is then one of a lower bound on the speed-up."""
+    if censored_t1_s is not None:
+        t1 = [censored_t1_s if t is None else t for t in t1]
+    if any(t is None for t in (*t1, *tn)) or len(t1) < 2 or len(tn) < 2 or not all(tn):
         return {"lower": None, "upper": None, "resamples": 0}
     rng = np.random.default_rng(seed)
     a, b = np.asarray(t1, dtype=float), np.asarray(tn, dtype=float)
@@ -221,15 +230,17 @@ def aggregate(summaries: list[dict], cfg: StudyConfig) -> dict:
                      "per_seed": [r["rohe"] for r in runs]}
         learner[key] = {k: _mean(r["learner"][k] for r in runs) for k in runs[0]["learner"] if k != "bottleneck"}
         learner[key]["bottleneck"] = [r["learner"]["bottleneck"] for r in runs]
-    speedup, bounds, intervals = {}, {}, {}
+    speedup, bounds, intervals, lower_intervals = {}, {}, {}, {}
     for n in sizes:
         if 1 not in by:
             speedup[str(n)], bounds[str(n)] = None, {"lower": None, "upper": None}
-            intervals[str(n)] = speedup_interval([None], [None])
+            intervals[str(n)] = lower_intervals[str(n)] = speedup_interval([None], [None])
             continue
         value, lower, upper = _speedup(t_to["1"], t_to[str(n)])
         speedup[str(n)], bounds[str(n)] = value, {"lower": lower, "upper": upper}
         intervals[str(n)] = speedup_interval(t_to["1"]["per_seed_s"], t_to[str(n)]["per_seed_s"])
+        lower_intervals[str(n)] = speedup_interval(t_to["1"]["per_seed_s"], t_to[str(n)]["per_seed_s"],
+                                                   censored_t1_s=cfg.budget_s)
     return {"success_curves": curves, "time_to_0_8_s": t_to, "speedup_to_0_8": speedup,
-            "speedup_bounds": bounds, "speedup_ci95": intervals, "final_success": final, "human_effort": effort,
-            "rohe": rohe, "learner": learner}
+            "speedup_bounds": bounds, "speedup_ci95": intervals, "speedup_lower_bound_ci95": lower_intervals,
+            "final_success": final, "human_effort": effort, "rohe": rohe, "learner": learner}

@@ -218,7 +218,9 @@ def run_fleet(cfg: StudyConfig, robots: int, seed: int, start_dir: Path, run_dir
             "sim-fleet", "--robots", str(robots), "--state_root", str(run_dir / "edge"), "--seed", str(1000 * seed),
             "--edge.gateway", f"127.0.0.1:{port}", "--edge.tasks", json.dumps(list(instructions(cfg.tasks))),
             "--edge.loop.control_hz", str(cfg.control_hz), "--edge.loop.max_episode_steps", str(cfg.max_episode_steps),
-            "--edge.loop.eval_every", "0", *cfg.edge_args], logs)
+            "--edge.loop.eval_every", "0", *cfg.edge_args,
+            *(("--edge.backend.type", "metaworld", "--edge.backend.fresh_variants", "true") if cfg.fresh_variants
+              else ())], logs)
         t0 = _wait_learning(cfg, client, children)
         watch = _Watch(client, children, t0)
         start = watch.sample()
