@@ -25,6 +25,7 @@ from fleet import signing
 from cloud.trainer_config import TrainerConfig
 from fleet.gateway_config import ClientSecurity
 from fleet.policies import PolicyConfig
+from tests.waiting import wait_until
 
 TASKS = ("reach the goal", "press the button from the top")
 SMALL = PolicyConfig(chunk_size=5, n_action_steps=5, dim_model=32, n_heads=2, dim_feedforward=64,
@@ -65,6 +66,9 @@ def test_two_robots_learn_and_swap(redis_proc, redis_client, gateway, tmp_path):
             assert agent.slot.swapped.wait(60)
             agent.slot.swapped.clear()
             assert agent.loop.wait_episodes(agent.loop.stats().episodes + 2, timeout_s=60)
+            # Those episodes' steps reach Redis before the robots stop (stop does not wait for the spool to drain).
+            wait_until(lambda: agent.recorder.backlog() == 0, 30, "the recorder to hand its steps to the spool")
+            assert agent.streamer.wait_acked(agent.spool.assigned_seq(), 60), "the spool was not acked"
     finally:
         stop_edges.set()
         for agent in agents:
