@@ -156,12 +156,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def study_config(result: dict) -> StudyConfig:
+    """The StudyConfig a study's JSON was run with."""
+    return StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
+
+
 def reanalyse(result: dict) -> dict:
     """``result`` (a study's JSON) with its aggregates and targets recomputed from its runs by this code."""
     from bench.scaling.analysis import aggregate
 
-    cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
-    result = {**result, **aggregate(result["runs"], cfg)}
+    result = {**result, **aggregate(result["runs"], study_config(result))}
     result["targets"] = _targets(result)
     return result
 
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = base.with_overrides(**{k: v for k, v in vars(args).items() if k in StudyConfig.__dataclass_fields__})
     if args.reanalyse:
         result = reanalyse(json.loads(args.reanalyse.read_text()))
-        cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
+        cfg = study_config(result)
     json_path = args.json or Path(cfg.out_dir) / "fleet_scaling.json"
     plot_path = args.plot or Path(cfg.out_dir) / "fleet_scaling.png"
     if not args.reanalyse:

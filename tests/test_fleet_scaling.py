@@ -152,3 +152,11 @@ def test_reduced_study_runs_and_writes_json_and_png(tmp_path):
     assert "| 2 |" in proc.stdout  # the table
     png = out_png.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20000
+    again = tmp_path / "again.json"  # a finished study re-analysed without rerunning it: the same numbers
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fleet_scaling.py"), "--reanalyse", str(out_json),
+                           "--json", str(again), "--plot", str(tmp_path / "again.png")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    redone = json.loads(again.read_text())
+    for key in ("time_to_0_8_s", "speedup_to_0_8", "speedup_lower_bound_ci95", "final_success", "targets"):
+        assert redone[key] == result[key], key
