@@ -1,6 +1,7 @@
 """Fleet-scaling study: how much faster does a fleet reach 80% success than one robot?
 
-For every fleet size and seed, one run under the same wall-clock budget: the
+For every fleet size and seed, one run under a wall-clock budget (the same for
+every size, or a longer one for 1 robot with --budget-by-size 1:600): the
 real system (``fleet gateway``, ``fleet trainer`` with HG-DAgger, ``fleet
 sim-fleet`` with N MetaWorld robots in real time and the simulated operator),
 starting from the same weak behaviour-cloned policy. After each run, the
@@ -119,6 +120,9 @@ def table(result: dict) -> str:
                  if b["lower"] is not None else f"<= {b['upper']:.2f}x" if b["upper"] is not None else "-")
         f = result["final_success"][n]
         final = fmt(f["mean"]) + (f" ± {f['std']:.2f}" if len(result["seeds"]) > 1 else "")
+        common = f.get("at_common_budget")
+        if common and any(b != common["t_s"] for b in f.get("budget_s", ())):  # a longer budget for this size
+            final += f" at {max(f['budget_s']):.0f} s; {fmt(common['mean'])} at {common['t_s']:.0f} s"
         eff = [x for x in result["human_effort"][n]["intervention_steps_per_episode"] if x is not None]
         effort = f"{eff[0]:.1f} → {eff[-1]:.1f}" if eff else "-"
         rohe = result["rohe"][n]["mean"]
@@ -132,6 +136,13 @@ def table(result: dict) -> str:
 
 def _csv(kind):
     return lambda s: tuple(kind(x) for x in s.split(",") if x.strip())
+
+
+def _budgets(s: str) -> tuple[tuple[int, float], ...]:
+    try:
+        return tuple((int(n), float(b)) for n, b in (part.split(":") for part in s.split(",") if part.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected fleet-size:seconds pairs, e.g. 1:600,2:450") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -148,6 +159,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        ("eval_workers", int), ("effort_bins", int), ("device", str), ("out_dir", str)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
                        help=f"override the preset's {name} (see bench/scaling/config.py)")
+    p.add_argument("--budget-by-size", dest="budget_by_size", type=_budgets, metavar="N:S,...",
+                   help="a longer budget for some fleet sizes, e.g. 1:600 (the evaluation grid keeps its spacing)")
     p.add_argument("--fresh-variants", dest="fresh_variants", action="store_true", default=None,
                    help="robots start training episodes from freshly sampled initial states (see the config)")
     p.add_argument("--reanalyse", type=Path, metavar="JSON",
@@ -158,7 +171,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def study_config(result: dict) -> StudyConfig:
     """The StudyConfig a study's JSON was run with."""
-    return StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
+    def frozen(v):
+        return tuple(map(frozen, v)) if isinstance(v, list) else v
+
+    return StudyConfig(**{k: frozen(v) for k, v in result["config"].items()})
 
 
 def reanalyse(result: dict) -> dict:

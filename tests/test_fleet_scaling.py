@@ -98,6 +98,31 @@ def test_aggregate_gives_every_fleet_size_its_numbers():
     assert result["human_effort"]["1"]["falls_in_every_run"] is True
 
 
+def test_a_longer_budget_for_one_robot_extends_its_grid_and_its_censoring_bound():
+    cfg = StudyConfig(fleet_sizes=(1, 2), seeds=(0, 1), budget_s=100.0, budget_by_size=((1, 200.0),),
+                      tasks=("reach-v3",), eval_points=4, effort_bins=2, batch_size=10)
+    assert (cfg.budget_for(1), cfg.budget_for(2)) == (200.0, 100.0)
+    evals = {1: {"reach the goal": 0.2}, 2: {"reach the goal": 0.5}, 3: {"reach the goal": 0.9}}
+    late = {**_run(1, [(1, -1.0), (2, 30.0), (3, 150.0)], [(10.0, 50, False), (160.0, 10, True)]), "budget_s": 200.0}
+    never = {**_run(1, [(1, -1.0), (2, 30.0)], [(10.0, 50, False), (190.0, 40, False)]), "budget_s": 200.0}
+    fast = [_run(2, [(1, -1.0), (3, 40.0)], [(10.0, 50, False), (90.0, 5, True)]) for _ in range(2)]
+    summaries = [summarize_run(r, evals, cfg) for r in (late, never, *fast)]
+    assert summaries[0]["curve"]["t_s"] == [0.0, 25.0, 50.0, 75.0, 100.0, 125.0, 150.0, 175.0, 200.0]  # same spacing
+    assert summaries[0]["time_to_threshold_s"] == 150.0  # past the common budget: 1 robot not censored at 100 s
+    assert summaries[0]["success_at_common_budget"] == 0.5 and summaries[0]["final_success"] == 0.9
+    assert len(summaries[0]["human_effort"]["t_s"]) == 4 and len(summaries[2]["human_effort"]["t_s"]) == 2
+    result = aggregate(summaries, cfg)
+    assert result["time_to_0_8_s"]["1"]["lower_bound_s"] == (150.0 + 200.0) / 2  # censored at its own budget
+    assert result["speedup_bounds"]["2"]["lower"] == 175.0 / 50.0
+    assert result["speedup_lower_bound_ci95"]["2"] == speedup_interval([150.0, 200.0], [50.0, 50.0])
+    assert result["final_success"]["1"]["at_common_budget"]["per_seed"] == [0.5, 0.5]
+    assert len(result["success_curves"]["1"]["mean"]) == 9 and len(result["human_effort"]["1"]["t_s"]) == 4
+    merged = aggregate([summaries[0], {**summaries[2], "fleet_size": 1}], cfg)  # runs of two budgets, one size
+    assert merged["success_curves"]["1"]["t_s"] == [0.0, 25.0, 50.0, 75.0, 100.0]  # the common part
+    with pytest.raises(ConfigError, match=r"budget_by_size: 1 robots get 50.0 s"):
+        cfg.with_overrides(budget_by_size=((1, 50.0),))
+
+
 def test_study_config_rejects_bad_values_naming_them():
     with pytest.raises(ConfigError, match=r"fleet_sizes \(\(0, 2\)\)"):
         StudyConfig(fleet_sizes=(0, 2))
@@ -134,7 +159,7 @@ def test_reduced_study_runs_and_writes_json_and_png(tmp_path):
         [sys.executable, str(ROOT / "bench" / "fleet_scaling.py"), "--quick", "--fleet-sizes", "1,2", "--seeds", "0",
          "--tasks", "reach-v3,drawer-close-v3", "--budget-s", "10", "--seed-bc-steps", "10", "--demos-per-task", "1",
          "--max-episode-steps", "30", "--control-hz", "20", "--eval-episodes-per-task", "1", "--eval-points", "2",
-         "--effort-bins", "2", "--out-dir", str(tmp_path / "study"), "--json", str(out_json), "--plot", str(out_png)],
+         "--effort-bins", "2", "--budget-by-size", "1:15", "--out-dir", str(tmp_path / "study"), "--json", str(out_json), "--plot", str(out_png)],
         cwd=ROOT, capture_output=True, text=True, timeout=290)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(out_json.read_text())
@@ -142,6 +167,7 @@ def test_reduced_study_runs_and_writes_json_and_png(tmp_path):
                 "time_to_0_8_s", "success_curves", "learner", "targets"):
         assert key in result, key
     assert result["fleet_sizes"] == [1, 2]
+    assert {r["fleet_size"]: r["budget_s"] for r in result["runs"]} == {1: 15.0, 2: 10.0}  # --budget-by-size 1:15
     assert set(result["speedup_to_0_8"]) == set(result["final_success"]) == {"1", "2"}
     assert result["hardware"]["cpu_cores"] >= 1
     for run in result["runs"]:

@@ -24,9 +24,12 @@ SAMPLES_PER_LABEL_DATA_BOUND = 4.0
 the data (the robots and the operator) is the bottleneck. Below it, labels arrive faster than it uses them."""
 
 
-def grid(cfg: StudyConfig) -> list[float]:
-    """Times (s) at which success(t) is evaluated: 0 and ``eval_points`` even steps up to the budget."""
-    return [cfg.budget_s * k / cfg.eval_points for k in range(cfg.eval_points + 1)]
+def grid(cfg: StudyConfig, budget_s: float | None = None) -> list[float]:
+    """Times (s) at which success(t) is evaluated: 0 and even steps up to the budget (``budget_s``, default the
+    common one), ``eval_points`` of them over the common budget, at the same spacing over a longer one."""
+    budget = cfg.budget_s if budget_s is None else budget_s
+    points = max(1, round(cfg.eval_points * budget / cfg.budget_s))
+    return [budget * k / points for k in range(points + 1)]
 
 
 def version_at(run: dict, t_s: float) -> int:
@@ -36,7 +39,7 @@ def version_at(run: dict, t_s: float) -> int:
 
 
 def versions_to_evaluate(run: dict, cfg: StudyConfig) -> set[int]:
-    return {version_at(run, t) for t in grid(cfg)}
+    return {version_at(run, t) for t in grid(cfg, run.get("budget_s"))}
 
 
 def _mean(xs) -> float | None:
@@ -133,22 +136,25 @@ def learner_usage(run: dict, cfg: StudyConfig) -> dict:
 
 def summarize_run(run: dict, evals: dict[int, dict[str, float]], cfg: StudyConfig) -> dict:
     """One run's curve, time to threshold, final success, human effort, ROHE and learner usage."""
-    ts = grid(cfg)
+    budget = run.get("budget_s", cfg.budget_s)
+    ts = grid(cfg, budget)
     versions = [version_at(run, t) for t in ts]
     success = [float(np.mean(list(evals[v].values()))) for v in versions]
-    episodes = [e for e in run["episodes"] if 0.0 <= e["t_s"] <= cfg.budget_s]
+    common = min(range(len(ts)), key=lambda i: abs(ts[i] - cfg.budget_s))
+    episodes = [e for e in run["episodes"] if 0.0 <= e["t_s"] <= budget]
     inter = sum(e["intervention_steps"] for e in episodes)
     wins = sum(bool(e["success"]) for e in episodes)
-    bins = effort_bins(episodes, cfg.budget_s, cfg.effort_bins)
+    bins = effort_bins(episodes, budget, max(1, round(cfg.effort_bins * budget / cfg.budget_s)))
     filled = [x for x in bins["intervention_steps_per_episode"] if x is not None]
     slope = _effort_slope_per_min(episodes)
     return {
-        "fleet_size": run["fleet_size"], "seed": run["seed"], "setup_s": run["setup_s"],
+        "fleet_size": run["fleet_size"], "seed": run["seed"], "budget_s": budget, "setup_s": run["setup_s"],
         "all_robots_running_s": run.get("all_robots_running_s"), "steps_before_t0": run["start"]["steps_stored"],
         "curve": {"t_s": ts, "version": versions, "success": success},
         "time_to_threshold_s": time_to(ts, success, cfg.success_threshold),
         "time_to_threshold_sustained_s": time_to_sustained(ts, success, cfg.success_threshold),
         "final_version": versions[-1], "final_success": success[-1], "final_success_per_task": evals[versions[-1]],
+        "success_at_common_budget": success[common],
         "versions_published": max(v["version"] for v in run["versions"]),
         "episodes": len(episodes), "successes": wins, "intervention_steps": inter,
         "rohe": wins / inter if inter else None,
@@ -175,16 +181,18 @@ def _speedup(t1: dict, tn: dict) -> tuple[float | None, float | None, float | No
 
 
 def speedup_interval(t1: list[float | None], tn: list[float | None], resamples: int = 10_000,
-                     seed: int = 0, censored_t1_s: float | None = None) -> dict:
+                     seed: int = 0, censored_t1_s: float | Sequence[float] | None = None) -> dict:
     """95% percentile-bootstrap interval of mean(t1) / mean(tn) over seeds (each size resampled on its own).
 
     None where a run never reached the threshold (a censored time has no value to resample), a size has
     one seed only (no spread to resample) or a fleet-n run was at the threshold from t = 0.
 
-    ``censored_t1_s`` (the budget): a 1-robot run that never got there counts as reaching it then. It needed
-    longer, so every resampled ratio, and the interval, is then one of a lower bound on the speed-up."""
+    ``censored_t1_s`` (the budget, or each 1-robot run's budget): a 1-robot run that never got there counts as
+    reaching it then. It needed longer, so every resampled ratio, and the interval, is then one of a lower bound on
+    the speed-up."""
     if censored_t1_s is not None:
-        t1 = [censored_t1_s if t is None else t for t in t1]
+        budgets = [censored_t1_s] * len(t1) if isinstance(censored_t1_s, (int, float)) else list(censored_t1_s)
+        t1 = [b if t is None else t for t, b in zip(t1, budgets)]
     if any(t is None for t in (*t1, *tn)) or len(t1) < 2 or len(tn) < 2 or not all(tn):
         return {"lower": None, "upper": None, "resamples": 0}
     rng = np.random.default_rng(seed)
@@ -195,6 +203,11 @@ def speedup_interval(t1: list[float | None], tn: list[float | None], resamples: 
             "resamples": resamples}
 
 
+def _budget(summary: dict, cfg: StudyConfig) -> float:
+    """A run's own budget (older study JSONs kept none: the common one)."""
+    return summary.get("budget_s", cfg.budget_s)
+
+
 def aggregate(summaries: list[dict], cfg: StudyConfig) -> dict:
     """Per fleet size over seeds: the fields of the study's JSON (keys are fleet sizes as strings)."""
     sizes = sorted({s["fleet_size"] for s in summaries})
@@ -202,24 +215,32 @@ def aggregate(summaries: list[dict], cfg: StudyConfig) -> dict:
     curves, t_to, final, effort, rohe, learner = {}, {}, {}, {}, {}, {}
     for n, runs in by.items():
         key = str(n)
-        stack = np.array([r["curve"]["success"] for r in runs])
-        curves[key] = {"t_s": runs[0]["curve"]["t_s"], "mean": stack.mean(0).tolist(), "std": stack.std(0).tolist(),
-                       "per_seed": stack.tolist()}
+        common = min(len(r["curve"]["success"]) for r in runs)  # runs merged from studies of other budgets
+        stack = np.array([r["curve"]["success"][:common] for r in runs])
+        curves[key] = {"t_s": runs[0]["curve"]["t_s"][:common], "mean": stack.mean(0).tolist(),
+                       "std": stack.std(0).tolist(), "per_seed": [r["curve"]["success"] for r in runs]}
         times = [r["time_to_threshold_s"] for r in runs]
         reached = [t for t in times if t is not None]
         t_to[key] = {"per_seed_s": times, "reached": f"{len(reached)}/{len(times)}",
                      "sustained_per_seed_s": [r["time_to_threshold_sustained_s"] for r in runs],
                      "mean_s": float(np.mean(reached)) if len(reached) == len(times) else None,
                      "std_s": float(np.std(reached)) if len(reached) == len(times) else None,
-                     "lower_bound_s": float(np.mean([t if t is not None else cfg.budget_s for t in times]))}
+                     "lower_bound_s": float(np.mean([t if t is not None else _budget(r, cfg)
+                                                     for t, r in zip(times, runs)]))}
         tasks = runs[0]["final_success_per_task"]
         final[key] = {"mean": _mean(r["final_success"] for r in runs), "std": _std(r["final_success"] for r in runs),
-                      "per_seed": [r["final_success"] for r in runs],
+                      "per_seed": [r["final_success"] for r in runs], "budget_s": [_budget(r, cfg) for r in runs],
                       "per_task": {t: _mean(r["final_success_per_task"][t] for r in runs) for t in tasks}}
-        per_ep = np.array([[x if x is not None else np.nan for x in r["human_effort"]["intervention_steps_per_episode"]]
-                           for r in runs], dtype=float)
+        at_common = [r.get("success_at_common_budget", r["final_success"]) for r in runs]
+        final[key]["at_common_budget"] = {"t_s": cfg.budget_s, "mean": _mean(at_common), "std": _std(at_common),
+                                          "per_seed": at_common}
+        bins = max(len(r["human_effort"]["t_s"]) for r in runs)
+        per_ep = np.full((len(runs), bins), np.nan)  # NaN past the end of a shorter run
+        for row, r in zip(per_ep, runs):
+            steps = r["human_effort"]["intervention_steps_per_episode"]
+            row[:len(steps)] = [x if x is not None else np.nan for x in steps]
         effort[key] = {
-            "t_s": runs[0]["human_effort"]["t_s"],
+            "t_s": max((r["human_effort"]["t_s"] for r in runs), key=len),
             "intervention_steps_per_episode": [None if np.all(np.isnan(c)) else float(np.nanmean(c)) for c in per_ep.T],
             "intervention_steps_total": [r["intervention_steps"] for r in runs],
             "episodes_total": [r["episodes"] for r in runs],
@@ -240,7 +261,7 @@ def aggregate(summaries: list[dict], cfg: StudyConfig) -> dict:
         speedup[str(n)], bounds[str(n)] = value, {"lower": lower, "upper": upper}
         intervals[str(n)] = speedup_interval(t_to["1"]["per_seed_s"], t_to[str(n)]["per_seed_s"])
         lower_intervals[str(n)] = speedup_interval(t_to["1"]["per_seed_s"], t_to[str(n)]["per_seed_s"],
-                                                   censored_t1_s=cfg.budget_s)
+                                                   censored_t1_s=[_budget(r, cfg) for r in by[1]])
     return {"success_curves": curves, "time_to_0_8_s": t_to, "speedup_to_0_8": speedup,
             "speedup_bounds": bounds, "speedup_ci95": intervals, "speedup_lower_bound_ci95": lower_intervals,
             "final_success": final, "human_effort": effort, "rohe": rohe, "learner": learner}

@@ -27,6 +27,10 @@ class StudyConfig:
     """Seeds; each fleet size runs once per seed (robots' initial states, operator noise, sampler)."""
     budget_s: float = 3600.0
     """Wall-clock budget of every run, seconds, from the moment all robots and the learner are running."""
+    budget_by_size: tuple[tuple[int, float], ...] = ()
+    """(fleet size, budget s) pairs that replace ``budget_s`` for those sizes: a longer budget for 1 robot, so that
+    it too reaches the threshold instead of being censored. The evaluation grid keeps its spacing
+    (``budget_s / eval_points``), and ``budget_s`` stays the common budget every size is also compared at."""
     tasks: tuple[str, ...] = MT10
     """MetaWorld tasks of the one shared multi-task policy."""
     control_hz: float = LoopConfig.control_hz
@@ -78,6 +82,10 @@ class StudyConfig:
             raise ConfigError("seeds must not be empty")
         if not self.budget_s > 0:
             raise ConfigError(f"budget_s ({self.budget_s}) must be > 0")
+        for n, budget in self.budget_by_size:
+            if not budget >= self.budget_s:
+                raise ConfigError(f"budget_by_size: {n} robots get {budget} s, less than budget_s ({self.budget_s}); "
+                                  "every size must run at least the common budget")
         if not self.tasks:
             raise ConfigError("tasks must not be empty")
         for name in ("max_episode_steps", "demos_per_task", "seed_bc_steps", "batch_size", "publish_every_steps",
@@ -89,6 +97,10 @@ class StudyConfig:
             raise ConfigError(f"control_hz ({self.control_hz}) must be > 0")
         if not 0 < self.success_threshold <= 1:
             raise ConfigError(f"success_threshold ({self.success_threshold}) must be in (0, 1]")
+
+    def budget_for(self, fleet_size: int) -> float:
+        """The wall-clock budget of a run with ``fleet_size`` robots."""
+        return dict(self.budget_by_size).get(fleet_size, self.budget_s)
 
     def with_overrides(self, **changes) -> StudyConfig:
         """A copy with the given (non-None) fields replaced."""

@@ -92,10 +92,11 @@ def plot_study(result: dict, path: Path) -> None:
     ax.legend(loc="upper left", fontsize=8)
     ax2.legend(loc="upper right", fontsize=8)
 
-    hw = result["hardware"]
-    fig.suptitle(f"Fleet scaling, {len(tasks)} MetaWorld task(s), HG-DAgger, budget {result['config']['budget_s']:.0f}"
-                 f" s/run, {len(result['config']['seeds'])} seed(s) — {hw['cpu_cores']}-core CPU"
-                 f"{', ' + hw['gpu'] if hw['gpu'] else ', no GPU'}", fontsize=11)
+    hw, cfg = result["hardware"], result["config"]
+    longer = "".join(f" ({n} robot{'s' if n != 1 else ''}: {b:.0f} s)" for n, b in cfg.get("budget_by_size", ()))
+    gpu = ", " + hw["gpu"] if hw["gpu"] else ", no GPU"
+    fig.suptitle(f"Fleet scaling, {len(tasks)} MetaWorld task(s), HG-DAgger, budget {cfg['budget_s']:.0f} s/run"
+                 f"{longer}, {len(cfg['seeds'])} seed(s) — {hw['cpu_cores']}-core CPU{gpu}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

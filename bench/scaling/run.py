@@ -224,10 +224,11 @@ def run_fleet(cfg: StudyConfig, robots: int, seed: int, start_dir: Path, run_dir
         t0 = _wait_learning(cfg, client, children)
         watch = _Watch(client, children, t0)
         start = watch.sample()
+        budget = cfg.budget_for(robots)
         log.info("run %d robots seed %d: learning (set-up %.0fs); budget %.0fs", robots, seed, t0 - setup_start,
-                 cfg.budget_s)
-        while time.time() < t0 + cfg.budget_s:
-            time.sleep(max(0.0, min(POLL_S, t0 + cfg.budget_s - time.time())))  # a fixed sampling clock
+                 budget)
+        while time.time() < t0 + budget:
+            time.sleep(max(0.0, min(POLL_S, t0 + budget - time.time())))  # a fixed sampling clock
             _check_alive(children)
             watch.sample()
         end = watch.samples[-1]
@@ -242,7 +243,7 @@ def run_fleet(cfg: StudyConfig, robots: int, seed: int, start_dir: Path, run_dir
         client.close()
         redis_proc.stop()
     record = {
-        "fleet_size": robots, "seed": seed, "run_dir": str(run_dir), "budget_s": cfg.budget_s,
+        "fleet_size": robots, "seed": seed, "run_dir": str(run_dir), "budget_s": budget,
         "setup_s": t0 - setup_start, "t0_unix_s": t0, "start": start, "end": end,
         "all_robots_running_s": next((r["t_s"] for r in watch.samples if r["robots_running"] >= robots), None),
         "trainer_status_end": trainer_status,
