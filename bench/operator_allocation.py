@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 0,1,2")
     p.add_argument("--ticks", type=int, help="control ticks per condition")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     cfg = QUICK if args.quick else StudyConfig()
     cfg = replace(cfg, **{k: v for k, v in (("seeds", args.seeds), ("ticks", args.ticks)) if v})
     result = run_study(cfg, progress=lambda line: print(line, flush=True))

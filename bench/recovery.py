@@ -301,7 +301,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--run_dir", type=Path, help="keep the run here (default: a temp dir)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("edge").setLevel(logging.ERROR)  # reconnect warnings while the gateway is down are expected
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="fleet-recovery-"))
     result = run(args.quick, args.robots, args.cycles or (1 if args.quick else 3), run_dir)

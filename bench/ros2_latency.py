@@ -189,7 +189,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=600, help="control steps per backend (150 per episode)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 200)))
     with tempfile.TemporaryDirectory(prefix="fleet-ros2-bench-") as tmp:

@@ -124,7 +124,7 @@ def _gateway_main(cfg, conn) -> None:
         await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until told to stop
         await gw.stop(0.5)
 
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, force=True)
     asyncio.run(serve())
 
 
@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train SmolVLA-450M itself on DEVICE (cuda; ~100 s per step on 2 CPU cores)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     out = run(args)
     print(table(out))
     if args.json:
