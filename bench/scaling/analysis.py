@@ -39,7 +39,7 @@ def version_at(run: dict, t_s: float) -> int:
 
 
 def versions_to_evaluate(run: dict, cfg: StudyConfig) -> set[int]:
-    return {version_at(run, t) for t in grid(cfg, run.get("budget_s"))}
+    return {version_at(run, t) for t in grid(cfg, _budget(run, cfg))}
 
 
 def _mean(xs) -> float | None:
@@ -136,7 +136,7 @@ def learner_usage(run: dict, cfg: StudyConfig) -> dict:
 
 def summarize_run(run: dict, evals: dict[int, dict[str, float]], cfg: StudyConfig) -> dict:
     """One run's curve, time to threshold, final success, human effort, ROHE and learner usage."""
-    budget = run.get("budget_s", cfg.budget_s)
+    budget = _budget(run, cfg)
     ts = grid(cfg, budget)
     versions = [version_at(run, t) for t in ts]
     success = [float(np.mean(list(evals[v].values()))) for v in versions]
@@ -204,7 +204,7 @@ def speedup_interval(t1: list[float | None], tn: list[float | None], resamples: 
 
 
 def _budget(summary: dict, cfg: StudyConfig) -> float:
-    """A run's own budget (older study JSONs kept none: the common one)."""
+    """A run's (record's or summary's) own budget; older study JSONs kept none: the common one."""
     return summary.get("budget_s", cfg.budget_s)
 
 
