@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta-steps", type=int, default=25, help="optimizer steps between two versions")
     p.add_argument("--warmup-steps", type=int, default=20, help="optimizer steps before the first of them")
     p.add_argument("--skip-delta", action="store_true", help="skip the delta-size runs")
-    p.add_argument("--step-times", type=int, default=60, metavar="STEPS",
+    p.add_argument("--step-times", type=int, default=200, metavar="STEPS",
                    help="trainer steps per publishing mode for the step-time run (0 = skip it)")
     p.add_argument("--vla-delta", default="", metavar="DEVICE",
                    help="also train SmolVLA-450M itself on DEVICE (cuda; ~100 s per step on 2 CPU cores)")
