@@ -109,12 +109,15 @@ class Manifest:
         return sum(t.nbytes for t in self.tensors)
 
     def to_json(self) -> str:
-        # The fields as they are (json.dumps writes tuples as lists), not dataclasses.asdict: that deep-copies
-        # every tensor's piece digests first, ~4x the time for a 450M-parameter manifest (the gateway writes
-        # one header per transfer, the store one file per version).
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["tensors"] = [{f.name: getattr(t, f.name) for f in _ENTRY_FIELDS} for t in self.tensors]
-        return json.dumps(data, sort_keys=True)
+        """The manifest as JSON (written once per instance and kept: a manifest is a value, never changed)."""
+        text = self.__dict__.get("_json")
+        if text is None:
+            # The fields as they are (json.dumps writes tuples as lists), not dataclasses.asdict: that
+            # deep-copies every tensor's piece digests first, ~4x the time for a 450M-parameter manifest.
+            data = {f.name: getattr(self, f.name) for f in fields(self)}
+            data["tensors"] = [{f.name: getattr(t, f.name) for f in _ENTRY_FIELDS} for t in self.tensors]
+            text = self.__dict__["_json"] = json.dumps(data, sort_keys=True)
+        return text
 
     @staticmethod
     def from_json(text: str | bytes) -> "Manifest":
@@ -316,14 +319,20 @@ def _safetensors_ranges(path, data) -> dict[str, tuple[int, int]]:
     return out
 
 
-def read_safetensors_raw(path: str | Path) -> dict[str, memoryview]:
+def read_safetensors_raw(path: str | Path, ranges: dict[str, tuple[int, int]] | None = None
+                         ) -> dict[str, memoryview]:
     """Each tensor's raw bytes in a safetensors file, as read-only views into the memory-mapped file (no
-    torch, no copy; the mapping lives as long as a view does)."""
+    torch, no copy; the mapping lives as long as a view does). ``ranges``: the file's
+    :func:`safetensors_ranges`, when the caller has them already."""
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    if ranges is None:
+        ranges = _safetensors_ranges(path, data)
+    elif any(end > size for _, end in ranges.values()):
+        raise IntegrityError(f"{path}: shorter ({size} bytes) than its header says")
     view = memoryview(data)
-    return {name: view[start:end] for name, (start, end) in _safetensors_ranges(path, data).items()}
+    return {name: view[start:end] for name, (start, end) in ranges.items()}
 
 
 def safetensors_ranges(path: str | Path) -> dict[str, tuple[int, int]]:

@@ -32,7 +32,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from cloud.policy_store import PolicyStore
 from fleet import delta, metrics
@@ -82,13 +82,19 @@ class Transfer:
         self.done = False
         self.error: BaseException | None = None
         self._waiters: list[asyncio.Future] = []
+        self._wake_pending = False
 
     @property
     def kind(self) -> str:
         return "delta" if self.base_version else "full"
 
-    def fill(self, parts: Iterator[bytes | Part], wake: Callable[[], None] = lambda: None) -> None:
-        """Encoder side: append every part (calling ``wake`` after each), then mark done or failed."""
+    def fill(self, parts: Iterator[bytes | Part], loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Encoder side (a thread): append every part, then mark done or failed; readers waiting on ``loop`` are
+        woken as parts arrive.
+
+        At most one wake-up is pending on the loop at a time: a part appended while one is pending is seen by
+        the readers it resumes. (A wake-up per part cost a full transfer of a 500-tensor VLA ~1,000 event-loop
+        round trips, ~15-25 ms of the gateway's CPU: bench/weight_sync.py.)"""
         try:
             for part in parts:
                 self.parts.append(part)
@@ -96,16 +102,23 @@ class Transfer:
                     self.held_bytes += len(part)
                 elif part.encoding != delta.RAW:
                     self.held_bytes += len(part.data)
-                wake()
+                self._wake(loop)
             self.done = True
         except BaseException as exc:
             self.error = exc
             raise
         finally:
-            wake()
+            self._wake_pending = False  # the end is always announced
+            self._wake(loop)
+
+    def _wake(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        if loop is not None and not self._wake_pending:
+            self._wake_pending = True
+            loop.call_soon_threadsafe(self.wake_readers)
 
     def wake_readers(self) -> None:
-        """Event-loop side (``loop.call_soon_threadsafe``): resume every reader waiting for more."""
+        """Event-loop side: resume every reader waiting for more."""
+        self._wake_pending = False  # before the readers look: a part appended from now on schedules another
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -346,7 +359,7 @@ class PolicyFeed:
         t0 = time.perf_counter()
         messages = iter_transfer(self._store, transfer, self._piece_bytes)
         try:
-            await asyncio.to_thread(transfer.fill, messages, lambda: loop.call_soon_threadsafe(transfer.wake_readers))
+            await asyncio.to_thread(transfer.fill, messages, loop)
         except Exception as exc:  # the readers get the error; the next request encodes again
             log.warning("could not encode v%d from v%d: %s", transfer.version, transfer.base_version, exc)
             return

@@ -4,7 +4,9 @@ deltas, verifying and offering to the hot-swap slot. A gRPC proxy corrupts or tr
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -109,6 +111,50 @@ def test_deltas_carry_only_changed_trainable_tensors_and_keyframes_go_raw(tmp_pa
     assert {p.encoding for p in pieces(to_keyframe)} == {delta.RAW} and not {p.name for p in pieces(to_keyframe)} & frozen
     assert all(len(p.data) <= 1 << 20 for p in pieces(full))
     assert encode_transfer(store, 4, base_version=99).kind == "full"  # unknown base: full
+
+
+def test_a_transfer_streams_while_it_is_encoded_with_one_wake_up_pending_at_most() -> None:
+    """Readers stream every part, in order, while an encoder thread appends them (here faster than the loop
+    takes them, then slower); the encoder never has more than one wake-up queued on the loop."""
+    from cloud.gateway.policy_feed import Transfer
+
+    async def main() -> tuple[list[bytes], list[bytes], int]:
+        loop = asyncio.get_running_loop()
+        transfer, wakes = Transfer(2, 0), 0
+        wake_readers = transfer.wake_readers
+
+        def counted() -> None:
+            nonlocal wakes
+            wakes += 1
+            wake_readers()
+
+        transfer.wake_readers = counted
+        release = threading.Event()
+
+        def parts():
+            for i in range(500):
+                if i == 400:
+                    release.wait(30)  # the readers have caught up and wait for more
+                elif i > 400:
+                    time.sleep(0.001)
+                yield b"%d" % i
+
+        async def read() -> list[bytes]:
+            got = []
+            async for message in transfer.stream():
+                got.append(message)
+                if len(got) == 400:
+                    loop.call_later(0.05, release.set)
+            return got
+
+        encoder = asyncio.ensure_future(asyncio.to_thread(transfer.fill, parts(), loop))
+        first, second = await asyncio.wait_for(asyncio.gather(read(), read()), 60)
+        await encoder
+        return first, second, wakes
+
+    first, second, wakes = asyncio.run(main())
+    assert first == second == [b"%d" % i for i in range(500)]
+    assert 2 <= wakes < 250  # the first 400 parts came at once: a few wake-ups, not one per part
 
 
 def test_publish_cadence_by_steps_and_by_seconds(tmp_path: Path) -> None:
