@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,24 @@ def test_sim_fleet_derives_each_robots_id_state_dir_and_seeds(tmp_path):
 
 
 # --- the machinery, reduced -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_the_start_policy_is_trained_anew_when_its_settings_change(tmp_path):
+    """Reused while its settings are the same; with other tasks, behaviour-cloned again on them (the trainer
+    must not resume the earlier start policy's checkpoint, which knows the other tasks)."""
+    from bench.scaling.run import train_start_policy
+    from cloud.policy_store import PolicyStore
+
+    small = dict(seed_bc_steps=10, demos_per_task=2, max_episode_steps=30, batch_size=8)
+    first = train_start_policy(replace(QUICK, tasks=("reach-v3",), **small), tmp_path / "start")
+    tasks = PolicyStore(first).manifest(1).config["tasks"]
+    written = (first / "v00000001" / "manifest.json").stat().st_mtime_ns
+    again = train_start_policy(replace(QUICK, tasks=("reach-v3",), **small), tmp_path / "start")
+    assert (again / "v00000001" / "manifest.json").stat().st_mtime_ns == written  # reused
+    other = train_start_policy(replace(QUICK, tasks=("drawer-close-v3",), **small), tmp_path / "start")
+    new_tasks = PolicyStore(other).manifest(1).config["tasks"]
+    assert len(new_tasks) == 1 and new_tasks != tasks
 
 
 @pytest.mark.timeout(300)

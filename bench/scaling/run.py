@@ -75,7 +75,9 @@ def train_start_policy(cfg: StudyConfig, root: Path, timeout_s: float = 1800.0) 
         log.info("reusing the start policy in %s", policy_dir)
         return policy_dir
     root.mkdir(parents=True, exist_ok=True)
-    for stale in (policy_dir, root / "checkpoints", root / "redis"):
+    # Everything of a start policy trained with other settings goes, its checkpoints above all: the trainer
+    # would resume them (another task list included) instead of behaviour-cloning anew.
+    for stale in (policy_dir, policy_dir.with_name(f"{policy_dir.name}-checkpoints"), root / "redis"):
         if stale.exists():
             shutil.rmtree(stale)
     redis_proc = start_redis(root / "redis")
