@@ -77,14 +77,16 @@ def train_start_policy(cfg: StudyConfig, root: Path, timeout_s: float = 1800.0) 
     root.mkdir(parents=True, exist_ok=True)
     # Everything of a start policy trained with other settings goes, its checkpoints above all: the trainer
     # would resume them (another task list included) instead of behaviour-cloning anew.
-    for stale in (policy_dir, policy_dir.with_name(f"{policy_dir.name}-checkpoints"), root / "redis"):
+    checkpoints = root / "checkpoints"
+    for stale in (policy_dir, checkpoints, root / "redis"):
         if stale.exists():
             shutil.rmtree(stale)
     redis_proc = start_redis(root / "redis")
     try:
         seed_scripted_demos(redis_proc.url, cfg.tasks, cfg.demos_per_task, cfg.max_episode_steps, cfg.demo_seed)
         args = _trainer_args(cfg, redis_proc.url, policy_dir, cfg.demo_seed)
-        args += ["--seed_bc_steps", str(cfg.seed_bc_steps), "--max_steps", str(cfg.seed_bc_steps)]
+        args += ["--seed_bc_steps", str(cfg.seed_bc_steps), "--max_steps", str(cfg.seed_bc_steps),
+                 "--checkpoint_dir", str(checkpoints)]
         child = spawn("start-policy-trainer", args, root / "logs")
         try:
             code = child.proc.wait(timeout=timeout_s)
