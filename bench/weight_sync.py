@@ -57,15 +57,6 @@ def make_state_dict(params: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def _cpu_s(pid: int | None = None) -> float:
-    """User + system CPU seconds of a process (default: this one, to the nanosecond; another one in clock
-    ticks of 10 ms, from /proc)."""
-    if pid is None:
-        return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # --- raw TCP copy ------------------------------------------------------------------
 
 def _raw_sender(port: int, nbytes: int, path: str = "", cpu_s=None) -> None:
@@ -75,12 +66,12 @@ def _raw_sender(port: int, nbytes: int, path: str = "", cpu_s=None) -> None:
         if not path:
             s.sendall(data)
             return
-        cpu0 = _cpu_s()
+        cpu0 = time.process_time()
         with open(path, "rb") as fh:
             offset = 0
             while offset < nbytes:
                 offset += os.sendfile(s.fileno(), fh.fileno(), offset, nbytes - offset)
-        cpu_s.put(_cpu_s() - cpu0)
+        cpu_s.put(time.process_time() - cpu0)
 
 
 def raw_copy(nbytes: int, path: str = "", cpu_s=None) -> float:
@@ -149,7 +140,7 @@ def _edge_main(target: str, robot_id: str, after: int, versions: int, results, s
     held, done = None, 0
     for event in client.watch_policy(robot_id, after, want_full=True, side_channel=side_channel):
         if isinstance(event, PolicyHeaderEvent):
-            header_s, header_cpu_s = time.time(), _cpu_s()
+            header_s, header_cpu_s = time.time(), time.process_time()
             assembler, views, offset = Assembler(event, held), {}, 0
             for e in assembler.manifest.tensors:
                 views[e.name], offset = standby[offset:offset + e.nbytes], offset + e.nbytes
@@ -163,7 +154,7 @@ def _edge_main(target: str, robot_id: str, after: int, versions: int, results, s
             held, _ = assembler.finish(event)
             results.put({"robot": robot_id, "version": held.manifest.version, "ready_s": time.time(),
                          "header_s": header_s, "trailer_s": trailer_s,
-                         "payload_bytes": assembler.payload_bytes, "cpu_s": _cpu_s() - header_cpu_s})
+                         "payload_bytes": assembler.payload_bytes, "cpu_s": time.process_time() - header_cpu_s})
             done += 1
             if done == versions:
                 break
