@@ -163,8 +163,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a longer budget for some fleet sizes, e.g. 1:600 (the evaluation grid keeps its spacing)")
     p.add_argument("--fresh-variants", dest="fresh_variants", action="store_true", default=None,
                    help="robots start training episodes from freshly sampled initial states (see the config)")
-    p.add_argument("--reanalyse", type=Path, metavar="JSON",
-                   help="recompute the aggregates, targets, table and plot of a finished study's JSON (runs not rerun)")
+    p.add_argument("--reanalyse", type=Path, nargs="+", metavar="JSON",
+                   help="recompute the aggregates, targets, table and plot of a finished study's JSON (runs not rerun); "
+                        "several JSONs of one design (other seeds or fleet sizes) are pooled into one study")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -186,6 +187,42 @@ def reanalyse(result: dict) -> dict:
     return result
 
 
+POOLED_FIELDS = ("seeds", "fleet_sizes", "out_dir")
+"""What studies pooled by ``merge_studies`` may differ in: everything else is one design."""
+
+
+def merge_studies(results: list[dict], names: list[str]) -> dict:
+    """Several studies of one design (the same config and start policy, other seeds or fleet sizes) as one: their
+    runs together. ValueError naming the first field that differs, or a (fleet size, seed) run found twice."""
+    first, seen = results[0], {}
+    for result, name in zip(results, names):
+        for key in sorted(set(first["config"]) | set(result["config"])):
+            if key not in POOLED_FIELDS and first["config"].get(key) != result["config"].get(key):
+                raise ValueError(f"{name}: config {key!r} is {result['config'].get(key)!r}, {names[0]} has "
+                                 f"{first['config'].get(key)!r}: only studies of one design can be pooled (they "
+                                 f"may differ in {', '.join(POOLED_FIELDS)})")
+        if result["start_policy"] != first["start_policy"]:
+            raise ValueError(f"{name}: another start policy ({result['start_policy']['success']:.3f} held-out "
+                             f"success, {names[0]} {first['start_policy']['success']:.3f}): only runs from one "
+                             "start policy can be pooled")
+        for run in result["runs"]:
+            pair = (run["fleet_size"], run["seed"])
+            if pair in seen:
+                raise ValueError(f"{name}: {pair[0]} robot(s), seed {pair[1]} is also in {seen[pair]}")
+            seen[pair] = name
+    if len(results) == 1:
+        return first
+    seeds = list(dict.fromkeys(s for r in results for s in r["seeds"]))
+    sizes = sorted({n for r in results for n in r["fleet_sizes"]})
+    config = {**first["config"], "seeds": seeds, "fleet_sizes": sizes}
+    return {**first, "seeds": seeds, "fleet_sizes": sizes, "config": config,
+            "runs": [run for r in results for run in r["runs"]],
+            "wall_time_s": sum(r["wall_time_s"] for r in results),
+            "pooled_from": [{"json": name, "seeds": r["seeds"], "fleet_sizes": r["fleet_sizes"],
+                             "hardware": r["hardware"], "wall_time_s": r["wall_time_s"]}
+                            for r, name in zip(results, names)]}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -194,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     base = QUICK if args.quick else FULL
     cfg = base.with_overrides(**{k: v for k, v in vars(args).items() if k in StudyConfig.__dataclass_fields__})
     if args.reanalyse:
-        result = reanalyse(json.loads(args.reanalyse.read_text()))
+        try:
+            studies = [json.loads(path.read_text()) for path in args.reanalyse]
+            result = reanalyse(merge_studies(studies, [str(p) for p in args.reanalyse]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"fleet_scaling: cannot reanalyse {' '.join(map(str, args.reanalyse))}: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
         cfg = study_config(result)
     json_path = args.json or Path(cfg.out_dir) / "fleet_scaling.json"
     plot_path = args.plot or Path(cfg.out_dir) / "fleet_scaling.png"

@@ -205,3 +205,30 @@ def test_reduced_study_runs_and_writes_json_and_png(tmp_path):
     redone = json.loads(again.read_text())
     for key in ("time_to_0_8_s", "speedup_to_0_8", "speedup_lower_bound_ci95", "final_success", "targets"):
         assert redone[key] == result[key], key
+
+    def reanalyse(*paths: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "bench" / "fleet_scaling.py"), "--reanalyse",
+                               *map(str, paths), "--json", str(tmp_path / "pooled.json"),
+                               "--plot", str(tmp_path / "pooled.png")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    # Pooling a second study of the same design (here: the same runs relabelled as seed 7) into one.
+    other = json.loads(out_json.read_text())
+    other["seeds"], other["config"]["seeds"] = [7], [7]
+    for run in other["runs"]:
+        run["seed"] = 7
+    seed7 = tmp_path / "seed7.json"
+    seed7.write_text(json.dumps(other))
+    proc = reanalyse(out_json, seed7)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    assert pooled["seeds"] == [0, 7] and len(pooled["runs"]) == 2 * len(result["runs"])
+    assert pooled["final_success"]["1"]["per_seed"] == 2 * result["final_success"]["1"]["per_seed"]
+    assert [p["json"] for p in pooled["pooled_from"]] == [str(out_json), str(seed7)]
+    # The same run twice, or a study of another design, is refused with exit 2 and the reason.
+    proc = reanalyse(out_json, out_json)
+    assert proc.returncode == 2 and "seed 0 is also in" in proc.stderr, proc.stderr[-3000:]
+    other["config"]["control_hz"] = 5.0
+    seed7.write_text(json.dumps(other))
+    proc = reanalyse(out_json, seed7)
+    assert proc.returncode == 2 and "'control_hz' is 5.0" in proc.stderr, proc.stderr[-3000:]
