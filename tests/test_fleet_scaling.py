@@ -197,20 +197,18 @@ def test_reduced_study_runs_and_writes_json_and_png(tmp_path):
     assert "| 2 |" in proc.stdout  # the table
     png = out_png.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20000
-    again = tmp_path / "again.json"  # a finished study re-analysed without rerunning it: the same numbers
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fleet_scaling.py"), "--reanalyse", str(out_json),
-                           "--json", str(again), "--plot", str(tmp_path / "again.png")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    def reanalyse(*paths: Path) -> subprocess.CompletedProcess:  # writes reanalysed.json / .png
+        return subprocess.run([sys.executable, str(ROOT / "bench" / "fleet_scaling.py"), "--reanalyse",
+                               *map(str, paths), "--json", str(tmp_path / "reanalysed.json"),
+                               "--plot", str(tmp_path / "reanalysed.png")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    proc = reanalyse(out_json)  # a finished study re-analysed without rerunning it: the same numbers
     assert proc.returncode == 0, proc.stderr[-3000:]
-    redone = json.loads(again.read_text())
+    redone = json.loads((tmp_path / "reanalysed.json").read_text())
     for key in ("time_to_0_8_s", "speedup_to_0_8", "speedup_lower_bound_ci95", "final_success", "targets"):
         assert redone[key] == result[key], key
-
-    def reanalyse(*paths: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / "bench" / "fleet_scaling.py"), "--reanalyse",
-                               *map(str, paths), "--json", str(tmp_path / "pooled.json"),
-                               "--plot", str(tmp_path / "pooled.png")],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
 
     # Pooling a second study of the same design (here: the same runs relabelled as seed 7) into one.
     other = json.loads(out_json.read_text())
@@ -221,7 +219,7 @@ def test_reduced_study_runs_and_writes_json_and_png(tmp_path):
     seed7.write_text(json.dumps(other))
     proc = reanalyse(out_json, seed7)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    pooled = json.loads((tmp_path / "reanalysed.json").read_text())
     assert pooled["seeds"] == [0, 7] and len(pooled["runs"]) == 2 * len(result["runs"])
     assert pooled["final_success"]["1"]["per_seed"] == 2 * result["final_success"]["1"]["per_seed"]
     assert [p["json"] for p in pooled["pooled_from"]] == [str(out_json), str(seed7)]
