@@ -13,6 +13,10 @@
              them: at episode ends and at its chunk size; frames inline, as the gateway runs here without
              a blob store)
              written by raw redis-py from one process: one RPUSH per chunk, 16 chunks per pipeline
+    floor    the same stored bytes through a bare gRPC relay, what any gateway between the robots and Redis
+             costs at least: one process with a sync gRPC channel and stream per robot (the streamer's window
+             and message size) -> a grpc.aio server that only RPUSHes each message's elements in one pipeline
+             and acks after Redis' reply -> the same Redis (no spool, protobuf, validation, Lua, compression)
     record   per-step cost of Spool.record on the edge (encode + SQLite WAL insert) while a streamer
              sends and acks concurrently: p50/p99/max
 
@@ -218,6 +222,128 @@ def raw_limit(redis_url: str, elements: list[tuple[int, bytes]], robots: int, re
     return {"steps": sent, "bytes": nbytes, "elapsed_s": elapsed, "client_cpu_s": cpu, "redis_cpu_s": redis_cpu}
 
 
+# --- the floor: a bare gRPC relay of the same bytes ------------------------------------------
+
+
+RELAY_METHOD = "/bench.Relay/Push"
+RELAY_WINDOW_MESSAGES = max(1, StreamerConfig.window_chunks // StreamerConfig.chunks_per_message)
+
+
+def relay_messages(elements: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """(steps, message) per gRPC message: the elements in groups of the streamer's chunks per message, each
+    prefixed by its length (4 bytes), so a message is the size of the path's."""
+    per = StreamerConfig.chunks_per_message
+    return [(sum(n for n, _ in group), b"".join(len(e).to_bytes(4, "little") + e for _, e in group))
+            for group in (elements[i:i + per] for i in range(0, len(elements), per))]
+
+
+def relay_server(args) -> None:
+    """A gRPC relay that does nothing a gateway must not: every message's elements go to Redis in one RPUSH
+    pipeline, and the (empty) ack goes back once Redis replied. No protobuf, validation, Lua, compression,
+    interceptors or metrics: what grpc.aio + redis.asyncio alone cost. Prints its port, serves until killed."""
+    import asyncio
+
+    import grpc
+    import redis.asyncio as aioredis
+
+    async def serve() -> None:
+        client = aioredis.Redis.from_url(args.target)
+        await client.ping()
+
+        async def push(requests, context):
+            key = f"bench:relay:{context.peer()}:{id(requests)}"
+            async for message in requests:
+                view, pipe, at = memoryview(message), client.pipeline(transaction=False), 0
+                while at < len(view):
+                    size = int.from_bytes(view[at:at + 4], "little")
+                    pipe.rpush(key, bytes(view[at + 4:at + 4 + size]))
+                    at += 4 + size
+                await pipe.execute()
+                yield b""
+
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "bench.Relay", {"Push": grpc.stream_stream_rpc_method_handler(push)})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(port, flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def relay_client(args) -> None:
+    """One channel and one bidirectional stream per robot, as the edge streams (the sync gRPC client, at most
+    the streamer's window of chunks unacked); READY, wait for GO, stream, print the result as JSON."""
+    import threading
+
+    import grpc
+
+    from edge.client import CHANNEL_OPTIONS
+
+    messages = relay_messages(elements_for(args.kind, args.steps))
+    channels = [grpc.insecure_channel(args.target, options=CHANNEL_OPTIONS) for _ in range(args.robots)]
+
+    def stream(channel: grpc.Channel, messages: list[tuple[int, bytes]]) -> None:
+        window = threading.Semaphore(RELAY_WINDOW_MESSAGES)
+
+        def requests():
+            for _, message in messages:
+                window.acquire()
+                yield message
+
+        acked = 0
+        for acked, _ in enumerate(channel.stream_stream(RELAY_METHOD)(requests()), 1):
+            window.release()
+        assert acked == len(messages), f"{acked} of {len(messages)} messages acked"
+
+    def all_robots(messages: list[tuple[int, bytes]]) -> None:
+        threads = [threading.Thread(target=stream, args=(c, messages)) for c in channels]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    all_robots(messages[:1])  # warm, as the path's gateway is: channels connected, the relay's Redis pool grown
+    print("READY", flush=True)
+    sys.stdin.readline()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    all_robots(messages)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    for channel in channels:
+        channel.close()
+    print(json.dumps({"steps": args.robots * sum(n for n, _ in messages), "elapsed_s": elapsed,
+                      "bytes": args.robots * sum(len(m) for _, m in messages), "client_cpu_s": cpu}), flush=True)
+
+
+def relay_floor(kind: str, redis_url: str, robots: int, steps: int, redis_pid: int) -> dict:
+    """The bare relay's throughput and CPU, edge-like client -> relay -> the same Redis."""
+    server = subprocess.Popen([sys.executable, __file__, "--relay-server", "--target", redis_url],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        target = f"127.0.0.1:{int(server.stdout.readline())}"
+        client = subprocess.Popen([sys.executable, __file__, "--relay-client", "--kind", kind, "--target", target,
+                                   "--robots", str(robots), "--steps", str(steps)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline().strip() == "READY", "relay client failed to connect"
+        before = {"relay": cpu_s(server.pid), "redis": cpu_s(redis_pid)}
+        client.stdin.write("GO\n")
+        client.stdin.flush()
+        result = json.loads(client.stdout.readline())
+        result.update({"relay_cpu_s": cpu_s(server.pid) - before["relay"],
+                       "redis_cpu_s": cpu_s(redis_pid) - before["redis"]})
+        client.wait(60)
+        return result
+    finally:
+        server.kill()
+        server.wait(30)
+        import redis
+
+        with redis.Redis.from_url(redis_url) as r:
+            for key in r.scan_iter("bench:relay:*"):
+                r.delete(key)
+
+
 # --- edge record cost ----------------------------------------------------------------------
 
 
@@ -282,13 +408,15 @@ def main() -> int:
     parser.add_argument("--appendfsync", default="everysec", choices=["everysec", "always"],
                         help="Redis AOF fsync policy")
     parser.add_argument("--edge-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--relay-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--relay-client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--state_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.edge_worker:
-        edge_worker(args)
+    if args.edge_worker or args.relay_server or args.relay_client:
+        (edge_worker if args.edge_worker else relay_server if args.relay_server else relay_client)(args)
         return 0
 
     steps = {"lowdim": 5000 if args.quick else 20000, "jpeg": 400 if args.quick else 1500}
@@ -302,11 +430,15 @@ def main() -> int:
             path = run_path(kind, target, args.robots, n, tmp / f"edge-{kind}",
                             {"gateway": gateway.pid, "redis": redis_proc.proc.pid})
             limit = raw_limit(redis_proc.url, elements_for(kind, n), args.robots, redis_proc.proc.pid)
+            floor = relay_floor(kind, redis_proc.url, args.robots, n, redis_proc.proc.pid)
             record = record_cost(kind, target, 3000 if kind == "lowdim" else 600, tmp / "record")
-            (p_steps, p_mb), (l_steps, l_mb) = rates(path), rates(limit)
+            (p_steps, p_mb), (l_steps, l_mb), (f_steps, _) = rates(path), rates(limit), rates(floor)
             results["kinds"][kind] = {
                 "steps_per_s": p_steps, "mb_per_s": p_mb, "limit_steps_per_s": l_steps, "limit_mb_per_s": l_mb,
                 "ratio": p_steps / l_steps, "bytes_per_step": path["bytes"] / path["steps"],
+                "floor_steps_per_s": f_steps, "floor_ratio": f_steps / l_steps, "path_vs_floor": p_steps / f_steps,
+                **{f"floor_{k}_cpu_us_per_step": floor[f"{k}_cpu_s"] / floor["steps"] * 1e6
+                   for k in ("client", "relay", "redis")},
                 "stored_bytes_per_step": limit["bytes"] / limit["steps"],
                 "steps": path["steps"], "elapsed_s": path["elapsed_s"],
                 **{f"{k}_cpu_us_per_step": path[f"{k}_cpu_s"] / path["steps"] * 1e6
@@ -325,7 +457,7 @@ def main() -> int:
         redis_proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     low = results["kinds"]["lowdim"]
-    results.update({k: low[k] for k in ("steps_per_s", "limit_steps_per_s", "ratio", "mb_per_s",
+    results.update({k: low[k] for k in ("steps_per_s", "limit_steps_per_s", "ratio", "floor_ratio", "mb_per_s",
                                         "edge_record_p50_ms", "edge_record_p99_ms")})
     print(f"\ningest with durable acks: {args.robots} edge streams -> gateway -> redis (appendfsync "
           f"{args.appendfsync}), {os.cpu_count()} CPUs")
@@ -335,6 +467,13 @@ def main() -> int:
         print(f"{kind:8} {r['bytes_per_step']:12.0f} {r['stored_bytes_per_step']:12.0f} {r['steps_per_s']:9.0f} "
               f"{r['limit_steps_per_s']:14.0f} {r['ratio']:6.2f} {'>= 0.5' if kind == 'lowdim' else '':>7} "
               f"{r['edge_record_p50_ms']:10.3f} {r['edge_record_p99_ms']:7.3f}")
+    print("floor: the same bytes through a bare gRPC relay (sync gRPC client, one stream per robot, the "
+          "streamer's window and message size -> grpc.aio server -> RPUSH pipeline, ack after Redis' reply; no "
+          "spool, protobuf, validation, Lua, compression or metrics): "
+          + "; ".join(f"{kind}: {r['floor_steps_per_s']:.0f} steps/s = {r['floor_ratio']:.2f}x the limit (the path "
+                      f"{r['path_vs_floor']:.2f}x the floor), CPU per step client {r['floor_client_cpu_us_per_step']:.1f}"
+                      f", relay {r['floor_relay_cpu_us_per_step']:.1f}, redis {r['floor_redis_cpu_us_per_step']:.1f} us"
+                      for kind, r in results["kinds"].items()))
     print(f"\nCPU per step, us (all on the same {os.cpu_count()} cores): "
           + "; ".join(f"{kind}: edge {r['edge_cpu_us_per_step']:.1f}, gateway {r['gateway_cpu_us_per_step']:.1f}, "
                       f"redis {r['redis_cpu_us_per_step']:.1f}" for kind, r in results["kinds"].items()))
