@@ -167,7 +167,13 @@ def run_path(kind: str, target: str, robots: int, steps: int, state_dir: Path, p
     proc = subprocess.Popen([sys.executable, __file__, "--edge-worker", "--kind", kind, "--target", target,
                              "--robots", str(robots), "--steps", str(steps), "--state_dir", str(state_dir)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "READY", "edge worker failed while filling its spools"
+    return timed(proc, pids, "edge worker failed while filling its spools")
+
+
+def timed(proc: subprocess.Popen, pids: dict[str, int], failed: str) -> dict:
+    """Wait for a worker's READY, say GO, and return its JSON result with the CPU seconds each of ``pids``
+    spent meanwhile (``<name>_cpu_s``)."""
+    assert proc.stdout.readline().strip() == "READY", failed
     before = {name: cpu_s(pid) for name, pid in pids.items()}
     proc.stdin.write("GO\n")
     proc.stdin.flush()
@@ -318,6 +324,8 @@ def relay_client(args) -> None:
 
 def relay_floor(kind: str, redis_url: str, robots: int, steps: int, redis_pid: int) -> dict:
     """The bare relay's throughput and CPU, edge-like client -> relay -> the same Redis."""
+    import redis
+
     server = subprocess.Popen([sys.executable, __file__, "--relay-server", "--target", redis_url],
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -325,20 +333,10 @@ def relay_floor(kind: str, redis_url: str, robots: int, steps: int, redis_pid: i
         client = subprocess.Popen([sys.executable, __file__, "--relay-client", "--kind", kind, "--target", target,
                                    "--robots", str(robots), "--steps", str(steps)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert client.stdout.readline().strip() == "READY", "relay client failed to connect"
-        before = {"relay": cpu_s(server.pid), "redis": cpu_s(redis_pid)}
-        client.stdin.write("GO\n")
-        client.stdin.flush()
-        result = json.loads(client.stdout.readline())
-        result.update({"relay_cpu_s": cpu_s(server.pid) - before["relay"],
-                       "redis_cpu_s": cpu_s(redis_pid) - before["redis"]})
-        client.wait(60)
-        return result
+        return timed(client, {"relay": server.pid, "redis": redis_pid}, "relay client failed to connect")
     finally:
         server.kill()
         server.wait(30)
-        import redis
-
         with redis.Redis.from_url(redis_url) as r:
             for key in r.scan_iter("bench:relay:*"):
                 r.delete(key)
