@@ -244,7 +244,7 @@ def relay_messages(elements: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]
 
 
 def relay_server(args) -> None:
-    """A gRPC relay that does nothing a gateway must not: every message's elements go to Redis in one RPUSH
+    """A gRPC relay that does only what every gateway must: every message's elements go to Redis in one RPUSH
     pipeline, and the (empty) ack goes back once Redis replied. No protobuf, validation, Lua, compression,
     interceptors or metrics: what grpc.aio + redis.asyncio alone cost. Prints its port, serves until killed."""
     import asyncio
