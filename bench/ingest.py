@@ -257,7 +257,7 @@ def relay_server(args) -> None:
         await client.ping()
 
         async def push(requests, context):
-            key = f"bench:relay:{context.peer()}:{id(requests)}"
+            key = f"bench:relay:{context.peer()}"  # one channel, one connection, one stream per robot
             async for message in requests:
                 view, pipe, at = memoryview(message), client.pipeline(transaction=False), 0
                 while at < len(view):
