@@ -103,8 +103,8 @@ def table(result: dict) -> str:
     """The per-fleet-size table (markdown)."""
     head = ("| robots | time to 0.8 (s) | speed-up [95% bootstrap over seeds] | final success "
             "| interv. steps/episode (first → last bin) "
-            "| ROHE (succ./1000 interv. steps) | learner steps/s | samples per fresh label | robots real-time "
-            "| bottleneck |")
+            "| ROHE (succ./1000 interv. steps) | labels to 0.8 | acting policy age (s) | learner steps/s "
+            "| samples per fresh label | robots real-time | bottleneck |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for n in map(str, result["fleet_sizes"]):
         t = result["time_to_0_8_s"][n]
@@ -127,7 +127,10 @@ def table(result: dict) -> str:
         effort = f"{eff[0]:.1f} → {eff[-1]:.1f}" if eff else "-"
         rohe = result["rohe"][n]["mean"]
         learner = result["learner"][n]
+        lag = result.get("data_and_lag", {}).get(n, {})  # absent from studies older than these fields
         lines.append(f"| {n} | {time_s} | {speed} | {final} | {effort} | {fmt(rohe * 1000 if rohe else None, '.1f')}"
+                     f" | {fmt(lag.get('labels_to_threshold_mean'), '.0f')}"
+                     f" | {fmt(lag.get('acting_policy_age_s_mean'), '.1f')}"
                      f" | {fmt(learner['trainer_steps_per_s'], '.1f')} | "
                      f"{fmt(learner['samples_per_fresh_labeled_step'], '.1f')} | "
                      f"{fmt(learner['robot_realtime_ratio'])} | {', '.join(sorted(set(learner['bottleneck'])))} |")

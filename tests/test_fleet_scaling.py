@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.scaling.analysis import (_speedup, aggregate, effort_bins, speedup_interval, summarize_run, time_to,
-                                    time_to_sustained, version_at)
+from bench.scaling.analysis import (_speedup, acting_policy_age_s, aggregate, effort_bins, labels_stored_by,
+                                    speedup_interval, summarize_run, time_to, time_to_sustained, version_at)
 from bench.scaling.config import QUICK, StudyConfig
 from edge.agent import EdgeConfig
 from edge.robots.config import MetaWorldConfig
@@ -97,6 +97,23 @@ def test_aggregate_gives_every_fleet_size_its_numbers():
     assert result["speedup_to_0_8"] == {"1": 1.0, "2": 2.0}
     assert result["final_success"]["2"]["per_task"] == {"reach the goal": 0.9}
     assert result["human_effort"]["1"]["falls_in_every_run"] is True
+
+
+def test_labels_to_the_threshold_and_the_age_of_the_policy_robots_act_with():
+    run = _run(4, [(1, -5.0), (2, 10.0), (3, 30.0)], [])
+    run["timeline"] = [{"t_s": t, "intervention_steps_stored": n} for t, n in ((0.0, 3), (20.0, 40), (40.0, 90))]
+    assert [labels_stored_by(run, t) for t in (None, 0.0, 25.0, 40.0, 99.0)] == [None, 3, 40, 90, 90]
+    episodes = [{"t_s": 12.0, "policy_version": 1}, {"t_s": 25.0, "policy_version": 2},
+                {"t_s": 31.0, "policy_version": 3}, {"t_s": 50.0, "policy_version": 9}]  # v9: not published here
+    assert acting_policy_age_s(run, episodes) == pytest.approx((12.0 + 15.0 + 1.0) / 3)  # v1 counts from t = 0
+    assert acting_policy_age_s(run, []) is None
+    cfg = StudyConfig(fleet_sizes=(4,), seeds=(0,), budget_s=40.0, tasks=("reach-v3",), eval_points=4, batch_size=10)
+    evals = {1: {"reach the goal": 0.2}, 2: {"reach the goal": 0.5}, 3: {"reach the goal": 0.9}}
+    run["episodes"] = [{**e, "num_steps": 50, "intervention_steps": 5, "success": True} for e in episodes[:3]]
+    summary = summarize_run(run, evals, cfg)
+    assert summary["time_to_threshold_s"] == 30.0 and summary["labels_to_threshold"] == 40
+    lag = aggregate([summary], cfg)["data_and_lag"]["4"]
+    assert lag["labels_to_threshold_mean"] == 40 and lag["acting_policy_age_s_mean"] == pytest.approx(28.0 / 3)
 
 
 def test_a_longer_budget_for_one_robot_extends_its_grid_and_its_censoring_bound():

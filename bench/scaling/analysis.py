@@ -101,6 +101,25 @@ def _effort_slope_per_min(episodes: list[dict]) -> float | None:
     return float(np.polyfit(t, y, 1)[0])
 
 
+def labels_stored_by(run: dict, t_s: float | None) -> int | None:
+    """Operator-labelled (intervention) steps the robots had stored by ``t_s`` (the last timeline sample at or
+    before it; None for None): the human effort a fleet spent to get there."""
+    if t_s is None:
+        return None
+    samples = [row for row in run.get("timeline", ()) if row["t_s"] <= t_s + 1e-9]
+    return int(samples[-1]["intervention_steps_stored"]) if samples else None
+
+
+def acting_policy_age_s(run: dict, episodes: list[dict]) -> float | None:
+    """Mean, over episodes, of how old the version a robot acted with was when the episode ended (seconds since
+    its publication; the start policy counts from t = 0). Robots swap versions between episodes only, so this is
+    how far behind the learner the data of the fleet is; the learner needs it to be small next to the time to
+    the threshold."""
+    published = {v["version"]: max(0.0, v["t_s"]) for v in run["versions"]}
+    ages = [e["t_s"] - published[e["policy_version"]] for e in episodes if e.get("policy_version") in published]
+    return float(np.mean(ages)) if ages else None
+
+
 def learner_usage(run: dict, cfg: StudyConfig) -> dict:
     """Learner throughput and CPU, fresh labels, the robots' real-time ratio, the machine's load."""
     start, end = run["start"], run["end"]
@@ -147,17 +166,18 @@ def summarize_run(run: dict, evals: dict[int, dict[str, float]], cfg: StudyConfi
     bins = effort_bins(episodes, budget, max(1, round(cfg.effort_bins * budget / cfg.budget_s)))
     filled = [x for x in bins["intervention_steps_per_episode"] if x is not None]
     slope = _effort_slope_per_min(episodes)
+    crossed = time_to(ts, success, cfg.success_threshold)
     return {
         "fleet_size": run["fleet_size"], "seed": run["seed"], "budget_s": budget, "setup_s": run["setup_s"],
         "all_robots_running_s": run.get("all_robots_running_s"), "steps_before_t0": run["start"]["steps_stored"],
         "curve": {"t_s": ts, "version": versions, "success": success},
-        "time_to_threshold_s": time_to(ts, success, cfg.success_threshold),
+        "time_to_threshold_s": crossed, "labels_to_threshold": labels_stored_by(run, crossed),
         "time_to_threshold_sustained_s": time_to_sustained(ts, success, cfg.success_threshold),
         "final_version": versions[-1], "final_success": success[-1], "final_success_per_task": evals[versions[-1]],
         "success_at_common_budget": success[common],
         "versions_published": max(v["version"] for v in run["versions"]),
         "episodes": len(episodes), "successes": wins, "intervention_steps": inter,
-        "rohe": wins / inter if inter else None,
+        "rohe": wins / inter if inter else None, "acting_policy_age_s": acting_policy_age_s(run, episodes),
         "human_effort": {**bins, "slope_steps_per_episode_per_min": slope,
                          "falls": (slope is not None and slope < 0) and (len(filled) < 2 or filled[-1] <= filled[0])},
         "learner": learner_usage(run, cfg),
@@ -212,7 +232,7 @@ def aggregate(summaries: list[dict], cfg: StudyConfig) -> dict:
     """Per fleet size over seeds: the fields of the study's JSON (keys are fleet sizes as strings)."""
     sizes = sorted({s["fleet_size"] for s in summaries})
     by = {n: [s for s in summaries if s["fleet_size"] == n] for n in sizes}
-    curves, t_to, final, effort, rohe, learner = {}, {}, {}, {}, {}, {}
+    curves, t_to, final, effort, rohe, learner, lag = {}, {}, {}, {}, {}, {}, {}
     for n, runs in by.items():
         key = str(n)
         common = min(len(r["curve"]["success"]) for r in runs)  # runs merged from studies of other budgets
@@ -249,6 +269,10 @@ def aggregate(summaries: list[dict], cfg: StudyConfig) -> dict:
         }
         rohe[key] = {"mean": _mean(r["rohe"] for r in runs), "std": _std(r["rohe"] for r in runs),
                      "per_seed": [r["rohe"] for r in runs]}
+        labels = [r.get("labels_to_threshold") for r in runs]  # absent from studies older than this field
+        lag[key] = {"labels_to_threshold_per_seed": labels, "labels_to_threshold_mean": _mean(labels),
+                    "acting_policy_age_s_per_seed": [r.get("acting_policy_age_s") for r in runs],
+                    "acting_policy_age_s_mean": _mean(r.get("acting_policy_age_s") for r in runs)}
         learner[key] = {k: _mean(r["learner"][k] for r in runs) for k in runs[0]["learner"] if k != "bottleneck"}
         learner[key]["bottleneck"] = [r["learner"]["bottleneck"] for r in runs]
     speedup, bounds, intervals, lower_intervals = {}, {}, {}, {}
@@ -264,4 +288,5 @@ def aggregate(summaries: list[dict], cfg: StudyConfig) -> dict:
                                                    censored_t1_s=[_budget(r, cfg) for r in by[1]])
     return {"success_curves": curves, "time_to_0_8_s": t_to, "speedup_to_0_8": speedup,
             "speedup_bounds": bounds, "speedup_ci95": intervals, "speedup_lower_bound_ci95": lower_intervals,
-            "final_success": final, "human_effort": effort, "rohe": rohe, "learner": learner}
+            "final_success": final, "human_effort": effort, "rohe": rohe, "learner": learner,
+            "data_and_lag": lag}
