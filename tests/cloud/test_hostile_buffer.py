@@ -101,7 +101,7 @@ def test_accepted_chunks_of_any_shape_keep_the_sampler_drawing(redis_proc, redis
     sampler = make_sampler(redis_client)
     outcome = {"accepted": 0, "refused": 0, "batches": 0}
 
-    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(st.data())
     def one(data):
         chunk = data.draw(chunks(next_seq))
