@@ -36,7 +36,7 @@ import torch
 from cloud.algorithms.base import Algorithm, AlgorithmConfig, OptimizerStep, Update, register_algorithm
 from cloud.sampler import DataSpec
 from fleet.errors import ConfigError
-from fleet.policies.lerobot_adapter import INDICATOR_NONE, INDICATOR_POSITIVE
+from fleet.policies.lerobot_adapter import INDICATOR_NONE, INDICATOR_POSITIVE, adamw
 from fleet.policies.value import HEADS, failure_threshold
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class Recap(Algorithm):
         self.value = policy.value
         """The value function, the policy's own module: it is published with the policy's weights."""
         value_params = list(self.value.parameters())
-        self.value_step = OptimizerStep(value_params, torch.optim.AdamW(value_params, lr=cfg.value_lr),
+        self.value_step = OptimizerStep(value_params, adamw(value_params, lr=cfg.value_lr),
                                         accumulation_steps, clip_norm=1.0)
         self.step = OptimizerStep(policy.trainable_parameters(), policy.make_optimizer(), accumulation_steps,
                                   policy.config.grad_clip_norm)

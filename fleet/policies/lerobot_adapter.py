@@ -141,6 +141,18 @@ def _decode_lerobot_config(encoded: Mapping[str, Any]) -> PreTrainedConfig:
     return decoded
 
 
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def adamw(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with ``fused=True`` when every parameter is a plain CPU or CUDA float tensor (one
+    kernel over all parameters instead of about ten ops per tensor: on CPU, where torch's default is a loop
+    over tensors, about half the optimizer's time for a small ACT); sharded (FSDP) parameters keep the default."""
+    fused = bool(params) and all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda")
+                                 and p.dtype in FUSED_DTYPES for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
 class FleetPolicy:
     """A LeRobot policy plus what it needs to act for a robot: schema, tasks, normalization.
 
@@ -357,8 +369,8 @@ class FleetPolicy:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters."""
-        return torch.optim.AdamW(self.trainable_parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        """AdamW over the trainable parameters (torch's fused kernel where it applies: see ``adamw``)."""
+        return adamw(self.trainable_parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def clip_grad_norm_(self) -> float:
         """Clip gradients to ``config.grad_clip_norm``; returns the norm before clipping."""
