@@ -181,11 +181,28 @@ def study_config(result: dict) -> StudyConfig:
     return StudyConfig(**{k: frozen(v) for k, v in result["config"].items()})
 
 
-def reanalyse(result: dict) -> dict:
-    """``result`` (a study's JSON) with its aggregates and targets recomputed from its runs by this code."""
-    from bench.scaling.analysis import aggregate
+def run_budgets(result: dict) -> dict[int, float]:
+    """The budget of each fleet size a study ran, seconds."""
+    cfg = study_config(result)
+    return {n: cfg.budget_for(n) for n in result["fleet_sizes"]}
 
-    result = {**result, **aggregate(result["runs"], study_config(result))}
+
+def reanalyse(result: dict) -> dict:
+    """``result`` (a study's JSON) with its aggregates and targets recomputed from its runs by this code; a run
+    summary older than ``labels_to_threshold`` / ``acting_policy_age_s`` gets them from its run record
+    (``<run_dir>/run.json``) where that is still on disk."""
+    from bench.scaling.analysis import acting_policy_age_s, aggregate, labels_stored_by
+
+    runs = []
+    for summary in result["runs"]:
+        record = Path(summary.get("run_dir", "")) / "run.json"
+        if "labels_to_threshold" not in summary and summary.get("run_dir") and record.is_file():
+            run = json.loads(record.read_text())
+            episodes = [e for e in run["episodes"] if 0.0 <= e["t_s"] <= summary["budget_s"]]
+            summary = {**summary, "labels_to_threshold": labels_stored_by(run, summary["time_to_threshold_s"]),
+                       "acting_policy_age_s": acting_policy_age_s(run, episodes)}
+        runs.append(summary)
+    result = {**result, "runs": runs, **aggregate(runs, study_config(result))}
     result["targets"] = _targets(result)
     return result
 
@@ -197,9 +214,15 @@ POOLED_FIELDS = ("seeds", "fleet_sizes", "out_dir")
 def merge_studies(results: list[dict], names: list[str]) -> dict:
     """Several studies of one design (the same config and start policy, other seeds or fleet sizes) as one: their
     runs together. ValueError naming the first field that differs, or a (fleet size, seed) run found twice."""
-    first, seen = results[0], {}
+    first, seen, budgets = results[0], {}, {}
     for result, name in zip(results, names):
+        for n, budget in run_budgets(result).items():  # a size's runs pool at one budget
+            if budgets.setdefault(n, (budget, name))[0] != budget:
+                raise ValueError(f"{name}: {n} robot(s) ran for {budget:.0f} s, in {budgets[n][1]} for "
+                                 f"{budgets[n][0]:.0f} s: only runs of one budget can be pooled")
         for key in sorted(set(first["config"]) | set(result["config"])):
+            if key == "budget_by_size":  # checked above, for the sizes both ran (the others' budgets do not matter)
+                continue
             if key not in POOLED_FIELDS and first["config"].get(key) != result["config"].get(key):
                 raise ValueError(f"{name}: config {key!r} is {result['config'].get(key)!r}, {names[0]} has "
                                  f"{first['config'].get(key)!r}: only studies of one design can be pooled (they "
@@ -217,7 +240,8 @@ def merge_studies(results: list[dict], names: list[str]) -> dict:
         return first
     seeds = list(dict.fromkeys(s for r in results for s in r["seeds"]))
     sizes = sorted({n for r in results for n in r["fleet_sizes"]})
-    config = {**first["config"], "seeds": seeds, "fleet_sizes": sizes}
+    config = {**first["config"], "seeds": seeds, "fleet_sizes": sizes,
+              "budget_by_size": [[n, b] for n, (b, _) in sorted(budgets.items()) if b != first["config"]["budget_s"]]}
     return {**first, "seeds": seeds, "fleet_sizes": sizes, "config": config,
             "runs": [run for r in results for run in r["runs"]],
             "wall_time_s": sum(r["wall_time_s"] for r in results),

@@ -247,3 +247,29 @@ def test_reduced_study_runs_and_writes_json_and_png(tmp_path):
     seed7.write_text(json.dumps(other))
     proc = reanalyse(out_json, seed7)
     assert proc.returncode == 2 and "'control_hz' is 5.0" in proc.stderr, proc.stderr[-3000:]
+
+    # A study of some fleet sizes only pools with runs of those sizes at their budgets: a budget set for a size
+    # it did not run does not matter, one for a size both ran must agree.
+    only2 = json.loads(out_json.read_text())
+    only2["seeds"], only2["fleet_sizes"] = [8], [2]
+    only2["config"].update(seeds=[8], fleet_sizes=[2], budget_by_size=[[1, 99.0]])
+    only2["runs"] = [{**run, "seed": 8} for run in only2["runs"] if run["fleet_size"] == 2]
+    seed8 = tmp_path / "seed8.json"
+    seed8.write_text(json.dumps(only2))
+    proc = reanalyse(out_json, seed8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pooled = json.loads((tmp_path / "reanalysed.json").read_text())
+    assert pooled["config"]["budget_by_size"] == [[1, 15.0]] and len(pooled["final_success"]["2"]["per_seed"]) == 2
+    only2["config"]["budget_by_size"] = [[2, 30.0]]
+    seed8.write_text(json.dumps(only2))
+    proc = reanalyse(out_json, seed8)
+    assert proc.returncode == 2 and "2 robot(s) ran for 30 s" in proc.stderr, proc.stderr[-3000:]
+
+    # A study written before labels_to_threshold / acting_policy_age_s existed gets them from its run records.
+    older = json.loads(out_json.read_text())
+    for run in older["runs"]:
+        del run["labels_to_threshold"], run["acting_policy_age_s"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    proc = reanalyse(tmp_path / "older.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "reanalysed.json").read_text())["data_and_lag"] == result["data_and_lag"]
