@@ -221,7 +221,7 @@ def merge_studies(results: list[dict], names: list[str]) -> dict:
                 raise ValueError(f"{name}: {n} robot(s) ran for {budget:.0f} s, in {budgets[n][1]} for "
                                  f"{budgets[n][0]:.0f} s: only runs of one budget can be pooled")
         for key in sorted(set(first["config"]) | set(result["config"])):
-            if key == "budget_by_size":  # checked above, for the sizes both ran (the others' budgets do not matter)
+            if key == "budget_by_size":  # checked above, size by size (a budget for a size no study ran does not matter)
                 continue
             if key not in POOLED_FIELDS and first["config"].get(key) != result["config"].get(key):
                 raise ValueError(f"{name}: config {key!r} is {result['config'].get(key)!r}, {names[0]} has "
