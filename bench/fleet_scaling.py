@@ -191,16 +191,14 @@ def reanalyse(result: dict) -> dict:
     """``result`` (a study's JSON) with its aggregates and targets recomputed from its runs by this code; a run
     summary older than ``labels_to_threshold`` / ``acting_policy_age_s`` gets them from its run record
     (``<run_dir>/run.json``) where that is still on disk."""
-    from bench.scaling.analysis import acting_policy_age_s, aggregate, labels_stored_by
+    from bench.scaling.analysis import aggregate, data_and_lag
 
     runs = []
     for summary in result["runs"]:
         record = Path(summary.get("run_dir", "")) / "run.json"
         if "labels_to_threshold" not in summary and summary.get("run_dir") and record.is_file():
             run = json.loads(record.read_text())
-            episodes = [e for e in run["episodes"] if 0.0 <= e["t_s"] <= summary["budget_s"]]
-            summary = {**summary, "labels_to_threshold": labels_stored_by(run, summary["time_to_threshold_s"]),
-                       "acting_policy_age_s": acting_policy_age_s(run, episodes)}
+            summary = {**summary, **data_and_lag(run, summary["budget_s"], summary["time_to_threshold_s"])}
         runs.append(summary)
     result = {**result, "runs": runs, **aggregate(runs, study_config(result))}
     result["targets"] = _targets(result)

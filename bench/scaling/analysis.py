@@ -120,6 +120,14 @@ def acting_policy_age_s(run: dict, episodes: list[dict]) -> float | None:
     return float(np.mean(ages)) if ages else None
 
 
+def data_and_lag(run: dict, budget_s: float, crossed_s: float | None) -> dict:
+    """A run's ``labels_to_threshold`` (stored by ``crossed_s``) and ``acting_policy_age_s`` (episodes within
+    its budget)."""
+    episodes = [e for e in run["episodes"] if 0.0 <= e["t_s"] <= budget_s]
+    return {"labels_to_threshold": labels_stored_by(run, crossed_s),
+            "acting_policy_age_s": acting_policy_age_s(run, episodes)}
+
+
 def learner_usage(run: dict, cfg: StudyConfig) -> dict:
     """Learner throughput and CPU, fresh labels, the robots' real-time ratio, the machine's load."""
     start, end = run["start"], run["end"]
@@ -171,13 +179,13 @@ def summarize_run(run: dict, evals: dict[int, dict[str, float]], cfg: StudyConfi
         "fleet_size": run["fleet_size"], "seed": run["seed"], "budget_s": budget, "setup_s": run["setup_s"],
         "all_robots_running_s": run.get("all_robots_running_s"), "steps_before_t0": run["start"]["steps_stored"],
         "curve": {"t_s": ts, "version": versions, "success": success},
-        "time_to_threshold_s": crossed, "labels_to_threshold": labels_stored_by(run, crossed),
+        "time_to_threshold_s": crossed, **data_and_lag(run, budget, crossed),
         "time_to_threshold_sustained_s": time_to_sustained(ts, success, cfg.success_threshold),
         "final_version": versions[-1], "final_success": success[-1], "final_success_per_task": evals[versions[-1]],
         "success_at_common_budget": success[common],
         "versions_published": max(v["version"] for v in run["versions"]),
         "episodes": len(episodes), "successes": wins, "intervention_steps": inter,
-        "rohe": wins / inter if inter else None, "acting_policy_age_s": acting_policy_age_s(run, episodes),
+        "rohe": wins / inter if inter else None,
         "human_effort": {**bins, "slope_steps_per_episode_per_min": slope,
                          "falls": (slope is not None and slope < 0) and (len(filled) < 2 or filled[-1] <= filled[0])},
         "learner": learner_usage(run, cfg),
