@@ -34,7 +34,8 @@ class DataSpec:
     interventions: bool = True
     """Online steps the operator drove (targets: the operator's actions, while it drove)."""
     successes: bool = False
-    """Every step of the robots' own successful autonomous episodes."""
+    """Every step of the robots' own successful autonomous episodes (no step operator-driven: an episode the
+    operator rescued holds the policy's mistakes before the takeover, and its operator steps are labels anyway)."""
     episodes: bool = False
     """Every step of every finished online episode, with its outcome (RECAP)."""
     offline: bool = True
@@ -214,7 +215,7 @@ class BufferIndex:
                 entry = json.loads(raw)
                 if entry.get("ended"):
                     out.append((eid.decode(), str(entry["task"]), int(entry["len"]), bool(entry["success"]),
-                                bool(entry["eval"])))
+                                bool(entry["eval"]), int(entry.get("interventions") or 0)))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 self._skip(rid, "corrupt_catalog", f"catalog entry {eid!r} cannot be read ({exc!r})")
         return out
@@ -225,7 +226,8 @@ class BufferIndex:
             summary = json.loads(fields.get(b"summary") or b"{}")
             length = fields.get(b"len") or summary.get("num_steps", 0)  # the stored length (older events: claimed)
             return (fields[b"episode"].decode(), fields[b"task"].decode(), int(length),
-                    bool(summary.get("success")), bool(summary.get("evaluation")))
+                    bool(summary.get("success")), bool(summary.get("evaluation")),
+                    int(summary.get("intervention_steps") or 0))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._skip(rid, "corrupt_event", f"episode event {entry_id!r} cannot be read ({exc!r})")
             return None
@@ -277,7 +279,7 @@ class BufferIndex:
                 metrics.TRAINER_EVICTED_EPISODES.inc()
 
     def _add_episode(self, rid: str, source: str, eid: str, task: str, length: int, success: bool,
-                     evaluation: bool) -> int:
+                     evaluation: bool, intervention_steps: int) -> int:
         if (rid, eid) in self._episodes or length <= 0 or (rid, eid) in self._quarantined or (rid, eid) in self._evicted:
             return 0
         self._episodes.add((rid, eid))  # (catalog and event name the same episode: counted once)
@@ -292,7 +294,7 @@ class BufferIndex:
         if source == SOURCE_OFFLINE:
             use = self.spec.offline and self.spec.episodes
         else:
-            use = self.spec.episodes or (self.spec.successes and success)
+            use = self.spec.episodes or (self.spec.successes and success and intervention_steps == 0)
         if not use:
             return 0
         self.pools[(task, source)].add(Segment(rid, eid, 0, length, labels_all=True, episode_len=length,

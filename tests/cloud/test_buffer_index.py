@@ -15,6 +15,6 @@ def test_episode_ends_past_the_initial_capacity_are_recorded():
     ends = 3 * len(index._finished_len) + 1
     for i in range(ends):
         index._add_episode("robot-0", SOURCE_ONLINE, f"ep-{i}", "reach the goal", 10 + i, success=True,
-                           evaluation=True)
+                           evaluation=True, intervention_steps=0)
     numbers = np.array([index.number("robot-0", f"ep-{i}") for i in range(ends)])
     assert index.finished_lengths(numbers).tolist() == [10 + i for i in range(ends)]

@@ -69,12 +69,6 @@ def test_intervention_windows_end_when_the_operator_hands_back(buffer, redis_cli
 
 
 def test_data_specs(buffer, redis_client):
-    successes = make(redis_client, DataSpec(interventions=False, successes=True, offline=False))
-    assert successes.index.count(SOURCE_ONLINE) == 24  # the two successful 12-step episodes, eval excluded
-    batch = successes.sample()
-    assert (batch["episode_len"] == 12).all() and batch["success"].all()
-    assert (~batch["action_is_pad"][batch["t"] <= 12 - H]).all()  # autonomous steps are targets too
-
     recap = make(redis_client, DataSpec(interventions=False, episodes=True, offline=True, lookahead_steps=5),
                  online_fraction=1.0, adaptive=False)
     assert recap.index.count(SOURCE_ONLINE) == 2 * (12 + 7) and recap.index.task_max_len == {"task a": 20,
@@ -87,6 +81,21 @@ def test_data_specs(buffer, redis_client):
     np.testing.assert_array_equal(batch["next/state"][:, 0], np.minimum(t + 5, length - 1))
     np.testing.assert_array_equal(batch["is_intervention"], (length == 12) & (t < 3))
     assert (batch["task_max_len"] == 20).all()
+
+
+def test_successes_are_the_robots_own_autonomous_successes(buffer, redis_client):
+    only_successes = DataSpec(interventions=False, successes=True, offline=False)
+    # The fixture's successful episodes were rescued by the operator: they hold the policy's mistakes.
+    assert make(redis_client, only_successes).index.count(SOURCE_ONLINE) == 0
+    online = IngestSink(buffer.url, "r1", SCHEMA, TASKS)
+    for task_id in (0, 1):
+        online.write_episode(TASKS[task_id], *synthetic_episode(task_id, 11))
+        online.write_episode(TASKS[task_id], *synthetic_episode(task_id, 5, success=False))
+    successes = make(redis_client, only_successes)
+    assert successes.index.count(SOURCE_ONLINE) == 22  # the two autonomous successes, eval excluded
+    batch = successes.sample()
+    assert (batch["episode_len"] == 11).all() and batch["success"].all() and not batch["is_intervention"].any()
+    assert (~batch["action_is_pad"][batch["t"] <= 11 - H]).all()  # autonomous steps are targets too
 
 
 def test_adaptive_online_share_follows_the_losses(buffer, redis_client):
