@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -164,6 +165,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help=f"override the preset's {name} (see bench/scaling/config.py)")
     p.add_argument("--budget-by-size", dest="budget_by_size", type=_budgets, metavar="N:S,...",
                    help="a longer budget for some fleet sizes, e.g. 1:600 (the evaluation grid keeps its spacing)")
+    p.add_argument("--trainer-args", dest="trainer_args", type=lambda s: tuple(shlex.split(s)), metavar="'OPTIONS'",
+                   help="extra `fleet trainer` options for the runs' learner (not the start policy), e.g. "
+                        "'--algorithm.type hg_dagger --algorithm.use_successes true'")
     p.add_argument("--fresh-variants", dest="fresh_variants", action="store_true", default=None,
                    help="robots start training episodes from freshly sampled initial states (see the config)")
     p.add_argument("--reanalyse", type=Path, nargs="+", metavar="JSON",

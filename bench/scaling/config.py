@@ -53,6 +53,10 @@ class StudyConfig:
     """Trainer's torch device (cuda on a GPU machine)."""
     policy_args: tuple[str, ...] = ()
     """Extra `fleet trainer` options for the policy (e.g. --policy.dim_model 64), used for the start policy."""
+    trainer_args: tuple[str, ...] = ()
+    """Extra `fleet trainer` options for the runs' learner only (e.g. --algorithm.type hg_dagger
+    --algorithm.use_successes true): what the online algorithm does with the fleet's data; the start policy does
+    not depend on them (it is reused)."""
     edge_args: tuple[str, ...] = ()
     """Extra `fleet sim-fleet` options for every robot (e.g. --edge.operator.stall_steps 20)."""
     fresh_variants: bool = False

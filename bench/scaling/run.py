@@ -217,7 +217,7 @@ def run_fleet(cfg: StudyConfig, robots: int, seed: int, start_dir: Path, run_dir
         # the first update until the robots have stored a step: no run trains ahead on demos alone.
         children["trainer"] = spawn("trainer", [
             *_trainer_args(cfg, redis_proc.url, run_dir / "policies", seed), "--rate_limit.min_size_steps", "1",
-            "--rate_limit.samples_per_insert", "1e12"], logs)
+            "--rate_limit.samples_per_insert", "1e12", *cfg.trainer_args], logs)
         children["fleet"] = spawn("sim-fleet", [
             "sim-fleet", "--robots", str(robots), "--state_root", str(run_dir / "edge"), "--seed", str(1000 * seed),
             "--edge.gateway", f"127.0.0.1:{port}", "--edge.tasks", json.dumps(list(instructions(cfg.tasks))),
