@@ -66,7 +66,8 @@ def run_study(cfg: StudyConfig) -> dict:
     hw = hardware()
     out = Path(cfg.out_dir).resolve()
     spec = EvalSpec(tasks=tuple(cfg.tasks), episodes_per_task=cfg.eval_episodes_per_task,
-                    max_episode_steps=cfg.max_episode_steps, seed=cfg.eval_seed, device=cfg.device)
+                    max_episode_steps=cfg.max_episode_steps, seed=cfg.eval_seed, device=cfg.device,
+                    deal_variants=cfg.eval_deal_variants)
     start_dir = train_start_policy(cfg, out / "start")
     start_eval = evaluate_versions(start_dir, [1], spec)[1]
     log.info("start policy: held-out success %s", {t: round(s, 2) for t, s in start_eval.items()})

@@ -66,6 +66,9 @@ class StudyConfig:
     """Held-out evaluation episodes per task for every evaluated version."""
     eval_points: int = 12
     """Points on each run's success curve (the newest version at each is evaluated), besides t = 0."""
+    eval_deal_variants: bool = True
+    """Held-out variants are dealt like a shuffled deck, each once per 25 episodes of a task (EvalSpec.deal_variants;
+    False: drawn with replacement, as every study before 2026-12-07 was evaluated)."""
     eval_seed: int = 12345
     """Seed of the held-out evaluation episodes (the same for every version)."""
     eval_workers: int = 1
@@ -127,7 +130,7 @@ diverging much or stalling for long fails without ever producing a label under t
 QUICK = StudyConfig(
     fleet_sizes=(1, 2, 4), seeds=(0,), budget_s=300.0, tasks=("reach-v3",), fresh_variants=True,
     control_hz=20.0, max_episode_steps=100, demos_per_task=5, seed_bc_steps=3000, batch_size=32,
-    publish_every_steps=25, policy_args=SMALL_POLICY, edge_args=STRICT_OPERATOR, eval_episodes_per_task=30,
+    publish_every_steps=25, policy_args=SMALL_POLICY, edge_args=STRICT_OPERATOR, eval_episodes_per_task=25,
     eval_points=30, eval_workers=2, effort_bins=5, out_dir="runs/fleet-scaling-quick",
 )
 """About 18 minutes on 2 idle CPU cores: reach, 1/2/4 robots, one seed, 300 s per run (``--seeds 0,1,2``: about

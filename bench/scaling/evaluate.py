@@ -1,7 +1,8 @@
 """Post-hoc evaluation of published policy versions on held-out initial states.
 
 Every evaluated version runs the same fixed set of episodes: a held-out
-MetaWorld robot (odd task variants, never seen in training) with a fixed seed,
+MetaWorld robot (odd task variants, never seen in training; each task's 25
+dealt like a shuffled deck, so every one counts the same) with a fixed seed,
 round robin over the tasks, no operator, as fast as the CPU allows (not real
 time). It uses the edge's own :class:`~edge.loop.ControlLoop`, so evaluation acts
 exactly as the robots do. Evaluation runs after a fleet run has ended, so it
@@ -34,6 +35,10 @@ class EvalSpec:
     """Seed of the held-out robot's variant choice (the same for every version)."""
     device: str = "cpu"
     """Torch device the evaluated policy runs on."""
+    deal_variants: bool = True
+    """Each task's held-out variants are dealt like a shuffled deck (every one once before any repeats), so each
+    weighs the same; False: drawn with replacement (studies before 2026-12-07: 30 draws from 25 variants left
+    ~7 out and counted others two or three times)."""
 
 
 class _DiscardSink:
@@ -57,7 +62,7 @@ def evaluate_version(policy_dir: str, version: int, spec: EvalSpec) -> dict[str,
     manifest = store.manifest(version)
     policy = FleetPolicy.from_manifest(manifest.config, store.tensors(version), version=version, device=spec.device)
     robot = MetaWorldRobot(tasks=spec.tasks, seed=spec.seed, max_episode_steps=spec.max_episode_steps,
-                           held_out=True)
+                           held_out=True, deal_variants=spec.deal_variants)
     successes: dict[str, list[bool]] = {task: [] for task in robot.tasks}
     with robot:
         loop = ControlLoop(f"eval-v{version}", robot, PolicySlot(policy), NoOperator(), _DiscardSink(),

@@ -135,11 +135,14 @@ class MetaWorldRobot(Robot):
         variant_seed: int = 0,
         held_out_eval: bool = False,
         fresh_variants: bool = False,
+        deal_variants: bool = False,
     ):
         """``seed`` drives this robot's variant choice; ``variant_seed`` which 50 variants
         exist (keep it equal across the fleet so train and held-out sets stay disjoint);
         ``held_out_eval``: episodes announced with ``set_evaluation(True)`` draw held-out variants;
-        ``fresh_variants``: training episodes start from freshly sampled initial states (module docstring)."""
+        ``fresh_variants``: training episodes start from freshly sampled initial states (module docstring);
+        ``deal_variants``: each task's variants are dealt like a shuffled deck, every allowed one once before any
+        repeats (an evaluation then weighs every held-out variant the same; otherwise drawn with replacement)."""
         if isinstance(tasks, str) or len(tasks) == 0:
             raise ConfigError(f"tasks ({tasks!r}) must be a non-empty sequence of MT10 tasks")
         if max_episode_steps <= 0:
@@ -154,6 +157,8 @@ class MetaWorldRobot(Robot):
         self._allowed_variants = variant_indices(held_out)
         self.held_out_eval = held_out_eval
         self.fresh_variants = fresh_variants
+        self.deal_variants = deal_variants
+        self._decks: dict[tuple[str, bool], list[int]] = {}
         self._evaluation = False
         self._rng = np.random.default_rng(seed)
         self._envs: dict[str, _TaskEnv] = {}
@@ -192,7 +197,13 @@ class MetaWorldRobot(Robot):
         entry = self._env(env_name)
         held_out = self.held_out or (self._evaluation and self.held_out_eval)
         allowed = variant_indices(True) if held_out else self._allowed_variants
-        variant = int(self._rng.choice(allowed))
+        if self.deal_variants:
+            deck = self._decks.setdefault((env_name, held_out), [])
+            if not deck:
+                deck.extend(self._rng.permutation(allowed).tolist())
+            variant = int(deck.pop())
+        else:
+            variant = int(self._rng.choice(allowed))
         entry.env.set_task(entry.variants[variant])  # also fixes (freezes) the variant's initial state
         if self.fresh_variants and not held_out:
             # MetaWorld's own sampler (it also rejects invalid states), from a generator seeded by ours.

@@ -98,6 +98,25 @@ def test_evaluation_episodes_draw_held_out_variants(make_robot_connected) -> Non
     assert {(plain.reset("reach-v3"), plain.current_variant)[1] for _ in range(20)} <= set(variant_indices(False))
 
 
+def test_dealt_variants_weigh_every_held_out_variant_the_same(make_robot_connected) -> None:
+    """deal_variants (the studies' evaluation): each task's variants come as a shuffled deck, every one once
+    before any repeats, in an order fixed by the seed; drawn with replacement, 25 draws miss several."""
+    def deal(seed: int, deal_variants: bool = True) -> dict[str, list[int]]:
+        robot = make_robot_connected(("reach-v3", "push-v3"), seed=seed, held_out=True, deal_variants=deal_variants)
+        drawn = {"reach-v3": [], "push-v3": []}
+        for _ in range(50):
+            for task, seq in drawn.items():
+                robot.reset(task)
+                seq.append(robot.current_variant)
+        return drawn
+
+    dealt = deal(5)
+    for seq in dealt.values():
+        assert sorted(seq[:25]) == sorted(seq[25:]) == list(variant_indices(True)) and seq[:25] != seq[25:]
+    assert deal(5) == dealt and deal(6) != dealt
+    assert any(len(set(seq[:25])) < 25 for seq in deal(5, deal_variants=False).values())
+
+
 def test_fresh_variants_sample_new_training_states_and_keep_held_out_fixed(make_robot_connected) -> None:
     """fresh_variants: every training episode starts from a new goal (seeded); evaluation still draws the
     fixed held-out variants, so no training episode can start from an evaluation state."""
