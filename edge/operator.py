@@ -68,6 +68,11 @@ class OperatorConfig:
     """L2 distance between the policy's and the expert's (clipped) actions that counts as divergent."""
     divergence_steps: int = 3
     """Consecutive divergent steps that trigger a take-over."""
+    patience_steps: int = 0
+    """Take over when the robot has driven this many steps since the episode began (or since the operator last
+    handed back) without finishing it (0: off). A human who knows the task takes ~60 steps steps in on a robot
+    still at it after 80, however steadily it creeps: a weak policy heading the right way too slowly never
+    diverges by ``divergence_threshold``, keeps making reward progress, and would run out of time unlabelled."""
     stall_steps: int = 30
     """Take over after this many steps without reward progress (agreeing steps do not count)."""
     stall_min_improvement: float = 0.05
@@ -97,6 +102,8 @@ class OperatorConfig:
             raise ConfigError(f"divergence_threshold ({self.divergence_threshold}) must be > 0")
         if self.divergence_steps < 1:
             raise ConfigError(f"divergence_steps ({self.divergence_steps}) must be >= 1")
+        if self.patience_steps < 0:
+            raise ConfigError(f"patience_steps ({self.patience_steps}) must be >= 0 (0: off)")
         if self.stall_steps < 1:
             raise ConfigError(f"stall_steps ({self.stall_steps}) must be >= 1")
         if not self.stall_min_improvement >= 0:

@@ -39,7 +39,8 @@ class SimulatedOperator(Operator):
     Robot in control: take over when the policy's action is more than
     ``divergence_threshold`` from the expert's for ``divergence_steps`` consecutive
     steps, or when reward has not improved by ``stall_min_improvement`` over
-    ``stall_steps`` (non-agreeing) steps. Operator in control: drive with the expert's
+    ``stall_steps`` (non-agreeing) steps, or when it has driven ``patience_steps``
+    steps without finishing (a slow creep). Operator in control: drive with the expert's
     action (plus noise) for ``segment_steps`` steps, then hand back.
     """
 
@@ -57,6 +58,7 @@ class SimulatedOperator(Operator):
         self._intervening = False
         self._segment_left = 0
         self._divergent = 0
+        self._driven = 0
         self._stall = 0
         self._best_reward = -np.inf
 
@@ -83,6 +85,7 @@ class SimulatedOperator(Operator):
         self._intervening = False
         self._segment_left = 0
         self._divergent = 0
+        self._driven = 0
         self._restart_stall_window()
 
     def expert_action(self, observation: Observation) -> np.ndarray:
@@ -120,7 +123,10 @@ class SimulatedOperator(Operator):
             reason = f"policy diverged from expert for {self._divergent} steps (last distance {distance:.2f})"
         elif self._stall >= cfg.stall_steps:
             reason = f"no reward progress for {self._stall} steps (best {self._best_reward:.2f})"
+        elif 0 < cfg.patience_steps <= self._driven:
+            reason = f"not done after {self._driven} steps (best reward {self._best_reward:.2f})"
         else:
+            self._driven += 1
             return None
         self._take_over(reason)
         return self._drive(expert)
@@ -142,6 +148,7 @@ class SimulatedOperator(Operator):
         log.debug("operator hands back after %d steps", self.config.segment_steps)
         self._intervening = False
         self._divergent = 0
+        self._driven = 0
         self._restart_stall_window(reward)
 
     def _drive(self, expert: np.ndarray) -> np.ndarray:

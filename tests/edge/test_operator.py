@@ -96,6 +96,28 @@ def test_stall_triggers_take_over(make_robot_connected) -> None:
     assert flags[first : first + 5] == [True] * 5
 
 
+def test_patience_catches_a_slow_creep_the_other_rules_miss(make_robot_connected, expert) -> None:
+    # What the scaling study's weak reach policies do: head for the goal with a third of the expert's upward
+    # action. The gap (~0.3) stays under divergence_threshold and reward keeps rising, so the stall rule never
+    # fires either, and the arm is still short of the goal when time runs out.
+    def creep(state: np.ndarray) -> np.ndarray:
+        action = expert("reach-v3", state)
+        action[2] /= 3
+        return action
+
+    strict = dict(divergence_threshold=0.5, stall_steps=15, segment_steps=25)
+    robot = make_robot_connected(("reach-v3",), seed=0, max_episode_steps=150)
+    assert not any(drive(robot, SimulatedOperator(OperatorConfig(**strict)), "reach-v3", creep, steps=150))
+    assert not robot.observe().success
+    patient = OperatorConfig(**strict, patience_steps=80)
+    robot = make_robot_connected(("reach-v3",), seed=0, max_episode_steps=150)  # the same goal again
+    flags = drive(robot, SimulatedOperator(patient), "reach-v3", creep, steps=150)
+    assert flags.index(True) == 80 and robot.observe().success  # the operator finishes the reach
+    robot = make_robot_connected(("reach-v3",), seed=0, max_episode_steps=150)
+    assert not any(drive(robot, SimulatedOperator(patient), "reach-v3", lambda s: expert("reach-v3", s), steps=150))
+    assert robot.observe().success
+
+
 def test_noise_is_seeded_and_bounded(make_robot_connected, expert) -> None:
     robot = make_robot_connected(("reach-v3",))
     obs = robot.reset("reach-v3")
@@ -140,6 +162,7 @@ def test_unknown_task_and_decide_before_reset() -> None:
         ("divergence_steps", 0, "divergence_steps \\(0\\)"),
         ("stall_steps", -1, "stall_steps \\(-1\\)"),
         ("stall_min_improvement", -0.5, "stall_min_improvement \\(-0.5\\)"),
+        ("patience_steps", -1, "patience_steps \\(-1\\) must be >= 0"),
         ("agree_threshold", 0.9, "agree_threshold \\(0.9\\)"),
         ("segment_steps", 0, "segment_steps \\(0\\)"),
         ("noise_std", -0.1, "noise_std \\(-0.1\\)"),
