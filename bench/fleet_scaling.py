@@ -169,6 +169,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trainer-args", dest="trainer_args", type=lambda s: tuple(shlex.split(s)), metavar="'OPTIONS'",
                    help="extra `fleet trainer` options for the runs' learner (not the start policy), e.g. "
                         "'--algorithm.type hg_dagger --algorithm.use_successes true'")
+    p.add_argument("--edge-args", dest="edge_args", type=lambda s: tuple(shlex.split(s)), metavar="'OPTIONS'",
+                   help="extra `fleet sim-fleet` options for every robot, after the preset's (the later option wins), "
+                        "e.g. '--edge.operator.patience_steps 80'")
     p.add_argument("--fresh-variants", dest="fresh_variants", action="store_true", default=None,
                    help="robots start training episodes from freshly sampled initial states (see the config)")
     p.add_argument("--reanalyse", type=Path, nargs="+", metavar="JSON",
@@ -253,13 +256,21 @@ def merge_studies(results: list[dict], names: list[str]) -> dict:
                             for r, name in zip(results, names)]}
 
 
+def study_from_args(args: argparse.Namespace) -> StudyConfig:
+    """The preset with the command line's overrides; ``--edge-args`` adds to the preset's robot options."""
+    base = QUICK if args.quick else FULL
+    overrides = {k: v for k, v in vars(args).items() if k in StudyConfig.__dataclass_fields__}
+    if args.edge_args:
+        overrides["edge_args"] = base.edge_args + args.edge_args
+    return base.with_overrides(**overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("edge.loop").setLevel(logging.WARNING)  # one line per evaluation episode otherwise
-    base = QUICK if args.quick else FULL
-    cfg = base.with_overrides(**{k: v for k, v in vars(args).items() if k in StudyConfig.__dataclass_fields__})
+    cfg = study_from_args(args)
     if args.reanalyse:
         try:
             studies = [json.loads(path.read_text()) for path in args.reanalyse]

@@ -148,6 +148,16 @@ def test_study_config_rejects_bad_values_naming_them():
         QUICK.with_overrides(budget_s=-1.0)
 
 
+def test_command_line_edge_args_add_to_the_presets_operator():
+    from bench.fleet_scaling import parse_args, study_from_args
+
+    cfg = study_from_args(parse_args(["--quick", "--edge-args", "--edge.operator.patience_steps 80",
+                                      "--trainer-args", "--algorithm.type hg_dagger"]))
+    assert cfg.edge_args == (*QUICK.edge_args, "--edge.operator.patience_steps", "80")
+    assert cfg.trainer_args == ("--algorithm.type", "hg_dagger")
+    assert study_from_args(parse_args(["--quick"])) == QUICK
+
+
 # --- fleet sim-fleet --------------------------------------------------------------------------
 
 
