@@ -150,6 +150,11 @@ def _budgets(s: str) -> tuple[tuple[int, float], ...]:
         raise argparse.ArgumentTypeError(f"{s!r}: expected fleet-size:seconds pairs, e.g. 1:600,2:450") from None
 
 
+def _options(s: str) -> tuple[str, ...]:
+    """A quoted string of command-line options as arguments (``--trainer-args``, ``--edge-args``)."""
+    return tuple(shlex.split(s))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the ~18 minute preset for 2 CPU cores (default: full)")
@@ -166,10 +171,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help=f"override the preset's {name} (see bench/scaling/config.py)")
     p.add_argument("--budget-by-size", dest="budget_by_size", type=_budgets, metavar="N:S,...",
                    help="a longer budget for some fleet sizes, e.g. 1:600 (the evaluation grid keeps its spacing)")
-    p.add_argument("--trainer-args", dest="trainer_args", type=lambda s: tuple(shlex.split(s)), metavar="'OPTIONS'",
+    p.add_argument("--trainer-args", dest="trainer_args", type=_options, metavar="'OPTIONS'",
                    help="extra `fleet trainer` options for the runs' learner (not the start policy), e.g. "
                         "'--algorithm.type hg_dagger --algorithm.use_successes true'")
-    p.add_argument("--edge-args", dest="edge_args", type=lambda s: tuple(shlex.split(s)), metavar="'OPTIONS'",
+    p.add_argument("--edge-args", dest="edge_args", type=_options, metavar="'OPTIONS'",
                    help="extra `fleet sim-fleet` options for every robot, after the preset's (the later option wins), "
                         "e.g. '--edge.operator.patience_steps 80'")
     p.add_argument("--fresh-variants", dest="fresh_variants", action="store_true", default=None,
