@@ -70,8 +70,8 @@ class OperatorConfig:
     """Consecutive divergent steps that trigger a take-over."""
     patience_steps: int = 0
     """Take over when the robot has driven this many steps since the episode began (or since the operator last
-    handed back) without finishing it (0: off). A human who knows the task takes about 60 steps would take over a robot
-    still at it after 80, however steadily it creeps: a weak policy heading the right way too slowly never
+    handed back) without finishing it (0: off). Knowing the task takes about 60 steps, a human takes over a
+    robot still at it after 80, however steadily it creeps: a weak policy heading the right way too slowly never
     diverges by ``divergence_threshold``, keeps making reward progress, and would run out of time unlabelled."""
     stall_steps: int = 30
     """Take over after this many steps without reward progress (agreeing steps do not count)."""
