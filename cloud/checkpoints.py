@@ -136,6 +136,13 @@ def capture_rng() -> dict:
     return state
 
 
+def seed_rng(seed: int) -> None:
+    """Seed the global RNGs of python, numpy and torch (every device): a fresh run's dropout and noise repeat."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def restore_rng(state: dict) -> None:
     """Restore what :func:`capture_rng` returned."""
     random.setstate(state["python"])

@@ -40,7 +40,7 @@ from cloud.blobstore import open_blob_store
 from cloud.buffer.reader import BufferReader
 from cloud.distributed import Distributed
 from cloud.checkpoints import (Checkpoint, CheckpointDir, CheckpointSchedule, CheckpointWriter, capture_rng,
-                               restore_rng)
+                               restore_rng, seed_rng)
 from cloud.policy_store import PolicyStore
 from cloud.rate_limiter import SampleToInsertRatio
 from cloud.publisher import Publisher
@@ -187,6 +187,7 @@ class Trainer:
 
     def setup(self) -> None:
         set_torch_threads(self.cfg.torch_threads)
+        seed_rng(self.cfg.seed + self.dist.rank)  # a checkpoint's RNG states replace these (_restore)
         if self.fresh and self.dist.checkpoints_here:  # one rank moves them; every rank starts fresh
             self.checkpoints.set_aside()
         checkpoint = None if self.fresh else self.checkpoints.latest()

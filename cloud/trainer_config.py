@@ -67,7 +67,8 @@ class TrainerConfig:
     torch_threads: int = 1
     """torch.set_num_threads for the trainer."""
     seed: int = 0
-    """Seed for the policy's initial weights and the sampler."""
+    """Seed for the policy's initial weights, the sampler and training's random draws (dropout): a fresh
+    trainer on the same data repeats its weights bit for bit (seed + rank under torchrun)."""
     checkpoint_dir: str = ""
     """Where training checkpoints live ("" = '<policy_dir>-checkpoints', one per policy line)."""
     checkpoint_every_steps: int = 500

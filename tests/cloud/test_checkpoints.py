@@ -174,3 +174,23 @@ def test_trainer_resumes_exact_state_in_process(redis_proc, tmp_path):
     # Another policy line must not resume this one's checkpoint.
     with pytest.raises(ConfigError, match="belongs to embodiment ''"):
         Trainer(dataclasses.replace(cfg, embodiment="aloha")).setup()
+
+
+def test_a_fresh_trainer_with_the_same_seed_trains_the_same_weights(redis_proc, tmp_path):
+    """Seed BC repeats bit for bit (dropout draws from the seeded global RNG, whatever ran before in the
+    process), so a benchmark's start policy is the same on every run; another seed gives other weights."""
+
+    def seed_bc(db: int, seed: int) -> dict[str, torch.Tensor]:
+        url, name = f"{redis_proc.url.rsplit('/', 1)[0]}/{db}", f"db{db}"  # a fresh database: v1 is new there
+        seed_scripted_demos(url, TASKS, episodes_per_task=1, max_episode_steps=30)
+        torch.rand(7)  # whatever the process drew before must not matter
+        trainer = Trainer(TrainerConfig(redis_url=url, policy_dir=str(tmp_path / name), tasks=TASKS,
+                                        batch_size=8, seed_bc_steps=6, seed=seed, policy=SMALL,
+                                        checkpoint_dir=str(tmp_path / f"{name}-checkpoints")), threading.Event())
+        trainer.setup()
+        trainer.seed_bc()
+        return trainer.policy.tensors()
+
+    first, again, other = seed_bc(1, 0), seed_bc(2, 0), seed_bc(3, 1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
