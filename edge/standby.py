@@ -13,7 +13,11 @@ Which model is the standby, in order: the one the updater holds already (a
 transfer failed or a version was refused), the slot's previous model (after a
 swap; rollback to it then goes through the disk), the slot's pending model
 (no swap happened since it was offered: the next version is written over it, a
-delta applied to its own bytes). Never the acting one.
+delta applied to its own bytes). Never the acting one. If an episode boundary
+passed while the pending model was being rewritten (no swap there), the next
+version first waits for a boundary and goes into the model freed by that swap:
+a robot whose transfers take longer than the trainer takes to publish still
+swaps at every other boundary instead of never.
 
 Per model, ``digests`` records which version's bytes each weight holds, so an
 unchanged tensor (a frozen backbone) is not copied again, and a tensor being
@@ -72,10 +76,14 @@ class Standby:
         digests.clear()
         digests.update({e.name: e.digest for e in manifest.tensors if e.name in self.views(policy)})
 
-    def claim(self, manifest: Manifest):
+    def claim(self, manifest: Manifest, wait_swap: Callable[[], bool] | None = None):
         """A model with ``manifest``'s architecture that is neither acting nor pending after this call, or None
-        (then the version is built). Incompatible candidates are dropped (their memory is freed)."""
-        for take in (lambda: self.policy, self.slot.take_previous, self.slot.take_pending):
+        (then the version is built). Incompatible candidates are dropped (their memory is freed).
+
+        ``wait_swap()`` blocks until the next swap (True) or gives up (False): called before taking the pending
+        model when the last episode boundary missed a swap because that model was being rewritten; after a
+        swap, the model the robot stopped acting with is free instead."""
+        for take in (lambda: self.policy, self.slot.take_previous, lambda: self._take_pending(manifest, wait_swap)):
             candidate = take()
             self.policy = None
             if candidate is None:
@@ -87,6 +95,16 @@ class Standby:
                 self.policy = candidate
                 return candidate
         return None
+
+    def _take_pending(self, manifest: Manifest, wait_swap: Callable[[], bool] | None):
+        if wait_swap is not None and self.slot.pending_version is not None and self.slot.missed_swap:
+            log.info("v%d waits for the next episode boundary: the last one passed while the pending model was "
+                     "being rewritten", manifest.version)
+            if wait_swap():
+                previous = self.slot.take_previous()
+                if previous is not None:
+                    return previous
+        return self.slot.take_pending()
 
     def fill(self, policy, manifest: Manifest, payload: Mapping[str, memoryview | bytes]) -> None:
         """Copy verified ``payload`` (e.g. the last good version's file) into ``policy`` and load the rest

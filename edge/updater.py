@@ -161,6 +161,13 @@ class Updater:
             self.rejected += 1
             self.received.notify_all()
 
+    def _wait_swap(self) -> bool:
+        """Until the control loop swaps (True), or the updater stops or must handle a rollback (False)."""
+        while not self._worker.stopping.is_set() and not self._rolled_back:
+            if self.slot.wait_swap(0.25):
+                return True
+        return False
+
     def _on_rollback(self, bad_version: int) -> None:
         """Control thread: note it and end the watch; the updater thread does the rest."""
         self._rolled_back.append(bad_version)
@@ -279,7 +286,7 @@ class Updater:
                         raise PolicyRefused(f"policy v{assembler.manifest.version} is not newer than v"
                                             f"{self.have_version}, which this robot holds (a gateway sends only "
                                             "newer versions)", assembler.manifest.version, "downgrade")
-                    target = self.standby.claim(assembler.manifest)
+                    target = self.standby.claim(assembler.manifest, self._wait_swap)
                     if target is not None:
                         assembler.write_into(self.standby.views(target), self.standby.digests(target))
                     if event.ticket:  # the tensors come over the side channel; the trailer on this stream

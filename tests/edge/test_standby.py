@@ -5,6 +5,7 @@ through the last good policy on disk. Real gateway, real LeRobot ACT policies.""
 from __future__ import annotations
 
 import gc
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from cloud.policy_store import PolicyStore
 from cloud.publisher import Publisher
 from fleet.policies import FleetPolicy
 from tests.cloud.test_policy_distribution import act_with_frozen_encoder, make_updater, update
+from tests.waiting import wait_until
 
 
 def live_models() -> int:
@@ -89,5 +91,44 @@ def test_weights_without_host_views_are_loaded_in_place_not_rebuilt(gateway, red
             assert edge.wait_version(version, timeout_s=30) and slot.swap_if_pending()
             assert weights_of(slot.current, store, version)
         assert edge.standby.models_built == 2 and edge.rejected == 0  # v1's and v2's, then reused
+    finally:
+        edge.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_boundary_missed_while_the_pending_model_was_rewritten_makes_the_next_version_wait(
+        gateway, redis_client, tmp_path: Path, caplog) -> None:
+    """Writing a new version over the pending one can make an episode boundary pass with nothing to swap. If
+    that happened, the next version does not take the pending model again (transfers slower than publishing
+    would then starve the robot on one version for ever): it waits for the next boundary and goes into the
+    model that swap freed."""
+    caplog.set_level(logging.INFO, logger="edge.standby")
+    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
+    publisher = Publisher(store, every_steps=1, full_every_versions=0)
+    trainer_policy = act_with_frozen_encoder()
+    edge = make_updater("missed", gateway.target, tmp_path)
+    slot = edge.slot
+    edge.start()
+    try:
+        update(trainer_policy, seed=1)
+        v1 = publisher.publish(trainer_policy, 1).version
+        assert edge.wait_version(v1, timeout_s=30) and slot.swap_if_pending()
+        first = slot.current
+        update(trainer_policy, seed=2)
+        v2 = publisher.publish(trainer_policy, 2).version
+        assert edge.wait_version(v2, timeout_s=30)
+        second = slot.take_pending()  # as the updater does to write a newer version over it ...
+        assert not slot.swap_if_pending() and slot.missed_swap and slot.missed_swaps == 1  # ... a boundary
+        slot.offer(second)
+
+        update(trainer_policy, seed=3)
+        v3 = publisher.publish(trainer_policy, 3).version
+        wait_until(lambda: f"v{v3} waits for the next episode boundary" in caplog.text, 30,
+                   "the updater to wait for a boundary")
+        assert slot.pending_version == v2 and edge.have_version == v2  # v2 is not written over again
+        assert slot.swap_if_pending() and slot.current is second and not slot.missed_swap
+        assert edge.wait_version(v3, timeout_s=30) and edge.last_transfer.base_version == v2
+        assert slot.swap_if_pending() and slot.current is first and weights_of(first, store, v3)
+        assert edge.standby.models_built == 2 and edge.rejected == 0
     finally:
         edge.stop()
