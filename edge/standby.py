@@ -80,9 +80,10 @@ class Standby:
         """A model with ``manifest``'s architecture that is neither acting nor pending after this call, or None
         (then the version is built). Incompatible candidates are dropped (their memory is freed).
 
-        ``wait_swap()`` blocks until the next swap (True) or gives up (False): called before taking the pending
-        model when the last episode boundary missed a swap because that model was being rewritten; after a
-        swap, the model the robot stopped acting with is free instead."""
+        ``wait_swap()`` blocks until the next swap (True) or gives up (False: the transfer is being cancelled,
+        and the pending model stays pending): called before taking the pending model when the last episode
+        boundary missed a swap because that model was being rewritten; after a swap, the model the robot
+        stopped acting with is free instead."""
         for take in (lambda: self.policy, self.slot.take_previous, lambda: self._take_pending(manifest, wait_swap)):
             candidate = take()
             self.policy = None
@@ -100,10 +101,11 @@ class Standby:
         if wait_swap is not None and self.slot.pending_version is not None and self.slot.missed_swap:
             log.info("v%d waits for the next episode boundary: the last one passed while the pending model was "
                      "being rewritten", manifest.version)
-            if wait_swap():
-                previous = self.slot.take_previous()
-                if previous is not None:
-                    return previous
+            if not wait_swap():
+                return None  # the updater stops or must handle a rollback (the transfer is cancelled): keep it
+            previous = self.slot.take_previous()
+            if previous is not None:
+                return previous
         return self.slot.take_pending()
 
     def fill(self, policy, manifest: Manifest, payload: Mapping[str, memoryview | bytes]) -> None:

@@ -96,12 +96,13 @@ def test_weights_without_host_views_are_loaded_in_place_not_rebuilt(gateway, red
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("wait_ends_by", ["a swap", "the updater stopping"])
 def test_a_boundary_missed_while_the_pending_model_was_rewritten_makes_the_next_version_wait(
-        gateway, redis_client, tmp_path: Path, caplog) -> None:
+        gateway, redis_client, tmp_path: Path, caplog, wait_ends_by: str) -> None:
     """Writing a new version over the pending one can make an episode boundary pass with nothing to swap. If
     that happened, the next version does not take the pending model again (transfers slower than publishing
     would then starve the robot on one version for ever): it waits for the next boundary and goes into the
-    model that swap freed."""
+    model that swap freed. An updater stopped while it waits leaves the pending version pending."""
     caplog.set_level(logging.INFO, logger="edge.standby")
     store = PolicyStore(gateway.cfg.policy_dir, redis_client)
     publisher = Publisher(store, every_steps=1, full_every_versions=0)
@@ -126,6 +127,11 @@ def test_a_boundary_missed_while_the_pending_model_was_rewritten_makes_the_next_
         wait_until(lambda: f"v{v3} waits for the next episode boundary" in caplog.text, 30,
                    "the updater to wait for a boundary")
         assert slot.pending_version == v2 and edge.have_version == v2  # v2 is not written over again
+        if wait_ends_by == "the updater stopping":
+            edge.stop()
+            assert slot.pending_version == v2 and slot.swap_if_pending() and slot.current is second
+            assert weights_of(second, store, v2)
+            return
         assert slot.swap_if_pending() and slot.current is second and not slot.missed_swap
         assert edge.wait_version(v3, timeout_s=30) and edge.last_transfer.base_version == v2
         assert slot.swap_if_pending() and slot.current is first and weights_of(first, store, v3)
