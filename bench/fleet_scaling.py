@@ -125,6 +125,9 @@ def table(result: dict) -> str:
         common = f.get("at_common_budget")
         if common and any(b != common["t_s"] for b in f.get("budget_s", ())):  # a longer budget for this size
             final += f" at {max(f['budget_s']):.0f} s; {fmt(common['mean'])} at {common['t_s']:.0f} s"
+        minute = f.get("last_minute", {})
+        if minute.get("mean") is not None:
+            final += f" (last minute {fmt(minute['mean'])})"
         eff = [x for x in result["human_effort"][n]["intervention_steps_per_episode"] if x is not None]
         effort = f"{eff[0]:.1f} → {eff[-1]:.1f}" if eff else "-"
         rohe = result["rohe"][n]["mean"]
@@ -203,8 +206,9 @@ def run_budgets(result: dict) -> dict[int, float]:
 def reanalyse(result: dict) -> dict:
     """``result`` (a study's JSON) with its aggregates and targets recomputed from its runs by this code; a run
     summary older than ``labels_to_threshold`` / ``acting_policy_age_s`` gets them from its run record
-    (``<run_dir>/run.json``) where that is still on disk."""
-    from bench.scaling.analysis import aggregate, data_and_lag
+    (``<run_dir>/run.json``) where that is still on disk, one older than ``final_minute_success`` from its
+    curve."""
+    from bench.scaling.analysis import aggregate, data_and_lag, final_minute_success
 
     runs = []
     for summary in result["runs"]:
@@ -212,6 +216,10 @@ def reanalyse(result: dict) -> dict:
         if "labels_to_threshold" not in summary and summary.get("run_dir") and record.is_file():
             run = json.loads(record.read_text())
             summary = {**summary, **data_and_lag(run, summary["budget_s"], summary["time_to_threshold_s"])}
+        if "final_minute_success" not in summary:
+            curve = summary["curve"]
+            summary = {**summary, "final_minute_success": final_minute_success(curve["t_s"], curve["success"],
+                                                                               summary["budget_s"])}
         runs.append(summary)
     result = {**result, "runs": runs, **aggregate(runs, study_config(result))}
     result["targets"] = _targets(result)

@@ -134,6 +134,11 @@ def test_a_longer_budget_for_one_robot_extends_its_grid_and_its_censoring_bound(
     assert result["speedup_bounds"]["2"]["lower"] == 175.0 / 50.0
     assert result["speedup_lower_bound_ci95"]["2"] == speedup_interval([150.0, 200.0], [50.0, 50.0])
     assert result["final_success"]["1"]["at_common_budget"]["per_seed"] == [0.5, 0.5]
+    assert result["final_success"]["1"]["last_minute"]["per_seed"] == [0.9, 0.5]  # t >= 140: 150, 175, 200 s
+    # A worse last version: the last minute (0.9, 0.9, 0.6) says more than the last point alone.
+    dip = {**_run(1, [(1, -1.0), (2, 30.0), (3, 150.0), (4, 190.0)], [(10.0, 50, False)]), "budget_s": 200.0}
+    dipped = summarize_run(dip, {**evals, 4: {"reach the goal": 0.6}}, cfg)
+    assert dipped["final_success"] == 0.6 and dipped["final_minute_success"] == pytest.approx(0.8)
     assert len(result["success_curves"]["1"]["mean"]) == 9 and len(result["human_effort"]["1"]["t_s"]) == 4
     merged = aggregate([summaries[0], {**summaries[2], "fleet_size": 1}], cfg)  # runs of two budgets, one size
     assert merged["success_curves"]["1"]["t_s"] == [0.0, 25.0, 50.0, 75.0, 100.0]  # the common part

@@ -161,6 +161,16 @@ def learner_usage(run: dict, cfg: StudyConfig) -> dict:
     }
 
 
+FINAL_WINDOW_S = 60.0
+"""The last minute of a run: its versions' mean success says where the curve ends better than the last one
+alone (75 episodes of one version, which online training moves by a few points from version to version)."""
+
+
+def final_minute_success(curve_t: Sequence[float], curve_s: Sequence[float], budget_s: float) -> float:
+    """Mean success of the curve's points in the run's last ``FINAL_WINDOW_S``."""
+    return float(np.mean([s for t, s in zip(curve_t, curve_s) if t >= budget_s - FINAL_WINDOW_S]))
+
+
 def summarize_run(run: dict, evals: dict[int, dict[str, float]], cfg: StudyConfig) -> dict:
     """One run's curve, time to threshold, final success, human effort, ROHE and learner usage."""
     budget = _budget(run, cfg)
@@ -182,6 +192,7 @@ def summarize_run(run: dict, evals: dict[int, dict[str, float]], cfg: StudyConfi
         "time_to_threshold_s": crossed, **data_and_lag(run, budget, crossed),
         "time_to_threshold_sustained_s": time_to_sustained(ts, success, cfg.success_threshold),
         "final_version": versions[-1], "final_success": success[-1], "final_success_per_task": evals[versions[-1]],
+        "final_minute_success": final_minute_success(ts, success, budget),
         "success_at_common_budget": success[common],
         "versions_published": max(v["version"] for v in run["versions"]),
         "episodes": len(episodes), "successes": wins, "intervention_steps": inter,
@@ -259,6 +270,8 @@ def aggregate(summaries: list[dict], cfg: StudyConfig) -> dict:
         final[key] = {"mean": _mean(r["final_success"] for r in runs), "std": _std(r["final_success"] for r in runs),
                       "per_seed": [r["final_success"] for r in runs], "budget_s": [_budget(r, cfg) for r in runs],
                       "per_task": {t: _mean(r["final_success_per_task"][t] for r in runs) for t in tasks}}
+        minute = [r.get("final_minute_success") for r in runs]  # absent from studies older than this field
+        final[key]["last_minute"] = {"mean": _mean(minute), "std": _std(minute), "per_seed": minute}
         at_common = [r.get("success_at_common_budget", r["final_success"]) for r in runs]
         final[key]["at_common_budget"] = {"t_s": cfg.budget_s, "mean": _mean(at_common), "std": _std(at_common),
                                           "per_seed": at_common}
