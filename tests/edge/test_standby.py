@@ -28,15 +28,20 @@ def weights_of(policy: FleetPolicy, store: PolicyStore, version: int) -> bool:
     return policy.version == version and all(torch.equal(mine[k], t) for k, t in store.tensors(version).items())
 
 
+def start_edge(name: str, gateway, redis_client, tmp_path: Path):
+    """The store the gateway serves, a publisher into it, a trainer-side policy, and a started updater."""
+    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
+    publisher = Publisher(store, every_steps=1, full_every_versions=0)
+    edge = make_updater(name, gateway.target, tmp_path)
+    edge.start()
+    return store, publisher, act_with_frozen_encoder(), edge
+
+
 @pytest.mark.timeout(90)
 def test_versions_go_into_the_standby_model_and_rollback_reloads_from_disk(gateway, redis_client,
                                                                             tmp_path: Path) -> None:
-    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
-    publisher = Publisher(store, every_steps=1, full_every_versions=0)
-    trainer_policy = act_with_frozen_encoder()
-    edge = make_updater("standby", gateway.target, tmp_path)
+    store, publisher, trainer_policy, edge = start_edge("standby", gateway, redis_client, tmp_path)
     slot = edge.slot
-    edge.start()
     try:
         baseline = live_models()  # the trainer's policy
         update(trainer_policy, seed=1)
@@ -78,12 +83,8 @@ def test_weights_without_host_views_are_loaded_in_place_not_rebuilt(gateway, red
     """A model whose weights have no host view (on a GPU ``weight_views`` is {}) is reused all the same: the
     bytes are loaded into it through ``load_tensors``, no model is built per version."""
     monkeypatch.setattr(FleetPolicy, "weight_views", lambda self: {})
-    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
-    publisher = Publisher(store, every_steps=1, full_every_versions=0)
-    trainer_policy = act_with_frozen_encoder()
-    edge = make_updater("standby-nv", gateway.target, tmp_path)
+    store, publisher, trainer_policy, edge = start_edge("standby-nv", gateway, redis_client, tmp_path)
     slot = edge.slot
-    edge.start()
     try:
         for seed in range(1, 5):
             update(trainer_policy, seed=seed)
@@ -104,12 +105,8 @@ def test_a_boundary_missed_while_the_pending_model_was_rewritten_makes_the_next_
     would then starve the robot on one version for ever): it waits for the next boundary and goes into the
     model that swap freed. An updater stopped while it waits leaves the pending version pending."""
     caplog.set_level(logging.INFO, logger="edge.standby")
-    store = PolicyStore(gateway.cfg.policy_dir, redis_client)
-    publisher = Publisher(store, every_steps=1, full_every_versions=0)
-    trainer_policy = act_with_frozen_encoder()
-    edge = make_updater("missed", gateway.target, tmp_path)
+    store, publisher, trainer_policy, edge = start_edge("missed", gateway, redis_client, tmp_path)
     slot = edge.slot
-    edge.start()
     try:
         update(trainer_policy, seed=1)
         v1 = publisher.publish(trainer_policy, 1).version
