@@ -70,13 +70,14 @@ class Publisher:
         self._last_step = int(state["last_step"])
         self._last_time = time.monotonic()
 
-    def publish_async(self, policy, step: int) -> bool:
-        """Snapshot ``policy`` now and write it as a new version in the background; False (nothing done) while
-        the previous version is still being written or its outcome was not collected with :meth:`poll`."""
+    def publish_async(self, policy, step: int, tensors: dict | None = None) -> bool:
+        """Snapshot ``policy`` now (``tensors``: these in place of its state, e.g. averaged weights) and write
+        it as a new version in the background; False (nothing done) while the previous version is still being
+        written or its outcome was not collected with :meth:`poll`."""
         if self.busy or self._outcome is not None:
             return False
         t0 = time.perf_counter()
-        tensors = self._snapshot.copy_from(_state(policy))
+        tensors = self._snapshot.copy_from(_state(policy) if tensors is None else tensors)
         config, trainable, parent = policy.manifest_config(), policy.trainable_names(), policy.version
         self.snapshot_s = time.perf_counter() - t0
         self._thread = threading.Thread(target=self._write, args=(tensors, config, trainable, parent, step, t0),

@@ -44,6 +44,7 @@ from cloud.checkpoints import (Checkpoint, CheckpointDir, CheckpointSchedule, Ch
 from cloud.policy_store import PolicyStore
 from cloud.rate_limiter import SampleToInsertRatio
 from cloud.publisher import Publisher
+from cloud.weight_average import WeightAverage
 from cloud.episode_cache import UNDECODABLE
 from cloud.sampler import LabeledIndex, Prefetcher, Sampler
 from fleet import metrics
@@ -131,6 +132,8 @@ class Trainer:
         self.store = PolicyStore(cfg.policy_dir, self.redis, embodiment=cfg.embodiment, signer=signer)
         self.publisher = Publisher(self.store, cfg.publish_every_steps, cfg.publish_every_s,
                                    cfg.publish_full_every_versions)
+        self.average = WeightAverage(cfg.publish_average_steps) if cfg.publish_average_steps else None
+        """What is published instead of the newest weights once online training starts (None: the newest)."""
         self.checkpoints = CheckpointDir(checkpoint_dir_for(cfg), cfg.keep_checkpoints)
         self.checkpoint_writer = CheckpointWriter(self.checkpoints)
         self.schedule = CheckpointSchedule(cfg.checkpoint_every_steps, cfg.checkpoint_every_s)
@@ -217,6 +220,7 @@ class Trainer:
             "embodiment": self.cfg.embodiment,
             "sampler": self.sampler.state_dict(),
             "rng": capture_rng(),
+            "weight_average": self.average.state_dict() if self.average is not None else None,
             # The version counter: later versions must be above every number edges may hold.
             "max_version": max(self.state.version, self._latest_published()),
         }
@@ -266,6 +270,8 @@ class Trainer:
         self.state = TrainerState(**state["trainer"])
         self.store.ensure_above(int(state["max_version"]))
         restore_rng(state["rng"])
+        if self.average is not None and state.get("weight_average"):
+            self.average.load_state_dict(state["weight_average"], self.policy)
         self.schedule.mark(self.state.step)
         self.checkpoint_writer.last_written = self.state.step
         self.resumed_from, self.resumed_step = str(checkpoint.path), checkpoint.step
@@ -375,7 +381,8 @@ class Trainer:
                 return
             self.publisher.wait()
             self._collect_published()
-            self.publisher.publish_async(policy, self.state.step)
+            tensors = self.average.published(policy) if self.average is not None and self.average.active else None
+            self.publisher.publish_async(policy, self.state.step, tensors)
         if wait:
             self.publisher.wait()
             self._collect_published()
@@ -460,6 +467,8 @@ class Trainer:
             except REDIS_UNAVAILABLE as exc:
                 if not self._wait_out_outage(exc, "training start"):
                     return
+        if self.average is not None and not self.average.active:  # not restored: from the weights as they are
+            self.average.start(self.policy)
         depth = self.cfg.sampler.prefetch_depth
         prefetch = Prefetcher(self.sampler, depth)
         last_refresh = last_status = time.monotonic()
@@ -482,6 +491,8 @@ class Trainer:
                     if batch is None:
                         break
                     self._update(batch)
+                    if self.average is not None:
+                        self.average.update()
                     window_samples += len(batch["task_index"])
                     self._publish_or_postpone()
                     if self._status_due or now - last_status > 1.0:

@@ -52,6 +52,9 @@ class TrainerConfig:
     """Also publish when this many seconds passed since the last version (0 = by steps only)."""
     publish_full_every_versions: int = 20
     """Every Nth version is a keyframe edges get without element deltas: bounds their delta chains (0 = never)."""
+    publish_average_steps: int = 0
+    """Publish a moving average of the weights over about this many recent optimizer steps instead of the
+    newest weights: a steadier policy for that much lag (0 = the newest; cloud/weight_average.py)."""
     publish_key_file: str = ""
     """Publisher's Ed25519 private key (`fleet certs publisher-key`, mode 0600): signs every version ("" = unsigned)."""
     refresh_interval_s: float = 1.0
@@ -109,6 +112,8 @@ class TrainerConfig:
         require(self.publish_every_steps > 0, f"publish_every_steps ({self.publish_every_steps}) must be > 0")
         require(self.publish_full_every_versions >= 0,
                  f"publish_full_every_versions ({self.publish_full_every_versions}) must be >= 0")
+        require(self.publish_average_steps >= 0,
+                 f"publish_average_steps ({self.publish_average_steps}) must be >= 0")
         require(len(self.tasks) > 0, "tasks must not be empty")
         require(self.torch_threads > 0, f"torch_threads ({self.torch_threads}) must be > 0")
         require(self.checkpoint_every_steps >= 0,
@@ -121,3 +126,6 @@ class TrainerConfig:
         require(self.distributed_strategy != "fsdp" or not self.publish_every_s,
                  f"publish_every_s ({self.publish_every_s}) must be 0 with fsdp: every rank gathers the weights "
                  "at the same publishing steps")
+        require(self.distributed_strategy != "fsdp" or not self.publish_average_steps,
+                 f"publish_average_steps ({self.publish_average_steps}) must be 0 with fsdp: the average of "
+                 "sharded weights is not kept")
