@@ -185,6 +185,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reanalyse", type=Path, nargs="+", metavar="JSON",
                    help="recompute the aggregates, targets, table and plot of a finished study's JSON (runs not rerun); "
                         "several JSONs of one design (other seeds or fleet sizes) are pooled into one study")
+    p.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
+                   help="set finished studies of different designs side by side (what differs in their configs "
+                        "labels them): a table of each run's time to 0.8, final and last-minute success and how "
+                        "steady the policy stayed after 0.8, the JSON and a PNG (default fleet_scaling_compare.*)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -269,6 +273,88 @@ def merge_studies(results: list[dict], names: list[str]) -> dict:
                             for r, name in zip(results, names)]}
 
 
+def design_labels(results: list[dict], names: list[str]) -> list[str]:
+    """What sets each study's design apart: the config fields that differ between them (seeds, fleet sizes,
+    output directory and budgets aside); the file names where nothing does."""
+    def show(v) -> str:
+        return " ".join(map(str, v)) or "(none)" if isinstance(v, list) else str(v)
+
+    keys = sorted({k for r in results for k in r["config"]} - set(POOLED_FIELDS) - {"budget_s", "budget_by_size"})
+    differ = [k for k in keys if any(r["config"].get(k) != results[0]["config"].get(k) for r in results)]
+    if not differ:
+        return [Path(name).stem for name in names]
+    return ["; ".join(f"{k}: {show(r['config'].get(k))}" for k in differ) for r in results]
+
+
+def comparison(results: list[dict], names: list[str]) -> dict:
+    """Each study's runs, fleet size by fleet size: time to 0.8, final and last-minute success, steadiness."""
+    from bench.scaling.analysis import steadiness
+
+    designs = []
+    for result, name, label in zip(results, names, design_labels(results, names)):
+        threshold = result["success_threshold"]
+        sizes = {}
+        for n in result["fleet_sizes"]:
+            runs = sorted((r for r in result["runs"] if r["fleet_size"] == n), key=lambda r: r["seed"])
+            steady = [steadiness(r["curve"]["t_s"], r["curve"]["success"], threshold) for r in runs]
+            sizes[str(n)] = {
+                "seeds": [r["seed"] for r in runs], "budget_s": [r["budget_s"] for r in runs],
+                "time_to_threshold_s": [r["time_to_threshold_s"] for r in runs],
+                "final_success": [r["final_success"] for r in runs],
+                "final_minute_success": [r["final_minute_success"] for r in runs],
+                "lowest_after_threshold": [s["lowest_after"] for s in steady],
+                "swing": [s["swing"] for s in steady],
+                "curve": result["success_curves"][str(n)]}
+        designs.append({"label": label, "json": name, "start_policy_success": result["start_policy"]["success"],
+                        "hardware": result["hardware"]["cpu_model"], "fleet_sizes": sizes})
+    return {"success_threshold": results[0]["success_threshold"], "designs": designs}
+
+
+def comparison_table(compared: dict) -> str:
+    """The comparison as markdown: one row per design and fleet size, seed values in seed order."""
+    def seeds(xs, spec=".2f") -> str:
+        return ", ".join(fmt(x, spec) for x in xs)
+
+    def mean(xs) -> str:
+        xs = [x for x in xs if x is not None]
+        return fmt(sum(xs) / len(xs), ".2f") if xs else "-"
+
+    head = ("| design | start policy | robots | seeds | time to 0.8 (s) | final success | last minute "
+            "| lowest after 0.8 | mean change per version after 0.8 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for d in compared["designs"]:
+        for n, row in d["fleet_sizes"].items():
+            lines.append(
+                f"| {d['label']} | {d['start_policy_success']:.2f} | {n} | {seeds(row['seeds'], 'd')} "
+                f"| {seeds(row['time_to_threshold_s'], '.0f')} | {seeds(row['final_success'])} "
+                f"(mean {mean(row['final_success'])}) | {seeds(row['final_minute_success'])} "
+                f"(mean {mean(row['final_minute_success'])}) | {seeds(row['lowest_after_threshold'])} "
+                f"| {seeds(row['swing'], '.3f')} |")
+    return "\n".join(lines)
+
+
+def compare_studies(paths: list[Path], json_path: Path | None, plot_path: Path | None) -> int:
+    """``--compare``: the table printed, the JSON and the PNG written; 2 with the reason on an unreadable study."""
+    try:
+        results = [reanalyse(json.loads(path.read_text())) for path in paths]
+        compared = comparison(results, [str(p) for p in paths])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"fleet_scaling: cannot compare {' '.join(map(str, paths))}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 2
+    from bench.scaling.plot import plot_comparison
+
+    json_path = json_path or Path("fleet_scaling_compare.json")
+    plot_path = plot_path or Path("fleet_scaling_compare.png")
+    for path in (json_path, plot_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(compared, indent=1))
+    plot_comparison(compared, plot_path)
+    print(comparison_table(compared))
+    print(f"json: {json_path}\nplot: {plot_path}")
+    return 0
+
+
 def study_from_args(args: argparse.Namespace) -> StudyConfig:
     """The preset with the command line's overrides; ``--edge-args`` adds to the preset's robot options."""
     base = QUICK if args.quick else FULL
@@ -283,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("edge.loop").setLevel(logging.WARNING)  # one line per evaluation episode otherwise
+    if args.compare:
+        return compare_studies(args.compare, args.json, args.plot)
     cfg = study_from_args(args)
     if args.reanalyse:
         try:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench.scaling.analysis import (_speedup, acting_policy_age_s, aggregate, effort_bins, labels_stored_by,
-                                    speedup_interval, summarize_run, time_to, time_to_sustained, version_at)
+                                    speedup_interval, steadiness, summarize_run, time_to, time_to_sustained,
+                                    version_at)
 from bench.scaling.config import QUICK, StudyConfig
 from edge.agent import EdgeConfig
 from edge.robots.config import MetaWorldConfig
@@ -46,6 +47,13 @@ def test_time_to_threshold_is_the_first_crossing_or_none():
     assert time_to([0, 10], [0.1, 0.79], 0.8) is None
     assert time_to_sustained([0, 10, 20, 30], [0.1, 0.85, 0.7, 0.9], 0.8) == 30
     assert time_to_sustained([0, 10, 20], [0.9, 0.9, 0.7], 0.8) is None
+
+
+def test_steadiness_is_the_lowest_point_and_mean_change_after_the_first_crossing():
+    assert steadiness([0, 10, 20, 30, 40], [0.5, 0.85, 0.75, 0.95, 0.95], 0.8) == pytest.approx(
+        {"lowest_after": 0.75, "swing": (0.10 + 0.20 + 0.0) / 3})
+    assert steadiness([0, 10], [0.5, 0.6], 0.8) == {"lowest_after": None, "swing": None}
+    assert steadiness([0, 10], [0.5, 0.9], 0.8) == {"lowest_after": 0.9, "swing": 0.0}
 
 
 def test_speedup_is_a_ratio_or_honest_bounds_when_a_run_never_reached_the_threshold():
@@ -288,3 +296,18 @@ def test_reduced_study_runs_and_writes_json_and_png(tmp_path):
     proc = reanalyse(tmp_path / "older.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "reanalysed.json").read_text())["data_and_lag"] == result["data_and_lag"]
+
+    # Studies of different designs side by side (seed7.json has control_hz 5.0): labelled by what differs.
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fleet_scaling.py"), "--compare", str(out_json),
+                           str(seed7), "--json", str(tmp_path / "compare.json"), "--plot", str(tmp_path / "compare.png")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compared = json.loads((tmp_path / "compare.json").read_text())
+    assert [d["label"] for d in compared["designs"]] == ["control_hz: 20.0", "control_hz: 5.0"]
+    rows = compared["designs"][0]["fleet_sizes"]
+    assert set(rows) == {"1", "2"} and rows["1"]["final_success"] == result["final_success"]["1"]["per_seed"]
+    assert "| control_hz: 5.0 | " in proc.stdout
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fleet_scaling.py"), "--compare",
+                           str(tmp_path / "missing.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot compare" in proc.stderr, proc.stderr[-3000:]

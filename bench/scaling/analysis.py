@@ -71,6 +71,16 @@ def time_to_sustained(curve_t: Sequence[float], curve_s: Sequence[float], thresh
     return out
 
 
+def steadiness(curve_t: Sequence[float], curve_s: Sequence[float], threshold: float) -> dict:
+    """From the first point at ``threshold`` on: the lowest success and the mean change from one evaluated
+    version to the next (None: the curve never got there)."""
+    start = time_to(curve_t, curve_s, threshold)
+    if start is None:
+        return {"lowest_after": None, "swing": None}
+    after = [s for t, s in zip(curve_t, curve_s) if t >= start]
+    return {"lowest_after": min(after), "swing": float(np.mean(np.abs(np.diff(after)))) if len(after) > 1 else 0.0}
+
+
 def effort_bins(episodes: list[dict], budget_s: float, bins: int) -> dict:
     """Per time bin: episodes, intervention steps per episode, intervention share of steps, ROHE."""
     edges = np.linspace(0.0, budget_s, bins + 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,53 @@ def plot_study(result: dict, path: Path) -> None:
     gpu = ", " + hw["gpu"] if hw["gpu"] else ", no GPU"
     fig.suptitle(f"Fleet scaling, {len(tasks)} MetaWorld task(s), HG-DAgger, budget {cfg['budget_s']:.0f} s/run"
                  f"{longer}, {len(cfg['seeds'])} seed(s) — {hw['cpu_cores']}-core CPU{gpu}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_comparison(compared: dict, path: Path) -> None:
+    """Write ``--compare``'s figure: success curves (mean ± std over seeds) of each design and fleet size, and
+    each run's final and last-minute success."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    designs = compared["designs"]
+    colors = [plt.cm.tab10(i % 10) for i in range(len(designs))]
+    styles = ["-", "--", ":", "-."]
+    fig, (curves, finals) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [2, 1]})
+    for d, color in zip(designs, colors):
+        for j, (n, row) in enumerate(d["fleet_sizes"].items()):
+            c = row["curve"]
+            t, mean, std = np.asarray(c["t_s"]) / 60, np.asarray(c["mean"]), np.asarray(c["std"])
+            curves.step(t, mean, where="post", color=color, ls=styles[j % len(styles)],
+                        label=f"{d['label']} — {n} robot{'s' if n != '1' else ''}")
+            curves.fill_between(t, mean - std, mean + std, step="post", color=color, alpha=0.12)
+    threshold = compared["success_threshold"]
+    curves.axhline(threshold, color="grey", ls="--", lw=1)
+    curves.axhline(0.95, color="tab:red", ls=":", lw=1)
+    curves.set(xlabel="wall-clock time (min)", ylabel="held-out success (operator off)", ylim=(-0.03, 1.03),
+               title="success of the newest version (mean ± std over seeds)")
+    curves.legend(loc="lower right", fontsize=8)
+
+    ticks, names = [], []
+    for i, (d, color) in enumerate(zip(designs, colors)):
+        for j, (n, row) in enumerate(d["fleet_sizes"].items()):
+            x = len(ticks)
+            for k, key, marker, label in ((-0.12, "final_success", "o", "last point"),
+                                          (0.12, "final_minute_success", "s", "last minute (mean)")):
+                finals.plot([x + k] * len(row[key]), row[key], marker, color=color, ms=7, alpha=0.8,
+                            label=label if x == 0 else None)
+            ticks.append(x)
+            names.append(textwrap.fill(d["label"], 24) + f"\n{n} robot{'s' if n != '1' else ''}")
+    finals.axhline(0.95, color="tab:red", ls=":", lw=1, label="target 0.95")
+    finals.set_xticks(ticks, names, fontsize=7, rotation=30, ha="right")
+    finals.set(ylabel="held-out success at the end", ylim=(min(0.5, finals.get_ylim()[0]), 1.02),
+               title="each run's final success")
+    finals.legend(loc="lower right", fontsize=8)
+    fig.suptitle("Fleet scaling: designs compared", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
