@@ -130,8 +130,8 @@ def plot_comparison(compared: dict, path: Path) -> None:
     curves.legend(loc="lower right", fontsize=8)
 
     ticks, names = [], []
-    for i, (d, color) in enumerate(zip(designs, colors)):
-        for j, (n, row) in enumerate(d["fleet_sizes"].items()):
+    for d, color in zip(designs, colors):
+        for n, row in d["fleet_sizes"].items():
             x = len(ticks)
             for k, key, marker, label in ((-0.12, "final_success", "o", "last point"),
                                           (0.12, "final_minute_success", "s", "last minute (mean)")):
