@@ -53,13 +53,13 @@ class WeightAverage:
 
     def published(self, policy) -> dict[str, torch.Tensor]:
         """``policy``'s tensors (what a version holds) with the averaged ones in place of the newest."""
-        tensors = dict(policy.state_tensors())
+        tensors = policy.state_tensors()  # a new dict (its tensors are the policy's own)
         for name, value in self.average.items():
             tensors[name] = value.to(tensors[name].dtype)
         return tensors
 
     def state_dict(self) -> dict:
-        return {"updates": self.updates, "decay": self.decay, "average": dict(self.average)}
+        return {"updates": self.updates, "average": dict(self.average)}
 
     def load_state_dict(self, state: dict, policy) -> None:
         """Restore a checkpoint's average for ``policy`` (a checkpoint without one starts it afresh)."""
