@@ -61,6 +61,7 @@ def run_study(cfg: StudyConfig) -> dict:
     from bench.scaling.evaluate import EvalSpec, evaluate_versions
     from bench.scaling.machine import hardware
     from bench.scaling.run import run_fleet, train_start_policy
+    from cloud.policy_store import PolicyStore
 
     began = time.time()
     hw = hardware()
@@ -92,7 +93,8 @@ def run_study(cfg: StudyConfig) -> dict:
                      summary["learner"]["trainer_steps_per_s"])
     result = {"fleet_sizes": list(cfg.fleet_sizes), "seeds": list(cfg.seeds),
               "success_threshold": cfg.success_threshold, "config": asdict(cfg),
-              "start_policy": {"success": sum(start_eval.values()) / len(start_eval), "per_task": start_eval},
+              "start_policy": {"success": sum(start_eval.values()) / len(start_eval), "per_task": start_eval,
+                               "weights_sha256": PolicyStore(start_dir).manifest(1).total_sha256},
               **aggregate(summaries, cfg), "runs": summaries}
     hw["load_average_1m_end"] = hardware()["load_average_1m"]
     result["hardware"] = hw
@@ -230,6 +232,19 @@ def reanalyse(result: dict) -> dict:
     return result
 
 
+def same_start_policy(a: dict, b: dict) -> bool:
+    """One start policy: the same weights where both studies recorded their digest, else (studies before
+    2026-12-07 recorded none) the same held-out success on every task."""
+    if a.get("weights_sha256") and b.get("weights_sha256"):
+        return a["weights_sha256"] == b["weights_sha256"]
+    return (a["success"], a["per_task"]) == (b["success"], b["per_task"])
+
+
+def _start_policy_name(start: dict) -> str:
+    digest = f"weights {start['weights_sha256'][:8]}, " if start.get("weights_sha256") else ""
+    return f"{digest}{start['success']:.3f} held-out success"
+
+
 POOLED_FIELDS = ("seeds", "fleet_sizes", "out_dir")
 """What studies pooled by ``merge_studies`` may differ in: everything else is one design."""
 
@@ -250,9 +265,9 @@ def merge_studies(results: list[dict], names: list[str]) -> dict:
                 raise ValueError(f"{name}: config {key!r} is {result['config'].get(key)!r}, {names[0]} has "
                                  f"{first['config'].get(key)!r}: only studies of one design can be pooled (they "
                                  f"may differ in {', '.join(POOLED_FIELDS)})")
-        if result["start_policy"] != first["start_policy"]:
-            raise ValueError(f"{name}: another start policy ({result['start_policy']['success']:.3f} held-out "
-                             f"success, {names[0]} {first['start_policy']['success']:.3f}): only runs from one "
+        if not same_start_policy(result["start_policy"], first["start_policy"]):
+            raise ValueError(f"{name}: another start policy ({_start_policy_name(result['start_policy'])}, "
+                             f"{names[0]} {_start_policy_name(first['start_policy'])}): only runs from one "
                              "start policy can be pooled")
         for run in result["runs"]:
             pair = (run["fleet_size"], run["seed"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -152,6 +152,28 @@ def test_a_longer_budget_for_one_robot_extends_its_grid_and_its_censoring_bound(
     assert merged["success_curves"]["1"]["t_s"] == [0.0, 25.0, 50.0, 75.0, 100.0]  # the common part
     with pytest.raises(ConfigError, match=r"budget_by_size: 1 robots get 50.0 s"):
         cfg.with_overrides(budget_by_size=((1, 50.0),))
+
+
+def test_studies_pool_only_from_one_start_policy_by_its_weights_where_recorded():
+    """Two start policies can score the same held-out success (one CPU model behaviour-clones another network
+    from the same settings): the weights' digest decides where both studies recorded it."""
+    from bench.fleet_scaling import merge_studies, same_start_policy
+
+    old = {"success": 0.39, "per_task": {"reach": 0.2, "push": 0.58}}
+    a, b = {**old, "weights_sha256": "9ad37f9f" + "0" * 56}, {**old, "weights_sha256": "fd805bc7" + "0" * 56}
+    assert same_start_policy(a, dict(a)) and not same_start_policy(a, b)
+    assert same_start_policy(old, a)  # a study from before the digest was recorded: its success decides
+    assert not same_start_policy(old, {**a, "per_task": {"reach": 0.3, "push": 0.48}})
+
+    def study(seed: int, start: dict) -> dict:
+        config = {**json.loads(json.dumps(asdict(QUICK))), "seeds": [seed], "fleet_sizes": [1]}
+        return {"seeds": [seed], "fleet_sizes": [1], "config": config, "start_policy": start,
+                "runs": [{"fleet_size": 1, "seed": seed}], "wall_time_s": 1.0, "hardware": {}}
+
+    assert len(merge_studies([study(0, a), study(1, a)], ["a.json", "a1.json"])["runs"]) == 2
+    with pytest.raises(ValueError, match=r"b.json: another start policy \(weights fd805bc7, 0.390 held-out success, "
+                                         r"a.json weights 9ad37f9f"):
+        merge_studies([study(0, a), study(1, b)], ["a.json", "b.json"])
 
 
 def test_study_config_rejects_bad_values_naming_them():

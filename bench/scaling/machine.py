@@ -34,14 +34,18 @@ def machine_cpu_s() -> tuple[float, float] | None:
     return (total - idle) / _TICKS_PER_S, total / _TICKS_PER_S
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields of /proc/cpuinfo ("model name", "cpu family", "model", ...); {} if unknown."""
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break  # the first processor's block ends
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return fields
 
 
 def _memory_gib() -> float | None:
@@ -59,8 +63,12 @@ def hardware() -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cpu = _cpuinfo()
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu.get("model name") or platform.processor() or "unknown",
+        # Family / model / stepping tell apart CPUs one model name covers ("AMD EPYC"): float kernels differ
+        # between them, and so does a start policy behaviour-cloned with the same settings.
+        "cpu_id": "/".join(cpu.get(k, "?") for k in ("cpu family", "model", "stepping")) if cpu else None,
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": _memory_gib(),
         "gpu": gpu,
