@@ -233,8 +233,8 @@ def reanalyse(result: dict) -> dict:
 
 
 def same_start_policy(a: dict, b: dict) -> bool:
-    """One start policy: the same weights where both studies recorded their digest, else (studies before
-    2026-12-07 recorded none) the same held-out success on every task."""
+    """One start policy: the same weights where both studies recorded their digest, else (older studies
+    recorded none) the same held-out success on every task."""
     if a.get("weights_sha256") and b.get("weights_sha256"):
         return a["weights_sha256"] == b["weights_sha256"]
     return (a["success"], a["per_task"]) == (b["success"], b["per_task"])
